@@ -1,0 +1,134 @@
+"""The validated, typed form of a MaterializedView document.
+
+Only ``matview.validation`` builds these objects, after every field has been
+checked; the rest of the package can therefore trust them (names are within
+PostgreSQL's limits, SQL fragments are parsed ``CheckedSQL``, durations are
+positive seconds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+from matview.constants import MAX_IDENTIFIER_BYTES
+from matview.sqltext import CheckedSQL
+
+RefreshMode = Literal["Auto", "Concurrent", "Full", "Swap"]
+IndexMethod = Literal["btree", "hash", "gin", "gist", "brin"]
+DeletionPolicy = Literal["Retain", "Delete"]
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """An index on the materialized view."""
+
+    columns: tuple[str, ...]
+    unique: bool = False
+    where: CheckedSQL | None = None
+    method: IndexMethod = "btree"
+    name: str | None = None
+    """The user's name, or None for a deterministic one (see ``index_name``)."""
+
+    @property
+    def definition_digest(self) -> str:
+        """Identifies the index's shape; stored in its marker to spot changed definitions."""
+        shape = [list(self.columns), self.unique, self.where.text if self.where else None, self.method]
+        return hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:8]
+
+    @property
+    def usable_for_concurrent_refresh(self) -> bool:
+        """REFRESH ... CONCURRENTLY needs a unique btree-like index on plain columns without WHERE."""
+        return self.unique and self.where is None
+
+
+@dataclass(frozen=True)
+class SupportingIndexSpec(IndexSpec):
+    """An index on a base table that the view's query reads."""
+
+    table_schema: str = "public"
+    table: str = ""
+
+
+@dataclass(frozen=True)
+class RefreshSpec:
+    """When and how the view is refreshed (the engine lives in matview.refresh)."""
+
+    interval_seconds: float | None = None
+    schedule: str | None = None
+    time_zone: str | None = None
+    mode: RefreshMode = "Auto"
+    timeout_seconds: float = 300.0
+    lock_timeout_seconds: float = 5.0
+    only_if_changed: bool = False
+    suspend: bool = False
+
+
+@dataclass(frozen=True)
+class Grant:
+    role: str
+    privileges: tuple[str, ...] = ("SELECT",)
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    name: str
+    key: str = "uri"
+
+
+@dataclass(frozen=True)
+class MaterializedView:
+    """One validated MaterializedView resource."""
+
+    namespace: str
+    resource_name: str
+    schema: str
+    name: str
+    query: CheckedSQL
+    indexes: tuple[IndexSpec, ...] = ()
+    supporting_indexes: tuple[SupportingIndexSpec, ...] = ()
+    refresh: RefreshSpec = RefreshSpec()
+    grants: tuple[Grant, ...] = ()
+    deletion_policy: DeletionPolicy = "Retain"
+    secret_ref: SecretRef | None = None
+    generation: int | None = None
+
+    @property
+    def owner(self) -> str:
+        """The identity written into ownership markers: ``namespace/name`` of the resource."""
+        return f"{self.namespace}/{self.resource_name}"
+
+    @property
+    def relation(self) -> str:
+        """Human-readable ``schema.name`` (for messages and status, never for SQL)."""
+        return f"{self.schema}.{self.name}"
+
+    def index_name(self, index: IndexSpec) -> str:
+        """The index's name: the user's, or ``<table>_<columns>_<digest>`` cut to 63 bytes."""
+        if index.name:
+            return index.name
+        table = index.table if isinstance(index, SupportingIndexSpec) else self.name
+        return deterministic_index_name(table, index)
+
+
+def deterministic_index_name(table: str, index: IndexSpec) -> str:
+    """A readable name that always fits NAMEDATALEN and changes when the definition does.
+
+    The digest suffix makes a changed definition a *new* index: it is built
+    beside the old one and the old one dropped afterwards, so a rebuild never
+    leaves the view without an index.
+    """
+    suffix = f"_{'key' if index.unique else 'idx'}_{index.definition_digest}"
+    stem = "_".join((table, *index.columns))
+    budget = MAX_IDENTIFIER_BYTES - len(suffix.encode())
+    return truncate_utf8(stem, budget) + suffix
+
+
+def truncate_utf8(text: str, max_bytes: int) -> str:
+    """Cut text to at most max_bytes of UTF-8 without splitting a character."""
+    encoded = text.encode()
+    if len(encoded) <= max_bytes:
+        return text
+    return encoded[:max_bytes].decode(errors="ignore")
