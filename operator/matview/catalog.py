@@ -1,0 +1,267 @@
+"""Observe: read what the database has, as plain data the pure planner can compare.
+
+All reads go through the system catalogs (pg_class, pg_index, pg_description,
+aclexplode, pg_depend/pg_rewrite) with names and values as parameters. The one
+statement that is not a catalog read is describing the user's query (prepare
+without executing) to learn its result columns, which is how source drift is seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+
+from matview import sqltext
+from matview.marker import Marker
+from matview.spec import MaterializedView
+
+Column = tuple[str, str]
+"""(name, type as format_type prints it)."""
+
+
+@dataclass(frozen=True)
+class IndexState:
+    schema: str
+    name: str
+    table_oid: int
+    marker: Marker | None
+    valid: bool
+
+
+@dataclass(frozen=True)
+class RelationState:
+    oid: int
+    schema: str
+    name: str
+    relkind: str
+    marker: Marker | None
+    populated: bool
+    columns: tuple[Column, ...]
+
+
+@dataclass(frozen=True)
+class DependentView:
+    """A view that reads the materialized view, captured so a swap can re-create it."""
+
+    oid: int
+    schema: str
+    name: str
+    relkind: str
+    depth: int
+    definition: str
+    options: tuple[str, ...]
+    owner: str
+    comment: str | None
+    acl: tuple[tuple[str, str, bool], ...]
+    """(grantee or PUBLIC, privilege, grantable)."""
+    has_triggers: bool
+
+
+@dataclass(frozen=True)
+class TableState:
+    oid: int
+    relkind: str
+    columns: tuple[str, ...]
+
+
+@dataclass
+class Observed:
+    """Everything the planner needs to know about the database, for one resource."""
+
+    current_user: str = ""
+    schema_exists: bool = False
+    relation: RelationState | None = None
+    indexes: dict[str, IndexState] = field(default_factory=dict)
+    """Indexes on the view, by name."""
+    names_in_schema: dict[tuple[str, str], IndexState | RelationState] = field(default_factory=dict)
+    """Relations that hold a name the plan wants to use, by (schema, name)."""
+    staging: list[RelationState] = field(default_factory=list)
+    query_columns: tuple[Column, ...] | None = None
+    query_error: str | None = None
+    grants: dict[str, frozenset[str]] = field(default_factory=dict)
+    """Privileges on the view by grantee (PUBLIC for everyone), the owner excluded."""
+    roles: frozenset[str] = frozenset()
+    tables: dict[tuple[str, str], TableState] = field(default_factory=dict)
+    owned_supporting: list[IndexState] = field(default_factory=list)
+    dependents: list[DependentView] = field(default_factory=list)
+
+
+_RELATION = sql.SQL("""
+SELECT c.oid, n.nspname, c.relname, c.relkind, obj_description(c.oid, 'pg_class'), c.relispopulated,
+       coalesce(array_agg(a.attname ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
+       coalesce(array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum) FILTER (WHERE a.attnum > 0),
+                '{}')
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+WHERE n.nspname = %s AND c.relname = %s
+GROUP BY c.oid, n.nspname
+""")
+
+_INDEXES_ON = sql.SQL("""
+SELECT n.nspname, c.relname, i.indrelid, obj_description(c.oid, 'pg_class'), i.indisvalid
+FROM pg_index i
+JOIN pg_class c ON c.oid = i.indexrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE i.indrelid = %s
+""")
+
+_OUR_OBJECTS = sql.SQL("""
+SELECT c.oid, n.nspname, c.relname, c.relkind, d.description, c.relispopulated, coalesce(i.indrelid, 0),
+       coalesce(i.indisvalid, true)
+FROM pg_description d
+JOIN pg_class c ON c.oid = d.objoid AND d.classoid = 'pg_class'::regclass AND d.objsubid = 0
+JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_index i ON i.indexrelid = c.oid
+WHERE d.description LIKE %s
+""")
+
+_GRANTS = sql.SQL("""
+SELECT coalesce(r.rolname, 'PUBLIC'), acl.privilege_type
+FROM pg_class c, aclexplode(c.relacl) acl
+LEFT JOIN pg_roles r ON r.oid = acl.grantee
+WHERE c.oid = %s AND acl.grantee <> c.relowner
+""")
+
+_DEPENDENTS = sql.SQL("""
+WITH RECURSIVE deps(oid, depth) AS (
+    SELECT r.ev_class, 1
+    FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
+    WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
+      AND d.refobjid = %(oid)s AND r.ev_class <> %(oid)s
+    UNION
+    SELECT r.ev_class, deps.depth + 1
+    FROM deps
+    JOIN pg_depend d ON d.refobjid = deps.oid AND d.classid = 'pg_rewrite'::regclass
+                    AND d.refclassid = 'pg_class'::regclass
+    JOIN pg_rewrite r ON r.oid = d.objid
+    WHERE r.ev_class <> deps.oid AND deps.depth < 50
+)
+SELECT c.oid, n.nspname, c.relname, c.relkind, max(deps.depth), pg_get_viewdef(c.oid),
+       coalesce(c.reloptions, '{}'), pg_get_userbyid(c.relowner), obj_description(c.oid, 'pg_class'),
+       coalesce((SELECT array_agg(ARRAY[coalesce(r.rolname, 'PUBLIC'), acl.privilege_type,
+                                        acl.is_grantable::text])
+                 FROM aclexplode(c.relacl) acl LEFT JOIN pg_roles r ON r.oid = acl.grantee
+                 WHERE acl.grantee <> c.relowner), '{}'),
+       EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid)
+FROM deps JOIN pg_class c ON c.oid = deps.oid JOIN pg_namespace n ON n.oid = c.relnamespace
+GROUP BY c.oid, n.nspname
+ORDER BY max(deps.depth), c.oid
+""")
+
+_TABLE = sql.SQL("""
+SELECT c.oid, c.relkind,
+       coalesce(array_agg(a.attname ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}')
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+WHERE n.nspname = %s AND c.relname = %s
+GROUP BY c.oid
+""")
+
+
+def _relation(row: tuple[object, ...]) -> RelationState:
+    oid, schema, name, relkind, comment, populated, names, types = row
+    return RelationState(int(oid), str(schema), str(name), str(relkind), Marker.parse(comment),  # type: ignore[call-overload]
+                         bool(populated), tuple(zip(names, types, strict=True)))  # type: ignore[call-overload]
+
+
+def describe_query(conn: psycopg.Connection[tuple[object, ...]], query: sqltext.CheckedSQL) -> tuple[Column, ...]:
+    """The query's result columns, learned by preparing it (it is not executed)."""
+    pgconn = conn.pgconn
+    text = sqltext.embed(query).as_bytes(conn)
+    result = pgconn.prepare(b"", text)
+    if result.status != psycopg.pq.ExecStatus.COMMAND_OK:
+        raise psycopg.errors.lookup(result.error_field(psycopg.pq.DiagnosticField.SQLSTATE) or "XX000")(
+            (result.error_message or b"").decode(errors="replace").strip())
+    described = pgconn.describe_prepared(b"")
+    columns = []
+    for i in range(described.nfields):
+        name = (described.fname(i) or b"").decode()
+        row = conn.execute(sql.SQL("SELECT format_type(%s, %s)"), (described.ftype(i), described.fmod(i))).fetchone()
+        columns.append((name, str(row[0]) if row else "?"))
+    return tuple(columns)
+
+
+def marker_pattern() -> str:
+    """A LIKE pattern that finds comments which may be our markers (parsed afterwards to be sure)."""
+    return '%"managedBy": "matview.dev"%'
+
+
+def observe(conn: psycopg.Connection[tuple[object, ...]], view: MaterializedView,
+            extra_names: list[tuple[str, str]] | None = None) -> Observed:
+    """Read the catalog state relevant to view. extra_names: (schema, name) pairs the plan may need."""
+    observed = Observed()
+    row = conn.execute(sql.SQL("SELECT current_user")).fetchone()
+    observed.current_user = str(row[0]) if row else ""
+    observed.schema_exists = conn.execute(sql.SQL("SELECT 1 FROM pg_namespace WHERE nspname = %s"),
+                                          (view.schema,)).fetchone() is not None
+    row = conn.execute(_RELATION, (view.schema, view.name)).fetchone()
+    observed.relation = _relation(row) if row else None
+
+    if observed.relation is not None:
+        for schema, name, table_oid, comment, valid in conn.execute(_INDEXES_ON, (observed.relation.oid,)):
+            observed.indexes[str(name)] = IndexState(str(schema), str(name), int(table_oid),  # type: ignore[call-overload]
+                                                     Marker.parse(comment), bool(valid))  # type: ignore[arg-type]
+        for grantee, privilege in conn.execute(_GRANTS, (observed.relation.oid,)):
+            key = str(grantee)
+            observed.grants[key] = observed.grants.get(key, frozenset()) | {str(privilege)}
+        if observed.relation.relkind == "m":
+            observed.dependents = [_dependent(conn, r) for r in conn.execute(_DEPENDENTS, {"oid": observed.relation.oid})]
+
+    for oid, schema, name, relkind, comment, populated, table_oid, valid in conn.execute(_OUR_OBJECTS,
+                                                                                         (marker_pattern(),)):
+        marker = Marker.parse(comment)  # type: ignore[arg-type]
+        if marker is None or marker.owner != view.owner:
+            continue
+        if marker.kind == "staging" and relkind == "m":
+            observed.staging.append(RelationState(int(oid), str(schema), str(name), "m", marker,  # type: ignore[call-overload]
+                                                  bool(populated), ()))
+        elif marker.kind == "supporting":
+            observed.owned_supporting.append(IndexState(str(schema), str(name), int(table_oid), marker,  # type: ignore[call-overload]
+                                                        bool(valid)))
+
+    for schema, name in extra_names or []:
+        if (schema, name) in observed.names_in_schema:
+            continue
+        found = conn.execute(_RELATION, (schema, name)).fetchone()
+        if found:
+            state = _relation(found)
+            observed.names_in_schema[(schema, name)] = state
+
+    for index in view.supporting_indexes:
+        key = (index.table_schema, index.table)
+        if key not in observed.tables:
+            found = conn.execute(_TABLE, key).fetchone()
+            if found:
+                observed.tables[key] = TableState(int(found[0]), str(found[1]), tuple(found[2]))  # type: ignore[call-overload, arg-type]
+
+    wanted_roles = [grant.role for grant in view.grants]
+    observed.roles = frozenset(str(r[0]) for r in conn.execute(
+        sql.SQL("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)"), (wanted_roles,)))
+
+    try:
+        with conn.transaction():
+            observed.query_columns = describe_query(conn, view.query)
+    except psycopg.Error as exc:
+        observed.query_error = (exc.diag.message_primary or str(exc)).strip()
+    return observed
+
+
+def _dependent(conn: psycopg.Connection[tuple[object, ...]], row: tuple[object, ...]) -> DependentView:
+    oid, schema, name, relkind, depth, _definition, options, owner, comment, acl, has_triggers = row
+    # Re-read the definition with only pg_catalog on the search path so every name comes back qualified
+    # and the re-created view does not depend on whichever search_path the engine's session has.
+    with conn.transaction():
+        conn.execute(sql.SQL("SELECT set_config('search_path', 'pg_catalog', true)"))
+        found = conn.execute(sql.SQL("SELECT pg_get_viewdef(%s::oid)"), (oid,)).fetchone()
+    definition = str(found[0]) if found else ""
+    return DependentView(
+        oid=int(oid), schema=str(schema), name=str(name), relkind=str(relkind), depth=int(depth),  # type: ignore[call-overload]
+        definition=definition, options=tuple(options),  # type: ignore[call-overload]
+        owner=str(owner), comment=comment if isinstance(comment, str) else None,
+        acl=tuple((str(g), str(p), g2 == "true") for g, p, g2 in acl),  # type: ignore[attr-defined]
+        has_triggers=bool(has_triggers),
+    )

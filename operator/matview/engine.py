@@ -1,0 +1,96 @@
+"""The reconcile engine's public entry points: plan, apply, delete.
+
+Observe → plan (pure) → execute. The CLI, the operator and the demo all call
+these functions; they hold no state between calls, so the database (with the
+ownership markers) is the only record of what has been done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+
+from matview.catalog import observe
+from matview.constants import APPLICATION_NAME
+from matview.errors import MatviewError
+from matview.executor import Connection, ExecutionSettings, execute
+from matview.planner import Plan, build_delete_plan, build_plan, wanted_names
+from matview.spec import MaterializedView
+
+#: First key of the two-key advisory locks this package takes; the second derives from the relation.
+APPLY_LOCK_CLASS = 0x6D76_0001
+REFRESH_LOCK_CLASS = 0x6D76_0002
+
+
+class BusyError(MatviewError):
+    """Another process is applying the same view right now."""
+
+
+@dataclass
+class ApplyResult:
+    view: MaterializedView
+    plan: Plan
+    done: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.done)
+
+
+def connect(dsn: str, **kwargs: object) -> Connection:
+    """A connection in autocommit mode that says who it is in pg_stat_activity."""
+    return psycopg.connect(dsn, autocommit=True, application_name=APPLICATION_NAME,  # type: ignore[arg-type]
+                           connect_timeout=kwargs.pop("connect_timeout", 10), **kwargs)
+
+
+def settings_for(view: MaterializedView) -> ExecutionSettings:
+    return ExecutionSettings(statement_timeout_seconds=view.refresh.timeout_seconds,
+                             lock_timeout_seconds=view.refresh.lock_timeout_seconds)
+
+
+@contextlib.contextmanager
+def relation_lock(conn: Connection, view: MaterializedView, lock_class: int = APPLY_LOCK_CLASS) -> Iterator[None]:
+    """Hold a session advisory lock for the relation, or raise BusyError at once."""
+    key = (lock_class, f"{view.schema}.{view.name}")
+    row = conn.execute(sql.SQL("SELECT pg_try_advisory_lock(%s, hashtext(%s))"), key).fetchone()
+    if not row or not row[0]:
+        raise BusyError(f"{view.relation}: another process is changing this view right now; try again later")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(psycopg.Error):
+            conn.execute(sql.SQL("SELECT pg_advisory_unlock(%s, hashtext(%s))"), key)
+
+
+def plan(conn: Connection, view: MaterializedView) -> Plan:
+    """What apply would do, without changing anything."""
+    return build_plan(view, observe(conn, view, wanted_names(view)))
+
+
+def apply(conn: Connection, view: MaterializedView, settings: ExecutionSettings | None = None) -> ApplyResult:
+    """Make the database match the spec; a second call right after does nothing."""
+    with relation_lock(conn, view):
+        current = plan(conn, view)
+        done = execute(conn, current, settings or settings_for(view))
+    return ApplyResult(view, current, done)
+
+
+def delete(conn: Connection, view: MaterializedView, settings: ExecutionSettings | None = None) -> ApplyResult:
+    """Honour deletionPolicy: Retain changes nothing, Delete drops what this resource created."""
+    with relation_lock(conn, view):
+        current = build_delete_plan(view, observe(conn, view))
+        done = execute(conn, current, settings or settings_for(view))
+    return ApplyResult(view, current, done)
+
+
+def render(plan: Plan, conn: Connection | None = None) -> list[str]:
+    """The plan's SQL as text, one string per statement, for humans and --json."""
+    lines = []
+    for step in plan.steps:
+        for statement in step.statements:
+            lines.append(statement.as_string(conn))
+    return lines

@@ -1,0 +1,103 @@
+"""Execute: run a plan's steps with the safety settings every step needs.
+
+Transactional steps run in one transaction each; CONCURRENTLY steps run in
+autocommit, as PostgreSQL requires. Every step gets ``statement_timeout``;
+steps that wait for an ACCESS EXCLUSIVE lock get ``lock_timeout`` and are
+retried with backoff, because while such a lock request waits every new reader
+queues behind it — a short timeout and a retry never cause an outage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from matview.errors import ApplyError
+from matview.planner import Plan, Step
+
+logger = logging.getLogger(__name__)
+
+Connection = psycopg.Connection[tuple[object, ...]]
+
+
+@dataclass(frozen=True)
+class ExecutionSettings:
+    """Timeouts and retry policy for executing plans."""
+
+    statement_timeout_seconds: float = 300.0
+    """Upper bound for any one statement (builds, index creation)."""
+    lock_timeout_seconds: float = 5.0
+    """How long a step may wait for a lock before it gives up and retries."""
+    lock_retries: int = 5
+    """Attempts for steps that take an exclusive lock, before the failure is reported."""
+    backoff_seconds: float = 0.2
+    """First pause between attempts; doubled each time, with jitter."""
+
+
+def set_timeouts(conn: Connection, statement_seconds: float, lock_seconds: float, local: bool) -> None:
+    """Apply timeouts as parameters (set_config), transaction-local or for the session."""
+    conn.execute(sql.SQL("SELECT set_config('statement_timeout', %s, %s), set_config('lock_timeout', %s, %s)"),
+                 (f"{int(statement_seconds * 1000)}ms", local, f"{int(lock_seconds * 1000)}ms", local))
+
+
+def run_with_lock_retries(operation: Callable[[], None], settings: ExecutionSettings, what: str,
+                          sleep: Callable[[float], None] = time.sleep) -> None:
+    """Run operation; when it fails for a lock timeout, wait and try again a bounded number of times."""
+    delay = settings.backoff_seconds
+    for attempt in range(1, settings.lock_retries + 1):
+        try:
+            operation()
+            return
+        except psycopg.errors.LockNotAvailable:
+            if attempt == settings.lock_retries:
+                raise
+            logger.info("%s: lock not granted within %.1fs (attempt %d/%d); retrying",
+                        what, settings.lock_timeout_seconds, attempt, settings.lock_retries)
+            sleep(delay * (1 + random.random()))  # noqa: S311 - jitter, not security
+            delay *= 2
+
+
+def _run_step(conn: Connection, step: Step, settings: ExecutionSettings) -> None:
+    if step.transactional:
+        with conn.transaction():
+            set_timeouts(conn, settings.statement_timeout_seconds, settings.lock_timeout_seconds, local=True)
+            for statement in step.statements:
+                conn.execute(statement)
+    else:
+        set_timeouts(conn, settings.statement_timeout_seconds, settings.lock_timeout_seconds, local=False)
+        try:
+            for statement in step.statements:
+                conn.execute(statement)
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute(sql.SQL("RESET statement_timeout; RESET lock_timeout"))
+
+
+def execute(conn: Connection, plan: Plan, settings: ExecutionSettings) -> list[str]:
+    """Run every step in order; return the descriptions of the steps done. Raises ApplyError on failure."""
+    done: list[str] = []
+    for step in plan.steps:
+        logger.info("%s: %s", plan.view.relation, step.description)
+        try:
+            if step.takes_exclusive_lock:
+                run_with_lock_retries(lambda step=step: _run_step(conn, step, settings),  # type: ignore[misc]
+                                      settings, step.description)
+            else:
+                _run_step(conn, step, settings)
+        except psycopg.Error as exc:
+            for statement in step.cleanup:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute(statement)
+            sqlstate = exc.sqlstate or "?"
+            message = (exc.diag.message_primary or str(exc)).strip()
+            raise ApplyError(f"{plan.view.relation}: step '{step.description}' failed [{sqlstate}]: {message}"
+                             + (f" (done before it: {'; '.join(done)})" if done else "")) from exc
+        done.append(step.description)
+    return done

@@ -1,0 +1,134 @@
+"""A private PostgreSQL server in a local directory, for newcomers and for the test suite.
+
+Binaries come from ``MATVIEW_PG_BINDIR``, Debian's ``postgresql`` package, or the
+ones the ``pgserver`` wheel ships (always installed with this package), so a laptop
+with no database still gets one. As root, initdb refuses to run: the server then
+runs as an unprivileged system user (``postgres`` when it exists, else one we add).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_DEBIAN_ROOT = Path("/usr/lib/postgresql")
+_FALLBACK_USER = "matview-pg"
+
+
+def _pgserver_bindir() -> Path | None:
+    try:
+        from pgserver._commands import POSTGRES_BIN_PATH
+    except Exception:  # noqa: BLE001 - any import problem just means "not available"
+        return None
+    path = Path(POSTGRES_BIN_PATH)
+    return path if (path / "postgres").exists() else None
+
+
+def _debian_bindir() -> Path | None:
+    versions = sorted((p for p in _DEBIAN_ROOT.glob("*/bin") if (p / "postgres").exists()),
+                      key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+    return versions[-1] if versions else None
+
+
+def find_bindir(prefer: str = "system") -> Path:
+    """Where initdb/pg_ctl/postgres live; prefer "system" (Debian) or "embedded" (pgserver)."""
+    configured = os.environ.get("MATVIEW_PG_BINDIR")
+    if configured:
+        return Path(configured)
+    order = [_debian_bindir, _pgserver_bindir] if prefer == "system" else [_pgserver_bindir, _debian_bindir]
+    for finder in order:
+        found = finder()
+        if found is not None:
+            return found
+    raise RuntimeError("no PostgreSQL binaries found: install Debian's postgresql package or the pgserver "
+                       "wheel (pip install pgserver), or set MATVIEW_PG_BINDIR")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _server_user() -> str | None:
+    if os.geteuid() != 0:
+        return None
+    for candidate in ("postgres", _FALLBACK_USER):
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam(candidate)
+            return candidate
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", _FALLBACK_USER],
+                   check=True)
+    return _FALLBACK_USER
+
+
+@dataclass
+class LocalServer:
+    """One PostgreSQL cluster in ``data_dir``, listening on 127.0.0.1:``port``."""
+
+    data_dir: Path
+    port: int = field(default_factory=free_port)
+    bindir: Path = field(default_factory=find_bindir)
+    superuser: str = "postgres"
+    settings: dict[str, str] = field(default_factory=dict)
+    _user: str | None = field(default=None, init=False)
+
+    def _run(self, *args: str) -> None:
+        result = subprocess.run([str(self.bindir / args[0]), *args[1:]], user=self._user, capture_output=True,
+                                text=True, check=False, cwd="/")
+        if result.returncode != 0:
+            raise RuntimeError(f"{args[0]} failed ({result.returncode}): {result.stderr.strip() or result.stdout}")
+
+    def _prepare_dir(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self._user is not None:
+            entry = pwd.getpwnam(self._user)
+            for path in (self.data_dir, *self.data_dir.parents):
+                if path == Path("/"):
+                    break
+                mode = path.stat().st_mode
+                if not mode & 0o001:
+                    path.chmod(mode | 0o001)  # let the server user traverse to its data directory
+            os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
+            self.data_dir.chmod(0o700)
+
+    def start(self) -> LocalServer:
+        """initdb when needed, then start the server and wait until it accepts connections."""
+        self._user = _server_user()
+        self._prepare_dir()
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._run("initdb", "-D", str(self.data_dir), "-U", self.superuser, "--auth=trust",
+                      "--encoding=UTF8", "--locale=C", "--no-sync")
+        options = {"listen_addresses": "127.0.0.1", "port": str(self.port),
+                   "unix_socket_directories": "''", "max_connections": "100", **self.settings}
+        option_text = " ".join(f"-c {key}={value}" for key, value in options.items())
+        self._run("pg_ctl", "-D", str(self.data_dir), "-o", option_text, "-l", str(self.data_dir / "server.log"),
+                  "-w", "-t", "60", "start")
+        return self
+
+    def stop(self) -> None:
+        if (self.data_dir / "postmaster.pid").exists():
+            self._run("pg_ctl", "-D", str(self.data_dir), "-m", "fast", "-w", "stop")
+
+    def dsn(self, dbname: str = "postgres", user: str | None = None) -> str:
+        return f"postgresql://{user or self.superuser}@127.0.0.1:{self.port}/{dbname}"
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"PostgreSQL did not accept connections on port {self.port}")
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.data_dir, ignore_errors=True)

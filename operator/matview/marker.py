@@ -1,0 +1,45 @@
+"""The ownership marker: a JSON COMMENT on every object the engine creates.
+
+It lets the engine prove an object is its own before altering or dropping it,
+and tells a DBA looking at ``\\d+`` which resource manages what. Objects without
+a marker, or with another resource's, are never touched.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from matview.constants import MARKER_KEY, MARKER_VALUE
+
+MarkerKind = Literal["view", "index", "supporting", "staging"]
+
+
+@dataclass(frozen=True)
+class Marker:
+    owner: str
+    """``namespace/name`` of the owning resource."""
+    kind: MarkerKind
+    digest: str
+    """Hash of the definition the object was built from (query or index shape)."""
+
+    def to_comment(self) -> str:
+        return json.dumps({MARKER_KEY: MARKER_VALUE, "owner": self.owner, "kind": self.kind,
+                           "digest": self.digest}, sort_keys=True)
+
+    @classmethod
+    def parse(cls, comment: str | None) -> Marker | None:
+        """The marker in a comment, or None when the comment is not ours."""
+        if not comment:
+            return None
+        try:
+            data: Any = json.loads(comment)
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or data.get(MARKER_KEY) != MARKER_VALUE:
+            return None
+        owner, kind, digest = data.get("owner"), data.get("kind"), data.get("digest")
+        if not isinstance(owner, str) or kind not in ("view", "index", "supporting", "staging"):
+            return None
+        return cls(owner=owner, kind=kind, digest=str(digest or ""))

@@ -1,0 +1,421 @@
+"""Plan: a pure function from (spec, observed catalog) to ordered steps of SQL.
+
+No I/O happens here, so every decision — create, converge indexes, swap on a
+changed query or drifted source, refuse to touch what is not ours — can be
+tested without a database, and ``matview plan`` can show exactly what ``apply``
+would run. Names go through ``sql.Identifier``; the user's query and predicates
+only through ``sqltext.embed``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from psycopg import sql
+
+from matview import sqltext
+from matview.catalog import DependentView, IndexState, Observed
+from matview.errors import DependentObjectsError, FieldError, SpecError, UnmanagedObjectError
+from matview.marker import Marker
+from matview.spec import IndexSpec, MaterializedView, SupportingIndexSpec, truncate_utf8
+
+_METHODS = {m: sql.SQL(m) for m in ("btree", "hash", "gin", "gist", "brin")}
+_PRIVILEGES = {p: sql.SQL(p) for p in ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES",
+                                        "TRIGGER", "MAINTAIN")}
+_VIEW_OPTIONS = {"security_barrier", "security_invoker", "check_option"}
+_VIEW_OPTION_VALUES = {"true", "false", "on", "off", "local", "cascaded"}
+_STAGING_SUFFIX = "_mv_staging"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One unit of execution: its statements run in one transaction unless ``transactional`` is False."""
+
+    description: str
+    statements: tuple[sql.Composable, ...]
+    transactional: bool = True
+    takes_exclusive_lock: bool = False
+    """Waits for ACCESS EXCLUSIVE on a relation readers use: run with lock_timeout and retries."""
+    cleanup: tuple[sql.Composable, ...] = ()
+    """Run (best effort, autocommit) when the step fails, e.g. to drop an INVALID index."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    view: MaterializedView
+    steps: tuple[Step, ...] = ()
+    reasons: tuple[str, ...] = ()
+    """Why the plan does what it does (e.g. "source columns changed: ...")."""
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def empty(self) -> bool:
+        return not self.steps
+
+
+def relation_id(schema: str, name: str) -> sql.Identifier:
+    return sql.Identifier(schema, name)
+
+
+def staging_name(view: MaterializedView) -> str:
+    return truncate_utf8(view.name, 63 - len(_STAGING_SUFFIX)) + _STAGING_SUFFIX
+
+
+def staging_index_name(final_name: str) -> str:
+    digest = hashlib.sha256(final_name.encode()).hexdigest()[:6]
+    return truncate_utf8(final_name, 63 - 11) + "_stg_" + digest
+
+
+def rebuild_index_name(final_name: str) -> str:
+    digest = hashlib.sha256(final_name.encode()).hexdigest()[:6]
+    return truncate_utf8(final_name, 63 - 11) + "_new_" + digest
+
+
+def wanted_names(view: MaterializedView) -> list[tuple[str, str]]:
+    """(schema, name) of every relation name the plan may create; observe() looks them up."""
+    names = [(view.schema, staging_name(view))]
+    for index in view.indexes:
+        final = view.index_name(index)
+        names += [(view.schema, final), (view.schema, staging_index_name(final)), (view.schema, rebuild_index_name(final))]
+    for sup in view.supporting_indexes:
+        final = view.index_name(sup)
+        names += [(sup.table_schema, final), (sup.table_schema, rebuild_index_name(final))]
+    return names
+
+
+def create_index_sql(view: MaterializedView, index: IndexSpec, name: str, table: sql.Identifier,
+                     concurrently: bool) -> sql.Composed:
+    columns = sql.SQL(", ").join(sql.Identifier(c) for c in index.columns)
+    return sql.SQL("CREATE {unique}INDEX {concurrently}{name} ON {table} USING {method} ({columns}){where}").format(
+        unique=sql.SQL("UNIQUE ") if index.unique else sql.SQL(""),
+        concurrently=sql.SQL("CONCURRENTLY ") if concurrently else sql.SQL(""),
+        name=sql.Identifier(name),
+        table=table,
+        method=_METHODS[index.method],
+        columns=columns,
+        where=sql.SQL(" WHERE {}").format(sqltext.embed(index.where)) if index.where else sql.SQL(""),
+    )
+
+
+def comment_sql(kind: str, target: sql.Identifier, marker: Marker) -> sql.Composed:
+    keyword = {"view": "MATERIALIZED VIEW", "index": "INDEX"}[kind]
+    return sql.SQL("COMMENT ON {} {} IS {}").format(sql.SQL(keyword), target, sql.Literal(marker.to_comment()))
+
+
+def _grantee(role: str) -> sql.Composable:
+    return sql.SQL("PUBLIC") if role == "PUBLIC" else sql.Identifier(role)
+
+
+def grant_sql(target: sql.Identifier, role: str, privileges: Iterable[str], revoke: bool = False) -> sql.Composed:
+    words = sql.SQL(", ").join(_PRIVILEGES[p] for p in sorted(privileges))
+    template = "REVOKE {} ON {} FROM {}" if revoke else "GRANT {} ON {} TO {}"
+    return sql.SQL(template).format(words, target, _grantee(role))
+
+
+def _view_markers(view: MaterializedView) -> Marker:
+    return Marker(view.owner, "view", view.query.digest)
+
+
+def _index_marker(view: MaterializedView, index: IndexSpec) -> Marker:
+    kind = "supporting" if isinstance(index, SupportingIndexSpec) else "index"
+    return Marker(view.owner, kind, index.definition_digest)  # type: ignore[arg-type]
+
+
+def _not_ours(what: str, marker: Marker | None) -> str:
+    whose = f"managed by {marker.owner}" if marker else "not managed by matview-operator"
+    return f"{what} exists and is not managed by this resource ({whose})"
+
+
+def build_plan(view: MaterializedView, observed: Observed) -> Plan:
+    """Decide what brings the database to the spec. Raises SpecError/UnmanagedObjectError instead of guessing."""
+    errors: list[FieldError] = []
+    if not observed.schema_exists:
+        errors.append(FieldError("spec.schema", f"schema {view.schema!r} does not exist"))
+    if observed.query_error is not None:
+        errors.append(FieldError("spec.query", observed.query_error))
+    query_columns = observed.query_columns or ()
+    names = {c for c, _ in query_columns}
+    if observed.query_columns is not None:
+        for i, index in enumerate(view.indexes):
+            for j, column in enumerate(index.columns):
+                if column not in names:
+                    errors.append(FieldError(f"spec.indexes[{i}].columns[{j}]",
+                                             f"column {column!r} is not in the query's result"))
+        duplicates = sorted({c for c, _ in query_columns if [n for n, _ in query_columns].count(c) > 1})
+        if duplicates:
+            errors.append(FieldError("spec.query", "result has duplicate column names: " + ", ".join(duplicates)))
+    for i, grant in enumerate(view.grants):
+        if grant.role != "PUBLIC" and grant.role not in observed.roles:
+            errors.append(FieldError(f"spec.grants[{i}].role", f"role {grant.role!r} does not exist"))
+    errors += _check_supporting(view, observed)
+    if errors:
+        raise SpecError(errors)
+
+    relation = observed.relation
+    if relation is not None and (relation.relkind != "m" or relation.marker is None
+                                 or relation.marker.owner != view.owner or relation.marker.kind != "view"):
+        raise UnmanagedObjectError(_not_ours(f"relation {view.relation}", relation.marker))
+    _check_names_free(view, observed)
+
+    steps: list[Step] = []
+    reasons: list[str] = []
+    warnings: list[str] = []
+    for leftover in observed.staging:
+        steps.append(Step(f"drop leftover staging copy {leftover.schema}.{leftover.name}",
+                          (sql.SQL("DROP MATERIALIZED VIEW {}").format(relation_id(leftover.schema, leftover.name)),)))
+
+    if relation is None:
+        reasons.append(f"{view.relation} does not exist")
+        steps.append(_create_step(view))
+    else:
+        drift = _source_drift(relation.columns, query_columns)
+        query_changed = relation.marker is not None and relation.marker.digest != view.query.digest
+        if query_changed or drift:
+            reasons.append("query changed" if query_changed else f"source columns changed: {drift}")
+            unmanaged = sorted(n for n, s in observed.indexes.items() if s.marker is None)
+            if unmanaged:
+                warnings.append("indexes not managed by this resource are dropped by the swap: " + ", ".join(unmanaged))
+            steps += _swap_steps(view, observed.dependents)
+        else:
+            steps += _converge_view(view, observed, reasons)
+    steps += _converge_supporting(view, observed, reasons)
+    return Plan(view, tuple(steps), tuple(reasons), tuple(warnings))
+
+
+def _check_supporting(view: MaterializedView, observed: Observed) -> list[FieldError]:
+    errors = []
+    for i, index in enumerate(view.supporting_indexes):
+        path = f"spec.supportingIndexes[{i}]"
+        table = observed.tables.get((index.table_schema, index.table))
+        label = f"{index.table_schema}.{index.table}"
+        if table is None:
+            errors.append(FieldError(f"{path}.table", f"table {label} does not exist"))
+            continue
+        if table.relkind in ("v", "m"):
+            kind = "a view" if table.relkind == "v" else "a materialized view"
+            errors.append(FieldError(f"{path}.table", f"{label} is {kind}, which cannot carry these indexes; "
+                                     "index the base tables the view reads instead"))
+            continue
+        if table.relkind == "p":
+            errors.append(FieldError(f"{path}.table", f"{label} is a partitioned table; CREATE INDEX "
+                                     "CONCURRENTLY cannot build on it, index its partitions instead"))
+            continue
+        if table.relkind != "r":
+            errors.append(FieldError(f"{path}.table", f"{label} is not a table"))
+            continue
+        for j, column in enumerate(index.columns):
+            if column not in table.columns:
+                errors.append(FieldError(f"{path}.columns[{j}]", f"column {column!r} does not exist in {label}"))
+    return errors
+
+
+def _check_names_free(view: MaterializedView, observed: Observed) -> None:
+    """A name the plan needs that belongs to something else stops the plan before any change."""
+    for (schema, name), holder in observed.names_in_schema.items():
+        marker = holder.marker
+        if marker is not None and marker.owner == view.owner:
+            continue
+        if observed.relation is not None and name in observed.indexes and marker is None:
+            continue  # an unmanaged index on our own view: converge leaves it alone
+        raise UnmanagedObjectError(_not_ours(f"relation {schema}.{name}", marker))
+
+
+def _source_drift(current: tuple[tuple[str, str], ...], wanted: tuple[tuple[str, str], ...]) -> str:
+    if current == wanted:
+        return ""
+    before = {n: t for n, t in current}
+    after = {n: t for n, t in wanted}
+    parts = [f"+{n} {t}" for n, t in wanted if n not in before]
+    parts += [f"-{n}" for n, _ in current if n not in after]
+    parts += [f"{n} {before[n]} -> {after[n]}" for n, _ in wanted if n in before and before[n] != after[n]]
+    return ", ".join(parts) or "column order changed"
+
+
+def _build_statements(view: MaterializedView, name: str, index_name: dict[str, str], marker: Marker,
+                      ) -> list[sql.Composable]:
+    target = relation_id(view.schema, name)
+    statements: list[sql.Composable] = [
+        sql.SQL("CREATE MATERIALIZED VIEW {} AS {} WITH DATA").format(target, sqltext.embed(view.query)),
+    ]
+    for index in view.indexes:
+        final = view.index_name(index)
+        statements.append(create_index_sql(view, index, index_name[final], target, concurrently=False))
+        statements.append(comment_sql("index", relation_id(view.schema, index_name[final]), _index_marker(view, index)))
+    statements.append(comment_sql("view", target, marker))
+    return statements
+
+
+def _grant_statements(view: MaterializedView, target: sql.Identifier) -> list[sql.Composable]:
+    return [grant_sql(target, grant.role, grant.privileges) for grant in view.grants]
+
+
+def _create_step(view: MaterializedView) -> Step:
+    names = {view.index_name(i): view.index_name(i) for i in view.indexes}
+    statements = _build_statements(view, view.name, names, _view_markers(view))
+    statements += _grant_statements(view, relation_id(view.schema, view.name))
+    return Step(f"create {view.relation} with {len(view.indexes)} index(es)", tuple(statements))
+
+
+def _swap_steps(view: MaterializedView, dependents: list[DependentView]) -> list[Step]:
+    blocked = [d for d in dependents if d.relkind != "v" or d.has_triggers]
+    if blocked:
+        names = ", ".join(f"{d.schema}.{d.name}" + (" (has triggers)" if d.has_triggers else f" (relkind {d.relkind})")
+                          for d in blocked)
+        raise DependentObjectsError(f"{view.relation} must be rebuilt but these objects depend on it and cannot be "
+                                    f"re-created automatically: {names}")
+    staging = staging_name(view)
+    index_names = {view.index_name(i): staging_index_name(view.index_name(i)) for i in view.indexes}
+    build = Step(f"build the new copy {view.schema}.{staging} with its indexes (readers keep the old one)",
+                 tuple(_build_statements(view, staging, index_names, Marker(view.owner, "staging", view.query.digest))),
+                 cleanup=(sql.SQL("DROP MATERIALIZED VIEW IF EXISTS {}").format(relation_id(view.schema, staging)),))
+    target = relation_id(view.schema, view.name)
+    swap: list[sql.Composable] = [
+        sql.SQL("DROP VIEW {}").format(relation_id(d.schema, d.name)) for d in sorted(dependents, key=lambda d: -d.depth)
+    ]
+    swap.append(sql.SQL("DROP MATERIALIZED VIEW {}").format(target))
+    swap.append(sql.SQL("ALTER MATERIALIZED VIEW {} RENAME TO {}").format(relation_id(view.schema, staging),
+                                                                          sql.Identifier(view.name)))
+    for final, temporary in index_names.items():
+        swap.append(sql.SQL("ALTER INDEX {} RENAME TO {}").format(relation_id(view.schema, temporary),
+                                                                  sql.Identifier(final)))
+    swap.append(comment_sql("view", target, _view_markers(view)))
+    swap += _grant_statements(view, target)
+    for dependent in sorted(dependents, key=lambda d: d.depth):
+        swap += _recreate_dependent(dependent)
+    return [build, Step(f"swap the new copy in for {view.relation}"
+                        + (f" and re-create {len(dependents)} dependent view(s)" if dependents else ""),
+                        tuple(swap), takes_exclusive_lock=True,
+                        cleanup=(sql.SQL("DROP MATERIALIZED VIEW IF EXISTS {}").format(
+                            relation_id(view.schema, staging)),))]
+
+
+def _recreate_dependent(dependent: DependentView) -> list[sql.Composable]:
+    target = relation_id(dependent.schema, dependent.name)
+    options = []
+    for option in dependent.options:
+        key, _, value = option.partition("=")
+        if key not in _VIEW_OPTIONS or value.lower() not in _VIEW_OPTION_VALUES:
+            raise DependentObjectsError(f"dependent view {dependent.schema}.{dependent.name} has option {option!r}, "
+                                        "which the swap cannot carry over")
+        options.append(sql.SQL("{} = {}").format(sql.SQL(key), sql.SQL(value.lower())))  # type: ignore[arg-type]
+    with_options = sql.SQL(" WITH ({})").format(sql.SQL(", ").join(options)) if options else sql.SQL("")
+    definition = sqltext.check_view_definition(dependent.definition)
+    statements: list[sql.Composable] = [
+        sql.SQL("CREATE VIEW {}{} AS {}").format(target, with_options, sqltext.embed(definition)),
+        sql.SQL("ALTER VIEW {} OWNER TO {}").format(target, sql.Identifier(dependent.owner)),
+    ]
+    for grantee, privilege, grantable in dependent.acl:
+        if privilege not in _PRIVILEGES:
+            continue
+        statement = grant_sql(target, grantee, [privilege])
+        statements.append(statement + sql.SQL(" WITH GRANT OPTION") if grantable else statement)
+    if dependent.comment is not None:
+        statements.append(sql.SQL("COMMENT ON VIEW {} IS {}").format(target, sql.Literal(dependent.comment)))
+    return statements
+
+
+def _index_steps(view: MaterializedView, index: IndexSpec, table: sql.Identifier, schema: str,
+                 existing: IndexState | None, reasons: list[str], label: str) -> list[Step]:
+    final = view.index_name(index)
+    marker = _index_marker(view, index)
+    target = relation_id(schema, final)
+    create = create_index_sql(view, index, final, table, concurrently=True)
+    drop_final = sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(target)
+    if existing is None:
+        reasons.append(f"{label} {final} is missing")
+        return [Step(f"create {label} {final} (CONCURRENTLY)", (create,), transactional=False, cleanup=(drop_final,)),
+                Step(f"mark {label} {final}", (comment_sql("index", target, marker),))]
+    if not existing.valid:
+        reasons.append(f"{label} {final} is INVALID (an earlier build failed)")
+        return [Step(f"drop invalid {label} {final}", (drop_final,), transactional=False),
+                Step(f"create {label} {final} (CONCURRENTLY)", (create,), transactional=False, cleanup=(drop_final,)),
+                Step(f"mark {label} {final}", (comment_sql("index", target, marker),))]
+    if existing.marker is not None and existing.marker.digest != marker.digest:
+        reasons.append(f"{label} {final} definition changed")
+        temporary = rebuild_index_name(final)
+        temporary_id = relation_id(schema, temporary)
+        return [Step(f"build the changed {label} {final} beside the old one (CONCURRENTLY)",
+                     (create_index_sql(view, index, temporary, table, concurrently=True),), transactional=False,
+                     cleanup=(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(temporary_id),)),
+                Step(f"replace {label} {final}",
+                     (sql.SQL("DROP INDEX {}").format(target),
+                      sql.SQL("ALTER INDEX {} RENAME TO {}").format(temporary_id, sql.Identifier(final)),
+                      comment_sql("index", target, marker)), takes_exclusive_lock=True)]
+    return []
+
+
+def _converge_view(view: MaterializedView, observed: Observed, reasons: list[str]) -> list[Step]:
+    # New and changed indexes are built before old ones are dropped: the view is never left unindexed.
+    steps: list[Step] = []
+    table = relation_id(view.schema, view.name)
+    for index in view.indexes:
+        name = view.index_name(index)
+        existing = observed.indexes.get(name)
+        if existing is not None and existing.marker is None:
+            raise UnmanagedObjectError(_not_ours(f"index {view.schema}.{name}", None))
+        steps += _index_steps(view, index, table, view.schema, existing, reasons, "index")
+    wanted = {view.index_name(i) for i in view.indexes}
+    for name, state in sorted(observed.indexes.items()):
+        if name not in wanted and state.marker is not None and state.marker.owner == view.owner:
+            reasons.append(f"index {name} is no longer in the spec")
+            steps.append(Step(f"drop index {name} (CONCURRENTLY)", (sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+                relation_id(view.schema, name)),), transactional=False))
+    grant_statements: list[sql.Composable] = []
+    wanted_grants = {g.role: frozenset(g.privileges) for g in view.grants}
+    for role, privileges in sorted(wanted_grants.items()):
+        missing = privileges - observed.grants.get(role, frozenset())
+        if missing:
+            grant_statements.append(grant_sql(table, role, missing))
+    for role, privileges in sorted(observed.grants.items()):
+        extra = privileges - wanted_grants.get(role, frozenset())
+        if extra and extra <= _PRIVILEGES.keys():
+            grant_statements.append(grant_sql(table, role, extra, revoke=True))
+    if grant_statements:
+        reasons.append("grants differ from the spec")
+        steps.append(Step(f"converge grants on {view.relation}", tuple(grant_statements)))
+    return steps
+
+
+def _converge_supporting(view: MaterializedView, observed: Observed, reasons: list[str]) -> list[Step]:
+    steps: list[Step] = []
+    owned = {(s.schema, s.name): s for s in observed.owned_supporting}
+    for index in view.supporting_indexes:
+        name = view.index_name(index)
+        table = relation_id(index.table_schema, index.table)
+        existing = owned.get((index.table_schema, name))
+        steps += _index_steps(view, index, table, index.table_schema, existing, reasons, "supporting index")
+    wanted = {(i.table_schema, view.index_name(i)) for i in view.supporting_indexes}
+    for state in observed.owned_supporting:
+        if (state.schema, state.name) not in wanted:
+            reasons.append(f"supporting index {state.schema}.{state.name} is no longer in the spec")
+            steps.append(Step(f"drop supporting index {state.schema}.{state.name} (CONCURRENTLY)",
+                              (sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+                                  relation_id(state.schema, state.name)),), transactional=False))
+    return steps
+
+
+def build_delete_plan(view: MaterializedView, observed: Observed) -> Plan:
+    """Retain leaves the database as it is; Delete drops the view and the supporting indexes it created."""
+    if view.deletion_policy == "Retain":
+        return Plan(view, (), ("deletionPolicy is Retain: the view and its indexes stay",))
+    steps: list[Step] = []
+    relation = observed.relation
+    if relation is not None:
+        if relation.relkind != "m" or relation.marker is None or relation.marker.owner != view.owner:
+            raise UnmanagedObjectError(_not_ours(f"relation {view.relation}", relation.marker))
+        if observed.dependents:
+            names = ", ".join(f"{d.schema}.{d.name}" for d in observed.dependents)
+            raise DependentObjectsError(f"{view.relation} is not dropped because other views depend on it: {names}; "
+                                        "drop them first (the engine never uses CASCADE)")
+        steps.append(Step(f"drop {view.relation}", (sql.SQL("DROP MATERIALIZED VIEW {}").format(
+            relation_id(view.schema, view.name)),), takes_exclusive_lock=True))
+    for leftover in observed.staging:
+        steps.append(Step(f"drop leftover staging copy {leftover.schema}.{leftover.name}",
+                          (sql.SQL("DROP MATERIALIZED VIEW {}").format(relation_id(leftover.schema, leftover.name)),)))
+    for state in observed.owned_supporting:
+        steps.append(Step(f"drop supporting index {state.schema}.{state.name} (CONCURRENTLY)",
+                          (sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+                              relation_id(state.schema, state.name)),), transactional=False))
+    return Plan(view, tuple(steps), ("deletionPolicy is Delete",) if steps else ("nothing to drop",))
