@@ -9,6 +9,7 @@ without executing) to learn its result columns, which is how source drift is see
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -16,6 +17,9 @@ from psycopg import sql
 from matview import sqltext
 from matview.marker import Marker
 from matview.spec import MaterializedView
+
+Connection = psycopg.Connection[tuple[Any, ...]]
+"""Every connection the engine uses returns plain tuples."""
 
 Column = tuple[str, str]
 """(name, type as format_type prints it)."""
@@ -162,20 +166,27 @@ GROUP BY c.oid
 """)
 
 
-def _relation(row: tuple[object, ...]) -> RelationState:
+def _relation(row: tuple[Any, ...]) -> RelationState:
     oid, schema, name, relkind, comment, populated, names, types = row
-    return RelationState(int(oid), str(schema), str(name), str(relkind), Marker.parse(comment),  # type: ignore[call-overload]
-                         bool(populated), tuple(zip(names, types, strict=True)))  # type: ignore[call-overload]
+    return RelationState(
+        int(oid),
+        str(schema),
+        str(name),
+        str(relkind),
+        Marker.parse(comment),
+        bool(populated),
+        tuple(zip(names, types, strict=True)),
+    )
 
 
-def describe_query(conn: psycopg.Connection[tuple[object, ...]], query: sqltext.CheckedSQL) -> tuple[Column, ...]:
+def describe_query(conn: Connection, query: sqltext.CheckedSQL) -> tuple[Column, ...]:
     """The query's result columns, learned by preparing it (it is not executed)."""
     pgconn = conn.pgconn
     text = sqltext.embed(query).as_bytes(conn)
     result = pgconn.prepare(b"", text)
     if result.status != psycopg.pq.ExecStatus.COMMAND_OK:
-        raise psycopg.errors.lookup(result.error_field(psycopg.pq.DiagnosticField.SQLSTATE) or "XX000")(
-            (result.error_message or b"").decode(errors="replace").strip())
+        sqlstate = (result.error_field(psycopg.pq.DiagnosticField.SQLSTATE) or b"XX000").decode()
+        raise psycopg.errors.lookup(sqlstate)((result.error_message or b"").decode(errors="replace").strip())
     described = pgconn.describe_prepared(b"")
     columns = []
     for i in range(described.nfields):
@@ -190,38 +201,66 @@ def marker_pattern() -> str:
     return '%"managedBy": "matview.dev"%'
 
 
-def observe(conn: psycopg.Connection[tuple[object, ...]], view: MaterializedView,
-            extra_names: list[tuple[str, str]] | None = None) -> Observed:
+def observe(
+    conn: Connection,
+    view: MaterializedView,
+    extra_names: list[tuple[str, str]] | None = None,
+) -> Observed:
     """Read the catalog state relevant to view. extra_names: (schema, name) pairs the plan may need."""
     observed = Observed()
     row = conn.execute(sql.SQL("SELECT current_user")).fetchone()
     observed.current_user = str(row[0]) if row else ""
-    observed.schema_exists = conn.execute(sql.SQL("SELECT 1 FROM pg_namespace WHERE nspname = %s"),
-                                          (view.schema,)).fetchone() is not None
+    observed.schema_exists = (
+        conn.execute(sql.SQL("SELECT 1 FROM pg_namespace WHERE nspname = %s"), (view.schema,)).fetchone() is not None
+    )
     row = conn.execute(_RELATION, (view.schema, view.name)).fetchone()
     observed.relation = _relation(row) if row else None
 
     if observed.relation is not None:
         for schema, name, table_oid, comment, valid in conn.execute(_INDEXES_ON, (observed.relation.oid,)):
-            observed.indexes[str(name)] = IndexState(str(schema), str(name), int(table_oid),  # type: ignore[call-overload]
-                                                     Marker.parse(comment), bool(valid))  # type: ignore[arg-type]
+            observed.indexes[str(name)] = IndexState(
+                str(schema),
+                str(name),
+                int(table_oid),
+                Marker.parse(comment),
+                bool(valid),
+            )
         for grantee, privilege in conn.execute(_GRANTS, (observed.relation.oid,)):
             key = str(grantee)
             observed.grants[key] = observed.grants.get(key, frozenset()) | {str(privilege)}
         if observed.relation.relkind == "m":
-            observed.dependents = [_dependent(conn, r) for r in conn.execute(_DEPENDENTS, {"oid": observed.relation.oid})]
+            observed.dependents = [
+                _dependent(conn, r) for r in conn.execute(_DEPENDENTS, {"oid": observed.relation.oid})
+            ]
 
-    for oid, schema, name, relkind, comment, populated, table_oid, valid in conn.execute(_OUR_OBJECTS,
-                                                                                         (marker_pattern(),)):
-        marker = Marker.parse(comment)  # type: ignore[arg-type]
+    for oid, schema, name, relkind, comment, populated, table_oid, valid in conn.execute(
+        _OUR_OBJECTS, (marker_pattern(),)
+    ):
+        marker = Marker.parse(comment)
         if marker is None or marker.owner != view.owner:
             continue
         if marker.kind == "staging" and relkind == "m":
-            observed.staging.append(RelationState(int(oid), str(schema), str(name), "m", marker,  # type: ignore[call-overload]
-                                                  bool(populated), ()))
+            observed.staging.append(
+                RelationState(
+                    int(oid),
+                    str(schema),
+                    str(name),
+                    "m",
+                    marker,
+                    bool(populated),
+                    (),
+                )
+            )
         elif marker.kind == "supporting":
-            observed.owned_supporting.append(IndexState(str(schema), str(name), int(table_oid), marker,  # type: ignore[call-overload]
-                                                        bool(valid)))
+            observed.owned_supporting.append(
+                IndexState(
+                    str(schema),
+                    str(name),
+                    int(table_oid),
+                    marker,
+                    bool(valid),
+                )
+            )
 
     for schema, name in extra_names or []:
         if (schema, name) in observed.names_in_schema:
@@ -232,15 +271,17 @@ def observe(conn: psycopg.Connection[tuple[object, ...]], view: MaterializedView
             observed.names_in_schema[(schema, name)] = state
 
     for index in view.supporting_indexes:
-        key = (index.table_schema, index.table)
-        if key not in observed.tables:
-            found = conn.execute(_TABLE, key).fetchone()
+        table_key = (index.table_schema, index.table)
+        if table_key not in observed.tables:
+            found = conn.execute(_TABLE, table_key).fetchone()
             if found:
-                observed.tables[key] = TableState(int(found[0]), str(found[1]), tuple(found[2]))  # type: ignore[call-overload, arg-type]
+                observed.tables[table_key] = TableState(int(found[0]), str(found[1]), tuple(found[2]))
 
     wanted_roles = [grant.role for grant in view.grants]
-    observed.roles = frozenset(str(r[0]) for r in conn.execute(
-        sql.SQL("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)"), (wanted_roles,)))
+    observed.roles = frozenset(
+        str(r[0])
+        for r in conn.execute(sql.SQL("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)"), (wanted_roles,))
+    )
 
     try:
         with conn.transaction():
@@ -250,7 +291,7 @@ def observe(conn: psycopg.Connection[tuple[object, ...]], view: MaterializedView
     return observed
 
 
-def _dependent(conn: psycopg.Connection[tuple[object, ...]], row: tuple[object, ...]) -> DependentView:
+def _dependent(conn: Connection, row: tuple[Any, ...]) -> DependentView:
     oid, schema, name, relkind, depth, _definition, options, owner, comment, acl, has_triggers = row
     # Re-read the definition with only pg_catalog on the search path so every name comes back qualified
     # and the re-created view does not depend on whichever search_path the engine's session has.
@@ -259,9 +300,15 @@ def _dependent(conn: psycopg.Connection[tuple[object, ...]], row: tuple[object, 
         found = conn.execute(sql.SQL("SELECT pg_get_viewdef(%s::oid)"), (oid,)).fetchone()
     definition = str(found[0]) if found else ""
     return DependentView(
-        oid=int(oid), schema=str(schema), name=str(name), relkind=str(relkind), depth=int(depth),  # type: ignore[call-overload]
-        definition=definition, options=tuple(options),  # type: ignore[call-overload]
-        owner=str(owner), comment=comment if isinstance(comment, str) else None,
-        acl=tuple((str(g), str(p), g2 == "true") for g, p, g2 in acl),  # type: ignore[attr-defined]
+        oid=int(oid),
+        schema=str(schema),
+        name=str(name),
+        relkind=str(relkind),
+        depth=int(depth),
+        definition=definition,
+        options=tuple(options),
+        owner=str(owner),
+        comment=comment if isinstance(comment, str) else None,
+        acl=tuple((str(g), str(p), g2 == "true") for g, p, g2 in acl),
         has_triggers=bool(has_triggers),
     )

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from matview.catalog import observe
+from matview.catalog import Connection, observe
 from matview.constants import APPLICATION_NAME
 from matview.errors import MatviewError
-from matview.executor import Connection, ExecutionSettings, execute
+from matview.executor import ExecutionSettings, execute
 from matview.planner import Plan, build_delete_plan, build_plan, wanted_names
 from matview.spec import MaterializedView
 
@@ -41,15 +41,15 @@ class ApplyResult:
         return bool(self.done)
 
 
-def connect(dsn: str, **kwargs: object) -> Connection:
+def connect(dsn: str, connect_timeout: int = 10) -> Connection:
     """A connection in autocommit mode that says who it is in pg_stat_activity."""
-    return psycopg.connect(dsn, autocommit=True, application_name=APPLICATION_NAME,  # type: ignore[arg-type]
-                           connect_timeout=kwargs.pop("connect_timeout", 10), **kwargs)
+    return psycopg.connect(dsn, autocommit=True, application_name=APPLICATION_NAME, connect_timeout=connect_timeout)
 
 
 def settings_for(view: MaterializedView) -> ExecutionSettings:
-    return ExecutionSettings(statement_timeout_seconds=view.refresh.timeout_seconds,
-                             lock_timeout_seconds=view.refresh.lock_timeout_seconds)
+    return ExecutionSettings(
+        statement_timeout_seconds=view.refresh.timeout_seconds, lock_timeout_seconds=view.refresh.lock_timeout_seconds
+    )
 
 
 @contextlib.contextmanager

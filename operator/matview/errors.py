@@ -31,7 +31,11 @@ class SpecError(MatviewError):
     """A document is invalid; nothing was changed anywhere."""
 
     def __init__(self, errors: list[FieldError], source: str = "") -> None:
-        self.errors = list(errors)
+        # The first problem found for a field is the most basic one (e.g. wrong type before bad content).
+        first: dict[str, FieldError] = {}
+        for error in errors:
+            first.setdefault(error.path, error)
+        self.errors = list(first.values())
         self.source = source
         prefix = f"{source}: " if source else ""
         super().__init__(prefix + "; ".join(str(e) for e in self.errors))

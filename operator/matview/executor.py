@@ -19,12 +19,11 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from matview.catalog import Connection
 from matview.errors import ApplyError
 from matview.planner import Plan, Step
 
 logger = logging.getLogger(__name__)
-
-Connection = psycopg.Connection[tuple[object, ...]]
 
 
 @dataclass(frozen=True)
@@ -43,12 +42,15 @@ class ExecutionSettings:
 
 def set_timeouts(conn: Connection, statement_seconds: float, lock_seconds: float, local: bool) -> None:
     """Apply timeouts as parameters (set_config), transaction-local or for the session."""
-    conn.execute(sql.SQL("SELECT set_config('statement_timeout', %s, %s), set_config('lock_timeout', %s, %s)"),
-                 (f"{int(statement_seconds * 1000)}ms", local, f"{int(lock_seconds * 1000)}ms", local))
+    conn.execute(
+        sql.SQL("SELECT set_config('statement_timeout', %s, %s), set_config('lock_timeout', %s, %s)"),
+        (f"{int(statement_seconds * 1000)}ms", local, f"{int(lock_seconds * 1000)}ms", local),
+    )
 
 
-def run_with_lock_retries(operation: Callable[[], None], settings: ExecutionSettings, what: str,
-                          sleep: Callable[[float], None] = time.sleep) -> None:
+def run_with_lock_retries(
+    operation: Callable[[], None], settings: ExecutionSettings, what: str, sleep: Callable[[float], None] = time.sleep
+) -> None:
     """Run operation; when it fails for a lock timeout, wait and try again a bounded number of times."""
     delay = settings.backoff_seconds
     for attempt in range(1, settings.lock_retries + 1):
@@ -58,8 +60,13 @@ def run_with_lock_retries(operation: Callable[[], None], settings: ExecutionSett
         except psycopg.errors.LockNotAvailable:
             if attempt == settings.lock_retries:
                 raise
-            logger.info("%s: lock not granted within %.1fs (attempt %d/%d); retrying",
-                        what, settings.lock_timeout_seconds, attempt, settings.lock_retries)
+            logger.info(
+                "%s: lock not granted within %.1fs (attempt %d/%d); retrying",
+                what,
+                settings.lock_timeout_seconds,
+                attempt,
+                settings.lock_retries,
+            )
             sleep(delay * (1 + random.random()))  # noqa: S311 - jitter, not security
             delay *= 2
 
@@ -87,8 +94,11 @@ def execute(conn: Connection, plan: Plan, settings: ExecutionSettings) -> list[s
         logger.info("%s: %s", plan.view.relation, step.description)
         try:
             if step.takes_exclusive_lock:
-                run_with_lock_retries(lambda step=step: _run_step(conn, step, settings),  # type: ignore[misc]
-                                      settings, step.description)
+                run_with_lock_retries(
+                    lambda step=step: _run_step(conn, step, settings),  # type: ignore[misc]
+                    settings,
+                    step.description,
+                )
             else:
                 _run_step(conn, step, settings)
         except psycopg.Error as exc:
@@ -97,7 +107,9 @@ def execute(conn: Connection, plan: Plan, settings: ExecutionSettings) -> list[s
                     conn.execute(statement)
             sqlstate = exc.sqlstate or "?"
             message = (exc.diag.message_primary or str(exc)).strip()
-            raise ApplyError(f"{plan.view.relation}: step '{step.description}' failed [{sqlstate}]: {message}"
-                             + (f" (done before it: {'; '.join(done)})" if done else "")) from exc
+            raise ApplyError(
+                f"{plan.view.relation}: step '{step.description}' failed [{sqlstate}]: {message}"
+                + (f" (done before it: {'; '.join(done)})" if done else "")
+            ) from exc
         done.append(step.description)
     return done

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,16 +25,20 @@ _FALLBACK_USER = "matview-pg"
 
 def _pgserver_bindir() -> Path | None:
     try:
-        from pgserver._commands import POSTGRES_BIN_PATH
-    except Exception:  # noqa: BLE001 - any import problem just means "not available"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on import
+            from pgserver._commands import POSTGRES_BIN_PATH
+    except Exception:
         return None
     path = Path(POSTGRES_BIN_PATH)
     return path if (path / "postgres").exists() else None
 
 
 def _debian_bindir() -> Path | None:
-    versions = sorted((p for p in _DEBIAN_ROOT.glob("*/bin") if (p / "postgres").exists()),
-                      key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+    versions = sorted(
+        (p for p in _DEBIAN_ROOT.glob("*/bin") if (p / "postgres").exists()),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+    )
     return versions[-1] if versions else None
 
 
@@ -47,8 +52,10 @@ def find_bindir(prefer: str = "system") -> Path:
         found = finder()
         if found is not None:
             return found
-    raise RuntimeError("no PostgreSQL binaries found: install Debian's postgresql package or the pgserver "
-                       "wheel (pip install pgserver), or set MATVIEW_PG_BINDIR")
+    raise RuntimeError(
+        "no PostgreSQL binaries found: install Debian's postgresql package or the pgserver "
+        "wheel (pip install pgserver), or set MATVIEW_PG_BINDIR"
+    )
 
 
 def free_port() -> int:
@@ -65,8 +72,9 @@ def _server_user() -> str | None:
         with contextlib.suppress(KeyError):
             pwd.getpwnam(candidate)
             return candidate
-    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", _FALLBACK_USER],
-                   check=True)
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", _FALLBACK_USER], check=True
+    )
     return _FALLBACK_USER
 
 
@@ -82,8 +90,14 @@ class LocalServer:
     _user: str | None = field(default=None, init=False)
 
     def _run(self, *args: str) -> None:
-        result = subprocess.run([str(self.bindir / args[0]), *args[1:]], user=self._user, capture_output=True,
-                                text=True, check=False, cwd="/")
+        result = subprocess.run(
+            [str(self.bindir / args[0]), *args[1:]],
+            user=self._user,
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd="/",
+        )
         if result.returncode != 0:
             raise RuntimeError(f"{args[0]} failed ({result.returncode}): {result.stderr.strip() or result.stdout}")
 
@@ -105,16 +119,42 @@ class LocalServer:
         self._user = _server_user()
         self._prepare_dir()
         if not (self.data_dir / "PG_VERSION").exists():
-            self._run("initdb", "-D", str(self.data_dir), "-U", self.superuser, "--auth=trust",
-                      "--encoding=UTF8", "--locale=C", "--no-sync")
-        options = {"listen_addresses": "127.0.0.1", "port": str(self.port),
-                   "unix_socket_directories": "''", "max_connections": "100", **self.settings}
+            self._run(
+                "initdb",
+                "-D",
+                str(self.data_dir),
+                "-U",
+                self.superuser,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+            )
+        options = {
+            "listen_addresses": "127.0.0.1",
+            "port": str(self.port),
+            "unix_socket_directories": "''",
+            "max_connections": "100",
+            **self.settings,
+        }
         option_text = " ".join(f"-c {key}={value}" for key, value in options.items())
-        self._run("pg_ctl", "-D", str(self.data_dir), "-o", option_text, "-l", str(self.data_dir / "server.log"),
-                  "-w", "-t", "60", "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data_dir),
+            "-o",
+            option_text,
+            "-l",
+            str(self.data_dir / "server.log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         return self
 
     def stop(self) -> None:
+        self._user = _server_user()
         if (self.data_dir / "postmaster.pid").exists():
             self._run("pg_ctl", "-D", str(self.data_dir), "-m", "fast", "-w", "stop")
 
@@ -132,3 +172,32 @@ class LocalServer:
     def remove(self) -> None:
         self.stop()
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def running_port(data_dir: Path) -> int | None:
+    """The port of a server already running on data_dir (from postmaster.pid), if any."""
+    pid_file = data_dir / "postmaster.pid"
+    try:
+        lines = pid_file.read_text().splitlines()
+        pid, port = int(lines[0]), int(lines[3])
+        os.kill(pid, 0)
+    except (OSError, ValueError, IndexError):
+        return None
+    return port
+
+
+def ensure_embedded(data_dir: Path) -> str:
+    """Start (or reuse) the embedded server in data_dir and return its DSN; it keeps running for later commands."""
+    port = running_port(data_dir)
+    if port is not None:
+        return f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    server = LocalServer(data_dir.resolve(), bindir=find_bindir(prefer="embedded")).start()
+    return server.dsn()
+
+
+def stop_embedded(data_dir: Path) -> bool:
+    """Stop the embedded server in data_dir; False when none was running."""
+    if running_port(data_dir) is None:
+        return False
+    LocalServer(data_dir.resolve(), port=0, bindir=find_bindir(prefer="embedded")).stop()
+    return True

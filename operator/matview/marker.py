@@ -25,8 +25,9 @@ class Marker:
     """Hash of the definition the object was built from (query or index shape)."""
 
     def to_comment(self) -> str:
-        return json.dumps({MARKER_KEY: MARKER_VALUE, "owner": self.owner, "kind": self.kind,
-                           "digest": self.digest}, sort_keys=True)
+        return json.dumps(
+            {MARKER_KEY: MARKER_VALUE, "owner": self.owner, "kind": self.kind, "digest": self.digest}, sort_keys=True
+        )
 
     @classmethod
     def parse(cls, comment: str | None) -> Marker | None:

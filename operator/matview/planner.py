@@ -21,9 +21,13 @@ from matview.errors import DependentObjectsError, FieldError, SpecError, Unmanag
 from matview.marker import Marker
 from matview.spec import IndexSpec, MaterializedView, SupportingIndexSpec, truncate_utf8
 
+Statement = sql.Composed | sql.SQL
+"""A complete statement, as the executor runs it."""
+
 _METHODS = {m: sql.SQL(m) for m in ("btree", "hash", "gin", "gist", "brin")}
-_PRIVILEGES = {p: sql.SQL(p) for p in ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES",
-                                        "TRIGGER", "MAINTAIN")}
+_PRIVILEGES = {
+    p: sql.SQL(p) for p in ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER", "MAINTAIN")
+}
 _VIEW_OPTIONS = {"security_barrier", "security_invoker", "check_option"}
 _VIEW_OPTION_VALUES = {"true", "false", "on", "off", "local", "cascaded"}
 _STAGING_SUFFIX = "_mv_staging"
@@ -34,11 +38,11 @@ class Step:
     """One unit of execution: its statements run in one transaction unless ``transactional`` is False."""
 
     description: str
-    statements: tuple[sql.Composable, ...]
+    statements: tuple[Statement, ...]
     transactional: bool = True
     takes_exclusive_lock: bool = False
     """Waits for ACCESS EXCLUSIVE on a relation readers use: run with lock_timeout and retries."""
-    cleanup: tuple[sql.Composable, ...] = ()
+    cleanup: tuple[Statement, ...] = ()
     """Run (best effort, autocommit) when the step fails, e.g. to drop an INVALID index."""
 
 
@@ -78,15 +82,20 @@ def wanted_names(view: MaterializedView) -> list[tuple[str, str]]:
     names = [(view.schema, staging_name(view))]
     for index in view.indexes:
         final = view.index_name(index)
-        names += [(view.schema, final), (view.schema, staging_index_name(final)), (view.schema, rebuild_index_name(final))]
+        names += [
+            (view.schema, final),
+            (view.schema, staging_index_name(final)),
+            (view.schema, rebuild_index_name(final)),
+        ]
     for sup in view.supporting_indexes:
         final = view.index_name(sup)
         names += [(sup.table_schema, final), (sup.table_schema, rebuild_index_name(final))]
     return names
 
 
-def create_index_sql(view: MaterializedView, index: IndexSpec, name: str, table: sql.Identifier,
-                     concurrently: bool) -> sql.Composed:
+def create_index_sql(
+    view: MaterializedView, index: IndexSpec, name: str, table: sql.Identifier, concurrently: bool
+) -> sql.Composed:
     columns = sql.SQL(", ").join(sql.Identifier(c) for c in index.columns)
     return sql.SQL("CREATE {unique}INDEX {concurrently}{name} ON {table} USING {method} ({columns}){where}").format(
         unique=sql.SQL("UNIQUE ") if index.unique else sql.SQL(""),
@@ -141,8 +150,9 @@ def build_plan(view: MaterializedView, observed: Observed) -> Plan:
         for i, index in enumerate(view.indexes):
             for j, column in enumerate(index.columns):
                 if column not in names:
-                    errors.append(FieldError(f"spec.indexes[{i}].columns[{j}]",
-                                             f"column {column!r} is not in the query's result"))
+                    errors.append(
+                        FieldError(f"spec.indexes[{i}].columns[{j}]", f"column {column!r} is not in the query's result")
+                    )
         duplicates = sorted({c for c, _ in query_columns if [n for n, _ in query_columns].count(c) > 1})
         if duplicates:
             errors.append(FieldError("spec.query", "result has duplicate column names: " + ", ".join(duplicates)))
@@ -154,8 +164,12 @@ def build_plan(view: MaterializedView, observed: Observed) -> Plan:
         raise SpecError(errors)
 
     relation = observed.relation
-    if relation is not None and (relation.relkind != "m" or relation.marker is None
-                                 or relation.marker.owner != view.owner or relation.marker.kind != "view"):
+    if relation is not None and (
+        relation.relkind != "m"
+        or relation.marker is None
+        or relation.marker.owner != view.owner
+        or relation.marker.kind != "view"
+    ):
         raise UnmanagedObjectError(_not_ours(f"relation {view.relation}", relation.marker))
     _check_names_free(view, observed)
 
@@ -163,8 +177,12 @@ def build_plan(view: MaterializedView, observed: Observed) -> Plan:
     reasons: list[str] = []
     warnings: list[str] = []
     for leftover in observed.staging:
-        steps.append(Step(f"drop leftover staging copy {leftover.schema}.{leftover.name}",
-                          (sql.SQL("DROP MATERIALIZED VIEW {}").format(relation_id(leftover.schema, leftover.name)),)))
+        steps.append(
+            Step(
+                f"drop leftover staging copy {leftover.schema}.{leftover.name}",
+                (sql.SQL("DROP MATERIALIZED VIEW {}").format(relation_id(leftover.schema, leftover.name)),),
+            )
+        )
 
     if relation is None:
         reasons.append(f"{view.relation} does not exist")
@@ -195,12 +213,22 @@ def _check_supporting(view: MaterializedView, observed: Observed) -> list[FieldE
             continue
         if table.relkind in ("v", "m"):
             kind = "a view" if table.relkind == "v" else "a materialized view"
-            errors.append(FieldError(f"{path}.table", f"{label} is {kind}, which cannot carry these indexes; "
-                                     "index the base tables the view reads instead"))
+            errors.append(
+                FieldError(
+                    f"{path}.table",
+                    f"{label} is {kind}, which cannot carry these indexes; "
+                    "index the base tables the view reads instead",
+                )
+            )
             continue
         if table.relkind == "p":
-            errors.append(FieldError(f"{path}.table", f"{label} is a partitioned table; CREATE INDEX "
-                                     "CONCURRENTLY cannot build on it, index its partitions instead"))
+            errors.append(
+                FieldError(
+                    f"{path}.table",
+                    f"{label} is a partitioned table; CREATE INDEX "
+                    "CONCURRENTLY cannot build on it, index its partitions instead",
+                )
+            )
             continue
         if table.relkind != "r":
             errors.append(FieldError(f"{path}.table", f"{label} is not a table"))
@@ -233,10 +261,14 @@ def _source_drift(current: tuple[tuple[str, str], ...], wanted: tuple[tuple[str,
     return ", ".join(parts) or "column order changed"
 
 
-def _build_statements(view: MaterializedView, name: str, index_name: dict[str, str], marker: Marker,
-                      ) -> list[sql.Composable]:
+def _build_statements(
+    view: MaterializedView,
+    name: str,
+    index_name: dict[str, str],
+    marker: Marker,
+) -> list[Statement]:
     target = relation_id(view.schema, name)
-    statements: list[sql.Composable] = [
+    statements: list[Statement] = [
         sql.SQL("CREATE MATERIALIZED VIEW {} AS {} WITH DATA").format(target, sqltext.embed(view.query)),
     ]
     for index in view.indexes:
@@ -247,7 +279,7 @@ def _build_statements(view: MaterializedView, name: str, index_name: dict[str, s
     return statements
 
 
-def _grant_statements(view: MaterializedView, target: sql.Identifier) -> list[sql.Composable]:
+def _grant_statements(view: MaterializedView, target: sql.Identifier) -> list[Statement]:
     return [grant_sql(target, grant.role, grant.privileges) for grant in view.grants]
 
 
@@ -261,48 +293,66 @@ def _create_step(view: MaterializedView) -> Step:
 def _swap_steps(view: MaterializedView, dependents: list[DependentView]) -> list[Step]:
     blocked = [d for d in dependents if d.relkind != "v" or d.has_triggers]
     if blocked:
-        names = ", ".join(f"{d.schema}.{d.name}" + (" (has triggers)" if d.has_triggers else f" (relkind {d.relkind})")
-                          for d in blocked)
-        raise DependentObjectsError(f"{view.relation} must be rebuilt but these objects depend on it and cannot be "
-                                    f"re-created automatically: {names}")
+        names = ", ".join(
+            f"{d.schema}.{d.name}" + (" (has triggers)" if d.has_triggers else f" (relkind {d.relkind})")
+            for d in blocked
+        )
+        raise DependentObjectsError(
+            f"{view.relation} must be rebuilt but these objects depend on it and cannot be "
+            f"re-created automatically: {names}"
+        )
     staging = staging_name(view)
     index_names = {view.index_name(i): staging_index_name(view.index_name(i)) for i in view.indexes}
-    build = Step(f"build the new copy {view.schema}.{staging} with its indexes (readers keep the old one)",
-                 tuple(_build_statements(view, staging, index_names, Marker(view.owner, "staging", view.query.digest))),
-                 cleanup=(sql.SQL("DROP MATERIALIZED VIEW IF EXISTS {}").format(relation_id(view.schema, staging)),))
+    build = Step(
+        f"build the new copy {view.schema}.{staging} with its indexes (readers keep the old one)",
+        tuple(_build_statements(view, staging, index_names, Marker(view.owner, "staging", view.query.digest))),
+        cleanup=(sql.SQL("DROP MATERIALIZED VIEW IF EXISTS {}").format(relation_id(view.schema, staging)),),
+    )
     target = relation_id(view.schema, view.name)
-    swap: list[sql.Composable] = [
-        sql.SQL("DROP VIEW {}").format(relation_id(d.schema, d.name)) for d in sorted(dependents, key=lambda d: -d.depth)
+    swap: list[Statement] = [
+        sql.SQL("DROP VIEW {}").format(relation_id(d.schema, d.name))
+        for d in sorted(dependents, key=lambda d: -d.depth)
     ]
     swap.append(sql.SQL("DROP MATERIALIZED VIEW {}").format(target))
-    swap.append(sql.SQL("ALTER MATERIALIZED VIEW {} RENAME TO {}").format(relation_id(view.schema, staging),
-                                                                          sql.Identifier(view.name)))
+    swap.append(
+        sql.SQL("ALTER MATERIALIZED VIEW {} RENAME TO {}").format(
+            relation_id(view.schema, staging), sql.Identifier(view.name)
+        )
+    )
     for final, temporary in index_names.items():
-        swap.append(sql.SQL("ALTER INDEX {} RENAME TO {}").format(relation_id(view.schema, temporary),
-                                                                  sql.Identifier(final)))
+        swap.append(
+            sql.SQL("ALTER INDEX {} RENAME TO {}").format(relation_id(view.schema, temporary), sql.Identifier(final))
+        )
     swap.append(comment_sql("view", target, _view_markers(view)))
     swap += _grant_statements(view, target)
     for dependent in sorted(dependents, key=lambda d: d.depth):
         swap += _recreate_dependent(dependent)
-    return [build, Step(f"swap the new copy in for {view.relation}"
-                        + (f" and re-create {len(dependents)} dependent view(s)" if dependents else ""),
-                        tuple(swap), takes_exclusive_lock=True,
-                        cleanup=(sql.SQL("DROP MATERIALIZED VIEW IF EXISTS {}").format(
-                            relation_id(view.schema, staging)),))]
+    return [
+        build,
+        Step(
+            f"swap the new copy in for {view.relation}"
+            + (f" and re-create {len(dependents)} dependent view(s)" if dependents else ""),
+            tuple(swap),
+            takes_exclusive_lock=True,
+            cleanup=(sql.SQL("DROP MATERIALIZED VIEW IF EXISTS {}").format(relation_id(view.schema, staging)),),
+        ),
+    ]
 
 
-def _recreate_dependent(dependent: DependentView) -> list[sql.Composable]:
+def _recreate_dependent(dependent: DependentView) -> list[Statement]:
     target = relation_id(dependent.schema, dependent.name)
     options = []
     for option in dependent.options:
         key, _, value = option.partition("=")
         if key not in _VIEW_OPTIONS or value.lower() not in _VIEW_OPTION_VALUES:
-            raise DependentObjectsError(f"dependent view {dependent.schema}.{dependent.name} has option {option!r}, "
-                                        "which the swap cannot carry over")
-        options.append(sql.SQL("{} = {}").format(sql.SQL(key), sql.SQL(value.lower())))  # type: ignore[arg-type]
+            raise DependentObjectsError(
+                f"dependent view {dependent.schema}.{dependent.name} has option {option!r}, "
+                "which the swap cannot carry over"
+            )
+        options.append(sql.SQL("{} = {}").format(sql.SQL(key), sql.SQL(value.lower())))  # both from allow-lists
     with_options = sql.SQL(" WITH ({})").format(sql.SQL(", ").join(options)) if options else sql.SQL("")
     definition = sqltext.check_view_definition(dependent.definition)
-    statements: list[sql.Composable] = [
+    statements: list[Statement] = [
         sql.SQL("CREATE VIEW {}{} AS {}").format(target, with_options, sqltext.embed(definition)),
         sql.SQL("ALTER VIEW {} OWNER TO {}").format(target, sql.Identifier(dependent.owner)),
     ]
@@ -316,8 +366,15 @@ def _recreate_dependent(dependent: DependentView) -> list[sql.Composable]:
     return statements
 
 
-def _index_steps(view: MaterializedView, index: IndexSpec, table: sql.Identifier, schema: str,
-                 existing: IndexState | None, reasons: list[str], label: str) -> list[Step]:
+def _index_steps(
+    view: MaterializedView,
+    index: IndexSpec,
+    table: sql.Identifier,
+    schema: str,
+    existing: IndexState | None,
+    reasons: list[str],
+    label: str,
+) -> list[Step]:
     final = view.index_name(index)
     marker = _index_marker(view, index)
     target = relation_id(schema, final)
@@ -325,24 +382,38 @@ def _index_steps(view: MaterializedView, index: IndexSpec, table: sql.Identifier
     drop_final = sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(target)
     if existing is None:
         reasons.append(f"{label} {final} is missing")
-        return [Step(f"create {label} {final} (CONCURRENTLY)", (create,), transactional=False, cleanup=(drop_final,)),
-                Step(f"mark {label} {final}", (comment_sql("index", target, marker),))]
+        return [
+            Step(f"create {label} {final} (CONCURRENTLY)", (create,), transactional=False, cleanup=(drop_final,)),
+            Step(f"mark {label} {final}", (comment_sql("index", target, marker),)),
+        ]
     if not existing.valid:
         reasons.append(f"{label} {final} is INVALID (an earlier build failed)")
-        return [Step(f"drop invalid {label} {final}", (drop_final,), transactional=False),
-                Step(f"create {label} {final} (CONCURRENTLY)", (create,), transactional=False, cleanup=(drop_final,)),
-                Step(f"mark {label} {final}", (comment_sql("index", target, marker),))]
+        return [
+            Step(f"drop invalid {label} {final}", (drop_final,), transactional=False),
+            Step(f"create {label} {final} (CONCURRENTLY)", (create,), transactional=False, cleanup=(drop_final,)),
+            Step(f"mark {label} {final}", (comment_sql("index", target, marker),)),
+        ]
     if existing.marker is not None and existing.marker.digest != marker.digest:
         reasons.append(f"{label} {final} definition changed")
         temporary = rebuild_index_name(final)
         temporary_id = relation_id(schema, temporary)
-        return [Step(f"build the changed {label} {final} beside the old one (CONCURRENTLY)",
-                     (create_index_sql(view, index, temporary, table, concurrently=True),), transactional=False,
-                     cleanup=(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(temporary_id),)),
-                Step(f"replace {label} {final}",
-                     (sql.SQL("DROP INDEX {}").format(target),
-                      sql.SQL("ALTER INDEX {} RENAME TO {}").format(temporary_id, sql.Identifier(final)),
-                      comment_sql("index", target, marker)), takes_exclusive_lock=True)]
+        return [
+            Step(
+                f"build the changed {label} {final} beside the old one (CONCURRENTLY)",
+                (create_index_sql(view, index, temporary, table, concurrently=True),),
+                transactional=False,
+                cleanup=(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(temporary_id),),
+            ),
+            Step(
+                f"replace {label} {final}",
+                (
+                    sql.SQL("DROP INDEX {}").format(target),
+                    sql.SQL("ALTER INDEX {} RENAME TO {}").format(temporary_id, sql.Identifier(final)),
+                    comment_sql("index", target, marker),
+                ),
+                takes_exclusive_lock=True,
+            ),
+        ]
     return []
 
 
@@ -360,9 +431,14 @@ def _converge_view(view: MaterializedView, observed: Observed, reasons: list[str
     for name, state in sorted(observed.indexes.items()):
         if name not in wanted and state.marker is not None and state.marker.owner == view.owner:
             reasons.append(f"index {name} is no longer in the spec")
-            steps.append(Step(f"drop index {name} (CONCURRENTLY)", (sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
-                relation_id(view.schema, name)),), transactional=False))
-    grant_statements: list[sql.Composable] = []
+            steps.append(
+                Step(
+                    f"drop index {name} (CONCURRENTLY)",
+                    (sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(relation_id(view.schema, name)),),
+                    transactional=False,
+                )
+            )
+    grant_statements: list[Statement] = []
     wanted_grants = {g.role: frozenset(g.privileges) for g in view.grants}
     for role, privileges in sorted(wanted_grants.items()):
         missing = privileges - observed.grants.get(role, frozenset())
@@ -390,9 +466,13 @@ def _converge_supporting(view: MaterializedView, observed: Observed, reasons: li
     for state in observed.owned_supporting:
         if (state.schema, state.name) not in wanted:
             reasons.append(f"supporting index {state.schema}.{state.name} is no longer in the spec")
-            steps.append(Step(f"drop supporting index {state.schema}.{state.name} (CONCURRENTLY)",
-                              (sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
-                                  relation_id(state.schema, state.name)),), transactional=False))
+            steps.append(
+                Step(
+                    f"drop supporting index {state.schema}.{state.name} (CONCURRENTLY)",
+                    (sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(relation_id(state.schema, state.name)),),
+                    transactional=False,
+                )
+            )
     return steps
 
 
@@ -407,15 +487,30 @@ def build_delete_plan(view: MaterializedView, observed: Observed) -> Plan:
             raise UnmanagedObjectError(_not_ours(f"relation {view.relation}", relation.marker))
         if observed.dependents:
             names = ", ".join(f"{d.schema}.{d.name}" for d in observed.dependents)
-            raise DependentObjectsError(f"{view.relation} is not dropped because other views depend on it: {names}; "
-                                        "drop them first (the engine never uses CASCADE)")
-        steps.append(Step(f"drop {view.relation}", (sql.SQL("DROP MATERIALIZED VIEW {}").format(
-            relation_id(view.schema, view.name)),), takes_exclusive_lock=True))
+            raise DependentObjectsError(
+                f"{view.relation} is not dropped because other views depend on it: {names}; "
+                "drop them first (the engine never uses CASCADE)"
+            )
+        steps.append(
+            Step(
+                f"drop {view.relation}",
+                (sql.SQL("DROP MATERIALIZED VIEW {}").format(relation_id(view.schema, view.name)),),
+                takes_exclusive_lock=True,
+            )
+        )
     for leftover in observed.staging:
-        steps.append(Step(f"drop leftover staging copy {leftover.schema}.{leftover.name}",
-                          (sql.SQL("DROP MATERIALIZED VIEW {}").format(relation_id(leftover.schema, leftover.name)),)))
+        steps.append(
+            Step(
+                f"drop leftover staging copy {leftover.schema}.{leftover.name}",
+                (sql.SQL("DROP MATERIALIZED VIEW {}").format(relation_id(leftover.schema, leftover.name)),),
+            )
+        )
     for state in observed.owned_supporting:
-        steps.append(Step(f"drop supporting index {state.schema}.{state.name} (CONCURRENTLY)",
-                          (sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
-                              relation_id(state.schema, state.name)),), transactional=False))
+        steps.append(
+            Step(
+                f"drop supporting index {state.schema}.{state.name} (CONCURRENTLY)",
+                (sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(relation_id(state.schema, state.name)),),
+                transactional=False,
+            )
+        )
     return Plan(view, tuple(steps), ("deletionPolicy is Delete",) if steps else ("nothing to drop",))

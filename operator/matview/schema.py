@@ -47,8 +47,14 @@ def openapi_schema() -> dict[str, Any]:
     return schema
 
 
-_TYPE_NAMES = {"object": "an object", "array": "a list", "string": "a string", "boolean": "true or false",
-               "integer": "an integer", "number": "a number"}
+_TYPE_NAMES = {
+    "object": "an object",
+    "array": "a list",
+    "string": "a string",
+    "boolean": "true or false",
+    "integer": "an integer",
+    "number": "a number",
+}
 
 
 def _type_matches(value: Any, expected: str) -> bool:
@@ -83,8 +89,14 @@ def apply_schema(value: Any, schema: dict[str, Any], path: str, errors: list[Fie
         errors.append(FieldError(path, f"must be one of {allowed}; got {_describe(value)}"))
     if isinstance(value, str):
         if "minLength" in schema and len(value) < schema["minLength"]:
-            errors.append(FieldError(path, "must not be empty" if schema["minLength"] == 1
-                                     else f"must be at least {schema['minLength']} characters"))
+            errors.append(
+                FieldError(
+                    path,
+                    "must not be empty"
+                    if schema["minLength"] == 1
+                    else f"must be at least {schema['minLength']} characters",
+                )
+            )
         if "maxLength" in schema and len(value) > schema["maxLength"]:
             errors.append(FieldError(path, f"must be at most {schema['maxLength']} characters, got {len(value)}"))
         if "pattern" in schema and not re.search(schema["pattern"], value):
@@ -109,8 +121,9 @@ def apply_schema(value: Any, schema: dict[str, Any], path: str, errors: list[Fie
             result[key] = apply_schema(item, properties[key], child, errors)
         for key, child_schema in properties.items():
             if key not in result and "default" in child_schema and key not in value:
-                result[key] = apply_schema(copy.deepcopy(child_schema["default"]), child_schema,
-                                           f"{path}.{key}" if path else key, errors)
+                result[key] = apply_schema(
+                    copy.deepcopy(child_schema["default"]), child_schema, f"{path}.{key}" if path else key, errors
+                )
         for key in schema.get("required", []):
             if key not in value:
                 errors.append(FieldError(f"{path}.{key}" if path else key, "is required"))

@@ -62,7 +62,7 @@ def embed(fragment: CheckedSQL) -> sql.SQL:
     """THE audited function: the only place where non-constant text becomes SQL."""
     if not isinstance(fragment, CheckedSQL):
         raise TypeError("only CheckedSQL may be embedded into SQL")
-    return sql.SQL(fragment.text)  # type: ignore[arg-type]  # checked and re-printed by pglast
+    return sql.SQL(fragment.text)  # checked and re-printed by pglast: see the module docstring
 
 
 def _parse(text: str, wrapper: str = "") -> tuple[Any, ...]:
@@ -77,7 +77,7 @@ def _parse(text: str, wrapper: str = "") -> tuple[Any, ...]:
         raise ValueError(f"is not valid SQL: {message}{where}") from None
 
 
-class _ForbiddenFinder(Visitor):  # type: ignore[misc]
+class _ForbiddenFinder(Visitor):
     def __init__(self) -> None:
         super().__init__()
         self.found: list[str] = []
@@ -128,14 +128,14 @@ def check_predicate(text: str) -> CheckedSQL:
         raise ValueError("must be exactly one boolean expression")
     extra = [
         slot
-        for slot in statement.__slots__
+        for slot in statement.__slots__  # type: ignore[attr-defined]
         if slot not in {"targetList", "whereClause", "limitOption", "op", "all", "groupDistinct"}
         and getattr(statement, slot) not in (None, ())
     ]
     if extra or len(statement.targetList or ()) != 1 or statement.op != 0:
         raise ValueError("must be exactly one boolean expression, not a clause or statement")
 
-    class _SubqueryFinder(Visitor):  # type: ignore[misc]
+    class _SubqueryFinder(Visitor):
         found = False
 
         def visit_SubLink(self, ancestors: Any, node: Any) -> None:
@@ -169,4 +169,4 @@ def parse_qualified_name(text: str, default_schema: str = "public") -> tuple[str
         or not relation.inh
     ):
         raise ValueError("must be a table name written as schema.table")
-    return (relation.schemaname or default_schema, relation.relname)
+    return (relation.schemaname or default_schema, str(relation.relname))

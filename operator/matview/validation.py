@@ -32,6 +32,7 @@ from matview.spec import (
     RefreshSpec,
     SecretRef,
     SupportingIndexSpec,
+    deterministic_index_name,
 )
 
 _K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -45,13 +46,18 @@ MIN_LOCK_TIMEOUT_SECONDS = 0.01
 
 def check_identifier(value: str, path: str, errors: list[FieldError]) -> None:
     """PostgreSQL identifiers: non-empty, at most 63 bytes, no NUL; every other character is fine."""
+    if not isinstance(value, str):
+        return  # the schema check has already reported the wrong type
     if not value:
         errors.append(FieldError(path, "must not be empty"))
     elif "\x00" in value:
         errors.append(FieldError(path, "must not contain a NUL character"))
     elif len(value.encode()) > MAX_IDENTIFIER_BYTES:
-        errors.append(FieldError(
-            path, f"is {len(value.encode())} bytes; PostgreSQL identifiers are at most {MAX_IDENTIFIER_BYTES}"))
+        errors.append(
+            FieldError(
+                path, f"is {len(value.encode())} bytes; PostgreSQL identifiers are at most {MAX_IDENTIFIER_BYTES}"
+            )
+        )
 
 
 def _checked(check: Any, text: str, path: str, errors: list[FieldError]) -> Any:
@@ -88,6 +94,8 @@ def check_cron(expression: str, time_zone: str | None = None) -> None:
 
 
 def _index(raw: dict[str, Any], path: str, errors: list[FieldError]) -> dict[str, Any]:
+    if not isinstance(raw.get("columns", []), list):
+        raw = {**raw, "columns": []}
     for j, column in enumerate(raw.get("columns", [])):
         check_identifier(column, f"{path}.columns[{j}]", errors)
     if len(set(raw.get("columns", []))) != len(raw.get("columns", [])):
@@ -95,7 +103,7 @@ def _index(raw: dict[str, Any], path: str, errors: list[FieldError]) -> dict[str
     if raw.get("name") is not None:
         check_identifier(raw["name"], f"{path}.name", errors)
     where = None
-    if raw.get("where") is not None:
+    if isinstance(raw.get("where"), str):
         where = _checked(sqltext.check_predicate, raw["where"], f"{path}.where", errors)
     return {
         "columns": tuple(raw.get("columns", ())),
@@ -116,8 +124,11 @@ def _metadata(document: dict[str, Any], errors: list[FieldError]) -> tuple[str, 
         errors.append(FieldError("metadata.name", "is required"))
         name = ""
     elif len(name) > 253 or not _K8S_NAME.match(name):
-        errors.append(FieldError("metadata.name", f"{name!r} is not a valid Kubernetes name "
-                                 "(lower-case letters, digits, '-' and '.')"))
+        errors.append(
+            FieldError(
+                "metadata.name", f"{name!r} is not a valid Kubernetes name (lower-case letters, digits, '-' and '.')"
+            )
+        )
     namespace = metadata.get("namespace", DEFAULT_NAMESPACE)
     if not isinstance(namespace, str) or not _K8S_NAMESPACE.match(namespace) or len(namespace) > 63:
         errors.append(FieldError("metadata.namespace", f"{namespace!r} is not a valid namespace name"))
@@ -130,8 +141,9 @@ def validate_document(document: Any, source: str = "") -> MaterializedView:
     """Validate one parsed document; return the typed spec or raise SpecError listing every problem."""
     errors: list[FieldError] = []
     if not isinstance(document, dict):
-        raise SpecError([FieldError("(document)", "must be a mapping with apiVersion, kind, metadata and spec")],
-                        source)
+        raise SpecError(
+            [FieldError("(document)", "must be a mapping with apiVersion, kind, metadata and spec")], source
+        )
     if document.get("apiVersion") != API_VERSION:
         errors.append(FieldError("apiVersion", f"must be {API_VERSION}, got {_short(document.get('apiVersion'))}"))
     if document.get("kind") != KIND:
@@ -142,10 +154,11 @@ def validate_document(document: Any, source: str = "") -> MaterializedView:
     if errors and not spec:
         raise SpecError(errors, source)
 
-    schema_name = spec.get("schema", "public")
+    schema_name = spec.get("schema", "public") if isinstance(spec.get("schema", "public"), str) else "public"
     check_identifier(schema_name, "spec.schema", errors)
-    view_name = spec.get("name") or resource_name.replace("-", "_")
-    check_identifier(view_name, "spec.name" if "name" in spec else "metadata.name", errors)
+    view_name: str = spec["name"] if isinstance(spec.get("name"), str) else resource_name.replace("-", "_")
+    if view_name or "name" in spec:
+        check_identifier(view_name, "spec.name" if "name" in spec else "metadata.name", errors)
 
     query = None
     if isinstance(spec.get("query"), str):
@@ -180,9 +193,10 @@ def validate_document(document: Any, source: str = "") -> MaterializedView:
     secret = spec.get("database", {}).get("secretRef")
     secret_ref = SecretRef(name=secret["name"], key=secret.get("key", "uri")) if secret and "name" in secret else None
 
+    _check_index_names(schema_name, view_name, indexes, supporting, errors)
     if errors or query is None:
         raise SpecError(errors, source)
-    view = MaterializedView(
+    return MaterializedView(
         namespace=namespace,
         resource_name=resource_name,
         schema=schema_name,
@@ -196,10 +210,6 @@ def validate_document(document: Any, source: str = "") -> MaterializedView:
         secret_ref=secret_ref,
         generation=generation,
     )
-    _check_index_names(view, errors)
-    if errors:
-        raise SpecError(errors, source)
-    return view
 
 
 def _refresh(raw: dict[str, Any], indexes: list[IndexSpec], errors: list[FieldError]) -> RefreshSpec:
@@ -224,33 +234,45 @@ def _refresh(raw: dict[str, Any], indexes: list[IndexSpec], errors: list[FieldEr
             errors.append(FieldError(f"{path}.schedule", str(exc)))
     mode = raw.get("mode", "Auto")
     if mode == "Concurrent" and not any(index.usable_for_concurrent_refresh for index in indexes):
-        errors.append(FieldError(f"{path}.mode", "Concurrent needs a unique index without a where clause "
-                                 "in spec.indexes"))
+        errors.append(
+            FieldError(f"{path}.mode", "Concurrent needs a unique index without a where clause in spec.indexes")
+        )
     return RefreshSpec(
         interval_seconds=interval,
         schedule=schedule,
         time_zone=zone,
         mode=mode,
         timeout_seconds=_duration(raw.get("timeout", "5m"), MIN_TIMEOUT_SECONDS, f"{path}.timeout", errors) or 300.0,
-        lock_timeout_seconds=_duration(raw.get("lockTimeout", "5s"), MIN_LOCK_TIMEOUT_SECONDS,
-                                       f"{path}.lockTimeout", errors) or 5.0,
+        lock_timeout_seconds=_duration(
+            raw.get("lockTimeout", "5s"), MIN_LOCK_TIMEOUT_SECONDS, f"{path}.lockTimeout", errors
+        )
+        or 5.0,
         only_if_changed=bool(raw.get("onlyIfChanged", False)),
         suspend=bool(raw.get("suspend", False)),
     )
 
 
-def _check_index_names(view: MaterializedView, errors: list[FieldError]) -> None:
+def _check_index_names(
+    schema_name: str,
+    view_name: str,
+    indexes: list[IndexSpec],
+    supporting: list[SupportingIndexSpec],
+    errors: list[FieldError],
+) -> None:
     seen: dict[tuple[str, str], str] = {}
-    entries: Iterable[tuple[str, str, IndexSpec]] = [
-        *((f"spec.indexes[{i}]", view.schema, index) for i, index in enumerate(view.indexes)),
-        *((f"spec.supportingIndexes[{i}]", index.table_schema, index)
-          for i, index in enumerate(view.supporting_indexes)),
+    entries: Iterable[tuple[str, str, str, IndexSpec]] = [
+        *((f"spec.indexes[{i}]", schema_name, view_name, index) for i, index in enumerate(indexes)),
+        *(
+            (f"spec.supportingIndexes[{i}]", index.table_schema, index.table, index)
+            for i, index in enumerate(supporting)
+        ),
     ]
-    for path, schema_name, index in entries:
-        key = (schema_name, view.index_name(index))
+    for path, index_schema, table, index in entries:
+        key = (index_schema, index.name or deterministic_index_name(table, index))
         if key in seen:
-            errors.append(FieldError(path, f"index name {key[1]!r} is already used by {seen[key]} "
-                                     "(same name or same definition)"))
+            errors.append(
+                FieldError(path, f"index name {key[1]!r} is already used by {seen[key]} (same name or same definition)")
+            )
         seen[key] = path
 
 
@@ -297,5 +319,4 @@ def load_file(path: str | Path) -> list[MaterializedView]:
     return load_documents(text, str(file))
 
 
-__all__ = ["check_cron", "check_identifier", "check_immutable", "load_documents", "load_file",
-           "validate_document"]
+__all__ = ["check_cron", "check_identifier", "check_immutable", "load_documents", "load_file", "validate_document"]

@@ -1,0 +1,30 @@
+"""Small builders for test documents."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+
+from matview.spec import MaterializedView
+from matview.validation import validate_document
+
+
+def document(resource: str = "totals", namespace: str = "ops", **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"query": "SELECT 1 AS one"}
+    body.update(spec)
+    return {
+        "apiVersion": "matview.dev/v1alpha1",
+        "kind": "MaterializedView",
+        "metadata": {"name": resource, "namespace": namespace},
+        "spec": copy.deepcopy(body),
+    }
+
+
+def view(resource: str = "totals", namespace: str = "ops", **spec: Any) -> MaterializedView:
+    return validate_document(document(resource, namespace, **spec))
+
+
+def to_yaml(doc: dict[str, Any]) -> str:
+    return yaml.safe_dump(doc, sort_keys=False)
