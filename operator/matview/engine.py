@@ -17,6 +17,8 @@ from psycopg import sql
 from matview.catalog import Connection, observe
 from matview.constants import APPLICATION_NAME
 from matview.errors import MatviewError
+
+__all__ = ["ApplyResult", "BusyError", "MatviewError", "apply", "connect", "delete", "plan", "render"]
 from matview.executor import ExecutionSettings, execute
 from matview.planner import Plan, build_delete_plan, build_plan, wanted_names
 from matview.spec import MaterializedView

@@ -18,6 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 _DEBIAN_ROOT = Path("/usr/lib/postgresql")
 _FALLBACK_USER = "matview-pg"
@@ -90,9 +91,14 @@ class LocalServer:
     _user: str | None = field(default=None, init=False)
 
     def _run(self, *args: str) -> None:
+        # Drop the group too: a process left in root's group gets the (empty) group bits of root-owned dirs.
+        identity: dict[str, Any] = {}
+        if self._user is not None:
+            entry = pwd.getpwnam(self._user)
+            identity = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
         result = subprocess.run(
             [str(self.bindir / args[0]), *args[1:]],
-            user=self._user,
+            **identity,
             capture_output=True,
             text=True,
             check=False,
