@@ -55,26 +55,43 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
     ("schema", good(schema="public" + DROP), "spec.schema"),
     ("query: second statement", good(query="SELECT id, tag FROM public.base" + DROP_PLAIN), "spec.query"),
     ("query: DML", good(query="DELETE FROM public.sentinel"), "spec.query"),
-    ("query: writable CTE", good(query="WITH d AS (DELETE FROM public.sentinel RETURNING id) SELECT * FROM d"),
-     "spec.query"),
+    (
+        "query: writable CTE",
+        good(query="WITH d AS (DELETE FROM public.sentinel RETURNING id) SELECT * FROM d"),
+        "spec.query",
+    ),
     ("query: SELECT INTO", good(query="SELECT * INTO public.stolen FROM public.sentinel"), "spec.query"),
     ("query: DDL", good(query="DROP TABLE public.sentinel"), "spec.query"),
     ("query: locking", good(query="SELECT * FROM public.sentinel FOR UPDATE"), "spec.query"),
     ("columns", good(indexes=[{"columns": ["id" + DROP]}]), "spec.indexes[0].columns[0]"),
     ("where", good(indexes=[{"columns": ["id"], "where": "true)" + DROP_PLAIN}]), "spec.indexes[0].where"),
-    ("where: subquery", good(indexes=[{"columns": ["id"], "where": "id IN (SELECT id FROM public.sentinel)"}]),
-     "spec.indexes[0].where"),
+    (
+        "where: subquery",
+        good(indexes=[{"columns": ["id"], "where": "id IN (SELECT id FROM public.sentinel)"}]),
+        "spec.indexes[0].where",
+    ),
     ("method", good(indexes=[{"columns": ["id"], "method": "btree" + DROP_PLAIN}]), "spec.indexes[0].method"),
-    ("table", good(supportingIndexes=[{"table": "public.base" + DROP_PLAIN, "columns": ["tag"]}]),
-     "spec.supportingIndexes[0].table"),
-    ("supporting columns", good(supportingIndexes=[{"table": "public.base", "columns": ["tag" + DROP]}]),
-     "spec.supportingIndexes[0].columns[0]"),
-    ("supporting where", good(supportingIndexes=[{"table": "public.base", "columns": ["tag"],
-                                                  "where": "1=1" + DROP_PLAIN}]),
-     "spec.supportingIndexes[0].where"),
+    (
+        "table",
+        good(supportingIndexes=[{"table": "public.base" + DROP_PLAIN, "columns": ["tag"]}]),
+        "spec.supportingIndexes[0].table",
+    ),
+    (
+        "supporting columns",
+        good(supportingIndexes=[{"table": "public.base", "columns": ["tag" + DROP]}]),
+        "spec.supportingIndexes[0].columns[0]",
+    ),
+    (
+        "supporting where",
+        good(supportingIndexes=[{"table": "public.base", "columns": ["tag"], "where": "1=1" + DROP_PLAIN}]),
+        "spec.supportingIndexes[0].where",
+    ),
     ("role", good(grants=[{"role": "app_injection_test" + DROP}]), "spec.grants[0].role"),
-    ("privileges", good(grants=[{"role": "app_injection_test", "privileges": ["SELECT" + DROP_PLAIN]}]),
-     "spec.grants[0].privileges[0]"),
+    (
+        "privileges",
+        good(grants=[{"role": "app_injection_test", "privileges": ["SELECT" + DROP_PLAIN]}]),
+        "spec.grants[0].privileges[0]",
+    ),
     ("timeout", good(refresh={"timeout": "5m'; DROP TABLE public.sentinel; --"}), "spec.refresh.timeout"),
     ("schedule", good(refresh={"schedule": "0 * * * *" + DROP_PLAIN}), "spec.refresh.schedule"),
 ]
@@ -94,8 +111,10 @@ def test_injection_is_refused_naming_the_field(db: Connection, case: str, doc: d
 STORED_VERBATIM: list[tuple[str, dict[str, Any]]] = [
     ("view name", good(name="inj" + DROP)),
     ("index name", good(indexes=[{"columns": ["id"], "unique": True, "name": "idx" + DROP}])),
-    ("supporting index name", good(supportingIndexes=[{"table": "public.base", "columns": ["tag"],
-                                                        "name": "sup" + DROP}])),
+    (
+        "supporting index name",
+        good(supportingIndexes=[{"table": "public.base", "columns": ["tag"], "name": "sup" + DROP}]),
+    ),
 ]
 
 
@@ -105,8 +124,11 @@ def test_names_are_identifiers_never_sql(db: Connection, case: str, doc: dict[st
     engine.apply(db, view)
     assert sentinel_intact(db)
     names = {name for _, name, _ in relations(db)}
-    wanted = doc["spec"].get("name") or doc["spec"]["indexes"][0].get("name") or \
-        doc["spec"]["supportingIndexes"][0].get("name")
+    wanted = (
+        doc["spec"].get("name")
+        or doc["spec"]["indexes"][0].get("name")
+        or doc["spec"]["supportingIndexes"][0].get("name")
+    )
     assert wanted in names
     assert engine.plan(db, view).empty
     assert is_matview(db, "public", view.name)

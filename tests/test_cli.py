@@ -1,0 +1,113 @@
+"""The matview command as users run it: a real process, real files, a real database."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+
+from tests.db.catalog_helpers import index_names, is_matview, relations
+from tests.helpers import document, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def matview(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "matview.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd or ROOT,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_validate_good_and_bad(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(to_yaml(document("orders")))
+    ok = matview("validate", str(good))
+    assert ok.returncode == 0, ok.stderr
+    assert "ops/orders: valid" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    doc = document("orders", refesh={"interval": "1h"}, query="SELECT 1; DROP TABLE x")
+    bad.write_text(to_yaml(doc))
+    refused = matview("validate", str(bad))
+    assert refused.returncode == 2
+    assert "spec.refesh: unknown field (did you mean 'refresh'?)" in refused.stderr
+    assert "spec.query: must be exactly one statement, found 2" in refused.stderr
+    missing = matview("validate", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "No such file" in missing.stderr
+
+
+def test_seed_example_plan_apply_reapply_delete(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute((ROOT / "sql/examples/driver_matrix/schema.sql").read_text())
+        conn.execute("SELECT ops.load_driver_matrix(500)")
+        before = relations(conn)  # type: ignore[arg-type]
+    example = str(ROOT / "examples/driver-matrix.yaml")
+
+    planned = matview("plan", "--dsn", dsn, example)
+    assert planned.returncode == 0, planned.stderr
+    assert "CREATE MATERIALIZED VIEW" in planned.stdout and "CREATE INDEX CONCURRENTLY" in planned.stdout
+    with psycopg.connect(dsn) as conn:
+        assert relations(conn) == before  # type: ignore[arg-type]  # plan changed nothing
+
+    applied = matview("apply", example, env={"DATABASE_URL": dsn})
+    assert applied.returncode == 0, applied.stderr
+    assert "ops.mv_payments_driver_matrix_cabinet: applied" in applied.stdout
+    with psycopg.connect(dsn) as conn:
+        assert is_matview(conn, "ops", "mv_payments_driver_matrix_cabinet")  # type: ignore[arg-type]
+        assert len(index_names(conn, "ops", "mv_payments_driver_matrix_cabinet")) == 7  # type: ignore[arg-type]
+
+    again = matview("apply", "--json", "--dsn", dsn, example)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)[0]["changed"] is False
+
+    planned_json = json.loads(matview("plan", "--json", "--dsn", dsn, example).stdout)
+    assert planned_json[0]["steps"] == []
+
+    deleted = matview("delete", "--dsn", dsn, example)
+    assert deleted.returncode == 0
+    assert "deletionPolicy is Retain" in deleted.stdout
+    with psycopg.connect(dsn) as conn:
+        assert is_matview(conn, "ops", "mv_payments_driver_matrix_cabinet")  # type: ignore[arg-type]
+
+
+def test_database_errors_exit_1_with_message(dsn: str, tmp_path: Path) -> None:
+    spec = tmp_path / "mv.yaml"
+    spec.write_text(to_yaml(document("orders", schema="missing_schema")))
+    result = matview("apply", "--dsn", dsn, str(spec))
+    assert result.returncode == 2
+    assert "spec.schema: schema 'missing_schema' does not exist" in result.stderr
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.orders (id int)")
+    spec.write_text(to_yaml(document("orders")))
+    taken = matview("apply", "--dsn", dsn, str(spec))
+    assert taken.returncode == 1
+    assert "not managed by this resource" in taken.stderr
+    unreachable = matview("apply", "--dsn", "postgresql://nobody@127.0.0.1:1/none", str(spec))
+    assert unreachable.returncode == 1
+    assert "error: database" in unreachable.stderr
+
+
+def test_no_database_configured_uses_the_embedded_server(tmp_path: Path) -> None:
+    example = str(ROOT / "examples/quickstart.yaml")
+    try:
+        first = matview("apply", example, cwd=tmp_path)
+        assert first.returncode == 0, first.stderr
+        assert "using the embedded PostgreSQL" in first.stderr
+        assert "public.daily_signups: applied" in first.stdout
+        second = matview("apply", example, cwd=tmp_path)
+        assert second.returncode == 0 and "up to date" in second.stdout
+        assert (tmp_path / ".matview/pgdata/PG_VERSION").exists()
+    finally:
+        stopped = matview("embedded-stop", cwd=tmp_path)
+    assert stopped.stdout.strip() == "stopped"
