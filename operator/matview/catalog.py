@@ -229,9 +229,7 @@ def observe(
             key = str(grantee)
             observed.grants[key] = observed.grants.get(key, frozenset()) | {str(privilege)}
         if observed.relation.relkind == "m":
-            observed.dependents = [
-                _dependent(conn, r) for r in conn.execute(_DEPENDENTS, {"oid": observed.relation.oid})
-            ]
+            observed.dependents = read_dependents(conn, observed.relation.oid)
 
     for oid, schema, name, relkind, comment, populated, table_oid, valid in conn.execute(
         _OUR_OBJECTS, (marker_pattern(),)
@@ -289,6 +287,11 @@ def observe(
     except psycopg.Error as exc:
         observed.query_error = (exc.diag.message_primary or str(exc)).strip()
     return observed
+
+
+def read_dependents(conn: Connection, oid: int) -> list[DependentView]:
+    """Views that read the relation, directly or through other views, shallowest first."""
+    return [_dependent(conn, row) for row in conn.execute(_DEPENDENTS, {"oid": oid}).fetchall()]
 
 
 def _dependent(conn: Connection, row: tuple[Any, ...]) -> DependentView:

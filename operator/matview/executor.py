@@ -20,7 +20,7 @@ import psycopg
 from psycopg import sql
 
 from matview.catalog import Connection
-from matview.errors import ApplyError
+from matview.errors import ApplyError, MatviewError
 from matview.planner import Plan, Step
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ class ExecutionSettings:
     """Attempts for steps that take an exclusive lock, before the failure is reported."""
     backoff_seconds: float = 0.2
     """First pause between attempts; doubled each time, with jitter."""
+    advisory_lock: tuple[int, str] | None = None
+    """(class, relation): every transactional step first takes this transaction-level advisory lock."""
 
 
 def set_timeouts(conn: Connection, statement_seconds: float, lock_seconds: float, local: bool) -> None:
@@ -71,9 +73,19 @@ def run_with_lock_retries(
             delay *= 2
 
 
+class BusyStepError(MatviewError):
+    """A step's advisory lock is held by another session."""
+
+
 def _run_step(conn: Connection, step: Step, settings: ExecutionSettings) -> None:
     if step.transactional:
         with conn.transaction():
+            if settings.advisory_lock is not None:
+                row = conn.execute(
+                    sql.SQL("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))"), settings.advisory_lock
+                ).fetchone()
+                if not row or not row[0]:
+                    raise BusyStepError(f"another process holds the lock on {settings.advisory_lock[1]}")
             set_timeouts(conn, settings.statement_timeout_seconds, settings.lock_timeout_seconds, local=True)
             for statement in step.statements:
                 conn.execute(statement)
@@ -101,6 +113,11 @@ def execute(conn: Connection, plan: Plan, settings: ExecutionSettings) -> list[s
                 )
             else:
                 _run_step(conn, step, settings)
+        except BusyStepError:
+            for statement in step.cleanup:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute(statement)
+            raise
         except psycopg.Error as exc:
             for statement in step.cleanup:
                 with contextlib.suppress(psycopg.Error):

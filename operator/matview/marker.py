@@ -3,12 +3,17 @@
 It lets the engine prove an object is its own before altering or dropping it,
 and tells a DBA looking at ``\\d+`` which resource manages what. Objects without
 a marker, or with another resource's, are never touched.
+
+On the view itself the marker also carries the refresh state (last successful
+refresh, measured durations per mode, the source version seen by the last
+refresh) so that a standalone scheduler that restarts neither refreshes early
+nor skips a run, and Auto mode keeps its evidence.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from matview.constants import MARKER_KEY, MARKER_VALUE
@@ -23,11 +28,14 @@ class Marker:
     kind: MarkerKind
     digest: str
     """Hash of the definition the object was built from (query or index shape)."""
+    state: dict[str, Any] = field(default_factory=dict, compare=False)
+    """Refresh state kept on the view (see matview.refresh.RefreshState)."""
 
     def to_comment(self) -> str:
-        return json.dumps(
-            {MARKER_KEY: MARKER_VALUE, "owner": self.owner, "kind": self.kind, "digest": self.digest}, sort_keys=True
-        )
+        data: dict[str, Any] = {MARKER_KEY: MARKER_VALUE, "owner": self.owner, "kind": self.kind, "digest": self.digest}
+        if self.state:
+            data["state"] = self.state
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def parse(cls, comment: str | None) -> Marker | None:
@@ -43,4 +51,5 @@ class Marker:
         owner, kind, digest = data.get("owner"), data.get("kind"), data.get("digest")
         if not isinstance(owner, str) or kind not in ("view", "index", "supporting", "staging"):
             return None
-        return cls(owner=owner, kind=kind, digest=str(digest or ""))
+        state = data.get("state")
+        return cls(owner=owner, kind=kind, digest=str(digest or ""), state=state if isinstance(state, dict) else {})

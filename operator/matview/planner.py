@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from psycopg import sql
 
@@ -195,7 +196,7 @@ def build_plan(view: MaterializedView, observed: Observed) -> Plan:
             unmanaged = sorted(n for n, s in observed.indexes.items() if s.marker is None)
             if unmanaged:
                 warnings.append("indexes not managed by this resource are dropped by the swap: " + ", ".join(unmanaged))
-            steps += _swap_steps(view, observed.dependents)
+            steps += swap_steps(view, observed.dependents)
         else:
             steps += _converge_view(view, observed, reasons)
     steps += _converge_supporting(view, observed, reasons)
@@ -276,6 +277,8 @@ def _build_statements(
         statements.append(create_index_sql(view, index, index_name[final], target, concurrently=False))
         statements.append(comment_sql("index", relation_id(view.schema, index_name[final]), _index_marker(view, index)))
     statements.append(comment_sql("view", target, marker))
+    # A new relation has no statistics; without them the first queries on it plan blind.
+    statements.append(sql.SQL("ANALYZE {}").format(target))
     return statements
 
 
@@ -290,7 +293,12 @@ def _create_step(view: MaterializedView) -> Step:
     return Step(f"create {view.relation} with {len(view.indexes)} index(es)", tuple(statements))
 
 
-def _swap_steps(view: MaterializedView, dependents: list[DependentView]) -> list[Step]:
+def swap_steps(
+    view: MaterializedView,
+    dependents: list[DependentView],
+    state: dict[str, Any] | None = None,
+) -> list[Step]:
+    """Build a fresh copy beside the old one, then swap it in and re-create dependents in one transaction."""
     blocked = [d for d in dependents if d.relkind != "v" or d.has_triggers]
     if blocked:
         names = ", ".join(
@@ -323,7 +331,7 @@ def _swap_steps(view: MaterializedView, dependents: list[DependentView]) -> list
         swap.append(
             sql.SQL("ALTER INDEX {} RENAME TO {}").format(relation_id(view.schema, temporary), sql.Identifier(final))
         )
-    swap.append(comment_sql("view", target, _view_markers(view)))
+    swap.append(comment_sql("view", target, replace(_view_markers(view), state=state or {})))
     swap += _grant_statements(view, target)
     for dependent in sorted(dependents, key=lambda d: d.depth):
         swap += _recreate_dependent(dependent)

@@ -62,6 +62,7 @@ def test_create_is_one_transaction_with_indexes_marker_and_grants() -> None:
         'CREATE INDEX "pending_by_tag" ON "ops"."driver_matrix" USING btree ("origin_tag") WHERE only_pending',
         f'COMMENT ON INDEX "ops"."pending_by_tag" IS \'{marker(v, "index", v.indexes[1].definition_digest)}\'',
         f'COMMENT ON MATERIALIZED VIEW "ops"."driver_matrix" IS \'{marker(v, "view", v.query.digest)}\'',
+        'ANALYZE "ops"."driver_matrix"',
         'GRANT SELECT ON "ops"."driver_matrix" TO "app"',
     ]
 

@@ -1,0 +1,163 @@
+"""Prometheus metrics for refreshes, named by the Prometheus conventions.
+
+``matview_`` prefix, base units, counters ending in ``_total``, labels of
+bounded cardinality (namespace and name of the resource, plus mode, result,
+reason or component from fixed sets). When a resource goes away, ``forget``
+removes every series it had, so no stale series linger after a delete.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from matview.refresh import RefreshResult
+
+DEFAULT_PORT = 9808
+
+#: From 0.1 s to 2 h: the client's default buckets stop at 10 s, far below a slow reporting view.
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+
+FAILURE_REASONS = ("timeout", "lock_timeout", "duplicate_rows", "permission", "connection", "other")
+MODES = ("Concurrent", "Full", "Swap")
+RESULTS = ("success", "failure")
+SKIPPED_MODE = "none"
+
+
+class RefreshMetrics:
+    """All refresh metrics of one process, in their own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        labels = ["namespace", "name"]
+        self.duration = Histogram(
+            "matview_refresh_duration_seconds",
+            "Duration of refreshes, by mode used.",
+            [*labels, "mode"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.refreshes = Counter(
+            "matview_refreshes_total",
+            "Refresh attempts, by mode used and result.",
+            [*labels, "mode", "result"],
+            registry=self.registry,
+        )
+        self.failures = Counter(
+            "matview_refresh_failures_total",
+            "Failed refreshes, by reason.",
+            [*labels, "reason"],
+            registry=self.registry,
+        )
+        self.last_success = Gauge(
+            "matview_last_refresh_success_timestamp_seconds",
+            "Unix time of the last successful refresh (0 = never).",
+            labels,
+            registry=self.registry,
+        )
+        self.last_duration = Gauge(
+            "matview_last_refresh_duration_seconds", "Duration of the last refresh.", labels, registry=self.registry
+        )
+        self.interval = Gauge(
+            "matview_refresh_interval_seconds",
+            "Expected time between refreshes, from the spec (0 = on demand only).",
+            labels,
+            registry=self.registry,
+        )
+        self.in_progress = Gauge(
+            "matview_refresh_in_progress", "1 while a refresh of the view runs.", labels, registry=self.registry
+        )
+        self.populated = Gauge(
+            "matview_populated", "1 when the materialized view holds data.", labels, registry=self.registry
+        )
+        self.rows = Gauge(
+            "matview_rows",
+            "Rows in the materialized view (planner estimate, pg_class.reltuples).",
+            labels,
+            registry=self.registry,
+        )
+        self.size = Gauge(
+            "matview_size_bytes",
+            "On-disk size of the materialized view.",
+            [*labels, "component"],
+            registry=self.registry,
+        )
+        self._known: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def track(
+        self, namespace: str, name: str, expected_interval: float | None, last_success_timestamp: float | None = None
+    ) -> None:
+        """Create a view's series (zeros) so rates and alerts work from its first refresh on."""
+        with self._lock:
+            first = (namespace, name) not in self._known
+            self._known.add((namespace, name))
+        if first:
+            for mode in MODES:
+                for result in RESULTS:
+                    self.refreshes.labels(namespace, name, mode, result)
+            self.refreshes.labels(namespace, name, SKIPPED_MODE, "skipped")
+            for reason in FAILURE_REASONS:
+                self.failures.labels(namespace, name, reason)
+            self.in_progress.labels(namespace, name).set(0)
+            self.last_success.labels(namespace, name).set(last_success_timestamp or 0)
+        elif last_success_timestamp:
+            gauge = self.last_success.labels(namespace, name)
+            gauge.set(max(last_success_timestamp, _value(gauge)))
+        self.interval.labels(namespace, name).set(expected_interval or 0)
+
+    def started(self, namespace: str, name: str) -> None:
+        self.in_progress.labels(namespace, name).set(1)
+
+    def finished(self, namespace: str, name: str) -> None:
+        self.in_progress.labels(namespace, name).set(0)
+
+    def record(self, namespace: str, name: str, result: RefreshResult) -> None:
+        """Count one attempt and update the gauges from its outcome."""
+        if result.result == "skipped":
+            self.refreshes.labels(namespace, name, SKIPPED_MODE, "skipped").inc()
+            return
+        self.refreshes.labels(namespace, name, result.mode, result.result).inc()
+        self.duration.labels(namespace, name, result.mode).observe(result.duration_seconds)
+        self.last_duration.labels(namespace, name).set(result.duration_seconds)
+        if result.result == "success":
+            self.last_success.labels(namespace, name).set(result.completed_at.timestamp())
+        else:
+            self.failures.labels(namespace, name, result.failure_reason or "other").inc()
+        if result.populated is not None:
+            self.populated.labels(namespace, name).set(1 if result.populated else 0)
+        if result.rows is not None:
+            self.rows.labels(namespace, name).set(result.rows)
+        if result.table_bytes is not None:
+            self.size.labels(namespace, name, "table").set(result.table_bytes)
+        if result.index_bytes is not None:
+            self.size.labels(namespace, name, "indexes").set(result.index_bytes)
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Remove every series of a deleted resource."""
+        with self._lock:
+            self._known.discard((namespace, name))
+        for metric in (
+            self.duration,
+            self.refreshes,
+            self.failures,
+            self.last_success,
+            self.last_duration,
+            self.interval,
+            self.in_progress,
+            self.populated,
+            self.rows,
+            self.size,
+        ):
+            metric.remove_by_labels({"namespace": namespace, "name": name})
+
+    def serve(self, port: int = DEFAULT_PORT, address: str = "0.0.0.0") -> None:  # noqa: S104 - scraped in-cluster
+        """Serve /metrics over HTTP in a background thread."""
+        start_http_server(port, addr=address, registry=self.registry)
+
+
+def _value(gauge: Gauge) -> float:
+    return float(gauge._value.get())
