@@ -136,6 +136,62 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return _run_each(args, engine.delete, "deleted")
 
 
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from matview.refresh import refresh
+
+    views = _load(args.files)
+    results = []
+    with engine.connect(_database_url(args)) as conn:
+        for view in views:
+            results.append(refresh(conn, view, args.mode, force=True).as_dict())
+
+    def human(r: dict[str, Any]) -> str:
+        line = f"{r['relation']}: {r['result']} ({r['mode']}, {r['durationSeconds']:.3f}s"
+        line += f", {r['rows']} rows)" if r["rows"] is not None else ")"
+        line += f"\n  why: {r['reason']}"
+        if r["message"]:
+            line += f"\n  {r['failureReason'] or 'note'}: {r['message']}"
+        return line
+
+    _emit(args, results, human)
+    return EXIT_FAILED if any(r["result"] == "failure" for r in results) else EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from matview.metrics import RefreshMetrics
+    from matview.runner import Refresher, RunnerSettings, Scheduler, yaml_files
+
+    paths = [Path(p) for p in args.paths]
+    for path in paths:
+        if not path.exists():
+            print(f"error: {path}: no such file or directory", file=sys.stderr)
+            return EXIT_INVALID
+    for file in yaml_files(paths):
+        load_file(file)  # refuse to start on an invalid file; later edits are reloaded leniently
+    dsn = _database_url(args)
+    metrics = RefreshMetrics()
+    if args.metrics_port:
+        metrics.serve(args.metrics_port, args.metrics_address)
+        print(f"metrics on http://{args.metrics_address}:{args.metrics_port}/metrics", file=sys.stderr)
+    refresher = Refresher(metrics, RunnerSettings(max_concurrent_per_database=args.max_concurrent))
+
+    async def main_loop() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await Scheduler(dsn, paths, refresher).run(stop)
+
+    try:
+        asyncio.run(main_loop())
+    finally:
+        refresher.close()
+    return EXIT_OK
+
+
 def cmd_embedded_stop(args: argparse.Namespace) -> int:
     from matview.localpg import stop_embedded
 
@@ -165,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     command("plan", cmd_plan, "print the SQL apply would run; changes nothing")
     command("apply", cmd_apply, "make the database match the files")
     command("delete", cmd_delete, "delete per deletionPolicy (Retain keeps everything)")
+    refresh = command("refresh", cmd_refresh, "refresh now and print what happened (mode, duration, rows)")
+    refresh.add_argument("--mode", choices=["Auto", "Concurrent", "Full", "Swap"], help="override spec.refresh.mode")
+    run = command("run", cmd_run, "apply, then keep views refreshed on schedule with /metrics", files=False)
+    run.add_argument("paths", nargs="+", metavar="FILE|DIR", help="YAML files or directories of them")
+    run.add_argument("--metrics-port", type=int, default=9808, help="0 disables the metrics server")
+    run.add_argument("--metrics-address", default="0.0.0.0", help=argparse.SUPPRESS)  # noqa: S104
+    run.add_argument("--max-concurrent", type=int, default=2, help="refreshes at once per database")
     command("embedded-stop", cmd_embedded_stop, "stop the embedded PostgreSQL", files=False, database=False)
     return parser
 

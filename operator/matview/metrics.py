@@ -119,6 +119,8 @@ class RefreshMetrics:
         """Count one attempt and update the gauges from its outcome."""
         if result.result == "skipped":
             self.refreshes.labels(namespace, name, SKIPPED_MODE, "skipped").inc()
+            if result.data_current:  # verified unchanged: the data is as fresh as a refresh would make it
+                self.last_success.labels(namespace, name).set(result.completed_at.timestamp())
             return
         self.refreshes.labels(namespace, name, result.mode, result.result).inc()
         self.duration.labels(namespace, name, result.mode).observe(result.duration_seconds)

@@ -117,6 +117,8 @@ class RefreshResult:
     failure_reason: str | None = None
     """timeout, lock_timeout, duplicate_rows, permission, connection or other."""
     fallback_from: str | None = None
+    data_current: bool = False
+    """True after a success, or a skip that verified no base table changed: the view is not stale."""
     populated: bool | None = None
     rows: int | None = None
     table_bytes: int | None = None
@@ -271,7 +273,8 @@ def choose_mode(view: MaterializedView, inspection: Inspection, requested: str |
 def classify(exc: BaseException) -> str:
     """Map an error to the bounded set of failure reasons used in metrics."""
     if isinstance(exc, psycopg.errors.QueryCanceled):
-        return "timeout"
+        # statement_timeout; a cancel on shutdown says "due to user request" and is not a timeout.
+        return "timeout" if "timeout" in str(exc) else "other"
     if isinstance(exc, psycopg.errors.LockNotAvailable):
         return "lock_timeout"
     if isinstance(exc, psycopg.errors.UniqueViolation | psycopg.errors.CardinalityViolation):
@@ -390,7 +393,9 @@ def refresh(
         and version is not None
         and version == inspection.state.source_version
     ):
-        return finish("skipped", "none", "onlyIfChanged: no base table was written since the last refresh")
+        return finish(
+            "skipped", "none", "onlyIfChanged: no base table was written since the last refresh", data_current=True
+        )
 
     chosen, reason = choose_mode(view, inspection, mode)
     if chosen == "Concurrent" and not inspection.concurrent_possible and (mode or view.refresh.mode) == "Concurrent":
