@@ -1,0 +1,367 @@
+"""The refresh engine against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from matview import engine
+from matview import refresh as refresh_module
+from matview.catalog import Connection
+from matview.localpg import free_port
+from matview.metrics import RefreshMetrics
+from matview.refresh import Inspection, refresh
+from matview.runner import Refresher, RunnerSettings, dependency_order
+from matview.spec import MaterializedView
+from tests.db.catalog_helpers import relations
+from tests.helpers import document, to_yaml, view
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SETUP = """
+CREATE SCHEMA ops;
+CREATE TABLE ops.ctl (slow_seconds float NOT NULL);
+INSERT INTO ops.ctl VALUES (0);
+-- Sleeps for ops.ctl.slow_seconds, so a test can make the next refresh slow without changing the query.
+CREATE FUNCTION ops.pause() RETURNS int LANGUAGE sql VOLATILE AS
+  'SELECT 1 FROM (SELECT pg_sleep(slow_seconds) FROM ops.ctl) s';
+CREATE TABLE ops.events (id int PRIMARY KEY, kind text NOT NULL, amount int NOT NULL);
+INSERT INTO ops.events SELECT g, 'k' || (g % 7), g FROM generate_series(1, 500) g;
+CREATE VIEW ops.events_v AS SELECT id, kind, amount FROM ops.events;
+"""
+
+QUERY = "SELECT kind, count(*) AS n, sum(amount) AS total FROM ops.events_v, (SELECT ops.pause() AS p) s GROUP BY kind"
+
+
+@pytest.fixture
+def db(conn: Connection) -> Connection:
+    conn.execute(SETUP)
+    return conn
+
+
+def mv(resource: str = "totals", unique: bool = True, **spec: Any) -> MaterializedView:
+    body: dict[str, Any] = {"schema": "ops", "query": QUERY, "indexes": [{"columns": ["kind"], "unique": unique}]}
+    body.update(spec)
+    return view(resource, "ops", **body)
+
+
+def total(conn: Connection, name: str = "totals") -> int:
+    row = conn.execute(f"SELECT sum(total) FROM ops.{name}").fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def flush_stats(conn: Connection) -> None:
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    conn.execute("SELECT 1")
+
+
+def test_auto_starts_concurrent_measures_swap_then_keeps_the_cheaper(db: Connection) -> None:
+    v = mv()
+    engine.apply(db, v)
+    db.execute("INSERT INTO ops.events VALUES (1000, 'k1', 1000)")
+    first = refresh(db, v)
+    assert (first.result, first.mode) == ("success", "Concurrent")
+    assert total(db) == 125250 + 1000
+    second = refresh(db, v)
+    assert (second.result, second.mode) == ("success", "Swap")
+    assert "measuring Swap" in second.reason
+    third = refresh(db, v)
+    assert third.result == "success" and third.mode in ("Concurrent", "Swap")
+    assert "cheaper" in third.reason
+    state = refresh_module.read_state(db, v)
+    assert set(state.durations) == {"Concurrent", "Swap"}
+    assert state.runs == 3
+    assert engine.plan(db, v).empty  # refreshing never makes the spec drift
+
+
+def test_auto_without_unique_index_swaps_and_readers_keep_reading(db: Connection, dsn: str) -> None:
+    v = mv(unique=False)
+    engine.apply(db, v)
+    db.execute("UPDATE ops.ctl SET slow_seconds = 1.5; INSERT INTO ops.events VALUES (1000, 'k1', 1000)")
+    reads: list[float] = []
+    errors: list[Exception] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            while not stop.is_set():
+                try:
+                    c.execute("SELECT sum(total) FROM ops.totals").fetchone()
+                    reads.append(time.monotonic())
+                except psycopg.Error as exc:
+                    errors.append(exc)
+                time.sleep(0.01)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    started = time.monotonic()
+    try:
+        result = refresh(db, v)
+    finally:
+        finished = time.monotonic()
+        stop.set()
+        thread.join()
+    assert (result.result, result.mode) == ("success", "Swap")
+    assert "CONCURRENTLY is impossible" in result.reason
+    assert errors == []
+    assert len([t for t in reads if started < t < finished]) > 10  # served throughout the 1.5 s build
+    assert total(db) == 125250 + 1000
+
+
+def test_plain_refresh_blocks_readers_concurrent_does_not(db: Connection, dsn: str) -> None:
+    v = mv()
+    engine.apply(db, v)
+    db.execute("UPDATE ops.ctl SET slow_seconds = 1.5")
+
+    def reader_waited_on_a_lock(mode: str) -> bool:
+        waited = threading.Event()
+        done = threading.Event()
+
+        def watch() -> None:
+            with psycopg.connect(dsn, autocommit=True) as watcher, psycopg.connect(dsn, autocommit=True) as reader:
+                time.sleep(0.4)
+                thread = threading.Thread(target=lambda: reader.execute("SELECT count(*) FROM ops.totals"))
+                thread.start()
+                while thread.is_alive():
+                    row = watcher.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND query = 'SELECT count(*) FROM ops.totals'"
+                    ).fetchone()
+                    if row and row[0]:
+                        waited.set()
+                    time.sleep(0.05)
+                done.set()
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        assert refresh(db, v, mode).result == "success"
+        watcher.join()
+        return waited.is_set()
+
+    assert reader_waited_on_a_lock("Full") is True
+    assert reader_waited_on_a_lock("Concurrent") is False
+
+
+def test_unpopulated_view_gets_plain_refresh_in_auto_and_concurrent_fails_clearly(db: Connection) -> None:
+    v = mv()
+    engine.apply(db, v)
+    db.execute("REFRESH MATERIALIZED VIEW ops.totals WITH NO DATA")
+    failed = refresh(db, v, "Concurrent")
+    assert failed.result == "failure" and "not populated" in failed.message
+    result = refresh(db, v)
+    assert (result.result, result.mode) == ("success", "Full")
+    assert "not populated" in result.reason
+    assert result.populated is True
+
+
+def test_concurrent_requested_without_unique_index_fails_and_changes_nothing(db: Connection) -> None:
+    v = mv(unique=False)
+    engine.apply(db, v)
+    before = relations(db)
+    result = refresh(db, v, "Concurrent")
+    assert result.result == "failure"
+    assert "no unique index" in result.message
+    assert relations(db) == before
+
+
+def test_concurrent_failure_falls_back_with_the_reason(db: Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    v = mv(unique=False)
+    engine.apply(db, v)
+    real_inspect = refresh_module.inspect
+
+    def stale_inspection(conn: Connection, spec: MaterializedView) -> Inspection:
+        # As if the unique index was dropped by hand between inspection and refresh.
+        found = real_inspect(conn, spec)
+        return Inspection(**{**found.__dict__, "concurrent_possible": True})
+
+    monkeypatch.setattr(refresh_module, "inspect", stale_inspection)
+    result = refresh(db, v)
+    assert result.result == "success"
+    assert result.fallback_from == "Concurrent"
+    assert result.mode == "Swap"
+    assert "cannot refresh materialized view" in result.reason
+
+
+@pytest.mark.parametrize("mode", ["Concurrent", "Full", "Swap"])
+def test_timeout_keeps_the_old_data_and_counts_timeout(db: Connection, mode: str) -> None:
+    v = mv(refresh={"timeout": "1s"})
+    engine.apply(db, v)
+    before = total(db)
+    db.execute("UPDATE ops.ctl SET slow_seconds = 3; INSERT INTO ops.events VALUES (1000, 'k1', 1000)")
+    result = refresh(db, v, mode)
+    assert result.result == "failure"
+    assert result.failure_reason == "timeout"
+    assert total(db) == before
+    assert not any(name.endswith("_mv_staging") for _, name, _ in relations(db))
+
+
+def test_two_processes_racing_on_one_view_run_exactly_one_refresh(db: Connection, dsn: str, tmp_path: Path) -> None:
+    v = mv()
+    engine.apply(db, v)
+    db.execute("UPDATE ops.ctl SET slow_seconds = 2")
+    spec = tmp_path / "mv.yaml"
+    spec.write_text(
+        to_yaml(document("totals", "ops", schema="ops", query=QUERY, indexes=[{"columns": ["kind"], "unique": True}]))
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "matview.cli",
+        "refresh",
+        "--json",
+        "--mode",
+        "Concurrent",
+        "--dsn",
+        dsn,
+        str(spec),
+    ]
+    processes = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) for _ in range(2)
+    ]
+    outcomes = sorted(json.loads(p.communicate(timeout=120)[0])[0]["result"] for p in processes)
+    assert outcomes == ["skipped", "success"]
+
+
+async def test_per_database_cap_is_honoured(db: Connection, dsn: str) -> None:
+    views = [mv(f"totals-{i}") for i in range(5)]
+    for v in views:
+        engine.apply(db, v)
+    db.execute("UPDATE ops.ctl SET slow_seconds = 0.8")
+    refresher = Refresher(RefreshMetrics(), RunnerSettings(max_concurrent_per_database=2))
+    peak = 0
+    running = True
+
+    def sample() -> None:
+        nonlocal peak
+        with psycopg.connect(dsn, autocommit=True) as watcher:
+            while running:
+                row = watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                    "AND query LIKE 'REFRESH MATERIALIZED VIEW%%'"
+                ).fetchone()
+                peak = max(peak, int(row[0]) if row else 0)
+                time.sleep(0.05)
+
+    watcher = threading.Thread(target=sample)
+    watcher.start()
+    try:
+        results = await asyncio.gather(*(refresher.refresh(dsn, v, "Full") for v in views))
+    finally:
+        running = False
+        watcher.join()
+        refresher.close()
+    assert [r.result for r in results] == ["success"] * 5
+    assert peak == 2
+
+
+def test_only_if_changed_skips_untouched_and_sees_every_kind_of_write(db: Connection, dsn: str) -> None:
+    v = mv(refresh={"onlyIfChanged": True, "interval": "1m"})
+    engine.apply(db, v)
+    assert refresh(db, v).result == "success"
+    skipped = refresh(db, v)
+    assert skipped.result == "skipped" and "onlyIfChanged" in skipped.reason
+    writes = [
+        "INSERT INTO ops.events VALUES (2000, 'k2', 5)",
+        "UPDATE ops.events SET amount = amount + 1 WHERE id = 1",
+        "DELETE FROM ops.events WHERE id = 2",
+        "TRUNCATE ops.events",
+    ]
+    with psycopg.connect(dsn, autocommit=True) as writer:
+        for write in writes:
+            writer.execute(write)
+            flush_stats(writer)
+            assert refresh(db, v).result == "success", write
+            assert refresh(db, v).result == "skipped", write
+    assert total(db) == 0
+
+
+def test_upstream_refresh_counts_as_a_change_and_order_follows_dependencies(db: Connection) -> None:
+    upstream = mv("upstream")
+    downstream = view(
+        "downstream",
+        "ops",
+        schema="ops",
+        query="SELECT kind, total FROM ops.upstream",
+        indexes=[{"columns": ["kind"], "unique": True}],
+        refresh={"onlyIfChanged": True},
+    )
+    engine.apply(db, upstream)
+    engine.apply(db, downstream)
+    assert [v.name for v in dependency_order(db, [downstream, upstream])] == ["upstream", "downstream"]
+    assert refresh(db, downstream).result == "success"
+    assert refresh(db, downstream).result == "skipped"
+    db.execute("INSERT INTO ops.events VALUES (3000, 'k3', 7)")
+    assert refresh(db, upstream).result == "success"
+    assert refresh(db, downstream).result == "success"
+    assert total(db, "downstream") == total(db, "upstream")
+
+
+def test_metrics_page_after_a_success_and_a_failure(db: Connection) -> None:
+    v = mv(refresh={"interval": "10m", "timeout": "1s"})
+    engine.apply(db, v)
+    metrics = RefreshMetrics()
+    port = free_port()
+    metrics.serve(port, "127.0.0.1")
+    metrics.track("ops", "totals", 600)
+    ok = refresh(db, v, "Concurrent")
+    metrics.record("ops", "totals", ok)
+    db.execute("UPDATE ops.ctl SET slow_seconds = 3")
+    failed = refresh(db, v, "Concurrent")
+    metrics.record("ops", "totals", failed)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+        if s.labels.get("name") == "totals"
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted({"namespace": "ops", "name": "totals", **labels}.items())))]
+
+    assert value("matview_refreshes_total", mode="Concurrent", result="success") == 1
+    assert value("matview_refreshes_total", mode="Concurrent", result="failure") == 1
+    assert value("matview_refresh_failures_total", reason="timeout") == 1
+    assert value("matview_refresh_failures_total", reason="lock_timeout") == 0
+    assert value("matview_refresh_duration_seconds_count", mode="Concurrent") == 2
+    assert value("matview_refresh_duration_seconds_bucket", mode="Concurrent", le="7200.0") == 2
+    assert value("matview_last_refresh_success_timestamp_seconds") == pytest.approx(ok.completed_at.timestamp())
+    assert value("matview_last_refresh_duration_seconds") == pytest.approx(failed.duration_seconds)
+    assert value("matview_refresh_interval_seconds") == 600
+    assert value("matview_refresh_in_progress") == 0
+    assert value("matview_populated") == 1
+    assert value("matview_rows") == 7
+    assert value("matview_size_bytes", component="table") > 0
+    assert value("matview_size_bytes", component="indexes") > 0
+    metrics.forget("ops", "totals")
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'name="totals"' not in body
+
+
+async def test_cancelling_a_refresh_cancels_it_in_the_database(db: Connection, dsn: str) -> None:
+    v = mv()
+    engine.apply(db, v)
+    before = total(db)
+    db.execute("UPDATE ops.ctl SET slow_seconds = 30; INSERT INTO ops.events VALUES (1000, 'k1', 1000)")
+    refresher = Refresher(RefreshMetrics())
+    task = asyncio.create_task(refresher.refresh(dsn, v, "Concurrent"))
+    await asyncio.sleep(1.0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    refresher.close()
+    # Uncancelled, the statement would still be running for another 29 seconds.
+    row = db.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'REFRESH%%'").fetchone()
+    assert row == (0,)
+    assert total(db) == before

@@ -1,0 +1,61 @@
+"""Next-run math for interval and cron, computed from the last success."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from matview.schedule import expected_period_seconds, jitter_seconds, next_run
+from tests.helpers import view
+
+UTC = dt.UTC
+T0 = dt.datetime(2026, 3, 28, 10, 17, 0, tzinfo=UTC)
+
+
+def test_interval_counts_from_last_success_with_a_stable_small_jitter() -> None:
+    v = view(refresh={"interval": "1h"})
+    jitter = jitter_seconds(v.owner, 3600)
+    assert 0 <= jitter < 30
+    assert next_run(v, T0, T0 + dt.timedelta(minutes=5)) == T0 + dt.timedelta(seconds=3600 + jitter)
+    # Same answer whatever the clock says: a restart neither refreshes early nor pushes the run back.
+    assert next_run(v, T0, T0 + dt.timedelta(minutes=50)) == next_run(v, T0, T0)
+    assert jitter_seconds("ops/other", 3600) != jitter
+
+
+def test_jitter_is_at_most_ten_percent() -> None:
+    assert jitter_seconds("a/b", 10) < 1.0
+
+
+def test_never_refreshed_interval_is_due_now() -> None:
+    assert next_run(view(refresh={"interval": "5m"}), None, T0) == T0
+
+
+def test_cron_next_after_last_success_and_missed_runs_are_due_once() -> None:
+    v = view(refresh={"schedule": "0 * * * *"})
+    assert next_run(v, T0, T0) == dt.datetime(2026, 3, 28, 11, 0, tzinfo=UTC)
+    # Down for three hours: the missed run is due immediately (in the past), not three times.
+    due = next_run(v, T0, T0 + dt.timedelta(hours=3))
+    assert due == dt.datetime(2026, 3, 28, 11, 0, tzinfo=UTC)
+    assert next_run(v, None, T0) == dt.datetime(2026, 3, 28, 11, 0, tzinfo=UTC)
+
+
+def test_cron_in_a_time_zone_across_dst() -> None:
+    v = view(refresh={"schedule": "30 2 * * *", "timeZone": "Europe/Madrid"})
+    # 2026-03-29 02:30 does not exist in Madrid (clocks jump 02:00 -> 03:00).
+    last = dt.datetime(2026, 3, 28, 1, 30, tzinfo=UTC)  # 02:30 CET on the 28th
+    following = next_run(v, last, last)
+    assert following is not None
+    assert following > last
+    assert following.tzinfo is not None
+    assert next_run(v, following, following) is not None
+
+
+def test_suspend_and_no_schedule_mean_on_demand_only() -> None:
+    assert next_run(view(refresh={"interval": "1h", "suspend": True}), T0, T0) is None
+    assert next_run(view(), T0, T0) is None
+    assert expected_period_seconds(view(), T0) is None
+
+
+def test_expected_period() -> None:
+    assert expected_period_seconds(view(refresh={"interval": "90s"}), T0) == 90
+    assert expected_period_seconds(view(refresh={"schedule": "*/15 * * * *"}), T0) == 900
+    assert expected_period_seconds(view(refresh={"schedule": "0 3 * * *"}), T0) == 86400
