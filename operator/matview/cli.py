@@ -235,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    daemon = args.command in ("run", "operator", "demo")  # long-running: every refresh is logged
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=logging.INFO if args.verbose or daemon else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     handler: Callable[[argparse.Namespace], int] = args.handler

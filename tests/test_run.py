@@ -1,0 +1,116 @@
+"""`matview run` as a user runs it: a real process keeping views fresh, with /metrics, reload and SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+from prometheus_client.parser import text_string_to_metric_families
+
+from matview.localpg import free_port
+from tests.db.catalog_helpers import index_names
+from tests.helpers import document, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait_for(condition: Callable[[], bool], what: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return {}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+    }
+
+
+def successes(port: int) -> float:
+    return sum(
+        v
+        for (name, labels), v in scrape(port).items()
+        if name == "matview_refreshes_total" and ("result", "success") in labels
+    )
+
+
+def test_run_refreshes_on_schedule_reloads_and_stops_on_sigterm(dsn: str, tmp_path: Path) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE public.sales (id int PRIMARY KEY, region text, amount int);"
+            "INSERT INTO public.sales SELECT g, 'r' || (g % 3), g FROM generate_series(1, 100) g"
+        )
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    spec = specs / "sales.yaml"
+    body = {
+        "query": "SELECT region, sum(amount) AS total FROM public.sales GROUP BY region",
+        "indexes": [{"columns": ["region"], "unique": True}],
+        "refresh": {"interval": "2s"},
+    }
+    spec.write_text(to_yaml(document("sales-by-region", "shop", **body)))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "matview.cli",
+            "run",
+            "--dsn",
+            dsn,
+            "--metrics-port",
+            str(port),
+            "--metrics-address",
+            "127.0.0.1",
+            str(specs),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    try:
+        wait_for(lambda: successes(port) >= 2, "two scheduled refreshes")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("INSERT INTO public.sales VALUES (1000, 'r1', 1000)")
+            expected = conn.execute("SELECT sum(amount) FROM public.sales WHERE region = 'r1'").fetchone()
+            wait_for(
+                lambda: (
+                    conn.execute("SELECT total FROM public.sales_by_region WHERE region = 'r1'").fetchone() == expected
+                ),
+                "the new row to appear in the view",
+            )
+            body["indexes"].append({"columns": ["total"]})  # type: ignore[attr-defined]
+            spec.write_text(to_yaml(document("sales-by-region", "shop", **body)))
+            wait_for(
+                lambda: len(index_names(conn, "public", "sales_by_region")) == 2,  # type: ignore[arg-type]
+                "the edited file to be applied",
+            )
+        samples = scrape(port)
+        labels = frozenset({("namespace", "shop"), ("name", "sales-by-region")})
+        assert samples[("matview_refresh_interval_seconds", labels)] == 2
+        assert samples[("matview_last_refresh_success_timestamp_seconds", labels)] > time.time() - 60
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    assert "refresh start: relation=public.sales_by_region" in output
+    assert "refresh end: relation=public.sales_by_region" in output and "result=success" in output
