@@ -192,6 +192,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import kopf
+
+    settings_env = {
+        "MATVIEW_METRICS_PORT": str(args.metrics_port),
+        "MATVIEW_DRIFT_CHECK_SECONDS": str(args.drift_check_seconds),
+        "MATVIEW_MAX_CONCURRENT": str(args.max_concurrent),
+        "MATVIEW_PEERING": args.peering or "",
+    }
+    os.environ.update(settings_env)
+    import matview.k8s.main  # noqa: F401 - registers the handlers (after the environment is set)
+
+    namespaces = args.namespace or []
+    if not namespaces and not args.all_namespaces:
+        print("error: pass --all-namespaces or one or more --namespace NS", file=sys.stderr)
+        return EXIT_INVALID
+    asyncio.run(
+        kopf.operator(
+            clusterwide=args.all_namespaces,
+            namespaces=namespaces,
+            liveness_endpoint=args.liveness,
+            standalone=not args.peering,
+        )
+    )
+    return EXIT_OK
+
+
 def cmd_embedded_stop(args: argparse.Namespace) -> int:
     from matview.localpg import stop_embedded
 
@@ -228,6 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-port", type=int, default=9808, help="0 disables the metrics server")
     run.add_argument("--metrics-address", default="0.0.0.0", help=argparse.SUPPRESS)  # noqa: S104
     run.add_argument("--max-concurrent", type=int, default=2, help="refreshes at once per database")
+    op = command("operator", cmd_operator, "run the Kubernetes operator (wraps kopf)", files=False, database=False)
+    scope = op.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", help="watch this namespace (repeatable)")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
+    op.add_argument("--metrics-port", type=int, default=9808, help="0 disables the metrics server")
+    op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="kopf liveness endpoint URL")
+    op.add_argument("--drift-check-seconds", type=float, default=300.0, help="how often drift is repaired")
+    op.add_argument("--max-concurrent", type=int, default=2, help="refreshes at once per database")
+    op.add_argument("--peering", help="kopf peering name (needs kopf's peering CRD); default: standalone")
     command("embedded-stop", cmd_embedded_stop, "stop the embedded PostgreSQL", files=False, database=False)
     return parser
 

@@ -23,9 +23,11 @@ from matview.executor import ExecutionSettings, execute
 from matview.planner import Plan, build_delete_plan, build_plan, wanted_names
 from matview.spec import MaterializedView
 
-#: First key of the two-key advisory locks this package takes; the second derives from the relation.
+#: First key of the two-key advisory lock this package takes on a view; the second derives from the relation.
+#: Apply (session lock, it spans transactions) and refresh (transaction lock, PgBouncer-safe) share it, so a
+#: drift repair never drops the staging copy of a Swap refresh in flight, and two refreshes never overlap.
 APPLY_LOCK_CLASS = 0x6D76_0001
-REFRESH_LOCK_CLASS = 0x6D76_0002
+REFRESH_LOCK_CLASS = APPLY_LOCK_CLASS
 
 
 class BusyError(MatviewError):

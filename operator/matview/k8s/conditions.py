@@ -1,0 +1,75 @@
+"""Condition types and reasons: the one place where their names are defined.
+
+Conditions follow metav1.Condition (type, status, observedGeneration,
+lastTransitionTime, reason, message) and kstatus: ``Ready`` for health,
+``Reconciling`` while work is pending or being retried, ``Stalled`` when only a
+change by the user can help. ``Refreshed`` reports the last refresh.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Final
+
+READY: Final = "Ready"
+RECONCILING: Final = "Reconciling"
+STALLED: Final = "Stalled"
+REFRESHED: Final = "Refreshed"
+
+# Reasons (CamelCase, as metav1.Condition requires).
+RECONCILED: Final = "Reconciled"
+INVALID_SPEC: Final = "InvalidSpec"
+# (Reasons about Secrets, not secrets: the S105 suppressions below are for the linter.)
+SECRET_NOT_FOUND: Final = "SecretNotFound"  # noqa: S105
+SECRET_KEY_MISSING: Final = "SecretKeyMissing"  # noqa: S105
+DATABASE_UNREACHABLE: Final = "DatabaseUnreachable"
+OBJECT_CONFLICT: Final = "ObjectConflict"
+DEPENDENT_OBJECTS: Final = "DependentObjects"
+APPLY_FAILED: Final = "ApplyFailed"
+BUSY: Final = "Busy"
+SPEC_TOO_LARGE: Final = "SpecTooLarge"
+DELETION_BLOCKED: Final = "DeletionBlocked"
+REFRESH_SUCCEEDED: Final = "RefreshSucceeded"
+REFRESH_FAILED: Final = "RefreshFailed"
+REFRESH_SKIPPED: Final = "RefreshSkipped"
+RETRYING: Final = "Retrying"
+DONE: Final = "Done"
+
+Condition = dict[str, Any]
+
+
+def timestamp(moment: dt.datetime | None = None) -> str:
+    """RFC 3339 in UTC with a Z, as Kubernetes writes times."""
+    return (
+        (moment or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    )
+
+
+def set_condition(
+    conditions: list[Condition] | None,
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    generation: int | None,
+    now: dt.datetime | None = None,
+) -> list[Condition]:
+    """Return conditions with one replaced; lastTransitionTime moves only when the status flips."""
+    value = "True" if status else "False"
+    previous = next((c for c in conditions or [] if c.get("type") == type_), None)
+    changed = previous is None or previous.get("status") != value
+    condition: Condition = {
+        "type": type_,
+        "status": value,
+        "reason": reason,
+        "message": message[:32000],
+        "lastTransitionTime": timestamp(now) if changed else previous.get("lastTransitionTime", timestamp(now)),  # type: ignore[union-attr]
+    }
+    if generation is not None:
+        condition["observedGeneration"] = generation
+    others = [c for c in conditions or [] if c.get("type") != type_]
+    return sorted([*others, condition], key=lambda c: str(c.get("type")))
+
+
+def get_condition(conditions: list[Condition] | None, type_: str) -> Condition | None:
+    return next((c for c in conditions or [] if c.get("type") == type_), None)

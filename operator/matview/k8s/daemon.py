@@ -1,0 +1,177 @@
+"""One long-lived task per resource that refreshes its view on schedule.
+
+It reads the live spec on every turn (editing ``spec.refresh`` takes effect at
+once), computes the next run from ``status.lastSuccessfulRefreshTime`` (a
+restarted operator neither refreshes early nor skips a run), acts once on each
+new value of the ``matview.dev/refresh-requested-at`` annotation, and reports
+every refresh in status and metrics — with a Warning event only on failure.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+
+from matview.constants import REFRESH_REQUESTED_ANNOTATION
+from matview.errors import SpecError
+from matview.k8s import conditions, kube
+from matview.k8s.context import OperatorContext
+from matview.k8s.credentials import CredentialsError, redact
+from matview.k8s.resource import parse_time, resolve_dsn, view_of
+from matview.refresh import RefreshResult
+from matview.schedule import expected_period_seconds, next_run
+from matview.spec import MaterializedView
+
+
+@dataclass
+class _Memory:
+    """What this daemon knows before the watch stream brings its own status writes back."""
+
+    last_success: dt.datetime | None = None
+    handled_request: str | None = None
+    hold_until: dt.datetime | None = None
+    """No scheduled refresh before this (after a failure: backoff; after a skip: one period)."""
+    failures: int = 0
+    written_next: str | None = None
+
+
+def _is_reconciled(body: Mapping[str, Any]) -> bool:
+    status = body.get("status") or {}
+    ready = conditions.get_condition(status.get("conditions"), conditions.READY)
+    generation = body.get("metadata", {}).get("generation")
+    return bool(
+        ready
+        and ready.get("status") == "True"
+        and (generation is None or status.get("observedGeneration") == generation)
+    )
+
+
+def refresh_status(
+    status: dict[str, Any],
+    view: MaterializedView,
+    result: RefreshResult,
+    handled_request: str | None,
+    next_due: dt.datetime | None,
+) -> dict[str, Any]:
+    """Pure: status after one refresh."""
+    status["lastRefresh"] = {
+        "startTime": conditions.timestamp(result.started_at),
+        "completionTime": conditions.timestamp(result.completed_at),
+        "durationSeconds": round(result.duration_seconds, 3),
+        "mode": result.mode,
+        "result": result.result,
+        "message": (result.message or result.reason)[:1024],
+    }
+    if result.result == "success":
+        status["lastSuccessfulRefreshTime"] = conditions.timestamp(result.completed_at)
+    if result.rows is not None:
+        status["rows"] = result.rows
+    if result.table_bytes is not None and result.index_bytes is not None:
+        status["sizeBytes"] = result.table_bytes + result.index_bytes
+    if handled_request is not None:
+        status["lastHandledRefreshRequest"] = handled_request
+    if next_due is not None:
+        status["nextRefreshTime"] = conditions.timestamp(next_due)
+    if result.result == "failure":
+        message = f"{result.failure_reason}: {result.message}" if result.message else str(result.failure_reason)
+        status["conditions"] = conditions.set_condition(
+            status.get("conditions"), conditions.REFRESHED, False, conditions.REFRESH_FAILED, message, None
+        )
+    elif result.result == "success" or result.data_current:
+        reason = conditions.REFRESH_SUCCEEDED if result.result == "success" else conditions.REFRESH_SKIPPED
+        status["conditions"] = conditions.set_condition(
+            status.get("conditions"), conditions.REFRESHED, True, reason, f"{result.mode}: {result.reason}", None
+        )
+    return status
+
+
+async def run(ctx: OperatorContext, body: kopf.Body, stopped: Any, logger: logging.Logger | Any) -> None:
+    """The daemon's body: loop until kopf stops it (resource deleted or operator exiting)."""
+    metadata = body.get("metadata", {})
+    namespace, name = metadata.get("namespace", ""), metadata.get("name", "")
+    memory = _Memory()
+    poll = ctx.config.daemon_poll_seconds
+    while not stopped:
+        try:
+            view = view_of(body)
+        except SpecError:
+            await stopped.wait(poll)
+            continue
+        if not _is_reconciled(body):
+            await stopped.wait(poll)
+            continue
+        status = body.get("status") or {}
+        now = dt.datetime.now(dt.UTC)
+        last = max(
+            filter(None, [parse_time(status.get("lastSuccessfulRefreshTime")), memory.last_success]), default=None
+        )
+        ctx.metrics.track(namespace, name, expected_period_seconds(view, now), last.timestamp() if last else None)
+        requested = (metadata.get("annotations") or {}).get(REFRESH_REQUESTED_ANNOTATION)
+        handled = memory.handled_request or status.get("lastHandledRefreshRequest")
+        manual = requested is not None and requested != handled
+        due = next_run(view, last, now)
+        if due is not None and memory.hold_until is not None:
+            due = max(due, memory.hold_until)
+        if not manual and (due is None or due > now):
+            await _write_next(namespace, name, due, memory)
+            wait = poll if due is None else max(0.05, min(poll, (due - now).total_seconds()))
+            await stopped.wait(wait)
+            continue
+        try:
+            dsn = await resolve_dsn(view)
+        except CredentialsError:
+            await stopped.wait(poll)  # the reconcile handler reports this in Ready
+            continue
+        result = await ctx.refresher.refresh(dsn, view, force=manual)
+        after = dt.datetime.now(dt.UTC)
+        if result.result == "success":
+            memory.last_success, memory.failures, memory.hold_until = result.completed_at, 0, None
+        elif result.result == "failure":
+            memory.failures += 1
+            period = expected_period_seconds(view, after) or ctx.config.retry_seconds
+            delay = min(ctx.config.retry_seconds * 2 ** (memory.failures - 1), period)
+            memory.hold_until = after + dt.timedelta(seconds=delay)
+            message = redact(f"{result.failure_reason}: {result.message}", dsn)
+            kopf.warn(body, reason=conditions.REFRESH_FAILED, message=message)
+            logger.warning("refresh of %s failed (%s); next attempt in %.0fs", view.relation, message, delay)
+        else:
+            memory.hold_until = next_run(view, after, after) or after + dt.timedelta(seconds=poll)
+        if manual:
+            memory.handled_request = requested
+        next_due = next_run(view, memory.last_success or last, after)
+        if next_due is not None and memory.hold_until is not None:
+            next_due = max(next_due, memory.hold_until)
+        safe = result if result.result != "failure" else _redacted(result, dsn)
+        change = functools.partial(
+            refresh_status, view=view, result=safe, handled_request=requested if manual else None, next_due=next_due
+        )
+        await kube.patch_status(namespace, name, change)
+        memory.written_next = conditions.timestamp(next_due) if next_due else None
+
+
+async def _write_next(namespace: str, name: str, due: dt.datetime | None, memory: _Memory) -> None:
+    text = conditions.timestamp(due) if due is not None else None
+    if text == memory.written_next:
+        return
+    memory.written_next = text
+
+    def change(status: dict[str, Any]) -> dict[str, Any]:
+        if text is None:
+            status.pop("nextRefreshTime", None)
+        else:
+            status["nextRefreshTime"] = text
+        return status
+
+    await kube.patch_status(namespace, name, change)
+
+
+def _redacted(result: RefreshResult, dsn: str) -> RefreshResult:
+    from dataclasses import replace
+
+    return replace(result, message=redact(result.message, dsn))

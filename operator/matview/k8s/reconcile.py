@@ -1,0 +1,169 @@
+"""Create, update, resume and the periodic drift check: make the database match the spec.
+
+The outcome always lands in status (Ready, Reconciling, Stalled, observedGeneration)
+and failures that can pass by themselves (no Secret yet, database down) are retried;
+failures only the user can fix (invalid spec, a name taken by someone else) mark the
+resource Stalled and are re-checked slowly. Invalid specs never reach the database.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+import psycopg
+import psycopg_pool
+
+from matview import engine
+from matview.catalog import Connection
+from matview.errors import ApplyError, DependentObjectsError, SpecError, UnmanagedObjectError
+from matview.k8s import conditions, kube
+from matview.k8s.context import OperatorContext
+from matview.k8s.credentials import CredentialsError, describe, redact
+from matview.k8s.resource import resolve_dsn, view_of
+from matview.refresh import record_build
+from matview.schedule import expected_period_seconds
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ready: bool
+    reason: str
+    message: str
+    retry_after: float | None = None
+    """Seconds until kopf should try again; None when nothing would change by retrying."""
+    stalled: bool = False
+    relation: str | None = None
+    built: bool = False
+    rows: int | None = None
+    size_bytes: int | None = None
+
+
+def status_after(status: dict[str, Any], outcome: Outcome, generation: int | None, now: dt.datetime) -> dict[str, Any]:
+    """Pure: the status with this reconcile's outcome written in (kstatus-compatible)."""
+    found = status.get("conditions") or []
+    found = conditions.set_condition(
+        found, conditions.READY, outcome.ready, outcome.reason, outcome.message, generation, now
+    )
+    pending = not outcome.ready and not outcome.stalled
+    found = conditions.set_condition(
+        found,
+        conditions.RECONCILING,
+        pending,
+        conditions.RETRYING if pending else conditions.DONE,
+        outcome.message if pending else "",
+        generation,
+        now,
+    )
+    found = conditions.set_condition(
+        found,
+        conditions.STALLED,
+        outcome.stalled,
+        outcome.reason if outcome.stalled else conditions.DONE,
+        outcome.message if outcome.stalled else "",
+        generation,
+        now,
+    )
+    status["conditions"] = found
+    if generation is not None:
+        status["observedGeneration"] = generation
+    if outcome.relation:
+        status["relation"] = outcome.relation
+    if outcome.built:
+        status["lastSuccessfulRefreshTime"] = conditions.timestamp(now)
+    if outcome.rows is not None:
+        status["rows"] = outcome.rows
+    if outcome.size_bytes is not None:
+        status["sizeBytes"] = outcome.size_bytes
+    return status
+
+
+async def _outcome(ctx: OperatorContext, body: kopf.Body, logger: logging.Logger | Any) -> Outcome:
+    config = ctx.config
+    try:
+        view = view_of(body)
+    except SpecError as exc:
+        return Outcome(False, conditions.INVALID_SPEC, "; ".join(str(e) for e in exc.errors), stalled=True)
+    try:
+        dsn = await resolve_dsn(view)
+    except CredentialsError as exc:
+        stalled = exc.reason == conditions.INVALID_SPEC
+        return Outcome(
+            False, exc.reason, str(exc), retry_after=None if stalled else config.retry_seconds, stalled=stalled
+        )
+    ctx.bind(f"{view.namespace}/{view.resource_name}", dsn)
+
+    def work(conn: Connection) -> tuple[engine.ApplyResult, tuple[int | None, int | None]]:
+        result = engine.apply(conn, view)
+        if any(step.startswith(("create ", "swap ")) for step in result.done):
+            record_build(conn, view)
+        row = conn.execute(
+            "SELECT c.reltuples::bigint, pg_total_relation_size(c.oid) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+            (view.schema, view.name),
+        ).fetchone()
+        return result, ((int(row[0]) if row[0] >= 0 else None), int(row[1])) if row else (None, None)
+
+    try:
+        result, (rows, size) = await ctx.refresher.run_sync(dsn, work)
+    except SpecError as exc:
+        return Outcome(
+            False,
+            conditions.INVALID_SPEC,
+            "; ".join(str(e) for e in exc.errors),
+            retry_after=config.stalled_retry_seconds,
+            stalled=True,
+        )
+    except UnmanagedObjectError as exc:
+        return Outcome(
+            False, conditions.OBJECT_CONFLICT, str(exc), retry_after=config.stalled_retry_seconds, stalled=True
+        )
+    except DependentObjectsError as exc:
+        return Outcome(
+            False, conditions.DEPENDENT_OBJECTS, str(exc), retry_after=config.stalled_retry_seconds, stalled=True
+        )
+    except engine.BusyError as exc:
+        return Outcome(False, conditions.BUSY, str(exc), retry_after=config.daemon_poll_seconds * 2)
+    except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+        message = f"cannot connect to {describe(dsn)}: {redact(str(exc).strip(), dsn)}"
+        return Outcome(False, conditions.DATABASE_UNREACHABLE, message, retry_after=config.retry_seconds)
+    except (ApplyError, psycopg.Error) as exc:
+        return Outcome(False, conditions.APPLY_FAILED, redact(str(exc).strip(), dsn), retry_after=config.retry_seconds)
+    for warning in result.plan.warnings:
+        logger.warning(warning)
+    summary = "; ".join(result.done) if result.done else "no change needed"
+    ctx.metrics.track(view.namespace, view.resource_name, expected_period_seconds(view, dt.datetime.now(dt.UTC)))
+    return Outcome(
+        True,
+        conditions.RECONCILED,
+        f"{view.relation} matches the spec ({summary})",
+        relation=view.relation,
+        built=any(s.startswith(("create ", "swap ")) for s in result.done),
+        rows=rows,
+        size_bytes=size,
+    )
+
+
+async def reconcile(ctx: OperatorContext, body: kopf.Body, logger: logging.Logger | Any) -> None:
+    """The body of the create/update/resume handlers and of the drift timer."""
+    metadata = body.get("metadata", {})
+    namespace, name = metadata.get("namespace", ""), metadata.get("name", "")
+    generation = metadata.get("generation")
+    previous = conditions.get_condition((body.get("status") or {}).get("conditions"), conditions.READY)
+    outcome = await _outcome(ctx, body, logger)
+    now = dt.datetime.now(dt.UTC)
+    await kube.patch_status(namespace, name, lambda status: status_after(status, outcome, generation, now))
+    changed = (
+        previous is None
+        or previous.get("reason") != outcome.reason
+        or previous.get("status") != ("True" if outcome.ready else "False")
+    )
+    if not outcome.ready and changed:
+        kopf.warn(body, reason=outcome.reason, message=outcome.message)  # one event per new problem
+    if outcome.ready:
+        logger.info(outcome.message)
+    if outcome.retry_after is not None:
+        raise kopf.TemporaryError(f"{outcome.reason}: {outcome.message}", delay=outcome.retry_after)

@@ -1,0 +1,49 @@
+"""Turning a kopf body into the validated spec and its database connection string."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+from matview.k8s import conditions, kube
+from matview.k8s.credentials import CredentialsError, dsn_from_secret
+from matview.spec import MaterializedView
+from matview.validation import validate_document
+
+
+def document(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain copy of the object as the validator reads it (status is the operator's own, left out)."""
+    plain = {key: copy.deepcopy(value) for key, value in body.items() if key != "status"}
+    plain["apiVersion"] = plain.get("apiVersion") or "matview.dev/v1alpha1"
+    plain["kind"] = plain.get("kind") or "MaterializedView"
+    return plain
+
+
+def view_of(body: Mapping[str, Any]) -> MaterializedView:
+    """Validate the object; raises SpecError naming each bad field."""
+    return validate_document(document(body))
+
+
+async def resolve_dsn(view: MaterializedView) -> str:
+    """The DSN from the Secret named by spec.database.secretRef, in the resource's own namespace."""
+    if view.secret_ref is None:
+        raise CredentialsError(
+            conditions.INVALID_SPEC, "spec.database.secretRef is required when running in Kubernetes"
+        )
+    data = await kube.read_secret(view.namespace, view.secret_ref.name)
+    if data is None:
+        raise CredentialsError(
+            conditions.SECRET_NOT_FOUND, f"Secret {view.secret_ref.name!r} not found in namespace {view.namespace!r}"
+        )
+    return dsn_from_secret(view.secret_ref.name, data, view.secret_ref.key)
+
+
+def parse_time(value: object) -> dt.datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
