@@ -71,7 +71,10 @@ class Refresher:
                 max_size=self.settings.max_concurrent_per_database + 1,
                 open=True,
                 kwargs={"autocommit": True, "application_name": APPLICATION_NAME, "connect_timeout": 10},
-                timeout=30,
+                # Fail fast when the database is down (callers retry and report it), and keep reconnecting
+                # in the background only about as long as a retry would wait anyway.
+                timeout=10,
+                reconnect_timeout=60,
                 name=APPLICATION_NAME,
             )
         return self._pools[dsn]

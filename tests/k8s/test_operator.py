@@ -6,7 +6,7 @@ from typing import Any
 
 import psycopg
 
-from tests.k8s.conftest import Cluster, eventually
+from tests.k8s.conftest import Cluster, eventually, settle
 
 QUERY = "SELECT region, sum(amount) AS total FROM public.sales GROUP BY region"
 
@@ -48,3 +48,164 @@ async def test_create_reconciles_into_postgresql_and_reports_ready(cluster: Clus
     assert view["status"]["observedGeneration"] == 1
     assert view["status"]["relation"] == "public.sales_by_region"
     assert "matview.dev/finalizer" in view["metadata"]["finalizers"]
+
+
+def index_count(dsn: str, table: str = "sales_by_region") -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_indexes WHERE tablename = %s", (table,)).fetchone()
+        return int(row[0]) if row else 0
+
+
+def refresh_runs(dsn: str) -> int:
+    """How many refreshes the engine recorded on the view (its marker keeps count)."""
+    import json
+
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT obj_description('public.sales_by_region'::regclass, 'pg_class')").fetchone()
+    return int(json.loads(row[0]).get("state", {}).get("runs", 0)) if row and row[0] else 0
+
+
+async def test_invalid_spec_never_reaches_the_database(cluster: Cluster, operator: Any, dsn: str) -> None:
+    setup_sales(dsn)
+    await cluster.put_secret("db", {"uri": dsn})
+    await cluster.create_view(
+        "sales-by-region", spec(query="SELECT 1; DROP TABLE public.sales", refresh={"interval": "soon"})
+    )
+    ready = await eventually(lambda: cluster.condition("sales-by-region", "Ready"), "Ready condition")
+    assert (ready["status"], ready["reason"]) == ("False", "InvalidSpec")
+    assert "spec.query: must be exactly one statement" in ready["message"]
+    assert "spec.refresh.interval" in ready["message"]
+    stalled = await cluster.condition("sales-by-region", "Stalled")
+    assert stalled is not None and stalled["status"] == "True"
+    warnings = [e for e in await cluster.events() if e.get("reason") == "InvalidSpec"]
+    assert len(warnings) == 1 and warnings[0]["type"] == "Warning"
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM public.sales").fetchone() == (100,)
+    assert not exists(dsn)
+
+
+async def test_missing_secret_is_reported_and_clears_once_created(cluster: Cluster, operator: Any, dsn: str) -> None:
+    setup_sales(dsn)
+    await cluster.create_view("sales-by-region", spec())
+    ready = await eventually(lambda: cluster.condition("sales-by-region", "Ready"), "Ready condition")
+    assert (ready["status"], ready["reason"]) == ("False", "SecretNotFound")
+    reconciling = await cluster.condition("sales-by-region", "Reconciling")
+    assert reconciling is not None and reconciling["status"] == "True"
+    await cluster.put_secret("db", {"uri": dsn})
+
+    async def ready_now() -> bool:
+        condition = await cluster.condition("sales-by-region", "Ready")
+        return condition is not None and condition["status"] == "True"
+
+    await eventually(ready_now, "Ready after the Secret appears")
+    assert exists(dsn)
+
+
+async def test_unreachable_database_never_leaks_the_password(cluster: Cluster, operator: Any, dsn: str) -> None:
+    await cluster.put_secret("db", {"uri": "postgresql://app:S3cr3t-pw@127.0.0.1:1/nowhere?connect_timeout=1"})
+    await cluster.create_view("sales-by-region", spec())
+    ready = await eventually(lambda: cluster.condition("sales-by-region", "Ready"), "Ready condition", seconds=60)
+    assert (ready["status"], ready["reason"]) == ("False", "DatabaseUnreachable")
+    assert "127.0.0.1:1/nowhere" in ready["message"]
+    view = await cluster.get_view("sales-by-region")
+    events = await cluster.events()
+    assert "S3cr3t-pw" not in repr(view) + repr(events)
+
+
+async def test_spec_edit_replans_and_swaps(cluster: Cluster, operator: Any, dsn: str) -> None:
+    setup_sales(dsn)
+    await cluster.put_secret("db", {"uri": dsn})
+    await cluster.create_view("sales-by-region", spec())
+    await eventually(lambda: exists(dsn), "the view")
+    await cluster.edit_spec(
+        "sales-by-region",
+        {
+            "query": QUERY.replace("sum(amount)", "sum(amount) * 2"),
+            "indexes": [{"columns": ["region"], "unique": True}, {"columns": ["total"]}],
+        },
+    )
+
+    def doubled() -> bool:
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute("SELECT sum(total) FROM public.sales_by_region").fetchone()
+            return row == (2 * 5050,)
+
+    await eventually(doubled, "the swapped view with the new query")
+    assert index_count(dsn) == 2
+
+    async def observed() -> bool:
+        view = await cluster.get_view("sales-by-region")
+        return bool(view and view["status"].get("observedGeneration") == 2)
+
+    await eventually(observed, "observedGeneration 2")
+
+
+async def test_interval_edit_is_picked_up_and_the_annotation_refreshes_once(
+    cluster: Cluster, operator: Any, dsn: str
+) -> None:
+    setup_sales(dsn)
+    await cluster.put_secret("db", {"uri": dsn})
+    await cluster.create_view("sales-by-region", spec(refresh={"interval": "1h"}))
+    await eventually(lambda: exists(dsn), "the view")
+    await eventually(lambda: cluster.condition("sales-by-region", "Ready"), "Ready")
+    assert refresh_runs(dsn) == 0  # built a moment ago: the hourly refresh is not due
+
+    await cluster.patch_view(
+        "sales-by-region", {"metadata": {"annotations": {"matview.dev/refresh-requested-at": "2026-11-27T10:00:00Z"}}}
+    )
+    await eventually(lambda: refresh_runs(dsn) == 1, "one refresh for the annotation")
+
+    async def recorded() -> dict[str, Any] | None:
+        view = await cluster.get_view("sales-by-region")
+        status = (view or {}).get("status") or {}
+        return status if status.get("lastHandledRefreshRequest") == "2026-11-27T10:00:00Z" else None
+
+    status = await eventually(recorded, "the handled request in status")
+    assert status["lastRefresh"]["result"] == "success"
+    assert status["lastRefresh"]["mode"] == "Concurrent"
+    refreshed = await cluster.condition("sales-by-region", "Refreshed")
+    assert refreshed is not None and refreshed["status"] == "True"
+    await settle(cluster.server, quiet=1.0)
+    assert refresh_runs(dsn) == 1  # the same value never triggers again
+
+    await cluster.edit_spec("sales-by-region", {"refresh": {"interval": "1s"}})
+    await eventually(lambda: refresh_runs(dsn) >= 3, "refreshes at the new interval")
+
+
+async def test_deletion_policies(cluster: Cluster, operator: Any, dsn: str) -> None:
+    setup_sales(dsn)
+    await cluster.put_secret("db", {"uri": dsn})
+    await cluster.create_view("sales-by-region", spec(deletionPolicy="Retain"))
+    await eventually(lambda: exists(dsn), "the view")
+    await cluster.delete_view("sales-by-region")
+    await eventually(lambda: cluster.get_view("sales-by-region") is None or _gone(cluster), "the finalizer released")
+    assert exists(dsn)
+
+    await cluster.create_view("totals", spec(name="sales_totals", deletionPolicy="Delete"))
+    await eventually(lambda: exists(dsn, "sales_totals"), "the second view")
+    await cluster.delete_view("totals")
+
+    async def released() -> bool:
+        return await cluster.get_view("totals") is None
+
+    await eventually(released, "the finalizer released")
+    assert not exists(dsn, "sales_totals")
+
+
+async def _gone(cluster: Cluster) -> bool:
+    return await cluster.get_view("sales-by-region") is None
+
+
+async def test_a_100_kib_query_works_and_annotations_stay_small(cluster: Cluster, operator: Any, dsn: str) -> None:
+    setup_sales(dsn)
+    await cluster.put_secret("db", {"uri": dsn})
+    padding = " ".join(f"/* {i:06d} padding to make a large query */" for i in range(2500))
+    big = f"SELECT region, sum(amount) AS total {padding} FROM public.sales GROUP BY region"
+    assert len(big) > 100 * 1024
+    await cluster.create_view("sales-by-region", spec(query=big))
+    await eventually(lambda: exists(dsn), "the view")
+    view = await cluster.get_view("sales-by-region")
+    assert view is not None
+    annotations = view["metadata"].get("annotations", {})
+    assert sum(len(k) + len(v) for k, v in annotations.items()) < 4096
+    assert "sha256:" in annotations["matview.dev/last-handled-configuration"]
