@@ -32,6 +32,7 @@ _PRIVILEGES = {
 _VIEW_OPTIONS = {"security_barrier", "security_invoker", "check_option"}
 _VIEW_OPTION_VALUES = {"true", "false", "on", "off", "local", "cascaded"}
 _STAGING_SUFFIX = "_mv_staging"
+_RETIRED_SUFFIX = "_mv_retired"
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,15 @@ def staging_name(view: MaterializedView) -> str:
     return truncate_utf8(view.name, 63 - len(_STAGING_SUFFIX)) + _STAGING_SUFFIX
 
 
+def retired_name(view: MaterializedView) -> str:
+    return truncate_utf8(view.name, 63 - len(_RETIRED_SUFFIX)) + _RETIRED_SUFFIX
+
+
+def retired_index_name(name: str) -> str:
+    digest = hashlib.sha256(name.encode()).hexdigest()[:6]
+    return truncate_utf8(name, 63 - 11) + "_old_" + digest
+
+
 def staging_index_name(final_name: str) -> str:
     digest = hashlib.sha256(final_name.encode()).hexdigest()[:6]
     return truncate_utf8(final_name, 63 - 11) + "_stg_" + digest
@@ -80,7 +90,7 @@ def rebuild_index_name(final_name: str) -> str:
 
 def wanted_names(view: MaterializedView) -> list[tuple[str, str]]:
     """(schema, name) of every relation name the plan may create; observe() looks them up."""
-    names = [(view.schema, staging_name(view))]
+    names = [(view.schema, staging_name(view)), (view.schema, retired_name(view))]
     for index in view.indexes:
         final = view.index_name(index)
         names += [
@@ -196,7 +206,7 @@ def build_plan(view: MaterializedView, observed: Observed) -> Plan:
             unmanaged = sorted(n for n, s in observed.indexes.items() if s.marker is None)
             if unmanaged:
                 warnings.append("indexes not managed by this resource are dropped by the swap: " + ", ".join(unmanaged))
-            steps += swap_steps(view, observed.dependents)
+            steps += swap_steps(view, observed.dependents, old_indexes=observed.indexes)
         else:
             steps += _converge_view(view, observed, reasons)
     steps += _converge_supporting(view, observed, reasons)
@@ -297,8 +307,14 @@ def swap_steps(
     view: MaterializedView,
     dependents: list[DependentView],
     state: dict[str, Any] | None = None,
+    old_indexes: Iterable[str] = (),
 ) -> list[Step]:
-    """Build a fresh copy beside the old one, then swap it in and re-create dependents in one transaction."""
+    """Build a fresh copy beside the old one, swap it in by renames in one short transaction, then drop the old.
+
+    The swap transaction holds ACCESS EXCLUSIVE on the view, so it only renames: the old copy and its
+    indexes are retired under other names (marked as ours) and dropped afterwards, when no new reader
+    can reach them — unlinking their files never happens while readers wait.
+    """
     blocked = [d for d in dependents if d.relkind != "v" or d.has_triggers]
     if blocked:
         names = ", ".join(
@@ -310,6 +326,7 @@ def swap_steps(
             f"re-created automatically: {names}"
         )
     staging = staging_name(view)
+    retired = retired_name(view)
     index_names = {view.index_name(i): staging_index_name(view.index_name(i)) for i in view.indexes}
     build = Step(
         f"build the new copy {view.schema}.{staging} with its indexes (readers keep the old one)",
@@ -321,7 +338,14 @@ def swap_steps(
         sql.SQL("DROP VIEW {}").format(relation_id(d.schema, d.name))
         for d in sorted(dependents, key=lambda d: -d.depth)
     ]
-    swap.append(sql.SQL("DROP MATERIALIZED VIEW {}").format(target))
+    for name in sorted(old_indexes):
+        swap.append(
+            sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+                relation_id(view.schema, name), sql.Identifier(retired_index_name(name))
+            )
+        )
+    swap.append(sql.SQL("ALTER MATERIALIZED VIEW {} RENAME TO {}").format(target, sql.Identifier(retired)))
+    swap.append(comment_sql("view", relation_id(view.schema, retired), Marker(view.owner, "staging", "retired")))
     swap.append(
         sql.SQL("ALTER MATERIALIZED VIEW {} RENAME TO {}").format(
             relation_id(view.schema, staging), sql.Identifier(view.name)
@@ -343,6 +367,11 @@ def swap_steps(
             tuple(swap),
             takes_exclusive_lock=True,
             cleanup=(sql.SQL("DROP MATERIALIZED VIEW IF EXISTS {}").format(relation_id(view.schema, staging)),),
+        ),
+        Step(
+            f"drop the retired copy {view.schema}.{retired}",
+            (sql.SQL("DROP MATERIALIZED VIEW {}").format(relation_id(view.schema, retired)),),
+            takes_exclusive_lock=True,
         ),
     ]
 

@@ -157,6 +157,7 @@ class Inspection:
     swap_possible: bool = False
     swap_blocker: str = ""
     dependents: tuple[DependentView, ...] = ()
+    indexes: tuple[str, ...] = ()
     marker: Marker | None = None
 
     @property
@@ -211,6 +212,13 @@ def inspect(conn: Connection, view: MaterializedView) -> Inspection:
     oid, populated, comment, unique = row
     marker = Marker.parse(comment)
     dependents = tuple(read_dependents(conn, int(oid)))
+    indexes = tuple(
+        str(r[0])
+        for r in conn.execute(
+            sql.SQL("SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = %s"),
+            (oid,),
+        ).fetchall()
+    )
     blocker = ""
     try:
         swap_steps(view, list(dependents))
@@ -224,6 +232,7 @@ def inspect(conn: Connection, view: MaterializedView) -> Inspection:
         swap_possible=not blocker,
         swap_blocker=blocker,
         dependents=dependents,
+        indexes=indexes,
         marker=marker,
     )
 
@@ -328,7 +337,7 @@ def _refresh_in_place(
 def _refresh_by_swap(
     conn: Connection, view: MaterializedView, inspection: Inspection, marker_after: Marker, settings: ExecutionSettings
 ) -> None:
-    steps = swap_steps(view, list(inspection.dependents), state=marker_after.state)
+    steps = swap_steps(view, list(inspection.dependents), state=marker_after.state, old_indexes=inspection.indexes)
     guarded = replace(settings, advisory_lock=(REFRESH_LOCK_CLASS, f"{view.schema}.{view.name}"))
     try:
         execute(conn, Plan(view, tuple(steps), ("refresh by swap",)), guarded)

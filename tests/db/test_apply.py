@@ -183,7 +183,7 @@ def test_query_change_swaps_while_a_reader_keeps_reading(base: Connection, dsn: 
     assert len(during) > 10
     assert {value for _, value in totals} <= {old_total[0], new_total[0]}
     assert engine.plan(base, changed).empty
-    assert not any(name.endswith("_mv_staging") for _, name, _ in relations(base))
+    assert not any(name.endswith(("_mv_staging", "_mv_retired")) for _, name, _ in relations(base))
 
 
 def test_dependent_views_survive_a_swap_with_grants_and_comments(base: Connection) -> None:
@@ -345,7 +345,7 @@ def test_swap_waits_for_a_long_reader_with_lock_timeout_and_retries(base: Connec
     try:
         with pytest.raises(engine.MatviewError, match="lock timeout"):
             engine.apply(base, matrix(query=QUERY.replace("count(*)", "count(*) * 2")), settings)
-        assert not any(name.endswith("_mv_staging") for _, name, _ in relations(base))
+        assert not any(name.endswith(("_mv_staging", "_mv_retired")) for _, name, _ in relations(base))
         assert base.execute("SELECT max(trips) FROM ops.driver_matrix").fetchone() == (40,)
     finally:
         blocker.close()

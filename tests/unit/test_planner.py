@@ -155,13 +155,16 @@ def test_query_change_swaps_and_recreates_dependents() -> None:
     ]
     plan = build_plan(v, observed)
     assert plan.reasons == ("query changed",)
-    build, swap = plan.steps
+    build, swap, drop_retired = plan.steps
     assert not build.takes_exclusive_lock and swap.takes_exclusive_lock
     sql = [s.as_string(None) for s in swap.statements]
-    assert sql[:3] == [
-        'DROP VIEW "ops"."report2"',
-        'DROP VIEW "ops"."report"',
-        'DROP MATERIALIZED VIEW "ops"."driver_matrix"',
+    assert sql[:2] == ['DROP VIEW "ops"."report2"', 'DROP VIEW "ops"."report"']
+    # Only renames while readers wait: the old copy is retired, and dropped in a step of its own.
+    assert not any(s.startswith("DROP MATERIALIZED VIEW") for s in sql)
+    assert 'ALTER MATERIALIZED VIEW "ops"."driver_matrix" RENAME TO "driver_matrix_mv_retired"' in sql
+    assert 'ALTER INDEX "ops"."pending_by_tag" RENAME TO "pending_by_tag_old_' in " ".join(sql)
+    assert [s.as_string(None) for s in drop_retired.statements] == [
+        'DROP MATERIALIZED VIEW "ops"."driver_matrix_mv_retired"'
     ]
     assert 'CREATE VIEW "ops"."report" AS SELECT driver_matrix.driver_id FROM ops.driver_matrix' in sql
     assert (
@@ -180,7 +183,7 @@ def test_source_drift_triggers_a_swap_with_the_reason() -> None:
     observed.query_columns = (*COLUMNS, ("lead_date", "date"))
     plan = build_plan(v, observed)
     assert plan.reasons == ("source columns changed: +lead_date date",)
-    assert len(plan.steps) == 2
+    assert len(plan.steps) == 3
 
 
 def test_dependent_materialized_view_blocks_the_swap() -> None:
