@@ -1,0 +1,256 @@
+"""End to end against a real kube-apiserver + etcd: the CRD, its validation, RBAC, and the operator."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from matview.localpg import free_port
+from tests.e2e.conftest import ROOT, ControlPlane, operator_token
+
+MV_PATH = "/apis/matview.dev/v1alpha1/namespaces/{ns}/materializedviews"
+QUERY = "SELECT region, sum(amount) AS total FROM public.sales GROUP BY region"
+
+
+def mv(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "query": QUERY,
+        "indexes": [{"columns": ["region"], "unique": True}],
+        "database": {"secretRef": {"name": "db"}},
+    }
+    body.update(spec)
+    return {
+        "apiVersion": "matview.dev/v1alpha1",
+        "kind": "MaterializedView",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": body,
+    }
+
+
+def namespace(plane: ControlPlane, name: str) -> str:
+    plane.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    return name
+
+
+def wait_for(check: Callable[[], Any], what: str, seconds: float = 60) -> Any:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.3)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+def condition(plane: ControlPlane, ns: str, name: str, type_: str) -> dict[str, Any] | None:
+    status, body = plane.request("GET", MV_PATH.format(ns=ns) + f"/{name}")
+    if status != 200:
+        return None
+    return next((c for c in body.get("status", {}).get("conditions", []) if c["type"] == type_), None)
+
+
+@pytest.mark.parametrize(
+    ("case", "change", "expected"),
+    [
+        ("unknown field", {"refesh": {"interval": "1h"}}, 'unknown field "spec.refesh"'),
+        ("bad enum", {"refresh": {"mode": "Sometimes"}}, "Unsupported value"),
+        ("interval and schedule", {"refresh": {"interval": "1h", "schedule": "0 * * * *"}}, "not both"),
+        (
+            "Concurrent without unique index",
+            {"refresh": {"mode": "Concurrent"}, "indexes": [{"columns": ["region"]}]},
+            "Concurrent needs a unique index",
+        ),
+        ("bad duration", {"refresh": {"interval": "soon"}}, "should match"),
+    ],
+)
+def test_the_apiserver_refuses_invalid_resources(
+    control_plane: ControlPlane, case: str, change: dict[str, Any], expected: str
+) -> None:
+    ns = namespace(control_plane, "e2e-validation")
+    document = mv("bad", ns)
+    document["spec"].update(change)
+    status, body = control_plane.request("POST", MV_PATH.format(ns=ns) + "?fieldValidation=Strict", document)
+    assert status in (400, 422), (status, body)
+    assert expected in str(body.get("message", body)), body
+
+
+def test_schema_and_name_are_immutable_and_columns_show(control_plane: ControlPlane) -> None:
+    ns = namespace(control_plane, "e2e-immutable")
+    status, body = control_plane.request("POST", MV_PATH.format(ns=ns), mv("fixed", ns, schema="ops"))
+    assert status == 201, body
+    for patch in ({"spec": {"schema": "other"}}, {"spec": {"name": "renamed"}}):
+        status, body = control_plane.request(
+            "PATCH", MV_PATH.format(ns=ns) + "/fixed", patch, content_type="application/merge-patch+json"
+        )
+        assert status == 422, body
+        assert "immutable" in body["message"]
+    status, table = control_plane.request(
+        "GET", MV_PATH.format(ns=ns), accept="application/json;as=Table;v=v1;g=meta.k8s.io"
+    )
+    assert status == 200
+    assert [c["name"] for c in table["columnDefinitions"]] == [
+        "Name",
+        "Relation",
+        "Ready",
+        "Last Refresh",
+        "Duration",
+        "Rows",
+        "Age",
+    ]
+    status, defaulted = control_plane.request("GET", MV_PATH.format(ns=ns) + "/fixed")
+    assert defaulted["spec"]["refresh"] == {
+        "mode": "Auto",
+        "timeout": "5m",
+        "lockTimeout": "5s",
+        "onlyIfChanged": False,
+        "suspend": False,
+    }
+    assert defaulted["spec"]["deletionPolicy"] == "Retain"
+
+
+def test_the_operator_service_account_has_only_what_it_uses(control_plane: ControlPlane) -> None:
+    token = operator_token(control_plane)
+    status, review = control_plane.request(
+        "POST",
+        "/apis/authorization.k8s.io/v1/selfsubjectrulesreviews",
+        {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectRulesReview", "spec": {"namespace": "default"}},
+        token=token,
+    )
+    assert status == 201, review
+    granted = {
+        (group, resource, verb)
+        for rule in review["status"]["resourceRules"]
+        for group in rule.get("apiGroups", [])
+        for resource in rule.get("resources", [])
+        for verb in rule.get("verbs", [])
+    }
+    ours = {
+        g
+        for g in granted
+        if g[0] in ("matview.dev", "")
+        and g[1] in ("materializedviews", "materializedviews/status", "secrets", "events")
+    }
+    assert ours == {("matview.dev", "materializedviews", v) for v in ("get", "list", "watch", "patch")} | {
+        ("matview.dev", "materializedviews/status", "patch"),
+        ("", "secrets", "get"),
+        ("", "events", "create"),
+    }
+    assert ("", "secrets", "list") not in granted
+
+
+@pytest.fixture
+def operator_process(control_plane: ControlPlane, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    kubeconfig = control_plane.kubeconfig(operator_token(control_plane), tmp_path / "operator.kubeconfig")
+    metrics = free_port()
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kubeconfig),
+        "MATVIEW_RETRY_SECONDS": "1",
+        "MATVIEW_DAEMON_POLL_SECONDS": "0.3",
+        "MATVIEW_STALLED_RETRY_SECONDS": "2",
+    }
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "matview.cli",
+            "operator",
+            "--namespace",
+            "e2e-operator",
+            "--metrics-port",
+            str(metrics),
+            "--liveness",
+            f"http://127.0.0.1:{free_port()}/healthz",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        yield process, metrics
+    finally:
+        process.terminate()
+        try:
+            output, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+        print(output[-5000:])
+
+
+def test_operator_end_to_end(control_plane: ControlPlane, operator_process: Any, dsn: str) -> None:
+    process, metrics_port = operator_process
+    ns = namespace(control_plane, "e2e-operator")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE public.sales (id int PRIMARY KEY, region text, amount int);"
+            "INSERT INTO public.sales SELECT g, 'r' || (g % 3), g FROM generate_series(1, 100) g"
+        )
+    path = MV_PATH.format(ns=ns)
+    status, body = control_plane.request(
+        "POST", path, mv("sales", ns, refresh={"interval": "2s"}, deletionPolicy="Delete")
+    )
+    assert status == 201, body
+
+    missing = wait_for(lambda: condition(control_plane, ns, "sales", "Ready"), "a Ready condition")
+    assert (missing["status"], missing["reason"]) == ("False", "SecretNotFound")
+    control_plane.create(
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db", "namespace": ns}, "stringData": {"uri": dsn}}
+    )
+    ready = wait_for(
+        lambda: (c := condition(control_plane, ns, "sales", "Ready")) and c["status"] == "True" and c,
+        "Ready=True once the Secret exists",
+    )
+    assert ready["observedGeneration"] == 1
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM public.sales").fetchone() == (100,)
+        assert conn.execute("SELECT 1 FROM pg_matviews WHERE matviewname = 'sales'").fetchone() == (1,)
+
+    def refreshed_twice() -> bool:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        for line in text.splitlines():
+            counted = line.startswith("matview_refreshes_total{") and 'result="success"' in line
+            if counted and 'name="sales"' in line and float(line.rsplit(" ", 1)[1]) >= 2:
+                return True
+        return False
+
+    wait_for(refreshed_twice, "two scheduled refreshes counted in /metrics")
+    status, body = control_plane.request("GET", path + "/sales")
+    assert body["status"]["lastRefresh"]["result"] == "success"
+    assert body["status"]["relation"] == "public.sales"
+
+    status, body = control_plane.request(
+        "PATCH",
+        path + "/sales",
+        {"spec": {"query": QUERY.replace("sum(amount)", "sum(amount) * 2")}},
+        content_type="application/merge-patch+json",
+    )
+    assert status == 200, body
+    wait_for(
+        lambda: (
+            (c := condition(control_plane, ns, "sales", "Ready"))
+            and c.get("observedGeneration") == 2
+            and c["status"] == "True"
+        ),
+        "the edited spec reconciled",
+    )
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT sum(total) FROM public.sales").fetchone() == (10100,)
+
+    status, _ = control_plane.request("DELETE", path + "/sales")
+    assert status == 200
+    wait_for(lambda: control_plane.request("GET", path + "/sales")[0] == 404, "the finalizer to be released")
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT 1 FROM pg_matviews WHERE matviewname = 'sales'").fetchone() is None
+    assert process.poll() is None
