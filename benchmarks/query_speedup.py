@@ -10,13 +10,11 @@ execution time (EXPLAIN ANALYZE) on each and their ratio. No assertions: read th
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
+from _server import bench_database
 from psycopg import sql
 
 from matview import demo, engine
-from matview.localpg import LocalServer
 
 
 def main() -> None:
@@ -25,38 +23,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="runs per shape on the plain view (x5 on the MV)")
     parser.add_argument("--dsn", help="an existing server (default: a private one in a temp dir)")
     args = parser.parse_args()
-    server = None
-    dsn = args.dsn
-    if dsn is None:
-        server = LocalServer(
-            Path(tempfile.mkdtemp(prefix="matview-bench-")) / "data",
-            settings={
-                "shared_buffers": "1GB",
-                "work_mem": "64MB",
-                "fsync": "off",
-                "synchronous_commit": "off",
-                "max_wal_size": "8GB",
-            },
+    with bench_database(args.dsn) as dsn, engine.connect(dsn) as conn:
+        conn.execute(demo.workload_sql())  # type: ignore[arg-type]
+        conn.execute(sql.SQL("SELECT ops.load_driver_matrix(%s)"), (args.drivers,))
+        counts = conn.execute("SELECT (SELECT count(*) FROM ops.trips), (SELECT count(*) FROM ops.leads)").fetchone()
+        view = demo.example_view()
+        engine.apply(conn, view)
+        materialized = sql.Identifier(view.schema, view.name)
+        plain = sql.Identifier("ops", "v_payments_driver_matrix_cabinet")
+        rows = demo.compare(
+            conn, demo.seed_shapes(conn, materialized), plain, materialized, args.repeats, args.repeats * 5
         )
-        server.start()
-        dsn = server.dsn()
-    try:
-        with engine.connect(dsn) as conn:
-            conn.execute(demo.workload_sql())  # type: ignore[arg-type]
-            conn.execute(sql.SQL("SELECT ops.load_driver_matrix(%s)"), (args.drivers,))
-            counts = conn.execute(
-                "SELECT (SELECT count(*) FROM ops.trips), (SELECT count(*) FROM ops.leads)"
-            ).fetchone()
-            view = demo.example_view()
-            engine.apply(conn, view)
-            materialized = sql.Identifier(view.schema, view.name)
-            plain = sql.Identifier("ops", "v_payments_driver_matrix_cabinet")
-            rows = demo.compare(
-                conn, demo.seed_shapes(conn, materialized), plain, materialized, args.repeats, args.repeats * 5
-            )
-    finally:
-        if server is not None:
-            server.remove()
     assert counts is not None
     print(
         f"{args.drivers:,} drivers, {counts[0]:,} trips; medians of {args.repeats} (view) and "

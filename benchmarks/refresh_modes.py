@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from _server import bench_database
 
 from matview import engine
-from matview.localpg import LocalServer
 from matview.refresh import refresh
 from matview.spec import MaterializedView
 from matview.validation import validate_document
@@ -136,62 +135,40 @@ def main() -> None:
     parser.add_argument("--dsn", help="an existing server (default: a private one in a temp dir)")
     args = parser.parse_args()
 
-    server = None
-    dsn = args.dsn
-    if dsn is None:
-        server = LocalServer(
-            Path(tempfile.mkdtemp(prefix="matview-bench-")) / "data",
-            settings={
-                "shared_buffers": "1GB",
-                "work_mem": "64MB",
-                "maintenance_work_mem": "512MB",
-                "max_wal_size": "8GB",
-                "fsync": "off",
-                "synchronous_commit": "off",
+    with bench_database(args.dsn) as dsn, engine.connect(dsn) as conn:
+        conn.execute("DROP SCHEMA IF EXISTS bench CASCADE; CREATE SCHEMA bench")
+        conn.execute("CREATE TABLE bench.big (id bigint PRIMARY KEY, kind int NOT NULL, amount int NOT NULL)")
+        conn.execute("INSERT INTO bench.big SELECT g, g %% 100, g %% 1000 FROM generate_series(1, %s) g", (args.rows,))
+        conn.execute("ANALYZE bench.big")
+        cheap = spec("big_copy", "SELECT id, kind, amount FROM bench.big", ["id"])
+        rows = run_shape(
+            conn,
+            dsn,
+            f"cheap ({args.rows:,} rows)",
+            cheap,
+            {
+                "0.1%": "UPDATE bench.big SET amount = amount + 1 WHERE id % 1000 = 0",
+                "10%": "UPDATE bench.big SET amount = amount + 1 WHERE id % 10 = 0",
             },
+            "SELECT amount FROM bench.big_copy WHERE id = 12345",
+            args.repeats,
         )
-        server.start()
-        dsn = server.dsn()
-    try:
-        with engine.connect(dsn) as conn:
-            conn.execute("DROP SCHEMA IF EXISTS bench CASCADE; CREATE SCHEMA bench")
-            conn.execute("CREATE TABLE bench.big (id bigint PRIMARY KEY, kind int NOT NULL, amount int NOT NULL)")
-            conn.execute(
-                "INSERT INTO bench.big SELECT g, g %% 100, g %% 1000 FROM generate_series(1, %s) g", (args.rows,)
-            )
-            conn.execute("ANALYZE bench.big")
-            cheap = spec("big_copy", "SELECT id, kind, amount FROM bench.big", ["id"])
-            rows = run_shape(
-                conn,
-                dsn,
-                f"cheap ({args.rows:,} rows)",
-                cheap,
-                {
-                    "0.1%": "UPDATE bench.big SET amount = amount + 1 WHERE id % 1000 = 0",
-                    "10%": "UPDATE bench.big SET amount = amount + 1 WHERE id % 10 = 0",
-                },
-                "SELECT amount FROM bench.big_copy WHERE id = 12345",
-                args.repeats,
-            )
 
-            conn.execute((ROOT / "sql/examples/driver_matrix/schema.sql").read_text())
-            conn.execute("SELECT ops.load_driver_matrix(%s)", (args.drivers,))
-            expensive = spec("matrix", "SELECT * FROM ops.v_payments_driver_matrix_cabinet", ["driver_id"])
-            rows += run_shape(
-                conn,
-                dsn,
-                f"expensive ({args.drivers:,} drivers)",
-                expensive,
-                {
-                    "0.1%": "UPDATE ops.payments SET amount = amount + 1 WHERE payment_id % 1000 = 0",
-                    "10%": "UPDATE ops.payments SET amount = amount + 1 WHERE payment_id % 10 = 0",
-                },
-                "SELECT funnel_status FROM bench.matrix WHERE driver_id = 4242",
-                args.repeats,
-            )
-    finally:
-        if server is not None:
-            server.remove()
+        conn.execute((ROOT / "sql/examples/driver_matrix/schema.sql").read_text())
+        conn.execute("SELECT ops.load_driver_matrix(%s)", (args.drivers,))
+        expensive = spec("matrix", "SELECT * FROM ops.v_payments_driver_matrix_cabinet", ["driver_id"])
+        rows += run_shape(
+            conn,
+            dsn,
+            f"expensive ({args.drivers:,} drivers)",
+            expensive,
+            {
+                "0.1%": "UPDATE ops.payments SET amount = amount + 1 WHERE payment_id % 1000 = 0",
+                "10%": "UPDATE ops.payments SET amount = amount + 1 WHERE payment_id % 10 = 0",
+            },
+            "SELECT funnel_status FROM bench.matrix WHERE driver_id = 4242",
+            args.repeats,
+        )
 
     header = ("shape", "changed", "mode", "median s", "vs floor", "longest read ms")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]

@@ -64,44 +64,15 @@ def test_compare_reports_ratios_and_refuses_a_bad_fallback(dsn: str) -> None:
     subprocess.run(
         [sys.executable, "-m", "matview.cli", "apply", "--dsn", dsn, example], check=True, cwd=ROOT, capture_output=True
     )
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "matview.cli",
-            "compare",
-            "--dsn",
-            dsn,
-            example,
-            "--fallback",
-            "ops.v_payments_driver_matrix_cabinet",
-            "--repeats",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        check=False,
-    )
+
+    def compare(fallback: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "matview.cli", "compare", "--dsn", dsn, example, "--fallback", fallback]
+        return subprocess.run([*command, *extra], capture_output=True, text=True, cwd=ROOT, check=False)
+
+    result = compare("ops.v_payments_driver_matrix_cabinet", "--repeats", "1")
     assert result.returncode == 0, result.stderr
     assert "first 25 rows" in result.stdout and "driver_id = ?" in result.stdout and "x" in result.stdout
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "matview.cli",
-            "compare",
-            "--dsn",
-            dsn,
-            example,
-            "--fallback",
-            "ops.v; DROP TABLE ops.trips",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        check=False,
-    )
+    bad = compare("ops.v; DROP TABLE ops.trips")
     assert bad.returncode == 2
     assert "--fallback: must be a table name" in bad.stderr
     with psycopg.connect(dsn) as conn:

@@ -1,0 +1,33 @@
+"""The PostgreSQL a benchmark runs on: the one given by --dsn, or a private one tuned for bulk work."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from matview.localpg import LocalServer
+
+BENCH_SETTINGS = {
+    "shared_buffers": "1GB",
+    "work_mem": "64MB",
+    "maintenance_work_mem": "512MB",
+    "max_wal_size": "8GB",
+    "fsync": "off",
+    "synchronous_commit": "off",
+}
+
+
+@contextmanager
+def bench_database(dsn: str | None) -> Iterator[str]:
+    """Yield dsn, or start (and afterwards remove) a private server in a temporary directory."""
+    if dsn is not None:
+        yield dsn
+        return
+    server = LocalServer(Path(tempfile.mkdtemp(prefix="matview-bench-")) / "data", settings=BENCH_SETTINGS)
+    server.start()
+    try:
+        yield server.dsn()
+    finally:
+        server.remove()
