@@ -65,14 +65,9 @@ class ControlPlane:
         context.verify_mode = ssl.CERT_NONE
         try:
             with urllib.request.urlopen(request, context=context, timeout=30) as response:
-                text = response.read().decode()
-                return response.status, json.loads(text) if text else None
+                return response.status, _decode(response.read().decode())
         except urllib.error.HTTPError as error:
-            text = error.read().decode()
-            try:
-                return error.code, json.loads(text)
-            except ValueError:
-                return error.code, text
+            return error.code, _decode(error.read().decode())
 
     def apply_file(self, path: Path) -> None:
         for document in yaml.safe_load_all(path.read_text()):
@@ -97,6 +92,13 @@ class ControlPlane:
             )
         )
         return path
+
+
+def _decode(text: str) -> Any:
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return text  # /readyz and friends answer plain text
 
 
 _PLURALS = {
@@ -217,8 +219,7 @@ def control_plane() -> Iterator[ControlPlane]:
                     "10.0.0.0/24",
                     "--disable-admission-plugins",
                     "ServiceAccount",
-                    "--allow-privileged",
-                    "true",
+                    "--allow-privileged=true",  # a boolean flag: its value must be attached
                 ],
                 stdout=api_log,
                 stderr=subprocess.STDOUT,

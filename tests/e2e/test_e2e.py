@@ -199,58 +199,58 @@ def test_operator_end_to_end(control_plane: ControlPlane, operator_process: Any,
         )
     path = MV_PATH.format(ns=ns)
     status, body = control_plane.request(
-        "POST", path, mv("sales", ns, refresh={"interval": "2s"}, deletionPolicy="Delete")
+        "POST", path, mv("sales-by-region", ns, refresh={"interval": "2s"}, deletionPolicy="Delete")
     )
     assert status == 201, body
 
-    missing = wait_for(lambda: condition(control_plane, ns, "sales", "Ready"), "a Ready condition")
+    missing = wait_for(lambda: condition(control_plane, ns, "sales-by-region", "Ready"), "a Ready condition")
     assert (missing["status"], missing["reason"]) == ("False", "SecretNotFound")
     control_plane.create(
         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db", "namespace": ns}, "stringData": {"uri": dsn}}
     )
     ready = wait_for(
-        lambda: (c := condition(control_plane, ns, "sales", "Ready")) and c["status"] == "True" and c,
+        lambda: (c := condition(control_plane, ns, "sales-by-region", "Ready")) and c["status"] == "True" and c,
         "Ready=True once the Secret exists",
     )
     assert ready["observedGeneration"] == 1
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT count(*) FROM public.sales").fetchone() == (100,)
-        assert conn.execute("SELECT 1 FROM pg_matviews WHERE matviewname = 'sales'").fetchone() == (1,)
+        assert conn.execute("SELECT 1 FROM pg_matviews WHERE matviewname = 'sales_by_region'").fetchone() == (1,)
 
     def refreshed_twice() -> bool:
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         for line in text.splitlines():
             counted = line.startswith("matview_refreshes_total{") and 'result="success"' in line
-            if counted and 'name="sales"' in line and float(line.rsplit(" ", 1)[1]) >= 2:
+            if counted and 'name="sales-by-region"' in line and float(line.rsplit(" ", 1)[1]) >= 2:
                 return True
         return False
 
     wait_for(refreshed_twice, "two scheduled refreshes counted in /metrics")
-    status, body = control_plane.request("GET", path + "/sales")
+    status, body = control_plane.request("GET", path + "/sales-by-region")
     assert body["status"]["lastRefresh"]["result"] == "success"
-    assert body["status"]["relation"] == "public.sales"
+    assert body["status"]["relation"] == "public.sales_by_region"
 
     status, body = control_plane.request(
         "PATCH",
-        path + "/sales",
+        path + "/sales-by-region",
         {"spec": {"query": QUERY.replace("sum(amount)", "sum(amount) * 2")}},
         content_type="application/merge-patch+json",
     )
     assert status == 200, body
     wait_for(
         lambda: (
-            (c := condition(control_plane, ns, "sales", "Ready"))
+            (c := condition(control_plane, ns, "sales-by-region", "Ready"))
             and c.get("observedGeneration") == 2
             and c["status"] == "True"
         ),
         "the edited spec reconciled",
     )
     with psycopg.connect(dsn) as conn:
-        assert conn.execute("SELECT sum(total) FROM public.sales").fetchone() == (10100,)
+        assert conn.execute("SELECT sum(total) FROM public.sales_by_region").fetchone() == (10100,)
 
-    status, _ = control_plane.request("DELETE", path + "/sales")
+    status, _ = control_plane.request("DELETE", path + "/sales-by-region")
     assert status == 200
-    wait_for(lambda: control_plane.request("GET", path + "/sales")[0] == 404, "the finalizer to be released")
+    wait_for(lambda: control_plane.request("GET", path + "/sales-by-region")[0] == 404, "the finalizer to be released")
     with psycopg.connect(dsn) as conn:
-        assert conn.execute("SELECT 1 FROM pg_matviews WHERE matviewname = 'sales'").fetchone() is None
+        assert conn.execute("SELECT 1 FROM pg_matviews WHERE matviewname = 'sales_by_region'").fetchone() is None
     assert process.poll() is None
