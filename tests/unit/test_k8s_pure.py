@@ -1,0 +1,77 @@
+"""The operator's pure parts: credentials from Secret data, redaction, conditions, status builders."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+
+import pytest
+
+from matview.k8s import conditions
+from matview.k8s.credentials import CredentialsError, dsn_from_secret, redact
+from matview.k8s.reconcile import Outcome, status_after
+
+T0 = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
+
+
+def encoded(**values: str) -> dict[str, str]:
+    return {k: base64.b64encode(v.encode()).decode() for k, v in values.items()}
+
+
+def test_uri_key_host_keys_and_custom_key() -> None:
+    assert dsn_from_secret("db", encoded(uri="postgresql://a@h/d")) == "postgresql://a@h/d"
+    built = dsn_from_secret("db", encoded(host="db.svc", port="5433", dbname="rep", user="mv", password="p w"))
+    assert "host=db.svc" in built and "port=5433" in built and "dbname=rep" in built and "password='p w'" in built
+    assert dsn_from_secret("db", encoded(conn="postgresql://x@y/z"), key="conn") == "postgresql://x@y/z"
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "expected"),
+    [
+        ({}, "uri", "has no key 'uri' (nor host and dbname keys); keys present: none"),
+        ({"host": "h"}, "uri", "keys present: host"),
+        ({"uri": "x"}, "conn", "has no key 'conn'"),
+    ],
+)
+def test_missing_keys_are_named(data: dict[str, str], key: str, expected: str) -> None:
+    with pytest.raises(CredentialsError) as caught:
+        dsn_from_secret("db", encoded(**data), key)
+    assert caught.value.reason == conditions.SECRET_KEY_MISSING
+    assert expected in str(caught.value)
+
+
+def test_redaction_removes_the_password_and_the_dsn() -> None:
+    dsn = "postgresql://app:S3cr3t@db:5432/reporting"
+    message = f"connection to {dsn} failed: password S3cr3t rejected"
+    cleaned = redact(message, dsn)
+    assert "S3cr3t" not in cleaned
+    assert "<dsn>" in cleaned
+    assert redact("no secret here", None) == "no secret here"
+
+
+def test_transition_time_moves_only_when_status_flips() -> None:
+    first = conditions.set_condition([], "Ready", False, "SecretNotFound", "m", 1, T0)
+    later = T0 + dt.timedelta(minutes=5)
+    same = conditions.set_condition(first, "Ready", False, "DatabaseUnreachable", "m2", 1, later)
+    assert same[0]["lastTransitionTime"] == first[0]["lastTransitionTime"] == "2026-11-27T12:00:00Z"
+    flipped = conditions.set_condition(same, "Ready", True, "Reconciled", "ok", 2, later)
+    assert flipped[0]["lastTransitionTime"] == "2026-11-27T12:05:00Z"
+    assert flipped[0]["observedGeneration"] == 2
+
+
+def test_status_after_is_kstatus_shaped() -> None:
+    ready = status_after(
+        {}, Outcome(True, conditions.RECONCILED, "ok", relation="ops.mv", built=True, rows=5, size_bytes=8192), 3, T0
+    )
+    by_type = {c["type"]: c for c in ready["conditions"]}
+    assert by_type["Ready"]["status"] == "True"
+    assert by_type["Reconciling"]["status"] == "False" and by_type["Stalled"]["status"] == "False"
+    assert ready["observedGeneration"] == 3 and ready["relation"] == "ops.mv" and ready["rows"] == 5
+    assert ready["lastSuccessfulRefreshTime"] == "2026-11-27T12:00:00Z"
+    retrying = status_after({}, Outcome(False, conditions.DATABASE_UNREACHABLE, "down", retry_after=30), 3, T0)
+    by_type = {c["type"]: c for c in retrying["conditions"]}
+    assert (by_type["Reconciling"]["status"], by_type["Stalled"]["status"]) == ("True", "False")
+    stalled = status_after({}, Outcome(False, conditions.INVALID_SPEC, "bad", stalled=True), 3, T0)
+    by_type = {c["type"]: c for c in stalled["conditions"]}
+    assert (by_type["Reconciling"]["status"], by_type["Stalled"]["status"]) == ("False", "True")
+    assert by_type["Stalled"]["reason"] == "InvalidSpec"
