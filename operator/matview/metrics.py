@@ -8,10 +8,14 @@ removes every series it had, so no stale series linger after a delete.
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from matview.schedule import expected_period_seconds
+from matview.spec import MaterializedView
 
 if TYPE_CHECKING:
     from matview.refresh import RefreshResult
@@ -67,6 +71,12 @@ class RefreshMetrics:
             labels,
             registry=self.registry,
         )
+        self.timeout = Gauge(
+            "matview_refresh_timeout_seconds",
+            "The statement timeout of a refresh, from the spec (the slow-refresh alert compares with it).",
+            labels,
+            registry=self.registry,
+        )
         self.in_progress = Gauge(
             "matview_refresh_in_progress", "1 while a refresh of the view runs.", labels, registry=self.registry
         )
@@ -88,10 +98,9 @@ class RefreshMetrics:
         self._known: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
-    def track(
-        self, namespace: str, name: str, expected_interval: float | None, last_success_timestamp: float | None = None
-    ) -> None:
+    def track(self, view: MaterializedView, last_success_timestamp: float | None = None) -> None:
         """Create a view's series (zeros) so rates and alerts work from its first refresh on."""
+        namespace, name = view.namespace, view.resource_name
         with self._lock:
             first = (namespace, name) not in self._known
             self._known.add((namespace, name))
@@ -107,7 +116,8 @@ class RefreshMetrics:
         elif last_success_timestamp:
             gauge = self.last_success.labels(namespace, name)
             gauge.set(max(last_success_timestamp, _value(gauge)))
-        self.interval.labels(namespace, name).set(expected_interval or 0)
+        self.interval.labels(namespace, name).set(expected_period_seconds(view, dt.datetime.now(dt.UTC)) or 0)
+        self.timeout.labels(namespace, name).set(view.refresh.timeout_seconds)
 
     def started(self, namespace: str, name: str) -> None:
         self.in_progress.labels(namespace, name).set(1)
@@ -149,6 +159,7 @@ class RefreshMetrics:
             self.last_success,
             self.last_duration,
             self.interval,
+            self.timeout,
             self.in_progress,
             self.populated,
             self.rows,

@@ -255,12 +255,7 @@ class Scheduler:
                 new_entry.task = previous.task
             self.entries[owner] = new_entry
             self._reschedule(new_entry)
-            self.refresher.metrics.track(
-                view.namespace,
-                view.resource_name,
-                expected_period_seconds(view, self.clock()),
-                state.last_success.timestamp() if state.last_success else None,
-            )
+            self.refresher.metrics.track(view, state.last_success.timestamp() if state.last_success else None)
         await self._compute_upstream()
 
     async def _apply(self, view: MaterializedView) -> None:

@@ -313,7 +313,7 @@ def test_metrics_page_after_a_success_and_a_failure(db: Connection) -> None:
     metrics = RefreshMetrics()
     port = free_port()
     metrics.serve(port, "127.0.0.1")
-    metrics.track("ops", "totals", 600)
+    metrics.track(v)
     ok = refresh(db, v, "Concurrent")
     metrics.record("ops", "totals", ok)
     db.execute("UPDATE ops.ctl SET slow_seconds = 3")
@@ -339,6 +339,7 @@ def test_metrics_page_after_a_success_and_a_failure(db: Connection) -> None:
     assert value("matview_last_refresh_success_timestamp_seconds") == pytest.approx(ok.completed_at.timestamp())
     assert value("matview_last_refresh_duration_seconds") == pytest.approx(failed.duration_seconds)
     assert value("matview_refresh_interval_seconds") == 600
+    assert value("matview_refresh_timeout_seconds") == 1
     assert value("matview_refresh_in_progress") == 0
     assert value("matview_populated") == 1
     assert value("matview_rows") == 7

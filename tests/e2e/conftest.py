@@ -229,8 +229,8 @@ def control_plane() -> Iterator[ControlPlane]:
         _wait_ready(plane, processes[-1], api_log_path)
         plane.apply_file(ROOT / "crds/matview.dev_materializedviews.yaml")
         _wait_for_crd(plane)
-        plane.apply_file(ROOT / "manifests/namespace.yaml")
-        plane.apply_file(ROOT / "manifests/rbac.yaml")
+        plane.apply_file(ROOT / "manifests/core/namespace.yaml")
+        plane.apply_file(ROOT / "manifests/core/rbac.yaml")
         yield plane
     finally:
         for process in reversed(processes):

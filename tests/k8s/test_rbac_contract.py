@@ -28,7 +28,7 @@ VERBS = {
 
 
 def granted() -> set[tuple[str, str, str]]:
-    documents = list(yaml.safe_load_all((ROOT / "manifests/rbac.yaml").read_text()))
+    documents = list(yaml.safe_load_all((ROOT / "manifests/core/rbac.yaml").read_text()))
     role = next(d for d in documents if d["kind"] == "ClusterRole")
     return {
         (group, resource, verb)

@@ -111,7 +111,7 @@ async def run(ctx: OperatorContext, body: kopf.Body, stopped: Any, logger: loggi
         last = max(
             filter(None, [parse_time(status.get("lastSuccessfulRefreshTime")), memory.last_success]), default=None
         )
-        ctx.metrics.track(namespace, name, expected_period_seconds(view, now), last.timestamp() if last else None)
+        ctx.metrics.track(view, last.timestamp() if last else None)
         # kopf keeps body live: read annotations on every turn, never from a copy taken at start.
         requested = (body.get("metadata", {}).get("annotations") or {}).get(REFRESH_REQUESTED_ANNOTATION)
         handled = memory.handled_request or status.get("lastHandledRefreshRequest")

@@ -25,7 +25,6 @@ from matview.k8s.context import OperatorContext
 from matview.k8s.credentials import CredentialsError, describe, redact
 from matview.k8s.resource import resolve_dsn, view_of
 from matview.refresh import record_build
-from matview.schedule import expected_period_seconds
 
 
 @dataclass(frozen=True)
@@ -135,7 +134,7 @@ async def _outcome(ctx: OperatorContext, body: kopf.Body, logger: logging.Logger
     for warning in result.plan.warnings:
         logger.warning(warning)
     summary = "; ".join(result.done) if result.done else "no change needed"
-    ctx.metrics.track(view.namespace, view.resource_name, expected_period_seconds(view, dt.datetime.now(dt.UTC)))
+    ctx.metrics.track(view)
     return Outcome(
         True,
         conditions.RECONCILED,
