@@ -252,11 +252,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     metrics.serve(args.metrics_port, "127.0.0.1")
     spec_file = Path(tempfile.mkdtemp(prefix="matview-demo-")) / "driver-matrix.yaml"
     spec_file.write_text(demo.example_yaml())
-    print(
-        f"\nkeeping {summary['relation']} fresh (hourly); metrics on http://127.0.0.1:{args.metrics_port}/metrics"
-        " — Ctrl-C to stop",
-        flush=True,
-    )
     refresher = Refresher(metrics)
     logging.getLogger("matview").setLevel(logging.INFO)  # from here on, every refresh is worth a line
 
@@ -264,10 +259,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+        # Announced only now: Ctrl-C is handled from this point on.
+        print(
+            f"\nkeeping {summary['relation']} fresh (hourly); metrics on "
+            f"http://127.0.0.1:{args.metrics_port}/metrics — Ctrl-C to stop",
+            flush=True,
+        )
         await Scheduler(dsn, [spec_file], refresher).run(stop)
 
     try:
         asyncio.run(loop())
+    except KeyboardInterrupt:
+        pass  # Ctrl-C before the loop took over: stopping is what was asked for
     finally:
         refresher.close()
     return EXIT_OK
