@@ -21,7 +21,7 @@ MV_PATH = "/apis/matview.dev/v1alpha1/namespaces/{ns}/materializedviews"
 QUERY = "SELECT region, sum(amount) AS total FROM public.sales GROUP BY region"
 
 
-def mv(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
+def mv(resource: str, namespace: str, **spec: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "query": QUERY,
         "indexes": [{"columns": ["region"], "unique": True}],
@@ -31,7 +31,7 @@ def mv(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
     return {
         "apiVersion": "matview.dev/v1alpha1",
         "kind": "MaterializedView",
-        "metadata": {"name": name, "namespace": namespace},
+        "metadata": {"name": resource, "namespace": namespace},
         "spec": body,
     }
 
@@ -205,9 +205,28 @@ def test_operator_end_to_end(control_plane: ControlPlane, operator_process: Any,
 
     missing = wait_for(lambda: condition(control_plane, ns, "sales-by-region", "Ready"), "a Ready condition")
     assert (missing["status"], missing["reason"]) == ("False", "SecretNotFound")
+    wrong = dsn.rsplit(":", 1)[0] + ":1/nowhere?connect_timeout=1"
     control_plane.create(
-        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db", "namespace": ns}, "stringData": {"uri": dsn}}
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "db", "namespace": ns},
+            "stringData": {"uri": wrong},
+        }
     )
+    wait_for(
+        lambda: (
+            (c := condition(control_plane, ns, "sales-by-region", "Ready")) and c["reason"] == "DatabaseUnreachable"
+        ),
+        "DatabaseUnreachable while the Secret points nowhere",
+    )
+    status, body = control_plane.request(
+        "PATCH",
+        f"/api/v1/namespaces/{ns}/secrets/db",
+        {"stringData": {"uri": dsn}},
+        content_type="application/merge-patch+json",
+    )
+    assert status == 200, body
     ready = wait_for(
         lambda: (c := condition(control_plane, ns, "sales-by-region", "Ready")) and c["status"] == "True" and c,
         "Ready=True once the Secret exists",
@@ -253,6 +272,13 @@ def test_operator_end_to_end(control_plane: ControlPlane, operator_process: Any,
     wait_for(lambda: control_plane.request("GET", path + "/sales-by-region")[0] == 404, "the finalizer to be released")
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT 1 FROM pg_matviews WHERE matviewname = 'sales_by_region'").fetchone() is None
+    status, body = control_plane.request("POST", path, mv("kept", ns, name="kept_view", deletionPolicy="Retain"))
+    assert status == 201, body
+    wait_for(lambda: (c := condition(control_plane, ns, "kept", "Ready")) and c["status"] == "True", "kept Ready")
+    control_plane.request("DELETE", path + "/kept")
+    wait_for(lambda: control_plane.request("GET", path + "/kept")[0] == 404, "the Retain finalizer to be released")
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT 1 FROM pg_matviews WHERE matviewname = 'kept_view'").fetchone() == (1,)
     assert process.poll() is None
 
 
