@@ -82,6 +82,8 @@ async def test_invalid_spec_never_reaches_the_database(cluster: Cluster, operato
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT count(*) FROM public.sales").fetchone() == (100,)
     assert not exists(dsn)
+    await cluster.delete_view("sales-by-region")  # an invalid resource never keeps its finalizer
+    await eventually(lambda: _gone(cluster), "the invalid resource to go away")
 
 
 async def test_missing_secret_is_reported_and_clears_once_created(cluster: Cluster, operator: Any, dsn: str) -> None:
