@@ -26,8 +26,7 @@ from matview.spec import MaterializedView
 #: First key of the two-key advisory lock this package takes on a view; the second derives from the relation.
 #: Apply (session lock, it spans transactions) and refresh (transaction lock, PgBouncer-safe) share it, so a
 #: drift repair never drops the staging copy of a Swap refresh in flight, and two refreshes never overlap.
-APPLY_LOCK_CLASS = 0x6D76_0001
-REFRESH_LOCK_CLASS = APPLY_LOCK_CLASS
+RELATION_LOCK_CLASS = 0x6D76_0001
 
 
 class BusyError(MatviewError):
@@ -57,7 +56,7 @@ def settings_for(view: MaterializedView) -> ExecutionSettings:
 
 
 @contextlib.contextmanager
-def relation_lock(conn: Connection, view: MaterializedView, lock_class: int = APPLY_LOCK_CLASS) -> Iterator[None]:
+def relation_lock(conn: Connection, view: MaterializedView, lock_class: int = RELATION_LOCK_CLASS) -> Iterator[None]:
     """Hold a session advisory lock for the relation, or raise BusyError at once."""
     key = (lock_class, f"{view.schema}.{view.name}")
     row = conn.execute(sql.SQL("SELECT pg_try_advisory_lock(%s, hashtext(%s))"), key).fetchone()

@@ -14,7 +14,6 @@ import pwd
 import shutil
 import socket
 import subprocess
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,14 +165,6 @@ class LocalServer:
 
     def dsn(self, dbname: str = "postgres", user: str | None = None) -> str:
         return f"postgresql://{user or self.superuser}@127.0.0.1:{self.port}/{dbname}"
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"PostgreSQL did not accept connections on port {self.port}")
 
     def remove(self) -> None:
         self.stop()

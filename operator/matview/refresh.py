@@ -33,7 +33,7 @@ import psycopg
 from psycopg import sql
 
 from matview.catalog import Connection, DependentView, read_dependents
-from matview.engine import REFRESH_LOCK_CLASS
+from matview.engine import RELATION_LOCK_CLASS
 from matview.errors import DependentObjectsError, MatviewError
 from matview.executor import BusyStepError, ExecutionSettings, execute, run_with_lock_retries, set_timeouts
 from matview.marker import Marker
@@ -305,7 +305,7 @@ class Busy(MatviewError):
 def _lock(conn: Connection, view: MaterializedView) -> None:
     row = conn.execute(
         sql.SQL("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))"),
-        (REFRESH_LOCK_CLASS, f"{view.schema}.{view.name}"),
+        (RELATION_LOCK_CLASS, f"{view.schema}.{view.name}"),
     ).fetchone()
     if not row or not row[0]:
         raise Busy(f"{view.relation}: another refresh of this view is running")
@@ -338,7 +338,7 @@ def _refresh_by_swap(
     conn: Connection, view: MaterializedView, inspection: Inspection, marker_after: Marker, settings: ExecutionSettings
 ) -> None:
     steps = swap_steps(view, list(inspection.dependents), state=marker_after.state, old_indexes=inspection.indexes)
-    guarded = replace(settings, advisory_lock=(REFRESH_LOCK_CLASS, f"{view.schema}.{view.name}"))
+    guarded = replace(settings, advisory_lock=(RELATION_LOCK_CLASS, f"{view.schema}.{view.name}"))
     try:
         execute(conn, Plan(view, tuple(steps), ("refresh by swap",)), guarded)
     except BusyStepError as exc:

@@ -205,7 +205,6 @@ class Scheduler:
         self.clock = clock
         self.entries: dict[str, _Entry] = {}
         self._mtimes: dict[Path, float] = {}
-        self.results: list[RefreshResult] = []
 
     def files(self) -> list[Path]:
         return yaml_files(self.paths)
@@ -291,7 +290,6 @@ class Scheduler:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await task
         result = await self.refresher.refresh(self.dsn, entry.view)
-        self.results.append(result)
         if result.result == "success":
             entry.last_success = result.completed_at
             entry.failures = 0

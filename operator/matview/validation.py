@@ -276,16 +276,6 @@ def _check_index_names(
         seen[key] = path
 
 
-def check_immutable(old: MaterializedView, new: MaterializedView) -> list[FieldError]:
-    """The CRD's transition rules, for callers that hold both versions."""
-    errors = []
-    if old.schema != new.schema:
-        errors.append(FieldError("spec.schema", f"is immutable (was {old.schema!r})"))
-    if old.name != new.name:
-        errors.append(FieldError("spec.name", f"is immutable (was {old.name!r})"))
-    return errors
-
-
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -319,4 +309,4 @@ def load_file(path: str | Path) -> list[MaterializedView]:
     return load_documents(text, str(file))
 
 
-__all__ = ["check_cron", "check_identifier", "check_immutable", "load_documents", "load_file", "validate_document"]
+__all__ = ["check_cron", "check_identifier", "load_documents", "load_file", "validate_document"]

@@ -9,7 +9,7 @@ import pytest
 
 from matview.k8s import conditions
 from matview.k8s.credentials import CredentialsError, dsn_from_secret, redact
-from matview.k8s.reconcile import Outcome, status_after
+from matview.k8s.reconcile import Outcome, moved_relation, status_after
 
 T0 = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
 
@@ -75,3 +75,10 @@ def test_status_after_is_kstatus_shaped() -> None:
     by_type = {c["type"]: c for c in stalled["conditions"]}
     assert (by_type["Reconciling"]["status"], by_type["Stalled"]["status"]) == ("False", "True")
     assert by_type["Stalled"]["reason"] == "InvalidSpec"
+
+
+def test_a_renamed_relation_is_refused_on_every_path() -> None:
+    assert moved_relation(None, "public.a") is None  # not created yet
+    assert moved_relation({"relation": "public.a"}, "public.a") is None
+    message = moved_relation({"relation": "public.a"}, "ops.a")
+    assert message is not None and "immutable" in message and "public.a" in message and "ops.a" in message

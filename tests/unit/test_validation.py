@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from matview.errors import SpecError
-from matview.validation import check_immutable, load_documents, validate_document
+from matview.validation import load_documents, validate_document
 from tests.helpers import document, to_yaml, view
 
 
@@ -252,14 +252,6 @@ def test_multi_document_yaml() -> None:
 def test_bad_metadata_name() -> None:
     problems = errors_of(document(resource="Not_Valid"))
     assert "not a valid Kubernetes name" in problems["metadata.name"]
-
-
-def test_immutability_twin_of_cel_rule() -> None:
-    old = view(schema="a")
-    new = view(schema="b", name="other")
-    problems = {e.path for e in check_immutable(old, new)}
-    assert problems == {"spec.schema", "spec.name"}
-    assert check_immutable(old, view(schema="a")) == []
 
 
 def test_deterministic_index_names_fit_and_differ() -> None:

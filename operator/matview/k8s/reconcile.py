@@ -80,12 +80,29 @@ def status_after(status: dict[str, Any], outcome: Outcome, generation: int | Non
     return status
 
 
+def moved_relation(status: dict[str, Any] | None, view_relation: str) -> str | None:
+    """The CRD makes schema and name immutable (CEL); where that was bypassed, refuse rather than orphan.
+
+    status.relation is the relation this resource manages; every path (update, resume, drift timer) checks it.
+    """
+    managed = (status or {}).get("relation")
+    if managed and managed != view_relation:
+        return (
+            f"spec.schema and spec.name are immutable: this resource manages {managed}, "
+            f"the spec now names {view_relation}"
+        )
+    return None
+
+
 async def _outcome(ctx: OperatorContext, body: kopf.Body, logger: logging.Logger | Any) -> Outcome:
     config = ctx.config
     try:
         view = view_of(body)
     except SpecError as exc:
         return Outcome(False, conditions.INVALID_SPEC, "; ".join(str(e) for e in exc.errors), stalled=True)
+    moved = moved_relation(body.get("status"), view.relation)
+    if moved:
+        return Outcome(False, conditions.INVALID_SPEC, moved, stalled=True)
     try:
         dsn = await resolve_dsn(view)
     except CredentialsError as exc:
