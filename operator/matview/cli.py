@@ -301,9 +301,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 if value is not None:
                     shapes.append(
                         demo.Shape(
-                            f"{column} = ?",
-                            "SELECT * FROM {relation} WHERE " + sql.Identifier(column).as_string(conn) + " = %s",
-                            (value[0],),
+                            f"{column} = ?", "SELECT * FROM {relation} WHERE {column} = %s", (value[0],), column=column
                         )
                     )
             rows = demo.compare(conn, shapes, slow, fast, args.repeats, args.repeats * 5)

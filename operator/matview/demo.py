@@ -34,9 +34,13 @@ class Shape:
 
     label: str
     template: str
+    """A constant: {relation} and {column} are filled in as identifiers, values are parameters."""
     params: tuple[Any, ...] = ()
+    column: str | None = None
 
     def statement(self, relation: sql.Identifier) -> sql.Composed:
+        if self.column is not None:
+            return sql.SQL(self.template).format(relation=relation, column=sql.Identifier(self.column))
         return sql.SQL(self.template).format(relation=relation)  # templates are constants above
 
 
