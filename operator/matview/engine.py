@@ -55,10 +55,15 @@ def settings_for(view: MaterializedView) -> ExecutionSettings:
     )
 
 
+def lock_key(view: MaterializedView) -> tuple[int, str]:
+    """The advisory-lock key of a view, shared by apply (session lock) and refresh (transaction lock)."""
+    return (RELATION_LOCK_CLASS, f"{view.schema}.{view.name}")
+
+
 @contextlib.contextmanager
-def relation_lock(conn: Connection, view: MaterializedView, lock_class: int = RELATION_LOCK_CLASS) -> Iterator[None]:
+def relation_lock(conn: Connection, view: MaterializedView) -> Iterator[None]:
     """Hold a session advisory lock for the relation, or raise BusyError at once."""
-    key = (lock_class, f"{view.schema}.{view.name}")
+    key = lock_key(view)
     row = conn.execute(sql.SQL("SELECT pg_try_advisory_lock(%s, hashtext(%s))"), key).fetchone()
     if not row or not row[0]:
         raise BusyError(f"{view.relation}: another process is changing this view right now; try again later")

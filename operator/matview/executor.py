@@ -73,6 +73,13 @@ def run_with_lock_retries(
             delay *= 2
 
 
+def try_transaction_lock(conn: Connection, key: tuple[int, str]) -> bool:
+    """Take the transaction-level advisory lock (class, name) if it is free; it goes with the transaction,
+    so it also works behind PgBouncer in transaction mode."""
+    row = conn.execute(sql.SQL("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))"), key).fetchone()
+    return bool(row and row[0])
+
+
 class BusyStepError(MatviewError):
     """A step's advisory lock is held by another session."""
 
@@ -80,12 +87,8 @@ class BusyStepError(MatviewError):
 def _run_step(conn: Connection, step: Step, settings: ExecutionSettings) -> None:
     if step.transactional:
         with conn.transaction():
-            if settings.advisory_lock is not None:
-                row = conn.execute(
-                    sql.SQL("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))"), settings.advisory_lock
-                ).fetchone()
-                if not row or not row[0]:
-                    raise BusyStepError(f"another process holds the lock on {settings.advisory_lock[1]}")
+            if settings.advisory_lock is not None and not try_transaction_lock(conn, settings.advisory_lock):
+                raise BusyStepError(f"another process holds the lock on {settings.advisory_lock[1]}")
             set_timeouts(conn, settings.statement_timeout_seconds, settings.lock_timeout_seconds, local=True)
             for statement in step.statements:
                 conn.execute(statement)

@@ -33,9 +33,16 @@ import psycopg
 from psycopg import sql
 
 from matview.catalog import Connection, DependentView, read_dependents
-from matview.engine import RELATION_LOCK_CLASS
+from matview.engine import lock_key, settings_for
 from matview.errors import DependentObjectsError, MatviewError
-from matview.executor import BusyStepError, ExecutionSettings, execute, run_with_lock_retries, set_timeouts
+from matview.executor import (
+    BusyStepError,
+    ExecutionSettings,
+    execute,
+    run_with_lock_retries,
+    set_timeouts,
+    try_transaction_lock,
+)
 from matview.marker import Marker
 from matview.planner import Plan, comment_sql, relation_id, swap_steps
 from matview.spec import MaterializedView
@@ -303,11 +310,7 @@ class Busy(MatviewError):
 
 
 def _lock(conn: Connection, view: MaterializedView) -> None:
-    row = conn.execute(
-        sql.SQL("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))"),
-        (RELATION_LOCK_CLASS, f"{view.schema}.{view.name}"),
-    ).fetchone()
-    if not row or not row[0]:
+    if not try_transaction_lock(conn, lock_key(view)):
         raise Busy(f"{view.relation}: another refresh of this view is running")
 
 
@@ -338,7 +341,7 @@ def _refresh_by_swap(
     conn: Connection, view: MaterializedView, inspection: Inspection, marker_after: Marker, settings: ExecutionSettings
 ) -> None:
     steps = swap_steps(view, list(inspection.dependents), state=marker_after.state, old_indexes=inspection.indexes)
-    guarded = replace(settings, advisory_lock=(RELATION_LOCK_CLASS, f"{view.schema}.{view.name}"))
+    guarded = replace(settings, advisory_lock=lock_key(view))
     try:
         execute(conn, Plan(view, tuple(steps), ("refresh by swap",)), guarded)
     except BusyStepError as exc:
@@ -353,9 +356,7 @@ def refresh(
     force: bool = False,
 ) -> RefreshResult:
     """Refresh view once. Never raises for a refresh that failed: the result says how and why."""
-    settings = settings or ExecutionSettings(
-        statement_timeout_seconds=view.refresh.timeout_seconds, lock_timeout_seconds=view.refresh.lock_timeout_seconds
-    )
+    settings = settings or settings_for(view)
     started = dt.datetime.now(dt.UTC)
     clock = time.monotonic()
 
