@@ -207,7 +207,12 @@ ORDER BY c.oid
 
 _SIZES = sql.SQL(
     "SELECT c.relispopulated, c.reltuples::bigint, pg_table_size(c.oid), pg_indexes_size(c.oid) "
-    "FROM pg_class c WHERE c.oid = %s"
+    "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s"
+)
+
+_MARKER = sql.SQL(
+    "SELECT c.oid, obj_description(c.oid, 'pg_class') FROM pg_class c "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s"
 )
 
 
@@ -457,16 +462,16 @@ def refresh(
             )
         break
 
-    populated, rows, table_bytes, index_bytes = _sizes(conn, inspection_oid(conn, view))
+    size = view_size(conn, view)
     return finish(
         "success",
         chosen,
         reason,
         fallback_from=fallback_from,
-        populated=populated,
-        rows=rows,
-        table_bytes=table_bytes,
-        index_bytes=index_bytes,
+        populated=size.populated,
+        rows=size.rows,
+        table_bytes=size.table_bytes,
+        index_bytes=size.index_bytes,
     )
 
 
@@ -485,46 +490,50 @@ def _record(conn: Connection, view: MaterializedView, marker: Marker) -> None:
         logger.warning("%s: could not record the refresh state: %s", view.relation, exc)
 
 
-def _sizes(conn: Connection, oid: int | None) -> tuple[bool | None, int | None, int | None, int | None]:
+@dataclass(frozen=True)
+class ViewSize:
+    populated: bool | None = None
+    rows: int | None = None
+    """pg_class.reltuples; None until the view was first analyzed."""
+    table_bytes: int | None = None
+    index_bytes: int | None = None
+
+    @property
+    def total_bytes(self) -> int | None:
+        if self.table_bytes is None or self.index_bytes is None:
+            return None
+        return self.table_bytes + self.index_bytes
+
+
+def view_size(conn: Connection, view: MaterializedView) -> ViewSize:
+    """Populated, estimated rows and sizes of the view (empty when it cannot be read)."""
     try:
-        row = conn.execute(_SIZES, (oid,)).fetchone() if oid is not None else None
+        row = conn.execute(_SIZES, (view.schema, view.name)).fetchone()
     except psycopg.Error:
-        return None, None, None, None
+        return ViewSize()
     if row is None:
-        return None, None, None, None
+        return ViewSize()
     populated, rows, table_bytes, index_bytes = row
-    return bool(populated), (int(rows) if rows is not None and rows >= 0 else None), int(table_bytes), int(index_bytes)
+    return ViewSize(
+        bool(populated), int(rows) if rows is not None and rows >= 0 else None, int(table_bytes), int(index_bytes)
+    )
 
 
-def inspection_oid(conn: Connection, view: MaterializedView) -> int | None:
-    row = conn.execute(
-        sql.SQL(
-            "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE n.nspname = %s AND c.relname = %s"
-        ),
-        (view.schema, view.name),
-    ).fetchone()
-    return int(row[0]) if row else None
+def _marker(conn: Connection, view: MaterializedView) -> tuple[int | None, Marker | None]:
+    row = conn.execute(_MARKER, (view.schema, view.name)).fetchone()
+    return (int(row[0]), Marker.parse(row[1])) if row else (None, None)
 
 
 def read_state(conn: Connection, view: MaterializedView) -> RefreshState:
     """The persisted refresh state of view (empty when it has none)."""
-    oid = inspection_oid(conn, view)
-    if oid is None:
-        return RefreshState()
-    row = conn.execute(sql.SQL("SELECT obj_description(%s, 'pg_class')"), (oid,)).fetchone()
-    marker = Marker.parse(row[0] if row else None)
+    _, marker = _marker(conn, view)
     return RefreshState.from_marker(marker.state if marker else {})
 
 
 def record_build(conn: Connection, view: MaterializedView, when: dt.datetime | None = None) -> None:
     """After apply built the view's data (create or swap), count it as a successful refresh."""
-    oid = inspection_oid(conn, view)
-    if oid is None:
-        return
-    row = conn.execute(sql.SQL("SELECT obj_description(%s, 'pg_class')"), (oid,)).fetchone()
-    marker = Marker.parse(row[0] if row else None)
-    if marker is None or marker.owner != view.owner:
+    oid, marker = _marker(conn, view)
+    if oid is None or marker is None or marker.owner != view.owner:
         return
     state = replace(
         RefreshState.from_marker(marker.state),

@@ -24,7 +24,7 @@ from matview.k8s import conditions, kube
 from matview.k8s.context import OperatorContext
 from matview.k8s.credentials import CredentialsError, describe, redact
 from matview.k8s.resource import resolve_dsn, view_of
-from matview.refresh import record_build
+from matview.refresh import ViewSize, record_build, view_size
 
 
 @dataclass(frozen=True)
@@ -112,19 +112,14 @@ async def _outcome(ctx: OperatorContext, body: kopf.Body, logger: logging.Logger
         )
     ctx.bind(f"{view.namespace}/{view.resource_name}", dsn)
 
-    def work(conn: Connection) -> tuple[engine.ApplyResult, tuple[int | None, int | None]]:
+    def work(conn: Connection) -> tuple[engine.ApplyResult, ViewSize]:
         result = engine.apply(conn, view)
         if any(step.startswith(("create ", "swap ")) for step in result.done):
             record_build(conn, view)
-        row = conn.execute(
-            "SELECT c.reltuples::bigint, pg_total_relation_size(c.oid) FROM pg_class c "
-            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
-            (view.schema, view.name),
-        ).fetchone()
-        return result, ((int(row[0]) if row[0] >= 0 else None), int(row[1])) if row else (None, None)
+        return result, view_size(conn, view)
 
     try:
-        result, (rows, size) = await ctx.refresher.run_sync(dsn, work)
+        result, size = await ctx.refresher.run_sync(dsn, work)
     except SpecError as exc:
         return Outcome(
             False,
@@ -158,8 +153,8 @@ async def _outcome(ctx: OperatorContext, body: kopf.Body, logger: logging.Logger
         f"{view.relation} matches the spec ({summary})",
         relation=view.relation,
         built=any(s.startswith(("create ", "swap ")) for s in result.done),
-        rows=rows,
-        size_bytes=size,
+        rows=size.rows,
+        size_bytes=size.total_bytes,
     )
 
 
