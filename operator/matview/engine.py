@@ -43,6 +43,12 @@ class ApplyResult:
     def changed(self) -> bool:
         return bool(self.done)
 
+    @property
+    def built(self) -> bool:
+        """The view's data was computed afresh (created or swapped), as a refresh would: not just re-indexed."""
+        done = set(self.done)
+        return any(step.makes_data_live and step.description in done for step in self.plan.steps)
+
 
 def connect(dsn: str, connect_timeout: int = 10) -> Connection:
     """A connection in autocommit mode that says who it is in pg_stat_activity."""

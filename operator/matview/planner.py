@@ -46,6 +46,8 @@ class Step:
     """Waits for ACCESS EXCLUSIVE on a relation readers use: run with lock_timeout and retries."""
     cleanup: tuple[Statement, ...] = ()
     """Run (best effort, autocommit) when the step fails, e.g. to drop an INVALID index."""
+    makes_data_live: bool = False
+    """Readers see freshly computed data once this step commits (create, swap): it counts as a refresh."""
 
 
 @dataclass(frozen=True)
@@ -300,7 +302,7 @@ def _create_step(view: MaterializedView) -> Step:
     names = {view.index_name(i): view.index_name(i) for i in view.indexes}
     statements = _build_statements(view, view.name, names, _view_markers(view))
     statements += _grant_statements(view, relation_id(view.schema, view.name))
-    return Step(f"create {view.relation} with {len(view.indexes)} index(es)", tuple(statements))
+    return Step(f"create {view.relation} with {len(view.indexes)} index(es)", tuple(statements), makes_data_live=True)
 
 
 def swap_steps(
@@ -367,6 +369,7 @@ def swap_steps(
             tuple(swap),
             takes_exclusive_lock=True,
             cleanup=(sql.SQL("DROP MATERIALIZED VIEW IF EXISTS {}").format(relation_id(view.schema, staging)),),
+            makes_data_live=True,
         ),
         Step(
             f"drop the retired copy {view.schema}.{retired}",

@@ -262,7 +262,7 @@ class Scheduler:
             result = engine.apply(conn, view)
             for warning in result.plan.warnings:
                 logger.warning("%s: %s", view.relation, warning)
-            if any(step.startswith(("create ", "swap ")) for step in result.done):
+            if result.built:
                 record_build(conn, view)
 
         await self.refresher.run_sync(self.dsn, work)

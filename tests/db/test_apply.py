@@ -358,3 +358,20 @@ def test_two_appliers_never_interleave(base: Connection, dsn: str) -> None:
     with engine.connect(dsn) as other, engine.relation_lock(other, v), pytest.raises(engine.BusyError):
         engine.apply(base, v)
     assert engine.apply(base, v).changed
+
+
+def test_only_create_and_swap_count_as_building_the_data(base: Connection) -> None:
+    created = engine.apply(base, matrix())
+    assert created.built
+    assert not engine.apply(base, matrix()).built
+    more = matrix(
+        indexes=[
+            {"columns": ["driver_id", "origin_tag"], "unique": True},
+            {"columns": ["origin_tag"]},
+            {"columns": ["driver_id"], "where": "only_pending", "name": "pending_drivers"},
+            {"columns": ["amount"]},
+        ]
+    )
+    indexed = engine.apply(base, more)
+    assert indexed.changed and not indexed.built  # a new index is not fresh data: the schedule must not move
+    assert engine.apply(base, matrix(query=QUERY.replace("count(*)", "count(*) + 0"))).built

@@ -114,7 +114,7 @@ async def _outcome(ctx: OperatorContext, body: kopf.Body, logger: logging.Logger
 
     def work(conn: Connection) -> tuple[engine.ApplyResult, ViewSize]:
         result = engine.apply(conn, view)
-        if any(step.startswith(("create ", "swap ")) for step in result.done):
+        if result.built:
             record_build(conn, view)
         return result, view_size(conn, view)
 
@@ -152,7 +152,7 @@ async def _outcome(ctx: OperatorContext, body: kopf.Body, logger: logging.Logger
         conditions.RECONCILED,
         f"{view.relation} matches the spec ({summary})",
         relation=view.relation,
-        built=any(s.startswith(("create ", "swap ")) for s in result.done),
+        built=result.built,
         rows=size.rows,
         size_bytes=size.total_bytes,
     )
