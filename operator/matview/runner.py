@@ -34,7 +34,7 @@ from matview.constants import APPLICATION_NAME
 from matview.errors import MatviewError, SpecError
 from matview.metrics import RefreshMetrics
 from matview.refresh import RefreshResult, read_state, record_build, refresh
-from matview.schedule import expected_period_seconds, next_run
+from matview.schedule import expected_period_seconds, next_run, retry_delay
 from matview.spec import MaterializedView
 from matview.validation import load_file
 
@@ -296,11 +296,13 @@ class Scheduler:
             self._reschedule(entry)
         elif result.result == "failure":
             entry.failures += 1
-            period = expected_period_seconds(entry.view, self.clock()) or self.refresher.settings.retry_seconds
-            delay = min(self.refresher.settings.retry_seconds * 2 ** (entry.failures - 1), period)
+            delay = retry_delay(entry.view, entry.failures, self.refresher.settings.retry_seconds, self.clock())
             entry.next_due = self.clock() + dt.timedelta(seconds=delay)
         else:
-            self._reschedule(entry) if entry.last_success else None
+            # Skipped (sources unchanged, or another process refreshing): due one period after the last
+            # success, or one period from now when that time has passed.
+            if entry.last_success:
+                self._reschedule(entry)
             if entry.next_due is not None and entry.next_due <= self.clock():
                 entry.next_due = self.clock() + dt.timedelta(
                     seconds=expected_period_seconds(entry.view, self.clock()) or 60

@@ -61,3 +61,9 @@ def expected_period_seconds(view: MaterializedView, now: dt.datetime) -> float |
         times = list(islice(cronsim.CronSim(spec.schedule, now.astimezone(_zone(spec))), 2))
         return (times[1] - times[0]).total_seconds()
     return None
+
+
+def retry_delay(view: MaterializedView, failures: int, first_retry_seconds: float, now: dt.datetime) -> float:
+    """Seconds to wait after `failures` consecutive failures: doubling from the first retry, capped by the period."""
+    period = expected_period_seconds(view, now) or first_retry_seconds
+    return float(min(first_retry_seconds * 2 ** (failures - 1), period))

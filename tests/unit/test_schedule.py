@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from matview.schedule import expected_period_seconds, jitter_seconds, next_run
+from matview.schedule import expected_period_seconds, jitter_seconds, next_run, retry_delay
 from tests.helpers import view
 
 UTC = dt.UTC
@@ -59,3 +59,9 @@ def test_expected_period() -> None:
     assert expected_period_seconds(view(refresh={"interval": "90s"}), T0) == 90
     assert expected_period_seconds(view(refresh={"schedule": "*/15 * * * *"}), T0) == 900
     assert expected_period_seconds(view(refresh={"schedule": "0 3 * * *"}), T0) == 86400
+
+
+def test_retry_delay_doubles_and_stops_at_the_period() -> None:
+    hourly = view(refresh={"interval": "5m"})
+    assert [retry_delay(hourly, n, 30, T0) for n in (1, 2, 3, 4, 5)] == [30, 60, 120, 240, 300]
+    assert retry_delay(view(), 9, 30, T0) == 30  # on-demand views retry at the first delay

@@ -25,7 +25,7 @@ from matview.k8s.context import OperatorContext
 from matview.k8s.credentials import CredentialsError, redact
 from matview.k8s.resource import parse_time, resolve_dsn, view_of
 from matview.refresh import RefreshResult
-from matview.schedule import expected_period_seconds, next_run
+from matview.schedule import next_run, retry_delay
 from matview.spec import MaterializedView
 
 
@@ -135,8 +135,7 @@ async def run(ctx: OperatorContext, body: kopf.Body, stopped: Any, logger: loggi
             memory.last_success, memory.failures, memory.hold_until = result.completed_at, 0, None
         elif result.result == "failure":
             memory.failures += 1
-            period = expected_period_seconds(view, after) or ctx.config.retry_seconds
-            delay = min(ctx.config.retry_seconds * 2 ** (memory.failures - 1), period)
+            delay = retry_delay(view, memory.failures, ctx.config.retry_seconds, after)
             memory.hold_until = after + dt.timedelta(seconds=delay)
             message = redact(f"{result.failure_reason}: {result.message}", dsn)
             kopf.warn(body, reason=conditions.REFRESH_FAILED, message=message)
