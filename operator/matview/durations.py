@@ -23,14 +23,3 @@ def parse_duration(text: str) -> float:
         raise ValueError(f"{text!r} is not a duration such as 90s, 5m or 1h30m")
     return total
 
-
-def format_duration(seconds: float) -> str:
-    """The inverse of parse_duration for whole milliseconds, used in messages."""
-    millis = round(seconds * 1000)
-    hours, millis = divmod(millis, 3_600_000)
-    minutes, millis = divmod(millis, 60_000)
-    secs, millis = divmod(millis, 1000)
-    parts = [f"{hours}h" if hours else "", f"{minutes}m" if minutes else "", f"{secs}s" if secs else ""]
-    if millis:
-        parts.append(f"{millis}ms")
-    return "".join(parts) or "0s"
