@@ -137,7 +137,7 @@ def grant_sql(target: sql.Identifier, role: str, privileges: Iterable[str], revo
 
 
 def _view_markers(view: MaterializedView) -> Marker:
-    return Marker(view.owner, "view", view.query.digest)
+    return Marker(view.owner, "view", view.definition_digest)
 
 
 def _index_marker(view: MaterializedView, index: IndexSpec) -> Marker:
@@ -202,9 +202,11 @@ def build_plan(view: MaterializedView, observed: Observed) -> Plan:
         steps.append(_create_step(view))
     else:
         drift = _source_drift(relation.columns, query_columns)
-        query_changed = relation.marker is not None and relation.marker.digest != view.query.digest
+        query_changed = relation.marker is not None and relation.marker.digest != view.definition_digest
         if query_changed or drift:
-            reasons.append("query changed" if query_changed else f"source columns changed: {drift}")
+            reasons.append(
+                "query, searchPath or runAsRole changed" if query_changed else f"source columns changed: {drift}"
+            )
             unmanaged = sorted(n for n, s in observed.indexes.items() if s.marker is None)
             if unmanaged:
                 warnings.append("indexes not managed by this resource are dropped by the swap: " + ", ".join(unmanaged))
@@ -332,7 +334,7 @@ def swap_steps(
     index_names = {view.index_name(i): staging_index_name(view.index_name(i)) for i in view.indexes}
     build = Step(
         f"build the new copy {view.schema}.{staging} with its indexes (readers keep the old one)",
-        tuple(_build_statements(view, staging, index_names, Marker(view.owner, "staging", view.query.digest))),
+        tuple(_build_statements(view, staging, index_names, Marker(view.owner, "staging", view.definition_digest))),
         cleanup=(sql.SQL("DROP MATERIALIZED VIEW IF EXISTS {}").format(relation_id(view.schema, staging)),),
     )
     target = relation_id(view.schema, view.name)

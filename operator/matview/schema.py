@@ -13,6 +13,7 @@ import copy
 import difflib
 import functools
 import re
+import reprlib
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -73,20 +74,46 @@ def _type_matches(value: Any, expected: str) -> bool:
     return True
 
 
-def _describe(value: Any) -> str:
-    text = repr(value)
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 2, 50, 50, 4, 4
+
+
+def describe(value: Any) -> str:
+    """A short repr of a value from outside, bounded however large or deep the value is."""
+    try:
+        text = _REPR.repr(value)
+    except ValueError:  # an integer beyond Python's int-to-text limit
+        text = f"<{type(value).__name__} too large to show>"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+_SIMPLE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,62}$")
+
+
+def child_path(path: str, key: Any) -> str:
+    """``spec.refresh``, or ``spec["odd key"]`` for a key that is not a plain name (empty, spaces, 5, ...)."""
+    if isinstance(key, str) and _SIMPLE_KEY.match(key):
+        return f"{path}.{key}" if path else key
+    return f"{path or '(document)'}[{describe(key)}]"
+
+
+#: Stands for a value of the wrong type: its parent leaves it out, so no later check ever sees it.
+WRONG_TYPE: Any = object()
+
+
 def apply_schema(value: Any, schema: dict[str, Any], path: str, errors: list[FieldError]) -> Any:
-    """Validate value against schema, returning it with defaults filled in; append problems to errors."""
+    """Validate value against schema, returning it with defaults filled in; append problems to errors.
+
+    A value of the wrong type is reported once and left out of the result (``WRONG_TYPE`` at the top),
+    so the checks that follow only ever see well-typed data.
+    """
     expected = schema.get("type")
     if expected and not _type_matches(value, expected):
-        errors.append(FieldError(path, f"must be {_TYPE_NAMES.get(expected, expected)}, got {_describe(value)}"))
-        return value
+        errors.append(FieldError(path, f"must be {_TYPE_NAMES.get(expected, expected)}, got {describe(value)}"))
+        return WRONG_TYPE
     if "enum" in schema and value not in schema["enum"]:
         allowed = ", ".join(str(v) for v in schema["enum"])
-        errors.append(FieldError(path, f"must be one of {allowed}; got {_describe(value)}"))
+        errors.append(FieldError(path, f"must be one of {allowed}; got {describe(value)}"))
     if isinstance(value, str):
         if "minLength" in schema and len(value) < schema["minLength"]:
             errors.append(
@@ -97,35 +124,39 @@ def apply_schema(value: Any, schema: dict[str, Any], path: str, errors: list[Fie
                     else f"must be at least {schema['minLength']} characters",
                 )
             )
-        if "maxLength" in schema and len(value) > schema["maxLength"]:
+        too_long = "maxLength" in schema and len(value) > schema["maxLength"]
+        if too_long:
             errors.append(FieldError(path, f"must be at most {schema['maxLength']} characters, got {len(value)}"))
-        if "pattern" in schema and not re.search(schema["pattern"], value):
-            errors.append(FieldError(path, f"{_describe(value)} does not match the pattern {schema['pattern']}"))
+        elif "pattern" in schema and not re.search(schema["pattern"], value):
+            errors.append(FieldError(path, f"{describe(value)} does not match the pattern {schema['pattern']}"))
     if isinstance(value, list):
         if "minItems" in schema and len(value) < schema["minItems"]:
             errors.append(FieldError(path, f"must have at least {schema['minItems']} item(s)"))
         if "maxItems" in schema and len(value) > schema["maxItems"]:
             errors.append(FieldError(path, f"must have at most {schema['maxItems']} items, got {len(value)}"))
         items = schema.get("items", {})
-        return [apply_schema(item, items, f"{path}[{i}]", errors) for i, item in enumerate(value)]
+        checked = (apply_schema(item, items, f"{path}[{i}]", errors) for i, item in enumerate(value))
+        return [item for item in checked if item is not WRONG_TYPE]
     if isinstance(value, dict) and "properties" in schema:
         properties: dict[str, Any] = schema["properties"]
         result: dict[str, Any] = {}
         for key, item in value.items():
-            child = f"{path}.{key}" if path else str(key)
+            child = child_path(path, key)
             if key not in properties:
                 hint = difflib.get_close_matches(str(key), list(properties), n=1)
                 suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
                 errors.append(FieldError(child, f"unknown field{suggestion}"))
                 continue
-            result[key] = apply_schema(item, properties[key], child, errors)
+            checked = apply_schema(item, properties[key], child, errors)
+            if checked is not WRONG_TYPE:
+                result[key] = checked
         for key, child_schema in properties.items():
             if key not in result and "default" in child_schema and key not in value:
                 result[key] = apply_schema(
-                    copy.deepcopy(child_schema["default"]), child_schema, f"{path}.{key}" if path else key, errors
+                    copy.deepcopy(child_schema["default"]), child_schema, child_path(path, key), errors
                 )
         for key in schema.get("required", []):
             if key not in value:
-                errors.append(FieldError(f"{path}.{key}" if path else key, "is required"))
+                errors.append(FieldError(child_path(path, key), "is required"))
         return result
     return value

@@ -94,6 +94,20 @@ class MaterializedView:
     deletion_policy: DeletionPolicy = "Retain"
     secret_ref: SecretRef | None = None
     generation: int | None = None
+    search_path: tuple[str, ...] = ()
+    """Schemas searched between pg_catalog and pg_temp while the query and predicates are compiled."""
+    run_as_role: str | None = None
+    """The role that builds and owns the view (SET ROLE), so the query runs with that role's rights."""
+
+    @property
+    def definition_digest(self) -> str:
+        """Identifies what the stored view was built from: the query, and the name resolution and role
+        it was compiled under (a change to either rebuilds it). Equal to the query's digest when neither
+        is set, so views built before these fields existed are not rebuilt."""
+        if not self.search_path and self.run_as_role is None:
+            return self.query.digest
+        shape = [self.query.text, list(self.search_path), self.run_as_role]
+        return hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:16]
 
     @property
     def owner(self) -> str:

@@ -14,13 +14,25 @@ re-printed text is what enters SQL, so comments, trailing statements or
 anything the parser did not see as part of the checked node can never reach
 the server. ``embed`` is the single function that turns checked text into
 ``psycopg.sql.SQL``; a ``CheckedSQL`` can only be made by the checkers below.
+
+Text from outside is hostile, so parsing it must not crash the process: the C
+parser recurses once per nesting level and pglast's printer about six Python
+frames per level. Every parse therefore runs in one dedicated thread with a
+large stack, its tree is measured without recursion and refused beyond
+``MAX_NESTING_DEPTH`` levels, and only then is it checked and re-printed, with
+a recursion limit that fits that depth.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
+import queue
+import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pglast import ast, parse_sql
 from pglast.parser import ParseError
@@ -29,6 +41,78 @@ from pglast.visitors import Visitor
 from psycopg import sql
 
 _TOKEN = object()
+_T = TypeVar("_T")
+
+#: The deepest parse tree accepted (a chain ``a || b || c ...`` is one level per operator). PostgreSQL's
+#: own limit depends on max_stack_depth; this one is stated in the CRD and docs/api.md.
+MAX_NESTING_DEPTH = 1000
+#: The parser thread's stack: the C parser needs a few hundred bytes per level, and the CRD bounds a
+#: query to 131,072 characters, so no accepted input comes near it (pages are only committed when used).
+_PARSER_STACK_BYTES = 512 * 1024 * 1024
+#: Python frames the printer may need per tree level (measured: at most 6), plus headroom for callers.
+_FRAMES_PER_LEVEL = 8
+_FRAMES_BASE = 1000
+
+
+class _ParserThread:
+    """One long-lived thread with a large stack that runs every parse, one at a time."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def _serve(self) -> None:
+        while True:
+            job, future = self._jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            # The recursion limit is per interpreter; it is raised only while a job runs on this big stack.
+            previous = sys.getrecursionlimit()
+            sys.setrecursionlimit(max(previous, _FRAMES_BASE + _FRAMES_PER_LEVEL * MAX_NESTING_DEPTH))
+            try:
+                future.set_result(job())
+            except BaseException as exc:  # handed to the caller, who re-raises it in its own thread
+                future.set_exception(exc)
+            finally:
+                sys.setrecursionlimit(previous)
+
+    def run(self, job: Callable[[], _T]) -> _T:
+        if threading.current_thread() is self._thread:
+            return job()
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                previous = threading.stack_size()
+                threading.stack_size(_PARSER_STACK_BYTES)
+                try:
+                    self._thread = threading.Thread(target=self._serve, name="matview-sql-parser", daemon=True)
+                    self._thread.start()
+                finally:
+                    threading.stack_size(previous)
+        future: concurrent.futures.Future[_T] = concurrent.futures.Future()
+        self._jobs.put((job, future))
+        return future.result()
+
+
+_PARSER = _ParserThread()
+
+
+def nesting_depth(node: Any) -> int:
+    """Levels of the parse tree below node, counted without recursion."""
+    deepest = 0
+    pending: list[tuple[Any, int]] = [(node, 1)]
+    while pending:
+        current, depth = pending.pop()
+        if isinstance(current, tuple):
+            pending.extend((child, depth) for child in current)
+        elif isinstance(current, ast.Node):
+            deepest = max(deepest, depth)
+            for slot in current.__slots__:  # type: ignore[attr-defined]
+                child = getattr(current, slot)
+                if isinstance(child, ast.Node | tuple):
+                    pending.append((child, depth + 1))
+    return deepest
+
 
 _FORBIDDEN_NODES: dict[type[Any], str] = {
     ast.InsertStmt: "an INSERT",
@@ -66,15 +150,21 @@ def embed(fragment: CheckedSQL) -> sql.SQL:
 
 
 def _parse(text: str, wrapper: str = "") -> tuple[Any, ...]:
+    """Parse on the parser thread (callers of this run there already); refuse trees nested too deeply."""
     if "\x00" in text:
         raise ValueError("must not contain a NUL character")
     try:
-        return tuple(parse_sql(wrapper + text))
+        statements = tuple(parse_sql(wrapper + text))
     except ParseError as exc:
         message, *rest = exc.args
+        message = message if len(message) <= 200 else message[:150] + "…" + message[-40:]  # the token may be huge
         at = rest[0] - len(wrapper) if rest and isinstance(rest[0], int) else -1
         where = f" (at character {at + 1})" if 0 <= at <= len(text) else ""
         raise ValueError(f"is not valid SQL: {message}{where}") from None
+    depth = max((nesting_depth(s) for s in statements), default=0)
+    if depth > MAX_NESTING_DEPTH:
+        raise ValueError(f"nests {depth} levels deep; at most {MAX_NESTING_DEPTH} are allowed")
+    return statements
 
 
 class _ForbiddenFinder(Visitor):
@@ -109,12 +199,12 @@ def _check_select(text: str, kind: str) -> CheckedSQL:
 
 def check_query(text: str) -> CheckedSQL:
     """Check a view query: one plain SELECT, no data-modifying CTE, no INTO, no locking clause."""
-    return _check_select(text, "query")
+    return _PARSER.run(lambda: _check_select(text, "query"))
 
 
 def check_view_definition(text: str) -> CheckedSQL:
     """Check a dependent view's definition read from pg_get_viewdef before re-creating it."""
-    return _check_select(text, "view definition")
+    return _PARSER.run(lambda: _check_select(text, "view definition"))
 
 
 _PREDICATE_WRAPPER = "SELECT 1 WHERE "
@@ -122,6 +212,10 @@ _PREDICATE_WRAPPER = "SELECT 1 WHERE "
 
 def check_predicate(text: str) -> CheckedSQL:
     """Check a partial-index predicate: exactly one boolean expression, no subquery."""
+    return _PARSER.run(lambda: _check_predicate(text))
+
+
+def _check_predicate(text: str) -> CheckedSQL:
     statements = _parse(text, _PREDICATE_WRAPPER)
     statement = statements[0].stmt if len(statements) == 1 else None
     if not isinstance(statement, ast.SelectStmt) or statement.whereClause is None:
@@ -150,6 +244,10 @@ def check_predicate(text: str) -> CheckedSQL:
 
 def parse_qualified_name(text: str, default_schema: str = "public") -> tuple[str, str]:
     """Split ``schema.table`` (either part may be double-quoted) into its two names."""
+    return _PARSER.run(lambda: _parse_qualified_name(text, default_schema))
+
+
+def _parse_qualified_name(text: str, default_schema: str) -> tuple[str, str]:
     statements = _parse(text, "SELECT FROM ")
     statement = statements[0].stmt if len(statements) == 1 else None
     relation = None

@@ -14,17 +14,18 @@ import datetime as dt
 import re
 import zoneinfo
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cronsim
 import yaml
 
-from matview import sqltext
+from matview import boundedyaml, sqltext
 from matview.constants import API_VERSION, DEFAULT_NAMESPACE, KIND, MAX_IDENTIFIER_BYTES
 from matview.durations import parse_duration
 from matview.errors import FieldError, SpecError
-from matview.schema import apply_schema, openapi_schema
+from matview.schema import apply_schema, describe, openapi_schema
 from matview.spec import (
     Grant,
     IndexSpec,
@@ -38,10 +39,25 @@ from matview.spec import (
 _K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _K8S_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
-#: The smallest durations that make sense; below them a typo is far likelier than intent.
-MIN_INTERVAL_SECONDS = 1.0
-MIN_TIMEOUT_SECONDS = 1.0
-MIN_LOCK_TIMEOUT_SECONDS = 0.01
+#: PostgreSQL's largest statement_timeout and lock_timeout: 2,147,483,647 ms, just over 596 hours.
+MAX_POSTGRES_TIMEOUT_SECONDS = 596 * 3600.0
+
+
+@dataclass(frozen=True)
+class DurationBounds:
+    """The range of one duration field; the CRD's CEL rules state the same numbers (a test compares them)."""
+
+    minimum: float
+    """Below it a typo is far likelier than intent."""
+    maximum: float
+    """Above it PostgreSQL or the scheduler would refuse the value later, when it is too late to say why."""
+
+
+DURATION_BOUNDS: dict[str, DurationBounds] = {
+    "interval": DurationBounds(1.0, 8784 * 3600.0),  # 366 days: a rarer refresh is a cron schedule
+    "timeout": DurationBounds(1.0, MAX_POSTGRES_TIMEOUT_SECONDS),
+    "lockTimeout": DurationBounds(0.01, MAX_POSTGRES_TIMEOUT_SECONDS),
+}
 
 
 def check_identifier(value: str, path: str, errors: list[FieldError]) -> None:
@@ -68,16 +84,23 @@ def _checked(check: Any, text: str, path: str, errors: list[FieldError]) -> Any:
         return None
 
 
-def _duration(text: str | None, minimum: float, path: str, errors: list[FieldError]) -> float | None:
+def _duration(raw: dict[str, Any], key: str, path: str, errors: list[FieldError]) -> float | None:
+    text = raw.get(key)
     if text is None:
         return None
+    bounds = DURATION_BOUNDS[key]
     try:
         seconds = parse_duration(text)
     except ValueError as exc:
-        errors.append(FieldError(path, str(exc)))
+        errors.append(FieldError(f"{path}.{key}", str(exc)))
         return None
-    if seconds < minimum:
-        errors.append(FieldError(path, f"{text} is too short; the minimum is {minimum:g}s"))
+    if seconds < bounds.minimum:
+        errors.append(FieldError(f"{path}.{key}", f"{text} is too short; the minimum is {bounds.minimum:g}s"))
+        return None
+    if seconds > bounds.maximum:
+        errors.append(
+            FieldError(f"{path}.{key}", f"{describe(text)} is too long; the maximum is {bounds.maximum / 3600:g}h")
+        )
         return None
     return seconds
 
@@ -85,12 +108,12 @@ def _duration(text: str | None, minimum: float, path: str, errors: list[FieldErr
 def check_cron(expression: str, time_zone: str | None = None) -> None:
     """Raise ValueError unless expression is a valid 5-field cron expression."""
     if len(expression.split()) != 5:
-        raise ValueError(f"{expression!r} must have 5 fields (minute hour day-of-month month day-of-week)")
+        raise ValueError(f"{describe(expression)} must have 5 fields (minute hour day-of-month month day-of-week)")
     zone = zoneinfo.ZoneInfo(time_zone) if time_zone else dt.UTC
     try:
         next(iter(cronsim.CronSim(expression, dt.datetime.now(zone))))
-    except (cronsim.CronSimError, StopIteration) as exc:
-        raise ValueError(f"{expression!r} is not a valid cron expression: {exc}") from None
+    except (cronsim.CronSimError, StopIteration, ValueError, OverflowError) as exc:
+        raise ValueError(f"{describe(expression)} is not a valid cron expression: {exc}") from None
 
 
 def _index(raw: dict[str, Any], path: str, errors: list[FieldError]) -> dict[str, Any]:
@@ -126,12 +149,13 @@ def _metadata(document: dict[str, Any], errors: list[FieldError]) -> tuple[str, 
     elif len(name) > 253 or not _K8S_NAME.match(name):
         errors.append(
             FieldError(
-                "metadata.name", f"{name!r} is not a valid Kubernetes name (lower-case letters, digits, '-' and '.')"
+                "metadata.name",
+                f"{describe(name)} is not a valid Kubernetes name (lower-case letters, digits, '-' and '.')",
             )
         )
     namespace = metadata.get("namespace", DEFAULT_NAMESPACE)
     if not isinstance(namespace, str) or not _K8S_NAMESPACE.match(namespace) or len(namespace) > 63:
-        errors.append(FieldError("metadata.namespace", f"{namespace!r} is not a valid namespace name"))
+        errors.append(FieldError("metadata.namespace", f"{describe(namespace)} is not a valid namespace name"))
         namespace = DEFAULT_NAMESPACE
     generation = metadata.get("generation")
     return namespace, name, generation if isinstance(generation, int) else None
@@ -145,9 +169,9 @@ def validate_document(document: Any, source: str = "") -> MaterializedView:
             [FieldError("(document)", "must be a mapping with apiVersion, kind, metadata and spec")], source
         )
     if document.get("apiVersion") != API_VERSION:
-        errors.append(FieldError("apiVersion", f"must be {API_VERSION}, got {_short(document.get('apiVersion'))}"))
+        errors.append(FieldError("apiVersion", f"must be {API_VERSION}, got {describe(document.get('apiVersion'))}"))
     if document.get("kind") != KIND:
-        errors.append(FieldError("kind", f"must be {KIND}, got {_short(document.get('kind'))}"))
+        errors.append(FieldError("kind", f"must be {KIND}, got {describe(document.get('kind'))}"))
     namespace, resource_name, generation = _metadata(document, errors)
     full = apply_schema(document, openapi_schema(), "", errors)
     spec: dict[str, Any] = full.get("spec") if isinstance(full.get("spec"), dict) else {}
@@ -159,6 +183,11 @@ def validate_document(document: Any, source: str = "") -> MaterializedView:
     view_name: str = spec["name"] if isinstance(spec.get("name"), str) else resource_name.replace("-", "_")
     if view_name or "name" in spec:
         check_identifier(view_name, "spec.name" if "name" in spec else "metadata.name", errors)
+
+    search_path = _search_path(spec.get("searchPath", []), errors)
+    run_as_role = spec.get("runAsRole")
+    if run_as_role is not None:
+        check_identifier(run_as_role, "spec.runAsRole", errors)
 
     query = None
     if isinstance(spec.get("query"), str):
@@ -209,12 +238,35 @@ def validate_document(document: Any, source: str = "") -> MaterializedView:
         deletion_policy=spec.get("deletionPolicy", "Retain"),
         secret_ref=secret_ref,
         generation=generation,
+        search_path=search_path,
+        run_as_role=run_as_role,
     )
+
+
+#: Schemas that are always on the pinned search_path, in a fixed place (see matview.executor).
+_PINNED_SCHEMAS = {
+    "pg_catalog": "is always searched first",
+    "pg_temp": "is always searched last (listing it would let temporary objects shadow names)",
+}
+
+
+def _search_path(raw: list[str], errors: list[FieldError]) -> tuple[str, ...]:
+    seen: set[str] = set()
+    for i, schema in enumerate(raw):
+        path = f"spec.searchPath[{i}]"
+        check_identifier(schema, path, errors)
+        pinned = _PINNED_SCHEMAS.get("pg_temp" if schema.startswith("pg_temp") else schema)
+        if pinned:
+            errors.append(FieldError(path, f"{describe(schema)} {pinned}; do not list it"))
+        if schema in seen:
+            errors.append(FieldError(path, f"schema {describe(schema)} is listed twice"))
+        seen.add(schema)
+    return tuple(raw)
 
 
 def _refresh(raw: dict[str, Any], indexes: list[IndexSpec], errors: list[FieldError]) -> RefreshSpec:
     path = "spec.refresh"
-    interval = _duration(raw.get("interval"), MIN_INTERVAL_SECONDS, f"{path}.interval", errors)
+    interval = _duration(raw, "interval", path, errors)
     if raw.get("interval") is not None and raw.get("schedule") is not None:
         errors.append(FieldError(path, "set interval or schedule, not both"))
     zone = raw.get("timeZone")
@@ -224,7 +276,7 @@ def _refresh(raw: dict[str, Any], indexes: list[IndexSpec], errors: list[FieldEr
         try:
             zoneinfo.ZoneInfo(zone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            errors.append(FieldError(f"{path}.timeZone", f"{zone!r} is not an IANA time zone"))
+            errors.append(FieldError(f"{path}.timeZone", f"{describe(zone)} is not an IANA time zone"))
             zone = None
     schedule = raw.get("schedule")
     if schedule is not None:
@@ -242,11 +294,8 @@ def _refresh(raw: dict[str, Any], indexes: list[IndexSpec], errors: list[FieldEr
         schedule=schedule,
         time_zone=zone,
         mode=mode,
-        timeout_seconds=_duration(raw.get("timeout", "5m"), MIN_TIMEOUT_SECONDS, f"{path}.timeout", errors) or 300.0,
-        lock_timeout_seconds=_duration(
-            raw.get("lockTimeout", "5s"), MIN_LOCK_TIMEOUT_SECONDS, f"{path}.lockTimeout", errors
-        )
-        or 5.0,
+        timeout_seconds=_duration(raw, "timeout", path, errors) or RefreshSpec.timeout_seconds,
+        lock_timeout_seconds=_duration(raw, "lockTimeout", path, errors) or RefreshSpec.lock_timeout_seconds,
         only_if_changed=bool(raw.get("onlyIfChanged", False)),
         suspend=bool(raw.get("suspend", False)),
     )
@@ -276,19 +325,15 @@ def _check_index_names(
         seen[key] = path
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def load_documents(text: str, source: str = "") -> list[MaterializedView]:
-    """Parse YAML (one or more documents) and validate each; raise SpecError on the first bad one."""
+    """Parse YAML (one or more documents, within boundedyaml's limits) and validate each;
+    raise SpecError on the first bad one."""
     try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+        documents = boundedyaml.load_all(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
         raise SpecError([FieldError("(yaml)", f"{where}{problem}")], source) from None
     if not documents:
         raise SpecError([FieldError("(yaml)", "no document found")], source)
@@ -303,9 +348,16 @@ def load_file(path: str | Path) -> list[MaterializedView]:
     """Read and validate a YAML file."""
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        with file.open("rb") as stream:
+            data = stream.read(boundedyaml.MAX_BYTES + 1)
     except OSError as exc:
         raise SpecError([FieldError("(file)", exc.strerror or str(exc))], str(file)) from None
+    if len(data) > boundedyaml.MAX_BYTES:
+        raise SpecError([FieldError("(file)", f"is larger than {boundedyaml.MAX_BYTES} bytes")], str(file))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError([FieldError("(file)", f"is not UTF-8 text (byte {exc.start + 1})")], str(file)) from None
     return load_documents(text, str(file))
 
 
