@@ -90,6 +90,23 @@ class Observed:
     tables: dict[tuple[str, str], TableState] = field(default_factory=dict)
     owned_supporting: list[IndexState] = field(default_factory=list)
     dependents: list[DependentView] = field(default_factory=list)
+    run_as_role: RoleAccess | None = None
+    """What the operator may do with spec.runAsRole (None when the spec names none)."""
+
+
+@dataclass(frozen=True)
+class RoleAccess:
+    """Whether the connected role can build views as another role and then manage them."""
+
+    exists: bool
+    can_set: bool
+    """SET ROLE to it is allowed (membership; PostgreSQL 16+: the SET option)."""
+    has_privileges: bool
+    """It holds the role's privileges (INHERIT), so it may alter, index, refresh and drop what that role owns."""
+
+    @property
+    def usable(self) -> bool:
+        return self.exists and self.can_set and self.has_privileges
 
 
 _RELATION = sql.SQL("""
@@ -281,12 +298,40 @@ def observe(
         for r in conn.execute(sql.SQL("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)"), (wanted_roles,))
     )
 
+    if view.run_as_role is not None:
+        observed.run_as_role = role_access(conn, view.run_as_role)
+        if not observed.run_as_role.usable:
+            return observed  # the planner reports the role; describing the query as it would only fail
     try:
         with conn.transaction():
+            # Compiled exactly as the build will compile it: the pinned search_path, as runAsRole.
+            conn.execute(
+                sql.SQL("SELECT set_config('search_path', %s, true)"),
+                (sqltext.pinned_search_path(view.search_path),),
+            )
+            if view.run_as_role is not None:
+                conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(view.run_as_role)))
             observed.query_columns = describe_query(conn, view.query)
     except psycopg.Error as exc:
         observed.query_error = (exc.diag.message_primary or str(exc)).strip()
+        if exc.sqlstate in sqltext.UNRESOLVED_NAME_SQLSTATES:
+            observed.query_error += f" ({sqltext.unresolved_name_hint(view.search_path)})"
     return observed
+
+
+_ROLE_ACCESS = sql.SQL("""
+SELECT r.oid IS NOT NULL,
+       coalesce(pg_has_role(current_user, r.oid, CASE WHEN current_setting('server_version_num')::int >= 160000
+                                                      THEN 'SET' ELSE 'MEMBER' END), false),
+       coalesce(pg_has_role(current_user, r.oid, 'USAGE'), false)
+FROM (SELECT %s::text AS name) wanted LEFT JOIN pg_roles r ON r.rolname = wanted.name
+""")
+
+
+def role_access(conn: Connection, role: str) -> RoleAccess:
+    row = conn.execute(_ROLE_ACCESS, (role,)).fetchone()
+    exists, can_set, has_privileges = row if row else (False, False, False)
+    return RoleAccess(bool(exists), bool(can_set), bool(has_privileges))
 
 
 def read_dependents(conn: Connection, oid: int) -> list[DependentView]:

@@ -22,4 +22,3 @@ def parse_duration(text: str) -> float:
     if position != len(text):
         raise ValueError(f"{text!r} is not a duration such as 90s, 5m or 1h30m")
     return total
-

@@ -8,6 +8,7 @@ ownership markers) is the only record of what has been done.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -23,10 +24,8 @@ from matview.executor import ExecutionSettings, execute
 from matview.planner import Plan, build_delete_plan, build_plan, wanted_names
 from matview.spec import MaterializedView
 
-#: First key of the two-key advisory lock this package takes on a view; the second derives from the relation.
-#: Apply (session lock, it spans transactions) and refresh (transaction lock, PgBouncer-safe) share it, so a
-#: drift repair never drops the staging copy of a Swap refresh in flight, and two refreshes never overlap.
-RELATION_LOCK_CLASS = 0x6D76_0001
+#: Hashed with the quoted relation name into the 64-bit advisory-lock key of a view, so our keys are ours.
+LOCK_KEY_NAMESPACE = "matview.dev/relation-lock:"
 
 
 class BusyError(MatviewError):
@@ -61,23 +60,31 @@ def settings_for(view: MaterializedView) -> ExecutionSettings:
     )
 
 
-def lock_key(view: MaterializedView) -> tuple[int, str]:
-    """The advisory-lock key of a view, shared by apply (session lock) and refresh (transaction lock)."""
-    return (RELATION_LOCK_CLASS, f"{view.schema}.{view.name}")
+def lock_key(view: MaterializedView) -> int:
+    """The 64-bit advisory-lock key of a view, shared by apply (session lock) and refresh (transaction lock).
+
+    Schema and name are quoted separately before hashing, so ``"a.b"."c"`` and ``"a"."b.c"`` get different
+    keys; 64 bits of SHA-256 make an accidental collision between views negligible. Apply (session lock, it
+    spans transactions) and refresh (transaction lock, PgBouncer-safe) share it, so a drift repair never drops
+    the staging copy of a Swap refresh in flight, and two refreshes never overlap.
+    """
+    quoted = ".".join('"' + part.replace('"', '""') + '"' for part in (view.schema, view.name))
+    digest = hashlib.sha256((LOCK_KEY_NAMESPACE + quoted).encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 @contextlib.contextmanager
 def relation_lock(conn: Connection, view: MaterializedView) -> Iterator[None]:
     """Hold a session advisory lock for the relation, or raise BusyError at once."""
     key = lock_key(view)
-    row = conn.execute(sql.SQL("SELECT pg_try_advisory_lock(%s, hashtext(%s))"), key).fetchone()
+    row = conn.execute(sql.SQL("SELECT pg_try_advisory_lock(%s::bigint)"), (key,)).fetchone()
     if not row or not row[0]:
         raise BusyError(f"{view.relation}: another process is changing this view right now; try again later")
     try:
         yield
     finally:
         with contextlib.suppress(psycopg.Error):
-            conn.execute(sql.SQL("SELECT pg_advisory_unlock(%s, hashtext(%s))"), key)
+            conn.execute(sql.SQL("SELECT pg_advisory_unlock(%s::bigint)"), (key,))
 
 
 def plan(conn: Connection, view: MaterializedView) -> Plan:

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from matview import sqltext
 from matview.catalog import Connection
 from matview.errors import ApplyError, MatviewError
 from matview.planner import Plan, Step
+from matview.spec import MaterializedView
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +40,8 @@ class ExecutionSettings:
     """Attempts for steps that take an exclusive lock, before the failure is reported."""
     backoff_seconds: float = 0.2
     """First pause between attempts; doubled each time, with jitter."""
-    advisory_lock: tuple[int, str] | None = None
-    """(class, relation): every transactional step first takes this transaction-level advisory lock."""
+    advisory_lock: int | None = None
+    """Every transactional step first takes this transaction-level advisory lock (see engine.lock_key)."""
 
 
 def set_timeouts(conn: Connection, statement_seconds: float, lock_seconds: float, local: bool) -> None:
@@ -73,10 +75,10 @@ def run_with_lock_retries(
             delay *= 2
 
 
-def try_transaction_lock(conn: Connection, key: tuple[int, str]) -> bool:
-    """Take the transaction-level advisory lock (class, name) if it is free; it goes with the transaction,
+def try_transaction_lock(conn: Connection, key: int) -> bool:
+    """Take the transaction-level advisory lock key if it is free; it goes with the transaction,
     so it also works behind PgBouncer in transaction mode."""
-    row = conn.execute(sql.SQL("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))"), key).fetchone()
+    row = conn.execute(sql.SQL("SELECT pg_try_advisory_xact_lock(%s::bigint)"), (key,)).fetchone()
     return bool(row and row[0])
 
 
@@ -84,22 +86,39 @@ class BusyStepError(MatviewError):
     """A step's advisory lock is held by another session."""
 
 
-def _run_step(conn: Connection, step: Step, settings: ExecutionSettings) -> None:
+def pin_name_resolution(conn: Connection, view: MaterializedView, local: bool) -> None:
+    """Compile user SQL under sqltext.pinned_search_path, never the session's default search_path."""
+    conn.execute(
+        sql.SQL("SELECT set_config('search_path', %s, %s)"), (sqltext.pinned_search_path(view.search_path), local)
+    )
+
+
+def become_query_role(conn: Connection, view: MaterializedView) -> None:
+    """Inside a transaction: act as spec.runAsRole until it ends (nothing when the spec names none)."""
+    if view.run_as_role is not None:
+        conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(view.run_as_role)))
+
+
+def _run_step(conn: Connection, step: Step, settings: ExecutionSettings, view: MaterializedView) -> None:
     if step.transactional:
         with conn.transaction():
             if settings.advisory_lock is not None and not try_transaction_lock(conn, settings.advisory_lock):
-                raise BusyStepError(f"another process holds the lock on {settings.advisory_lock[1]}")
+                raise BusyStepError("another process holds the lock on this view")
             set_timeouts(conn, settings.statement_timeout_seconds, settings.lock_timeout_seconds, local=True)
+            pin_name_resolution(conn, view, local=True)
+            if step.runs_query:
+                become_query_role(conn, view)
             for statement in step.statements:
                 conn.execute(statement)
     else:
         set_timeouts(conn, settings.statement_timeout_seconds, settings.lock_timeout_seconds, local=False)
+        pin_name_resolution(conn, view, local=False)
         try:
             for statement in step.statements:
                 conn.execute(statement)
         finally:
             with contextlib.suppress(psycopg.Error):
-                conn.execute(sql.SQL("RESET statement_timeout; RESET lock_timeout"))
+                conn.execute(sql.SQL("RESET statement_timeout; RESET lock_timeout; RESET search_path"))
 
 
 def execute(conn: Connection, plan: Plan, settings: ExecutionSettings) -> list[str]:
@@ -110,12 +129,12 @@ def execute(conn: Connection, plan: Plan, settings: ExecutionSettings) -> list[s
         try:
             if step.takes_exclusive_lock:
                 run_with_lock_retries(
-                    lambda step=step: _run_step(conn, step, settings),  # type: ignore[misc]
+                    lambda step=step: _run_step(conn, step, settings, plan.view),  # type: ignore[misc]
                     settings,
                     step.description,
                 )
             else:
-                _run_step(conn, step, settings)
+                _run_step(conn, step, settings, plan.view)
         except BusyStepError:
             for statement in step.cleanup:
                 with contextlib.suppress(psycopg.Error):
@@ -127,6 +146,8 @@ def execute(conn: Connection, plan: Plan, settings: ExecutionSettings) -> list[s
                     conn.execute(statement)
             sqlstate = exc.sqlstate or "?"
             message = (exc.diag.message_primary or str(exc)).strip()
+            if sqlstate in sqltext.UNRESOLVED_NAME_SQLSTATES:
+                message += f" ({sqltext.unresolved_name_hint(plan.view.search_path)})"
             raise ApplyError(
                 f"{plan.view.relation}: step '{step.description}' failed [{sqlstate}]: {message}"
                 + (f" (done before it: {'; '.join(done)})" if done else "")

@@ -48,6 +48,8 @@ class Step:
     """Run (best effort, autocommit) when the step fails, e.g. to drop an INVALID index."""
     makes_data_live: bool = False
     """Readers see freshly computed data once this step commits (create, swap): it counts as a refresh."""
+    runs_query: bool = False
+    """Builds the view from the user's query: runs as spec.runAsRole when set (the new relation is its)."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,19 @@ def build_plan(view: MaterializedView, observed: Observed) -> Plan:
         if grant.role != "PUBLIC" and grant.role not in observed.roles:
             errors.append(FieldError(f"spec.grants[{i}].role", f"role {grant.role!r} does not exist"))
     errors += _check_supporting(view, observed)
+    access = observed.run_as_role
+    if access is not None and not access.usable:
+        role = view.run_as_role
+        if not access.exists:
+            errors.append(FieldError("spec.runAsRole", f"role {role!r} does not exist"))
+        else:
+            errors.append(
+                FieldError(
+                    "spec.runAsRole",
+                    f"the operator's role {observed.current_user!r} cannot act as {role!r}: "
+                    f"GRANT {role} TO {observed.current_user} (with SET and INHERIT)",
+                )
+            )
     if errors:
         raise SpecError(errors)
 
@@ -304,7 +319,12 @@ def _create_step(view: MaterializedView) -> Step:
     names = {view.index_name(i): view.index_name(i) for i in view.indexes}
     statements = _build_statements(view, view.name, names, _view_markers(view))
     statements += _grant_statements(view, relation_id(view.schema, view.name))
-    return Step(f"create {view.relation} with {len(view.indexes)} index(es)", tuple(statements), makes_data_live=True)
+    return Step(
+        f"create {view.relation} with {len(view.indexes)} index(es)",
+        tuple(statements),
+        makes_data_live=True,
+        runs_query=True,
+    )
 
 
 def swap_steps(
@@ -336,6 +356,7 @@ def swap_steps(
         f"build the new copy {view.schema}.{staging} with its indexes (readers keep the old one)",
         tuple(_build_statements(view, staging, index_names, Marker(view.owner, "staging", view.definition_digest))),
         cleanup=(sql.SQL("DROP MATERIALIZED VIEW IF EXISTS {}").format(relation_id(view.schema, staging)),),
+        runs_query=True,
     )
     target = relation_id(view.schema, view.name)
     swap: list[Statement] = [

@@ -39,6 +39,7 @@ from matview.executor import (
     BusyStepError,
     ExecutionSettings,
     execute,
+    pin_name_resolution,
     run_with_lock_retries,
     set_timeouts,
     try_transaction_lock,
@@ -334,6 +335,7 @@ def _refresh_in_place(
         with conn.transaction():
             _lock(conn, view)
             set_timeouts(conn, settings.statement_timeout_seconds, settings.lock_timeout_seconds, local=True)
+            pin_name_resolution(conn, view, local=True)  # REFRESH runs the stored query as the view's owner
             clock = time.monotonic()
             conn.execute(statement)
             # The new state commits with the data it describes: no window where one exists without the other.

@@ -53,6 +53,17 @@ class RunnerSettings:
     """How often ``matview run`` looks for changed files."""
 
 
+def reset_session(conn: Connection) -> None:
+    """Return a pooled connection to a clean session before anyone else uses it.
+
+    The user's query runs on these connections and can change session state from a SELECT:
+    ``pg_advisory_lock`` (which would make another view look busy forever), ``set_config`` of any
+    parameter, a role. DISCARD ALL releases and resets all of it (psycopg drops its prepared
+    statements with it); a connection that cannot be reset is discarded by the pool.
+    """
+    conn.execute(sql.SQL("DISCARD ALL"))
+
+
 class Refresher:
     """Refreshes views from asyncio, with a per-database cap, pooled connections and metrics."""
 
@@ -70,12 +81,20 @@ class Refresher:
                 min_size=0,
                 max_size=self.settings.max_concurrent_per_database + 1,
                 open=True,
-                kwargs={"autocommit": True, "application_name": APPLICATION_NAME, "connect_timeout": 10},
+                # No server-side prepared statements: DISCARD ALL (reset_session) drops them, and a refresh runs
+                # too few statements per connection for preparing to pay (it also keeps PgBouncer happy).
+                kwargs={
+                    "autocommit": True,
+                    "application_name": APPLICATION_NAME,
+                    "connect_timeout": 10,
+                    "prepare_threshold": None,
+                },
                 # Fail fast when the database is down (callers retry and report it), and keep reconnecting
                 # in the background only about as long as a retry would wait anyway.
                 timeout=10,
                 reconnect_timeout=60,
                 name=APPLICATION_NAME,
+                reset=reset_session,
             )
         return self._pools[dsn]
 

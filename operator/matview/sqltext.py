@@ -142,6 +142,27 @@ class CheckedSQL:
         return hashlib.sha256(self.text.encode()).hexdigest()[:16]
 
 
+def pinned_search_path(schemas: tuple[str, ...] = ()) -> str:
+    """The search_path every statement that compiles user SQL runs under: pg_catalog first, pg_temp last, and
+    between them only the schemas the spec lists (spec.searchPath). With the session default (``"$user",
+    public``) any role that may create objects in public could shadow a function the query calls with a
+    better-matching one of its own, and the operator's role would run it."""
+    quoted = ['"' + schema.replace('"', '""') + '"' for schema in schemas]
+    return ", ".join(["pg_catalog", *quoted, "pg_temp"])
+
+
+#: SQLSTATEs of a name that did not resolve: under the pinned search_path, most likely an unqualified name.
+UNRESOLVED_NAME_SQLSTATES = frozenset({"42P01", "42883", "42704", "3F000", "42P02"})
+
+
+def unresolved_name_hint(schemas: tuple[str, ...]) -> str:
+    """What to do when a name in the user's SQL did not resolve under the pinned search_path."""
+    return (
+        f"names resolve only in {pinned_search_path(schemas)}: write the name as schema.name, "
+        "or list its schema in spec.searchPath"
+    )
+
+
 def embed(fragment: CheckedSQL) -> sql.SQL:
     """THE audited function: the only place where non-constant text becomes SQL."""
     if not isinstance(fragment, CheckedSQL):

@@ -1,0 +1,239 @@
+"""The query runs under a pinned name resolution and as the role the spec names; sessions stay clean (issue #10).
+
+The operator connects as a non-superuser role, as docs/operations.md recommends. An attacker role that
+may create objects in ``public`` plants a better-matching ``public.upper(varchar)`` that copies a table
+it cannot read; a control step proves the plant works against the session's default search_path, and
+then apply, Swap and Concurrent refreshes must never call it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from matview import engine
+from matview.catalog import Connection
+from matview.errors import ApplyError, SpecError
+from matview.metrics import RefreshMetrics
+from matview.refresh import refresh
+from matview.runner import Refresher, RunnerSettings
+from matview.spec import MaterializedView
+from tests.helpers import view
+
+
+class Roles:
+    """Role names unique to one test database (roles are cluster-wide), and DSNs to log in as them."""
+
+    def __init__(self, dsn: str) -> None:
+        self.suffix = dsn.rsplit("/", 1)[1]
+        self.dsn = dsn
+
+    def __getitem__(self, name: str) -> str:
+        return f"{name}_{self.suffix}"
+
+    def login(self, name: str) -> str:
+        return self.dsn.replace("postgres@", f"{self[name]}@", 1)
+
+
+@pytest.fixture
+def roles(conn: Connection, dsn: str) -> Iterator[Roles]:
+    r = Roles(dsn)
+    operator, attacker, team, other = r["operator"], r["attacker"], r["team"], r["other"]
+    conn.execute(f"""
+        CREATE ROLE {operator} LOGIN;
+        CREATE ROLE {attacker} LOGIN;
+        CREATE ROLE {team} NOLOGIN;
+        CREATE ROLE {other} NOLOGIN;
+        CREATE SCHEMA app;
+        CREATE TABLE app.t (id int PRIMARY KEY, code varchar NOT NULL);
+        INSERT INTO app.t SELECT g, 'code' || g FROM generate_series(1, 20) g;
+        CREATE TABLE app.secret (s text NOT NULL);
+        INSERT INTO app.secret VALUES ('payroll'), ('keys');
+        GRANT USAGE ON SCHEMA app TO {operator}, {team};
+        GRANT SELECT ON app.t TO {operator}, {team};
+        GRANT SELECT ON app.secret TO {operator};
+        CREATE SCHEMA reports AUTHORIZATION {operator};
+        GRANT USAGE, CREATE ON SCHEMA reports TO {team};
+        GRANT {team} TO {operator};
+        GRANT USAGE, CREATE ON SCHEMA public TO {attacker};
+    """)
+    yield r
+    for name in (operator, attacker, team, other):
+        conn.execute(f"DROP OWNED BY {name} CASCADE")
+    for name in (operator, attacker, team, other):
+        conn.execute(f"DROP ROLE {name}")
+
+
+def plant_the_attack(roles: Roles) -> None:
+    """As the attacker: a table anyone may write, and an upper(varchar) that copies app.secret into it."""
+    with psycopg.connect(roles.login("attacker"), autocommit=True) as attacker:
+        attacker.execute("""
+            SET check_function_bodies = off;  -- the attacker cannot read app.secret; its victim can
+            CREATE TABLE public.loot (s text);
+            GRANT INSERT ON public.loot TO PUBLIC;
+            CREATE FUNCTION public.upper(varchar) RETURNS text LANGUAGE sql VOLATILE AS
+              $$ INSERT INTO public.loot SELECT s FROM app.secret; SELECT pg_catalog.upper($1::text) $$;
+        """)
+
+
+def loot(conn: Connection) -> int:
+    row = conn.execute("SELECT count(*) FROM public.loot").fetchone()
+    return int(row[0]) if row else -1
+
+
+def report(**spec: Any) -> MaterializedView:
+    body: dict[str, Any] = {"schema": "reports", "name": "codes", "query": "SELECT id, upper(code) AS c FROM app.t"}
+    body.update(spec)
+    return view("codes", "ops", **body)
+
+
+def test_the_planted_function_never_runs_as_the_operator(conn: Connection, roles: Roles) -> None:
+    plant_the_attack(roles)
+    with psycopg.connect(roles.login("operator"), autocommit=True) as control:
+        control.execute("SELECT upper(code) FROM app.t")  # the session's default "$user", public
+    assert loot(conn) == 2 * 20, "the control step shows the plant works against the default search_path"
+    conn.execute("TRUNCATE public.loot")
+
+    v = report(indexes=[{"columns": ["id"], "unique": True}], refresh={"mode": "Swap"})
+    with engine.connect(roles.login("operator")) as operator:
+        assert engine.apply(operator, v).changed
+        assert refresh(operator, v, "Swap").result == "success"
+        assert refresh(operator, v, "Concurrent").result == "success"
+        assert refresh(operator, v, "Full").result == "success"
+        changed = view("codes", "ops", **{**_spec(v), "query": "SELECT id, upper(code) AS c, 1 AS v FROM app.t"})
+        assert "query, searchPath or runAsRole changed" in engine.apply(operator, changed).plan.reasons
+    assert loot(conn) == 0
+    row = conn.execute("SELECT c FROM reports.codes WHERE id = 1").fetchone()
+    assert row == ("CODE1",)
+    uses_planted = conn.execute(
+        "SELECT count(*) FROM pg_depend WHERE refobjid = 'public.upper(varchar)'::regprocedure"
+    ).fetchone()
+    assert uses_planted == (0,), "the stored definition must reference pg_catalog.upper"
+
+
+def _spec(v: MaterializedView) -> dict[str, Any]:
+    return {
+        "schema": v.schema,
+        "name": v.name,
+        "indexes": [{"columns": list(i.columns), "unique": i.unique} for i in v.indexes],
+        "refresh": {"mode": v.refresh.mode},
+    }
+
+
+def test_unqualified_names_fail_at_apply_with_what_to_do(conn: Connection, roles: Roles) -> None:
+    unqualified = report(query="SELECT id, code FROM t")
+    with engine.connect(roles.login("operator")) as operator, pytest.raises(SpecError) as caught:
+        engine.apply(operator, unqualified)
+    message = {e.path: e.message for e in caught.value.errors}["spec.query"]
+    assert 'relation "t" does not exist' in message
+    assert "write the name as schema.name, or list its schema in spec.searchPath" in message
+    listed = report(query="SELECT id, code FROM t", searchPath=["app"])
+    with engine.connect(roles.login("operator")) as operator:
+        assert engine.apply(operator, listed).changed
+    assert conn.execute("SELECT count(*) FROM reports.codes").fetchone() == (20,)
+
+
+def test_an_unqualified_predicate_function_fails_with_the_same_hint(conn: Connection, roles: Roles) -> None:
+    conn.execute("CREATE FUNCTION app.small(int) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT $1 < 5'")
+    conn.execute(f"GRANT EXECUTE ON FUNCTION app.small(int) TO {roles['operator']}")
+    v = report(indexes=[{"columns": ["id"], "where": "small(id)"}])
+    with engine.connect(roles.login("operator")) as operator, pytest.raises(ApplyError) as caught:
+        engine.apply(operator, v)
+    assert "function small(integer) does not exist" in str(caught.value)
+    assert "list its schema in spec.searchPath" in str(caught.value)
+    assert conn.execute("SELECT to_regclass('reports.codes')").fetchone() == (None,), "nothing half-created"
+
+
+def test_run_as_role_builds_and_owns_the_view_with_that_roles_rights(conn: Connection, roles: Roles) -> None:
+    team = roles["team"]
+    secret = report(query="SELECT s FROM app.secret", runAsRole=team)
+    with engine.connect(roles.login("operator")) as operator, pytest.raises(ApplyError) as caught:
+        engine.apply(operator, secret)
+    assert "permission denied for table secret" in str(caught.value)
+    assert conn.execute("SELECT to_regclass('reports.codes')").fetchone() == (None,), "nothing half-created"
+
+    v = report(runAsRole=team, indexes=[{"columns": ["id"], "unique": True}])
+    with engine.connect(roles.login("operator")) as operator:
+        engine.apply(operator, v)
+        for mode in ("Swap", "Concurrent", "Full"):
+            assert refresh(operator, v, mode).result == "success", mode
+    owner = conn.execute("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = 'reports.codes'::regclass")
+    assert owner.fetchone() == (team,)
+    # Dropping the role's grant on the table shows the view really runs with the role's rights.
+    conn.execute(f"REVOKE SELECT ON app.t FROM {team}")
+    with engine.connect(roles.login("operator")) as operator:
+        failed = refresh(operator, v, "Full")
+    assert (failed.result, failed.failure_reason) == ("failure", "permission")
+
+
+@pytest.mark.parametrize(("role", "words"), [("other", "cannot act as"), ("missing", "does not exist")])
+def test_a_role_the_operator_cannot_use_is_refused_before_any_change(
+    conn: Connection, roles: Roles, role: str, words: str
+) -> None:
+    v = report(runAsRole=roles[role])
+    with engine.connect(roles.login("operator")) as operator, pytest.raises(SpecError) as caught:
+        engine.apply(operator, v)
+    assert words in {e.path: e.message for e in caught.value.errors}["spec.runAsRole"]
+    assert conn.execute("SELECT to_regclass('reports.codes')").fetchone() == (None,)
+
+
+def test_lock_keys_quote_schema_and_name_separately() -> None:
+    first = view("one", "ops", schema="a.b", name="c")
+    second = view("two", "ops", schema="a", name="b.c")
+    assert engine.lock_key(first) != engine.lock_key(second)
+    assert -(2**63) <= engine.lock_key(first) < 2**63
+    assert engine.lock_key(first) == engine.lock_key(view("three", "other", schema="a.b", name="c"))
+
+
+async def test_a_query_taking_another_views_lock_cannot_block_it(conn: Connection, dsn: str) -> None:
+    conn.execute("CREATE SCHEMA ops")
+    victim = view("victim", "ops", schema="ops", query="SELECT 1 AS one")
+    grabber = view(
+        "grabber",
+        "ops",
+        schema="ops",
+        query=f"SELECT pg_try_advisory_lock({engine.lock_key(victim)}::bigint) AS grabbed",
+        refresh={"mode": "Full"},
+    )
+    refresher = Refresher(RefreshMetrics(), RunnerSettings(max_concurrent_per_database=1))
+    try:
+        await refresher.run_sync(dsn, lambda c: engine.apply(c, victim))
+        await refresher.run_sync(dsn, lambda c: engine.apply(c, grabber))
+        grabbed = await refresher.refresh(dsn, grabber)
+        assert grabbed.result == "success"
+        assert conn.execute("SELECT grabbed FROM ops.grabber").fetchone() == (True,), "the query did take it"
+        with engine.connect(dsn) as other:
+            free = other.execute("SELECT pg_try_advisory_lock(%s::bigint)", (engine.lock_key(victim),)).fetchone()
+        assert free == (True,), "the pooled session kept the victim's lock after the refresh"
+        # Sessions are reset between uses, and every later use of them still works (psycopg's prepared
+        # statements would not survive the reset: the pool does not prepare).
+        results = [await refresher.refresh(dsn, victim) for _ in range(8)]
+        results += await asyncio.gather(*(refresher.refresh(dsn, victim) for _ in range(3)))
+        assert [r.result for r in results] == ["success"] * 11, [r.message for r in results]
+    finally:
+        refresher.close()
+
+
+async def test_settings_a_query_changes_do_not_outlive_it(conn: Connection, dsn: str) -> None:
+    conn.execute("CREATE SCHEMA ops")
+    sneaky = view(
+        "sneaky",
+        "ops",
+        schema="ops",
+        query="SELECT set_config('statement_timeout', '1ms', false) AS t, set_config('work_mem', '64kB', false) AS w",
+        refresh={"mode": "Full"},
+    )
+    refresher = Refresher(RefreshMetrics(), RunnerSettings(max_concurrent_per_database=1))
+    try:
+        await refresher.run_sync(dsn, lambda c: engine.apply(c, sneaky))
+        assert (await refresher.refresh(dsn, sneaky)).result == "success"
+        settings = await refresher.run_sync(
+            dsn, lambda c: c.execute("SELECT current_setting('work_mem'), pg_sleep(0.05)::text").fetchone()
+        )
+        assert settings[0] != "64kB"
+    finally:
+        refresher.close()
