@@ -111,3 +111,20 @@ def test_no_database_configured_uses_the_embedded_server(tmp_path: Path) -> None
     finally:
         stopped = matview("embedded-stop", cwd=tmp_path)
     assert stopped.stdout.strip() == "stopped"
+
+
+def test_the_dsn_can_come_from_a_file_so_it_stays_off_the_process_list(dsn: str, tmp_path: Path) -> None:
+    spec = tmp_path / "mv.yaml"
+    spec.write_text(to_yaml(document("orders", schema="public")))
+    dsn_file = tmp_path / "dsn"
+    dsn_file.write_text(dsn + "\n")
+    dsn_file.chmod(0o600)
+    applied = matview("apply", "--dsn-file", str(dsn_file), str(spec))
+    assert applied.returncode == 0, applied.stderr
+    with psycopg.connect(dsn) as conn:
+        assert is_matview(conn, "public", "orders")
+    missing = matview("plan", "--dsn-file", str(tmp_path / "nope"), str(spec))
+    assert missing.returncode == 2
+    assert "--dsn-file:" in missing.stderr and "No such file" in missing.stderr
+    both = matview("plan", "--dsn", dsn, "--dsn-file", str(dsn_file), str(spec))
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr

@@ -29,6 +29,8 @@ DEFAULT_EMBEDDED_DIR = Path(".matview/pgdata")
 def _database_url(args: argparse.Namespace) -> str:
     if args.dsn:
         return str(args.dsn)
+    if getattr(args, "dsn_file", None):
+        return _read_dsn_file(Path(args.dsn_file))
     if os.environ.get("DATABASE_URL"):
         return os.environ["DATABASE_URL"]
     from matview.localpg import ensure_embedded
@@ -38,6 +40,17 @@ def _database_url(args: argparse.Namespace) -> str:
         f"using the embedded PostgreSQL in {args.embedded_dir} ({dsn}); stop it with 'matview embedded-stop'",
         file=sys.stderr,
     )
+    return dsn
+
+
+def _read_dsn_file(path: Path) -> str:
+    """A DSN kept in a file (a mounted Secret, a 0600 file) so the password never shows in the process list."""
+    try:
+        dsn = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([FieldError("--dsn-file", f"{path}: {getattr(exc, 'strerror', None) or exc}")]) from None
+    if not dsn:
+        raise SpecError([FieldError("--dsn-file", f"{path} is empty")])
     return dsn
 
 
@@ -230,7 +243,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from matview.metrics import RefreshMetrics
     from matview.runner import Refresher, Scheduler
 
-    if args.dsn or os.environ.get("DATABASE_URL"):
+    if args.dsn or args.dsn_file or os.environ.get("DATABASE_URL"):
         dsn = _database_url(args)
     else:
         from matview.localpg import ensure_embedded
@@ -331,7 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
         if files:
             p.add_argument("files", nargs="+", metavar="FILE", help="MaterializedView YAML file(s)")
         if database:
-            p.add_argument("--dsn", help="libpq connection string or URI (default: $DATABASE_URL, else embedded)")
+            source = p.add_mutually_exclusive_group()
+            source.add_argument(
+                "--dsn",
+                help="libpq connection string or URI; it shows in the process list, so prefer --dsn-file or "
+                "$DATABASE_URL for one with a password (default: $DATABASE_URL, else embedded)",
+            )
+            source.add_argument("--dsn-file", metavar="PATH", help="read the connection string from this file")
         p.add_argument("--embedded-dir", default=str(DEFAULT_EMBEDDED_DIR), help=argparse.SUPPRESS)
         return p
 

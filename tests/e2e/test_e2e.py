@@ -70,6 +70,10 @@ def condition(plane: ControlPlane, ns: str, name: str, type_: str) -> dict[str, 
             "Concurrent needs a unique index",
         ),
         ("bad duration", {"refresh": {"interval": "soon"}}, "should match"),
+        ("timeout past PostgreSQL's limit", {"refresh": {"timeout": "600h"}}, "between 1s and 596h"),
+        ("interval past the scheduler's range", {"refresh": {"interval": "99999999999h"}}, "spec.refresh"),
+        ("lockTimeout too short", {"refresh": {"lockTimeout": "1ms"}}, "between 10ms and 596h"),
+        ("Secret name with a path", {"database": {"secretRef": {"name": "../kube-system/x"}}}, "should match"),
     ],
 )
 def test_the_apiserver_refuses_invalid_resources(
@@ -141,10 +145,36 @@ def test_the_operator_service_account_has_only_what_it_uses(control_plane: Contr
     }
     assert ours == {("matview.dev", "materializedviews", v) for v in ("get", "list", "watch", "patch")} | {
         ("matview.dev", "materializedviews/status", "patch"),
-        ("", "secrets", "get"),
         ("", "events", "create"),
     }
-    assert ("", "secrets", "list") not in granted
+    assert not {g for g in granted if g[1] == "secrets"}, "no Secret may be readable where no binding says so"
+    ns = namespace(control_plane, "e2e-secrets-access")
+    bind_secrets(control_plane, ns)
+    status, review = control_plane.request(
+        "POST",
+        "/apis/authorization.k8s.io/v1/selfsubjectrulesreviews",
+        {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectRulesReview", "spec": {"namespace": ns}},
+        token=token,
+    )
+    assert status == 201, review
+    secrets = {
+        (group, resource, verb)
+        for rule in review["status"]["resourceRules"]
+        for group in rule.get("apiGroups", [])
+        for resource in rule.get("resources", [])
+        for verb in rule.get("verbs", [])
+        if resource == "secrets"
+    }
+    assert secrets == {("", "secrets", "get")}
+
+
+def bind_secrets(plane: ControlPlane, ns: str) -> None:
+    """What manifests/secrets-access does for one namespace."""
+    import yaml
+
+    binding = yaml.safe_load((ROOT / "manifests/secrets-access/role-binding.yaml").read_text())
+    binding["metadata"]["namespace"] = ns
+    plane.create(binding)
 
 
 @pytest.fixture
@@ -203,8 +233,14 @@ def test_operator_end_to_end(control_plane: ControlPlane, operator_process: Any,
     )
     assert status == 201, body
 
-    missing = wait_for(lambda: condition(control_plane, ns, "sales-by-region", "Ready"), "a Ready condition")
-    assert (missing["status"], missing["reason"]) == ("False", "SecretNotFound")
+    forbidden = wait_for(lambda: condition(control_plane, ns, "sales-by-region", "Ready"), "a Ready condition")
+    assert (forbidden["status"], forbidden["reason"]) == ("False", "SecretForbidden")
+    assert "matview-operator-secrets" in forbidden["message"]
+    bind_secrets(control_plane, ns)
+    wait_for(
+        lambda: (c := condition(control_plane, ns, "sales-by-region", "Ready")) and c["reason"] == "SecretNotFound",
+        "SecretNotFound once the operator may read Secrets here",
+    )
     wrong = dsn.rsplit(":", 1)[0] + ":1/nowhere?connect_timeout=1"
     control_plane.create(
         {

@@ -86,6 +86,23 @@ async def test_invalid_spec_never_reaches_the_database(cluster: Cluster, operato
     await eventually(lambda: _gone(cluster), "the invalid resource to go away")
 
 
+async def test_a_hostile_resource_is_reported_and_its_neighbours_keep_working(
+    cluster: Cluster, operator: Any, dsn: str
+) -> None:
+    # 30,000 chained terms (60 KB, within the CRD's maxLength) once killed the whole process in the parser.
+    setup_sales(dsn)
+    await cluster.put_secret("db", {"uri": dsn})
+    await cluster.create_view("hostile", spec(name="hostile", query="SELECT " + "1+" * 30_000 + "1 AS x"))
+    await cluster.create_view("sales-by-region", spec())
+    hostile = await eventually(lambda: cluster.condition("hostile", "Ready"), "the hostile one reported")
+    assert (hostile["status"], hostile["reason"]) == ("False", "InvalidSpec")
+    assert "spec.query: nests" in hostile["message"]
+    assert [e for e in await cluster.events() if e.get("reason") == "InvalidSpec"]
+    ready = await eventually(lambda: cluster.condition("sales-by-region", "Ready"), "the neighbour Ready")
+    assert ready["status"] == "True", ready
+    assert exists(dsn) and not exists(dsn, "hostile")
+
+
 async def test_missing_secret_is_reported_and_clears_once_created(cluster: Cluster, operator: Any, dsn: str) -> None:
     setup_sales(dsn)
     await cluster.create_view("sales-by-region", spec())

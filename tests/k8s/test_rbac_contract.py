@@ -29,9 +29,11 @@ VERBS = {
 
 def granted() -> set[tuple[str, str, str]]:
     documents = list(yaml.safe_load_all((ROOT / "manifests/core/rbac.yaml").read_text()))
-    role = next(d for d in documents if d["kind"] == "ClusterRole")
+    roles = [d for d in documents if d["kind"] == "ClusterRole"]
+    assert {r["metadata"]["name"] for r in roles} == {"matview-operator", "matview-operator-secrets"}
     return {
         (group, resource, verb)
+        for role in roles
         for rule in role["rules"]
         for group in rule["apiGroups"]
         for resource in rule["resources"]

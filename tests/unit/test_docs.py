@@ -26,3 +26,14 @@ def test_reference_covers_every_spec_field() -> None:
         "status.lastRefresh.durationSeconds",
     ):
         assert f"`{field}`" in text
+
+
+def test_the_readme_example_is_a_valid_materialized_view() -> None:
+    import re
+
+    from matview.validation import load_documents
+
+    block = re.search(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert block is not None
+    (view,) = load_documents(block.group(1), "README.md")
+    assert view.run_as_role == "reporting_views" and view.search_path == ()

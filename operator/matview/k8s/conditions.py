@@ -22,6 +22,7 @@ INVALID_SPEC: Final = "InvalidSpec"
 # (Reasons about Secrets, not secrets: the S105 suppressions below are for the linter.)
 SECRET_NOT_FOUND: Final = "SecretNotFound"  # noqa: S105
 SECRET_KEY_MISSING: Final = "SecretKeyMissing"  # noqa: S105
+SECRET_FORBIDDEN: Final = "SecretForbidden"  # noqa: S105
 DATABASE_UNREACHABLE: Final = "DatabaseUnreachable"
 OBJECT_CONFLICT: Final = "ObjectConflict"
 DEPENDENT_OBJECTS: Final = "DependentObjects"

@@ -40,18 +40,24 @@ def reset() -> None:
     _api_client.cache_clear()
 
 
+class SecretForbiddenError(Exception):
+    """RBAC does not let the operator read Secrets in this namespace."""
+
+
 def _read_secret(namespace: str, name: str) -> dict[str, str] | None:
     try:
         secret = kubernetes.client.CoreV1Api(_api_client()).read_namespaced_secret(name, namespace)
     except ApiException as exc:
         if exc.status == 404:
             return None
+        if exc.status == 403:
+            raise SecretForbiddenError(namespace) from None
         raise
     return {str(k): str(v) for k, v in (secret.data or {}).items()}
 
 
 async def read_secret(namespace: str, name: str) -> dict[str, str] | None:
-    """The Secret's base64 data, or None when it does not exist."""
+    """The Secret's base64 data, or None when it does not exist; SecretForbiddenError when RBAC refuses."""
     return await asyncio.to_thread(_read_secret, namespace, name)
 
 

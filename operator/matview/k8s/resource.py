@@ -26,13 +26,25 @@ def view_of(body: Mapping[str, Any]) -> MaterializedView:
     return validate_document(document(body))
 
 
+#: The ClusterRole (manifests/core/rbac.yaml) that grants reading Secrets, bound per namespace of views.
+SECRETS_CLUSTER_ROLE = "matview-operator-secrets"
+
+
 async def resolve_dsn(view: MaterializedView) -> str:
     """The DSN from the Secret named by spec.database.secretRef, in the resource's own namespace."""
     if view.secret_ref is None:
         raise CredentialsError(
             conditions.INVALID_SPEC, "spec.database.secretRef is required when running in Kubernetes"
         )
-    data = await kube.read_secret(view.namespace, view.secret_ref.name)
+    try:
+        data = await kube.read_secret(view.namespace, view.secret_ref.name)
+    except kube.SecretForbiddenError:
+        raise CredentialsError(
+            conditions.SECRET_FORBIDDEN,
+            f"the operator may not read Secrets in namespace {view.namespace!r}: bind the ClusterRole "
+            f"{SECRETS_CLUSTER_ROLE} there (kubectl -n {view.namespace} create rolebinding {SECRETS_CLUSTER_ROLE} "
+            f"--clusterrole={SECRETS_CLUSTER_ROLE} --serviceaccount=<operator namespace>:matview-operator)",
+        ) from None
     if data is None:
         raise CredentialsError(
             conditions.SECRET_NOT_FOUND, f"Secret {view.secret_ref.name!r} not found in namespace {view.namespace!r}"
