@@ -128,3 +128,23 @@ def test_the_dsn_can_come_from_a_file_so_it_stays_off_the_process_list(dsn: str,
     assert "--dsn-file:" in missing.stderr and "No such file" in missing.stderr
     both = matview("plan", "--dsn", dsn, "--dsn-file", str(dsn_file), str(spec))
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
+
+def test_refresh_runs_upstream_views_first_whatever_the_order_given(dsn: str, tmp_path: Path) -> None:
+    # An MV on an MV, as in PostgreSQL's own matview regression test: the downstream one must see new data.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.t (x int); INSERT INTO public.t VALUES (1), (2)")
+    upstream = tmp_path / "upstream.yaml"
+    upstream.write_text(to_yaml(document("up", schema="public", query="SELECT sum(x) AS total FROM public.t")))
+    downstream = tmp_path / "downstream.yaml"
+    downstream.write_text(
+        to_yaml(document("down", schema="public", query="SELECT total * 10 AS tenfold FROM public.up"))
+    )
+    assert matview("apply", "--dsn", dsn, str(upstream), str(downstream)).returncode == 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO public.t VALUES (7)")
+    done = matview("refresh", "--json", "--dsn", dsn, str(downstream), str(upstream))
+    assert done.returncode == 0, done.stderr
+    assert [r["relation"] for r in json.loads(done.stdout)] == ["public.up", "public.down"]
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT tenfold FROM public.down").fetchone() == (100,)

@@ -360,3 +360,61 @@ def _dependent(conn: Connection, row: tuple[Any, ...]) -> DependentView:
         acl=tuple((str(g), str(p), g2 == "true") for g, p, g2 in acl),
         has_triggers=bool(has_triggers),
     )
+
+
+_UPSTREAM = sql.SQL("""
+WITH RECURSIVE deps(oid) AS (
+    SELECT d.refobjid FROM pg_rewrite r
+    JOIN pg_depend d ON d.objid = r.oid AND d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
+    WHERE r.ev_class = %(oid)s AND d.refobjid <> %(oid)s
+    UNION
+    SELECT d.refobjid FROM deps
+    JOIN pg_class c ON c.oid = deps.oid AND c.relkind = 'v'
+    JOIN pg_rewrite r ON r.ev_class = c.oid
+    JOIN pg_depend d ON d.objid = r.oid AND d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
+    WHERE d.refobjid <> c.oid
+), relations AS (
+    SELECT deps.oid FROM deps
+    UNION
+    SELECT t.relid FROM deps JOIN pg_class c ON c.oid = deps.oid AND c.relkind = 'p',
+                         LATERAL pg_partition_tree(c.oid) t
+)
+SELECT c.oid, n.nspname, c.relname, c.relkind, c.relfilenode, coalesce(s.n_tup_ins, 0), coalesce(s.n_tup_upd, 0),
+       coalesce(s.n_tup_del, 0), CASE WHEN c.relkind = 'm' THEN obj_description(c.oid, 'pg_class') END
+FROM relations JOIN pg_class c ON c.oid = relations.oid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_stat_all_tables s ON s.relid = c.oid
+WHERE c.relkind IN ('r', 'm', 'p', 'f')
+ORDER BY c.oid
+""")
+
+
+@dataclass(frozen=True)
+class UpstreamRelation:
+    """A table, materialized view or foreign table a view reads, directly or through plain views."""
+
+    oid: int
+    schema: str
+    name: str
+    relkind: str
+    fingerprint: tuple[Any, ...]
+    """Changes when the relation's data may have: relfilenode, write counters, an upstream MV's marker."""
+
+
+def upstream_relations(conn: Connection, oid: int) -> list[UpstreamRelation]:
+    """The one dependency query upwards: every relation the view with this oid reads (through views)."""
+    return [
+        UpstreamRelation(int(row[0]), str(row[1]), str(row[2]), str(row[3]), (row[0], row[3], *row[4:]))
+        for row in conn.execute(_UPSTREAM, {"oid": oid}).fetchall()
+    ]
+
+
+def relation_oid(conn: Connection, schema: str, name: str) -> int | None:
+    row = conn.execute(
+        sql.SQL(
+            "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %s AND c.relname = %s"
+        ),
+        (schema, name),
+    ).fetchone()
+    return int(row[0]) if row else None

@@ -19,7 +19,7 @@ from typing import Any
 
 from matview import engine
 from matview.errors import FieldError, MatviewError, SpecError
-from matview.spec import MaterializedView
+from matview.spec import MaterializedView, RefreshMode
 from matview.validation import load_file
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
@@ -151,11 +151,12 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 def cmd_refresh(args: argparse.Namespace) -> int:
     from matview.refresh import refresh
+    from matview.refresh.facts import dependency_order
 
     views = _load(args.files)
     results = []
     with engine.connect(_database_url(args)) as conn:
-        for view in views:
+        for view in dependency_order(conn, views):  # upstream first, whatever order the files were given in
             results.append(refresh(conn, view, args.mode, force=True).as_dict())
 
     def human(r: dict[str, Any]) -> str:
@@ -359,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     command("apply", cmd_apply, "make the database match the files")
     command("delete", cmd_delete, "delete per deletionPolicy (Retain keeps everything)")
     refresh = command("refresh", cmd_refresh, "refresh now and print what happened (mode, duration, rows)")
-    refresh.add_argument("--mode", choices=["Auto", "Concurrent", "Full", "Swap"], help="override spec.refresh.mode")
+    refresh.add_argument(
+        "--mode", choices=[m.value for m in RefreshMode], help="override spec.refresh.mode (default: the spec's)"
+    )
     run = command("run", cmd_run, "apply, then keep views refreshed on schedule with /metrics", files=False)
     run.add_argument("paths", nargs="+", metavar="FILE|DIR", help="YAML files or directories of them")
     run.add_argument("--metrics-port", type=int, default=9808, help="0 disables the metrics server")

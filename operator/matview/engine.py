@@ -7,29 +7,29 @@ ownership markers) is the only record of what has been done.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import psycopg
-from psycopg import sql
 
 from matview.catalog import Connection, observe
 from matview.constants import APPLICATION_NAME
 from matview.errors import MatviewError
 
-__all__ = ["ApplyResult", "BusyError", "MatviewError", "apply", "connect", "delete", "plan", "render"]
-from matview.executor import ExecutionSettings, execute
+__all__ = [
+    "ApplyResult",
+    "BusyError",
+    "MatviewError",
+    "apply",
+    "connect",
+    "delete",
+    "lock_key",
+    "plan",
+    "render",
+    "view_lock",
+]
+from matview.executor import BusyError, ExecutionSettings, execute, lock_key, view_lock
 from matview.planner import Plan, build_delete_plan, build_plan, wanted_names
 from matview.spec import MaterializedView
-
-#: Hashed with the quoted relation name into the 64-bit advisory-lock key of a view, so our keys are ours.
-LOCK_KEY_NAMESPACE = "matview.dev/relation-lock:"
-
-
-class BusyError(MatviewError):
-    """Another process is applying the same view right now."""
 
 
 @dataclass
@@ -60,33 +60,6 @@ def settings_for(view: MaterializedView) -> ExecutionSettings:
     )
 
 
-def lock_key(view: MaterializedView) -> int:
-    """The 64-bit advisory-lock key of a view, shared by apply (session lock) and refresh (transaction lock).
-
-    Schema and name are quoted separately before hashing, so ``"a.b"."c"`` and ``"a"."b.c"`` get different
-    keys; 64 bits of SHA-256 make an accidental collision between views negligible. Apply (session lock, it
-    spans transactions) and refresh (transaction lock, PgBouncer-safe) share it, so a drift repair never drops
-    the staging copy of a Swap refresh in flight, and two refreshes never overlap.
-    """
-    quoted = ".".join('"' + part.replace('"', '""') + '"' for part in (view.schema, view.name))
-    digest = hashlib.sha256((LOCK_KEY_NAMESPACE + quoted).encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
-
-
-@contextlib.contextmanager
-def relation_lock(conn: Connection, view: MaterializedView) -> Iterator[None]:
-    """Hold a session advisory lock for the relation, or raise BusyError at once."""
-    key = lock_key(view)
-    row = conn.execute(sql.SQL("SELECT pg_try_advisory_lock(%s::bigint)"), (key,)).fetchone()
-    if not row or not row[0]:
-        raise BusyError(f"{view.relation}: another process is changing this view right now; try again later")
-    try:
-        yield
-    finally:
-        with contextlib.suppress(psycopg.Error):
-            conn.execute(sql.SQL("SELECT pg_advisory_unlock(%s::bigint)"), (key,))
-
-
 def plan(conn: Connection, view: MaterializedView) -> Plan:
     """What apply would do, without changing anything."""
     return build_plan(view, observe(conn, view, wanted_names(view)))
@@ -94,7 +67,7 @@ def plan(conn: Connection, view: MaterializedView) -> Plan:
 
 def apply(conn: Connection, view: MaterializedView, settings: ExecutionSettings | None = None) -> ApplyResult:
     """Make the database match the spec; a second call right after does nothing."""
-    with relation_lock(conn, view):
+    with view_lock(conn, view):
         current = plan(conn, view)
         done = execute(conn, current, settings or settings_for(view))
     return ApplyResult(view, current, done)
@@ -102,7 +75,7 @@ def apply(conn: Connection, view: MaterializedView, settings: ExecutionSettings 
 
 def delete(conn: Connection, view: MaterializedView, settings: ExecutionSettings | None = None) -> ApplyResult:
     """Honour deletionPolicy: Retain changes nothing, Delete drops what this resource created."""
-    with relation_lock(conn, view):
+    with view_lock(conn, view):
         current = build_delete_plan(view, observe(conn, view))
         done = execute(conn, current, settings or settings_for(view))
     return ApplyResult(view, current, done)

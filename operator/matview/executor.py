@@ -10,10 +10,11 @@ queues behind it — a short timeout and a retry never cause an outage.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import psycopg
@@ -40,8 +41,6 @@ class ExecutionSettings:
     """Attempts for steps that take an exclusive lock, before the failure is reported."""
     backoff_seconds: float = 0.2
     """First pause between attempts; doubled each time, with jitter."""
-    advisory_lock: int | None = None
-    """Every transactional step first takes this transaction-level advisory lock (see engine.lock_key)."""
 
 
 def set_timeouts(conn: Connection, statement_seconds: float, lock_seconds: float, local: bool) -> None:
@@ -75,15 +74,51 @@ def run_with_lock_retries(
             delay *= 2
 
 
-def try_transaction_lock(conn: Connection, key: int) -> bool:
-    """Take the transaction-level advisory lock key if it is free; it goes with the transaction,
-    so it also works behind PgBouncer in transaction mode."""
-    row = conn.execute(sql.SQL("SELECT pg_try_advisory_xact_lock(%s::bigint)"), (key,)).fetchone()
-    return bool(row and row[0])
+class BusyError(MatviewError):
+    """Another session holds the view's lock: it is being applied or refreshed right now."""
 
 
-class BusyStepError(MatviewError):
-    """A step's advisory lock is held by another session."""
+#: How often the server checks that the client of a long statement is still there (PostgreSQL 14+): when
+#: a process is killed mid-refresh, its build stops within seconds instead of running to statement_timeout
+#: while holding the view's lock.
+CLIENT_CHECK_INTERVAL = "2s"
+
+
+def lock_key(view: MaterializedView) -> int:
+    """The view's 64-bit advisory-lock key: 64 bits of SHA-256 over the quoted schema and name, so
+    ``"a.b"."c"`` and ``"a"."b.c"`` differ and an accidental collision between views is negligible."""
+    quoted = ".".join('"' + part.replace('"', '""') + '"' for part in (view.schema, view.name))
+    digest = hashlib.sha256((LOCK_KEY_NAMESPACE + quoted).encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+#: Hashed into every lock key, so our keys are ours.
+LOCK_KEY_NAMESPACE = "matview.dev/relation-lock:"
+
+
+@contextlib.contextmanager
+def view_lock(conn: Connection, view: MaterializedView) -> Iterator[None]:
+    """Hold the view's session advisory lock for a whole apply, delete or refresh, or raise BusyError at once.
+
+    One lock for everything that changes a view, held across all of its steps (a Swap's build, swap and
+    retire included), so a second process can never start between two steps of the first. It is a
+    session lock, so PgBouncer must run in session mode; pooled sessions are reset (DISCARD ALL) when
+    they return to the pool, which also releases it should a crash skip the unlock.
+    """
+    key = lock_key(view)
+    row = conn.execute(sql.SQL("SELECT pg_try_advisory_lock(%s::bigint)"), (key,)).fetchone()
+    if not row or not row[0]:
+        raise BusyError(f"{view.relation}: another process is applying or refreshing this view right now")
+    try:
+        with contextlib.suppress(psycopg.Error), conn.transaction():  # PostgreSQL 13 and older lack it
+            conn.execute(
+                sql.SQL("SELECT set_config('client_connection_check_interval', %s, false)"),
+                (CLIENT_CHECK_INTERVAL,),
+            )
+        yield
+    finally:
+        with contextlib.suppress(psycopg.Error):
+            conn.execute(sql.SQL("SELECT pg_advisory_unlock(%s::bigint)"), (key,))
 
 
 def pin_name_resolution(conn: Connection, view: MaterializedView, local: bool) -> None:
@@ -102,8 +137,6 @@ def become_query_role(conn: Connection, view: MaterializedView) -> None:
 def _run_step(conn: Connection, step: Step, settings: ExecutionSettings, view: MaterializedView) -> None:
     if step.transactional:
         with conn.transaction():
-            if settings.advisory_lock is not None and not try_transaction_lock(conn, settings.advisory_lock):
-                raise BusyStepError("another process holds the lock on this view")
             set_timeouts(conn, settings.statement_timeout_seconds, settings.lock_timeout_seconds, local=True)
             pin_name_resolution(conn, view, local=True)
             if step.runs_query:
@@ -135,11 +168,6 @@ def execute(conn: Connection, plan: Plan, settings: ExecutionSettings) -> list[s
                 )
             else:
                 _run_step(conn, step, settings, plan.view)
-        except BusyStepError:
-            for statement in step.cleanup:
-                with contextlib.suppress(psycopg.Error):
-                    conn.execute(statement)
-            raise
         except psycopg.Error as exc:
             for statement in step.cleanup:
                 with contextlib.suppress(psycopg.Error):

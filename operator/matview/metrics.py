@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from matview.schedule import expected_period_seconds
-from matview.spec import MaterializedView
+from matview.spec import MaterializedView, RefreshMode
 
 if TYPE_CHECKING:
     from matview.refresh import RefreshResult
@@ -26,7 +26,7 @@ DEFAULT_PORT = 9808
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 
 FAILURE_REASONS = ("timeout", "lock_timeout", "duplicate_rows", "permission", "connection", "other")
-MODES = ("Concurrent", "Full", "Swap")
+MODES = tuple(mode.value for mode in RefreshMode.runnable())
 RESULTS = ("success", "failure")
 SKIPPED_MODE = "none"
 

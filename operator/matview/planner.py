@@ -402,6 +402,26 @@ def swap_steps(
     ]
 
 
+def refresh_in_place_step(view: MaterializedView, mode: str) -> Step:
+    """REFRESH [CONCURRENTLY]: CONCURRENTLY waits only behind other writers, plain REFRESH behind readers."""
+    concurrently = sql.SQL("CONCURRENTLY ") if mode == "Concurrent" else sql.SQL("")
+    target = relation_id(view.schema, view.name)
+    return Step(
+        f"refresh {view.relation}" + (" concurrently" if mode == "Concurrent" else " (readers wait)"),
+        (sql.SQL("REFRESH MATERIALIZED VIEW {}{}").format(concurrently, target),),
+        takes_exclusive_lock=True,
+        makes_data_live=True,
+    )
+
+
+def record_state_step(view: MaterializedView, marker: Marker) -> Step:
+    """Write the view's marker with its refresh state (the last step of every refresh)."""
+    return Step(
+        f"record the refresh state of {view.relation}",
+        (comment_sql("view", relation_id(view.schema, view.name), marker),),
+    )
+
+
 def _recreate_dependent(dependent: DependentView) -> list[Statement]:
     target = relation_id(dependent.schema, dependent.name)
     options = []

@@ -34,6 +34,7 @@ from matview.constants import APPLICATION_NAME
 from matview.errors import MatviewError, SpecError
 from matview.metrics import RefreshMetrics
 from matview.refresh import RefreshResult, read_state, record_build, refresh
+from matview.refresh.facts import dependency_order
 from matview.schedule import expected_period_seconds, next_run, retry_delay
 from matview.spec import MaterializedView
 from matview.validation import load_file
@@ -142,48 +143,6 @@ class Refresher:
                 self.metrics.finished(view.namespace, view.resource_name)
         self.metrics.record(view.namespace, view.resource_name, result)
         return result
-
-
-def dependency_order(conn: Connection, views: Iterable[MaterializedView]) -> list[MaterializedView]:
-    """Views ordered so that each comes after the managed views it reads (directly or through views)."""
-    views = list(views)
-    by_relation = {(v.schema, v.name): v for v in views}
-    upstream: dict[str, set[str]] = {v.owner: set() for v in views}
-    for view in views:
-        rows = conn.execute(
-            sql.SQL("""
-            WITH RECURSIVE deps(oid) AS (
-                SELECT d.refobjid FROM pg_class c
-                JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = %s
-                JOIN pg_rewrite r ON r.ev_class = c.oid
-                JOIN pg_depend d ON d.objid = r.oid AND d.classid = 'pg_rewrite'::regclass
-                                AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> c.oid
-                WHERE c.relname = %s
-                UNION
-                SELECT d.refobjid FROM deps
-                JOIN pg_class c ON c.oid = deps.oid AND c.relkind = 'v'
-                JOIN pg_rewrite r ON r.ev_class = c.oid
-                JOIN pg_depend d ON d.objid = r.oid AND d.classid = 'pg_rewrite'::regclass
-                                AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> c.oid
-            )
-            SELECT n.nspname, c.relname FROM deps JOIN pg_class c ON c.oid = deps.oid AND c.relkind = 'm'
-            JOIN pg_namespace n ON n.oid = c.relnamespace"""),
-            (view.schema, view.name),
-        ).fetchall()
-        for schema, name in rows:
-            other = by_relation.get((schema, name))
-            if other is not None and other.owner != view.owner:
-                upstream[view.owner].add(other.owner)
-    ordered: list[MaterializedView] = []
-    placed: set[str] = set()
-    pending = list(views)
-    while pending:
-        ready = [v for v in pending if upstream[v.owner] <= placed] or pending[:1]  # a cycle cannot happen in SQL
-        for view in ready:
-            ordered.append(view)
-            placed.add(view.owner)
-            pending.remove(view)
-    return ordered
 
 
 def yaml_files(paths: Iterable[Path]) -> list[Path]:

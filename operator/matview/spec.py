@@ -8,6 +8,7 @@ positive seconds).
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 from dataclasses import dataclass
@@ -16,7 +17,21 @@ from typing import Literal
 from matview.constants import MAX_IDENTIFIER_BYTES
 from matview.sqltext import CheckedSQL
 
-RefreshMode = Literal["Auto", "Concurrent", "Full", "Swap"]
+
+class RefreshMode(enum.StrEnum):
+    """The one vocabulary of refresh modes: spec, CLI choices, metrics labels and the mode policy."""
+
+    AUTO = "Auto"
+    CONCURRENT = "Concurrent"
+    FULL = "Full"
+    SWAP = "Swap"
+
+    @classmethod
+    def runnable(cls) -> tuple[RefreshMode, ...]:
+        """The modes a refresh actually runs (Auto only chooses among them)."""
+        return (cls.CONCURRENT, cls.FULL, cls.SWAP)
+
+
 IndexMethod = Literal["btree", "hash", "gin", "gist", "brin"]
 DeletionPolicy = Literal["Retain", "Delete"]
 
@@ -59,8 +74,9 @@ class RefreshSpec:
     interval_seconds: float | None = None
     schedule: str | None = None
     time_zone: str | None = None
-    mode: RefreshMode = "Auto"
+    mode: RefreshMode = RefreshMode.AUTO
     timeout_seconds: float = 300.0
+    """The CRD's default of spec.refresh.timeout (5m); validation reads the CRD and falls back to this."""
     lock_timeout_seconds: float = 5.0
     only_if_changed: bool = False
     suspend: bool = False

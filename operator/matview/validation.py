@@ -30,6 +30,7 @@ from matview.spec import (
     Grant,
     IndexSpec,
     MaterializedView,
+    RefreshMode,
     RefreshSpec,
     SecretRef,
     SupportingIndexSpec,
@@ -284,8 +285,8 @@ def _refresh(raw: dict[str, Any], indexes: list[IndexSpec], errors: list[FieldEr
             check_cron(schedule, zone)
         except ValueError as exc:
             errors.append(FieldError(f"{path}.schedule", str(exc)))
-    mode = raw.get("mode", "Auto")
-    if mode == "Concurrent" and not any(index.usable_for_concurrent_refresh for index in indexes):
+    mode = RefreshMode(raw["mode"]) if raw.get("mode") in set(RefreshMode) else RefreshMode.AUTO  # else reported
+    if mode == RefreshMode.CONCURRENT and not any(index.usable_for_concurrent_refresh for index in indexes):
         errors.append(
             FieldError(f"{path}.mode", "Concurrent needs a unique index without a where clause in spec.indexes")
         )

@@ -355,7 +355,7 @@ def test_swap_waits_for_a_long_reader_with_lock_timeout_and_retries(base: Connec
 
 def test_two_appliers_never_interleave(base: Connection, dsn: str) -> None:
     v = matrix()
-    with engine.connect(dsn) as other, engine.relation_lock(other, v), pytest.raises(engine.BusyError):
+    with engine.connect(dsn) as other, engine.view_lock(other, v), pytest.raises(engine.BusyError):
         engine.apply(base, v)
     assert engine.apply(base, v).changed
 

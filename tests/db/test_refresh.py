@@ -22,6 +22,7 @@ from matview.catalog import Connection
 from matview.localpg import free_port
 from matview.metrics import RefreshMetrics
 from matview.refresh import Inspection, refresh
+from matview.refresh import facts as refresh_facts
 from matview.runner import Refresher, RunnerSettings, dependency_order
 from matview.spec import MaterializedView
 from tests.db.catalog_helpers import relations
@@ -178,14 +179,14 @@ def test_concurrent_requested_without_unique_index_fails_and_changes_nothing(db:
 def test_concurrent_failure_falls_back_with_the_reason(db: Connection, monkeypatch: pytest.MonkeyPatch) -> None:
     v = mv(unique=False)
     engine.apply(db, v)
-    real_inspect = refresh_module.inspect
+    real_inspect = refresh_facts.inspect
 
     def stale_inspection(conn: Connection, spec: MaterializedView) -> Inspection:
         # As if the unique index was dropped by hand between inspection and refresh.
         found = real_inspect(conn, spec)
         return Inspection(**{**found.__dict__, "concurrent_possible": True})
 
-    monkeypatch.setattr(refresh_module, "inspect", stale_inspection)
+    monkeypatch.setattr(refresh_facts, "inspect", stale_inspection)
     result = refresh(db, v)
     assert result.result == "success"
     assert result.fallback_from == "Concurrent"

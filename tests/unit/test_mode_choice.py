@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from matview.catalog import DependentView
 from matview.marker import Marker
 from matview.refresh import EXPLORE_EVERY, Inspection, RefreshState, choose_mode
 from tests.helpers import view
 
 V = view(indexes=[{"columns": ["one"], "unique": True}])
+#: A dependent materialized view: build-and-swap cannot re-create it, so it blocks Swap.
+ROLLUP = DependentView(1, "ops", "rollup", "m", 1, "", (), "owner", None, (), False)
 
 
 def inspection(
@@ -24,8 +27,7 @@ def inspection(
         ours=True,
         populated=populated,
         concurrent_possible=concurrent and populated,
-        swap_possible=swap,
-        swap_blocker="" if swap else "ops.rollup depends on it",
+        dependents=() if swap else (ROLLUP,),
         marker=Marker(V.owner, "view", "d", state),
     )
 

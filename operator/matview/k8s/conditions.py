@@ -11,6 +11,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Final
 
+from matview import timestamps
+
 READY: Final = "Ready"
 RECONCILING: Final = "Reconciling"
 STALLED: Final = "Stalled"
@@ -39,11 +41,7 @@ DONE: Final = "Done"
 Condition = dict[str, Any]
 
 
-def timestamp(moment: dt.datetime | None = None) -> str:
-    """RFC 3339 in UTC with a Z, as Kubernetes writes times."""
-    return (
-        (moment or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-    )
+timestamp = timestamps.rfc3339
 
 
 def set_condition(

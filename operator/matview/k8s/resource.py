@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import copy
-import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
+from matview import timestamps
 from matview.k8s import conditions, kube
 from matview.k8s.credentials import CredentialsError, dsn_from_secret
 from matview.spec import MaterializedView
@@ -52,10 +52,4 @@ async def resolve_dsn(view: MaterializedView) -> str:
     return dsn_from_secret(view.secret_ref.name, data, view.secret_ref.key)
 
 
-def parse_time(value: object) -> dt.datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
+parse_time = timestamps.parse

@@ -1,0 +1,240 @@
+"""Refresh a materialized view without blocking readers, safely, and say what happened.
+
+The same shape as apply: under the view's lock, ``facts.inspect`` reads the catalog, ``policy.decide``
+(pure) picks refuse, skip or a mode, the executor runs that mode's steps, and on a failure that a rebuild
+fixes ``policy.fallback`` picks the one other mode to try. The last step records the new state in the
+view's marker. The result value says what ran, why, how long, and how it ended; metrics, status and logs
+are written from it by the callers.
+
+Modes (``spec.refresh.mode``): Concurrent (``REFRESH ... CONCURRENTLY``: readers keep reading), Swap
+(build a copy with its indexes, rename it in: readers wait only for the rename), Full (plain ``REFRESH``:
+blocks readers), Auto (a non-blocking mode chosen from durations measured on this view).
+
+Safety: one session advisory lock per view covers the whole refresh, across processes and replicas
+(``executor.view_lock``); ``statement_timeout`` and ``lock_timeout`` on every step, with retries for steps
+that wait for ACCESS EXCLUSIVE; a failed or timed-out refresh leaves the old data readable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from matview import timestamps
+from matview.catalog import Connection
+from matview.engine import settings_for
+from matview.errors import MatviewError
+from matview.executor import BusyError, ExecutionSettings, execute, view_lock
+from matview.marker import Marker
+from matview.planner import Plan, Step, record_state_step, refresh_in_place_step, swap_steps
+from matview.refresh import facts, policy
+from matview.refresh.facts import ViewSize, read_state, view_size
+from matview.refresh.policy import EXPLORE_EVERY, Inspection, Outcome, RefreshState, choose_mode, classify
+from matview.spec import MaterializedView, RefreshMode
+
+__all__ = [
+    "EXPLORE_EVERY",
+    "Inspection",
+    "RefreshResult",
+    "RefreshState",
+    "ViewSize",
+    "choose_mode",
+    "classify",
+    "read_state",
+    "record_build",
+    "refresh",
+    "view_size",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The mode label of a refresh that ran nothing (skipped, refused).
+NO_MODE = "none"
+
+
+@dataclass(frozen=True)
+class RefreshResult:
+    """One refresh attempt: what ran, why, how long, and how it ended."""
+
+    relation: str
+    mode: str
+    """The mode that ran (Concurrent, Full, Swap), or "none" when nothing ran."""
+    result: Outcome
+    reason: str
+    """Why this mode was used, or why the refresh was skipped."""
+    started_at: dt.datetime
+    completed_at: dt.datetime
+    duration_seconds: float
+    message: str = ""
+    failure_reason: str | None = None
+    """One of policy.FAILURE_REASONS."""
+    fallback_from: str | None = None
+    data_current: bool = False
+    """True after a success, or a skip that verified no base table changed: the view is not stale."""
+    populated: bool | None = None
+    rows: int | None = None
+    table_bytes: int | None = None
+    index_bytes: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "relation": self.relation,
+            "mode": self.mode,
+            "result": self.result,
+            "reason": self.reason,
+            "message": self.message,
+            "failureReason": self.failure_reason,
+            "fallbackFrom": self.fallback_from,
+            "startTime": timestamps.rfc3339(self.started_at),
+            "completionTime": timestamps.rfc3339(self.completed_at),
+            "durationSeconds": round(self.duration_seconds, 3),
+            "rows": self.rows,
+            "tableBytes": self.table_bytes,
+            "indexBytes": self.index_bytes,
+        }
+
+
+def refresh(
+    conn: Connection,
+    view: MaterializedView,
+    mode: str | None = None,
+    settings: ExecutionSettings | None = None,
+    force: bool = False,
+) -> RefreshResult:
+    """Refresh view once. Never raises for a refresh that failed: the result says how and why."""
+    settings = settings or settings_for(view)
+    started, clock = dt.datetime.now(dt.UTC), time.monotonic()
+    attempt: policy.Run | None = None
+    fallback_from: RefreshMode | None = None
+
+    def finish(outcome: Outcome, reason: str, **extra: Any) -> RefreshResult:
+        used = attempt.mode.value if attempt is not None else NO_MODE
+        result = RefreshResult(
+            view.relation, used, outcome, reason, started, dt.datetime.now(dt.UTC), time.monotonic() - clock, **extra
+        )
+        _log(view, result)
+        return result
+
+    try:
+        with view_lock(conn, view):
+            inspection = facts.inspect(conn, view)
+            decision = policy.decide(view, inspection, mode, force)
+            if isinstance(decision, policy.Skip):
+                return finish("skipped", decision.reason, data_current=decision.data_current)
+            if isinstance(decision, policy.Refuse):
+                wanted = RefreshMode(mode or view.refresh.mode)
+                if wanted != RefreshMode.AUTO:
+                    attempt = policy.Run(wanted, decision.reason)  # the failure is that mode's
+                return finish("failure", decision.reason, message=decision.message, failure_reason="other")
+            attempt = decision
+            logger.info("refresh start: relation=%s mode=%s reason=%s", view.relation, attempt.mode, attempt.reason)
+            try:
+                seconds = _run(conn, view, inspection, attempt.mode, settings)
+            except MatviewError as error:
+                again = policy.fallback(view, inspection, mode, attempt.mode, error)
+                if again is None:
+                    raise
+                logger.warning("%s: %s", view.relation, again.reason)
+                fallback_from, attempt = attempt.mode, again
+                seconds = _run(conn, view, inspection, attempt.mode, settings)
+            _record(conn, view, inspection, attempt.mode, seconds, settings)
+            size = view_size(conn, view)
+    except BusyError as error:
+        return finish("skipped", "another refresh of this view is running", message=str(error))
+    except Exception as error:
+        if not isinstance(error, psycopg.Error | MatviewError) and policy.classify(error) != "connection":
+            logger.exception("%s: unexpected error during refresh", view.relation)
+        return finish(
+            "failure",
+            attempt.reason if attempt else "could not inspect the view",
+            message=policy.message(error),
+            failure_reason=policy.classify(error),
+            fallback_from=fallback_from,
+        )
+    return finish(
+        "success",
+        attempt.reason,
+        fallback_from=fallback_from,
+        data_current=True,
+        populated=size.populated,
+        rows=size.rows,
+        table_bytes=size.table_bytes,
+        index_bytes=size.index_bytes,
+    )
+
+
+def _steps(view: MaterializedView, inspection: Inspection, mode: RefreshMode) -> list[Step]:
+    if mode == RefreshMode.SWAP:
+        state = inspection.marker.state if inspection.marker else {}
+        return swap_steps(view, list(inspection.dependents), state=state, old_indexes=inspection.indexes)
+    return [refresh_in_place_step(view, mode)]
+
+
+def _run(
+    conn: Connection, view: MaterializedView, inspection: Inspection, mode: RefreshMode, settings: ExecutionSettings
+) -> float:
+    """Execute one mode's steps; return how long they took."""
+    clock = time.monotonic()
+    execute(conn, Plan(view, tuple(_steps(view, inspection, mode)), (f"refresh ({mode})",)), settings)
+    return time.monotonic() - clock
+
+
+def _record(
+    conn: Connection,
+    view: MaterializedView,
+    inspection: Inspection,
+    mode: RefreshMode,
+    seconds: float,
+    settings: ExecutionSettings,
+) -> None:
+    """The last step: the new state (measured duration, last success, sources seen) into the marker."""
+    state = inspection.state.after_success(mode, seconds, dt.datetime.now(dt.UTC), inspection.source_version)
+    digest = (
+        view.definition_digest if mode == RefreshMode.SWAP else (inspection.marker.digest if inspection.marker else "")
+    )
+    marker = Marker(view.owner, "view", digest, state.to_marker())
+    try:
+        execute(conn, Plan(view, (record_state_step(view, marker),)), dataclasses.replace(settings, lock_retries=1))
+    except MatviewError as error:  # the data is refreshed; only the evidence is late
+        logger.warning("%s: could not record the refresh state: %s", view.relation, error)
+
+
+def record_build(conn: Connection, view: MaterializedView, when: dt.datetime | None = None) -> None:
+    """After apply built the view's data (create or swap), count it as a successful refresh."""
+    oid, marker = facts.read_marker(conn, view)
+    if oid is None or marker is None or marker.owner != view.owner:
+        return
+    state = dataclasses.replace(
+        RefreshState.from_marker(marker.state),
+        last_success=when or dt.datetime.now(dt.UTC),
+        source_version=facts.source_version(conn, oid),
+    )
+    try:
+        execute(
+            conn,
+            Plan(view, (record_state_step(view, dataclasses.replace(marker, state=state.to_marker())),)),
+            ExecutionSettings(statement_timeout_seconds=5, lock_timeout_seconds=1, lock_retries=1),
+        )
+    except MatviewError as error:
+        logger.warning("%s: could not record the build: %s", view.relation, error)
+
+
+def _log(view: MaterializedView, result: RefreshResult) -> None:
+    level = logging.WARNING if result.result == "failure" else logging.INFO
+    logger.log(
+        level,
+        "refresh end: relation=%s mode=%s result=%s duration=%.3fs rows=%s reason=%s%s",
+        view.relation,
+        result.mode,
+        result.result,
+        result.duration_seconds,
+        result.rows,
+        result.reason,
+        f" message={result.message}" if result.message else "",
+    )

@@ -1,0 +1,133 @@
+"""Catalog facts for refresh decisions: plain data, no decisions (those are in ``policy``).
+
+Everything here is a read; it runs under the view's lock, so the names and indexes it reports are the
+ones the refresh then acts on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from matview.catalog import Connection, read_dependents, relation_oid, upstream_relations
+from matview.marker import Marker
+from matview.refresh.policy import Inspection, RefreshState
+from matview.spec import MaterializedView
+
+_VIEW = sql.SQL("""
+SELECT c.oid, c.relispopulated, obj_description(c.oid, 'pg_class'),
+       EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique AND i.indisvalid
+                                        AND i.indpred IS NULL AND i.indexprs IS NULL),
+       coalesce((SELECT array_agg(ic.relname::text ORDER BY ic.relname)
+                 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid WHERE i.indrelid = c.oid), '{}')
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %s AND c.relname = %s AND c.relkind = 'm'
+""")
+
+_SIZES = sql.SQL(
+    "SELECT c.relispopulated, c.reltuples::bigint, pg_table_size(c.oid), pg_indexes_size(c.oid) "
+    "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s"
+)
+
+_MARKER = sql.SQL(
+    "SELECT c.oid, obj_description(c.oid, 'pg_class') FROM pg_class c "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s"
+)
+
+
+def inspect(conn: Connection, view: MaterializedView) -> Inspection:
+    """What decides the refresh mode: ownership, populated, a usable unique index, dependents, sources."""
+    row = conn.execute(_VIEW, (view.schema, view.name)).fetchone()
+    if row is None:
+        return Inspection()
+    oid, populated, comment, unique, indexes = row
+    marker = Marker.parse(comment)
+    return Inspection(
+        oid=int(oid),
+        ours=marker is not None and marker.owner == view.owner and marker.kind == "view",
+        populated=bool(populated),
+        concurrent_possible=bool(populated) and bool(unique),
+        dependents=tuple(read_dependents(conn, int(oid))),
+        indexes=tuple(str(name) for name in indexes),
+        marker=marker,
+        source_version=source_version(conn, int(oid)),
+    )
+
+
+def source_version(conn: Connection, oid: int) -> str | None:
+    """A fingerprint of every table the view reads (through views): write counters and relfilenode.
+
+    None when the query reads a foreign table, whose changes cannot be seen. Counters come from the
+    statistics system, which a writing session reports within about a second of committing.
+    """
+    relations = upstream_relations(conn, oid)
+    if any(r.relkind == "f" for r in relations):
+        return None
+    return hashlib.sha256(repr([r.fingerprint for r in relations]).encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class ViewSize:
+    populated: bool | None = None
+    rows: int | None = None
+    """pg_class.reltuples; None until the view was first analyzed."""
+    table_bytes: int | None = None
+    index_bytes: int | None = None
+
+    @property
+    def total_bytes(self) -> int | None:
+        if self.table_bytes is None or self.index_bytes is None:
+            return None
+        return self.table_bytes + self.index_bytes
+
+
+def view_size(conn: Connection, view: MaterializedView) -> ViewSize:
+    """Populated, estimated rows and sizes of the view (empty when it cannot be read)."""
+    try:
+        row = conn.execute(_SIZES, (view.schema, view.name)).fetchone()
+    except psycopg.Error:
+        return ViewSize()
+    if row is None:
+        return ViewSize()
+    populated, rows, table_bytes, index_bytes = row
+    return ViewSize(
+        bool(populated), int(rows) if rows is not None and rows >= 0 else None, int(table_bytes), int(index_bytes)
+    )
+
+
+def read_marker(conn: Connection, view: MaterializedView) -> tuple[int | None, Marker | None]:
+    row = conn.execute(_MARKER, (view.schema, view.name)).fetchone()
+    return (int(row[0]), Marker.parse(row[1])) if row else (None, None)
+
+
+def read_state(conn: Connection, view: MaterializedView) -> RefreshState:
+    """The persisted refresh state of view (empty when it has none)."""
+    _, marker = read_marker(conn, view)
+    return RefreshState.from_marker(marker.state if marker else {})
+
+
+def dependency_order(conn: Connection, views: Iterable[MaterializedView]) -> list[MaterializedView]:
+    """Views ordered so that each comes after the given views it reads (directly or through views)."""
+    views = list(views)
+    by_relation = {(v.schema, v.name): v for v in views}
+    upstream: dict[str, set[str]] = {v.owner: set() for v in views}
+    for view in views:
+        oid = relation_oid(conn, view.schema, view.name)
+        for relation in upstream_relations(conn, oid) if oid is not None else ():
+            other = by_relation.get((relation.schema, relation.name))
+            if relation.relkind == "m" and other is not None and other.owner != view.owner:
+                upstream[view.owner].add(other.owner)
+    ordered: list[MaterializedView] = []
+    placed: set[str] = set()
+    pending = list(views)
+    while pending:
+        ready = [v for v in pending if upstream[v.owner] <= placed] or pending[:1]  # SQL views cannot cycle
+        for view in ready:
+            ordered.append(view)
+            placed.add(view.owner)
+            pending.remove(view)
+    return ordered

@@ -1,0 +1,243 @@
+"""The refresh decisions, pure: given the spec, catalog facts and the remembered state, what to run and why.
+
+No I/O here (the house rule for decisions): ``facts`` reads the catalog, ``matview.refresh.refresh``
+executes. Auto's evidence (durations measured per mode, kept in the view's marker), the choice of mode,
+the one fallback from CONCURRENTLY, and the bounded set of failure reasons all live in this module, so
+each can be tested without a database.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import psycopg
+
+from matview import timestamps
+from matview.catalog import DependentView
+from matview.errors import MatviewError
+from matview.marker import Marker
+from matview.spec import MaterializedView, RefreshMode
+
+Outcome = Literal["success", "failure", "skipped"]
+
+#: Weight of the newest measurement in the per-mode duration average.
+EVIDENCE_WEIGHT = 0.5
+#: Every this many refreshes, Auto measures the other non-blocking mode again when the two are close.
+EXPLORE_EVERY = 10
+#: "Close": the slower mode is within this factor of the faster one.
+EXPLORE_RATIO = 2.0
+#: SQLSTATEs of CONCURRENTLY failures that a non-concurrent refresh fixes (not populated; no usable index).
+CONCURRENT_FALLBACK_SQLSTATES = frozenset({"0A000", "55000"})
+
+#: The failure reasons of metrics and status (a bounded label set).
+FAILURE_REASONS = ("timeout", "lock_timeout", "duplicate_rows", "permission", "connection", "other")
+
+
+@dataclass(frozen=True)
+class RefreshState:
+    """What the engine remembers between refreshes; persisted in the view's marker."""
+
+    last_success: dt.datetime | None = None
+    durations: dict[str, float] = field(default_factory=dict)
+    """Moving average of successful refresh durations per mode, in seconds."""
+    source_version: str | None = None
+    """Fingerprint of the base tables as seen by the last successful refresh (onlyIfChanged)."""
+    runs: int = 0
+
+    @classmethod
+    def from_marker(cls, data: dict[str, Any]) -> RefreshState:
+        durations = data.get("durations")
+        return cls(
+            last_success=timestamps.parse(data.get("lastSuccess")),
+            durations={str(k): float(v) for k, v in durations.items() if isinstance(v, int | float)}
+            if isinstance(durations, dict)
+            else {},
+            source_version=data.get("sourceVersion") if isinstance(data.get("sourceVersion"), str) else None,
+            runs=int(data.get("runs", 0)) if isinstance(data.get("runs", 0), int) else 0,
+        )
+
+    def to_marker(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "durations": {k: round(v, 4) for k, v in sorted(self.durations.items())},
+            "runs": self.runs,
+        }
+        if self.last_success is not None:
+            data["lastSuccess"] = timestamps.rfc3339(self.last_success)
+        if self.source_version is not None:
+            data["sourceVersion"] = self.source_version
+        return data
+
+    def after_success(self, mode: str, seconds: float, when: dt.datetime, version: str | None) -> RefreshState:
+        previous = self.durations.get(mode)
+        average = seconds if previous is None else EVIDENCE_WEIGHT * seconds + (1 - EVIDENCE_WEIGHT) * previous
+        return replace(
+            self,
+            last_success=when,
+            durations={**self.durations, mode: average},
+            source_version=version,
+            runs=self.runs + 1,
+        )
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """Catalog facts that decide how a view can be refreshed (read by facts.inspect, under the view's lock)."""
+
+    oid: int | None = None
+    ours: bool = False
+    populated: bool = False
+    concurrent_possible: bool = False
+    dependents: tuple[DependentView, ...] = ()
+    indexes: tuple[str, ...] = ()
+    marker: Marker | None = None
+    source_version: str | None = None
+    """Fingerprint of the tables the view reads now (None when unknowable: a foreign table)."""
+
+    @property
+    def state(self) -> RefreshState:
+        return RefreshState.from_marker(self.marker.state if self.marker else {})
+
+    @property
+    def swap_blocker(self) -> str:
+        """Why build-and-swap cannot run ("" when it can): dependents it cannot re-create."""
+        blocked = [d for d in self.dependents if d.relkind != "v" or d.has_triggers]
+        if not blocked:
+            return ""
+        names = ", ".join(
+            f"{d.schema}.{d.name}" + (" (has triggers)" if d.has_triggers else f" (relkind {d.relkind})")
+            for d in blocked
+        )
+        return f"these objects depend on it and cannot be re-created automatically: {names}"
+
+    @property
+    def swap_possible(self) -> bool:
+        return not self.swap_blocker
+
+
+@dataclass(frozen=True)
+class Run:
+    """Run this mode, for this reason."""
+
+    mode: RefreshMode
+    reason: str
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Do nothing this time; data_current says whether the view is known to be up to date."""
+
+    reason: str
+    data_current: bool
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Fail without running anything (the view is missing or not ours, or the mode is impossible)."""
+
+    reason: str
+    message: str
+
+
+Decision = Run | Skip | Refuse
+
+
+def decide(view: MaterializedView, inspection: Inspection, requested: str | None, force: bool) -> Decision:
+    """The whole refresh decision: refuse, skip (onlyIfChanged), or run a mode."""
+    if inspection.oid is None or not inspection.ours:
+        what = "does not exist (apply it first)" if inspection.oid is None else "is not managed by this resource"
+        return Refuse(f"{view.relation} {what}", f"{view.relation} {what}")
+    if (
+        view.refresh.only_if_changed
+        and not force
+        and inspection.populated
+        and inspection.source_version is not None
+        and inspection.source_version == inspection.state.source_version
+    ):
+        return Skip("onlyIfChanged: no base table was written since the last refresh", data_current=True)
+    mode, reason = choose_mode(view, inspection, requested)
+    if mode == RefreshMode.CONCURRENT and not inspection.concurrent_possible:
+        why = "it is not populated" if not inspection.populated else "it has no unique index without WHERE"
+        return Refuse(reason, f"CONCURRENTLY is impossible: {why}")
+    if mode == RefreshMode.SWAP and not inspection.swap_possible:
+        return Refuse(reason, f"{view.relation} cannot be swapped: {inspection.swap_blocker}")
+    return Run(mode, reason)
+
+
+def choose_mode(
+    view: MaterializedView, inspection: Inspection, requested: str | None = None
+) -> tuple[RefreshMode, str]:
+    """Pure: which mode to run and why."""
+    wanted = RefreshMode(requested or view.refresh.mode)
+    if wanted != RefreshMode.AUTO:
+        return wanted, f"mode {wanted} requested"
+    if not inspection.populated:
+        return RefreshMode.FULL, "the view is not populated: CONCURRENTLY is impossible and nobody can read it yet"
+    if inspection.concurrent_possible and inspection.swap_possible:
+        state = inspection.state
+        concurrent, swap = state.durations.get(RefreshMode.CONCURRENT), state.durations.get(RefreshMode.SWAP)
+        if concurrent is None:
+            return RefreshMode.CONCURRENT, "Auto: no measurements yet, starting with Concurrent"
+        if swap is None:
+            return RefreshMode.SWAP, f"Auto: measuring Swap once to compare with Concurrent ({concurrent:.2f}s)"
+        if concurrent <= swap:
+            best, other = RefreshMode.CONCURRENT, RefreshMode.SWAP
+        else:
+            best, other = RefreshMode.SWAP, RefreshMode.CONCURRENT
+        fast, slow = min(concurrent, swap), max(concurrent, swap)
+        if state.runs % EXPLORE_EVERY == EXPLORE_EVERY - 1 and slow <= fast * EXPLORE_RATIO:
+            return other, f"Auto: re-measuring {other} ({slow:.2f}s) against {best} ({fast:.2f}s)"
+        return best, f"Auto: {best} is cheaper on this view ({fast:.2f}s vs {slow:.2f}s)"
+    if inspection.concurrent_possible:
+        return RefreshMode.CONCURRENT, f"Auto: Swap is not possible ({inspection.swap_blocker})"
+    if inspection.swap_possible:
+        return RefreshMode.SWAP, "Auto: no unique index without WHERE on plain columns, so CONCURRENTLY is impossible"
+    return RefreshMode.FULL, (
+        "Auto: neither non-blocking mode is possible (no usable unique index; "
+        f"{inspection.swap_blocker}); plain refresh blocks readers"
+    )
+
+
+def fallback(
+    view: MaterializedView, inspection: Inspection, requested: str | None, ran: RefreshMode, error: BaseException
+) -> Run | None:
+    """After a failure: the one other mode worth trying (only Auto falls back, only from CONCURRENTLY, only
+    for errors a rebuild fixes), or None."""
+    automatic = RefreshMode(requested or view.refresh.mode) == RefreshMode.AUTO
+    if not automatic or ran != RefreshMode.CONCURRENT or sqlstate(error) not in CONCURRENT_FALLBACK_SQLSTATES:
+        return None
+    mode = RefreshMode.SWAP if inspection.populated and inspection.swap_possible else RefreshMode.FULL
+    return Run(mode, f"Concurrent failed ({message(error)}); fell back to {mode}")
+
+
+def sqlstate(error: BaseException) -> str | None:
+    found = getattr(error, "sqlstate", None) or getattr(error.__cause__, "sqlstate", None)
+    return str(found) if found else None
+
+
+def message(error: BaseException) -> str:
+    if isinstance(error, psycopg.Error) and error.diag.message_primary:
+        return error.diag.message_primary
+    return str(error).strip()
+
+
+def classify(error: BaseException) -> str:
+    """Map an error to the bounded set of failure reasons used in metrics (FAILURE_REASONS)."""
+    if isinstance(error, psycopg.errors.QueryCanceled):
+        # statement_timeout; a cancel on shutdown says "due to user request" and is not a timeout.
+        return "timeout" if "timeout" in str(error) else "other"
+    if isinstance(error, psycopg.errors.LockNotAvailable):
+        return "lock_timeout"
+    if isinstance(error, psycopg.errors.UniqueViolation | psycopg.errors.CardinalityViolation):
+        return "duplicate_rows"
+    if isinstance(error, psycopg.errors.InsufficientPrivilege):
+        return "permission"
+    if isinstance(error, psycopg.OperationalError) or (sqlstate(error) or "").startswith(("08", "57P")):
+        return "connection"
+    if type(error).__name__ in ("PoolTimeout", "PoolClosed", "TooManyRequests"):  # psycopg_pool: no server
+        return "connection"
+    cause = error.__cause__
+    if isinstance(error, MatviewError) and isinstance(cause, psycopg.Error):
+        return classify(cause)
+    return "other"
