@@ -185,12 +185,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_INVALID
     for file in yaml_files(paths):
         load_file(file)  # refuse to start on an invalid file; later edits are reloaded leniently
-    dsn = _database_url(args)
+    dsn: str | Callable[[], str] = _database_url(args)
+    if args.dsn_file:
+        dsn_file = Path(args.dsn_file)
+        dsn = lambda: _read_dsn_file(dsn_file)  # noqa: E731 - re-read every pass: a rotated password needs no restart
     metrics = RefreshMetrics()
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.metrics_address)
         print(f"metrics on http://{args.metrics_address}:{args.metrics_port}/metrics", file=sys.stderr)
-    refresher = Refresher(metrics, RunnerSettings(max_concurrent_per_database=args.max_concurrent))
+    refresher = Refresher(
+        metrics, RunnerSettings(max_concurrent_per_database=args.max_concurrent, retry_seconds=args.retry_seconds)
+    )
 
     async def main_loop() -> None:
         stop = asyncio.Event()
@@ -332,6 +337,8 @@ def cmd_embedded_stop(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from matview.runner import RunnerSettings
+
     parser = argparse.ArgumentParser(prog="matview", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -368,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-port", type=int, default=9808, help="0 disables the metrics server")
     run.add_argument("--metrics-address", default="0.0.0.0", help=argparse.SUPPRESS)  # noqa: S104
     run.add_argument("--max-concurrent", type=int, default=2, help="refreshes at once per database")
+    run.add_argument(
+        "--retry-seconds",
+        type=float,
+        default=RunnerSettings.retry_seconds,
+        help="first wait after a failed apply or refresh; doubles per failure up to the view's period",
+    )
     op = command("operator", cmd_operator, "run the Kubernetes operator (wraps kopf)", files=False, database=False)
     scope = op.add_mutually_exclusive_group()
     scope.add_argument("--namespace", "-n", action="append", help="watch this namespace (repeatable)")

@@ -17,25 +17,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import functools
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from matview import engine
+from matview import engine, schedule
 from matview.catalog import Connection
 from matview.constants import APPLICATION_NAME
-from matview.errors import MatviewError, SpecError
+from matview.errors import SpecError
 from matview.metrics import RefreshMetrics
-from matview.refresh import RefreshResult, read_state, record_build, refresh
+from matview.refresh import RefreshResult, classify, read_state, record_build, refresh
 from matview.refresh.facts import dependency_order
-from matview.schedule import expected_period_seconds, next_run, retry_delay
 from matview.spec import MaterializedView
 from matview.validation import load_file
 
@@ -135,14 +132,37 @@ class Refresher:
     ) -> RefreshResult:
         """One refresh, waiting for a slot under the database's cap."""
         cap = self._caps.setdefault(dsn, asyncio.Semaphore(self.settings.max_concurrent_per_database))
+        started = dt.datetime.now(dt.UTC)
         async with cap:
             self.metrics.started(view.namespace, view.resource_name)
             try:
                 result: RefreshResult = await self.run_sync(dsn, lambda conn: refresh(conn, view, mode, force=force))
+            except Exception as exc:
+                result = failure_result(view, "could not get a database connection", exc, started)
             finally:
                 self.metrics.finished(view.namespace, view.resource_name)
         self.metrics.record(view.namespace, view.resource_name, result)
         return result
+
+    def record_failure(self, view: MaterializedView, reason: str, error: BaseException, started: dt.datetime) -> None:
+        """Count a failure outside a refresh (an apply), so failure alerts see it."""
+        self.metrics.record(view.namespace, view.resource_name, failure_result(view, reason, error, started))
+
+
+def failure_result(view: MaterializedView, reason: str, error: BaseException, started: dt.datetime) -> RefreshResult:
+    """The result of an attempt that failed before (or outside) the refresh engine."""
+    completed = dt.datetime.now(dt.UTC)
+    return RefreshResult(
+        view.relation,
+        "none",
+        "failure",
+        reason,
+        started,
+        completed,
+        (completed - started).total_seconds(),
+        message=str(error).strip()[:1024] or type(error).__name__,
+        failure_reason=classify(error),
+    )
 
 
 def yaml_files(paths: Iterable[Path]) -> list[Path]:
@@ -159,30 +179,57 @@ def yaml_files(paths: Iterable[Path]) -> list[Path]:
 @dataclass
 class _Entry:
     view: MaterializedView
+    """The spec as the files say now."""
     source: str
-    last_success: dt.datetime | None = None
-    next_due: dt.datetime | None = None
-    failures: int = 0
+    track: schedule.Track = field(default_factory=schedule.Track)
+    applied: MaterializedView | None = None
+    """The spec last applied successfully; refreshes wait until it equals view."""
     upstream: set[str] = field(default_factory=set)
-    task: asyncio.Task[RefreshResult] | None = None
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None and not self.task.done()
 
 
 class Scheduler:
-    """The standalone loop behind ``matview run``."""
+    """The standalone loop behind ``matview run``, on the scheduling core of ``matview.schedule``.
+
+    Every pass: (re)apply views whose spec changed or whose last apply failed (with backoff; never while
+    a refresh of that view runs, so an edit lands as soon as it ends), then refresh the views that are
+    due, upstream views first. The DSN is asked for on every pass, so a rotated password in a DSN file
+    is picked up without a restart.
+    """
 
     def __init__(
         self,
-        dsn: str,
+        dsn: str | Callable[[], str],
         paths: list[Path],
         refresher: Refresher,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
-        self.dsn = dsn
+        self._dsn_source: Callable[[], str] = dsn if callable(dsn) else (lambda: dsn)
+        self._dsn_in_use: str | None = None
         self.paths = paths
         self.refresher = refresher
         self.clock = clock
         self.entries: dict[str, _Entry] = {}
         self._mtimes: dict[Path, float] = {}
+        self._order_known = False
+
+    @property
+    def dsn(self) -> str:
+        """The current DSN; when it changed (a rotated DSN file), the old pool is closed."""
+        try:
+            current = self._dsn_source()
+        except Exception as exc:
+            logger.error("cannot read the DSN: %s; keeping the previous one", exc)
+            current = self._dsn_in_use or ""
+        if self._dsn_in_use is not None and current != self._dsn_in_use:
+            logger.info("the DSN changed; reconnecting")
+            self.refresher.close_pool(self._dsn_in_use)
+        self._dsn_in_use = current
+        return current
 
     def files(self) -> list[Path]:
         return yaml_files(self.paths)
@@ -196,8 +243,8 @@ class Scheduler:
         self._mtimes = current
         return changed
 
-    async def load(self) -> None:
-        """(Re)read every file; apply new or changed specs; keep the last good version of a broken file."""
+    def load(self) -> None:
+        """(Re)read every file; keep the last good version of a broken file. Applying happens in passes."""
         wanted: dict[str, tuple[MaterializedView, str]] = {}
         broken: set[str] = set()
         for file in self.files():
@@ -218,98 +265,108 @@ class Scheduler:
                 self.refresher.metrics.forget(entry.view.namespace, entry.view.resource_name)
                 del self.entries[owner]
         for owner, (view, source) in wanted.items():
-            previous = self.entries.get(owner)
-            if previous is not None and previous.view == view:
-                continue
-            try:
-                await self._apply(view)
-            except (MatviewError, psycopg.Error) as exc:
-                logger.error("%s: apply failed: %s", view.relation, exc)
-                continue
-            state = await self.refresher.run_sync(self.dsn, functools.partial(read_state, view=view))
-            new_entry = _Entry(view, source, last_success=state.last_success)
-            if previous is not None and previous.task is not None:
-                new_entry.task = previous.task
-            self.entries[owner] = new_entry
-            self._reschedule(new_entry)
-            self.refresher.metrics.track(view, state.last_success.timestamp() if state.last_success else None)
-        await self._compute_upstream()
+            known = self.entries.get(owner)
+            if known is None:
+                self.entries[owner] = _Entry(view, source)
+                self.refresher.metrics.track(view, None)  # a series from the start: staleness shows at once
+                self._order_known = False
+            elif known.view != view:
+                known.view, known.source = view, source
+                known.track = replace(known.track, failures=0, hold_until=None)  # a new spec: apply it now
+                self._order_known = False
 
-    async def _apply(self, view: MaterializedView) -> None:
-        def work(conn: Connection) -> None:
+    async def _apply_entry(self, entry: _Entry) -> None:
+        view = entry.view
+
+        def work(conn: Connection) -> schedule.Track:
             result = engine.apply(conn, view)
             for warning in result.plan.warnings:
                 logger.warning("%s: %s", view.relation, warning)
             if result.built:
                 record_build(conn, view)
+            return replace(entry.track, last_success=read_state(conn, view).last_success, failures=0, hold_until=None)
 
-        await self.refresher.run_sync(self.dsn, work)
+        now = self.clock()
+        try:
+            entry.track = await self.refresher.run_sync(self.dsn, work)
+        except Exception as exc:
+            entry.track = schedule.after(view, entry.track, "failure", now, self.refresher.settings.retry_seconds)
+            self.refresher.record_failure(view, "apply failed", exc, now)
+            delay = (entry.track.hold_until - now).total_seconds() if entry.track.hold_until else 0
+            logger.error("%s: apply failed (%s); next attempt in %.0fs", view.relation, classify(exc), delay)
+            return
+        entry.applied = view
+        last = entry.track.last_success
+        self.refresher.metrics.track(view, last.timestamp() if last else None)
 
     async def _compute_upstream(self) -> None:
-        views = [e.view for e in self.entries.values()]
+        views = [e.view for e in self.entries.values() if e.applied is not None]
         ordered = await self.refresher.run_sync(self.dsn, lambda conn: dependency_order(conn, views))
         position = {v.owner: i for i, v in enumerate(ordered)}
         for entry in self.entries.values():
-            entry.upstream = {o for o, i in position.items() if i < position[entry.view.owner]}
+            mine = position.get(entry.view.owner)
+            entry.upstream = set() if mine is None else {o for o, i in position.items() if i < mine}
+        self._order_known = True
 
-    def _reschedule(self, entry: _Entry) -> None:
-        entry.next_due = next_run(entry.view, entry.last_success, self.clock())
-
-    def due(self) -> list[_Entry]:
-        now = self.clock()
-        return [
-            e
-            for e in self.entries.values()
-            if e.next_due is not None and e.next_due <= now and (e.task is None or e.task.done())
-        ]
-
-    async def _refresh_entry(self, entry: _Entry, after: list[asyncio.Task[RefreshResult]]) -> RefreshResult:
+    async def _refresh_entry(self, entry: _Entry, after: list[asyncio.Task[None]]) -> None:
         for task in after:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await task
-        result = await self.refresher.refresh(self.dsn, entry.view)
-        if result.result == "success":
-            entry.last_success = result.completed_at
-            entry.failures = 0
-            self._reschedule(entry)
-        elif result.result == "failure":
-            entry.failures += 1
-            delay = retry_delay(entry.view, entry.failures, self.refresher.settings.retry_seconds, self.clock())
-            entry.next_due = self.clock() + dt.timedelta(seconds=delay)
-        else:
-            # Skipped (sources unchanged, or another process refreshing): due one period after the last
-            # success, or one period from now when that time has passed.
-            if entry.last_success:
-                self._reschedule(entry)
-            if entry.next_due is not None and entry.next_due <= self.clock():
-                entry.next_due = self.clock() + dt.timedelta(
-                    seconds=expected_period_seconds(entry.view, self.clock()) or 60
-                )
-        return result
+        view = entry.view
+        result = await self.refresher.refresh(self.dsn, view)
+        entry.track = schedule.after(
+            view,
+            entry.track,
+            result.result,
+            self.clock(),
+            self.refresher.settings.retry_seconds,
+            completed=result.completed_at,
+        )
 
-    def start_due(self) -> list[asyncio.Task[RefreshResult]]:
-        """Start a task for every due view; a view starts after the due views it reads."""
-        started: dict[str, asyncio.Task[RefreshResult]] = {}
-        due = sorted(self.due(), key=lambda e: len(e.upstream))
-        for entry in due:
-            after = [started[o] for o in entry.upstream if o in started]
+    def _wanted(self, entry: _Entry, now: dt.datetime) -> str | None:
+        """ "apply", "refresh" or None for an entry that is not busy."""
+        if entry.busy:
+            return None
+        if entry.applied != entry.view:
+            hold = entry.track.hold_until
+            return "apply" if hold is None or hold <= now else None
+        return "refresh" if schedule.wanted_now(entry.view, entry.track, now) else None
+
+    async def start_due(self) -> list[asyncio.Task[None]]:
+        """Start every apply and refresh that is due; a refresh starts after the due views it reads."""
+        now = self.clock()
+        started: list[asyncio.Task[None]] = []
+        for entry in self.entries.values():
+            if self._wanted(entry, now) == "apply":
+                entry.task = asyncio.create_task(self._apply_entry(entry))
+                started.append(entry.task)
+                self._order_known = False
+        due = [e for e in self.entries.values() if self._wanted(e, now) == "refresh"]
+        if due and not self._order_known:
+            try:
+                await self._compute_upstream()
+            except Exception as exc:
+                logger.warning("cannot read view dependencies: %s", exc)
+        refreshing: dict[str, asyncio.Task[None]] = {}
+        for entry in sorted(due, key=lambda e: len(e.upstream)):
+            after = [refreshing[o] for o in entry.upstream if o in refreshing]
             entry.task = asyncio.create_task(self._refresh_entry(entry, after))
-            started[entry.view.owner] = entry.task
-        return list(started.values())
+            refreshing[entry.view.owner] = entry.task
+        return started + list(refreshing.values())
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Apply, then refresh on schedule until stop is set; in-flight refreshes are cancelled cleanly."""
+        """Apply, then refresh on schedule until stop is set; in-flight work is cancelled cleanly."""
         self._changed_files()
-        await self.load()
+        self.load()
         last_reload = asyncio.get_running_loop().time()
         try:
             while not stop.is_set():
-                self.start_due()
+                await self.start_due()
                 loop_time = asyncio.get_running_loop().time()
                 if loop_time - last_reload >= self.refresher.settings.reload_seconds:
                     last_reload = loop_time
                     if self._changed_files():
-                        await self.load()
+                        self.load()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=self._sleep_seconds())
         finally:
@@ -322,6 +379,12 @@ class Scheduler:
 
     def _sleep_seconds(self) -> float:
         now = self.clock()
-        upcoming = [e.next_due for e in self.entries.values() if e.next_due is not None]
+        upcoming = []
+        for entry in self.entries.values():
+            at = (
+                entry.track.hold_until if entry.applied != entry.view else schedule.due_at(entry.view, entry.track, now)
+            )
+            if at is not None:
+                upcoming.append(at)
         until = min(((t - now).total_seconds() for t in upcoming), default=60.0)
         return max(0.05, min(until, self.refresher.settings.reload_seconds))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import zoneinfo
+from dataclasses import dataclass, replace
 from itertools import islice
 
 import cronsim
@@ -67,3 +68,62 @@ def retry_delay(view: MaterializedView, failures: int, first_retry_seconds: floa
     """Seconds to wait after `failures` consecutive failures: doubling from the first retry, capped by the period."""
     period = expected_period_seconds(view, now) or first_retry_seconds
     return float(min(first_retry_seconds * 2 ** (failures - 1), period))
+
+
+@dataclass(frozen=True)
+class Track:
+    """What a scheduler knows about one view between refreshes: the scheduling core's whole state.
+
+    The standalone runner and the operator keep one per view and change it only through ``after``, so
+    backoff, skips, holds and manual requests behave the same in both.
+    """
+
+    last_success: dt.datetime | None = None
+    failures: int = 0
+    """Consecutive failed refreshes or applies (0 after a success)."""
+    hold_until: dt.datetime | None = None
+    """No scheduled attempt before this: backoff after a failure, one period after a skip."""
+    handled_request: str | None = None
+    """The last value of the refresh-requested annotation acted upon."""
+
+
+def due_at(view: MaterializedView, track: Track, now: dt.datetime) -> dt.datetime | None:
+    """When the next scheduled refresh is due (None: only on request)."""
+    at = next_run(view, track.last_success, now)
+    if at is not None and track.hold_until is not None:
+        at = max(at, track.hold_until)
+    return at
+
+
+def wanted_now(view: MaterializedView, track: Track, now: dt.datetime, request: str | None = None) -> bool:
+    """A refresh should start now: it is due, or a new manual request came in."""
+    if request is not None and request != track.handled_request:
+        return True
+    at = due_at(view, track, now)
+    return at is not None and at <= now
+
+
+def after(
+    view: MaterializedView,
+    track: Track,
+    outcome: str,
+    now: dt.datetime,
+    first_retry_seconds: float,
+    completed: dt.datetime | None = None,
+    request: str | None = None,
+) -> Track:
+    """The state after an attempt ended with outcome success, failure or skipped.
+
+    Success counts from its completion; a failure holds the view for a backoff that doubles from
+    first_retry_seconds up to the view's period; a skip (sources unchanged, or another process at work)
+    holds it one period from now. A request acted upon is remembered whatever the outcome.
+    """
+    handled = request if request is not None else track.handled_request
+    if outcome == "success":
+        return Track(last_success=completed or now, handled_request=handled)
+    if outcome == "failure":
+        failures = track.failures + 1
+        delay = retry_delay(view, failures, first_retry_seconds, now)
+        return replace(track, failures=failures, hold_until=now + dt.timedelta(seconds=delay), handled_request=handled)
+    period = next_run(view, now, now) or now + dt.timedelta(seconds=first_retry_seconds)
+    return replace(track, hold_until=period, handled_request=handled)

@@ -65,3 +65,29 @@ def test_retry_delay_doubles_and_stops_at_the_period() -> None:
     hourly = view(refresh={"interval": "5m"})
     assert [retry_delay(hourly, n, 30, T0) for n in (1, 2, 3, 4, 5)] == [30, 60, 120, 240, 300]
     assert retry_delay(view(), 9, 30, T0) == 30  # on-demand views retry at the first delay
+
+
+def test_the_scheduling_core_after_success_failure_skip_and_request() -> None:
+    from matview.schedule import Track, after, due_at, wanted_now
+
+    v = view(refresh={"interval": "5m"})
+    fresh = Track()
+    assert wanted_now(v, fresh, T0)  # never refreshed: due now
+    done = after(v, fresh, "success", T0, 30, completed=T0)
+    assert not wanted_now(v, done, T0 + dt.timedelta(minutes=1))
+    assert due_at(v, done, T0) == next_run(v, T0, T0)
+    # Failures back off 30 s, 60 s, 120 s … capped by the period, and clear on success.
+    failed = after(v, done, "failure", T0, 30)
+    failed = after(v, failed, "failure", T0, 30)
+    assert failed.failures == 2 and failed.hold_until == T0 + dt.timedelta(seconds=60)
+    assert failed.last_success == T0
+    assert after(v, failed, "success", T0, 30).failures == 0
+    # A skip holds the view one period from now, however long ago the last success was.
+    late = T0 + dt.timedelta(hours=3)
+    skipped = after(v, done, "skipped", late, 30)
+    assert not wanted_now(v, skipped, late + dt.timedelta(minutes=4))
+    assert wanted_now(v, skipped, late + dt.timedelta(minutes=6))
+    # A new request acts at once, once.
+    assert wanted_now(v, skipped, late, request="r1")
+    handled = after(v, skipped, "success", late, 30, request="r1")
+    assert not wanted_now(v, handled, late, request="r1")

@@ -9,15 +9,16 @@ every refresh in status and metrics — with a Warning event only on failure.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import kopf
 
+from matview import schedule
 from matview.constants import REFRESH_REQUESTED_ANNOTATION
 from matview.errors import SpecError
 from matview.k8s import conditions, kube
@@ -25,20 +26,7 @@ from matview.k8s.context import OperatorContext
 from matview.k8s.credentials import CredentialsError, redact
 from matview.k8s.resource import parse_time, resolve_dsn, view_of
 from matview.refresh import RefreshResult
-from matview.schedule import next_run, retry_delay
 from matview.spec import MaterializedView
-
-
-@dataclass
-class _Memory:
-    """What this daemon knows before the watch stream brings its own status writes back."""
-
-    last_success: dt.datetime | None = None
-    handled_request: str | None = None
-    hold_until: dt.datetime | None = None
-    """No scheduled refresh before this (after a failure: backoff; after a skip: one period)."""
-    failures: int = 0
-    written_next: str | None = None
 
 
 def _is_reconciled(body: Mapping[str, Any]) -> bool:
@@ -95,7 +83,13 @@ async def run(ctx: OperatorContext, body: kopf.Body, stopped: Any, logger: loggi
     """The daemon's body: loop until kopf stops it (resource deleted or operator exiting)."""
     metadata = body.get("metadata", {})
     namespace, name = metadata.get("namespace", ""), metadata.get("name", "")
-    memory = _Memory()
+    status = body.get("status") or {}
+    # What the watch stream has not brought back yet lives in track; status seeds it after a restart.
+    track = schedule.Track(
+        last_success=parse_time(status.get("lastSuccessfulRefreshTime")),
+        handled_request=status.get("lastHandledRefreshRequest"),
+    )
+    written_next: list[str | None] = [None]
     poll = ctx.config.daemon_poll_seconds
     while not stopped:
         try:
@@ -106,24 +100,20 @@ async def run(ctx: OperatorContext, body: kopf.Body, stopped: Any, logger: loggi
         if not _is_reconciled(body):
             await stopped.wait(poll)
             continue
-        status = body.get("status") or {}
         now = dt.datetime.now(dt.UTC)
-        last = max(
-            filter(None, [parse_time(status.get("lastSuccessfulRefreshTime")), memory.last_success]), default=None
-        )
-        ctx.metrics.track(view, last.timestamp() if last else None)
+        seen = parse_time((body.get("status") or {}).get("lastSuccessfulRefreshTime"))
+        if seen is not None and (track.last_success is None or seen > track.last_success):
+            track = dataclasses.replace(track, last_success=seen)  # e.g. an apply that rebuilt the data
+        ctx.metrics.track(view, track.last_success.timestamp() if track.last_success else None)
         # kopf keeps body live: read annotations on every turn, never from a copy taken at start.
-        requested = (body.get("metadata", {}).get("annotations") or {}).get(REFRESH_REQUESTED_ANNOTATION)
-        handled = memory.handled_request or status.get("lastHandledRefreshRequest")
-        manual = requested is not None and requested != handled
-        due = next_run(view, last, now)
-        if due is not None and memory.hold_until is not None:
-            due = max(due, memory.hold_until)
-        if not manual and (due is None or due > now):
-            await _write_next(namespace, name, due, memory)
+        request = (body.get("metadata", {}).get("annotations") or {}).get(REFRESH_REQUESTED_ANNOTATION)
+        if not schedule.wanted_now(view, track, now, request):
+            due = schedule.due_at(view, track, now)
+            await _write_next(namespace, name, due, written_next)
             wait = poll if due is None else max(0.05, min(poll, (due - now).total_seconds()))
             await stopped.wait(wait)
             continue
+        manual = request is not None and request != track.handled_request
         try:
             dsn = await resolve_dsn(view)
         except CredentialsError:
@@ -131,35 +121,34 @@ async def run(ctx: OperatorContext, body: kopf.Body, stopped: Any, logger: loggi
             continue
         result = await ctx.refresher.refresh(dsn, view, force=manual)
         after = dt.datetime.now(dt.UTC)
-        if result.result == "success":
-            memory.last_success, memory.failures, memory.hold_until = result.completed_at, 0, None
-        elif result.result == "failure":
-            memory.failures += 1
-            delay = retry_delay(view, memory.failures, ctx.config.retry_seconds, after)
-            memory.hold_until = after + dt.timedelta(seconds=delay)
+        track = schedule.after(
+            view,
+            track,
+            result.result,
+            after,
+            ctx.config.retry_seconds,
+            completed=result.completed_at,
+            request=request if manual else None,
+        )
+        if result.result == "failure":
             message = redact(f"{result.failure_reason}: {result.message}", dsn)
             kopf.warn(body, reason=conditions.REFRESH_FAILED, message=message)
+            delay = (track.hold_until - after).total_seconds() if track.hold_until else 0
             logger.warning("refresh of %s failed (%s); next attempt in %.0fs", view.relation, message, delay)
-        else:
-            memory.hold_until = next_run(view, after, after) or after + dt.timedelta(seconds=poll)
-        if manual:
-            memory.handled_request = requested
-        next_due = next_run(view, memory.last_success or last, after)
-        if next_due is not None and memory.hold_until is not None:
-            next_due = max(next_due, memory.hold_until)
+        next_due = schedule.due_at(view, track, after)
         safe = result if result.result != "failure" else _redacted(result, dsn)
         change = functools.partial(
-            refresh_status, view=view, result=safe, handled_request=requested if manual else None, next_due=next_due
+            refresh_status, view=view, result=safe, handled_request=request if manual else None, next_due=next_due
         )
         await kube.patch_status(namespace, name, change)
-        memory.written_next = conditions.timestamp(next_due) if next_due else None
+        written_next[0] = conditions.timestamp(next_due) if next_due else None
 
 
-async def _write_next(namespace: str, name: str, due: dt.datetime | None, memory: _Memory) -> None:
+async def _write_next(namespace: str, name: str, due: dt.datetime | None, written: list[str | None]) -> None:
     text = conditions.timestamp(due) if due is not None else None
-    if text == memory.written_next:
+    if text == written[0]:
         return
-    memory.written_next = text
+    written[0] = text
 
     def change(status: dict[str, Any]) -> dict[str, Any]:
         if text is None:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
 from matview import timestamps
+from matview.errors import SpecError
 from matview.k8s import conditions, kube
 from matview.k8s.credentials import CredentialsError, dsn_from_secret
 from matview.spec import MaterializedView
@@ -21,9 +26,46 @@ def document(body: Mapping[str, Any]) -> dict[str, Any]:
     return plain
 
 
+#: Validated specs (or their SpecError) by digest of what validation reads; bounded, oldest dropped first.
+_VALIDATED: OrderedDict[str, MaterializedView | SpecError] = OrderedDict()
+_VALIDATED_MAX = 20_000
+_VALIDATED_LOCK = threading.Lock()
+
+
 def view_of(body: Mapping[str, Any]) -> MaterializedView:
-    """Validate the object; raises SpecError naming each bad field."""
-    return validate_document(document(body))
+    """Validate the object; raises SpecError naming each bad field.
+
+    Handlers and daemons ask for every resource again and again; validation (the SQL parse above all)
+    runs once per distinct spec, so a large or hostile query costs its parse once, not on every poll,
+    and never crowds the parser thread that other resources need.
+    """
+    plain = document(body)
+    metadata = plain.get("metadata") or {}
+    essence = [
+        plain.get("apiVersion"),
+        plain.get("kind"),
+        metadata.get("name"),
+        metadata.get("namespace"),
+        metadata.get("generation"),
+        plain.get("spec"),
+    ]
+    key = hashlib.sha256(json.dumps(essence, sort_keys=True, default=str).encode()).hexdigest()
+    with _VALIDATED_LOCK:
+        known = _VALIDATED.get(key)
+        if known is not None:
+            _VALIDATED.move_to_end(key)
+    if known is None:
+        try:
+            known = validate_document(plain)
+        except SpecError as exc:
+            known = exc
+        with _VALIDATED_LOCK:
+            _VALIDATED[key] = known
+            while len(_VALIDATED) > _VALIDATED_MAX:
+                _VALIDATED.popitem(last=False)
+    if isinstance(known, SpecError):
+        raise known
+    return known
 
 
 #: The ClusterRole (manifests/core/rbac.yaml) that grants reading Secrets, bound per namespace of views.
