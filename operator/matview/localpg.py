@@ -158,10 +158,11 @@ class LocalServer:
         )
         return self
 
-    def stop(self) -> None:
+    def stop(self, mode: str = "fast") -> None:
+        """pg_ctl stop; mode "immediate" is a crash as far as clients can tell (no goodbye, recovery on start)."""
         self._user = _server_user()
         if (self.data_dir / "postmaster.pid").exists():
-            self._run("pg_ctl", "-D", str(self.data_dir), "-m", "fast", "-w", "stop")
+            self._run("pg_ctl", "-D", str(self.data_dir), "-m", mode, "-w", "stop")
 
     def dsn(self, dbname: str = "postgres", user: str | None = None) -> str:
         return f"postgresql://{user or self.superuser}@127.0.0.1:{self.port}/{dbname}"

@@ -204,13 +204,7 @@ def build_plan(view: MaterializedView, observed: Observed) -> Plan:
     steps: list[Step] = []
     reasons: list[str] = []
     warnings: list[str] = []
-    for leftover in observed.staging:
-        steps.append(
-            Step(
-                f"drop leftover staging copy {leftover.schema}.{leftover.name}",
-                (sql.SQL("DROP MATERIALIZED VIEW {}").format(relation_id(leftover.schema, leftover.name)),),
-            )
-        )
+    steps += [drop_leftover_step(leftover.schema, leftover.name) for leftover in observed.staging]
 
     if relation is None:
         reasons.append(f"{view.relation} does not exist")
@@ -402,6 +396,14 @@ def swap_steps(
     ]
 
 
+def drop_leftover_step(schema: str, name: str) -> Step:
+    """Drop a staging or retired copy of ours that an interrupted build or swap left behind."""
+    return Step(
+        f"drop leftover copy {schema}.{name}",
+        (sql.SQL("DROP MATERIALIZED VIEW {}").format(relation_id(schema, name)),),
+    )
+
+
 def refresh_in_place_step(view: MaterializedView, mode: str) -> Step:
     """REFRESH [CONCURRENTLY]: CONCURRENTLY waits only behind other writers, plain REFRESH behind readers."""
     concurrently = sql.SQL("CONCURRENTLY ") if mode == "Concurrent" else sql.SQL("")
@@ -581,13 +583,7 @@ def build_delete_plan(view: MaterializedView, observed: Observed) -> Plan:
                 takes_exclusive_lock=True,
             )
         )
-    for leftover in observed.staging:
-        steps.append(
-            Step(
-                f"drop leftover staging copy {leftover.schema}.{leftover.name}",
-                (sql.SQL("DROP MATERIALIZED VIEW {}").format(relation_id(leftover.schema, leftover.name)),),
-            )
-        )
+    steps += [drop_leftover_step(leftover.schema, leftover.name) for leftover in observed.staging]
     for state in observed.owned_supporting:
         steps.append(
             Step(

@@ -289,7 +289,12 @@ class Scheduler:
         now = self.clock()
         try:
             entry.track = await self.refresher.run_sync(self.dsn, work)
-        except Exception as exc:
+        except engine.BusyError:  # another process is applying or refreshing it: not a failure, look again soon
+            retry = dt.timedelta(seconds=self.refresher.settings.retry_seconds)
+            entry.track = replace(entry.track, hold_until=now + retry)
+            logger.info("%s: busy in another process; applying later", view.relation)
+            return
+        except Exception as exc:  # every other failure is retried with backoff and counted
             entry.track = schedule.after(view, entry.track, "failure", now, self.refresher.settings.retry_seconds)
             self.refresher.record_failure(view, "apply failed", exc, now)
             delay = (entry.track.hold_until - now).total_seconds() if entry.track.hold_until else 0

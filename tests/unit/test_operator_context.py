@@ -24,3 +24,20 @@ def test_pools_are_shared_and_closed_when_unused() -> None:
         assert context.pools_open() == 0
     finally:
         context.refresher.close()
+
+
+def test_operator_settings_name_the_variable_of_a_bad_value() -> None:
+    import pytest
+
+    from matview.k8s.settings import SettingsError, config_from_environment
+
+    config = config_from_environment({"MATVIEW_RETRY_SECONDS": "2.5", "MATVIEW_MAX_CONCURRENT": "4"})
+    assert (config.retry_seconds, config.max_concurrent_per_database) == (2.5, 4)
+    for variable, value in [
+        ("MATVIEW_RETRY_SECONDS", "soon"),
+        ("MATVIEW_MAX_CONCURRENT", "0"),
+        ("MATVIEW_DRIFT_CHECK_SECONDS", "nan"),
+        ("MATVIEW_METRICS_PORT", "80.5"),
+    ]:
+        with pytest.raises(SettingsError, match=variable):
+            config_from_environment({variable: value})

@@ -8,10 +8,11 @@ verbatim beside kubectl's own last-applied copy would not fit.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import kopf
@@ -51,19 +52,40 @@ def configure(settings: kopf.OperatorSettings, peering: str | None) -> None:
         settings.peering.standalone = True
 
 
-def config_from_environment() -> OperatorConfig:
-    """``matview operator`` passes its flags as MATVIEW_* variables, so ``kopf run -m`` works the same."""
+class SettingsError(ValueError):
+    """An operator setting has a value it cannot use; the message names the variable."""
+
+
+#: Environment variable → (OperatorConfig field, smallest allowed value).
+ENVIRONMENT: dict[str, tuple[str, float]] = {
+    "MATVIEW_METRICS_PORT": ("metrics_port", 0),
+    "MATVIEW_DRIFT_CHECK_SECONDS": ("drift_check_seconds", 1),
+    "MATVIEW_RETRY_SECONDS": ("retry_seconds", 0.1),
+    "MATVIEW_STALLED_RETRY_SECONDS": ("stalled_retry_seconds", 0.1),
+    "MATVIEW_DAEMON_POLL_SECONDS": ("daemon_poll_seconds", 0.05),
+    "MATVIEW_MAX_CONCURRENT": ("max_concurrent_per_database", 1),
+}
+
+
+def config_from_environment(environ: Mapping[str, str] | None = None) -> OperatorConfig:
+    """``matview operator`` passes its flags as MATVIEW_* variables, so ``kopf run -m`` works the same.
+
+    Read once, when the operator starts; a bad value stops it with the variable's name.
+    """
+    environ = os.environ if environ is None else environ
     defaults = OperatorConfig()
-
-    def number(name: str, default: float) -> float:
-        value = os.environ.get(name)
-        return float(value) if value else default
-
-    return OperatorConfig(
-        metrics_port=int(number("MATVIEW_METRICS_PORT", defaults.metrics_port)),
-        drift_check_seconds=number("MATVIEW_DRIFT_CHECK_SECONDS", defaults.drift_check_seconds),
-        retry_seconds=number("MATVIEW_RETRY_SECONDS", defaults.retry_seconds),
-        stalled_retry_seconds=number("MATVIEW_STALLED_RETRY_SECONDS", defaults.stalled_retry_seconds),
-        daemon_poll_seconds=number("MATVIEW_DAEMON_POLL_SECONDS", defaults.daemon_poll_seconds),
-        max_concurrent_per_database=int(number("MATVIEW_MAX_CONCURRENT", defaults.max_concurrent_per_database)),
-    )
+    values: dict[str, Any] = {}
+    for variable, (name, minimum) in ENVIRONMENT.items():
+        text = environ.get(variable)
+        if not text:
+            continue
+        integer = isinstance(getattr(defaults, name), int)
+        try:
+            value: float = int(text) if integer else float(text)
+        except ValueError:
+            kind = "an integer" if integer else "a number"
+            raise SettingsError(f"{variable}={text!r}: must be {kind}") from None
+        if not value >= minimum or value == float("inf"):
+            raise SettingsError(f"{variable}={text!r}: must be at least {minimum:g} and finite")
+        values[name] = value
+    return dataclasses.replace(defaults, **values)

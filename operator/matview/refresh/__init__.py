@@ -32,7 +32,14 @@ from matview.engine import settings_for
 from matview.errors import MatviewError
 from matview.executor import BusyError, ExecutionSettings, execute, view_lock
 from matview.marker import Marker
-from matview.planner import Plan, Step, record_state_step, refresh_in_place_step, swap_steps
+from matview.planner import (
+    Plan,
+    Step,
+    drop_leftover_step,
+    record_state_step,
+    refresh_in_place_step,
+    swap_steps,
+)
 from matview.refresh import facts, policy
 from matview.refresh.facts import ViewSize, read_state, view_size
 from matview.refresh.policy import EXPLORE_EVERY, Inspection, Outcome, RefreshState, choose_mode, classify
@@ -170,10 +177,12 @@ def refresh(
 
 
 def _steps(view: MaterializedView, inspection: Inspection, mode: RefreshMode) -> list[Step]:
+    # Under the lock nobody else is building: a copy of ours still there was left by a crash; drop it first.
+    cleanup = [drop_leftover_step(view.schema, name) for name in inspection.leftovers]
     if mode == RefreshMode.SWAP:
         state = inspection.marker.state if inspection.marker else {}
-        return swap_steps(view, list(inspection.dependents), state=state, old_indexes=inspection.indexes)
-    return [refresh_in_place_step(view, mode)]
+        return cleanup + swap_steps(view, list(inspection.dependents), state=state, old_indexes=inspection.indexes)
+    return [*cleanup, refresh_in_place_step(view, mode)]
 
 
 def _run(

@@ -6,6 +6,7 @@ ones the refresh then acts on.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from psycopg import sql
 
 from matview.catalog import Connection, read_dependents, relation_oid, upstream_relations
 from matview.marker import Marker
+from matview.planner import retired_name, staging_name
 from matview.refresh.policy import Inspection, RefreshState
 from matview.spec import MaterializedView
 
@@ -46,6 +48,11 @@ def inspect(conn: Connection, view: MaterializedView) -> Inspection:
         return Inspection()
     oid, populated, comment, unique, indexes = row
     marker = Marker.parse(comment)
+    leftovers = []
+    for name in (staging_name(view), retired_name(view)):
+        _, found = read_marker(conn, dataclasses.replace(view, name=name))
+        if found is not None and found.owner == view.owner and found.kind == "staging":
+            leftovers.append(name)
     return Inspection(
         oid=int(oid),
         ours=marker is not None and marker.owner == view.owner and marker.kind == "view",
@@ -55,6 +62,7 @@ def inspect(conn: Connection, view: MaterializedView) -> Inspection:
         indexes=tuple(str(name) for name in indexes),
         marker=marker,
         source_version=source_version(conn, int(oid)),
+        leftovers=tuple(leftovers),
     )
 
 

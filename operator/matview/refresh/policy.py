@@ -94,6 +94,8 @@ class Inspection:
     marker: Marker | None = None
     source_version: str | None = None
     """Fingerprint of the tables the view reads now (None when unknowable: a foreign table)."""
+    leftovers: tuple[str, ...] = ()
+    """Staging or retired copies of ours (same schema) that an interrupted build or swap left behind."""
 
     @property
     def state(self) -> RefreshState:
