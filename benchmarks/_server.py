@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from matview.localpg import LocalServer
+from matview.embedded.localpg import LocalServer
 
 BENCH_SETTINGS = {
     "shared_buffers": "1GB",

@@ -14,7 +14,8 @@ import argparse
 from _server import bench_database
 from psycopg import sql
 
-from matview import demo, engine
+from matview import demo
+from matview.plan import engine
 
 
 def main() -> None:

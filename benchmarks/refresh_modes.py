@@ -24,10 +24,10 @@ from typing import Any
 import psycopg
 from _server import bench_database
 
-from matview import engine
+from matview.api.spec import MaterializedView
+from matview.api.validation import validate_document
+from matview.plan import engine
 from matview.refresh import refresh
-from matview.spec import MaterializedView
-from matview.validation import validate_document
 
 ROOT = Path(__file__).resolve().parents[1]
 

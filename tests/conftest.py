@@ -15,8 +15,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from matview import engine
-from matview.localpg import LocalServer, find_bindir
+from matview.embedded.localpg import LocalServer, find_bindir
+from matview.plan import engine
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 _counter = itertools.count()

@@ -7,8 +7,8 @@ from typing import Any
 
 import yaml
 
-from matview.spec import MaterializedView
-from matview.validation import validate_document
+from matview.api.spec import MaterializedView
+from matview.api.validation import validate_document
 
 
 def document(resource: str = "totals", namespace: str = "ops", **spec: Any) -> dict[str, Any]:

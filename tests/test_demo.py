@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psycopg
 
-from matview.localpg import free_port
+from matview.embedded.localpg import free_port
 from tests.db.catalog_helpers import index_names, is_matview
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
-from matview.localpg import free_port
+from matview.embedded.localpg import free_port
 from tests.db.catalog_helpers import index_names
 from tests.helpers import document, to_yaml
 

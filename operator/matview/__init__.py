@@ -6,10 +6,10 @@ apply or delete them against a database. Everything else lives in private layers
 operator share.
 """
 
-from matview.engine import ApplyResult, apply, delete, plan
+from matview.api.spec import MaterializedView
+from matview.api.validation import load_documents, load_file, validate_document
 from matview.errors import FieldError, SpecError, UnmanagedObjectError
-from matview.spec import MaterializedView
-from matview.validation import load_documents, load_file, validate_document
+from matview.plan.engine import ApplyResult, apply, delete, plan
 
 __all__ = [
     "ApplyResult",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from matview.schema import crd, openapi_schema
+from matview.api.schema import crd, openapi_schema
 
 
 def _type(schema: dict[str, Any]) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from matview.metrics import RefreshMetrics
+from matview.observe.metrics import RefreshMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 

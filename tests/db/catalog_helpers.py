@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from matview.catalog import Connection
+from matview.plan.catalog import Connection
 
 SYSTEM = "('pg_catalog', 'information_schema', 'pg_toast')"
 

@@ -9,11 +9,11 @@ from typing import Any
 import psycopg
 import pytest
 
-from matview import engine
-from matview.catalog import Connection
+from matview.api.spec import MaterializedView
 from matview.errors import DependentObjectsError, SpecError, UnmanagedObjectError
-from matview.executor import ExecutionSettings
-from matview.spec import MaterializedView
+from matview.plan import engine
+from matview.plan.catalog import Connection
+from matview.plan.executor import ExecutionSettings
 from tests.db.catalog_helpers import can_select, index_def, index_names, is_matview, relations
 from tests.helpers import view
 

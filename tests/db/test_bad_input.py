@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from matview import engine, load_documents
-from matview.catalog import Connection
+from matview import load_documents
 from matview.errors import MatviewError, SpecError
+from matview.plan import engine
+from matview.plan.catalog import Connection
 from tests.db.catalog_helpers import is_matview, relations
 from tests.helpers import document, to_yaml
 

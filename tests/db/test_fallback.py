@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from psycopg import sql
 
-from matview import engine
-from matview.catalog import Connection
 from matview.fallback import RelationChooser
+from matview.plan import engine
+from matview.plan.catalog import Connection
 from tests.helpers import view
 
 

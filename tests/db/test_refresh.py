@@ -16,15 +16,15 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from matview import engine
 from matview import refresh as refresh_module
-from matview.catalog import Connection
-from matview.localpg import free_port
-from matview.metrics import RefreshMetrics
+from matview.api.spec import MaterializedView
+from matview.embedded.localpg import free_port
+from matview.observe.metrics import RefreshMetrics
+from matview.plan import engine
+from matview.plan.catalog import Connection
 from matview.refresh import Inspection, refresh
 from matview.refresh import facts as refresh_facts
-from matview.runner import Refresher, RunnerSettings, dependency_order
-from matview.spec import MaterializedView
+from matview.refresh.runner import Refresher, RunnerSettings, dependency_order
 from tests.db.catalog_helpers import relations
 from tests.helpers import document, to_yaml, view
 

@@ -15,13 +15,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from matview import engine
-from matview.catalog import Connection
+from matview.api.spec import MaterializedView
 from matview.errors import ApplyError, SpecError
-from matview.metrics import RefreshMetrics
+from matview.observe.metrics import RefreshMetrics
+from matview.plan import engine
+from matview.plan.catalog import Connection
 from matview.refresh import refresh
-from matview.runner import Refresher, RunnerSettings
-from matview.spec import MaterializedView
+from matview.refresh.runner import Refresher, RunnerSettings
 from tests.helpers import view
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from matview.localpg import free_port
+from matview.embedded.localpg import free_port
 from tests.e2e.conftest import ROOT, ControlPlane, operator_token
 
 MV_PATH = "/apis/matview.dev/v1alpha1/namespaces/{ns}/materializedviews"

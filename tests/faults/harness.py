@@ -29,7 +29,7 @@ import psycopg
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from matview.localpg import LocalServer, find_bindir, free_port
+from matview.embedded.localpg import LocalServer, find_bindir, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 REPORT = Path(os.environ.get("MATVIEW_FAULT_REPORT", "/tmp/matview-fault-report.jsonl"))

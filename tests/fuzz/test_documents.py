@@ -27,8 +27,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from matview.api.validation import load_documents, validate_document
 from matview.errors import SpecError
-from matview.validation import load_documents, validate_document
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED_TEXTS = [(ROOT / "examples" / name).read_text() for name in ("quickstart.yaml", "driver-matrix.yaml")]

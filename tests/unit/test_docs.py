@@ -31,7 +31,7 @@ def test_reference_covers_every_spec_field() -> None:
 def test_the_readme_example_is_a_valid_materialized_view() -> None:
     import re
 
-    from matview.validation import load_documents
+    from matview.api.validation import load_documents
 
     block = re.search(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     assert block is not None

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
-from matview import sqltext
+from matview.api import sqltext
+from matview.api.validation import DURATION_BOUNDS, load_documents, validate_document
 from matview.errors import SpecError
-from matview.validation import DURATION_BOUNDS, load_documents, validate_document
 from tests.helpers import document, to_yaml
 
 
@@ -134,7 +134,7 @@ def test_anchors_and_aliases_within_bounds_still_work() -> None:
 def test_a_file_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
     file = tmp_path / "latin1.yaml"
     file.write_bytes(to_yaml(document(query="SELECT 1 AS e")).replace("SELECT 1", "SELECT 'é'").encode("latin-1"))
-    from matview.validation import load_file
+    from matview.api.validation import load_file
 
     with pytest.raises(SpecError) as caught:
         load_file(file)
@@ -160,7 +160,7 @@ def test_durations_beyond_what_postgresql_and_the_scheduler_accept_are_refused(
 def test_the_largest_durations_allowed_work_in_the_scheduler() -> None:
     import datetime as dt
 
-    from matview.schedule import next_run
+    from matview.refresh.schedule import next_run
 
     view = validate_document(document(refresh={"interval": "8784h", "timeout": "596h", "lockTimeout": "596h"}))
     now = dt.datetime.now(dt.UTC)

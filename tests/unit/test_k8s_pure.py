@@ -50,11 +50,17 @@ def test_redaction_removes_the_password_and_the_dsn() -> None:
 
 
 def test_transition_time_moves_only_when_status_flips() -> None:
-    first = conditions.set_condition([], "Ready", False, "SecretNotFound", "m", 1, T0)
+    first = conditions.set_condition(
+        [], type_="Ready", status=False, reason="SecretNotFound", message="m", generation=1, now=T0
+    )
     later = T0 + dt.timedelta(minutes=5)
-    same = conditions.set_condition(first, "Ready", False, "DatabaseUnreachable", "m2", 1, later)
+    same = conditions.set_condition(
+        first, type_="Ready", status=False, reason="DatabaseUnreachable", message="m2", generation=1, now=later
+    )
     assert same[0]["lastTransitionTime"] == first[0]["lastTransitionTime"] == "2026-11-27T12:00:00Z"
-    flipped = conditions.set_condition(same, "Ready", True, "Reconciled", "ok", 2, later)
+    flipped = conditions.set_condition(
+        same, type_="Ready", status=True, reason="Reconciled", message="ok", generation=2, now=later
+    )
     assert flipped[0]["lastTransitionTime"] == "2026-11-27T12:05:00Z"
     assert flipped[0]["observedGeneration"] == 2
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from matview.catalog import DependentView, IndexState, Observed, RelationState, TableState
-from matview.engine import render
+from matview.api.spec import MaterializedView
 from matview.errors import DependentObjectsError, SpecError, UnmanagedObjectError
-from matview.marker import Marker
-from matview.planner import build_delete_plan, build_plan
-from matview.spec import MaterializedView
+from matview.plan.catalog import DependentView, IndexState, Observed, RelationState, TableState
+from matview.plan.engine import render
+from matview.plan.marker import Marker
+from matview.plan.planner import build_delete_plan, build_plan
 from tests.helpers import view
 
 COLUMNS = (("driver_id", "integer"), ("origin_tag", "text"), ("only_pending", "boolean"))

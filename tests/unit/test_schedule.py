@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from matview.schedule import expected_period_seconds, jitter_seconds, next_run, retry_delay
+from matview.refresh.schedule import expected_period_seconds, jitter_seconds, next_run, retry_delay
 from tests.helpers import view
 
 UTC = dt.UTC
@@ -68,7 +68,7 @@ def test_retry_delay_doubles_and_stops_at_the_period() -> None:
 
 
 def test_the_scheduling_core_after_success_failure_skip_and_request() -> None:
-    from matview.schedule import Track, after, due_at, wanted_now
+    from matview.refresh.schedule import Track, after, due_at, wanted_now
 
     v = view(refresh={"interval": "5m"})
     fresh = Track()

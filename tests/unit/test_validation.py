@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
+from matview.api.validation import load_documents, validate_document
 from matview.errors import SpecError
-from matview.validation import load_documents, validate_document
 from tests.helpers import document, to_yaml, view
 
 
@@ -264,3 +264,21 @@ def test_deterministic_index_names_fit_and_differ() -> None:
     name = multibyte.index_name(multibyte.indexes[0])
     assert len(name.encode()) <= 63
     name.encode().decode()  # still valid UTF-8
+
+
+def test_each_refresh_default_is_the_crds() -> None:
+    from matview.api.durations import parse_duration
+    from matview.api.schema import openapi_schema
+    from matview.api.spec import RefreshMode, RefreshSpec
+    from matview.plan.executor import ExecutionSettings
+
+    refresh = openapi_schema()["properties"]["spec"]["properties"]["refresh"]["properties"]
+    assert parse_duration(refresh["timeout"]["default"]) == RefreshSpec.timeout_seconds
+    assert parse_duration(refresh["lockTimeout"]["default"]) == RefreshSpec.lock_timeout_seconds
+    assert refresh["mode"]["default"] == RefreshSpec.mode == RefreshMode.AUTO
+    assert refresh["mode"]["enum"] == [m.value for m in RefreshMode]
+    settings = ExecutionSettings()
+    assert (settings.statement_timeout_seconds, settings.lock_timeout_seconds) == (
+        RefreshSpec.timeout_seconds,
+        RefreshSpec.lock_timeout_seconds,
+    )

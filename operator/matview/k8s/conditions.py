@@ -46,11 +46,12 @@ timestamp = timestamps.rfc3339
 
 def set_condition(
     conditions: list[Condition] | None,
+    *,
     type_: str,
     status: bool,
     reason: str,
     message: str,
-    generation: int | None,
+    generation: int | None = None,
     now: dt.datetime | None = None,
 ) -> list[Condition]:
     """Return conditions with one replaced; lastTransitionTime moves only when the status flips."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from matview.metrics import DEFAULT_PORT, RefreshMetrics
-from matview.runner import Refresher, RunnerSettings
+from matview.observe.metrics import DEFAULT_PORT, RefreshMetrics
+from matview.refresh.runner import Refresher, RunnerSettings
 
 
 @dataclass(frozen=True)

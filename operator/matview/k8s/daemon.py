@@ -18,15 +18,14 @@ from typing import Any
 
 import kopf
 
-from matview import schedule
+from matview.api.spec import MaterializedView
 from matview.constants import REFRESH_REQUESTED_ANNOTATION
 from matview.errors import SpecError
 from matview.k8s import conditions, kube
 from matview.k8s.context import OperatorContext
 from matview.k8s.credentials import CredentialsError, redact
-from matview.k8s.resource import parse_time, resolve_dsn, view_of
-from matview.refresh import RefreshResult
-from matview.spec import MaterializedView
+from matview.k8s.resource import parse_time, resolve_dsn, validated
+from matview.refresh import RefreshResult, schedule
 
 
 def _is_reconciled(body: Mapping[str, Any]) -> bool:
@@ -69,12 +68,20 @@ def refresh_status(
     if result.result == "failure":
         message = f"{result.failure_reason}: {result.message}" if result.message else str(result.failure_reason)
         status["conditions"] = conditions.set_condition(
-            status.get("conditions"), conditions.REFRESHED, False, conditions.REFRESH_FAILED, message, None
+            status.get("conditions"),
+            type_=conditions.REFRESHED,
+            status=False,
+            reason=conditions.REFRESH_FAILED,
+            message=message,
         )
     elif result.result == "success" or result.data_current:
         reason = conditions.REFRESH_SUCCEEDED if result.result == "success" else conditions.REFRESH_SKIPPED
         status["conditions"] = conditions.set_condition(
-            status.get("conditions"), conditions.REFRESHED, True, reason, f"{result.mode}: {result.reason}", None
+            status.get("conditions"),
+            type_=conditions.REFRESHED,
+            status=True,
+            reason=reason,
+            message=f"{result.mode}: {result.reason}",
         )
     return status
 
@@ -93,7 +100,7 @@ async def run(ctx: OperatorContext, body: kopf.Body, stopped: Any, logger: loggi
     poll = ctx.config.daemon_poll_seconds
     while not stopped:
         try:
-            view = view_of(body)
+            view = await validated(body)
         except SpecError:
             await stopped.wait(poll)
             continue

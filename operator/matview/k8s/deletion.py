@@ -17,12 +17,12 @@ import kopf
 import psycopg
 import psycopg_pool
 
-from matview import engine
 from matview.errors import DependentObjectsError, MatviewError, SpecError
 from matview.k8s import conditions, kube
 from matview.k8s.context import OperatorContext
 from matview.k8s.credentials import CredentialsError, describe, redact
-from matview.k8s.resource import resolve_dsn, view_of
+from matview.k8s.resource import resolve_dsn, validated
+from matview.plan import engine
 
 
 async def _blocked(namespace: str, name: str, reason: str, message: str) -> None:
@@ -30,7 +30,7 @@ async def _blocked(namespace: str, name: str, reason: str, message: str) -> None
 
     def change(status: dict[str, Any]) -> dict[str, Any]:
         status["conditions"] = conditions.set_condition(
-            status.get("conditions"), conditions.READY, False, reason, message, None, now
+            status.get("conditions"), type_=conditions.READY, status=False, reason=reason, message=message, now=now
         )
         return status
 
@@ -42,7 +42,7 @@ async def delete(ctx: OperatorContext, body: kopf.Body, logger: logging.Logger |
     namespace, name = metadata.get("namespace", ""), metadata.get("name", "")
     key = f"{namespace}/{name}"
     try:
-        view = view_of(body)
+        view = await validated(body)
     except SpecError:
         logger.info("the spec never validated, so nothing was created; letting go")
         _forget(ctx, key, namespace, name)

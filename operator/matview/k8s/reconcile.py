@@ -17,13 +17,13 @@ import kopf
 import psycopg
 import psycopg_pool
 
-from matview import engine
-from matview.catalog import Connection
 from matview.errors import ApplyError, DependentObjectsError, SpecError, UnmanagedObjectError
 from matview.k8s import conditions, kube
 from matview.k8s.context import OperatorContext
 from matview.k8s.credentials import CredentialsError, describe, redact
-from matview.k8s.resource import resolve_dsn, view_of
+from matview.k8s.resource import resolve_dsn, validated
+from matview.plan import engine
+from matview.plan.catalog import Connection
 from matview.refresh import ViewSize, record_build, view_size
 
 
@@ -45,26 +45,32 @@ def status_after(status: dict[str, Any], outcome: Outcome, generation: int | Non
     """Pure: the status with this reconcile's outcome written in (kstatus-compatible)."""
     found = status.get("conditions") or []
     found = conditions.set_condition(
-        found, conditions.READY, outcome.ready, outcome.reason, outcome.message, generation, now
+        found,
+        type_=conditions.READY,
+        status=outcome.ready,
+        reason=outcome.reason,
+        message=outcome.message,
+        generation=generation,
+        now=now,
     )
     pending = not outcome.ready and not outcome.stalled
     found = conditions.set_condition(
         found,
-        conditions.RECONCILING,
-        pending,
-        conditions.RETRYING if pending else conditions.DONE,
-        outcome.message if pending else "",
-        generation,
-        now,
+        type_=conditions.RECONCILING,
+        status=pending,
+        reason=conditions.RETRYING if pending else conditions.DONE,
+        message=outcome.message if pending else "",
+        generation=generation,
+        now=now,
     )
     found = conditions.set_condition(
         found,
-        conditions.STALLED,
-        outcome.stalled,
-        outcome.reason if outcome.stalled else conditions.DONE,
-        outcome.message if outcome.stalled else "",
-        generation,
-        now,
+        type_=conditions.STALLED,
+        status=outcome.stalled,
+        reason=outcome.reason if outcome.stalled else conditions.DONE,
+        message=outcome.message if outcome.stalled else "",
+        generation=generation,
+        now=now,
     )
     status["conditions"] = found
     if generation is not None:
@@ -97,7 +103,7 @@ def moved_relation(status: dict[str, Any] | None, view_relation: str) -> str | N
 async def _outcome(ctx: OperatorContext, body: kopf.Body, logger: logging.Logger | Any) -> Outcome:
     config = ctx.config
     try:
-        view = view_of(body)
+        view = await validated(body)
     except SpecError as exc:
         return Outcome(False, conditions.INVALID_SPEC, "; ".join(str(e) for e in exc.errors), stalled=True)
     moved = moved_relation(body.get("status"), view.relation)

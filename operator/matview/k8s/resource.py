@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
 import json
@@ -11,11 +12,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from matview import timestamps
+from matview.api.spec import MaterializedView
+from matview.api.validation import validate_document
 from matview.errors import SpecError
 from matview.k8s import conditions, kube
 from matview.k8s.credentials import CredentialsError, dsn_from_secret
-from matview.spec import MaterializedView
-from matview.validation import validate_document
 
 
 def document(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -66,6 +67,12 @@ def view_of(body: Mapping[str, Any]) -> MaterializedView:
     if isinstance(known, SpecError):
         raise known
     return known
+
+
+async def validated(body: Mapping[str, Any]) -> MaterializedView:
+    """view_of for handlers: a spec not validated before is checked on a worker thread, so parsing a large
+    query never stalls the event loop that every other resource's handlers share."""
+    return await asyncio.to_thread(view_of, document(body))
 
 
 #: The ClusterRole (manifests/core/rbac.yaml) that grants reading Secrets, bound per namespace of views.

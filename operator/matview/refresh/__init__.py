@@ -27,12 +27,13 @@ from typing import Any
 import psycopg
 
 from matview import timestamps
-from matview.catalog import Connection
-from matview.engine import settings_for
+from matview.api.spec import MaterializedView, RefreshMode
 from matview.errors import MatviewError
-from matview.executor import BusyError, ExecutionSettings, execute, view_lock
-from matview.marker import Marker
-from matview.planner import (
+from matview.plan.catalog import Connection
+from matview.plan.engine import settings_for
+from matview.plan.executor import BusyError, ExecutionSettings, execute, view_lock
+from matview.plan.marker import Marker
+from matview.plan.planner import (
     Plan,
     Step,
     drop_leftover_step,
@@ -43,7 +44,6 @@ from matview.planner import (
 from matview.refresh import facts, policy
 from matview.refresh.facts import ViewSize, read_state, view_size
 from matview.refresh.policy import EXPLORE_EVERY, Inspection, Outcome, RefreshState, choose_mode, classify
-from matview.spec import MaterializedView, RefreshMode
 
 __all__ = [
     "EXPLORE_EVERY",

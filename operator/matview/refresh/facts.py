@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from matview.catalog import Connection, read_dependents, relation_oid, upstream_relations
-from matview.marker import Marker
-from matview.planner import retired_name, staging_name
+from matview.api.spec import MaterializedView
+from matview.plan.catalog import Connection, read_dependents, relation_oid, upstream_relations
+from matview.plan.marker import Marker
+from matview.plan.planner import retired_name, staging_name
 from matview.refresh.policy import Inspection, RefreshState
-from matview.spec import MaterializedView
 
 _VIEW = sql.SQL("""
 SELECT c.oid, c.relispopulated, obj_description(c.oid, 'pg_class'),

@@ -15,10 +15,10 @@ from typing import Any, Literal
 import psycopg
 
 from matview import timestamps
-from matview.catalog import DependentView
+from matview.api.spec import MaterializedView, RefreshMode
 from matview.errors import MatviewError
-from matview.marker import Marker
-from matview.spec import MaterializedView, RefreshMode
+from matview.plan.catalog import DependentView
+from matview.plan.marker import Marker
 
 Outcome = Literal["success", "failure", "skipped"]
 

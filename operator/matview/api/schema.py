@@ -30,7 +30,7 @@ def _crd_text() -> str:
     if packaged.is_file():
         return packaged.read_text(encoding="utf-8")
     # An editable install or a source checkout: the CRD sits in the repository.
-    return (Path(__file__).resolve().parents[2] / "crds" / _CRD_FILE).read_text(encoding="utf-8")
+    return (Path(__file__).resolve().parents[3] / "crds" / _CRD_FILE).read_text(encoding="utf-8")
 
 
 @functools.cache

@@ -20,12 +20,12 @@ from typing import Any
 
 from psycopg import sql
 
-from matview import engine
-from matview.catalog import Connection
+from matview.api.spec import MaterializedView
+from matview.plan import engine
+from matview.plan.catalog import Connection
 from matview.refresh import record_build, refresh
-from matview.spec import MaterializedView
 
-REPOSITORY = Path(__file__).resolve().parents[2]
+REPOSITORY = Path(__file__).resolve().parents[3]
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def example_yaml() -> str:
 
 
 def example_view() -> MaterializedView:
-    from matview.validation import load_documents
+    from matview.api.validation import load_documents
 
     return load_documents(example_yaml(), "examples/driver-matrix.yaml")[0]
 

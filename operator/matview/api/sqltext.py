@@ -134,7 +134,7 @@ class CheckedSQL:
 
     def __post_init__(self) -> None:
         if self._token is not _TOKEN:
-            raise TypeError("CheckedSQL is made only by matview.sqltext's checkers")
+            raise TypeError("CheckedSQL is made only by matview.api.sqltext's checkers")
 
     @property
     def digest(self) -> str:

@@ -14,9 +14,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from matview import sqltext
-from matview.marker import Marker
-from matview.spec import MaterializedView
+from matview.api import sqltext
+from matview.api.spec import MaterializedView
+from matview.plan.marker import Marker
 
 Connection = psycopg.Connection[tuple[Any, ...]]
 """Every connection the engine uses returns plain tuples."""

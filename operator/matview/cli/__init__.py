@@ -17,10 +17,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from matview import engine
+from matview.api.spec import MaterializedView, RefreshMode
+from matview.api.validation import load_file
 from matview.errors import FieldError, MatviewError, SpecError
-from matview.spec import MaterializedView, RefreshMode
-from matview.validation import load_file
+from matview.plan import engine
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 DEFAULT_EMBEDDED_DIR = Path(".matview/pgdata")
@@ -33,7 +33,7 @@ def _database_url(args: argparse.Namespace) -> str:
         return _read_dsn_file(Path(args.dsn_file))
     if os.environ.get("DATABASE_URL"):
         return os.environ["DATABASE_URL"]
-    from matview.localpg import ensure_embedded
+    from matview.embedded.localpg import ensure_embedded
 
     dsn = ensure_embedded(Path(args.embedded_dir))
     print(
@@ -175,8 +175,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    from matview.metrics import RefreshMetrics
-    from matview.runner import Refresher, RunnerSettings, Scheduler, yaml_files
+    from matview.observe.metrics import RefreshMetrics
+    from matview.refresh.runner import Refresher, RunnerSettings, Scheduler, yaml_files
 
     paths = [Path(p) for p in args.paths]
     for path in paths:
@@ -246,13 +246,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import tempfile
 
     from matview import demo
-    from matview.metrics import RefreshMetrics
-    from matview.runner import Refresher, Scheduler
+    from matview.observe.metrics import RefreshMetrics
+    from matview.refresh.runner import Refresher, Scheduler
 
     if args.dsn or args.dsn_file or os.environ.get("DATABASE_URL"):
         dsn = _database_url(args)
     else:
-        from matview.localpg import ensure_embedded
+        from matview.embedded.localpg import ensure_embedded
 
         print(f"-> starting an embedded PostgreSQL in {args.embedded_dir} (pgserver)", flush=True)
         admin = ensure_embedded(Path(args.embedded_dir))
@@ -298,7 +298,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from psycopg import sql
 
-    from matview import demo, sqltext
+    from matview import demo
+    from matview.api import sqltext
 
     try:
         fallback = sqltext.parse_qualified_name(args.fallback)
@@ -330,14 +331,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_embedded_stop(args: argparse.Namespace) -> int:
-    from matview.localpg import stop_embedded
+    from matview.embedded.localpg import stop_embedded
 
     print("stopped" if stop_embedded(Path(args.embedded_dir)) else "no embedded PostgreSQL was running")
     return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from matview.runner import RunnerSettings
+    from matview.refresh.runner import RunnerSettings
 
     parser = argparse.ArgumentParser(prog="matview", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")

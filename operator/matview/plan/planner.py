@@ -16,11 +16,11 @@ from typing import Any
 
 from psycopg import sql
 
-from matview import sqltext
-from matview.catalog import DependentView, IndexState, Observed
+from matview.api import sqltext
+from matview.api.spec import IndexSpec, MaterializedView, SupportingIndexSpec, truncate_utf8
 from matview.errors import DependentObjectsError, FieldError, SpecError, UnmanagedObjectError
-from matview.marker import Marker
-from matview.spec import IndexSpec, MaterializedView, SupportingIndexSpec, truncate_utf8
+from matview.plan.catalog import DependentView, IndexState, Observed
+from matview.plan.marker import Marker
 
 Statement = sql.Composed | sql.SQL
 """A complete statement, as the executor runs it."""

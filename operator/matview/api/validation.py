@@ -1,7 +1,7 @@
 """Every check a MaterializedView document must pass before any database work.
 
 One module, used by the CLI, the operator and the demo alike: structure from
-the CRD (``matview.schema``), then what a schema cannot say — identifiers
+the CRD (``matview.api.schema``), then what a schema cannot say — identifiers
 within PostgreSQL's limits, the query and predicates parsed by the real
 PostgreSQL parser, durations and cron expressions, and the CRD's CEL rules
 (mirrored here so the CLI enforces them too). All problems of a document are
@@ -21,12 +21,10 @@ from typing import Any
 import cronsim
 import yaml
 
-from matview import boundedyaml, sqltext
-from matview.constants import API_VERSION, DEFAULT_NAMESPACE, KIND, MAX_IDENTIFIER_BYTES
-from matview.durations import parse_duration
-from matview.errors import FieldError, SpecError
-from matview.schema import apply_schema, describe, openapi_schema
-from matview.spec import (
+from matview.api import boundedyaml, sqltext
+from matview.api.durations import parse_duration
+from matview.api.schema import apply_schema, describe, openapi_schema
+from matview.api.spec import (
     Grant,
     IndexSpec,
     MaterializedView,
@@ -36,6 +34,8 @@ from matview.spec import (
     SupportingIndexSpec,
     deterministic_index_name,
 )
+from matview.constants import API_VERSION, DEFAULT_NAMESPACE, KIND, MAX_IDENTIFIER_BYTES
+from matview.errors import FieldError, SpecError
 
 _K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _K8S_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -244,7 +244,7 @@ def validate_document(document: Any, source: str = "") -> MaterializedView:
     )
 
 
-#: Schemas that are always on the pinned search_path, in a fixed place (see matview.executor).
+#: Schemas that are always on the pinned search_path, in a fixed place (see matview.plan.executor).
 _PINNED_SCHEMAS = {
     "pg_catalog": "is always searched first",
     "pg_temp": "is always searched last (listing it would let temporary objects shadow names)",

@@ -1,6 +1,6 @@
 """The validated, typed form of a MaterializedView document.
 
-Only ``matview.validation`` builds these objects, after every field has been
+Only ``matview.api.validation`` builds these objects, after every field has been
 checked; the rest of the package can therefore trust them (names are within
 PostgreSQL's limits, SQL fragments are parsed ``CheckedSQL``, durations are
 positive seconds).
@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
+from matview.api.sqltext import CheckedSQL
 from matview.constants import MAX_IDENTIFIER_BYTES
-from matview.sqltext import CheckedSQL
 
 
 class RefreshMode(enum.StrEnum):

@@ -16,7 +16,7 @@ from itertools import islice
 
 import cronsim
 
-from matview.spec import MaterializedView, RefreshSpec
+from matview.api.spec import MaterializedView, RefreshSpec
 
 #: Jitter spreads views with the same interval; it is a fixed fraction per view, so it never drifts.
 MAX_JITTER_FRACTION = 0.1

@@ -26,15 +26,15 @@ from typing import Any
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from matview import engine, schedule
-from matview.catalog import Connection
+from matview.api.spec import MaterializedView
+from matview.api.validation import load_file
 from matview.constants import APPLICATION_NAME
 from matview.errors import SpecError
-from matview.metrics import RefreshMetrics
-from matview.refresh import RefreshResult, classify, read_state, record_build, refresh
+from matview.observe.metrics import RefreshMetrics
+from matview.plan import engine
+from matview.plan.catalog import Connection
+from matview.refresh import RefreshResult, classify, read_state, record_build, refresh, schedule
 from matview.refresh.facts import dependency_order
-from matview.spec import MaterializedView
-from matview.validation import load_file
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class _Entry:
 
 
 class Scheduler:
-    """The standalone loop behind ``matview run``, on the scheduling core of ``matview.schedule``.
+    """The standalone loop behind ``matview run``, on the scheduling core of ``matview.refresh.schedule``.
 
     Every pass: (re)apply views whose spec changed or whose last apply failed (with backoff; never while
     a refresh of that view runs, so an edit lands as soon as it ends), then refresh the views that are

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from matview.catalog import Connection, observe
 from matview.constants import APPLICATION_NAME
 from matview.errors import MatviewError
+from matview.plan.catalog import Connection, observe
 
 __all__ = [
     "ApplyResult",
@@ -27,9 +27,9 @@ __all__ = [
     "render",
     "view_lock",
 ]
-from matview.executor import BusyError, ExecutionSettings, execute, lock_key, view_lock
-from matview.planner import Plan, build_delete_plan, build_plan, wanted_names
-from matview.spec import MaterializedView
+from matview.api.spec import MaterializedView
+from matview.plan.executor import BusyError, ExecutionSettings, execute, lock_key, view_lock
+from matview.plan.planner import Plan, build_delete_plan, build_plan, wanted_names
 
 
 @dataclass

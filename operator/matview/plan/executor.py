@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from matview import sqltext
-from matview.catalog import Connection
+from matview.api import sqltext
+from matview.api.spec import MaterializedView, RefreshSpec
 from matview.errors import ApplyError, MatviewError
-from matview.planner import Plan, Step
-from matview.spec import MaterializedView
+from matview.plan.catalog import Connection
+from matview.plan.planner import Plan, Step
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +33,9 @@ logger = logging.getLogger(__name__)
 class ExecutionSettings:
     """Timeouts and retry policy for executing plans."""
 
-    statement_timeout_seconds: float = 300.0
+    statement_timeout_seconds: float = RefreshSpec.timeout_seconds
     """Upper bound for any one statement (builds, index creation)."""
-    lock_timeout_seconds: float = 5.0
+    lock_timeout_seconds: float = RefreshSpec.lock_timeout_seconds
     """How long a step may wait for a lock before it gives up and retries."""
     lock_retries: int = 5
     """Attempts for steps that take an exclusive lock, before the failure is reported."""

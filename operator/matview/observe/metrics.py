@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from matview.schedule import expected_period_seconds
-from matview.spec import MaterializedView, RefreshMode
+from matview.api.spec import MaterializedView, RefreshMode
+from matview.refresh.schedule import expected_period_seconds
 
 if TYPE_CHECKING:
     from matview.refresh import RefreshResult

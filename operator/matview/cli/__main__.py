@@ -1,0 +1,7 @@
+"""``python -m matview.cli``."""
+
+import sys
+
+from matview.cli import main
+
+sys.exit(main())

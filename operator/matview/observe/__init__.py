@@ -1,0 +1,1 @@
+"""Metrics: what the CLI, the runner and the operator export about refreshes."""

@@ -1,0 +1,45 @@
+"""The packages form layers: each imports only from the layers it is allowed to (shared/design.md)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "operator" / "matview"
+SHARED = {"constants", "errors", "timestamps"}
+#: What each place may import from matview, besides the shared vocabulary above and itself.
+ALLOWED = {
+    "api": set(),
+    "plan": {"api"},
+    "refresh": {"api", "plan", "observe"},
+    "observe": {"api", "refresh"},  # metrics read the schedule's period and the result shape
+    "k8s": {"api", "plan", "refresh", "observe"},
+    "embedded": set(),
+}
+
+
+def imported_places(file: Path) -> set[str]:
+    places = set()
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("matview."):
+            places.add(node.module.split(".")[1])
+        elif isinstance(node, ast.ImportFrom) and node.module == "matview":
+            places.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            places.update(a.name.split(".")[1] for a in node.names if a.name.startswith("matview."))
+    return places
+
+
+@pytest.mark.parametrize("place", sorted(ALLOWED))
+def test_a_place_imports_only_from_the_layers_it_may(place: str) -> None:
+    for file in sorted((PACKAGE / place).rglob("*.py")):
+        wrong = imported_places(file) - ALLOWED[place] - SHARED - {place}
+        assert not wrong, f"{file.relative_to(PACKAGE)} imports {sorted(wrong)}"
+
+
+def test_the_operator_needs_neither_the_demo_nor_the_embedded_server() -> None:
+    for place in ("k8s", "refresh", "plan", "api", "observe"):
+        for file in (PACKAGE / place).rglob("*.py"):
+            assert not imported_places(file) & {"demo", "embedded", "cli"}, file
