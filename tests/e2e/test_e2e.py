@@ -177,9 +177,13 @@ def bind_secrets(plane: ControlPlane, ns: str) -> None:
     plane.create(binding)
 
 
-@pytest.fixture
-def operator_process(control_plane: ControlPlane, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    kubeconfig = control_plane.kubeconfig(operator_token(control_plane), tmp_path / "operator.kubeconfig")
+def start_operator(
+    control_plane: ControlPlane, workdir: Path, watched: str = "e2e-operator"
+) -> tuple[subprocess.Popen[str], int]:
+    """`matview operator` as its ServiceAccount, watching one namespace, with fast retries."""
+    kubeconfig = control_plane.kubeconfig(
+        operator_token(control_plane), workdir / f"operator-{time.time_ns()}.kubeconfig"
+    )
     metrics = free_port()
     env = {
         **os.environ,
@@ -195,7 +199,7 @@ def operator_process(control_plane: ControlPlane, tmp_path: Path) -> Iterator[tu
             "matview.cli",
             "operator",
             "--namespace",
-            "e2e-operator",
+            watched,
             "--metrics-port",
             str(metrics),
             "--liveness",
@@ -207,16 +211,26 @@ def operator_process(control_plane: ControlPlane, tmp_path: Path) -> Iterator[tu
         env=env,
         cwd=ROOT,
     )
+    return process, metrics
+
+
+def stop_operator(process: subprocess.Popen[str]) -> str:
+    process.terminate()
+    try:
+        output, _ = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+    return output
+
+
+@pytest.fixture
+def operator_process(control_plane: ControlPlane, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    process, metrics = start_operator(control_plane, tmp_path)
     try:
         yield process, metrics
     finally:
-        process.terminate()
-        try:
-            output, _ = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output, _ = process.communicate()
-        print(output[-5000:])
+        print(stop_operator(process)[-5000:])
 
 
 def test_operator_end_to_end(control_plane: ControlPlane, operator_process: Any, dsn: str) -> None:

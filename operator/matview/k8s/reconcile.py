@@ -171,6 +171,10 @@ async def reconcile(ctx: OperatorContext, body: kopf.Body, logger: logging.Logge
     generation = metadata.get("generation")
     previous = conditions.get_condition((body.get("status") or {}).get("conditions"), conditions.READY)
     outcome = await _outcome(ctx, body, logger)
+    if outcome.reason == conditions.BUSY:
+        # A refresh (or another replica) holds the view's lock: nothing is wrong with the resource, so Ready
+        # keeps what it says and no event is posted; the reconcile simply runs again shortly.
+        raise kopf.TemporaryError(outcome.message, delay=outcome.retry_after)
     now = dt.datetime.now(dt.UTC)
     await kube.patch_status(namespace, name, lambda status: status_after(status, outcome, generation, now))
     changed = (
