@@ -61,3 +61,27 @@ def dsn(pg_server: LocalServer) -> Iterator[str]:
 def conn(dsn: str) -> Iterator[engine.Connection]:
     with engine.connect(dsn) as connection:
         yield connection
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build the e2e control plane before any test runs (not inside a fixture, whose time would count
+    against the first test's timeout), showing build.sh's progress lines."""
+    if not any(item.nodeid.startswith("tests/e2e/") for item in session.items):
+        return
+    import shutil
+
+    from tests.e2e import binaries
+
+    if shutil.which("go") is None and not os.environ.get("KUBEBUILDER_ASSETS"):
+        binaries.prepared = "neither Go nor KUBEBUILDER_ASSETS is available to provide kube-apiserver and etcd"
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+
+    def show(line: str) -> None:
+        if reporter is not None:
+            reporter.write_line(line)
+
+    try:
+        binaries.prepared = binaries.build(show)
+    except RuntimeError as exc:
+        binaries.prepared = str(exc)

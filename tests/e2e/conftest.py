@@ -27,9 +27,9 @@ import pytest
 import yaml
 
 from tests.conftest import IN_CI, skip_or_fail
+from tests.e2e import binaries
 
 ROOT = Path(__file__).resolve().parents[2]
-BUILD = ROOT / "tests/e2e/controlplane/build.sh"
 ADMIN_TOKEN = "matview-e2e-admin-token"
 
 
@@ -124,17 +124,15 @@ def collection_path(document: dict[str, Any]) -> str:
 
 
 def _binaries() -> Path:
+    if isinstance(binaries.prepared, Path):
+        return binaries.prepared
     if shutil.which("go") is None and not os.environ.get("KUBEBUILDER_ASSETS"):
         skip_or_fail("neither Go nor KUBEBUILDER_ASSETS is available to provide kube-apiserver and etcd")
-    started = time.monotonic()
-    result = subprocess.run([str(BUILD)], capture_output=True, text=True, timeout=3600, check=False)
-    if result.returncode != 0:
-        message = f"building the control plane failed ({result.returncode}): {result.stderr[-3000:]}"
-        if IN_CI:
-            pytest.fail(message)
-        skip_or_fail(message)
-    print(f"control plane binaries ready in {time.monotonic() - started:.1f} s")
-    return Path(result.stdout.strip().splitlines()[-1])
+    message = binaries.prepared or "the control plane was not built before the tests (run them through pytest)"
+    if IN_CI:
+        pytest.fail(message)
+    skip_or_fail(message)
+    raise AssertionError("unreachable")
 
 
 def _wait_ready(plane: ControlPlane, process: subprocess.Popen[bytes], log: Path, seconds: float = 120) -> None:

@@ -4,7 +4,9 @@
 #   KUBEBUILDER_ASSETS=/dir/with/both/binaries  -> use them, build nothing (the envtest convention).
 #   MATVIEW_CONTROLPLANE_CACHE (default ~/.cache/matview-controlplane) -> where builds are kept.
 #
-# Prints the directory holding kube-apiserver and etcd on its last line.
+# The first build downloads ~700 MB of Go modules and compiles for 3-6 minutes on 2 cores; it prints a
+# progress line every 30 s. Concurrent runs wait on a lock instead of racing; an interrupted build
+# leaves no partial directory and no compiler behind. Prints the binaries' directory on its last line.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 
@@ -14,19 +16,55 @@ if [[ -n "${KUBEBUILDER_ASSETS:-}" && -x "$KUBEBUILDER_ASSETS/kube-apiserver" &&
 fi
 
 version="$(sha256sum "$here/go.mod" | cut -c1-12)"
-out="${MATVIEW_CONTROLPLANE_CACHE:-$HOME/.cache/matview-controlplane}/$version"
-if [[ -x "$out/kube-apiserver" && -x "$out/etcd" ]]; then
+cache="${MATVIEW_CONTROLPLANE_CACHE:-$HOME/.cache/matview-controlplane}"
+out="$cache/$version"
+ready() { [[ -x "$out/kube-apiserver" && -x "$out/etcd" ]]; }
+if ready; then
     echo "$out"
     exit 0
 fi
 
 command -v go >/dev/null || { echo "build.sh: Go is not installed and KUBEBUILDER_ASSETS is not set" >&2; exit 3; }
-mkdir -p "$out.partial"
-cd "$here"
-[[ -f go.sum ]] || go mod tidy >&2
+mkdir -p "$cache"
+exec 9>"$cache/.lock"
+if ! flock -n 9; then
+    echo "build.sh: another build of the control plane is running; waiting for it" >&2
+    flock 9
+fi
+if ready; then  # built by the run we waited for
+    echo "$out"
+    exit 0
+fi
+
+partial="$(mktemp -d "$out.partial.XXXXXX")"
+kill_tree() {  # a process and everything it started (go runs the compilers as its children)
+    local child
+    for child in $(pgrep -P "$1" 2>/dev/null); do kill_tree "$child"; done
+    kill -TERM "$1" 2>/dev/null || true
+}
+cleanup() {
+    local child
+    for child in $(pgrep -P $$ 2>/dev/null); do kill_tree "$child"; done  # heartbeat, and go if interrupted
+    rm -rf "$partial"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+for stale in "$out".partial.*; do  # left by a run killed with SIGKILL (we hold the lock: nobody else builds)
+    [[ "$stale" != "$partial" ]] && rm -rf "$stale"
+done
+
 started=$SECONDS
-CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o "$out.partial/etcd" go.etcd.io/etcd/server/v3 >&2
-CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o "$out.partial/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver >&2
-rm -rf "$out" && mv "$out.partial" "$out"
+( while sleep 30; do echo "build.sh: still building the control plane ($((SECONDS - started)) s)" >&2; done ) &
+cd "$here"
+# In the background and waited for: bash runs a trap at once during `wait`, but only after a foreground
+# command ends, so an interrupt would otherwise wait for the whole compile.
+run() { "$@" >&2 & wait $!; }
+[[ -f go.sum ]] || run go mod tidy
+echo "build.sh: building etcd (1/2); the first run downloads the Go modules" >&2
+CGO_ENABLED=0 run go build -trimpath -ldflags="-s -w" -o "$partial/etcd" go.etcd.io/etcd/server/v3
+echo "build.sh: building kube-apiserver (2/2) after $((SECONDS - started)) s" >&2
+CGO_ENABLED=0 run go build -trimpath -ldflags="-s -w" -o "$partial/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
+rm -rf "$out" && mv "$partial" "$out"
 echo "build.sh: built kube-apiserver and etcd in $((SECONDS - started)) s" >&2
 echo "$out"
