@@ -148,3 +148,37 @@ def test_refresh_runs_upstream_views_first_whatever_the_order_given(dsn: str, tm
     assert [r["relation"] for r in json.loads(done.stdout)] == ["public.up", "public.down"]
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT tenfold FROM public.down").fetchone() == (100,)
+
+
+def test_json_errors_and_every_file_reported_past_a_bad_one(dsn: str, tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(to_yaml(document("orders", schema="public")))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(to_yaml(document("broken", refresh={"interval": "soon"})))
+    missing_schema = tmp_path / "missing.yaml"
+    missing_schema.write_text(to_yaml(document("elsewhere", schema="nowhere")))
+    done = matview("apply", "--json", "--dsn", dsn, str(broken), str(good), str(missing_schema))
+    assert done.returncode == 2, done.stderr
+    report = json.loads(done.stdout)
+    applied = [r for r in report if "error" not in r]
+    assert [(r["relation"], r["changed"], r["file"]) for r in applied] == [("public.orders", True, str(good))]
+    errors = {r["file"]: r for r in report if "error" in r}
+    assert errors[str(broken)]["error"]["problems"][0]["field"] == "spec.refresh.interval"
+    assert errors[str(missing_schema)]["resource"] == "ops/elsewhere"
+    assert errors[str(missing_schema)]["error"]["problems"] == [
+        {"field": "spec.schema", "message": "schema 'nowhere' does not exist"}
+    ]
+    text = matview("plan", "--dsn", dsn, str(missing_schema), str(good))
+    assert text.returncode == 2
+    assert f"invalid: {missing_schema} (ops/elsewhere):" in text.stderr
+    assert "public.orders: up to date" in text.stdout
+    unreachable = matview("plan", "--json", "--dsn", "postgresql://nobody@127.0.0.1:1/none", str(good))
+    assert unreachable.returncode == 1
+    assert json.loads(unreachable.stdout)[0]["error"]["kind"] == "failed"
+
+
+def test_help_has_no_markup_and_shows_defaults() -> None:
+    shown = matview("run", "--help")
+    assert shown.returncode == 0
+    assert "``" not in shown.stdout and "(default: 9808)" in shown.stdout
+    assert "``" not in matview("--help").stdout

@@ -54,38 +54,88 @@ def _read_dsn_file(path: Path) -> str:
     return dsn
 
 
-def _load(paths: Sequence[str]) -> list[MaterializedView]:
-    views: list[MaterializedView] = []
-    for path in paths:
-        views += load_file(path)
-    return views
+class _Batch:
+    """The views of every file named, and the problems found so far; commands go on past a bad file or view."""
 
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.views: list[tuple[MaterializedView, str]] = []
+        self.problems: list[dict[str, Any]] = []
+        for path in paths:
+            try:
+                self.views += [(view, str(path)) for view in load_file(path)]
+            except SpecError as exc:
+                self.invalid(exc, str(path), None)
 
-def _emit(args: argparse.Namespace, results: list[dict[str, Any]], human: Callable[[dict[str, Any]], str]) -> None:
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        for result in results:
-            print(human(result))
+    def invalid(self, error: SpecError, file: str, view: MaterializedView | None) -> None:
+        self.problems.append(
+            {
+                "file": file,
+                "resource": view.owner if view else None,
+                "error": {
+                    "kind": "invalid",
+                    "message": str(error),
+                    "problems": [{"field": e.path, "message": e.message} for e in error.errors],
+                },
+            }
+        )
+
+    def failed(self, error: BaseException, file: str, view: MaterializedView) -> None:
+        self.problems.append(
+            {"file": file, "resource": view.owner, "error": {"kind": "failed", "message": str(error).strip()}}
+        )
+
+    def run(self, view: MaterializedView, file: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+        """work() for one view; a refusal or failure is recorded with its file and resource, not raised."""
+        import psycopg
+
+        try:
+            return work()
+        except SpecError as exc:
+            self.invalid(exc, file, view)
+        except (MatviewError, psycopg.Error) as exc:
+            self.failed(exc, file, view)
+        return None
+
+    def finish(
+        self, args: argparse.Namespace, results: list[dict[str, Any]], human: Callable[[dict[str, Any]], str]
+    ) -> int:
+        """Print results and problems; exit 2 when anything was invalid, 1 when anything failed."""
+        if args.json:
+            print(json.dumps([*results, *self.problems], indent=2))
+        else:
+            for result in results:
+                print(human(result))
+            for problem in self.problems:
+                where = problem["file"] + (f" ({problem['resource']})" if problem["resource"] else "")
+                error = problem["error"]
+                if error["kind"] == "invalid":
+                    print(f"invalid: {where}:", file=sys.stderr)
+                    for item in error["problems"]:
+                        print(f"  {item['field']}: {item['message']}", file=sys.stderr)
+                else:
+                    print(f"error: {where}: {error['message']}", file=sys.stderr)
+        kinds = {problem["error"]["kind"] for problem in self.problems}
+        return EXIT_INVALID if "invalid" in kinds else EXIT_FAILED if kinds else EXIT_OK
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    views = _load(args.files)
-    results = [{"resource": v.owner, "relation": v.relation, "valid": True} for v in views]
-    _emit(args, results, lambda r: f"{r['resource']}: valid ({r['relation']})")
-    return EXIT_OK
+    batch = _Batch(args.files)
+    results = [{"resource": v.owner, "relation": v.relation, "file": f, "valid": True} for v, f in batch.views]
+    return batch.finish(args, results, lambda r: f"{r['resource']}: valid ({r['relation']})")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    views = _load(args.files)
+    batch = _Batch(args.files)
     results = []
     with engine.connect(_database_url(args)) as conn:
-        for view in views:
-            current = engine.plan(conn, view)
-            results.append(
-                {
+        for view, file in batch.views:
+
+            def work(view: MaterializedView = view, file: str = file) -> dict[str, Any]:
+                current = engine.plan(conn, view)
+                return {
                     "resource": view.owner,
                     "relation": view.relation,
+                    "file": file,
                     "reasons": list(current.reasons),
                     "warnings": list(current.warnings),
                     "steps": [
@@ -97,7 +147,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
                         for s in current.steps
                     ],
                 }
-            )
+
+            if (result := batch.run(view, file, work)) is not None:
+                results.append(result)
 
     def human(r: dict[str, Any]) -> str:
         if not r["steps"]:
@@ -109,26 +161,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
             lines += [f"  {statement};" for statement in step["sql"]]
         return "\n".join(lines)
 
-    _emit(args, results, human)
-    return EXIT_OK
+    return batch.finish(args, results, human)
 
 
 def _run_each(args: argparse.Namespace, operation: Callable[..., engine.ApplyResult], verb: str) -> int:
-    views = _load(args.files)
+    batch = _Batch(args.files)
     results = []
     with engine.connect(_database_url(args)) as conn:
-        for view in views:
-            result = operation(conn, view)
-            results.append(
-                {
+        for view, file in batch.views:
+
+            def work(view: MaterializedView = view, file: str = file) -> dict[str, Any]:
+                result = operation(conn, view)
+                return {
                     "resource": view.owner,
                     "relation": view.relation,
+                    "file": file,
                     "changed": result.changed,
                     "steps": result.done,
                     "reasons": list(result.plan.reasons),
                     "warnings": list(result.plan.warnings),
                 }
-            )
+
+            if (outcome := batch.run(view, file, work)) is not None:
+                results.append(outcome)
 
     def human(r: dict[str, Any]) -> str:
         if not r["changed"]:
@@ -137,8 +192,7 @@ def _run_each(args: argparse.Namespace, operation: Callable[..., engine.ApplyRes
             [f"{r['relation']}: {verb}", *(f"  - {s}" for s in r["steps"]), *(f"  warning: {w}" for w in r["warnings"])]
         )
 
-    _emit(args, results, human)
-    return EXIT_OK
+    return batch.finish(args, results, human)
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -153,11 +207,13 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     from matview.refresh import refresh
     from matview.refresh.facts import dependency_order
 
-    views = _load(args.files)
+    batch = _Batch(args.files)
+    files = {view.owner: file for view, file in batch.views}
     results = []
     with engine.connect(_database_url(args)) as conn:
-        for view in dependency_order(conn, views):  # upstream first, whatever order the files were given in
-            results.append(refresh(conn, view, args.mode, force=True).as_dict())
+        # Upstream first, whatever order the files were given in.
+        for view in dependency_order(conn, [view for view, _ in batch.views]):
+            results.append({**refresh(conn, view, args.mode, force=True).as_dict(), "file": files[view.owner]})
 
     def human(r: dict[str, Any]) -> str:
         line = f"{r['relation']}: {r['result']} ({r['mode']}, {r['durationSeconds']:.3f}s"
@@ -167,8 +223,8 @@ def cmd_refresh(args: argparse.Namespace) -> int:
             line += f"\n  {r['failureReason'] or 'note'}: {r['message']}"
         return line
 
-    _emit(args, results, human)
-    return EXIT_FAILED if any(r["result"] == "failure" for r in results) else EXIT_OK
+    code = batch.finish(args, results, human)
+    return code or (EXIT_FAILED if any(r["result"] == "failure" for r in results) else EXIT_OK)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -305,9 +361,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         fallback = sqltext.parse_qualified_name(args.fallback)
     except ValueError as exc:
         raise SpecError([FieldError("--fallback", str(exc))]) from None
-    views = _load(args.files)
+    batch = _Batch(args.files)
+    if batch.problems:
+        return batch.finish(args, [], str)
     with engine.connect(_database_url(args)) as conn:
-        for view in views:
+        for view, _ in batch.views:
             fast = sql.Identifier(view.schema, view.name)
             slow = sql.Identifier(*fallback)
             shapes = [demo.Shape("first 25 rows", "SELECT * FROM {relation} LIMIT 25")]
@@ -337,17 +395,31 @@ def cmd_embedded_stop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default only when it has a meaningful one (not None, not an off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from matview.refresh.runner import RunnerSettings
 
-    parser = argparse.ArgumentParser(prog="matview", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="matview",
+        description="Declarative, safely refreshed PostgreSQL materialized views: the same YAML as the "
+        "Kubernetes operator, without Kubernetes.",
+        formatter_class=_HelpWithDefaults,
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(
         name: str, handler: Callable[[argparse.Namespace], int], text: str, files: bool = True, database: bool = True
     ) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=text, description=text)
+        p = sub.add_parser(name, help=text, description=text, formatter_class=_HelpWithDefaults)
         p.set_defaults(handler=handler)
         p.add_argument("--json", action="store_true", help="machine-readable output")
         if files:
@@ -391,7 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--drift-check-seconds", type=float, default=300.0, help="how often drift is repaired")
     op.add_argument("--max-concurrent", type=int, default=2, help="refreshes at once per database")
     op.add_argument("--peering", help="kopf peering name (needs kopf's peering CRD); default: standalone")
-    demo_parser = command("demo", cmd_demo, "the seed's slow view made fast, on an embedded PostgreSQL", files=False)
+    demo_parser = command(
+        "demo",
+        cmd_demo,
+        "build a slow 8-CTE reporting view, make it fast with a materialized view, and keep it fresh",
+        files=False,
+    )
     demo_parser.add_argument("--drivers", type=int, default=20000, help="scale of the generated workload")
     demo_parser.add_argument("--once", action="store_true", help="exit after the comparison")
     demo_parser.add_argument("--metrics-port", type=int, default=9808)
@@ -411,23 +488,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     handler: Callable[[argparse.Namespace], int] = args.handler
+    as_json = bool(getattr(args, "json", False))
     try:
         return handler(args)
     except SpecError as exc:
-        print(f"invalid: {exc.source + ': ' if exc.source else ''}", file=sys.stderr)
-        for error in exc.errors:
-            print(f"  {error}", file=sys.stderr)
+        problems = [{"field": e.path, "message": e.message} for e in exc.errors]
+        if as_json:  # a pipeline reading stdout gets a JSON error document, not silence
+            print(json.dumps([{"file": exc.source or None, "error": {"kind": "invalid", "problems": problems}}]))
+        else:
+            print(f"invalid: {exc.source + ': ' if exc.source else ''}", file=sys.stderr)
+            for error in exc.errors:
+                print(f"  {error}", file=sys.stderr)
         return EXIT_INVALID
-    except MatviewError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
     except Exception as exc:
         import psycopg
 
-        if isinstance(exc, psycopg.Error):
-            print(f"error: database: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-        raise
+        if not isinstance(exc, MatviewError | psycopg.Error):
+            raise
+        message = f"database: {exc}" if isinstance(exc, psycopg.Error) else str(exc)
+        if as_json:
+            print(json.dumps([{"error": {"kind": "failed", "message": message.strip()}}]))
+        else:
+            print(f"error: {message}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":
