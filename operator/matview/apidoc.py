@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import yaml
+
 from matview.api.schema import crd, openapi_schema
 
 
@@ -25,7 +27,7 @@ def _rows(schema: dict[str, Any], path: str, required: set[str]) -> list[str]:
         if name in required:
             facts.append("required")
         if "default" in child:
-            facts.append(f"default `{child['default']}`")
+            facts.append(f"default `{yaml_spelling(child['default'])}`")
         if "enum" in child:
             facts.append("one of " + ", ".join(f"`{v}`" for v in child["enum"]))
         if "maxLength" in child:
@@ -40,6 +42,11 @@ def _rows(schema: dict[str, Any], path: str, required: set[str]) -> list[str]:
                 nested, field + ("[]" if child.get("type") == "array" else ""), set(nested.get("required", []))
             )
     return rows
+
+
+def yaml_spelling(value: Any) -> str:
+    """A value as a user writes it in YAML (false, [SELECT], {}), not as Python prints it (False, ['SELECT'])."""
+    return str(yaml.safe_dump(value, default_flow_style=True, width=1000)).removesuffix("\n...\n").strip()
 
 
 def render() -> str:

@@ -37,3 +37,8 @@ def test_the_readme_example_is_a_valid_materialized_view() -> None:
     assert block is not None
     (view,) = load_documents(block.group(1), "README.md")
     assert view.run_as_role == "reporting_views" and view.search_path == ()
+
+
+def test_the_reference_spells_defaults_as_yaml() -> None:
+    text = render()
+    assert "default `false`" in text and "`False`" not in text and "`True`" not in text
