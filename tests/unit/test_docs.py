@@ -41,4 +41,4 @@ def test_the_readme_example_is_a_valid_materialized_view() -> None:
 
 def test_the_reference_spells_defaults_as_yaml() -> None:
     text = render()
-    assert "default `false`" in text and "`False`" not in text and "`True`" not in text
+    assert "default `false`" in text and "default `False`" not in text and "default `True`" not in text
