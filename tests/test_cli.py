@@ -110,7 +110,13 @@ def test_no_database_configured_uses_the_embedded_server(tmp_path: Path) -> None
         assert (tmp_path / ".matview/pgdata/PG_VERSION").exists()
     finally:
         stopped = matview("embedded-stop", cwd=tmp_path)
-    assert stopped.stdout.strip() == "stopped"
+    data = (tmp_path / ".matview/pgdata").resolve()
+    assert stopped.stdout.startswith(f"stopped the embedded PostgreSQL in {data} (port "), stopped.stderr
+    again = matview("embedded-stop", cwd=tmp_path)
+    assert again.stdout.strip() == f"no embedded PostgreSQL was running in {data}"
+    cleaned = matview("embedded-clean", cwd=tmp_path)
+    assert cleaned.returncode == 0 and f"removed {data} (" in cleaned.stdout
+    assert not data.exists()
 
 
 def test_the_dsn_can_come_from_a_file_so_it_stays_off_the_process_list(dsn: str, tmp_path: Path) -> None:

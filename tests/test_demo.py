@@ -44,6 +44,14 @@ def test_demo_builds_the_view_prints_the_comparison_and_serves_metrics(dsn: str)
         assert "metrics on" in text, text
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         assert "matview_refresh_interval_seconds" in body
+        # The three refreshes the demo printed are in its /metrics, with rows.
+        successes = [
+            line
+            for line in body.splitlines()
+            if line.startswith("matview_refreshes_total{") and 'result="success"' in line
+        ]
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in successes) >= 3, successes
+        assert any(line.startswith("matview_rows{") and not line.endswith(" 0.0") for line in body.splitlines())
     finally:
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=60)

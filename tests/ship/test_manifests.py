@@ -25,7 +25,7 @@ def build(directory: Path) -> list[dict[str, Any]]:
 
 
 def test_the_install_has_everything_once() -> None:
-    documents = build(ROOT / "manifests")
+    documents = build(ROOT / "manifests") + build(ROOT / "manifests/monitoring")
     identities = [(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in documents]
     assert len(identities) == len(set(identities))
     assert {kind for kind, _, _ in identities} == {
@@ -60,8 +60,14 @@ def test_the_deployment_is_locked_down() -> None:
     assert pod["serviceAccountName"] == "matview-operator"
 
 
+def test_the_default_install_needs_no_prometheus_operator() -> None:
+    kinds = {d["kind"] for d in build(ROOT / "manifests")}
+    assert not kinds & {"ServiceMonitor", "PrometheusRule"}
+    assert {"CustomResourceDefinition", "Deployment", "ClusterRole"} <= kinds
+
+
 def test_the_service_monitor_scrapes_the_metrics_port() -> None:
-    documents = build(ROOT / "manifests")
+    documents = build(ROOT / "manifests") + build(ROOT / "manifests/monitoring")
     service = next(d for d in documents if d["kind"] == "Service")
     monitor = next(d for d in documents if d["kind"] == "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}

@@ -311,21 +311,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from matview.embedded.localpg import ensure_embedded
 
         print(f"-> starting an embedded PostgreSQL in {args.embedded_dir} (pgserver)", flush=True)
-        admin = ensure_embedded(Path(args.embedded_dir))
-        with engine.connect(admin) as conn:
-            if conn.execute("SELECT 1 FROM pg_database WHERE datname = 'matview_demo'").fetchone() is None:
-                conn.execute("CREATE DATABASE matview_demo")
-        dsn = admin.rsplit("/", 1)[0] + "/matview_demo"
-        print(f"   {dsn} (stop it with 'matview embedded-stop')", flush=True)
+        dsn = ensure_embedded(Path(args.embedded_dir))
+        print(f"   {dsn} (stop it with 'matview embedded-stop', remove it with 'matview embedded-clean')", flush=True)
+    metrics = RefreshMetrics()
+
+    def counted(view: MaterializedView, result: Any) -> None:
+        metrics.track(view)
+        metrics.record(view.namespace, view.resource_name, result)  # /metrics shows the demo's own refreshes
+
     with engine.connect(dsn) as conn:
-        summary = demo.run_demo(conn, args.drivers, lambda line: print(line, flush=True))
+        summary = demo.run_demo(conn, args.drivers, lambda line: print(line, flush=True), counted)
     if args.json:
         print(json.dumps(summary, default=str, indent=2))
     if args.once:
         return EXIT_OK
-    metrics = RefreshMetrics()
     metrics.serve(args.metrics_port, "127.0.0.1")
-    spec_file = Path(tempfile.mkdtemp(prefix="matview-demo-")) / "driver-matrix.yaml"
+    workdir = tempfile.TemporaryDirectory(prefix="matview-demo-")  # removed when the demo ends
+    spec_file = Path(workdir.name) / "driver-matrix.yaml"
     spec_file.write_text(demo.example_yaml())
     refresher = Refresher(metrics)
     logging.getLogger("matview").setLevel(logging.INFO)  # from here on, every refresh is worth a line
@@ -348,6 +350,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         pass  # Ctrl-C before the loop took over: stopping is what was asked for
     finally:
         refresher.close()
+        workdir.cleanup()
     return EXIT_OK
 
 
@@ -391,7 +394,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_embedded_stop(args: argparse.Namespace) -> int:
     from matview.embedded.localpg import stop_embedded
 
-    print("stopped" if stop_embedded(Path(args.embedded_dir)) else "no embedded PostgreSQL was running")
+    stopped = stop_embedded(Path(args.embedded_dir))
+    print(
+        f"stopped {stopped}"
+        if stopped
+        else f"no embedded PostgreSQL was running in {Path(args.embedded_dir).resolve()}"
+    )
+    return EXIT_OK
+
+
+def cmd_embedded_clean(args: argparse.Namespace) -> int:
+    import shutil
+
+    from matview.embedded.localpg import directory_bytes, stop_embedded
+
+    data = Path(args.embedded_dir).resolve()
+    stopped = stop_embedded(data)
+    if stopped:
+        print(f"stopped {stopped}")
+    if not data.exists():
+        print(f"nothing to remove: {data} does not exist")
+        return EXIT_OK
+    size = directory_bytes(data)
+    shutil.rmtree(data)
+    print(f"removed {data} ({size / 1024 / 1024:.0f} MB)")
     return EXIT_OK
 
 
@@ -476,6 +502,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--fallback", required=True, help="the plain view to compare with, as schema.view")
     cmp.add_argument("--repeats", type=int, default=3)
     command("embedded-stop", cmd_embedded_stop, "stop the embedded PostgreSQL", files=False, database=False)
+    command(
+        "embedded-clean",
+        cmd_embedded_clean,
+        "stop the embedded PostgreSQL and delete its data directory (.matview/pgdata)",
+        files=False,
+        database=False,
+    )
     return parser
 
 

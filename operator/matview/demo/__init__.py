@@ -23,7 +23,7 @@ from psycopg import sql
 from matview.api.spec import MaterializedView
 from matview.plan import engine
 from matview.plan.catalog import Connection
-from matview.refresh import record_build, refresh
+from matview.refresh import RefreshResult, record_build, refresh
 
 REPOSITORY = Path(__file__).resolve().parents[3]
 
@@ -136,8 +136,14 @@ def example_view() -> MaterializedView:
     return load_documents(example_yaml(), "examples/driver-matrix.yaml")[0]
 
 
-def run_demo(conn: Connection, drivers: int, out: Callable[[str], None] = print) -> dict[str, Any]:
-    """Load, apply, refresh in each mode, compare; returns what it printed, for tests and --json."""
+def run_demo(
+    conn: Connection,
+    drivers: int,
+    out: Callable[[str], None] = print,
+    on_refresh: Callable[[MaterializedView, RefreshResult], None] | None = None,
+) -> dict[str, Any]:
+    """Load, apply, refresh in each mode, compare; returns what it printed, for tests and --json.
+    on_refresh sees every refresh result (the CLI counts them in the demo's /metrics)."""
     view = example_view()
     with step("creating the driver-matrix workload (8 CTEs, 7 LEFT JOINs, a FULL OUTER JOIN)", out):
         conn.execute(workload_sql())  # the shipped workload file, not user input
@@ -155,6 +161,8 @@ def run_demo(conn: Connection, drivers: int, out: Callable[[str], None] = print)
     for mode in ("Concurrent", "Swap", "Full"):
         with step(f"refreshing in mode {mode}", out):
             outcome = refresh(conn, view, mode)
+            if on_refresh is not None:
+                on_refresh(view, outcome)
             if outcome.result != "success":
                 raise RuntimeError(f"refresh {mode} failed: {outcome.message}")
             durations[mode] = outcome.duration_seconds

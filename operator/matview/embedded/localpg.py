@@ -184,18 +184,34 @@ def running_port(data_dir: Path) -> int | None:
     return port
 
 
+#: The one database of the embedded server: the CLI, the demo and docs/fallback.md all use it.
+EMBEDDED_DATABASE = "matview"
+
+
 def ensure_embedded(data_dir: Path) -> str:
-    """Start (or reuse) the embedded server in data_dir and return its DSN; it keeps running for later commands."""
+    """Start (or reuse) the embedded server in data_dir and return the DSN of its ``matview`` database;
+    the server keeps running for later commands."""
     port = running_port(data_dir)
-    if port is not None:
-        return f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    server = LocalServer(data_dir.resolve(), bindir=find_bindir(prefer="embedded")).start()
-    return server.dsn()
+    if port is None:
+        server = LocalServer(data_dir.resolve(), bindir=find_bindir(prefer="embedded")).start()
+        port = server.port
+    admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    import psycopg
+
+    with psycopg.connect(admin, autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (EMBEDDED_DATABASE,)).fetchone() is None:
+            conn.execute(f'CREATE DATABASE "{EMBEDDED_DATABASE}"')  # a constant name
+    return f"postgresql://postgres@127.0.0.1:{port}/{EMBEDDED_DATABASE}"
 
 
-def stop_embedded(data_dir: Path) -> bool:
-    """Stop the embedded server in data_dir; False when none was running."""
-    if running_port(data_dir) is None:
-        return False
+def stop_embedded(data_dir: Path) -> str | None:
+    """Stop the embedded server in data_dir; say which one it was (None when none was running)."""
+    port = running_port(data_dir)
+    if port is None:
+        return None
     LocalServer(data_dir.resolve(), port=0, bindir=find_bindir(prefer="embedded")).stop()
-    return True
+    return f"the embedded PostgreSQL in {data_dir.resolve()} (port {port})"
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
