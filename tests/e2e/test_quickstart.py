@@ -1,0 +1,79 @@
+"""The README's Kubernetes quickstart, run exactly as written, against the real control plane (issue #12).
+
+The two shell blocks under "On Kubernetes" are read from README.md and run with bash: the first (the
+operator from this checkout) in the background, the second to completion. Only what a user has in
+their shell is set: KUBECONFIG (an admin of the test cluster) and DATABASE_URL (a database holding the
+example's workload). So the README cannot drift from what works.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from matview import demo
+from tests.conftest import skip_or_fail
+from tests.e2e.conftest import ADMIN_TOKEN, ROOT, ControlPlane
+from tests.e2e.test_e2e import MV_PATH, wait_for
+
+
+def quickstart_blocks() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## On Kubernetes", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sh\n(.*?)```", section, re.S)
+
+
+def test_the_readme_kubernetes_quickstart_works_verbatim(control_plane: ControlPlane, dsn: str, tmp_path: Path) -> None:
+    if shutil.which("kubectl") is None:
+        skip_or_fail("kubectl is not installed")
+    operator_block, steps_block, _install_block = quickstart_blocks()
+    assert "matview operator" in operator_block and "kubectl apply -f examples/driver-matrix.yaml" in steps_block
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(demo.workload_sql())  # the shipped workload file
+        conn.execute(sql.SQL("SELECT ops.load_driver_matrix(%s)"), (300,))
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "KUBECONFIG"},
+        "KUBECONFIG": str(control_plane.kubeconfig(ADMIN_TOKEN, tmp_path / "admin.kubeconfig")),
+        "DATABASE_URL": dsn,
+    }
+    log = (tmp_path / "operator.log").open("w")
+    operator = subprocess.Popen(
+        ["bash", "-c", operator_block], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        steps = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", steps_block],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+        assert steps.returncode == 0, (
+            f"{steps.stdout}\n{steps.stderr}\n{(tmp_path / 'operator.log').read_text()[-4000:]}"
+        )
+        assert "mv-payments-driver-matrix-cabinet" in steps.stdout and "condition met" in steps.stdout
+
+        def request_handled() -> bool:
+            _, body = control_plane.request("GET", MV_PATH.format(ns="ops") + "/mv-payments-driver-matrix-cabinet")
+            annotations = body.get("metadata", {}).get("annotations", {})
+            wanted = annotations.get("matview.dev/refresh-requested-at")
+            return bool(wanted) and body.get("status", {}).get("lastHandledRefreshRequest") == wanted
+
+        wait_for(request_handled, "the annotated refresh to be handled", 60)
+        with psycopg.connect(dsn) as conn:
+            rows = conn.execute("SELECT count(*) FROM ops.mv_payments_driver_matrix_cabinet").fetchone()
+        assert rows is not None and rows[0] > 0
+    finally:
+        os.killpg(operator.pid, 15)
+        try:
+            operator.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(operator.pid, 9)
+        log.close()
