@@ -15,9 +15,10 @@ import pytest
 from tests.e2e import binaries
 
 FAKE_GO = """#!/usr/bin/env bash
-# matview-fake-go: stands in for `go build -o OUT PKG`
+# matview-fake-go: stands in for `go build -o OUT PKG` and `GOBIN=DIR go install PKG@VERSION`
 out=""
 while [[ $# -gt 0 ]]; do [[ "$1" == "-o" ]] && out="$2"; shift; done
+[[ -n "$out" ]] || out="$GOBIN/helm"
 echo build >> "$FAKE_GO_COUNT"
 sleep "$FAKE_GO_SLEEP"
 echo '#!/bin/sh' > "$out" && chmod +x "$out"
@@ -94,8 +95,8 @@ def test_concurrent_builds_wait_for_one_another_and_build_once(tmp_path: Path) -
     directories = {out.strip().splitlines()[-1] for out, _ in outputs}
     assert len(directories) == 1
     built = Path(directories.pop())
-    assert (built / "etcd").exists() and (built / "kube-apiserver").exists()
-    assert (tmp_path / "count").read_text().count("build") == 2, "two binaries, built once"
+    assert all((built / name).exists() for name in ("etcd", "kube-apiserver", "helm"))
+    assert (tmp_path / "count").read_text().count("build") == 3, "three binaries, built once"
     assert any("waiting for it" in err for _, err in outputs)
     assert partials(tmp_path) == []
     progress = binaries.build(lambda line: None, env=env)  # cached now: nothing to do

@@ -322,6 +322,25 @@ def test_operator_end_to_end(control_plane: ControlPlane, operator_process: Any,
     assert process.poll() is None
 
 
+def dry_run(control_plane: ControlPlane, document: dict[str, Any], label: str) -> None:
+    """Server-side dry-run with strict field validation: create, or update when the object exists."""
+    from tests.e2e.conftest import collection_path
+
+    status, body = control_plane.request(
+        "POST", collection_path(document) + "?dryRun=All&fieldValidation=Strict", document
+    )
+    assert status in (200, 201, 409), (label, status, body)
+    if status == 409:  # already created by the fixture: a dry-run update must pass too
+        name = document["metadata"]["name"]
+        status, body = control_plane.request(
+            "PATCH",
+            collection_path(document) + f"/{name}?dryRun=All&fieldValidation=Strict",
+            document,
+            content_type="application/merge-patch+json",
+        )
+        assert status == 200, (label, status, body)
+
+
 def test_every_core_manifest_passes_server_side_dry_run(control_plane: ControlPlane) -> None:
     import yaml
 
@@ -329,18 +348,4 @@ def test_every_core_manifest_passes_server_side_dry_run(control_plane: ControlPl
         if path.name == "kustomization.yaml":
             continue
         for document in yaml.safe_load_all(path.read_text()):
-            from tests.e2e.conftest import collection_path
-
-            status, body = control_plane.request(
-                "POST", collection_path(document) + "?dryRun=All&fieldValidation=Strict", document
-            )
-            assert status in (200, 201, 409), (path.name, status, body)
-            if status == 409:  # already created by the fixture: a dry-run update must pass too
-                name = document["metadata"]["name"]
-                status, body = control_plane.request(
-                    "PATCH",
-                    collection_path(document) + f"/{name}?dryRun=All&fieldValidation=Strict",
-                    document,
-                    content_type="application/merge-patch+json",
-                )
-                assert status == 200, (path.name, status, body)
+            dry_run(control_plane, document, path.name)

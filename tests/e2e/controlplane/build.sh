@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver and etcd for the e2e tests into a cache directory, once per pinned version.
+# Builds kube-apiserver, etcd (versions pinned in go.mod) and helm (HELM_VERSION below) for the e2e tests
+# into a cache directory, once per version of this script and go.mod.
 #
 #   KUBEBUILDER_ASSETS=/dir/with/both/binaries  -> use them, build nothing (the envtest convention).
 #   MATVIEW_CONTROLPLANE_CACHE (default ~/.cache/matview-controlplane) -> where builds are kept.
@@ -10,15 +11,16 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 
-if [[ -n "${KUBEBUILDER_ASSETS:-}" && -x "$KUBEBUILDER_ASSETS/kube-apiserver" && -x "$KUBEBUILDER_ASSETS/etcd" ]]; then
+if [[ -n "${KUBEBUILDER_ASSETS:-}" && -x "$KUBEBUILDER_ASSETS/kube-apiserver" && -x "$KUBEBUILDER_ASSETS/etcd" && -x "$KUBEBUILDER_ASSETS/helm" ]]; then
     echo "$KUBEBUILDER_ASSETS"
     exit 0
 fi
 
-version="$(sha256sum "$here/go.mod" | cut -c1-12)"
+HELM_VERSION=v3.22.0
+version="$(cat "$here/go.mod" "$0" | sha256sum | cut -c1-12)"
 cache="${MATVIEW_CONTROLPLANE_CACHE:-$HOME/.cache/matview-controlplane}"
 out="$cache/$version"
-ready() { [[ -x "$out/kube-apiserver" && -x "$out/etcd" ]]; }
+ready() { [[ -x "$out/kube-apiserver" && -x "$out/etcd" && -x "$out/helm" ]]; }
 if ready; then
     echo "$out"
     exit 0
@@ -61,10 +63,12 @@ cd "$here"
 # command ends, so an interrupt would otherwise wait for the whole compile.
 run() { "$@" >&2 & wait $!; }
 [[ -f go.sum ]] || run go mod tidy
-echo "build.sh: building etcd (1/2); the first run downloads the Go modules" >&2
+echo "build.sh: building etcd (1/3); the first run downloads the Go modules" >&2
 CGO_ENABLED=0 run go build -trimpath -ldflags="-s -w" -o "$partial/etcd" go.etcd.io/etcd/server/v3
-echo "build.sh: building kube-apiserver (2/2) after $((SECONDS - started)) s" >&2
+echo "build.sh: building kube-apiserver (2/3) after $((SECONDS - started)) s" >&2
 CGO_ENABLED=0 run go build -trimpath -ldflags="-s -w" -o "$partial/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
+echo "build.sh: building helm $HELM_VERSION (3/3) after $((SECONDS - started)) s" >&2
+GOBIN="$partial" run go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 rm -rf "$out" && mv "$partial" "$out"
-echo "build.sh: built kube-apiserver and etcd in $((SECONDS - started)) s" >&2
+echo "build.sh: built kube-apiserver, etcd and helm in $((SECONDS - started)) s" >&2
 echo "$out"
