@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,21 @@ def free_port() -> int:
 class ControlPlane:
     url: str
     workdir: Path
+    apiserver_command: list[str] = field(default_factory=list)
+    apiserver: subprocess.Popen[bytes] | None = None
+
+    def stop_apiserver(self) -> None:
+        """Take the API away abruptly (the fault suite's outage: a graceful stop waits on open watches);
+        etcd and the data stay."""
+        assert self.apiserver is not None
+        self.apiserver.kill()
+        self.apiserver.wait(timeout=30)
+
+    def start_apiserver(self) -> None:
+        """Start kube-apiserver again with the same flags, certificates and port; wait until it is ready."""
+        log_path = self.workdir / "apiserver.log"
+        self.apiserver = subprocess.Popen(self.apiserver_command, stdout=log_path.open("ab"), stderr=subprocess.STDOUT)
+        _wait_ready(self, self.apiserver, log_path)
 
     def request(
         self,
@@ -155,6 +170,7 @@ def control_plane() -> Iterator[ControlPlane]:
     binaries = _binaries()
     workdir = Path(tempfile.mkdtemp(prefix="matview-e2e-"))
     processes: list[subprocess.Popen[bytes]] = []
+    plane: ControlPlane | None = None
     try:
         etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
         etcd_log = (workdir / "etcd.log").open("wb")
@@ -189,48 +205,46 @@ def control_plane() -> Iterator[ControlPlane]:
         (workdir / "tokens.csv").write_text(f'{ADMIN_TOKEN},admin,admin-uid,"system:masters"\n')
         api_log_path = workdir / "apiserver.log"
         api_log = api_log_path.open("wb")
-        processes.append(
-            subprocess.Popen(
-                [
-                    str(binaries / "kube-apiserver"),
-                    "--etcd-servers",
-                    f"http://127.0.0.1:{etcd_port}",
-                    "--bind-address",
-                    "127.0.0.1",
-                    "--advertise-address",
-                    "127.0.0.1",
-                    "--secure-port",
-                    str(api_port),
-                    "--cert-dir",
-                    str(workdir / "certs"),
-                    "--token-auth-file",
-                    str(workdir / "tokens.csv"),
-                    "--authorization-mode",
-                    "RBAC",
-                    "--service-account-issuer",
-                    "https://kubernetes.default.svc.cluster.local",
-                    "--service-account-key-file",
-                    str(key),
-                    "--service-account-signing-key-file",
-                    str(key),
-                    "--service-cluster-ip-range",
-                    "10.0.0.0/24",
-                    "--disable-admission-plugins",
-                    "ServiceAccount",
-                    "--allow-privileged=true",  # a boolean flag: its value must be attached
-                ],
-                stdout=api_log,
-                stderr=subprocess.STDOUT,
-            )
-        )
-        plane = ControlPlane(f"https://127.0.0.1:{api_port}", workdir)
-        _wait_ready(plane, processes[-1], api_log_path)
+        apiserver_command = [
+            str(binaries / "kube-apiserver"),
+            "--etcd-servers",
+            f"http://127.0.0.1:{etcd_port}",
+            "--bind-address",
+            "127.0.0.1",
+            "--advertise-address",
+            "127.0.0.1",
+            "--secure-port",
+            str(api_port),
+            "--cert-dir",
+            str(workdir / "certs"),
+            "--token-auth-file",
+            str(workdir / "tokens.csv"),
+            "--authorization-mode",
+            "RBAC",
+            "--service-account-issuer",
+            "https://kubernetes.default.svc.cluster.local",
+            "--service-account-key-file",
+            str(key),
+            "--service-account-signing-key-file",
+            str(key),
+            "--service-cluster-ip-range",
+            "10.0.0.0/24",
+            "--disable-admission-plugins",
+            "ServiceAccount",
+            "--allow-privileged=true",  # a boolean flag: its value must be attached
+        ]
+        plane = ControlPlane(f"https://127.0.0.1:{api_port}", workdir, apiserver_command)
+        plane.apiserver = subprocess.Popen(apiserver_command, stdout=api_log, stderr=subprocess.STDOUT)
+        processes.append(plane.apiserver)
+        _wait_ready(plane, plane.apiserver, api_log_path)
         plane.apply_file(ROOT / "crds/matview.dev_materializedviews.yaml")
         _wait_for_crd(plane)
         plane.apply_file(ROOT / "manifests/core/namespace.yaml")
         plane.apply_file(ROOT / "manifests/core/rbac.yaml")
         yield plane
     finally:
+        if plane is not None and plane.apiserver is not None and plane.apiserver not in processes:
+            processes.append(plane.apiserver)  # restarted by a test
         for process in reversed(processes):
             process.terminate()
             try:

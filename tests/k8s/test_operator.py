@@ -101,13 +101,7 @@ async def test_a_hostile_resource_is_reported_and_its_neighbours_keep_working(
     ready = await eventually(lambda: cluster.condition("sales-by-region", "Ready"), "the neighbour Ready")
     assert ready["status"] == "True", ready
     assert exists(dsn) and not exists(dsn, "hostile")
-    await cluster.delete_view("hostile")
-    await eventually(lambda: _absent(cluster, "hostile"), "the hostile resource to go away")
-    await settle(cluster.server)
-
-
-async def _absent(cluster: Cluster, name: str) -> bool:
-    return await cluster.get_view(name) is None
+    await settle(cluster.server)  # (that an invalid resource lets go of its finalizer is tested above)
 
 
 async def test_missing_secret_is_reported_and_clears_once_created(cluster: Cluster, operator: Any, dsn: str) -> None:

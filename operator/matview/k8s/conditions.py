@@ -26,6 +26,7 @@ SECRET_NOT_FOUND: Final = "SecretNotFound"  # noqa: S105
 SECRET_KEY_MISSING: Final = "SecretKeyMissing"  # noqa: S105
 SECRET_FORBIDDEN: Final = "SecretForbidden"  # noqa: S105
 DATABASE_UNREACHABLE: Final = "DatabaseUnreachable"
+API_UNREACHABLE: Final = "ApiUnreachable"
 OBJECT_CONFLICT: Final = "ObjectConflict"
 DEPENDENT_OBJECTS: Final = "DependentObjects"
 APPLY_FAILED: Final = "ApplyFailed"

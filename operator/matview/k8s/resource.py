@@ -87,6 +87,10 @@ async def resolve_dsn(view: MaterializedView) -> str:
         )
     try:
         data = await kube.read_secret(view.namespace, view.secret_ref.name)
+    except kube.ApiUnreachableError as exc:
+        raise CredentialsError(
+            conditions.API_UNREACHABLE, f"the Kubernetes API is unreachable, Secret not read yet: {exc}"
+        ) from None
     except kube.SecretForbiddenError:
         raise CredentialsError(
             conditions.SECRET_FORBIDDEN,

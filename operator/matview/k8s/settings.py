@@ -41,6 +41,9 @@ def configure(settings: kopf.OperatorSettings, peering: str | None) -> None:
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
     settings.networking.request_timeout = 60
+    # Keep retrying through an apiserver outage (kopf's default gives up after about a minute and the
+    # operator stops): doubling to 10 s, then every 10 s for two hours.
+    settings.networking.error_backoffs = [1, 2, 4, 8, *([10] * 720)]
     # We watch one resource kind in fixed namespaces (or all): no need to scan CRDs or namespaces,
     # which would need RBAC we otherwise do not use.
     settings.scanning.disabled = True
