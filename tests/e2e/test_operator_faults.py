@@ -42,18 +42,24 @@ def fresh(dsn: str) -> bool:
             return False
 
 
-def test_the_operator_sigkilled_mid_swap_recovers(control_plane: ControlPlane, dsn: str, tmp_path: Path) -> None:
-    ns = namespace(control_plane, "e2e-operator-faults")
+def events_view(control_plane: ControlPlane, dsn: str, name: str, refresh: dict[str, str]) -> str:
+    """A namespace with the Secret (and the right to read it), the workload, and the view; returns the namespace."""
+    ns = namespace(control_plane, name)
     bind_secrets(control_plane, ns)
     control_plane.create(
         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db", "namespace": ns}, "stringData": {"uri": dsn}}
     )
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(SETUP)
-    body = mv("events-by-kind", ns, refresh={"interval": "2s", "mode": "Swap"})
+    body = mv("events-by-kind", ns, refresh=refresh)
     body["spec"].update(query=QUERY, indexes=[{"columns": ["kind"], "unique": True}])
     status, created = control_plane.request("POST", MV_PATH.format(ns=ns), body)
     assert status == 201, created
+    return ns
+
+
+def test_the_operator_sigkilled_mid_swap_recovers(control_plane: ControlPlane, dsn: str, tmp_path: Path) -> None:
+    ns = events_view(control_plane, dsn, "e2e-operator-faults", {"interval": "2s", "mode": "Swap"})
     first, _ = start_operator(control_plane, tmp_path, ns)
     second: subprocess.Popen[str] | None = None
     try:
@@ -94,17 +100,7 @@ def refresh_runs(dsn: str, relation: str) -> int:
 
 
 def test_the_apiserver_unavailable_for_30_seconds(control_plane: ControlPlane, dsn: str, tmp_path: Path) -> None:
-    ns = namespace(control_plane, "e2e-apiserver-outage")
-    bind_secrets(control_plane, ns)
-    control_plane.create(
-        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db", "namespace": ns}, "stringData": {"uri": dsn}}
-    )
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(SETUP)
-    body = mv("events-by-kind", ns, refresh={"interval": "2s"})
-    body["spec"].update(query=QUERY, indexes=[{"columns": ["kind"], "unique": True}])
-    status, created = control_plane.request("POST", MV_PATH.format(ns=ns), body)
-    assert status == 201, created
+    ns = events_view(control_plane, dsn, "e2e-apiserver-outage", {"interval": "2s"})
     operator, _ = start_operator(control_plane, tmp_path, ns)
     path = MV_PATH.format(ns=ns) + "/events-by-kind"
     try:
