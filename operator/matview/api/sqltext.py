@@ -155,11 +155,14 @@ def pinned_search_path(schemas: tuple[str, ...] = ()) -> str:
 UNRESOLVED_NAME_SQLSTATES = frozenset({"42P01", "42883", "42704", "3F000", "42P02"})
 
 
-def unresolved_name_hint(schemas: tuple[str, ...]) -> str:
-    """What to do when a name in the user's SQL did not resolve under the pinned search_path."""
+def explain_unresolved(message: str, sqlstate: str | None, schemas: tuple[str, ...]) -> str:
+    """message, plus what to do when it says a name in the user's SQL did not resolve under the pinned
+    search_path (the server's message alone would not say why an unqualified name is not found)."""
+    if sqlstate not in UNRESOLVED_NAME_SQLSTATES:
+        return message
     return (
-        f"names resolve only in {pinned_search_path(schemas)}: write the name as schema.name, "
-        "or list its schema in spec.searchPath"
+        f"{message} (names resolve only in {pinned_search_path(schemas)}: write the name as schema.name, "
+        "or list its schema in spec.searchPath)"
     )
 
 

@@ -34,13 +34,14 @@ _VALIDATED_LOCK = threading.Lock()
 
 
 def view_of(body: Mapping[str, Any]) -> MaterializedView:
-    """Validate the object; raises SpecError naming each bad field.
+    """Validate the object; raises SpecError naming each bad field."""
+    return _view_of_document(document(body))
 
-    Handlers and daemons ask for every resource again and again; validation (the SQL parse above all)
+
+def _view_of_document(plain: dict[str, Any]) -> MaterializedView:
+    """Handlers and daemons ask for every resource again and again; validation (the SQL parse above all)
     runs once per distinct spec, so a large or hostile query costs its parse once, not on every poll,
-    and never crowds the parser thread that other resources need.
-    """
-    plain = document(body)
+    and never crowds the parser thread that other resources need."""
     metadata = plain.get("metadata") or {}
     essence = [
         plain.get("apiVersion"),
@@ -72,7 +73,7 @@ def view_of(body: Mapping[str, Any]) -> MaterializedView:
 async def validated(body: Mapping[str, Any]) -> MaterializedView:
     """view_of for handlers: a spec not validated before is checked on a worker thread, so parsing a large
     query never stalls the event loop that every other resource's handlers share."""
-    return await asyncio.to_thread(view_of, document(body))
+    return await asyncio.to_thread(_view_of_document, document(body))  # copied here: body is the loop's
 
 
 #: The ClusterRole (manifests/core/rbac.yaml) that grants reading Secrets, bound per namespace of views.

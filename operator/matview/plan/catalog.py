@@ -305,18 +305,27 @@ def observe(
     try:
         with conn.transaction():
             # Compiled exactly as the build will compile it: the pinned search_path, as runAsRole.
-            conn.execute(
-                sql.SQL("SELECT set_config('search_path', %s, true)"),
-                (sqltext.pinned_search_path(view.search_path),),
-            )
-            if view.run_as_role is not None:
-                conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(view.run_as_role)))
+            pin_name_resolution(conn, view, local=True)
+            become_query_role(conn, view)
             observed.query_columns = describe_query(conn, view.query)
     except psycopg.Error as exc:
-        observed.query_error = (exc.diag.message_primary or str(exc)).strip()
-        if exc.sqlstate in sqltext.UNRESOLVED_NAME_SQLSTATES:
-            observed.query_error += f" ({sqltext.unresolved_name_hint(view.search_path)})"
+        message = (exc.diag.message_primary or str(exc)).strip()
+        observed.query_error = sqltext.explain_unresolved(message, exc.sqlstate, view.search_path)
     return observed
+
+
+def pin_name_resolution(conn: Connection, view: MaterializedView, local: bool) -> None:
+    """Compile user SQL under sqltext.pinned_search_path, never the session's default search_path
+    (the executor for every step, observe for describing the query)."""
+    conn.execute(
+        sql.SQL("SELECT set_config('search_path', %s, %s)"), (sqltext.pinned_search_path(view.search_path), local)
+    )
+
+
+def become_query_role(conn: Connection, view: MaterializedView) -> None:
+    """Inside a transaction: act as spec.runAsRole until it ends (nothing when the spec names none)."""
+    if view.run_as_role is not None:
+        conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(view.run_as_role)))
 
 
 _ROLE_ACCESS = sql.SQL("""

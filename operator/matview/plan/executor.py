@@ -23,7 +23,7 @@ from psycopg import sql
 from matview.api import sqltext
 from matview.api.spec import MaterializedView, RefreshSpec
 from matview.errors import ApplyError, MatviewError
-from matview.plan.catalog import Connection
+from matview.plan.catalog import Connection, become_query_role, pin_name_resolution
 from matview.plan.planner import Plan, Step
 
 logger = logging.getLogger(__name__)
@@ -121,19 +121,6 @@ def view_lock(conn: Connection, view: MaterializedView) -> Iterator[None]:
             conn.execute(sql.SQL("SELECT pg_advisory_unlock(%s::bigint)"), (key,))
 
 
-def pin_name_resolution(conn: Connection, view: MaterializedView, local: bool) -> None:
-    """Compile user SQL under sqltext.pinned_search_path, never the session's default search_path."""
-    conn.execute(
-        sql.SQL("SELECT set_config('search_path', %s, %s)"), (sqltext.pinned_search_path(view.search_path), local)
-    )
-
-
-def become_query_role(conn: Connection, view: MaterializedView) -> None:
-    """Inside a transaction: act as spec.runAsRole until it ends (nothing when the spec names none)."""
-    if view.run_as_role is not None:
-        conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(view.run_as_role)))
-
-
 def _run_step(conn: Connection, step: Step, settings: ExecutionSettings, view: MaterializedView) -> None:
     if step.transactional:
         with conn.transaction():
@@ -174,8 +161,7 @@ def execute(conn: Connection, plan: Plan, settings: ExecutionSettings) -> list[s
                     conn.execute(statement)
             sqlstate = exc.sqlstate or "?"
             message = (exc.diag.message_primary or str(exc)).strip()
-            if sqlstate in sqltext.UNRESOLVED_NAME_SQLSTATES:
-                message += f" ({sqltext.unresolved_name_hint(plan.view.search_path)})"
+            message = sqltext.explain_unresolved(message, sqlstate, plan.view.search_path)
             raise ApplyError(
                 f"{plan.view.relation}: step '{step.description}' failed [{sqlstate}]: {message}"
                 + (f" (done before it: {'; '.join(done)})" if done else "")

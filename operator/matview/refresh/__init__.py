@@ -207,16 +207,12 @@ def _record(
     digest = (
         view.definition_digest if mode == RefreshMode.SWAP else (inspection.marker.digest if inspection.marker else "")
     )
-    marker = Marker(view.owner, "view", digest, state.to_marker())
-    try:
-        execute(conn, Plan(view, (record_state_step(view, marker),)), dataclasses.replace(settings, lock_retries=1))
-    except MatviewError as error:  # the data is refreshed; only the evidence is late
-        logger.warning("%s: could not record the refresh state: %s", view.relation, error)
+    _write_marker(conn, view, Marker(view.owner, "view", digest, state.to_marker()), settings, "the refresh state")
 
 
 def record_build(conn: Connection, view: MaterializedView, when: dt.datetime | None = None) -> None:
     """After apply built the view's data (create or swap), count it as a successful refresh."""
-    oid, marker = facts.read_marker(conn, view)
+    oid, marker = facts.read_marker(conn, view.schema, view.name)
     if oid is None or marker is None or marker.owner != view.owner:
         return
     state = dataclasses.replace(
@@ -224,14 +220,19 @@ def record_build(conn: Connection, view: MaterializedView, when: dt.datetime | N
         last_success=when or dt.datetime.now(dt.UTC),
         source_version=facts.source_version(conn, oid),
     )
+    settings = ExecutionSettings(statement_timeout_seconds=5, lock_timeout_seconds=1)
+    _write_marker(conn, view, dataclasses.replace(marker, state=state.to_marker()), settings, "the build")
+
+
+def _write_marker(
+    conn: Connection, view: MaterializedView, marker: Marker, settings: ExecutionSettings, what: str
+) -> None:
+    """Write the view's marker with its refresh state, once: the data is already live, so a failure here
+    only makes the evidence late and is logged, never raised."""
     try:
-        execute(
-            conn,
-            Plan(view, (record_state_step(view, dataclasses.replace(marker, state=state.to_marker())),)),
-            ExecutionSettings(statement_timeout_seconds=5, lock_timeout_seconds=1, lock_retries=1),
-        )
+        execute(conn, Plan(view, (record_state_step(view, marker),)), dataclasses.replace(settings, lock_retries=1))
     except MatviewError as error:
-        logger.warning("%s: could not record the build: %s", view.relation, error)
+        logger.warning("%s: could not record %s: %s", view.relation, what, error)
 
 
 def _log(view: MaterializedView, result: RefreshResult) -> None:

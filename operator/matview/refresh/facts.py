@@ -6,7 +6,6 @@ ones the refresh then acts on.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ def inspect(conn: Connection, view: MaterializedView) -> Inspection:
     marker = Marker.parse(comment)
     leftovers = []
     for name in (staging_name(view), retired_name(view)):
-        _, found = read_marker(conn, dataclasses.replace(view, name=name))
+        _, found = read_marker(conn, view.schema, name)
         if found is not None and found.owner == view.owner and found.kind == "staging":
             leftovers.append(name)
     return Inspection(
@@ -107,14 +106,15 @@ def view_size(conn: Connection, view: MaterializedView) -> ViewSize:
     )
 
 
-def read_marker(conn: Connection, view: MaterializedView) -> tuple[int | None, Marker | None]:
-    row = conn.execute(_MARKER, (view.schema, view.name)).fetchone()
+def read_marker(conn: Connection, schema: str, name: str) -> tuple[int | None, Marker | None]:
+    """The oid and our marker of the relation schema.name (None, None when it does not exist)."""
+    row = conn.execute(_MARKER, (schema, name)).fetchone()
     return (int(row[0]), Marker.parse(row[1])) if row else (None, None)
 
 
 def read_state(conn: Connection, view: MaterializedView) -> RefreshState:
     """The persisted refresh state of view (empty when it has none)."""
-    _, marker = read_marker(conn, view)
+    _, marker = read_marker(conn, view.schema, view.name)
     return RefreshState.from_marker(marker.state if marker else {})
 
 
