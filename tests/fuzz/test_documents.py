@@ -33,6 +33,8 @@ from matview.errors import SpecError
 ROOT = Path(__file__).resolve().parents[2]
 SEED_TEXTS = [(ROOT / "examples" / name).read_text() for name in ("quickstart.yaml", "driver-matrix.yaml")]
 SEEDS = [yaml.safe_load(text) for text in SEED_TEXTS]
+#: The examples set neither searchPath nor runAsRole; one seed does, so mutations reach those fields too.
+SEEDS.append({**SEEDS[0], "spec": {**SEEDS[0]["spec"], "searchPath": ["app", "reports"], "runAsRole": "team_a"}})
 
 #: Generated documents per property: 10,000 in all, weighted to the cheap in-process path (pure-Python YAML
 #: parsing dominates the other two).
