@@ -20,6 +20,8 @@ from matview.plan import engine
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 _counter = itertools.count()
+#: What tests/e2e/image/build.sh and the image test need (Debian packages of the same names).
+IMAGE_TOOLS = ("buildah", "podman", "mmdebstrap")
 
 
 def skip_or_fail(reason: str) -> None:
@@ -64,24 +66,34 @@ def conn(dsn: str) -> Iterator[engine.Connection]:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Build the e2e control plane before any test runs (not inside a fixture, whose time would count
-    against the first test's timeout), showing build.sh's progress lines."""
+    """Build the e2e control plane (and the operator image, when its test is selected) before any test
+    runs, not inside a fixture, whose time would count against the first test's timeout; show the build
+    scripts' progress lines."""
     if not any(item.nodeid.startswith("tests/e2e/") for item in session.items):
         return
     import shutil
 
     from tests.e2e import binaries
 
-    if shutil.which("go") is None and not os.environ.get("KUBEBUILDER_ASSETS"):
-        binaries.prepared = "neither Go nor KUBEBUILDER_ASSETS is available to provide kube-apiserver and etcd"
-        return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
 
     def show(line: str) -> None:
         if reporter is not None:
             reporter.write_line(line)
 
-    try:
-        binaries.prepared = binaries.build(show)
-    except RuntimeError as exc:
-        binaries.prepared = str(exc)
+    if shutil.which("go") is None and not os.environ.get("KUBEBUILDER_ASSETS"):
+        binaries.prepared = "neither Go nor KUBEBUILDER_ASSETS is available to provide kube-apiserver and etcd"
+    else:
+        try:
+            binaries.prepared = binaries.build(show)
+        except RuntimeError as exc:
+            binaries.prepared = str(exc)
+    if any(item.nodeid.startswith("tests/e2e/test_image.py") for item in session.items):
+        missing = [tool for tool in IMAGE_TOOLS if shutil.which(tool) is None]
+        if missing:
+            binaries.image_prepared = f"{', '.join(missing)} not installed (.ci/run installs them from Debian)"
+            return
+        try:
+            binaries.image_prepared = binaries.build(show, script=binaries.IMAGE_BUILD)
+        except RuntimeError as exc:
+            binaries.image_prepared = str(exc)

@@ -1,8 +1,9 @@
-"""kube-apiserver and etcd for the e2e tests: built once, before any test runs, outside per-test timeouts.
+"""kube-apiserver and etcd (and the operator image) for the e2e tests: built before any test runs, outside
+per-test timeouts.
 
-``build`` runs controlplane/build.sh in its own process group, streams its progress lines, and kills the
-whole group if it is interrupted, so no compiler is left running and no partial build is left behind
-(build.sh cleans its own partial directory on the way out). The root conftest calls it right after
+``build`` runs controlplane/build.sh (or image/build.sh) in its own process group, streams its progress
+lines, and kills the whole group if it is interrupted, so no compiler is left running and no partial
+build is left behind (build.sh cleans its own partial directory on the way out). The root conftest calls it right after
 collection when e2e tests are selected; the control_plane fixture then only reads the result.
 """
 
@@ -15,15 +16,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 BUILD = Path(__file__).resolve().parent / "controlplane" / "build.sh"
+IMAGE_BUILD = Path(__file__).resolve().parent / "image" / "build.sh"
 
 #: The result of the build made before the tests: the binaries' directory, or why there are none.
 prepared: Path | str | None = None
+#: The same for the operator image: the image storage directory, or why there is no image.
+image_prepared: Path | str | None = None
 
 
-def build(progress: Callable[[str], None], env: dict[str, str] | None = None) -> Path:
-    """Run build.sh (nothing to do when cached); raise RuntimeError with its output when it fails."""
+def build(progress: Callable[[str], None], env: dict[str, str] | None = None, script: Path = BUILD) -> Path:
+    """Run a build script (nothing to do when cached); raise RuntimeError with its output when it fails."""
     process = subprocess.Popen(
-        [str(BUILD)],
+        [str(script)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -42,7 +46,7 @@ def build(progress: Callable[[str], None], env: dict[str, str] | None = None) ->
         stop_group(process)
         raise
     if code != 0:
-        raise RuntimeError(f"building the control plane failed ({code}): " + "\n".join(lines[-40:]))
+        raise RuntimeError(f"{script.parent.name}/{script.name} failed ({code}): " + "\n".join(lines[-40:]))
     return Path(output.strip().splitlines()[-1])
 
 
