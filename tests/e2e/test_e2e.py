@@ -179,7 +179,7 @@ def start_operator(
         **os.environ,
         "KUBECONFIG": str(kubeconfig),
         "MATVIEW_RETRY_SECONDS": "1",
-        "MATVIEW_DAEMON_POLL_SECONDS": "0.3",
+        "MATVIEW_BUSY_RETRY_SECONDS": "0.6",
         "MATVIEW_STALLED_RETRY_SECONDS": "2",
     }
     process = subprocess.Popen(

@@ -26,7 +26,7 @@ os.environ.update(
         "MATVIEW_METRICS_PORT": "0",
         "MATVIEW_RETRY_SECONDS": "1",
         "MATVIEW_STALLED_RETRY_SECONDS": "2",
-        "MATVIEW_DAEMON_POLL_SECONDS": "0.3",
+        "MATVIEW_BUSY_RETRY_SECONDS": "0.6",
         "MATVIEW_DRIFT_CHECK_SECONDS": "2",
     }
 )

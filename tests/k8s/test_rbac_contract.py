@@ -75,4 +75,7 @@ async def test_the_operator_uses_exactly_the_granted_permissions(cluster: Cluste
     await settle(cluster.server)
     calls = used(cluster.server)
     assert calls <= granted(), f"refused by RBAC: {sorted(calls - granted())}"
-    assert granted() <= calls, f"granted but never used: {sorted(granted() - calls)}"
+    # Status writes reuse the object from the watch; a fresh GET happens only after a write conflict (409),
+    # which kmock, having no optimistic locking, never answers. The real apiserver's e2e tests exercise it.
+    conflict_fallback = {("matview.dev", "materializedviews", "get")}
+    assert granted() - conflict_fallback <= calls, f"granted but never used: {sorted(granted() - calls)}"

@@ -277,8 +277,17 @@ def cmd_operator(args: argparse.Namespace) -> int:
         "MATVIEW_DRIFT_CHECK_SECONDS": str(args.drift_check_seconds),
         "MATVIEW_MAX_CONCURRENT": str(args.max_concurrent),
         "MATVIEW_PEERING": args.peering or "",
+        "MATVIEW_SHARD_INDEX": str(args.shard_index),
+        "MATVIEW_SHARD_COUNT": str(args.shard_count),
     }
     os.environ.update(settings_env)
+    from matview.k8s.settings import SettingsError, config_from_environment
+
+    try:
+        config_from_environment()
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     import matview.k8s.main  # noqa: F401 - registers the handlers (after the environment is set)
 
     namespaces = args.namespace or []
@@ -489,6 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--drift-check-seconds", type=float, default=300.0, help="how often drift is repaired")
     op.add_argument("--max-concurrent", type=int, default=2, help="refreshes at once per database")
     op.add_argument("--peering", help="kopf peering name (needs kopf's peering CRD); default: standalone")
+    op.add_argument(
+        "--shard-count", type=int, default=1, help="replicas splitting the views by a hash of namespace/name"
+    )
+    op.add_argument("--shard-index", type=int, default=0, help="this replica's shard, from 0 to shard-count - 1")
     demo_parser = command(
         "demo",
         cmd_demo,

@@ -21,10 +21,18 @@ class OperatorConfig:
     """Delay before retrying a reconcile that failed for a reason that may pass (database down, no Secret)."""
     stalled_retry_seconds: float = 300.0
     """Delay before re-checking a resource that only a user change can fix."""
-    daemon_poll_seconds: float = 5.0
-    """How often the refresh daemon looks at the live spec and the refresh-requested annotation."""
+    busy_retry_seconds: float = 10.0
+    """Delay before retrying a reconcile that found the view locked (a refresh, or another replica, at work)."""
     max_concurrent_per_database: int = 2
     """Refreshes that may run at once against one database."""
+    max_concurrent_drift_checks: int = 4
+    """Drift checks that may run at once in the whole process (each database also caps its applies)."""
+    secret_max_age_seconds: float = 60.0
+    """How long a Secret read is reused (a failed connection reads it again at once)."""
+    shard_index: int = 0
+    """This replica's shard (see ``shard_count``)."""
+    shard_count: int = 1
+    """Replicas that split the views between them by a stable hash of namespace/name (1: no sharding)."""
 
 
 @dataclass
@@ -63,4 +71,4 @@ class OperatorContext:
             self.refresher.close_pool(previous)
 
     def pools_open(self) -> int:
-        return len(self.refresher._pools)
+        return len(self.refresher.databases())

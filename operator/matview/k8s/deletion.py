@@ -52,7 +52,7 @@ async def delete(ctx: OperatorContext, body: kopf.Body, logger: logging.Logger |
         _forget(ctx, key, namespace, name)
         return
     try:
-        dsn = await resolve_dsn(view)
+        dsn = await resolve_dsn(view, ctx.config.secret_max_age_seconds)
     except CredentialsError as exc:
         kopf.warn(
             body,

@@ -1,9 +1,12 @@
 """The few Kubernetes API calls the operator makes itself, beside kopf's.
 
-Secrets are read fresh on every use (rotation without restarts). Every status
-write goes through ``patch_status``: read, change, patch with the
-resourceVersion read, retry on conflict — so the reconcile handler and the
-refresh daemon never overwrite each other's conditions.
+Secrets are read at most once per ``SECRET_MAX_AGE_SECONDS`` each (a rotation is seen within that
+time, or at once when a refresh fails to connect and ``forget_secret`` drops the copy), so the API load
+grows with the number of Secrets, not with refreshes. Every status write goes through ``patch_status``:
+change the status, patch it with the resourceVersion it was read at, and on a conflict read again and
+retry — so the reconcile handlers and the scheduler never overwrite each other's conditions. A writer
+that already holds the object (the scheduler, from the watch) passes it as ``known``: no read, one
+PATCH, and no request at all when the change leaves the status as it is.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import copy
 import functools
 import logging
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import kubernetes
@@ -41,8 +45,9 @@ def _api_client() -> Any:
 
 
 def reset() -> None:
-    """Forget the loaded configuration (tests point the operator at another server)."""
+    """Forget the loaded configuration and what was read with it (tests point the operator at another server)."""
     _api_client.cache_clear()
+    _LAST_SECRETS.clear()
 
 
 class SecretForbiddenError(Exception):
@@ -63,30 +68,43 @@ def _read_secret(namespace: str, name: str) -> dict[str, str] | None:
     return {str(k): str(v) for k, v in (secret.data or {}).items()}
 
 
-#: The last Secret data read, by (namespace, name): used while the API cannot be reached.
-_LAST_SECRETS: dict[tuple[str, str], dict[str, str]] = {}
+#: The last Secret data read, by (namespace, name), with when it was read (time.monotonic()): reused for
+#: SECRET_MAX_AGE_SECONDS, and for as long as the API cannot be reached.
+_LAST_SECRETS: dict[tuple[str, str], tuple[float, dict[str, str]]] = {}
+
+#: How long a Secret read is reused before the API is asked again.
+SECRET_MAX_AGE_SECONDS = 60.0
+
+
+def forget_secret(namespace: str, name: str) -> None:
+    """Drop the copy of a Secret (its credentials were just refused): the next use reads it again."""
+    _LAST_SECRETS.pop((namespace, name), None)
 
 
 class ApiUnreachableError(Exception):
     """The Kubernetes API did not answer (connection refused, timeout)."""
 
 
-async def read_secret(namespace: str, name: str) -> dict[str, str] | None:
+async def read_secret(
+    namespace: str, name: str, max_age_seconds: float = SECRET_MAX_AGE_SECONDS
+) -> dict[str, str] | None:
     """The Secret's base64 data, or None when it does not exist; SecretForbiddenError when RBAC refuses.
 
     While the API is unreachable the last data read is used: views keep refreshing through an apiserver
     outage with the credentials they had (ApiUnreachableError when there are none yet)."""
+    known = _LAST_SECRETS.get((namespace, name))
+    if known is not None and time.monotonic() - known[0] < max_age_seconds:
+        return known[1]
     try:
         data = await asyncio.to_thread(_read_secret, namespace, name)
     except (urllib3.exceptions.HTTPError, OSError) as exc:
-        known = _LAST_SECRETS.get((namespace, name))
         if known is None:
             raise ApiUnreachableError(str(exc)) from None
-        return known
+        return known[1]
     if data is None:
         _LAST_SECRETS.pop((namespace, name), None)
     else:
-        _LAST_SECRETS[(namespace, name)] = data
+        _LAST_SECRETS[(namespace, name)] = (time.monotonic(), data)
     return data
 
 
@@ -104,41 +122,57 @@ def _read_view(namespace: str, name: str) -> dict[str, Any] | None:
     return found
 
 
-def _patch_status(namespace: str, name: str, change: Callable[[Status], Status], attempts: int = 5) -> bool:
+def _patch_status(
+    namespace: str,
+    name: str,
+    change: Callable[[Status], Status],
+    known: Mapping[str, Any] | None = None,
+    attempts: int = 5,
+) -> dict[str, Any] | None:
     api = kubernetes.client.CustomObjectsApi(_api_client())
+    current = known
     for _ in range(attempts):
-        current = _read_view(namespace, name)
         if current is None:
-            return False
+            current = _read_view(namespace, name)
+            if current is None:
+                return None
         before = current.get("status") or {}
         after = change(copy.deepcopy(before))
         if after == before:
-            return True
+            return dict(current)
         removed = {key: None for key in before if key not in after}  # merge patch deletes with null
         body = {
             "metadata": {"resourceVersion": current.get("metadata", {}).get("resourceVersion")},
             "status": {**removed, **after},
         }
         try:
-            api.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, name, body, _request_timeout=REQUEST_TIMEOUT
+            return cast(
+                dict[str, Any],
+                api.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, namespace, PLURAL, name, body, _request_timeout=REQUEST_TIMEOUT
+                ),
             )
-            return True
         except ApiException as exc:
             if exc.status == 409:
-                continue  # someone wrote in between: read again and re-apply the change
+                current = None  # someone wrote in between: read again and re-apply the change
+                continue
             if exc.status == 404:
-                return False
+                return None
             raise
     logger.warning("%s/%s: status not written after %d conflicting attempts", namespace, name, attempts)
-    return False
+    return None
 
 
-async def patch_status(namespace: str, name: str, change: Callable[[Status], Status]) -> bool:
-    """Apply change(status) -> new status, safely against concurrent writers. False if the object is gone,
-    or if the API cannot be reached (logged; the next write carries the state again)."""
+async def patch_status(
+    namespace: str, name: str, change: Callable[[Status], Status], known: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """Apply change(status) -> new status, safely against concurrent writers; return the object as written.
+
+    With known (the object as last seen, with its resourceVersion) the first attempt reads nothing.
+    None if the object is gone, or if the API cannot be reached (logged; the next write carries the
+    state again)."""
     try:
-        return await asyncio.to_thread(_patch_status, namespace, name, change)
+        return await asyncio.to_thread(_patch_status, namespace, name, change, known)
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         logger.warning("%s/%s: status not written, the API is unreachable: %s", namespace, name, exc)
-        return False
+        return None

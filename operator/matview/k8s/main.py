@@ -5,17 +5,25 @@ Run with ``matview operator`` or ``kopf run -m matview.k8s.main``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from typing import Any
 
 import kopf
 
 from matview.constants import GROUP, PLURAL, VERSION
-from matview.k8s import daemon, deletion, reconcile
+from matview.k8s import deletion, reconcile, sharding
 from matview.k8s.context import OperatorContext
+from matview.k8s.scheduler import ViewScheduler
 from matview.k8s.settings import config_from_environment, configure
 
 _CONFIG = config_from_environment()
+
+
+def _mine(meta: kopf.Meta, **_: Any) -> bool:
+    """This replica's share of the views (all of them unless sharded)."""
+    return sharding.owns(_CONFIG.shard_index, _CONFIG.shard_count, meta.namespace or "", meta.name or "")
 
 
 @kopf.on.startup()
@@ -25,36 +33,40 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
     if _CONFIG.metrics_port:
         context.metrics.serve(_CONFIG.metrics_port)
         logger.info("metrics on :%d/metrics", _CONFIG.metrics_port)
+    if _CONFIG.shard_count > 1:
+        logger.info("shard %d of %d", _CONFIG.shard_index, _CONFIG.shard_count)
     memo.context = context
+    memo.scheduler = ViewScheduler(context)
+    memo.tasks = [asyncio.create_task(memo.scheduler.run()), asyncio.create_task(context.metrics.watch_event_loop())]
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    for task in getattr(memo, "tasks", []):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    scheduler: ViewScheduler | None = getattr(memo, "scheduler", None)
+    if scheduler is not None:
+        await scheduler.stop()
     context: OperatorContext | None = getattr(memo, "context", None)
     if context is not None:
         context.refresher.close()
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL)
+@kopf.on.event(GROUP, VERSION, PLURAL, when=_mine)
+async def watch_handler(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await memo.scheduler.observe(type, body)
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL, when=_mine)
+@kopf.on.create(GROUP, VERSION, PLURAL, when=_mine)
+@kopf.on.update(GROUP, VERSION, PLURAL, when=_mine)
 async def reconcile_handler(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     await reconcile.reconcile(memo.context, body, logger)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=_CONFIG.drift_check_seconds, initial_delay=_CONFIG.drift_check_seconds)
-async def drift_check(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-    await reconcile.reconcile(memo.context, body, logger)
-
-
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=30)
-async def refresh_daemon(
-    body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any
-) -> None:
-    await daemon.run(memo.context, body, stopped, logger)
-
-
-@kopf.on.delete(GROUP, VERSION, PLURAL)
+@kopf.on.delete(GROUP, VERSION, PLURAL, when=_mine)
 async def delete_handler(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     await deletion.delete(memo.context, body, logger)
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import psycopg
@@ -100,7 +101,7 @@ def moved_relation(status: dict[str, Any] | None, view_relation: str) -> str | N
     return None
 
 
-async def _outcome(ctx: OperatorContext, body: kopf.Body, logger: logging.Logger | Any) -> Outcome:
+async def _outcome(ctx: OperatorContext, body: Mapping[str, Any], logger: logging.Logger | Any) -> Outcome:
     config = ctx.config
     try:
         view = await validated(body)
@@ -110,7 +111,7 @@ async def _outcome(ctx: OperatorContext, body: kopf.Body, logger: logging.Logger
     if moved:
         return Outcome(False, conditions.INVALID_SPEC, moved, stalled=True)
     try:
-        dsn = await resolve_dsn(view)
+        dsn = await resolve_dsn(view, config.secret_max_age_seconds)
     except CredentialsError as exc:
         stalled = exc.reason == conditions.INVALID_SPEC
         return Outcome(
@@ -143,7 +144,7 @@ async def _outcome(ctx: OperatorContext, body: kopf.Body, logger: logging.Logger
             False, conditions.DEPENDENT_OBJECTS, str(exc), retry_after=config.stalled_retry_seconds, stalled=True
         )
     except engine.BusyError as exc:
-        return Outcome(False, conditions.BUSY, str(exc), retry_after=config.daemon_poll_seconds * 2)
+        return Outcome(False, conditions.BUSY, str(exc), retry_after=config.busy_retry_seconds)
     except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
         message = f"cannot connect to {describe(dsn)}: {redact(str(exc).strip(), dsn)}"
         return Outcome(False, conditions.DATABASE_UNREACHABLE, message, retry_after=config.retry_seconds)
@@ -164,8 +165,9 @@ async def _outcome(ctx: OperatorContext, body: kopf.Body, logger: logging.Logger
     )
 
 
-async def reconcile(ctx: OperatorContext, body: kopf.Body, logger: logging.Logger | Any) -> None:
-    """The body of the create/update/resume handlers and of the drift timer."""
+async def reconcile(ctx: OperatorContext, body: Mapping[str, Any], logger: logging.Logger | Any) -> None:
+    """The body of the create/update/resume handlers and of the scheduler's drift checks (which pass the
+    object as last seen by the watch)."""
     metadata = body.get("metadata", {})
     namespace, name = metadata.get("namespace", ""), metadata.get("name", "")
     generation = metadata.get("generation")
@@ -176,14 +178,14 @@ async def reconcile(ctx: OperatorContext, body: kopf.Body, logger: logging.Logge
         # keeps what it says and no event is posted; the reconcile simply runs again shortly.
         raise kopf.TemporaryError(outcome.message, delay=outcome.retry_after)
     now = dt.datetime.now(dt.UTC)
-    await kube.patch_status(namespace, name, lambda status: status_after(status, outcome, generation, now))
+    await kube.patch_status(namespace, name, lambda status: status_after(status, outcome, generation, now), known=body)
     changed = (
         previous is None
         or previous.get("reason") != outcome.reason
         or previous.get("status") != ("True" if outcome.ready else "False")
     )
     if not outcome.ready and changed:
-        kopf.warn(body, reason=outcome.reason, message=outcome.message)  # one event per new problem
+        kopf.warn(cast(kopf.Body, body), reason=outcome.reason, message=outcome.message)  # one event per new problem
     if outcome.ready:
         logger.info(outcome.message)
     if outcome.retry_after is not None:

@@ -80,14 +80,15 @@ async def validated(body: Mapping[str, Any]) -> MaterializedView:
 SECRETS_CLUSTER_ROLE = "matview-operator-secrets"
 
 
-async def resolve_dsn(view: MaterializedView) -> str:
-    """The DSN from the Secret named by spec.database.secretRef, in the resource's own namespace."""
+async def resolve_dsn(view: MaterializedView, max_age_seconds: float = kube.SECRET_MAX_AGE_SECONDS) -> str:
+    """The DSN from the Secret named by spec.database.secretRef, in the resource's own namespace (a copy
+    read less than max_age_seconds ago is reused)."""
     if view.secret_ref is None:
         raise CredentialsError(
             conditions.INVALID_SPEC, "spec.database.secretRef is required when running in Kubernetes"
         )
     try:
-        data = await kube.read_secret(view.namespace, view.secret_ref.name)
+        data = await kube.read_secret(view.namespace, view.secret_ref.name, max_age_seconds)
     except kube.ApiUnreachableError as exc:
         raise CredentialsError(
             conditions.API_UNREACHABLE, f"the Kubernetes API is unreachable, Secret not read yet: {exc}"

@@ -65,8 +65,12 @@ ENVIRONMENT: dict[str, tuple[str, float]] = {
     "MATVIEW_DRIFT_CHECK_SECONDS": ("drift_check_seconds", 1),
     "MATVIEW_RETRY_SECONDS": ("retry_seconds", 0.1),
     "MATVIEW_STALLED_RETRY_SECONDS": ("stalled_retry_seconds", 0.1),
-    "MATVIEW_DAEMON_POLL_SECONDS": ("daemon_poll_seconds", 0.05),
+    "MATVIEW_BUSY_RETRY_SECONDS": ("busy_retry_seconds", 0.05),
     "MATVIEW_MAX_CONCURRENT": ("max_concurrent_per_database", 1),
+    "MATVIEW_MAX_DRIFT_CHECKS": ("max_concurrent_drift_checks", 1),
+    "MATVIEW_SECRET_MAX_AGE_SECONDS": ("secret_max_age_seconds", 0),
+    "MATVIEW_SHARD_INDEX": ("shard_index", 0),
+    "MATVIEW_SHARD_COUNT": ("shard_count", 1),
 }
 
 
@@ -91,4 +95,9 @@ def config_from_environment(environ: Mapping[str, str] | None = None) -> Operato
         if not value >= minimum or value == float("inf"):
             raise SettingsError(f"{variable}={text!r}: must be at least {minimum:g} and finite")
         values[name] = value
-    return dataclasses.replace(defaults, **values)
+    config = dataclasses.replace(defaults, **values)
+    if config.shard_index >= config.shard_count:
+        raise SettingsError(
+            f"MATVIEW_SHARD_INDEX={config.shard_index}: must be below MATVIEW_SHARD_COUNT={config.shard_count}"
+        )
+    return config

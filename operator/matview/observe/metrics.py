@@ -8,6 +8,7 @@ removes every series it had, so no stale series linger after a delete.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import threading
 from typing import TYPE_CHECKING
@@ -24,6 +25,9 @@ DEFAULT_PORT = 9808
 
 #: From 0.1 s to 2 h: the client's default buckets stop at 10 s, far below a slow reporting view.
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+
+#: Lateness and event-loop lag: from 10 ms to 5 min.
+LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 
 FAILURE_REASONS = ("timeout", "lock_timeout", "duplicate_rows", "permission", "connection", "other")
 MODES = tuple(mode.value for mode in RefreshMode.runnable())
@@ -95,6 +99,28 @@ class RefreshMetrics:
             [*labels, "component"],
             registry=self.registry,
         )
+        # The process itself (no per-view labels): is the scheduler keeping up?
+        self.scheduled = Gauge(
+            "matview_scheduled_views", "Views with a scheduled refresh in this process.", registry=self.registry
+        )
+        self.running = Gauge("matview_refreshes_running", "Refreshes running now.", registry=self.registry)
+        self.queue_depth = Gauge(
+            "matview_refresh_queue_depth",
+            "Refreshes due and started but waiting for a slot under their database's cap.",
+            registry=self.registry,
+        )
+        self.start_lateness = Histogram(
+            "matview_refresh_start_lateness_seconds",
+            "How long after its due time a scheduled refresh was started.",
+            buckets=LAG_BUCKETS,
+            registry=self.registry,
+        )
+        self.loop_lag = Histogram(
+            "matview_event_loop_lag_seconds",
+            "How late the operator's event loop ran a callback it had scheduled (a busy loop delays everything).",
+            buckets=LAG_BUCKETS,
+            registry=self.registry,
+        )
         self._known: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
@@ -147,6 +173,22 @@ class RefreshMetrics:
             self.size.labels(namespace, name, "table").set(result.table_bytes)
         if result.index_bytes is not None:
             self.size.labels(namespace, name, "indexes").set(result.index_bytes)
+
+    def scheduler(self, scheduled: int, running: int, waiting: int) -> None:
+        self.scheduled.set(scheduled)
+        self.running.set(running)
+        self.queue_depth.set(waiting)
+
+    def lateness(self, seconds: float) -> None:
+        self.start_lateness.observe(seconds)
+
+    async def watch_event_loop(self, period_seconds: float = 0.5) -> None:
+        """Measure event-loop lag until cancelled: how much later than asked a short sleep returns."""
+        loop = asyncio.get_running_loop()
+        while True:
+            asked = loop.time() + period_seconds
+            await asyncio.sleep(period_seconds)
+            self.loop_lag.observe(max(0.0, loop.time() - asked))
 
     def forget(self, namespace: str, name: str) -> None:
         """Remove every series of a deleted resource."""

@@ -7,6 +7,10 @@ due at the same minute do not flatten it), shares one connection pool per
 database, cancels the server-side statement when its task is cancelled (on
 shutdown), and records every result in the metrics.
 
+Refreshes and applies (creates, edits, drift checks) run in separate lanes: their own threads, their
+own connection pools and their own per-database caps, so a burst of thousands of reconciles never
+delays a due refresh, and work waits for its turn in asyncio rather than timing out on a pool.
+
 ``Scheduler`` is the standalone loop: apply the specs, refresh each when due
 (upstream views before the views that read them), retry failures with backoff,
 reload when files change, stop cleanly on SIGTERM.
@@ -18,10 +22,12 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from psycopg import sql
 from psycopg_pool import ConnectionPool
@@ -49,6 +55,15 @@ class RunnerSettings:
     """First delay before retrying a failed refresh; doubled per failure, capped by the view's period."""
     reload_seconds: float = 2.0
     """How often ``matview run`` looks for changed files."""
+    max_concurrent_applies_per_database: int = 2
+    """Applies (create, edit, drift check, delete) that may run at once against one database."""
+    refresh_threads: int = 32
+    """Worker threads for refreshes, shared by all databases (each database is capped as above)."""
+    apply_threads: int = 4
+    """Worker threads for applies."""
+
+
+Lane = Literal["refresh", "apply"]
 
 
 def reset_session(conn: Connection) -> None:
@@ -68,16 +83,44 @@ class Refresher:
     def __init__(self, metrics: RefreshMetrics, settings: RunnerSettings | None = None) -> None:
         self.metrics = metrics
         self.settings = settings or RunnerSettings()
-        self._pools: dict[str, ConnectionPool[Connection]] = {}
-        self._caps: dict[str, asyncio.Semaphore] = {}
+        self._pools: dict[tuple[str, Lane], ConnectionPool[Connection]] = {}
+        self._caps: dict[tuple[str, Lane], asyncio.Semaphore] = {}
+        self._pools_lock = threading.Lock()
+        self._executors: dict[Lane, ThreadPoolExecutor] = {
+            "refresh": ThreadPoolExecutor(self.settings.refresh_threads, thread_name_prefix="matview-refresh"),
+            "apply": ThreadPoolExecutor(self.settings.apply_threads, thread_name_prefix="matview-apply"),
+        }
 
-    def pool(self, dsn: str) -> ConnectionPool[Connection]:
-        """The shared pool of one database (created on first use)."""
-        if dsn not in self._pools:
-            self._pools[dsn] = ConnectionPool(
+    def _cap(self, dsn: str, lane: Lane) -> asyncio.Semaphore:
+        limit = (
+            self.settings.max_concurrent_per_database
+            if lane == "refresh"
+            else self.settings.max_concurrent_applies_per_database
+        )
+        return self._caps.setdefault((dsn, lane), asyncio.Semaphore(limit))
+
+    def waiting(self) -> int:
+        """Refreshes waiting for a slot under their database's cap (the queue depth)."""
+        return sum(
+            len(getattr(cap, "_waiters", None) or ()) for (_, lane), cap in self._caps.items() if lane == "refresh"
+        )
+
+    def pool(self, dsn: str, lane: Lane = "refresh") -> ConnectionPool[Connection]:
+        """The shared pool of one database and lane (created on first use, by one thread only)."""
+        with self._pools_lock:
+            return self._pool_locked(dsn, lane)
+
+    def _pool_locked(self, dsn: str, lane: Lane) -> ConnectionPool[Connection]:
+        if (dsn, lane) not in self._pools:
+            limit = (
+                self.settings.max_concurrent_per_database
+                if lane == "refresh"
+                else self.settings.max_concurrent_applies_per_database
+            )
+            self._pools[(dsn, lane)] = ConnectionPool(
                 dsn,
                 min_size=0,
-                max_size=self.settings.max_concurrent_per_database + 1,
+                max_size=limit + 1,
                 open=True,
                 # No server-side prepared statements: DISCARD ALL (reset_session) drops them, and a refresh runs
                 # too few statements per connection for preparing to pay (it also keeps PgBouncer happy).
@@ -91,31 +134,47 @@ class Refresher:
                 # in the background only about as long as a retry would wait anyway.
                 timeout=10,
                 reconnect_timeout=60,
-                name=APPLICATION_NAME,
+                name=f"{APPLICATION_NAME}-{lane}",
                 reset=reset_session,
             )
-        return self._pools[dsn]
+        return self._pools[(dsn, lane)]
+
+    def databases(self) -> set[str]:
+        """The databases with an open pool."""
+        with self._pools_lock:
+            return {dsn for dsn, _ in self._pools}
 
     def close_pool(self, dsn: str) -> None:
-        pool = self._pools.pop(dsn, None)
-        self._caps.pop(dsn, None)
-        if pool is not None:
-            pool.close()
+        for lane in ("refresh", "apply"):
+            with self._pools_lock:
+                pool = self._pools.pop((dsn, lane), None)
+            self._caps.pop((dsn, lane), None)
+            if pool is not None:
+                pool.close()
 
     def close(self) -> None:
-        for dsn in list(self._pools):
+        for dsn in self.databases():
             self.close_pool(dsn)
+        for executor in self._executors.values():
+            executor.shutdown(wait=False, cancel_futures=True)
 
-    async def run_sync(self, dsn: str, work: Callable[[Connection], Any]) -> Any:
-        """Run work(conn) in a thread with a pooled connection; cancel its statement if the task is cancelled."""
+    async def run_sync(self, dsn: str, work: Callable[[Connection], Any], lane: Lane = "apply") -> Any:
+        """Run work(conn) in a thread of lane with a pooled connection, after waiting for a slot under the
+        database's cap for lane; cancel its statement if the task is cancelled."""
+        if lane == "refresh":  # refresh() holds the refresh cap already
+            return await self._in_thread(dsn, work, lane)
+        async with self._cap(dsn, lane):
+            return await self._in_thread(dsn, work, lane)
+
+    async def _in_thread(self, dsn: str, work: Callable[[Connection], Any], lane: Lane) -> Any:
         holder: dict[str, Connection] = {}
 
         def in_thread() -> Any:
-            with self.pool(dsn).connection() as conn:
+            with self.pool(dsn, lane).connection() as conn:
                 holder["conn"] = conn
                 return work(conn)
 
-        future = asyncio.get_running_loop().run_in_executor(None, in_thread)
+        future = asyncio.get_running_loop().run_in_executor(self._executors[lane], in_thread)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -131,12 +190,13 @@ class Refresher:
         self, dsn: str, view: MaterializedView, mode: str | None = None, force: bool = False
     ) -> RefreshResult:
         """One refresh, waiting for a slot under the database's cap."""
-        cap = self._caps.setdefault(dsn, asyncio.Semaphore(self.settings.max_concurrent_per_database))
         started = dt.datetime.now(dt.UTC)
-        async with cap:
+        async with self._cap(dsn, "refresh"):
             self.metrics.started(view.namespace, view.resource_name)
             try:
-                result: RefreshResult = await self.run_sync(dsn, lambda conn: refresh(conn, view, mode, force=force))
+                result: RefreshResult = await self.run_sync(
+                    dsn, lambda conn: refresh(conn, view, mode, force=force), lane="refresh"
+                )
             except Exception as exc:
                 result = failure_result(view, "could not get a database connection", exc, started)
             finally:
