@@ -8,6 +8,7 @@ so the operator runs with exactly the manifests' permissions.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -167,7 +168,14 @@ def _wait_ready(plane: ControlPlane, process: subprocess.Popen[bytes], log: Path
 
 @pytest.fixture(scope="session")
 def control_plane() -> Iterator[ControlPlane]:
-    binaries = _binaries()
+    with running_control_plane(_binaries()) as plane:
+        yield plane
+
+
+@contextlib.contextmanager
+def running_control_plane(binaries: Path) -> Iterator[ControlPlane]:
+    """etcd and kube-apiserver from binaries, with the CRD, the namespace and RBAC applied (the e2e tests'
+    fixture; benchmarks/scale.py uses it too)."""
     workdir = Path(tempfile.mkdtemp(prefix="matview-e2e-"))
     processes: list[subprocess.Popen[bytes]] = []
     plane: ControlPlane | None = None

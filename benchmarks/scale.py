@@ -1,0 +1,317 @@
+"""Many MaterializedViews on one operator, on the e2e tests' real kube-apiserver and etcd.
+
+Creates --views cheap views (one table, a unique index each, intervals spread over --interval-range),
+runs `matview operator` as its ServiceAccount, and reports: RSS and CPU at steady state, time until all
+are Ready, refresh start lateness and event-loop lag (from the operator's own histograms), apiserver
+requests per view-hour and per refresh (from kube-apiserver's apiserver_request_total, less this
+script's own requests), then restarts the operator and reports the SIGTERM time and how long until
+every view is scheduled again. With --shards 2, two operators split the views and the script checks
+that every view was refreshed by exactly one of them. No assertions: read the numbers.
+
+    python benchmarks/scale.py --views 1000 --steady-minutes 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import psycopg
+from _server import bench_database
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.e2e import binaries  # noqa: E402
+from tests.e2e.conftest import ControlPlane, operator_token, running_control_plane  # noqa: E402
+
+from matview.embedded.localpg import free_port  # noqa: E402
+
+MV = "/apis/matview.dev/v1alpha1/namespaces/{ns}/materializedviews"
+NAMESPACE = "scale"
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
+
+
+def scrape(url: str, token: str | None = None) -> list[tuple[str, dict[str, str], float]]:
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(url)
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})  # noqa: S310
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # the e2e apiserver's self-signed cert
+    with urllib.request.urlopen(request, timeout=60, context=context) as response:  # noqa: S310
+        text = response.read().decode()
+    samples = []
+    for line in text.splitlines():
+        match = SAMPLE.match(line)
+        if match and not line.startswith("#"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+            samples.append((match.group(1), labels, float(match.group(3))))
+    return samples
+
+
+def histogram(samples: list[tuple[str, dict[str, str], float]], name: str) -> dict[float, float]:
+    return {
+        float(labels["le"]): value for metric, labels, value in samples if metric == f"{name}_bucket" and "le" in labels
+    }
+
+
+def quantile(before: dict[float, float], after: dict[float, float], q: float) -> str:
+    """The bucket bound under which a fraction q of the observations between two scrapes fell."""
+    counts = sorted((bound, after[bound] - before.get(bound, 0.0)) for bound in after)
+    total = counts[-1][1] if counts else 0
+    if total <= 0:
+        return "no data"
+    for bound, count in counts:
+        if count >= q * total:
+            return f"≤ {bound:g} s" if bound != float("inf") else "> last bucket"
+    return "?"
+
+
+def apiserver_requests(plane: ControlPlane) -> dict[tuple[str, str], float]:
+    found: dict[tuple[str, str], float] = {}
+    for metric, labels, value in scrape(plane.url + "/metrics", "matview-e2e-admin-token"):
+        if metric == "apiserver_request_total" and labels.get("verb") not in ("WATCH",):
+            resource = labels.get("resource", "") + (f"/{labels['subresource']}" if labels.get("subresource") else "")
+            key = (labels.get("verb", ""), resource)
+            found[key] = found.get(key, 0.0) + value
+    return found
+
+
+def operator_requests(before: dict[tuple[str, str], float], after: dict[tuple[str, str], float]) -> dict[str, float]:
+    ours = ("materializedviews", "materializedviews/status", "secrets", "events")
+    return {
+        f"{verb} {resource}": after[(verb, resource)] - before.get((verb, resource), 0.0)
+        for verb, resource in after
+        if resource in ours and after[(verb, resource)] - before.get((verb, resource), 0.0) > 0
+    }
+
+
+def process_usage(pid: int) -> tuple[float, float]:
+    """(RSS MiB, CPU seconds) of a process from /proc."""
+    rss_kib = next(
+        int(line.split()[1])
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.startswith("VmRSS")
+    )
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return rss_kib / 1024, (int(fields[11]) + int(fields[12])) / ticks
+
+
+@contextmanager
+def operator(
+    plane: ControlPlane, workdir: Path, shard: tuple[int, int] = (0, 1)
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    kubeconfig = plane.kubeconfig(operator_token(plane), workdir / f"operator-{time.time_ns()}.kubeconfig")
+    metrics = free_port()
+    log = (workdir / f"operator-{shard[0]}-{time.time_ns()}.log").open("wb")
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "matview.cli", "operator", "--namespace", NAMESPACE),
+            *("--metrics-port", str(metrics), "--liveness", f"http://127.0.0.1:{free_port()}/healthz"),
+            *("--shard-index", str(shard[0]), "--shard-count", str(shard[1])),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+        cwd=ROOT,
+    )
+    try:
+        yield process, metrics
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def ready_count(plane: ControlPlane) -> tuple[int, int]:
+    status, body = plane.request("GET", MV.format(ns=NAMESPACE))
+    items = body.get("items", []) if status == 200 else []
+    ready = 0
+    for item in items:
+        for condition in (item.get("status") or {}).get("conditions", []):
+            if condition["type"] == "Ready" and condition["status"] == "True":
+                ready += 1
+    return ready, len(items)
+
+
+def create_views(plane: ControlPlane, dsn: str, count: int, low: int, high: int) -> None:
+    plane.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "matview-operator-secrets", "namespace": NAMESPACE},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "matview-operator-secrets"},
+        "subjects": [{"kind": "ServiceAccount", "name": "matview-operator", "namespace": "matview-system"}],
+    }
+    plane.create(binding)
+    plane.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "db", "namespace": NAMESPACE},
+            "stringData": {"uri": dsn},
+        }
+    )
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS public.src (id int PRIMARY KEY, v int NOT NULL)")
+        conn.execute("INSERT INTO public.src SELECT g, g FROM generate_series(1, 1000) g ON CONFLICT DO NOTHING")
+
+    def one(i: int) -> None:
+        interval = low + (i * 7919) % (high - low + 1)
+        plane.create(
+            {
+                "apiVersion": "matview.dev/v1alpha1",
+                "kind": "MaterializedView",
+                "metadata": {"name": f"v{i:05d}", "namespace": NAMESPACE},
+                "spec": {
+                    "name": f"v{i:05d}",
+                    "query": f"SELECT id, v FROM public.src WHERE id % 97 = {i % 97}",
+                    "indexes": [{"columns": ["id"], "unique": True}],
+                    "refresh": {"interval": f"{interval}s"},
+                    "database": {"secretRef": {"name": "db"}},
+                },
+            }
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(count)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--views", type=int, default=1000)
+    parser.add_argument("--interval-range", default="60-300", help="refresh intervals, seconds, spread over this range")
+    parser.add_argument("--steady-minutes", type=float, default=5.0)
+    parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument("--dsn", help="an existing server (default: a private one in a temp dir)")
+    args = parser.parse_args()
+    low, high = (int(x) for x in args.interval_range.split("-"))
+    built = binaries.build(lambda line: print(line, file=sys.stderr))
+    workdir = Path(tempfile.mkdtemp(prefix="matview-scale-"))
+    report: dict[str, object] = {"views": args.views, "intervals_s": args.interval_range, "shards": args.shards}
+    with bench_database(args.dsn) as dsn, running_control_plane(built) as plane, ExitStack() as stack:
+        with operator(plane, workdir) as (idle, _):  # RSS with nothing to watch: the per-view figure excludes it
+            time.sleep(15)
+            baseline_mib = process_usage(idle.pid)[0]
+        report["baseline_rss_mib"] = round(baseline_mib, 1)
+        t0 = time.monotonic()
+        create_views(plane, dsn, args.views, low, high)
+        report["create_seconds"] = round(time.monotonic() - t0, 1)
+        started = time.monotonic()
+        operators = [stack.enter_context(operator(plane, workdir, (i, args.shards))) for i in range(args.shards)]
+        while (ready := ready_count(plane))[0] < args.views:
+            if time.monotonic() - started > 1800:
+                break
+            time.sleep(2)
+        report["ready"] = ready[0]
+        report["time_to_all_ready_s"] = round(time.monotonic() - started, 1)
+        time.sleep(30)  # let the first refresh wave pass
+
+        def snapshot() -> dict[str, object]:
+            metrics = [scrape(f"http://127.0.0.1:{port}/metrics") for _, port in operators]
+            return {
+                "metrics": metrics,
+                "usage": [process_usage(p.pid) for p, _ in operators],
+                "api": apiserver_requests(plane),
+                "at": time.monotonic(),
+            }
+
+        before = snapshot()
+        rss_samples: list[float] = []
+        deadline = time.monotonic() + args.steady_minutes * 60
+        while time.monotonic() < deadline:
+            time.sleep(10)
+            rss_samples.append(sum(process_usage(p.pid)[0] for p, _ in operators))
+        after = snapshot()
+        seconds = float(after["at"]) - float(before["at"])  # type: ignore[arg-type]
+        cpu = sum(a[1] - b[1] for a, b in zip(after["usage"], before["usage"], strict=True))  # type: ignore[arg-type]
+        refreshes = 0.0
+        lateness = {"p50": "", "p99": ""}
+        lag = {"p99": ""}
+        merged_before: dict[float, float] = {}
+        merged_after: dict[float, float] = {}
+        lag_before: dict[float, float] = {}
+        lag_after: dict[float, float] = {}
+        for b_metrics, a_metrics in zip(before["metrics"], after["metrics"], strict=True):  # type: ignore[call-overload]
+            refreshes += sum(v for m, labels, v in a_metrics if m == "matview_refreshes_total")
+            refreshes -= sum(v for m, labels, v in b_metrics if m == "matview_refreshes_total")
+            for target, source, name in (
+                (merged_before, b_metrics, "matview_refresh_start_lateness_seconds"),
+                (merged_after, a_metrics, "matview_refresh_start_lateness_seconds"),
+                (lag_before, b_metrics, "matview_event_loop_lag_seconds"),
+                (lag_after, a_metrics, "matview_event_loop_lag_seconds"),
+            ):
+                for bound, value in histogram(source, name).items():
+                    target[bound] = target.get(bound, 0.0) + value
+        lateness = {q: quantile(merged_before, merged_after, v) for q, v in (("p50", 0.5), ("p99", 0.99))}
+        lag = {"p99": quantile(lag_before, lag_after, 0.99)}
+        requests = operator_requests(before["api"], after["api"])  # type: ignore[arg-type]
+        total_requests = sum(requests.values())
+        view_hours = args.views * seconds / 3600
+        report.update(
+            rss_mib=round(max(rss_samples), 1),
+            rss_kib_per_view=round((max(rss_samples) - baseline_mib * args.shards) * 1024 / args.views, 1),
+            cpu_percent_of_one_core=round(100 * cpu / seconds, 1),
+            steady_seconds=round(seconds),
+            refreshes=int(refreshes),
+            refresh_start_lateness=lateness,
+            event_loop_lag=lag,
+            apiserver_requests=requests,
+            apiserver_requests_per_view_hour=round(total_requests / view_hours, 2),
+            apiserver_requests_per_refresh=round(total_requests / max(refreshes, 1), 2),
+        )
+        if args.shards > 1:
+            owners: dict[str, int] = {}
+            doubled = 0
+            for index, metrics in enumerate(after["metrics"]):  # type: ignore[arg-type]
+                refreshed = {labels["name"] for m, labels, v in metrics if m == "matview_refreshes_total" and v > 0}
+                for name in refreshed:
+                    doubled += name in owners
+                    owners[name] = index
+            report["views_refreshed_by_two_shards"] = doubled
+            report["views_refreshed_by_no_shard"] = args.views - len(owners)
+            report["views_per_shard"] = [list(owners.values()).count(i) for i in range(args.shards)]
+        # Restart: SIGTERM, then a new process; how long until every view is scheduled again?
+        process, _ = operators[0]
+        stopping = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(120)
+        report["sigterm_to_exit_s"] = round(time.monotonic() - stopping, 1)
+        if args.shards == 1:
+            restarted = time.monotonic()
+            _, port = stack.enter_context(operator(plane, workdir))
+            scheduled = 0.0
+            while time.monotonic() - restarted < 600:
+                time.sleep(1)
+                try:
+                    scheduled = next(
+                        v for m, _, v in scrape(f"http://127.0.0.1:{port}/metrics") if m == "matview_scheduled_views"
+                    )
+                except (OSError, StopIteration):
+                    continue
+                if scheduled >= args.views:
+                    break
+            report["restart_all_scheduled_s"] = round(time.monotonic() - restarted, 1)
+            report["restart_scheduled"] = int(scheduled)
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
