@@ -182,6 +182,7 @@ def start_operator(
         "MATVIEW_BUSY_RETRY_SECONDS": "0.6",
         "MATVIEW_STALLED_RETRY_SECONDS": "2",
     }
+    log = workdir / f"operator-{time.time_ns()}.log"
     process = subprocess.Popen(
         [
             sys.executable,
@@ -195,23 +196,32 @@ def start_operator(
             "--liveness",
             f"http://127.0.0.1:{free_port()}/healthz",
         ],
-        stdout=subprocess.PIPE,
+        # A file, not a pipe: nobody reads a pipe while the test runs, and once its buffer is full every
+        # thread of the operator that logs would block (seen during the apiserver outage test).
+        stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
         cwd=ROOT,
     )
+    _LOGS[process.pid] = log
     return process, metrics
 
 
+#: Each started operator's log file, by pid.
+_LOGS: dict[int, Path] = {}
+
+
 def stop_operator(process: subprocess.Popen[str]) -> str:
+    """SIGTERM (SIGKILL after 60 s); the operator's output."""
     process.terminate()
     try:
-        output, _ = process.communicate(timeout=60)
+        process.wait(timeout=60)
     except subprocess.TimeoutExpired:
         process.kill()
-        output, _ = process.communicate()
-    return output
+        process.wait()
+    log = _LOGS.pop(process.pid, None)
+    return log.read_text(errors="replace") if log is not None else ""
 
 
 @pytest.fixture

@@ -70,7 +70,7 @@ def test_the_operator_sigkilled_mid_swap_recovers(control_plane: ControlPlane, d
             conn.execute("UPDATE public.ctl SET slow_seconds = 30; INSERT INTO public.events VALUES (1000, 'k-new')")
         orphans = wait_for(lambda: building(dsn), "a Swap build in flight")
         first.kill()
-        first.communicate(timeout=10)
+        first.wait(timeout=10)
         killed = time.monotonic()
         second, _ = start_operator(control_plane, tmp_path, ns)
         with psycopg.connect(dsn, autocommit=True) as conn:

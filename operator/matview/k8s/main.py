@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from typing import Any
 
@@ -19,6 +20,17 @@ from matview.k8s.scheduler import ViewScheduler
 from matview.k8s.settings import config_from_environment, configure
 
 _CONFIG = config_from_environment()
+
+
+class _QuietWatchHandler(logging.Filter):
+    """kopf logs each successful handler call at INFO; the watch handler runs for every event of every
+    view (thousands a minute at scale), which would drown the log and cost CPU."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Handler 'watch_handler' succeeded."
+
+
+logging.getLogger("kopf.objects").addFilter(_QuietWatchHandler())
 
 
 def _mine(meta: kopf.Meta, **_: Any) -> bool:
@@ -59,7 +71,9 @@ async def watch_handler(type: str | None, body: kopf.Body, memo: kopf.Memo, **_:
     await memo.scheduler.observe(type, body)
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL, when=_mine)
+# No on.resume: after a restart kopf still runs on.update for specs edited meanwhile and resumes retries,
+# and the scheduler's drift checks (spread over their period) re-verify every view; re-applying all of
+# them at once on start-up would delay the first refreshes behind thousands of reconciles.
 @kopf.on.create(GROUP, VERSION, PLURAL, when=_mine)
 @kopf.on.update(GROUP, VERSION, PLURAL, when=_mine)
 async def reconcile_handler(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
