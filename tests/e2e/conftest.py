@@ -8,6 +8,7 @@ so the operator runs with exactly the manifests' permissions.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -94,6 +95,14 @@ class ControlPlane:
         status, body = self.request("POST", collection_path(document), document)
         assert status in (200, 201, 409), (status, body)
 
+    def _trust(self) -> dict[str, Any]:
+        """Verify the apiserver's self-signed certificate (kube-apiserver writes it to --cert-dir) like a real
+        kubeconfig would; skipping verification makes the Python client warn on every single request."""
+        certificate = self.workdir / "certs" / "apiserver.crt"
+        if certificate.exists():
+            return {"certificate-authority-data": base64.b64encode(certificate.read_bytes()).decode()}
+        return {"insecure-skip-tls-verify": True}
+
     def kubeconfig(self, token: str, path: Path) -> Path:
         path.write_text(
             yaml.safe_dump(
@@ -101,7 +110,7 @@ class ControlPlane:
                     "apiVersion": "v1",
                     "kind": "Config",
                     "current-context": "e2e",
-                    "clusters": [{"name": "e2e", "cluster": {"server": self.url, "insecure-skip-tls-verify": True}}],
+                    "clusters": [{"name": "e2e", "cluster": {"server": self.url, **self._trust()}}],
                     "users": [{"name": "e2e", "user": {"token": token}}],
                     "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": "e2e"}}],
                 }

@@ -229,3 +229,37 @@ async def test_a_100_kib_query_works_and_annotations_stay_small(cluster: Cluster
     annotations = view["metadata"].get("annotations", {})
     assert sum(len(k) + len(v) for k, v in annotations.items()) < 4096
     assert "sha256:" in annotations["matview.dev/last-handled-configuration"]
+
+
+async def test_the_scheduler_repairs_drift_without_rewriting_an_unchanged_status(
+    cluster: Cluster, operator: Any, dsn: str
+) -> None:
+    """Drift checks (every 2 s in these tests) restore a dropped index; when nothing changed they write nothing."""
+    setup_sales(dsn)
+    await cluster.put_secret("db", {"uri": dsn})
+    await cluster.create_view("sales-by-region", spec(refresh={"interval": "1h"}))
+    await eventually(lambda: cluster.condition("sales-by-region", "Ready"), "Ready")
+
+    def indexes() -> int:
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute("SELECT count(*) FROM pg_indexes WHERE tablename = 'sales_by_region'").fetchone()
+        return int(row[0]) if row else 0
+
+    async def no_change_needed() -> bool:
+        ready = await cluster.condition("sales-by-region", "Ready")
+        return ready is not None and "no change needed" in ready["message"]
+
+    await eventually(no_change_needed, "a drift check that found nothing to do")
+    await settle(cluster.server, quiet=1.0)
+    patches_before = sum(1 for r in cluster.server if str(r.method).upper().endswith("PATCH") and r.subresource)
+    await settle(cluster.server, quiet=5.0, limit=6.0)  # two or more drift checks, nothing to change
+    patches_after = sum(1 for r in cluster.server if str(r.method).upper().endswith("PATCH") and r.subresource)
+    assert patches_after == patches_before, "an unchanged status was written again"
+
+    assert indexes() == 1
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        name = conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'sales_by_region'").fetchone()
+        assert name is not None
+        conn.execute(f'DROP INDEX public."{name[0]}"')
+    assert indexes() == 0
+    await eventually(lambda: indexes() == 1, "the dropped index restored by a drift check")

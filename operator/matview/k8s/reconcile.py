@@ -172,6 +172,7 @@ async def reconcile(ctx: OperatorContext, body: Mapping[str, Any], logger: loggi
     namespace, name = metadata.get("namespace", ""), metadata.get("name", "")
     generation = metadata.get("generation")
     previous = conditions.get_condition((body.get("status") or {}).get("conditions"), conditions.READY)
+    previous_message = previous.get("message") if previous else None
     outcome = await _outcome(ctx, body, logger)
     if outcome.reason == conditions.BUSY:
         # A refresh (or another replica) holds the view's lock: nothing is wrong with the resource, so Ready
@@ -186,7 +187,9 @@ async def reconcile(ctx: OperatorContext, body: Mapping[str, Any], logger: loggi
     )
     if not outcome.ready and changed:
         kopf.warn(cast(kopf.Body, body), reason=outcome.reason, message=outcome.message)  # one event per new problem
-    if outcome.ready:
-        logger.info(outcome.message)
+    if outcome.ready and outcome.message != previous_message:
+        logger.info(outcome.message)  # a drift check that changed nothing says so only at debug level
+    elif outcome.ready:
+        logger.debug(outcome.message)
     if outcome.retry_after is not None:
         raise kopf.TemporaryError(f"{outcome.reason}: {outcome.message}", delay=outcome.retry_after)

@@ -243,7 +243,7 @@ class ViewScheduler:
         while True:
             now = self.clock()
             for key in self._refresh_due.pop_due(now):
-                self._start_refresh(key, now)
+                self._start_refresh(key)
             free = self._drift_slots - self._drift_running
             if free > 0:
                 for key in self._drift_due.pop_due(now, limit=free):
@@ -283,12 +283,10 @@ class ViewScheduler:
 
     # --- refreshes ---------------------------------------------------------------------------------
 
-    def _start_refresh(self, key: str, now: float) -> None:
+    def _start_refresh(self, key: str) -> None:
         watched = self._views.get(key)
         if watched is None or watched.refreshing is not None:
             return
-        if watched.due_at is not None:
-            self.ctx.metrics.lateness(max(0.0, now - watched.due_at))
         watched.refreshing = self._task(self._refresh(key, watched))
 
     async def _refresh(self, key: str, watched: _Watched) -> None:
@@ -319,7 +317,7 @@ class ViewScheduler:
             hold = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.ctx.config.retry_seconds)
             watched.track = dataclasses.replace(watched.track, hold_until=hold)
             return
-        result = await self.ctx.refresher.refresh(dsn, view, force=manual)
+        result = await self.ctx.refresher.refresh(dsn, view, force=manual, due_at=None if manual else watched.due_at)
         after = dt.datetime.now(dt.UTC)
         if result.failure_reason == "connection" and view.secret_ref is not None:
             kube.forget_secret(view.namespace, view.secret_ref.name)  # perhaps a rotated password: read it again

@@ -55,11 +55,11 @@ class RunnerSettings:
     """First delay before retrying a failed refresh; doubled per failure, capped by the view's period."""
     reload_seconds: float = 2.0
     """How often ``matview run`` looks for changed files."""
-    max_concurrent_applies_per_database: int = 2
+    max_concurrent_applies_per_database: int = 4
     """Applies (create, edit, drift check, delete) that may run at once against one database."""
     refresh_threads: int = 32
     """Worker threads for refreshes, shared by all databases (each database is capped as above)."""
-    apply_threads: int = 4
+    apply_threads: int = 8
     """Worker threads for applies."""
 
 
@@ -187,11 +187,19 @@ class Refresher:
             raise
 
     async def refresh(
-        self, dsn: str, view: MaterializedView, mode: str | None = None, force: bool = False
+        self,
+        dsn: str,
+        view: MaterializedView,
+        mode: str | None = None,
+        force: bool = False,
+        due_at: float | None = None,
     ) -> RefreshResult:
-        """One refresh, waiting for a slot under the database's cap."""
+        """One refresh, waiting for a slot under the database's cap. due_at (seconds since the epoch): when
+        the schedule wanted it, so that start lateness counts the wait for a slot too."""
         started = dt.datetime.now(dt.UTC)
         async with self._cap(dsn, "refresh"):
+            if due_at is not None:
+                self.metrics.lateness(max(0.0, dt.datetime.now(dt.UTC).timestamp() - due_at))
             self.metrics.started(view.namespace, view.resource_name)
             try:
                 result: RefreshResult = await self.run_sync(
