@@ -77,7 +77,13 @@ async def test_invalid_spec_never_reaches_the_database(cluster: Cluster, operato
     assert "spec.refresh.interval" in ready["message"]
     stalled = await cluster.condition("sales-by-region", "Stalled")
     assert stalled is not None and stalled["status"] == "True"
-    warnings = [e for e in await cluster.events() if e.get("reason") == "InvalidSpec"]
+
+    async def invalid_spec_events() -> list[dict[str, Any]]:
+        return [e for e in await cluster.events() if e.get("reason") == "InvalidSpec"]
+
+    await eventually(invalid_spec_events, "the Warning event (kopf posts it after the status write)")
+    await settle(cluster.server)
+    warnings = await invalid_spec_events()
     assert len(warnings) == 1 and warnings[0]["type"] == "Warning"
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT count(*) FROM public.sales").fetchone() == (100,)
@@ -97,7 +103,11 @@ async def test_a_hostile_resource_is_reported_and_its_neighbours_keep_working(
     hostile = await eventually(lambda: cluster.condition("hostile", "Ready"), "the hostile one reported")
     assert (hostile["status"], hostile["reason"]) == ("False", "InvalidSpec")
     assert "spec.query: nests" in hostile["message"]
-    assert [e for e in await cluster.events() if e.get("reason") == "InvalidSpec"]
+
+    async def invalid_spec_event() -> list[dict[str, Any]]:
+        return [e for e in await cluster.events() if e.get("reason") == "InvalidSpec"]
+
+    await eventually(invalid_spec_event, "a Warning event (kopf posts it after the status write)")
     ready = await eventually(lambda: cluster.condition("sales-by-region", "Ready"), "the neighbour Ready")
     assert ready["status"] == "True", ready
     assert exists(dsn) and not exists(dsn, "hostile")
@@ -127,6 +137,11 @@ async def test_unreachable_database_never_leaks_the_password(cluster: Cluster, o
     ready = await eventually(lambda: cluster.condition("sales-by-region", "Ready"), "Ready condition", seconds=60)
     assert (ready["status"], ready["reason"]) == ("False", "DatabaseUnreachable")
     assert "127.0.0.1:1/nowhere" in ready["message"]
+
+    async def unreachable_events() -> list[dict[str, Any]]:
+        return [e for e in await cluster.events() if e.get("reason") == "DatabaseUnreachable"]
+
+    await eventually(unreachable_events, "the Warning event")
     view = await cluster.get_view("sales-by-region")
     events = await cluster.events()
     assert "S3cr3t-pw" not in repr(view) + repr(events)

@@ -160,6 +160,8 @@ class ViewScheduler:
         self._sleep_until = 0.0
         self._drift_slots = max(1, ctx.config.max_concurrent_drift_checks)
         self._drift_running = 0
+        self._running = 0
+        """Refreshes in flight (kept as a count: the gauges are published often, the views are many)."""
         self._background: set[asyncio.Task[Any]] = set()
         self._handler_context: contextvars.Context | None = None
         """A handler's context, in which kopf can post events: tasks run in copies of it."""
@@ -200,7 +202,6 @@ class ViewScheduler:
             for task in (watched.refreshing, watched.checking):
                 if task is not None:
                     task.cancel()
-        self._publish()
 
     async def _reschedule(self, key: str) -> None:
         watched = self._views.get(key)
@@ -210,11 +211,9 @@ class ViewScheduler:
             view = await validated(watched.body)
         except SpecError:
             self._refresh_due.discard(key)  # the reconcile handlers report it; a fix arrives as an event
-            self._publish()
             return
         if key not in self._views or not is_reconciled(watched.body):
             self._refresh_due.discard(key)
-            self._publish()
             return
         last = watched.track.last_success
         self.ctx.metrics.track(view, last.timestamp() if last else None)
@@ -229,7 +228,6 @@ class ViewScheduler:
         text = conditions.timestamp(due) if due is not None else None
         if text != (watched.body.get("status") or {}).get("nextRefreshTime") and due is not None and due > now:
             self._spawn(self._write_status(key, functools.partial(_next_refresh_status, text)))
-        self._publish()
 
     def _set(self, queue: DueQueue[str], key: str, due: float | None) -> None:
         queue.set(key, due)
@@ -277,7 +275,7 @@ class ViewScheduler:
     def _publish(self) -> None:
         self.ctx.metrics.scheduler(
             scheduled=len(self._refresh_due),
-            running=sum(1 for w in self._views.values() if w.refreshing is not None),
+            running=self._running,
             waiting=self.ctx.refresher.waiting(),
         )
 
@@ -287,7 +285,12 @@ class ViewScheduler:
         watched = self._views.get(key)
         if watched is None or watched.refreshing is not None:
             return
+        self._running += 1
         watched.refreshing = self._task(self._refresh(key, watched))
+        watched.refreshing.add_done_callback(self._refresh_done)  # also when cancelled before it ran
+
+    def _refresh_done(self, _: asyncio.Task[None]) -> None:
+        self._running -= 1
 
     async def _refresh(self, key: str, watched: _Watched) -> None:
         try:
@@ -364,6 +367,11 @@ class ViewScheduler:
             return
         self._drift_running += 1
         watched.checking = self._task(self._check(key, watched))
+        watched.checking.add_done_callback(self._check_done)  # also when cancelled before it ran
+
+    def _check_done(self, _: asyncio.Task[None]) -> None:
+        self._drift_running -= 1
+        self._wake.set()  # a slot is free
 
     async def _check(self, key: str, watched: _Watched) -> None:
         next_in = self.ctx.config.drift_check_seconds
@@ -376,11 +384,9 @@ class ViewScheduler:
         except Exception:
             logger.exception("%s: drift check failed", key)
         finally:
-            self._drift_running -= 1
             watched.checking = None
             if self._views.get(key) is watched:
                 self._set(self._drift_due, key, self.clock() + next_in)
-            self._wake.set()  # a slot is free
 
 
 def _request(body: Mapping[str, Any]) -> str | None:
