@@ -35,6 +35,15 @@ def exists(dsn: str, name: str = "sales_by_region") -> bool:
         return conn.execute("SELECT 1 FROM pg_matviews WHERE matviewname = %s", (name,)).fetchone() is not None
 
 
+async def hourly_view_ready(cluster: Cluster, dsn: str) -> None:
+    """The sales table, its Secret, and an hourly view of it, created and Ready."""
+    setup_sales(dsn)
+    await cluster.put_secret("db", {"uri": dsn})
+    await cluster.create_view("sales-by-region", spec(refresh={"interval": "1h"}))
+    await eventually(lambda: exists(dsn), "the view")
+    await eventually(lambda: cluster.condition("sales-by-region", "Ready"), "Ready")
+
+
 async def test_create_reconciles_into_postgresql_and_reports_ready(cluster: Cluster, operator: Any, dsn: str) -> None:
     setup_sales(dsn)
     await cluster.put_secret("db", {"uri": dsn})
@@ -178,11 +187,7 @@ async def test_spec_edit_replans_and_swaps(cluster: Cluster, operator: Any, dsn:
 async def test_interval_edit_is_picked_up_and_the_annotation_refreshes_once(
     cluster: Cluster, operator: Any, dsn: str
 ) -> None:
-    setup_sales(dsn)
-    await cluster.put_secret("db", {"uri": dsn})
-    await cluster.create_view("sales-by-region", spec(refresh={"interval": "1h"}))
-    await eventually(lambda: exists(dsn), "the view")
-    await eventually(lambda: cluster.condition("sales-by-region", "Ready"), "Ready")
+    await hourly_view_ready(cluster, dsn)
     assert refresh_runs(dsn) == 0  # built a moment ago: the hourly refresh is not due
 
     await cluster.patch_view(
@@ -250,10 +255,7 @@ async def test_the_scheduler_repairs_drift_without_rewriting_an_unchanged_status
     cluster: Cluster, operator: Any, dsn: str
 ) -> None:
     """Drift checks (every 2 s in these tests) restore a dropped index; when nothing changed they write nothing."""
-    setup_sales(dsn)
-    await cluster.put_secret("db", {"uri": dsn})
-    await cluster.create_view("sales-by-region", spec(refresh={"interval": "1h"}))
-    await eventually(lambda: cluster.condition("sales-by-region", "Ready"), "Ready")
+    await hourly_view_ready(cluster, dsn)
 
     def indexes() -> int:
         with psycopg.connect(dsn) as conn:
