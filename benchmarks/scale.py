@@ -278,16 +278,17 @@ def main() -> None:
             apiserver_requests_per_refresh=round(total_requests / max(refreshes, 1), 2),
         )
         if args.shards > 1:
-            owners: dict[str, int] = {}
-            doubled = 0
-            for index, metrics in enumerate(after["metrics"]):  # type: ignore[arg-type]
-                refreshed = {labels["name"] for m, labels, v in metrics if m == "matview_refreshes_total" and v > 0}
-                for name in refreshed:
-                    doubled += name in owners
-                    owners[name] = index
-            report["views_refreshed_by_two_shards"] = doubled
-            report["views_refreshed_by_no_shard"] = args.views - len(owners)
-            report["views_per_shard"] = [list(owners.values()).count(i) for i in range(args.shards)]
+            # Every view a shard schedules has its series (created when it is first scheduled).
+            scheduled_by = [
+                {labels["name"] for m, labels, _ in metrics if m == "matview_refresh_interval_seconds"}
+                for metrics in after["metrics"]  # type: ignore[attr-defined]
+            ]
+            union = set().union(*scheduled_by)
+            report["views_scheduled_by_two_shards"] = sum(
+                1 for name in union if sum(name in shard for shard in scheduled_by) > 1
+            )
+            report["views_scheduled_by_no_shard"] = args.views - len(union)
+            report["views_per_shard"] = [len(shard) for shard in scheduled_by]
         # Restart: SIGTERM, then a new process; how long until every view is scheduled again?
         process, _ = operators[0]
         stopping = time.monotonic()

@@ -80,8 +80,15 @@ async def reconcile_handler(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logge
     await reconcile.reconcile(memo.context, body, logger)
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL, when=_mine)
-async def delete_handler(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+# Registered on every shard: kopf removes its finalizer from objects that no deletion handler matches,
+# so replicas filtering deletion by shard would take the shared finalizer off each other's views, back
+# and forth (measured: 21,000 PATCHes in two minutes, 1,000 views on 2 shards). The other shards wait
+# for the owner instead, which removes the finalizer when its clean-up is done.
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+async def delete_handler(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    if not _mine(meta):
+        owner = sharding.shard_of(meta.namespace or "", meta.name or "", _CONFIG.shard_count)
+        raise kopf.TemporaryError(f"deleted by shard {owner}; waiting for it", delay=_CONFIG.stalled_retry_seconds)
     await deletion.delete(memo.context, body, logger)
 
 
