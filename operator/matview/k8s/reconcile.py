@@ -166,8 +166,8 @@ async def _outcome(ctx: OperatorContext, body: Mapping[str, Any], logger: loggin
 
 
 async def reconcile(ctx: OperatorContext, body: Mapping[str, Any], logger: logging.Logger | Any) -> None:
-    """The body of the create/update/resume handlers and of the scheduler's drift checks (which pass the
-    object as last seen by the watch)."""
+    """The body of the create/update handlers and of the scheduler's drift checks (which pass the object
+    as last seen by the watch)."""
     metadata = body.get("metadata", {})
     namespace, name = metadata.get("namespace", ""), metadata.get("name", "")
     generation = metadata.get("generation")

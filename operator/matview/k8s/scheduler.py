@@ -159,10 +159,11 @@ class ViewScheduler:
         self._wake = asyncio.Event()
         self._sleep_until = 0.0
         self._drift_slots = max(1, ctx.config.max_concurrent_drift_checks)
-        self._drift_running = 0
-        self._running = 0
-        """Refreshes in flight (kept as a count: the gauges are published often, the views are many)."""
-        self._background: set[asyncio.Task[Any]] = set()
+        # Tasks in flight, each set emptied by the tasks' own done-callbacks (also when cancelled before
+        # they ran), so counting them never walks the views.
+        self._refreshes: set[asyncio.Task[Any]] = set()
+        self._checks: set[asyncio.Task[Any]] = set()
+        self._status_writes: set[asyncio.Task[Any]] = set()
         self._handler_context: contextvars.Context | None = None
         """A handler's context, in which kopf can post events: tasks run in copies of it."""
 
@@ -175,8 +176,12 @@ class ViewScheduler:
         if event_type == "DELETED" or (body.get("metadata") or {}).get("deletionTimestamp"):
             self.forget(key)
             return
-        plain = snapshot(body)
         watched = self._views.get(key)
+        if watched is not None:
+            held = (watched.body.get("metadata") or {}).get("resourceVersion")
+            if _older((body.get("metadata") or {}).get("resourceVersion"), held):
+                return  # an event older than our own status write: the snapshot we hold is newer
+        plain = snapshot(body)
         status = plain.get("status") or {}
         seen = parse_time(status.get("lastSuccessfulRefreshTime"))
         if watched is None:
@@ -185,9 +190,6 @@ class ViewScheduler:
             period = self.ctx.config.drift_check_seconds
             self._set(self._drift_due, key, self.clock() + spread_offset(key, period))
         else:
-            held = (watched.body.get("metadata") or {}).get("resourceVersion")
-            if _older(plain["metadata"].get("resourceVersion"), held):
-                return  # an event older than our own status write: the snapshot we hold is newer
             watched.body = plain
             if seen is not None and (watched.track.last_success is None or seen > watched.track.last_success):
                 watched.track = dataclasses.replace(watched.track, last_success=seen)  # an apply rebuilt the data
@@ -227,7 +229,7 @@ class ViewScheduler:
         self._set(self._refresh_due, key, watched.due_at)
         text = conditions.timestamp(due) if due is not None else None
         if text != (watched.body.get("status") or {}).get("nextRefreshTime") and due is not None and due > now:
-            self._spawn(self._write_status(key, functools.partial(_next_refresh_status, text)))
+            self._spawn(self._write_status(key, functools.partial(_next_refresh_status, text)), self._status_writes)
 
     def _set(self, queue: DueQueue[str], key: str, due: float | None) -> None:
         queue.set(key, due)
@@ -242,7 +244,7 @@ class ViewScheduler:
             now = self.clock()
             for key in self._refresh_due.pop_due(now):
                 self._start_refresh(key)
-            free = self._drift_slots - self._drift_running
+            free = self._drift_slots - len(self._checks)
             if free > 0:
                 for key in self._drift_due.pop_due(now, limit=free):
                     self._start_check(key)
@@ -255,27 +257,24 @@ class ViewScheduler:
 
     async def stop(self, grace_seconds: float = 20.0) -> None:
         """Cancel every refresh and drift check in flight (their statements are cancelled server-side)."""
-        tasks = [t for w in self._views.values() for t in (w.refreshing, w.checking) if t is not None]
-        tasks += list(self._background)
+        tasks = [*self._refreshes, *self._checks, *self._status_writes]
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=grace_seconds)
 
-    def _task(self, coroutine: Any) -> asyncio.Task[Any]:
+    def _spawn(self, coroutine: Any, tasks: set[asyncio.Task[Any]]) -> asyncio.Task[Any]:
+        """Run coroutine in a copy of a handler's context (so kopf can post events), counted in tasks."""
         context = self._handler_context.copy() if self._handler_context is not None else None
-        return asyncio.create_task(coroutine, context=context)
-
-    def _spawn(self, coroutine: Any) -> asyncio.Task[Any]:
-        task = self._task(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task = asyncio.create_task(coroutine, context=context)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
         return task
 
     def _publish(self) -> None:
         self.ctx.metrics.scheduler(
             scheduled=len(self._refresh_due),
-            running=self._running,
+            running=len(self._refreshes),
             waiting=self.ctx.refresher.waiting(),
         )
 
@@ -285,12 +284,7 @@ class ViewScheduler:
         watched = self._views.get(key)
         if watched is None or watched.refreshing is not None:
             return
-        self._running += 1
-        watched.refreshing = self._task(self._refresh(key, watched))
-        watched.refreshing.add_done_callback(self._refresh_done)  # also when cancelled before it ran
-
-    def _refresh_done(self, _: asyncio.Task[None]) -> None:
-        self._running -= 1
+        watched.refreshing = self._spawn(self._refresh(key, watched), self._refreshes)
 
     async def _refresh(self, key: str, watched: _Watched) -> None:
         try:
@@ -365,13 +359,8 @@ class ViewScheduler:
         if watched.checking is not None:
             self._drift_due.set(key, self.clock() + self.ctx.config.drift_check_seconds)
             return
-        self._drift_running += 1
-        watched.checking = self._task(self._check(key, watched))
-        watched.checking.add_done_callback(self._check_done)  # also when cancelled before it ran
-
-    def _check_done(self, _: asyncio.Task[None]) -> None:
-        self._drift_running -= 1
-        self._wake.set()  # a slot is free
+        watched.checking = self._spawn(self._check(key, watched), self._checks)
+        watched.checking.add_done_callback(lambda _: self._wake.set())  # a drift slot is free
 
     async def _check(self, key: str, watched: _Watched) -> None:
         next_in = self.ctx.config.drift_check_seconds

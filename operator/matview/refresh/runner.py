@@ -86,24 +86,24 @@ class Refresher:
         self._pools: dict[tuple[str, Lane], ConnectionPool[Connection]] = {}
         self._caps: dict[tuple[str, Lane], asyncio.Semaphore] = {}
         self._pools_lock = threading.Lock()
+        self._waiting_refreshes = 0
         self._executors: dict[Lane, ThreadPoolExecutor] = {
             "refresh": ThreadPoolExecutor(self.settings.refresh_threads, thread_name_prefix="matview-refresh"),
             "apply": ThreadPoolExecutor(self.settings.apply_threads, thread_name_prefix="matview-apply"),
         }
 
+    def _limit(self, lane: Lane) -> int:
+        """Work of lane that may run at once against one database."""
+        if lane == "refresh":
+            return self.settings.max_concurrent_per_database
+        return self.settings.max_concurrent_applies_per_database
+
     def _cap(self, dsn: str, lane: Lane) -> asyncio.Semaphore:
-        limit = (
-            self.settings.max_concurrent_per_database
-            if lane == "refresh"
-            else self.settings.max_concurrent_applies_per_database
-        )
-        return self._caps.setdefault((dsn, lane), asyncio.Semaphore(limit))
+        return self._caps.setdefault((dsn, lane), asyncio.Semaphore(self._limit(lane)))
 
     def waiting(self) -> int:
         """Refreshes waiting for a slot under their database's cap (the queue depth)."""
-        return sum(
-            len(getattr(cap, "_waiters", None) or ()) for (_, lane), cap in self._caps.items() if lane == "refresh"
-        )
+        return self._waiting_refreshes
 
     def pool(self, dsn: str, lane: Lane = "refresh") -> ConnectionPool[Connection]:
         """The shared pool of one database and lane (created on first use, by one thread only)."""
@@ -112,15 +112,10 @@ class Refresher:
 
     def _pool_locked(self, dsn: str, lane: Lane) -> ConnectionPool[Connection]:
         if (dsn, lane) not in self._pools:
-            limit = (
-                self.settings.max_concurrent_per_database
-                if lane == "refresh"
-                else self.settings.max_concurrent_applies_per_database
-            )
             self._pools[(dsn, lane)] = ConnectionPool(
                 dsn,
                 min_size=0,
-                max_size=limit + 1,
+                max_size=self._limit(lane) + 1,
                 open=True,
                 # No server-side prepared statements: DISCARD ALL (reset_session) drops them, and a refresh runs
                 # too few statements per connection for preparing to pay (it also keeps PgBouncer happy).
@@ -158,15 +153,14 @@ class Refresher:
         for executor in self._executors.values():
             executor.shutdown(wait=False, cancel_futures=True)
 
-    async def run_sync(self, dsn: str, work: Callable[[Connection], Any], lane: Lane = "apply") -> Any:
-        """Run work(conn) in a thread of lane with a pooled connection, after waiting for a slot under the
-        database's cap for lane; cancel its statement if the task is cancelled."""
-        if lane == "refresh":  # refresh() holds the refresh cap already
-            return await self._in_thread(dsn, work, lane)
-        async with self._cap(dsn, lane):
-            return await self._in_thread(dsn, work, lane)
+    async def run_sync(self, dsn: str, work: Callable[[Connection], Any]) -> Any:
+        """Run work(conn) in the apply lane, after waiting for a slot under the database's cap for applies;
+        cancel its statement if the task is cancelled."""
+        async with self._cap(dsn, "apply"):
+            return await self._in_thread(dsn, work, "apply")
 
     async def _in_thread(self, dsn: str, work: Callable[[Connection], Any], lane: Lane) -> Any:
+        """work(conn) in a thread of lane with a pooled connection of lane (the caller holds the lane's cap)."""
         holder: dict[str, Connection] = {}
 
         def in_thread() -> Any:
@@ -197,18 +191,26 @@ class Refresher:
         """One refresh, waiting for a slot under the database's cap. due_at (seconds since the epoch): when
         the schedule wanted it, so that start lateness counts the wait for a slot too."""
         started = dt.datetime.now(dt.UTC)
-        async with self._cap(dsn, "refresh"):
+        cap = self._cap(dsn, "refresh")
+        self._waiting_refreshes += 1
+        try:
+            await cap.acquire()
+        finally:
+            self._waiting_refreshes -= 1
+        try:
             if due_at is not None:
                 self.metrics.lateness(max(0.0, dt.datetime.now(dt.UTC).timestamp() - due_at))
             self.metrics.started(view.namespace, view.resource_name)
             try:
-                result: RefreshResult = await self.run_sync(
-                    dsn, lambda conn: refresh(conn, view, mode, force=force), lane="refresh"
+                result: RefreshResult = await self._in_thread(
+                    dsn, lambda conn: refresh(conn, view, mode, force=force), "refresh"
                 )
             except Exception as exc:
                 result = failure_result(view, "could not get a database connection", exc, started)
             finally:
                 self.metrics.finished(view.namespace, view.resource_name)
+        finally:
+            cap.release()
         self.metrics.record(view.namespace, view.resource_name, result)
         return result
 
