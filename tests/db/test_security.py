@@ -105,7 +105,7 @@ def test_the_planted_function_never_runs_as_the_operator(conn: Connection, roles
         assert refresh(operator, v, "Concurrent").result == "success"
         assert refresh(operator, v, "Full").result == "success"
         changed = view("codes", "ops", **{**_spec(v), "query": "SELECT id, upper(code) AS c, 1 AS v FROM app.t"})
-        assert "query, searchPath or runAsRole changed" in engine.apply(operator, changed).plan.reasons
+        assert "query, searchPath, runAsRole or storage changed" in engine.apply(operator, changed).plan.reasons
     assert loot(conn) == 0
     row = conn.execute("SELECT c FROM reports.codes WHERE id = 1").fetchone()
     assert row == ("CODE1",)

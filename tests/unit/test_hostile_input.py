@@ -170,8 +170,10 @@ def test_the_largest_durations_allowed_work_in_the_scheduler() -> None:
 
 def test_the_crd_states_the_same_duration_bounds() -> None:
     crd = yaml.safe_load(Path("crds/matview.dev_materializedviews.yaml").read_text())
-    refresh = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["refresh"]
-    rules = " ".join(rule["rule"] for rule in refresh["x-kubernetes-validations"])
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    rules = " ".join(
+        rule["rule"] for block in ("refresh", "incremental") for rule in spec[block]["x-kubernetes-validations"]
+    )
 
     def go_duration(seconds: float) -> str:
         return (

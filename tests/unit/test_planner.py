@@ -154,7 +154,7 @@ def test_query_change_swaps_and_recreates_dependents() -> None:
         ),
     ]
     plan = build_plan(v, observed)
-    assert plan.reasons == ("query, searchPath or runAsRole changed",)
+    assert plan.reasons == ("query, searchPath, runAsRole or storage changed",)
     build, swap, drop_retired = plan.steps
     assert not build.takes_exclusive_lock and swap.takes_exclusive_lock
     sql = [s.as_string(None) for s in swap.statements]

@@ -25,11 +25,33 @@ class RefreshMode(enum.StrEnum):
     CONCURRENT = "Concurrent"
     FULL = "Full"
     SWAP = "Swap"
+    INCREMENTAL = "Incremental"
 
     @classmethod
     def runnable(cls) -> tuple[RefreshMode, ...]:
         """The modes a refresh actually runs (Auto only chooses among them)."""
-        return (cls.CONCURRENT, cls.FULL, cls.SWAP)
+        return (cls.CONCURRENT, cls.FULL, cls.SWAP, cls.INCREMENTAL)
+
+
+class Storage(enum.StrEnum):
+    """What the stored relation is. A table takes DML, which incremental refresh needs."""
+
+    MATERIALIZED_VIEW = "MaterializedView"
+    TABLE = "Table"
+
+    @property
+    def relkind(self) -> str:
+        """pg_class.relkind of the stored relation."""
+        return "r" if self is Storage.TABLE else "m"
+
+
+#: The modes each storage kind can run (Auto chooses among them).
+MODES_BY_STORAGE = {
+    Storage.MATERIALIZED_VIEW: frozenset(
+        {RefreshMode.AUTO, RefreshMode.CONCURRENT, RefreshMode.FULL, RefreshMode.SWAP}
+    ),
+    Storage.TABLE: frozenset({RefreshMode.AUTO, RefreshMode.SWAP, RefreshMode.INCREMENTAL}),
+}
 
 
 IndexMethod = Literal["btree", "hash", "gin", "gist", "brin"]
@@ -80,6 +102,41 @@ class RefreshSpec:
     lock_timeout_seconds: float = 5.0
     only_if_changed: bool = False
     suspend: bool = False
+    target_lag_seconds: float | None = None
+    """Declared freshness (incremental views): refresh when waiting longer would leave a change older than this."""
+
+
+@dataclass(frozen=True)
+class KeySource:
+    """A table the query reads whose rows map to view keys through these columns (filtered and captured)."""
+
+    schema: str
+    table: str
+    columns: tuple[str, ...]
+
+    @property
+    def relation(self) -> tuple[str, str]:
+        return (self.schema, self.table)
+
+
+@dataclass(frozen=True)
+class IncrementalSpec:
+    """Key-based incremental refresh: the view's rows are grouped by key_columns, and a row of a source
+    with key K can only change the view's rows with key K."""
+
+    key_columns: tuple[str, ...]
+    sources: tuple[KeySource, ...]
+    full_rebuild_ratio: float = 0.1
+    """Above this share of changed keys (of the view's rows) a full rebuild is cheaper; the CRD's default."""
+    verify_interval_seconds: float | None = None
+    """How often a refresh also compares the stored rows with a full recompute (None: never)."""
+    rebuild_on_mismatch: bool = False
+
+    @property
+    def digest(self) -> str:
+        """Identifies the declaration: a change rebuilds the view and re-installs change capture."""
+        shape = [list(self.key_columns), [[s.schema, s.table, list(s.columns)] for s in self.sources]]
+        return hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -114,15 +171,19 @@ class MaterializedView:
     """Schemas searched between pg_catalog and pg_temp while the query and predicates are compiled."""
     run_as_role: str | None = None
     """The role that builds and owns the view (SET ROLE), so the query runs with that role's rights."""
+    storage: Storage = Storage.MATERIALIZED_VIEW
+    incremental: IncrementalSpec | None = None
 
     @property
     def definition_digest(self) -> str:
         """Identifies what the stored view was built from: the query, and the name resolution and role
         it was compiled under (a change to either rebuilds it). Equal to the query's digest when neither
         is set, so views built before these fields existed are not rebuilt."""
-        if not self.search_path and self.run_as_role is None:
+        if not self.search_path and self.run_as_role is None and self.storage is Storage.MATERIALIZED_VIEW:
             return self.query.digest
-        shape = [self.query.text, list(self.search_path), self.run_as_role]
+        shape: list[object] = [self.query.text, list(self.search_path), self.run_as_role]
+        if self.storage is not Storage.MATERIALIZED_VIEW:
+            shape.append(self.storage.value)
         return hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:16]
 
     @property

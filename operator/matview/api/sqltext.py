@@ -292,3 +292,162 @@ def _parse_qualified_name(text: str, default_schema: str) -> tuple[str, str]:
     ):
         raise ValueError("must be a table name written as schema.table")
     return (relation.schemaname or default_schema, str(relation.relname))
+
+
+# --- Key-filter injection (incremental refresh) -------------------------------------------------------------
+
+RelationName = tuple[str, str]
+"""(schema, name) of a relation, as the catalog resolved it."""
+
+Reference = tuple[str | None, str]
+"""(schema or None, name) of a relation as written in a query."""
+
+#: Where the changed keys of one incremental refresh are during its transaction (a temporary table).
+CHANGED_KEYS_TABLE: RelationName = ("pg_temp", "matview_changed_keys")
+
+
+@dataclass(frozen=True)
+class ResolvedRelation:
+    """What a name in a query is: a table (filtered when declared) or a view (inlined when it reads one)."""
+
+    name: RelationName
+    relkind: str
+    definition: CheckedSQL | None = None
+    """A plain view's definition (read back from the catalog with every name qualified)."""
+
+
+def quote_identifier(name: str) -> str:
+    """PostgreSQL's double-quoting of one name (for text that pglast parses back, never sent as is)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def relations_read(text: CheckedSQL) -> list[Reference]:
+    """The relations a checked query or view definition names in FROM, CTE references left out."""
+    return _PARSER.run(lambda: _relations_read(text))
+
+
+def _cte_names(statement: Any) -> set[str]:
+    class _Ctes(Visitor):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: set[str] = set()
+
+        def visit_CommonTableExpr(self, ancestors: Any, node: Any) -> None:
+            self.names.add(str(node.ctename))
+
+    finder = _Ctes()
+    finder(statement)
+    return finder.names
+
+
+def _relations_read(text: CheckedSQL) -> list[Reference]:
+    statement = _parse(text.text)[0].stmt
+    ctes = _cte_names(statement)
+    found: list[Reference] = []
+
+    class _Names(Visitor):
+        def visit_RangeVar(self, ancestors: Any, node: Any) -> None:
+            reference = (node.schemaname, str(node.relname))
+            if (node.schemaname is None and node.relname in ctes) or reference in found:
+                return
+            found.append(reference)
+
+    _Names()(statement)
+    return found
+
+
+@dataclass(frozen=True)
+class KeyFilterResult:
+    query: CheckedSQL
+    filtered: frozenset[RelationName]
+    """The declared sources the rewrite wrapped at least once."""
+    inlined: tuple[RelationName, ...]
+    """Views whose definitions were inlined to reach a declared source."""
+
+
+def inject_key_filters(
+    query: CheckedSQL,
+    catalog: dict[Reference, ResolvedRelation],
+    sources: dict[RelationName, tuple[str, ...]],
+    key_columns: tuple[str, ...],
+) -> KeyFilterResult:
+    """The query with every read of a declared source replaced by that source filtered on the changed keys.
+
+    ``catalog`` resolves each name the query (and each inlined view) reads; ``sources`` maps a declared
+    table to its columns that give the view's key. Views are inlined (their definitions put in place as
+    subqueries under the same alias) only where they read a declared source, because PostgreSQL does not
+    push a key predicate through aggregates or FULL JOINs: the filter has to sit where the rows are read.
+    """
+    return _PARSER.run(lambda: _inject(query, catalog, sources, key_columns))
+
+
+def _reads_source(
+    name: RelationName, catalog: dict[Reference, ResolvedRelation], sources: dict[RelationName, Any], seen: set[Any]
+) -> bool:
+    if name in sources:
+        return True
+    if name in seen:
+        return False
+    seen.add(name)
+    resolved = catalog.get(name)
+    if resolved is None or resolved.definition is None:
+        return False
+    return any(
+        (found := catalog.get(reference)) is not None and _reads_source(found.name, catalog, sources, seen)
+        for reference in _relations_read(resolved.definition)
+    )
+
+
+def _inject(
+    query: CheckedSQL,
+    catalog: dict[Reference, ResolvedRelation],
+    sources: dict[RelationName, tuple[str, ...]],
+    key_columns: tuple[str, ...],
+) -> KeyFilterResult:
+    filtered: set[RelationName] = set()
+    inlined: list[RelationName] = []
+    keys_table = ".".join(quote_identifier(part) for part in CHANGED_KEYS_TABLE)
+
+    def key_filter(name: RelationName, columns: tuple[str, ...]) -> Any:
+        left = ", ".join(quote_identifier(c) for c in columns)
+        right = ", ".join(quote_identifier(c) for c in key_columns)
+        template = (
+            f"SELECT * FROM {quote_identifier(name[0])}.{quote_identifier(name[1])} "
+            f"WHERE ({left}) IN (SELECT {right} FROM {keys_table})"
+        )
+        return _parse(template)[0].stmt
+
+    def rewrite(text: CheckedSQL, depth: int) -> Any:
+        if depth > 32:
+            raise ValueError("views nest more than 32 levels deep on the way to a declared source")
+        statement = _parse(text.text)[0].stmt
+        ctes = _cte_names(statement)
+
+        class _Rewriter(Visitor):
+            def visit_RangeVar(self, ancestors: Any, node: Any) -> Any:
+                if node.schemaname is None and node.relname in ctes:
+                    return None
+                resolved = catalog.get((node.schemaname, str(node.relname)))
+                if resolved is None:
+                    return None
+                alias = node.alias or ast.Alias(aliasname=str(node.relname))
+                if resolved.name in sources:
+                    filtered.add(resolved.name)
+                    subquery = key_filter(resolved.name, sources[resolved.name])
+                    if not node.inh:  # ONLY: keep it inside the wrapper
+                        subquery.fromClause[0].inh = False
+                    return ast.RangeSubselect(lateral=False, subquery=subquery, alias=alias)
+                if resolved.definition is not None and _reads_source(resolved.name, catalog, sources, set()):
+                    inlined.append(resolved.name)
+                    return ast.RangeSubselect(
+                        lateral=False, subquery=rewrite(resolved.definition, depth + 1), alias=alias
+                    )
+                return None
+
+        return _Rewriter()(statement)
+
+    rewritten = rewrite(query, 0)
+    text = RawStream()(rewritten)
+    if nesting_depth(_parse(text)[0].stmt) > MAX_NESTING_DEPTH:
+        raise ValueError(f"the rewritten query nests more than {MAX_NESTING_DEPTH} levels deep")
+    return KeyFilterResult(CheckedSQL(text, "query", _TOKEN), frozenset(filtered), tuple(dict.fromkeys(inlined)))

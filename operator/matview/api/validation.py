@@ -25,12 +25,16 @@ from matview.api import boundedyaml, sqltext
 from matview.api.durations import parse_duration
 from matview.api.schema import apply_schema, describe, openapi_schema
 from matview.api.spec import (
+    MODES_BY_STORAGE,
     Grant,
+    IncrementalSpec,
     IndexSpec,
+    KeySource,
     MaterializedView,
     RefreshMode,
     RefreshSpec,
     SecretRef,
+    Storage,
     SupportingIndexSpec,
     deterministic_index_name,
 )
@@ -58,6 +62,8 @@ DURATION_BOUNDS: dict[str, DurationBounds] = {
     "interval": DurationBounds(1.0, 8784 * 3600.0),  # 366 days: a rarer refresh is a cron schedule
     "timeout": DurationBounds(1.0, MAX_POSTGRES_TIMEOUT_SECONDS),
     "lockTimeout": DurationBounds(0.01, MAX_POSTGRES_TIMEOUT_SECONDS),
+    "targetLag": DurationBounds(1.0, 8784 * 3600.0),
+    "verifyInterval": DurationBounds(1.0, 8784 * 3600.0),
 }
 
 
@@ -209,6 +215,8 @@ def validate_document(document: Any, source: str = "") -> MaterializedView:
             supporting.append(SupportingIndexSpec(**fields, table_schema=table[0], table=table[1]))
 
     refresh = _refresh(spec.get("refresh", {}), indexes, errors)
+    storage = Storage(spec["storage"]) if spec.get("storage") in set(Storage) else Storage.MATERIALIZED_VIEW
+    incremental = _incremental(spec.get("incremental"), storage, refresh, errors)
 
     grants = []
     for i, raw in enumerate(spec.get("grants", [])):
@@ -241,6 +249,55 @@ def validate_document(document: Any, source: str = "") -> MaterializedView:
         generation=generation,
         search_path=search_path,
         run_as_role=run_as_role,
+        storage=storage,
+        incremental=incremental,
+    )
+
+
+def _incremental(
+    raw: dict[str, Any] | None, storage: Storage, refresh: RefreshSpec, errors: list[FieldError]
+) -> IncrementalSpec | None:
+    """spec.incremental, and the CEL rules that tie storage, mode, targetLag and incremental together."""
+    mode = refresh.mode
+    if mode not in MODES_BY_STORAGE[storage]:
+        allowed = ", ".join(sorted(MODES_BY_STORAGE[storage]))
+        errors.append(FieldError("spec.refresh.mode", f"{mode} does not apply to storage {storage}; use {allowed}"))
+    if raw is None:
+        if mode == RefreshMode.INCREMENTAL:
+            errors.append(FieldError("spec.refresh.mode", "Incremental needs spec.incremental"))
+        if refresh.target_lag_seconds is not None:
+            errors.append(FieldError("spec.refresh.targetLag", "needs spec.incremental"))
+        return None
+    path = "spec.incremental"
+    if storage is not Storage.TABLE:
+        errors.append(FieldError(path, "needs storage Table (a materialized view cannot take row changes)"))
+    keys = tuple(raw.get("keyColumns", []))
+    for i, column in enumerate(keys):
+        check_identifier(column, f"{path}.keyColumns[{i}]", errors)
+    if len(set(keys)) != len(keys):
+        errors.append(FieldError(f"{path}.keyColumns", "lists a column twice"))
+    sources: list[KeySource] = []
+    for i, source in enumerate(raw.get("sources", [])):
+        where = f"{path}.sources[{i}]"
+        table = _checked(sqltext.parse_qualified_name, source.get("table", ""), f"{where}.table", errors)
+        columns = tuple(source.get("columns", []))
+        for j, column in enumerate(columns):
+            check_identifier(column, f"{where}.columns[{j}]", errors)
+        if len(columns) != len(keys):
+            errors.append(FieldError(f"{where}.columns", f"names {len(columns)} column(s); keyColumns has {len(keys)}"))
+        if table is None:
+            continue
+        check_identifier(table[0], f"{where}.table", errors)
+        check_identifier(table[1], f"{where}.table", errors)
+        if any(s.relation == table for s in sources):
+            errors.append(FieldError(f"{where}.table", f"{table[0]}.{table[1]} is listed twice"))
+        sources.append(KeySource(table[0], table[1], columns))
+    return IncrementalSpec(
+        key_columns=keys,
+        sources=tuple(sources),
+        full_rebuild_ratio=float(raw.get("fullRebuildRatio", IncrementalSpec.full_rebuild_ratio)),
+        verify_interval_seconds=_duration(raw, "verifyInterval", path, errors),
+        rebuild_on_mismatch=bool(raw.get("rebuildOnMismatch", False)),
     )
 
 
@@ -270,6 +327,9 @@ def _refresh(raw: dict[str, Any], indexes: list[IndexSpec], errors: list[FieldEr
     interval = _duration(raw, "interval", path, errors)
     if raw.get("interval") is not None and raw.get("schedule") is not None:
         errors.append(FieldError(path, "set interval or schedule, not both"))
+    target_lag = _duration(raw, "targetLag", path, errors)
+    if raw.get("targetLag") is not None and (raw.get("interval") is not None or raw.get("schedule") is not None):
+        errors.append(FieldError(f"{path}.targetLag", "replaces interval and schedule; set only one of them"))
     zone = raw.get("timeZone")
     if zone is not None:
         if raw.get("schedule") is None:
@@ -299,6 +359,7 @@ def _refresh(raw: dict[str, Any], indexes: list[IndexSpec], errors: list[FieldEr
         lock_timeout_seconds=_duration(raw, "lockTimeout", path, errors) or RefreshSpec.lock_timeout_seconds,
         only_if_changed=bool(raw.get("onlyIfChanged", False)),
         suspend=bool(raw.get("suspend", False)),
+        target_lag_seconds=target_lag,
     )
 
 

@@ -110,12 +110,14 @@ class LocalServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self._user is not None:
             entry = pwd.getpwnam(self._user)
-            for path in (self.data_dir, *self.data_dir.parents):
+            # The server user must reach its data directory and the server's binaries (a checkout made
+            # by root under a private mktemp -d holds pgserver's): let it traverse, nothing more.
+            for path in {*self.data_dir.parents, self.data_dir, *self.bindir.resolve().parents}:
                 if path == Path("/"):
-                    break
+                    continue
                 mode = path.stat().st_mode
                 if not mode & 0o001:
-                    path.chmod(mode | 0o001)  # let the server user traverse to its data directory
+                    path.chmod(mode | 0o001)
             os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
             self.data_dir.chmod(0o700)
 

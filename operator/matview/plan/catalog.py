@@ -16,7 +16,9 @@ import psycopg
 from psycopg import sql
 
 from matview.api import sqltext
-from matview.api.spec import MaterializedView
+from matview.api.spec import MaterializedView, Storage
+from matview.errors import MatviewError
+from matview.plan import capture
 from matview.plan.marker import Marker
 
 Connection = psycopg.Connection[tuple[Any, ...]]
@@ -93,6 +95,11 @@ class Observed:
     dependents: list[DependentView] = field(default_factory=list)
     run_as_role: RoleAccess | None = None
     """What the operator may do with spec.runAsRole (None when the spec names none)."""
+    capture: capture.CaptureState | None = None
+    """The view's change capture (observed for storage Table)."""
+    key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation] | None = None
+    """What each relation the query reads resolves to, through plain views (spec.incremental)."""
+    key_catalog_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -257,8 +264,10 @@ def observe(
         for grantee, privilege in conn.execute(_GRANTS, (observed.relation.oid,)):
             key = str(grantee)
             observed.grants[key] = observed.grants.get(key, frozenset()) | {str(privilege)}
-        if observed.relation.relkind == "m":
+        if observed.relation.relkind in ("m", "r"):
             observed.dependents = read_dependents(conn, observed.relation.oid)
+    if view.storage is Storage.TABLE or view.incremental is not None:
+        observed.capture = read_capture(conn, view)
 
     for oid, schema, name, relkind, comment, populated, table_oid, valid in conn.execute(
         _OUR_OBJECTS, (marker_pattern(), owner_pattern(view.owner))
@@ -266,13 +275,13 @@ def observe(
         marker = Marker.parse(comment)
         if marker is None or marker.owner != view.owner:
             continue
-        if marker.kind == "staging" and relkind == "m":
+        if marker.kind == "staging" and relkind in ("m", "r"):
             observed.staging.append(
                 RelationState(
                     int(oid),
                     str(schema),
                     str(name),
-                    "m",
+                    str(relkind),
                     marker,
                     bool(populated),
                     (),
@@ -297,8 +306,9 @@ def observe(
             state = _relation(found)
             observed.names_in_schema[(schema, name)] = state
 
-    for index in view.supporting_indexes:
-        table_key = (index.table_schema, index.table)
+    tables = [(index.table_schema, index.table) for index in view.supporting_indexes]
+    tables += [source.relation for source in view.incremental.sources] if view.incremental else []
+    for table_key in tables:
         if table_key not in observed.tables:
             found = conn.execute(_TABLE, table_key).fetchone()
             if found:
@@ -314,6 +324,11 @@ def observe(
         observed.run_as_role = role_access(conn, view.run_as_role)
         if not observed.run_as_role.usable:
             return observed  # the planner reports the role; describing the query as it would only fail
+    if view.incremental is not None:
+        try:
+            observed.key_catalog = resolve_relations(conn, view)
+        except (psycopg.Error, MatviewError, ValueError) as exc:
+            observed.key_catalog_error = str(exc).strip()
     try:
         with conn.transaction():
             # Compiled exactly as the build will compile it: the pinned search_path, as runAsRole.
@@ -422,6 +437,32 @@ class UpstreamRelation:
     """Changes when the relation's data may have: relfilenode, write counters, an upstream MV's marker."""
 
 
+_FINGERPRINT_ONE = sql.SQL("""
+WITH relations AS (
+    SELECT %(oid)s::oid AS oid
+    UNION
+    SELECT t.relid FROM pg_class c, LATERAL pg_partition_tree(c.oid) t WHERE c.oid = %(oid)s AND c.relkind = 'p'
+)
+SELECT c.oid, n.nspname, c.relname, c.relkind, c.relfilenode, coalesce(s.n_tup_ins, 0), coalesce(s.n_tup_upd, 0),
+       coalesce(s.n_tup_del, 0), CASE WHEN c.relkind = 'm' THEN obj_description(c.oid, 'pg_class') END
+FROM relations JOIN pg_class c ON c.oid = relations.oid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_stat_all_tables s ON s.relid = c.oid
+WHERE c.relkind IN ('r', 'm', 'p', 'f')
+""")
+
+
+def relation_fingerprints(conn: Connection, oids: list[int]) -> list[UpstreamRelation]:
+    """The same facts as upstream_relations, for relations already known by oid (and their partitions)."""
+    rows = []
+    for oid in oids:
+        rows += conn.execute(_FINGERPRINT_ONE, {"oid": oid}).fetchall()
+    return [
+        UpstreamRelation(int(row[0]), str(row[1]), str(row[2]), str(row[3]), (row[0], row[3], *row[4:]))
+        for row in sorted(set(rows))
+    ]
+
+
 def upstream_relations(conn: Connection, oid: int) -> list[UpstreamRelation]:
     """The one dependency query upwards: every relation the view with this oid reads (through views)."""
     return [
@@ -439,3 +480,83 @@ def relation_oid(conn: Connection, schema: str, name: str) -> int | None:
         (schema, name),
     ).fetchone()
     return int(row[0]) if row else None
+
+
+_RESOLVE = sql.SQL(
+    "SELECT c.oid, n.nspname, c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE c.oid = to_regclass(%s)"
+)
+
+#: The most relations one query may reach through views before incremental refresh gives up on it.
+MAX_RESOLVED_RELATIONS = 256
+
+
+def resolve_relations(conn: Connection, view: MaterializedView) -> dict[sqltext.Reference, sqltext.ResolvedRelation]:
+    """What every relation the query reads is, following plain views down to tables (for key filters).
+
+    Names resolve as the build resolves them (pinned search_path); view definitions are read back with
+    only pg_catalog on the search path, so every name in them comes back qualified."""
+    found: dict[sqltext.Reference, sqltext.ResolvedRelation] = {}
+    pending = [view.query]
+    with conn.transaction():
+        pin_name_resolution(conn, view, local=True)
+        while pending:
+            for reference in sqltext.relations_read(pending.pop()):
+                if reference in found:
+                    continue
+                if len(found) >= MAX_RESOLVED_RELATIONS:
+                    raise MatviewError(f"the query reaches more than {MAX_RESOLVED_RELATIONS} relations")
+                schema, name = reference
+                quoted = (sqltext.quote_identifier(schema) + "." if schema else "") + sqltext.quote_identifier(name)
+                row = conn.execute(_RESOLVE, (quoted,)).fetchone()
+                if row is None:
+                    continue
+                oid, resolved_schema, resolved_name, relkind = row
+                definition = None
+                if relkind == "v":
+                    conn.execute(sql.SQL("SELECT set_config('search_path', 'pg_catalog', true)"))
+                    text = conn.execute(sql.SQL("SELECT pg_get_viewdef(%s::oid)"), (oid,)).fetchone()
+                    pin_name_resolution(conn, view, local=True)
+                    definition = sqltext.check_view_definition(str(text[0]) if text else "")
+                    pending.append(definition)
+                resolved = sqltext.ResolvedRelation(
+                    (str(resolved_schema), str(resolved_name)), str(relkind), definition
+                )
+                found[reference] = resolved
+                found.setdefault(resolved.name, resolved)
+    return found
+
+
+_CAPTURE_TRIGGERS = sql.SQL("""
+SELECT n.nspname, c.relname, t.tgname, t.tgenabled <> 'D'
+FROM pg_trigger t
+JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace pn ON pn.oid = p.pronamespace
+WHERE left(t.tgname, length(%(prefix)s)) = %(prefix)s AND pn.nspname = %(schema)s AND p.proname = %(function)s
+""")
+
+_CAPTURE_FUNCTION = sql.SQL("""
+SELECT obj_description(p.oid, 'pg_proc') FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname = %s AND p.proname = %s AND p.pronargs = 0
+""")
+
+
+def read_capture(conn: Connection, view: MaterializedView) -> capture.CaptureState:
+    """The view's change log, capture function and capture triggers, as they are."""
+    log = conn.execute(_RELATION, (view.schema, capture.changes_name(view))).fetchone()
+    function = conn.execute(_CAPTURE_FUNCTION, (view.schema, capture.function_name(view))).fetchone()
+    triggers: dict[tuple[str, str], dict[str, bool]] = {}
+    parameters = {
+        "prefix": capture.trigger_prefix(view),
+        "schema": view.schema,
+        "function": capture.function_name(view),
+    }
+    for schema, table, name, enabled in conn.execute(_CAPTURE_TRIGGERS, parameters):
+        triggers.setdefault((str(schema), str(table)), {})[str(name)] = bool(enabled)
+    return capture.CaptureState(
+        changes=_relation(log).marker if log else None,
+        changes_exists=log is not None,
+        function=Marker.parse(function[0]) if function else None,
+        function_exists=function is not None,
+        triggers=triggers,
+    )

@@ -124,6 +124,8 @@ def view_lock(conn: Connection, view: MaterializedView) -> Iterator[None]:
 def _run_step(conn: Connection, step: Step, settings: ExecutionSettings, view: MaterializedView) -> None:
     if step.transactional:
         with conn.transaction():
+            if step.repeatable_read:  # must come before the first query of the transaction
+                conn.execute(sql.SQL("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
             set_timeouts(conn, settings.statement_timeout_seconds, settings.lock_timeout_seconds, local=True)
             pin_name_resolution(conn, view, local=True)
             if step.runs_query:

@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 from matview.constants import MARKER_KEY, MARKER_VALUE
 
-MarkerKind = Literal["view", "index", "supporting", "staging"]
+MarkerKind = Literal["view", "index", "supporting", "staging", "changes", "capture"]
+MARKER_KINDS = ("view", "index", "supporting", "staging", "changes", "capture")
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Marker:
         if not isinstance(data, dict) or data.get(MARKER_KEY) != MARKER_VALUE:
             return None
         owner, kind, digest = data.get("owner"), data.get("kind"), data.get("digest")
-        if not isinstance(owner, str) or kind not in ("view", "index", "supporting", "staging"):
+        if not isinstance(owner, str) or kind not in MARKER_KINDS:
             return None
         state = data.get("state")
         return cls(owner=owner, kind=kind, digest=str(digest or ""), state=state if isinstance(state, dict) else {})

@@ -19,6 +19,7 @@ from psycopg import sql
 from matview.api import sqltext
 from matview.api.spec import IndexSpec, MaterializedView, SupportingIndexSpec, truncate_utf8
 from matview.errors import DependentObjectsError, FieldError, SpecError, UnmanagedObjectError
+from matview.plan import capture
 from matview.plan.catalog import DependentView, IndexState, Observed
 from matview.plan.marker import Marker
 
@@ -50,6 +51,8 @@ class Step:
     """Readers see freshly computed data once this step commits (create, swap): it counts as a refresh."""
     runs_query: bool = False
     """Builds the view from the user's query: runs as spec.runAsRole when set (the new relation is its)."""
+    repeatable_read: bool = False
+    """Every statement of the step reads one snapshot (claiming changes and computing from them)."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,8 @@ def rebuild_index_name(final_name: str) -> str:
 def wanted_names(view: MaterializedView) -> list[tuple[str, str]]:
     """(schema, name) of every relation name the plan may create; observe() looks them up."""
     names = [(view.schema, staging_name(view)), (view.schema, retired_name(view))]
+    if view.incremental is not None:
+        names.append((view.schema, capture.changes_name(view)))
     for index in view.indexes:
         final = view.index_name(index)
         names += [
@@ -123,9 +128,13 @@ def create_index_sql(
     )
 
 
-def comment_sql(kind: str, target: sql.Identifier, marker: Marker) -> sql.Composed:
-    keyword = {"view": "MATERIALIZED VIEW", "index": "INDEX"}[kind]
-    return sql.SQL("COMMENT ON {} {} IS {}").format(sql.SQL(keyword), target, sql.Literal(marker.to_comment()))
+#: The SQL keyword of each relkind the engine creates for a view's rows.
+RELATION_KEYWORDS = {"m": sql.SQL("MATERIALIZED VIEW"), "r": sql.SQL("TABLE")}
+
+
+def comment_sql(kind: str, target: sql.Identifier, marker: Marker, relkind: str = "m") -> sql.Composed:
+    keyword = RELATION_KEYWORDS[relkind] if kind == "view" else sql.SQL("INDEX")
+    return sql.SQL("COMMENT ON {} {} IS {}").format(keyword, target, sql.Literal(marker.to_comment()))
 
 
 def _grantee(role: str) -> sql.Composable:
@@ -175,6 +184,7 @@ def build_plan(view: MaterializedView, observed: Observed) -> Plan:
         if grant.role != "PUBLIC" and grant.role not in observed.roles:
             errors.append(FieldError(f"spec.grants[{i}].role", f"role {grant.role!r} does not exist"))
     errors += _check_supporting(view, observed)
+    errors += _check_incremental(view, observed)
     access = observed.run_as_role
     if access is not None and not access.usable:
         role = view.run_as_role
@@ -193,7 +203,7 @@ def build_plan(view: MaterializedView, observed: Observed) -> Plan:
 
     relation = observed.relation
     if relation is not None and (
-        relation.relkind != "m"
+        relation.relkind not in RELATION_KEYWORDS
         or relation.marker is None
         or relation.marker.owner != view.owner
         or relation.marker.kind != "view"
@@ -204,7 +214,9 @@ def build_plan(view: MaterializedView, observed: Observed) -> Plan:
     steps: list[Step] = []
     reasons: list[str] = []
     warnings: list[str] = []
-    steps += [drop_leftover_step(leftover.schema, leftover.name) for leftover in observed.staging]
+    steps += [drop_leftover_step(leftover.schema, leftover.name, leftover.relkind) for leftover in observed.staging]
+    # Capture first: from the moment the data is built, every write to a source is in the change log.
+    steps += _converge_capture(view, observed, reasons)
 
     if relation is None:
         reasons.append(f"{view.relation} does not exist")
@@ -214,12 +226,14 @@ def build_plan(view: MaterializedView, observed: Observed) -> Plan:
         query_changed = relation.marker is not None and relation.marker.digest != view.definition_digest
         if query_changed or drift:
             reasons.append(
-                "query, searchPath or runAsRole changed" if query_changed else f"source columns changed: {drift}"
+                "query, searchPath, runAsRole or storage changed"
+                if query_changed
+                else f"source columns changed: {drift}"
             )
             unmanaged = sorted(n for n, s in observed.indexes.items() if s.marker is None)
             if unmanaged:
                 warnings.append("indexes not managed by this resource are dropped by the swap: " + ", ".join(unmanaged))
-            steps += swap_steps(view, observed.dependents, old_indexes=observed.indexes)
+            steps += swap_steps(view, observed.dependents, old_indexes=observed.indexes, old_relkind=relation.relkind)
         else:
             steps += _converge_view(view, observed, reasons)
     steps += _converge_supporting(view, observed, reasons)
@@ -263,6 +277,155 @@ def _check_supporting(view: MaterializedView, observed: Observed) -> list[FieldE
     return errors
 
 
+def key_filtered_query(
+    view: MaterializedView, key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation]
+) -> sqltext.KeyFilterResult:
+    """The query an incremental refresh runs: every read of a declared source filtered on the changed keys."""
+    assert view.incremental is not None
+    sources = {source.relation: source.columns for source in view.incremental.sources}
+    return sqltext.inject_key_filters(view.query, key_catalog, sources, view.incremental.key_columns)
+
+
+def query_tables(key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation]) -> set[tuple[str, str]]:
+    """Every relation holding data the query reads, through plain views (tables, MVs, foreign tables)."""
+    return {r.name for r in key_catalog.values() if r.relkind != "v"}
+
+
+def _check_incremental(view: MaterializedView, observed: Observed) -> list[FieldError]:
+    """Refuse a declaration that is provably wrong: unknown columns, a source the query does not read."""
+    if view.incremental is None:
+        return []
+    path = "spec.incremental"
+    errors = []
+    names = {c for c, _ in observed.query_columns or ()}
+    for i, column in enumerate(view.incremental.key_columns):
+        if observed.query_columns is not None and column not in names:
+            errors.append(FieldError(f"{path}.keyColumns[{i}]", f"column {column!r} is not in the query's result"))
+        if column in capture.RESERVED_COLUMNS:
+            errors.append(FieldError(f"{path}.keyColumns[{i}]", f"{column!r} is a name the change log reserves"))
+    if observed.key_catalog_error is not None:
+        errors.append(FieldError("spec.query", f"cannot follow the query to its sources: {observed.key_catalog_error}"))
+    read = query_tables(observed.key_catalog) if observed.key_catalog is not None else None
+    for i, source in enumerate(view.incremental.sources):
+        where = f"{path}.sources[{i}]"
+        label = f"{source.schema}.{source.table}"
+        table = observed.tables.get(source.relation)
+        if table is None:
+            errors.append(FieldError(f"{where}.table", f"table {label} does not exist"))
+            continue
+        if table.relkind not in ("r", "p"):
+            errors.append(
+                FieldError(
+                    f"{where}.table", f"{label} is not a table (relkind {table.relkind}); declare the tables behind it"
+                )
+            )
+            continue
+        for j, column in enumerate(source.columns):
+            if column not in table.columns:
+                errors.append(FieldError(f"{where}.columns[{j}]", f"column {column!r} does not exist in {label}"))
+        if read is not None and source.relation not in read:
+            errors.append(
+                FieldError(f"{where}.table", f"{label} is not read by the query (directly or through plain views)")
+            )
+    if errors or observed.key_catalog is None:
+        return errors
+    try:
+        result = key_filtered_query(view, observed.key_catalog)
+    except ValueError as exc:
+        return [FieldError(path, f"cannot inject the key filter: {exc}")]
+    for i, source in enumerate(view.incremental.sources):
+        if source.relation not in result.filtered:
+            errors.append(
+                FieldError(
+                    f"{path}.sources[{i}].table",
+                    f"{source.schema}.{source.table} is read only where a filter cannot be injected "
+                    "(through a materialized view, a function or a security_barrier view)",
+                )
+            )
+    return errors
+
+
+def _converge_capture(view: MaterializedView, observed: Observed, reasons: list[str]) -> list[Step]:
+    """Create, repair or remove the view's change capture. A repaired trigger also requests a full rebuild:
+    writes made while it was missing were not recorded."""
+    state = observed.capture
+    if state is None:
+        return []
+    if view.incremental is None:
+        removal = _drop_capture_steps(view, state)
+        if removal:
+            reasons.append("change capture is no longer declared")
+        return removal
+    steps: list[Step] = []
+    wanted = {source.relation: source for source in view.incremental.sources}
+    names = capture.trigger_names(view)
+    log_current = (
+        state.changes_exists
+        and state.changes is not None
+        and state.changes.owner == view.owner
+        and state.changes.digest == capture.capture_digest(view)
+        and state.function_exists
+    )
+    existing = state.triggers
+    if state.changes_exists and (state.changes is None or state.changes.owner != view.owner):
+        raise UnmanagedObjectError(_not_ours(f"relation {view.schema}.{capture.changes_name(view)}", state.changes))
+    if not log_current:
+        reasons.append(
+            "change capture is not installed"
+            if not state.changes_exists
+            else "the key declaration changed: change capture is re-installed"
+        )
+        if state.changes_exists or state.function_exists or existing:
+            steps += _drop_capture_steps(view, state)
+        existing = {}
+        steps.append(
+            Step(
+                f"create the change log {view.schema}.{capture.changes_name(view)} and its capture function",
+                tuple(capture.create_log_statements(view)),
+                runs_query=True,
+            )
+        )
+    install: list[Statement] = []
+    repaired: list[str] = []
+    for relation, source in sorted(wanted.items()):
+        found = existing.get(relation, {})
+        if set(found) == set(names.values()) and all(found.values()):
+            continue
+        label = f"{relation[0]}.{relation[1]}"
+        install += capture.drop_trigger_statements(*relation, list(found))
+        install += capture.create_trigger_statements(view, *relation, source.columns)
+        if log_current:
+            repaired.append(label)
+            reasons.append(f"capture triggers on {label} are missing or disabled")
+    if repaired or (install and observed.relation is not None):
+        why = "capture was missing on " + ", ".join(repaired) if repaired else "change capture was installed"
+        install.append(capture.request_full_rebuild(view, why))
+    if install:
+        steps.append(Step(f"install change capture on {len(install)} trigger statement(s)", tuple(install)))
+    for relation, found in sorted(existing.items()):
+        if relation not in wanted and found:
+            reasons.append(f"{relation[0]}.{relation[1]} is no longer a source")
+            steps.append(
+                Step(
+                    f"drop capture triggers on {relation[0]}.{relation[1]}",
+                    tuple(capture.drop_trigger_statements(*relation, list(found))),
+                )
+            )
+    return steps
+
+
+def _drop_capture_steps(view: MaterializedView, state: capture.CaptureState) -> list[Step]:
+    statements: list[Statement] = []
+    for (schema, table), found in sorted(state.triggers.items()):
+        statements += capture.drop_trigger_statements(schema, table, list(found))
+    if state.changes_exists and (state.changes is None or state.changes.owner != view.owner):
+        state = replace(state, changes_exists=False)  # never ours to drop
+    statements += capture.drop_log_statements(view, state)
+    if not statements:
+        return []
+    return [Step(f"remove the change capture of {view.relation}", tuple(statements))]
+
+
 def _check_names_free(view: MaterializedView, observed: Observed) -> None:
     """A name the plan needs that belongs to something else stops the plan before any change."""
     for (schema, name), holder in observed.names_in_schema.items():
@@ -293,13 +456,15 @@ def _build_statements(
 ) -> list[Statement]:
     target = relation_id(view.schema, name)
     statements: list[Statement] = [
-        sql.SQL("CREATE MATERIALIZED VIEW {} AS {} WITH DATA").format(target, sqltext.embed(view.query)),
+        sql.SQL("CREATE {} {} AS {} WITH DATA").format(
+            RELATION_KEYWORDS[view.storage.relkind], target, sqltext.embed(view.query)
+        ),
     ]
     for index in view.indexes:
         final = view.index_name(index)
         statements.append(create_index_sql(view, index, index_name[final], target, concurrently=False))
         statements.append(comment_sql("index", relation_id(view.schema, index_name[final]), _index_marker(view, index)))
-    statements.append(comment_sql("view", target, marker))
+    statements.append(comment_sql("view", target, marker, view.storage.relkind))
     # A new relation has no statistics; without them the first queries on it plan blind.
     statements.append(sql.SQL("ANALYZE {}").format(target))
     return statements
@@ -326,6 +491,7 @@ def swap_steps(
     dependents: list[DependentView],
     state: dict[str, Any] | None = None,
     old_indexes: Iterable[str] = (),
+    old_relkind: str | None = None,
 ) -> list[Step]:
     """Build a fresh copy beside the old one, swap it in by renames in one short transaction, then drop the old.
 
@@ -345,12 +511,18 @@ def swap_steps(
         )
     staging = staging_name(view)
     retired = retired_name(view)
+    new_kind = RELATION_KEYWORDS[view.storage.relkind]
+    old_kind = RELATION_KEYWORDS[old_relkind or view.storage.relkind]
     index_names = {view.index_name(i): staging_index_name(view.index_name(i)) for i in view.indexes}
+    claim: list[Statement] = list(capture.claim_for_swap(view)) if view.incremental is not None else []
     build = Step(
         f"build the new copy {view.schema}.{staging} with its indexes (readers keep the old one)",
-        tuple(_build_statements(view, staging, index_names, Marker(view.owner, "staging", view.definition_digest))),
-        cleanup=(sql.SQL("DROP MATERIALIZED VIEW IF EXISTS {}").format(relation_id(view.schema, staging)),),
+        tuple(
+            claim + _build_statements(view, staging, index_names, Marker(view.owner, "staging", view.definition_digest))
+        ),
+        cleanup=(sql.SQL("DROP {} IF EXISTS {}").format(new_kind, relation_id(view.schema, staging)),),
         runs_query=True,
+        repeatable_read=bool(claim),
     )
     target = relation_id(view.schema, view.name)
     swap: list[Statement] = [
@@ -363,18 +535,27 @@ def swap_steps(
                 relation_id(view.schema, name), sql.Identifier(retired_index_name(name))
             )
         )
-    swap.append(sql.SQL("ALTER MATERIALIZED VIEW {} RENAME TO {}").format(target, sql.Identifier(retired)))
-    swap.append(comment_sql("view", relation_id(view.schema, retired), Marker(view.owner, "staging", "retired")))
+    swap.append(sql.SQL("ALTER {} {} RENAME TO {}").format(old_kind, target, sql.Identifier(retired)))
     swap.append(
-        sql.SQL("ALTER MATERIALIZED VIEW {} RENAME TO {}").format(
-            relation_id(view.schema, staging), sql.Identifier(view.name)
+        comment_sql(
+            "view",
+            relation_id(view.schema, retired),
+            Marker(view.owner, "staging", "retired"),
+            old_relkind or view.storage.relkind,
+        )
+    )
+    swap.append(
+        sql.SQL("ALTER {} {} RENAME TO {}").format(
+            new_kind, relation_id(view.schema, staging), sql.Identifier(view.name)
         )
     )
     for final, temporary in index_names.items():
         swap.append(
             sql.SQL("ALTER INDEX {} RENAME TO {}").format(relation_id(view.schema, temporary), sql.Identifier(final))
         )
-    swap.append(comment_sql("view", target, replace(_view_markers(view), state=state or {})))
+    swap.append(comment_sql("view", target, replace(_view_markers(view), state=state or {}), view.storage.relkind))
+    if view.incremental is not None:
+        swap.append(capture.swap_committed(view))
     swap += _grant_statements(view, target)
     for dependent in sorted(dependents, key=lambda d: d.depth):
         swap += _recreate_dependent(dependent)
@@ -385,22 +566,22 @@ def swap_steps(
             + (f" and re-create {len(dependents)} dependent view(s)" if dependents else ""),
             tuple(swap),
             takes_exclusive_lock=True,
-            cleanup=(sql.SQL("DROP MATERIALIZED VIEW IF EXISTS {}").format(relation_id(view.schema, staging)),),
+            cleanup=(sql.SQL("DROP {} IF EXISTS {}").format(new_kind, relation_id(view.schema, staging)),),
             makes_data_live=True,
         ),
         Step(
             f"drop the retired copy {view.schema}.{retired}",
-            (sql.SQL("DROP MATERIALIZED VIEW {}").format(relation_id(view.schema, retired)),),
+            (sql.SQL("DROP {} {}").format(old_kind, relation_id(view.schema, retired)),),
             takes_exclusive_lock=True,
         ),
     ]
 
 
-def drop_leftover_step(schema: str, name: str) -> Step:
+def drop_leftover_step(schema: str, name: str, relkind: str = "m") -> Step:
     """Drop a staging or retired copy of ours that an interrupted build or swap left behind."""
     return Step(
         f"drop leftover copy {schema}.{name}",
-        (sql.SQL("DROP MATERIALIZED VIEW {}").format(relation_id(schema, name)),),
+        (sql.SQL("DROP {} {}").format(RELATION_KEYWORDS[relkind], relation_id(schema, name)),),
     )
 
 
@@ -420,7 +601,18 @@ def record_state_step(view: MaterializedView, marker: Marker) -> Step:
     """Write the view's marker with its refresh state (the last step of every refresh)."""
     return Step(
         f"record the refresh state of {view.relation}",
-        (comment_sql("view", relation_id(view.schema, view.name), marker),),
+        (comment_sql("view", relation_id(view.schema, view.name), marker, view.storage.relkind),),
+    )
+
+
+def incremental_step(view: MaterializedView, filtered_query: sqltext.CheckedSQL, keys: int) -> Step:
+    """Apply the changed keys in one transaction: readers see all of it at commit, or none of it."""
+    return Step(
+        f"apply {keys} changed key(s) to {view.relation}",
+        tuple(capture.incremental_statements(view, filtered_query)),
+        makes_data_live=True,
+        runs_query=True,
+        repeatable_read=True,
     )
 
 
@@ -562,13 +754,16 @@ def _converge_supporting(view: MaterializedView, observed: Observed, reasons: li
 
 
 def build_delete_plan(view: MaterializedView, observed: Observed) -> Plan:
-    """Retain leaves the database as it is; Delete drops the view and the supporting indexes it created."""
+    """Retain leaves the view's data as it is; Delete drops the view and the supporting indexes it created.
+    Change capture goes either way: left behind, its triggers would fill a log nobody reads."""
+    uncapture = _drop_capture_steps(view, observed.capture) if observed.capture is not None else []
     if view.deletion_policy == "Retain":
-        return Plan(view, (), ("deletionPolicy is Retain: the view and its indexes stay",))
-    steps: list[Step] = []
+        reasons = ["deletionPolicy is Retain: the view and its indexes stay"]
+        return Plan(view, tuple(uncapture), tuple(reasons + (["change capture is removed"] if uncapture else [])))
+    steps: list[Step] = list(uncapture)
     relation = observed.relation
     if relation is not None:
-        if relation.relkind != "m" or relation.marker is None or relation.marker.owner != view.owner:
+        if relation.relkind not in RELATION_KEYWORDS or relation.marker is None or relation.marker.owner != view.owner:
             raise UnmanagedObjectError(_not_ours(f"relation {view.relation}", relation.marker))
         if observed.dependents:
             names = ", ".join(f"{d.schema}.{d.name}" for d in observed.dependents)
@@ -579,11 +774,15 @@ def build_delete_plan(view: MaterializedView, observed: Observed) -> Plan:
         steps.append(
             Step(
                 f"drop {view.relation}",
-                (sql.SQL("DROP MATERIALIZED VIEW {}").format(relation_id(view.schema, view.name)),),
+                (
+                    sql.SQL("DROP {} {}").format(
+                        RELATION_KEYWORDS[relation.relkind], relation_id(view.schema, view.name)
+                    ),
+                ),
                 takes_exclusive_lock=True,
             )
         )
-    steps += [drop_leftover_step(leftover.schema, leftover.name) for leftover in observed.staging]
+    steps += [drop_leftover_step(leftover.schema, leftover.name, leftover.relkind) for leftover in observed.staging]
     for state in observed.owned_supporting:
         steps.append(
             Step(

@@ -37,6 +37,8 @@ from matview.plan.planner import (
     Plan,
     Step,
     drop_leftover_step,
+    incremental_step,
+    key_filtered_query,
     record_state_step,
     refresh_in_place_step,
     swap_steps,
@@ -88,6 +90,12 @@ class RefreshResult:
     rows: int | None = None
     table_bytes: int | None = None
     index_bytes: int | None = None
+    keys_applied: int | None = None
+    """Incremental views: the changed keys this refresh applied (0 for a skip)."""
+    change_ratio: float | None = None
+    """Incremental views: pending keys as a share of the view's rows, when the decision was made."""
+    staleness_seconds: float | None = None
+    """Incremental views: age of the oldest unapplied change after this attempt (0 when none)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -104,6 +112,8 @@ class RefreshResult:
             "rows": self.rows,
             "tableBytes": self.table_bytes,
             "indexBytes": self.index_bytes,
+            **({"keysApplied": self.keys_applied} if self.keys_applied is not None else {}),
+            **({"changeRatio": round(self.change_ratio, 6)} if self.change_ratio is not None else {}),
         }
 
 
@@ -131,9 +141,10 @@ def refresh(
     try:
         with view_lock(conn, view):
             inspection = facts.inspect(conn, view)
-            decision = policy.decide(view, inspection, mode, force)
+            decision = policy.decide(view, inspection, mode, force, started)
+            incremental = _incremental_facts(view, inspection, started)
             if isinstance(decision, policy.Skip):
-                return finish("skipped", decision.reason, data_current=decision.data_current)
+                return finish("skipped", decision.reason, data_current=decision.data_current, **incremental)
             if isinstance(decision, policy.Refuse):
                 wanted = RefreshMode(mode or view.refresh.mode)
                 if wanted != RefreshMode.AUTO:
@@ -152,6 +163,14 @@ def refresh(
                 seconds = _run(conn, view, inspection, attempt.mode, settings)
             _record(conn, view, inspection, attempt.mode, seconds, settings)
             size = view_size(conn, view)
+            if incremental:
+                pending_after = facts.pending_changes(conn, view)
+                incremental["staleness_seconds"] = (
+                    pending_after.staleness_seconds(dt.datetime.now(dt.UTC)) if pending_after else None
+                )
+                incremental["keys_applied"] = (
+                    inspection.pending.keys if attempt.mode == RefreshMode.INCREMENTAL and inspection.pending else 0
+                )
     except BusyError as error:
         return finish("skipped", "another refresh of this view is running", message=str(error))
     except Exception as error:
@@ -173,15 +192,32 @@ def refresh(
         rows=size.rows,
         table_bytes=size.table_bytes,
         index_bytes=size.index_bytes,
+        **incremental,
     )
+
+
+def _incremental_facts(view: MaterializedView, inspection: Inspection, now: dt.datetime) -> dict[str, Any]:
+    """The incremental fields of a result, as the decision saw them (empty for other views)."""
+    if view.incremental is None or inspection.pending is None:
+        return {}
+    pending = inspection.pending
+    return {
+        "keys_applied": 0,
+        "change_ratio": policy.change_ratio(pending.keys, inspection.estimated_rows),
+        "staleness_seconds": pending.staleness_seconds(now),
+    }
 
 
 def _steps(view: MaterializedView, inspection: Inspection, mode: RefreshMode) -> list[Step]:
     # Under the lock nobody else is building: a copy of ours still there was left by a crash; drop it first.
-    cleanup = [drop_leftover_step(view.schema, name) for name in inspection.leftovers]
+    cleanup = [drop_leftover_step(view.schema, name, relkind) for name, relkind in inspection.leftovers]
     if mode == RefreshMode.SWAP:
         state = inspection.marker.state if inspection.marker else {}
         return cleanup + swap_steps(view, list(inspection.dependents), state=state, old_indexes=inspection.indexes)
+    if mode == RefreshMode.INCREMENTAL:
+        assert inspection.key_catalog is not None and inspection.pending is not None
+        filtered = key_filtered_query(view, inspection.key_catalog).query
+        return [*cleanup, incremental_step(view, filtered, inspection.pending.keys)]
     return [*cleanup, refresh_in_place_step(view, mode)]
 
 
@@ -203,11 +239,14 @@ def _record(
     settings: ExecutionSettings,
 ) -> None:
     """The last step: the new state (measured duration, last success, sources seen) into the marker."""
-    state = inspection.state.after_success(mode, seconds, dt.datetime.now(dt.UTC), inspection.source_version)
+    state = inspection.state.after_success(
+        mode, seconds, dt.datetime.now(dt.UTC), inspection.source_version, inspection.untracked_version
+    )
     digest = (
         view.definition_digest if mode == RefreshMode.SWAP else (inspection.marker.digest if inspection.marker else "")
     )
-    _write_marker(conn, view, Marker(view.owner, "view", digest, state.to_marker()), settings, "the refresh state")
+    marker = Marker(view.owner, "view", digest, state.to_marker())
+    _write_marker(conn, view, marker, settings, "the refresh state")
 
 
 def record_build(conn: Connection, view: MaterializedView, when: dt.datetime | None = None) -> None:
@@ -215,10 +254,14 @@ def record_build(conn: Connection, view: MaterializedView, when: dt.datetime | N
     oid, marker = facts.read_marker(conn, view.schema, view.name)
     if oid is None or marker is None or marker.owner != view.owner:
         return
+    untracked = None
+    if view.incremental is not None:
+        untracked = facts.inspect(conn, view).untracked_version
     state = dataclasses.replace(
         RefreshState.from_marker(marker.state),
         last_success=when or dt.datetime.now(dt.UTC),
-        source_version=facts.source_version(conn, oid),
+        source_version=facts.source_version(conn, view, oid),
+        untracked_version=untracked,
     )
     settings = ExecutionSettings(statement_timeout_seconds=5, lock_timeout_seconds=1)
     _write_marker(conn, view, dataclasses.replace(marker, state=state.to_marker()), settings, "the build")

@@ -13,11 +13,21 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from matview.api.spec import MaterializedView
-from matview.plan.catalog import Connection, read_dependents, relation_oid, upstream_relations
+from matview.api import sqltext
+from matview.api.spec import MaterializedView, Storage
+from matview.plan import capture
+from matview.plan.catalog import (
+    Connection,
+    UpstreamRelation,
+    read_dependents,
+    relation_fingerprints,
+    relation_oid,
+    resolve_relations,
+    upstream_relations,
+)
 from matview.plan.marker import Marker
-from matview.plan.planner import retired_name, staging_name
-from matview.refresh.policy import Inspection, RefreshState
+from matview.plan.planner import query_tables, retired_name, staging_name
+from matview.refresh.policy import Inspection, PendingChanges, RefreshState
 
 _VIEW = sql.SQL("""
 SELECT c.oid, c.relispopulated, obj_description(c.oid, 'pg_class'),
@@ -26,7 +36,7 @@ SELECT c.oid, c.relispopulated, obj_description(c.oid, 'pg_class'),
        coalesce((SELECT array_agg(ic.relname::text ORDER BY ic.relname)
                  FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid WHERE i.indrelid = c.oid), '{}')
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = %s AND c.relname = %s AND c.relkind = 'm'
+WHERE n.nspname = %s AND c.relname = %s AND c.relkind = %s
 """)
 
 _SIZES = sql.SQL(
@@ -35,46 +45,115 @@ _SIZES = sql.SQL(
 )
 
 _MARKER = sql.SQL(
-    "SELECT c.oid, obj_description(c.oid, 'pg_class') FROM pg_class c "
+    "SELECT c.oid, obj_description(c.oid, 'pg_class'), c.relkind FROM pg_class c "
     "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s"
 )
 
 
 def inspect(conn: Connection, view: MaterializedView) -> Inspection:
-    """What decides the refresh mode: ownership, populated, a usable unique index, dependents, sources."""
-    row = conn.execute(_VIEW, (view.schema, view.name)).fetchone()
+    """What decides the refresh mode: ownership, populated, a usable unique index, dependents, sources,
+    and for incremental views the pending changes."""
+    row = conn.execute(_VIEW, (view.schema, view.name, view.storage.relkind)).fetchone()
     if row is None:
         return Inspection()
     oid, populated, comment, unique, indexes = row
     marker = Marker.parse(comment)
     leftovers = []
     for name in (staging_name(view), retired_name(view)):
-        _, found = read_marker(conn, view.schema, name)
-        if found is not None and found.owner == view.owner and found.kind == "staging":
-            leftovers.append(name)
+        leftover = conn.execute(_MARKER, (view.schema, name)).fetchone()
+        found = Marker.parse(leftover[1]) if leftover else None
+        if leftover and found is not None and found.owner == view.owner and found.kind == "staging":
+            leftovers.append((name, str(leftover[2])))
+    key_catalog = None
+    pending = None
+    untracked = None
+    rows = None
+    if view.incremental is not None:
+        key_catalog = resolve_relations(conn, view)
+        pending = pending_changes(conn, view)
+        declared = {source.relation for source in view.incremental.sources}
+        untracked = _fingerprint(
+            conn, [r for r in _query_relations(conn, key_catalog) if (r.schema, r.name) not in declared]
+        )
+        estimate = conn.execute(sql.SQL("SELECT reltuples::bigint FROM pg_class WHERE oid = %s"), (oid,)).fetchone()
+        rows = int(estimate[0]) if estimate and estimate[0] is not None and estimate[0] >= 0 else None
     return Inspection(
         oid=int(oid),
         ours=marker is not None and marker.owner == view.owner and marker.kind == "view",
         populated=bool(populated),
-        concurrent_possible=bool(populated) and bool(unique),
+        concurrent_possible=bool(populated) and bool(unique) and view.storage is Storage.MATERIALIZED_VIEW,
         dependents=tuple(read_dependents(conn, int(oid))),
         indexes=tuple(str(name) for name in indexes),
         marker=marker,
-        source_version=source_version(conn, int(oid)),
+        source_version=source_version(conn, view, int(oid), key_catalog),
         leftovers=tuple(leftovers),
+        key_catalog=key_catalog,
+        pending=pending,
+        untracked_version=untracked,
+        estimated_rows=rows,
     )
 
 
-def source_version(conn: Connection, oid: int) -> str | None:
-    """A fingerprint of every table the view reads (through views): write counters and relfilenode.
-
-    None when the query reads a foreign table, whose changes cannot be seen. Counters come from the
-    statistics system, which a writing session reports within about a second of committing.
-    """
-    relations = upstream_relations(conn, oid)
+def _fingerprint(conn: Connection, relations: list[UpstreamRelation]) -> str | None:
     if any(r.relkind == "f" for r in relations):
         return None
     return hashlib.sha256(repr([r.fingerprint for r in relations]).encode()).hexdigest()[:24]
+
+
+def _query_relations(
+    conn: Connection, key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation]
+) -> list[UpstreamRelation]:
+    oids = [oid for name in sorted(query_tables(key_catalog)) if (oid := relation_oid(conn, *name)) is not None]
+    return relation_fingerprints(conn, oids)
+
+
+def source_version(
+    conn: Connection,
+    view: MaterializedView,
+    oid: int,
+    key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation] | None = None,
+) -> str | None:
+    """A fingerprint of every table the view reads (through views): write counters and relfilenode.
+
+    None when the query reads a foreign table, whose changes cannot be seen. Counters come from the
+    statistics system, which a writing session reports within about a second of committing. A table
+    (storage Table) has no rewrite rule to follow, so its query's relations are resolved by name.
+    """
+    if view.storage is Storage.TABLE:
+        return _fingerprint(conn, _query_relations(conn, key_catalog or resolve_relations(conn, view)))
+    return _fingerprint(conn, upstream_relations(conn, oid))
+
+
+_PENDING = sql.SQL("""
+SELECT (SELECT count(*) FROM (SELECT DISTINCT {keys} FROM {log} WHERE {claimable} LIMIT %(cap)s) AS d),
+       coalesce((SELECT array_agg(DISTINCT {full}) FROM {log} WHERE {full} IS NOT NULL), '{{}}'),
+       EXISTS (SELECT 1 FROM {log} WHERE {full} IS NULL AND NOT (({keys}) IS NOT NULL)),
+       (SELECT min({changed_at}) FROM {log})
+""")
+
+#: Counting distinct pending keys stops here: beyond it only "too many for an incremental refresh" matters.
+MAX_COUNTED_KEYS = 10_000_000
+
+
+def pending_changes(conn: Connection, view: MaterializedView) -> PendingChanges | None:
+    """What the change log holds now (None when it does not exist: capture is not installed)."""
+    assert view.incremental is not None
+    keys = capture.key_list(view.incremental.key_columns)
+    full = sql.Identifier(capture.FULL_REBUILD)
+    query = _PENDING.format(
+        keys=keys,
+        log=capture.changes_id(view),
+        claimable=sql.SQL("{} IS NULL AND ({}) IS NOT NULL").format(full, keys),
+        full=full,
+        changed_at=sql.Identifier(capture.CHANGED_AT),
+    )
+    if relation_oid(conn, view.schema, capture.changes_name(view)) is None:
+        return None
+    row = conn.execute(query, {"cap": MAX_COUNTED_KEYS}).fetchone()
+    if row is None:
+        return None
+    count, reasons, null_keys, oldest = row
+    return PendingChanges(int(count), tuple(str(r) for r in reasons), bool(null_keys), oldest)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from typing import Any, Literal
 import psycopg
 
 from matview import timestamps
-from matview.api.spec import MaterializedView, RefreshMode
+from matview.api import sqltext
+from matview.api.spec import MaterializedView, RefreshMode, Storage
 from matview.errors import MatviewError
 from matview.plan.catalog import DependentView
 from matview.plan.marker import Marker
@@ -45,6 +46,9 @@ class RefreshState:
     source_version: str | None = None
     """Fingerprint of the base tables as seen by the last successful refresh (onlyIfChanged)."""
     runs: int = 0
+    untracked_version: str | None = None
+    """Fingerprint of the tables an incremental view reads that are not declared sources."""
+    last_verified: dt.datetime | None = None
 
     @classmethod
     def from_marker(cls, data: dict[str, Any]) -> RefreshState:
@@ -56,6 +60,8 @@ class RefreshState:
             else {},
             source_version=data.get("sourceVersion") if isinstance(data.get("sourceVersion"), str) else None,
             runs=int(data.get("runs", 0)) if isinstance(data.get("runs", 0), int) else 0,
+            untracked_version=data.get("untrackedVersion") if isinstance(data.get("untrackedVersion"), str) else None,
+            last_verified=timestamps.parse(data.get("lastVerified")),
         )
 
     def to_marker(self) -> dict[str, Any]:
@@ -67,9 +73,15 @@ class RefreshState:
             data["lastSuccess"] = timestamps.rfc3339(self.last_success)
         if self.source_version is not None:
             data["sourceVersion"] = self.source_version
+        if self.untracked_version is not None:
+            data["untrackedVersion"] = self.untracked_version
+        if self.last_verified is not None:
+            data["lastVerified"] = timestamps.rfc3339(self.last_verified)
         return data
 
-    def after_success(self, mode: str, seconds: float, when: dt.datetime, version: str | None) -> RefreshState:
+    def after_success(
+        self, mode: str, seconds: float, when: dt.datetime, version: str | None, untracked: str | None = None
+    ) -> RefreshState:
         previous = self.durations.get(mode)
         average = seconds if previous is None else EVIDENCE_WEIGHT * seconds + (1 - EVIDENCE_WEIGHT) * previous
         return replace(
@@ -77,8 +89,27 @@ class RefreshState:
             last_success=when,
             durations={**self.durations, mode: average},
             source_version=version,
+            untracked_version=untracked,
             runs=self.runs + 1,
         )
+
+
+@dataclass(frozen=True)
+class PendingChanges:
+    """What an incremental view's change log holds."""
+
+    keys: int = 0
+    """Distinct complete keys waiting to be applied."""
+    full_reasons: tuple[str, ...] = ()
+    """Why a full rebuild was requested (a TRUNCATE, repaired capture, an unfinished swap)."""
+    null_keys: bool = False
+    """A write recorded a key with a NULL part, which a key filter cannot select."""
+    oldest: dt.datetime | None = None
+    """When the oldest change still in the log was recorded."""
+
+    def staleness_seconds(self, now: dt.datetime) -> float:
+        """Age of the oldest unapplied change, 0 when there is none."""
+        return max(0.0, (now - self.oldest).total_seconds()) if self.oldest is not None else 0.0
 
 
 @dataclass(frozen=True)
@@ -94,8 +125,14 @@ class Inspection:
     marker: Marker | None = None
     source_version: str | None = None
     """Fingerprint of the tables the view reads now (None when unknowable: a foreign table)."""
-    leftovers: tuple[str, ...] = ()
-    """Staging or retired copies of ours (same schema) that an interrupted build or swap left behind."""
+    leftovers: tuple[tuple[str, str], ...] = ()
+    """(name, relkind) of staging or retired copies of ours that an interrupted build or swap left behind."""
+    key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation] | None = None
+    """What the query's relations resolve to (incremental views: the key-filter rewrite needs it)."""
+    pending: PendingChanges | None = None
+    """The change log (incremental views; None when it does not exist)."""
+    untracked_version: str | None = None
+    estimated_rows: int | None = None
 
     @property
     def state(self) -> RefreshState:
@@ -145,11 +182,24 @@ class Refuse:
 Decision = Run | Skip | Refuse
 
 
-def decide(view: MaterializedView, inspection: Inspection, requested: str | None, force: bool) -> Decision:
-    """The whole refresh decision: refuse, skip (onlyIfChanged), or run a mode."""
+def target_lag_check_seconds(target_lag_seconds: float) -> float:
+    """How often a view with a target lag looks at its change log: four looks per target, at most one a second."""
+    return max(1.0, target_lag_seconds / 4)
+
+
+def decide(
+    view: MaterializedView,
+    inspection: Inspection,
+    requested: str | None,
+    force: bool,
+    now: dt.datetime | None = None,
+) -> Decision:
+    """The whole refresh decision: refuse, skip (onlyIfChanged, nothing pending), or run a mode."""
     if inspection.oid is None or not inspection.ours:
         what = "does not exist (apply it first)" if inspection.oid is None else "is not managed by this resource"
         return Refuse(f"{view.relation} {what}", f"{view.relation} {what}")
+    if view.incremental is not None:
+        return decide_incremental(view, inspection, requested, force, now or dt.datetime.now(dt.UTC))
     if (
         view.refresh.only_if_changed
         and not force
@@ -167,11 +217,78 @@ def decide(view: MaterializedView, inspection: Inspection, requested: str | None
     return Run(mode, reason)
 
 
+def full_rebuild_reason(view: MaterializedView, inspection: Inspection, adaptive: bool) -> str:
+    """Why an incremental view must (or, adaptive, should) be rebuilt in full now; "" when keys suffice."""
+    assert view.incremental is not None
+    pending = inspection.pending
+    state = inspection.state
+    if not inspection.populated:
+        return "the view is not populated"
+    if pending is None:
+        return "change capture is not installed (apply the view)"
+    if inspection.marker is None or inspection.marker.digest != view.definition_digest:
+        return "the stored rows were built from another definition"
+    if pending.full_reasons:
+        return "a full rebuild was requested: " + "; ".join(sorted(pending.full_reasons))
+    if pending.null_keys:
+        return "a write recorded a key with a NULL part, which a key filter cannot select"
+    if inspection.untracked_version is None:
+        return "the query reads a foreign table, whose writes cannot be tracked"
+    if inspection.untracked_version != state.untracked_version:
+        return "a table the query reads that is not a declared source was written (or no refresh recorded it yet)"
+    if adaptive and pending.keys:
+        ratio = change_ratio(pending.keys, inspection.estimated_rows)
+        if ratio > view.incremental.full_rebuild_ratio:
+            return (
+                f"Auto: {pending.keys} changed key(s) are {ratio:.1%} of the view, above fullRebuildRatio "
+                f"{view.incremental.full_rebuild_ratio:.1%}: a full rebuild is cheaper"
+            )
+    return ""
+
+
+def change_ratio(keys: int, rows: int | None) -> float:
+    """Changed keys as a share of the view's rows (estimated; an empty view counts as one row)."""
+    return keys / max(rows or 0, 1)
+
+
+def decide_incremental(
+    view: MaterializedView, inspection: Inspection, requested: str | None, force: bool, now: dt.datetime
+) -> Decision:
+    """Incremental views: Swap when asked or when keys cannot be trusted or would cost more, a skip when
+    nothing is pending (or waiting stays within targetLag), otherwise apply the changed keys."""
+    wanted = RefreshMode(requested or view.refresh.mode)
+    if wanted == RefreshMode.SWAP:
+        return Run(RefreshMode.SWAP, "mode Swap requested")
+    if wanted not in (RefreshMode.AUTO, RefreshMode.INCREMENTAL):
+        return Refuse(f"mode {wanted} requested", f"mode {wanted} does not apply to storage {view.storage}")
+    full = full_rebuild_reason(view, inspection, adaptive=wanted == RefreshMode.AUTO)
+    if full:
+        if not inspection.swap_possible:
+            return Refuse(full, f"{view.relation} needs a full rebuild ({full}) but {inspection.swap_blocker}")
+        return Run(RefreshMode.SWAP, full)
+    pending = inspection.pending or PendingChanges()
+    if pending.keys == 0:
+        return Skip("no changes pending", data_current=True)
+    target = view.refresh.target_lag_seconds
+    if target is not None and not force:
+        age = pending.staleness_seconds(now)
+        expected = inspection.state.durations.get(RefreshMode.INCREMENTAL, 0.0)
+        if age + target_lag_check_seconds(target) + expected < target:
+            return Skip(
+                f"{pending.keys} changed key(s), the oldest {age:.0f}s old: within targetLag until the next look",
+                data_current=False,
+            )
+    ratio = change_ratio(pending.keys, inspection.estimated_rows)
+    return Run(RefreshMode.INCREMENTAL, f"{pending.keys} changed key(s), {ratio:.2%} of the view")
+
+
 def choose_mode(
     view: MaterializedView, inspection: Inspection, requested: str | None = None
 ) -> tuple[RefreshMode, str]:
     """Pure: which mode to run and why."""
     wanted = RefreshMode(requested or view.refresh.mode)
+    if view.storage is Storage.TABLE and wanted == RefreshMode.AUTO:
+        return RefreshMode.SWAP, "storage Table without spec.incremental is rebuilt by build-and-swap"
     if wanted != RefreshMode.AUTO:
         return wanted, f"mode {wanted} requested"
     if not inspection.populated:

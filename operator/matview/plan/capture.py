@@ -1,0 +1,232 @@
+"""Change capture for incremental refresh: the change log, the capture function and the source triggers.
+
+Writes to a declared source table record the view keys they touched, in the writer's own transaction,
+into a change log the operator owns (``<view>_mv_changes``): one statement-level AFTER trigger per
+operation with transition tables, so a batch of 100,000 rows costs one INSERT ... SELECT DISTINCT, not
+100,000 trigger calls. TRUNCATE records that a full rebuild is needed. The capture function is
+SECURITY DEFINER (owned by the view's builder), so writers need no privilege on the change log; it only
+ever inserts into the table its trigger arguments name, and those arguments are written by the planner.
+
+This module is the pure half: names, what observe reads about these objects, and the steps that create,
+repair and drop them. The refresh statements that consume the log live here too, so the log's columns
+are spelled in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from psycopg import sql
+
+from matview.api import sqltext
+from matview.api.spec import MaterializedView, truncate_utf8
+from matview.plan.marker import Marker
+
+#: Columns of the change log besides the key columns (prefixed so they cannot clash with a key's name).
+CHANGE_ID, CHANGED_AT, FULL_REBUILD = "mv_change_id", "mv_changed_at", "mv_full_rebuild"
+RESERVED_COLUMNS = frozenset({CHANGE_ID, CHANGED_AT, FULL_REBUILD})
+
+#: The reason a build-and-swap leaves in the log until its swap commits: if it never does, the next
+#: refresh rebuilds in full instead of applying keys on top of data that never went live.
+SWAP_PENDING = "a build-and-swap did not complete"
+
+_OPERATIONS = {"i": "INSERT", "u": "UPDATE", "d": "DELETE", "t": "TRUNCATE"}
+_NEW_ROWS, _OLD_ROWS = "matview_new_rows", "matview_old_rows"
+
+
+def changes_name(view: MaterializedView) -> str:
+    return truncate_utf8(view.name, 63 - 11) + "_mv_changes"
+
+
+def function_name(view: MaterializedView) -> str:
+    return truncate_utf8(view.name, 63 - 11) + "_mv_capture"
+
+
+def trigger_prefix(view: MaterializedView) -> str:
+    """Every capture trigger of this resource starts with it (unique per resource, so two views can
+    capture the same table)."""
+    return "matview_" + hashlib.sha256(view.owner.encode()).hexdigest()[:12] + "_"
+
+
+def trigger_names(view: MaterializedView) -> dict[str, str]:
+    """Operation → trigger name (transition tables allow one event per trigger)."""
+    return {operation: trigger_prefix(view) + suffix for suffix, operation in _OPERATIONS.items()}
+
+
+def capture_digest(view: MaterializedView) -> str:
+    assert view.incremental is not None
+    return view.incremental.digest
+
+
+@dataclass(frozen=True)
+class CaptureState:
+    """What exists of one view's change capture (observed; owners proven by marker or by function)."""
+
+    changes: Marker | None = None
+    changes_exists: bool = False
+    function: Marker | None = None
+    function_exists: bool = False
+    triggers: dict[tuple[str, str], dict[str, bool]] = field(default_factory=dict)
+    """(schema, table) → trigger name → enabled, for triggers named with this resource's prefix that call
+    its capture function."""
+
+
+_FUNCTION_BODY = """
+DECLARE
+    log_table text := format('%I.%I', TG_ARGV[0], TG_ARGV[1]);
+    key_list text := '';
+    source_list text := '';
+    i int := 2;
+BEGIN
+    WHILE i + 1 < TG_NARGS LOOP
+        key_list := key_list || CASE WHEN i > 2 THEN ', ' ELSE '' END || format('%I', TG_ARGV[i]);
+        source_list := source_list || CASE WHEN i > 2 THEN ', ' ELSE '' END || format('%I', TG_ARGV[i + 1]);
+        i := i + 2;
+    END LOOP;
+    IF TG_OP = 'TRUNCATE' THEN
+        EXECUTE format('INSERT INTO %s (mv_full_rebuild) VALUES ($1)', log_table)
+            USING format('TRUNCATE of %I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME);
+    ELSIF TG_OP = 'INSERT' THEN
+        EXECUTE format('INSERT INTO %s (%s) SELECT DISTINCT %s FROM matview_new_rows',
+                       log_table, key_list, source_list);
+    ELSIF TG_OP = 'DELETE' THEN
+        EXECUTE format('INSERT INTO %s (%s) SELECT DISTINCT %s FROM matview_old_rows',
+                       log_table, key_list, source_list);
+    ELSE
+        EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM matview_new_rows UNION SELECT %s FROM matview_old_rows',
+                       log_table, key_list, source_list, source_list);
+    END IF;
+    RETURN NULL;
+END
+"""
+
+
+def _comment(keyword: str, target: sql.Composable, marker: Marker) -> sql.Composed:
+    return sql.SQL("COMMENT ON {} {} IS {}").format(sql.SQL(keyword), target, sql.Literal(marker.to_comment()))
+
+
+def changes_id(view: MaterializedView) -> sql.Identifier:
+    return sql.Identifier(view.schema, changes_name(view))
+
+
+def key_list(columns: tuple[str, ...], table: str | None = None) -> sql.Composed:
+    return sql.SQL(", ").join(sql.Identifier(table, c) if table else sql.Identifier(c) for c in columns)
+
+
+def create_log_statements(view: MaterializedView) -> list[sql.Composed]:
+    """The change log, typed like the view's key columns (taken from the query itself, WITH NO DATA), and
+    the capture function. Run as the view's builder, so both belong to whoever owns the view."""
+    assert view.incremental is not None
+    keys = view.incremental.key_columns
+    log = changes_id(view)
+    function = sql.Identifier(view.schema, function_name(view))
+    return [
+        sql.SQL("CREATE TABLE {} AS SELECT {} FROM ({}) AS q WITH NO DATA").format(
+            log, key_list(keys, "q"), sqltext.embed(view.query)
+        ),
+        sql.SQL(
+            "ALTER TABLE {} ADD COLUMN {} bigint GENERATED ALWAYS AS IDENTITY, "
+            "ADD COLUMN {} timestamptz NOT NULL DEFAULT clock_timestamp(), ADD COLUMN {} text"
+        ).format(log, sql.Identifier(CHANGE_ID), sql.Identifier(CHANGED_AT), sql.Identifier(FULL_REBUILD)),
+        sql.SQL("CREATE INDEX ON {} ({})").format(log, sql.Identifier(CHANGED_AT)),
+        _comment("TABLE", log, Marker(view.owner, "changes", capture_digest(view))),
+        sql.SQL(
+            "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER "
+            "SET search_path = pg_catalog, pg_temp AS {}"
+        ).format(function, sql.Literal(_FUNCTION_BODY)),
+        sql.SQL("REVOKE ALL ON FUNCTION {}() FROM PUBLIC").format(function),
+        _comment("FUNCTION", sql.SQL("{}()").format(function), Marker(view.owner, "capture", "v1")),
+    ]
+
+
+def drop_log_statements(view: MaterializedView, state: CaptureState) -> list[sql.Composed]:
+    statements = []
+    if state.function_exists:
+        statements.append(sql.SQL("DROP FUNCTION {}()").format(sql.Identifier(view.schema, function_name(view))))
+    if state.changes_exists:
+        statements.append(sql.SQL("DROP TABLE {}").format(changes_id(view)))
+    return statements
+
+
+def create_trigger_statements(
+    view: MaterializedView, schema: str, table: str, columns: tuple[str, ...]
+) -> list[sql.Composed]:
+    assert view.incremental is not None
+    arguments = [view.schema, changes_name(view)]
+    for key, column in zip(view.incremental.key_columns, columns, strict=True):
+        arguments += [key, column]
+    call = sql.SQL("EXECUTE FUNCTION {}({})").format(
+        sql.Identifier(view.schema, function_name(view)), sql.SQL(", ").join(sql.Literal(a) for a in arguments)
+    )
+    target = sql.Identifier(schema, table)
+    statements = []
+    for operation, name in trigger_names(view).items():
+        referencing = {
+            "INSERT": sql.SQL(" REFERENCING NEW TABLE AS {}").format(sql.Identifier(_NEW_ROWS)),
+            "DELETE": sql.SQL(" REFERENCING OLD TABLE AS {}").format(sql.Identifier(_OLD_ROWS)),
+            "UPDATE": sql.SQL(" REFERENCING NEW TABLE AS {} OLD TABLE AS {}").format(
+                sql.Identifier(_NEW_ROWS), sql.Identifier(_OLD_ROWS)
+            ),
+            "TRUNCATE": sql.SQL(""),
+        }[operation]
+        statements.append(
+            sql.SQL("CREATE TRIGGER {} AFTER {} ON {}{} FOR EACH STATEMENT {}").format(
+                sql.Identifier(name), sql.SQL(operation), target, referencing, call
+            )
+        )
+    return statements
+
+
+def drop_trigger_statements(schema: str, table: str, names: list[str]) -> list[sql.Composed]:
+    return [
+        sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), sql.Identifier(schema, table))
+        for name in sorted(names)
+    ]
+
+
+def request_full_rebuild(view: MaterializedView, reason: str) -> sql.Composed:
+    """A row in the change log that makes the next refresh rebuild in full."""
+    return sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+        changes_id(view), sql.Identifier(FULL_REBUILD), sql.Literal(reason)
+    )
+
+
+def claim_for_swap(view: MaterializedView) -> list[sql.Composed]:
+    """First statements of a build-and-swap's build transaction (REPEATABLE READ, so the build reads the
+    same snapshot): forget every change it will include, and leave SWAP_PENDING until the swap commits."""
+    return [
+        sql.SQL("DELETE FROM {}").format(changes_id(view)),
+        request_full_rebuild(view, SWAP_PENDING),
+    ]
+
+
+def swap_committed(view: MaterializedView) -> sql.Composed:
+    return sql.SQL("DELETE FROM {} WHERE {} = {}").format(
+        changes_id(view), sql.Identifier(FULL_REBUILD), sql.Literal(SWAP_PENDING)
+    )
+
+
+def incremental_statements(view: MaterializedView, filtered_query: sqltext.CheckedSQL) -> list[sql.Composed]:
+    """One transaction (REPEATABLE READ: every statement sees the same snapshot): claim the changed keys
+    the snapshot shows, delete their rows, insert them recomputed by the key-filtered query.
+
+    Only rows with a complete key and no full-rebuild request are claimed: a TRUNCATE or a NULL key that
+    commits after the decision stays in the log and makes the next refresh a full one."""
+    assert view.incremental is not None
+    keys = view.incremental.key_columns
+    temporary = sql.Identifier(*sqltext.CHANGED_KEYS_TABLE)
+    claimable = sql.SQL("{} IS NULL AND ({}) IS NOT NULL").format(sql.Identifier(FULL_REBUILD), key_list(keys))
+    target = sql.Identifier(view.schema, view.name)
+    in_keys = sql.SQL("IN (SELECT {} FROM {})").format(key_list(keys), temporary)
+    return [
+        sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT DISTINCT {} FROM {} WHERE {}").format(
+            sql.Identifier(sqltext.CHANGED_KEYS_TABLE[1]), key_list(keys), changes_id(view), claimable
+        ),
+        sql.SQL("DELETE FROM {} WHERE {}").format(changes_id(view), claimable),
+        sql.SQL("ANALYZE {}").format(temporary),
+        sql.SQL("DELETE FROM {} AS t WHERE ({}) {}").format(target, key_list(keys, "t"), in_keys),
+        sql.SQL("INSERT INTO {} SELECT * FROM ({}) AS q WHERE ({}) {}").format(
+            target, sqltext.embed(filtered_query), key_list(keys, "q"), in_keys
+        ),
+    ]
