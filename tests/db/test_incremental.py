@@ -91,7 +91,7 @@ def test_apply_builds_a_table_with_capture_and_a_refresh_applies_only_changed_ke
     assert first.result == "skipped" and first.reason == "no changes pending", first
 
     matrix.execute(
-        "INSERT INTO ops.trips (driver_id, trip_date) SELECT driver_id, lead_date + 1 FROM ops.leads WHERE driver_id IN (3, 7)"
+        "INSERT INTO ops.trips (driver_id, trip_date) SELECT driver_id, lead_date + 1 FROM ops.leads WHERE driver_id IN (3, 7)"  # noqa: E501
     )
     matrix.execute("UPDATE ops.claims SET status = 'rejected' WHERE driver_id = 11")
     matrix.execute("DELETE FROM ops.payments WHERE driver_id = 12")
@@ -216,9 +216,8 @@ def test_writers_need_no_privilege_on_the_change_log(matrix: Connection, dsn: st
     apply(matrix, mv)
     matrix.execute("CREATE ROLE writer LOGIN PASSWORD 'w'; GRANT USAGE ON SCHEMA ops TO writer")
     matrix.execute("GRANT INSERT, SELECT ON ops.trips TO writer")
-    info = psycopg.conninfo.conninfo_to_dict(dsn)
-    info.update(user="writer", password="w")
-    with psycopg.connect(**info, autocommit=True) as writer:
+    writer_dsn = psycopg.conninfo.make_conninfo(dsn, user="writer", password="w")
+    with psycopg.connect(writer_dsn, autocommit=True) as writer:
         writer.execute("INSERT INTO ops.trips (driver_id, trip_date) VALUES (9, '2026-02-01')")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             writer.execute("SELECT * FROM ops.mx_mv_changes")
@@ -235,13 +234,13 @@ def random_batch(conn: Connection, rng: random.Random, drivers: int) -> str:
     choices = [
         (
             "insert trips",
-            f"INSERT INTO ops.trips (driver_id, trip_date) SELECT {driver}, '{day} + g FROM generate_series(0, {rng.randint(0, 30)}) g",
+            f"INSERT INTO ops.trips (driver_id, trip_date) SELECT {driver}, '{day} + g FROM generate_series(0, {rng.randint(0, 30)}) g",  # noqa: E501
         ),
         ("delete trips", f"DELETE FROM ops.trips WHERE driver_id = {driver} AND trip_id % {rng.randint(1, 4)} = 0"),
         ("move trips", f"UPDATE ops.trips SET driver_id = {other} WHERE driver_id = {driver} AND trip_id % 2 = 0"),
         (
             "shift trips",
-            f"UPDATE ops.trips SET trip_date = trip_date + {rng.randint(-10, 10)} WHERE driver_id IN ({driver}, {other})",
+            f"UPDATE ops.trips SET trip_date = trip_date + {rng.randint(-10, 10)} WHERE driver_id IN ({driver}, {other})",  # noqa: E501
         ),
         (
             "insert lead",
@@ -251,12 +250,12 @@ def random_batch(conn: Connection, rng: random.Random, drivers: int) -> str:
         ("move lead", f"UPDATE ops.leads SET lead_date = '{day} WHERE driver_id = {driver}"),
         (
             "claim",
-            f"INSERT INTO ops.claims (driver_id, milestone_value, claimed_at, status) VALUES ({driver}, {rng.choice([1, 5, 25])}, '{day}, '{rng.choice(['open', 'rejected'])}')",
+            f"INSERT INTO ops.claims (driver_id, milestone_value, claimed_at, status) VALUES ({driver}, {rng.choice([1, 5, 25])}, '{day}, '{rng.choice(['open', 'rejected'])}')",  # noqa: E501
         ),
         ("reject claims", f"UPDATE ops.claims SET status = 'rejected' WHERE driver_id = {driver}"),
         (
             "pay",
-            f"INSERT INTO ops.payments (driver_id, milestone_value, paid_at, amount) VALUES ({driver}, {rng.choice([1, 5, 25])}, '{day}, {rng.randint(1, 200)})",
+            f"INSERT INTO ops.payments (driver_id, milestone_value, paid_at, amount) VALUES ({driver}, {rng.choice([1, 5, 25])}, '{day}, {rng.randint(1, 200)})",  # noqa: E501
         ),
         ("unpay", f"DELETE FROM ops.payments WHERE driver_id = {driver}"),
         (
@@ -265,11 +264,11 @@ def random_batch(conn: Connection, rng: random.Random, drivers: int) -> str:
         ),
         (
             "new driver",
-            f"INSERT INTO public.drivers VALUES ({drivers + 1000 + rng.randint(0, 10**6)}, 'n', '{day}) ON CONFLICT DO NOTHING",
+            f"INSERT INTO public.drivers VALUES ({drivers + 1000 + rng.randint(0, 10**6)}, 'n', '{day}) ON CONFLICT DO NOTHING",  # noqa: E501
         ),
         (
             "bulk",
-            f"UPDATE ops.trips SET trip_date = trip_date + 1 WHERE driver_id % {rng.randint(7, 40)} = {rng.randint(0, 6)}",
+            f"UPDATE ops.trips SET trip_date = trip_date + 1 WHERE driver_id % {rng.randint(7, 40)} = {rng.randint(0, 6)}",  # noqa: E501
         ),
         ("no-op update", f"UPDATE ops.claims SET status = status WHERE driver_id = {driver}"),
     ]
