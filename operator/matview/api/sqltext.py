@@ -26,6 +26,7 @@ a recursion limit that fits that depth.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
 import queue
 import sys
@@ -226,8 +227,10 @@ def check_query(text: str) -> CheckedSQL:
     return _PARSER.run(lambda: _check_select(text, "query"))
 
 
+@functools.lru_cache(maxsize=512)
 def check_view_definition(text: str) -> CheckedSQL:
-    """Check a dependent view's definition read from pg_get_viewdef before re-creating it."""
+    """Check a view's definition read from pg_get_viewdef (dependents re-created by a swap, views inlined by
+    a key-filter rewrite). Cached: an incremental refresh reads the same few definitions every time."""
     return _PARSER.run(lambda: _check_select(text, "view definition"))
 
 
@@ -323,7 +326,12 @@ def quote_identifier(name: str) -> str:
 
 def relations_read(text: CheckedSQL) -> list[Reference]:
     """The relations a checked query or view definition names in FROM, CTE references left out."""
-    return _PARSER.run(lambda: _relations_read(text))
+    return list(_relations_read_cached(text))
+
+
+@functools.lru_cache(maxsize=512)
+def _relations_read_cached(text: CheckedSQL) -> tuple[Reference, ...]:
+    return tuple(_PARSER.run(lambda: _relations_read(text)))
 
 
 def _cte_names(statement: Any) -> set[str]:
@@ -378,7 +386,18 @@ def inject_key_filters(
     subqueries under the same alias) only where they read a declared source, because PostgreSQL does not
     push a key predicate through aggregates or FULL JOINs: the filter has to sit where the rows are read.
     """
-    return _PARSER.run(lambda: _inject(query, catalog, sources, key_columns))
+    return _inject_cached(query, tuple(catalog.items()), tuple(sorted(sources.items())), key_columns)
+
+
+@functools.lru_cache(maxsize=64)
+def _inject_cached(
+    query: CheckedSQL,
+    catalog: tuple[tuple[Reference, ResolvedRelation], ...],
+    sources: tuple[tuple[RelationName, tuple[str, ...]], ...],
+    key_columns: tuple[str, ...],
+) -> KeyFilterResult:
+    """Cached: every incremental refresh of a view rewrites the same query against the same catalog."""
+    return _PARSER.run(lambda: _inject(query, dict(catalog), dict(sources), key_columns))
 
 
 def _reads_source(
@@ -394,7 +413,7 @@ def _reads_source(
         return False
     return any(
         (found := catalog.get(reference)) is not None and _reads_source(found.name, catalog, sources, seen)
-        for reference in _relations_read(resolved.definition)
+        for reference in _relations_read_cached(resolved.definition)
     )
 
 

@@ -24,8 +24,8 @@ from matview.api.spec import MaterializedView, truncate_utf8
 from matview.plan.marker import Marker
 
 #: Columns of the change log besides the key columns (prefixed so they cannot clash with a key's name).
-CHANGE_ID, CHANGED_AT, FULL_REBUILD = "mv_change_id", "mv_changed_at", "mv_full_rebuild"
-RESERVED_COLUMNS = frozenset({CHANGE_ID, CHANGED_AT, FULL_REBUILD})
+CHANGED_AT, FULL_REBUILD = "mv_changed_at", "mv_full_rebuild"
+RESERVED_COLUMNS = frozenset({CHANGED_AT, FULL_REBUILD})
 
 #: The reason a build-and-swap leaves in the log until its swap commits: if it never does, the next
 #: refresh rebuilds in full instead of applying keys on top of data that never went live.
@@ -54,9 +54,17 @@ def trigger_names(view: MaterializedView) -> dict[str, str]:
     return {operation: trigger_prefix(view) + suffix for suffix, operation in _OPERATIONS.items()}
 
 
+#: Changes whenever the capture function's body changes shape, so apply replaces installed ones.
+CAPTURE_FUNCTION_VERSION = "2"
+
+
 def capture_digest(view: MaterializedView) -> str:
     assert view.incremental is not None
     return view.incremental.digest
+
+
+def function_digest(view: MaterializedView) -> str:
+    return f"{capture_digest(view)}.{CAPTURE_FUNCTION_VERSION}"
 
 
 @dataclass(frozen=True)
@@ -72,34 +80,55 @@ class CaptureState:
     its capture function."""
 
 
-_FUNCTION_BODY = """
-DECLARE
-    log_table text := format('%I.%I', TG_ARGV[0], TG_ARGV[1]);
-    key_list text := '';
-    source_list text := '';
-    i int := 2;
-BEGIN
-    WHILE i + 1 < TG_NARGS LOOP
-        key_list := key_list || CASE WHEN i > 2 THEN ', ' ELSE '' END || format('%I', TG_ARGV[i]);
-        source_list := source_list || CASE WHEN i > 2 THEN ', ' ELSE '' END || format('%I', TG_ARGV[i + 1]);
-        i := i + 2;
-    END LOOP;
-    IF TG_OP = 'TRUNCATE' THEN
-        EXECUTE format('INSERT INTO %s (mv_full_rebuild) VALUES ($1)', log_table)
-            USING format('TRUNCATE of %I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME);
-    ELSIF TG_OP = 'INSERT' THEN
-        EXECUTE format('INSERT INTO %s (%s) SELECT DISTINCT %s FROM matview_new_rows',
-                       log_table, key_list, source_list);
-    ELSIF TG_OP = 'DELETE' THEN
-        EXECUTE format('INSERT INTO %s (%s) SELECT DISTINCT %s FROM matview_old_rows',
-                       log_table, key_list, source_list);
-    ELSE
-        EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM matview_new_rows UNION SELECT %s FROM matview_old_rows',
-                       log_table, key_list, source_list, source_list);
-    END IF;
-    RETURN NULL;
-END
-"""
+def _function_body(view: MaterializedView) -> str:
+    """The capture function's PL/pgSQL: one branch of static statements per source, so PostgreSQL plans
+    each once per session (a dynamic EXECUTE would parse and plan on every write). A trigger fired on a
+    table no branch names (a source renamed after its triggers were made) requests a full rebuild: a
+    write is never lost, and never fails."""
+    assert view.incremental is not None
+    log = changes_id(view)
+    keys = key_list(view.incremental.key_columns)
+    full = sql.Identifier(FULL_REBUILD)
+    new_rows, old_rows = sql.Identifier(_NEW_ROWS), sql.Identifier(_OLD_ROWS)
+    branches = []
+    for source in view.incremental.sources:
+        columns = key_list(source.columns)
+        branches.append(
+            sql.SQL(
+                "    IF TG_TABLE_SCHEMA = {schema} AND TG_TABLE_NAME = {table} THEN\n"
+                "        IF TG_OP = 'INSERT' THEN\n"
+                "            INSERT INTO {log} ({keys}) SELECT DISTINCT {columns} FROM {new_rows};\n"
+                "        ELSIF TG_OP = 'DELETE' THEN\n"
+                "            INSERT INTO {log} ({keys}) SELECT DISTINCT {columns} FROM {old_rows};\n"
+                "        ELSE\n"
+                "            INSERT INTO {log} ({keys})\n"
+                "            SELECT {columns} FROM {new_rows} UNION SELECT {columns} FROM {old_rows};\n"
+                "        END IF;\n"
+                "        RETURN NULL;\n"
+                "    END IF;\n"
+            ).format(
+                schema=sql.Literal(source.schema),
+                table=sql.Literal(source.table),
+                log=log,
+                keys=keys,
+                columns=columns,
+                new_rows=new_rows,
+                old_rows=old_rows,
+            )
+        )
+    body = sql.SQL(
+        "\nBEGIN\n"
+        "    IF TG_OP = 'TRUNCATE' THEN\n"
+        "        INSERT INTO {log} ({full}) VALUES (format('TRUNCATE of %I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME));\n"
+        "        RETURN NULL;\n"
+        "    END IF;\n"
+        "{branches}"
+        "    INSERT INTO {log} ({full}) VALUES (format('a write to %I.%I, which is not a declared source', "
+        "TG_TABLE_SCHEMA, TG_TABLE_NAME));\n"
+        "    RETURN NULL;\n"
+        "END\n"
+    ).format(log=log, full=full, branches=sql.Composed(branches))
+    return body.as_string(None)
 
 
 def _comment(keyword: str, target: sql.Composable, marker: Marker) -> sql.Composed:
@@ -125,18 +154,17 @@ def create_log_statements(view: MaterializedView) -> list[sql.Composed]:
         sql.SQL("CREATE TABLE {} AS SELECT {} FROM ({}) AS q WITH NO DATA").format(
             log, key_list(keys, "q"), sqltext.embed(view.query)
         ),
+        # No identity and no index: each costs every writer; the log is emptied by every refresh.
         sql.SQL(
-            "ALTER TABLE {} ADD COLUMN {} bigint GENERATED ALWAYS AS IDENTITY, "
-            "ADD COLUMN {} timestamptz NOT NULL DEFAULT clock_timestamp(), ADD COLUMN {} text"
-        ).format(log, sql.Identifier(CHANGE_ID), sql.Identifier(CHANGED_AT), sql.Identifier(FULL_REBUILD)),
-        sql.SQL("CREATE INDEX ON {} ({})").format(log, sql.Identifier(CHANGED_AT)),
+            "ALTER TABLE {} ADD COLUMN {} timestamptz NOT NULL DEFAULT clock_timestamp(), ADD COLUMN {} text"
+        ).format(log, sql.Identifier(CHANGED_AT), sql.Identifier(FULL_REBUILD)),
         _comment("TABLE", log, Marker(view.owner, "changes", capture_digest(view))),
         sql.SQL(
             "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER "
             "SET search_path = pg_catalog, pg_temp AS {}"
-        ).format(function, sql.Literal(_FUNCTION_BODY)),
+        ).format(function, sql.Literal(_function_body(view))),
         sql.SQL("REVOKE ALL ON FUNCTION {}() FROM PUBLIC").format(function),
-        _comment("FUNCTION", sql.SQL("{}()").format(function), Marker(view.owner, "capture", "v1")),
+        _comment("FUNCTION", sql.SQL("{}()").format(function), Marker(view.owner, "capture", function_digest(view))),
     ]
 
 
@@ -149,16 +177,8 @@ def drop_log_statements(view: MaterializedView, state: CaptureState) -> list[sql
     return statements
 
 
-def create_trigger_statements(
-    view: MaterializedView, schema: str, table: str, columns: tuple[str, ...]
-) -> list[sql.Composed]:
-    assert view.incremental is not None
-    arguments = [view.schema, changes_name(view)]
-    for key, column in zip(view.incremental.key_columns, columns, strict=True):
-        arguments += [key, column]
-    call = sql.SQL("EXECUTE FUNCTION {}({})").format(
-        sql.Identifier(view.schema, function_name(view)), sql.SQL(", ").join(sql.Literal(a) for a in arguments)
-    )
+def create_trigger_statements(view: MaterializedView, schema: str, table: str) -> list[sql.Composed]:
+    call = sql.SQL("EXECUTE FUNCTION {}()").format(sql.Identifier(view.schema, function_name(view)))
     target = sql.Identifier(schema, table)
     statements = []
     for operation, name in trigger_names(view).items():
@@ -224,6 +244,8 @@ def incremental_statements(view: MaterializedView, filtered_query: sqltext.Check
             sql.Identifier(sqltext.CHANGED_KEYS_TABLE[1]), key_list(keys), changes_id(view), claimable
         ),
         sql.SQL("DELETE FROM {} WHERE {}").format(changes_id(view), claimable),
+        # A unique index turns each of the many key checks in the filtered query into one probe.
+        sql.SQL("CREATE UNIQUE INDEX ON {} ({})").format(temporary, key_list(keys)),
         sql.SQL("ANALYZE {}").format(temporary),
         sql.SQL("DELETE FROM {} AS t WHERE ({}) {}").format(target, key_list(keys, "t"), in_keys),
         sql.SQL("INSERT INTO {} SELECT * FROM ({}) AS q WHERE ({}) {}").format(

@@ -364,7 +364,8 @@ def _converge_capture(view: MaterializedView, observed: Observed, reasons: list[
         and state.changes is not None
         and state.changes.owner == view.owner
         and state.changes.digest == capture.capture_digest(view)
-        and state.function_exists
+        and state.function is not None
+        and state.function.digest == capture.function_digest(view)
     )
     existing = state.triggers
     if state.changes_exists and (state.changes is None or state.changes.owner != view.owner):
@@ -387,13 +388,13 @@ def _converge_capture(view: MaterializedView, observed: Observed, reasons: list[
         )
     install: list[Statement] = []
     repaired: list[str] = []
-    for relation, source in sorted(wanted.items()):
+    for relation in sorted(wanted):
         found = existing.get(relation, {})
         if set(found) == set(names.values()) and all(found.values()):
             continue
         label = f"{relation[0]}.{relation[1]}"
         install += capture.drop_trigger_statements(*relation, list(found))
-        install += capture.create_trigger_statements(view, *relation, source.columns)
+        install += capture.create_trigger_statements(view, *relation)
         if log_current:
             repaired.append(label)
             reasons.append(f"capture triggers on {label} are missing or disabled")

@@ -1,0 +1,193 @@
+"""Incremental refresh against build-and-swap on the driver-matrix workload, in one run.
+
+For each share of drivers changed (0.1 %, 1 %, 10 % by default) it writes the same kind of change
+(a trip for each chosen driver, a payment for a tenth of them), then times an Incremental refresh,
+an Auto refresh (the adaptive choice) and a Swap refresh of the same view, each after its own fresh
+change of that size; the longest wait of a reader doing indexed lookups meanwhile; and the overhead
+of change capture on writers (single-row UPDATEs, 100,000-row INSERT batches) against the same
+writes with the capture triggers disabled, alternated so that noise hits both sides alike.
+
+    python benchmarks/incremental.py --drivers 100000
+
+Prints ratios; no assertions (these machines are noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from _server import bench_database
+from refresh_modes import Reader
+
+from matview.api.spec import MaterializedView
+from matview.api.validation import validate_document
+from matview.plan import capture, engine
+from matview.refresh import record_build, refresh
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ["public.drivers", "ops.leads", "ops.trips", "ops.claims", "ops.payments"]
+
+
+def matrix_view(ratio: float = 0.1) -> MaterializedView:
+    return validate_document(
+        {
+            "apiVersion": "matview.dev/v1alpha1",
+            "kind": "MaterializedView",
+            "metadata": {"name": "matrix", "namespace": "bench"},
+            "spec": {
+                "schema": "ops",
+                "name": "matrix",
+                "storage": "Table",
+                "query": "SELECT * FROM ops.v_payments_driver_matrix_cabinet",
+                "indexes": [{"columns": ["driver_id"], "unique": True}, {"columns": ["funnel_status"]}],
+                "incremental": {
+                    "keyColumns": ["driver_id"],
+                    "sources": [{"table": t, "columns": ["driver_id"]} for t in SOURCES],
+                    "fullRebuildRatio": ratio,
+                },
+                "refresh": {"timeout": "2h"},
+            },
+        }
+    )
+
+
+def change(conn: engine.Connection, drivers: int, share: float, salt: int) -> int:
+    """Touch share of the drivers (a new trip each, a payment for every tenth); return how many."""
+    step = max(1, round(1 / share))
+    conn.execute(
+        "INSERT INTO ops.trips (driver_id, trip_date) SELECT driver_id, lead_date + 2 FROM ops.leads "
+        "WHERE (driver_id + %s) %% %s = 0",
+        (salt, step),
+    )
+    conn.execute(
+        "INSERT INTO ops.payments (driver_id, milestone_value, paid_at, amount) "
+        "SELECT driver_id, 1, lead_date + 3, 1 FROM ops.leads WHERE (driver_id + %s) %% %s = 0",
+        (salt, step * 10),
+    )
+    return drivers // step
+
+
+def timed_refresh(
+    conn: engine.Connection, dsn: str, view: MaterializedView, mode: str | None
+) -> tuple[float, float, str]:
+    with Reader(dsn, "SELECT funnel_status FROM ops.matrix WHERE driver_id = 4242") as reader:
+        result = refresh(conn, view, mode)
+    assert result.result == "success", result
+    return result.duration_seconds, reader.longest, result.mode
+
+
+def write_overhead(conn: engine.Connection, view: MaterializedView, rounds: int) -> list[tuple[str, float, float]]:
+    """(workload, seconds without capture, seconds with capture), medians over alternated rounds."""
+    trigger_names = list(capture.trigger_names(view).values())
+
+    def set_capture(enabled: bool) -> None:
+        verb = "ENABLE" if enabled else "DISABLE"
+        for name in trigger_names:
+            conn.execute(f'ALTER TABLE ops.trips {verb} TRIGGER "{name}"')
+
+    def single_updates() -> float:
+        started = time.perf_counter()
+        for trip in range(1, 2001):
+            conn.execute("UPDATE ops.trips SET trip_date = trip_date WHERE trip_id = %s", (trip * 37,))
+        return time.perf_counter() - started
+
+    def batch_insert() -> float:
+        started = time.perf_counter()
+        conn.execute(
+            "INSERT INTO ops.trips (driver_id, trip_date) SELECT g % 50000 + 1, date '2026-03-01' "
+            "FROM generate_series(1, 100000) g"
+        )
+        seconds = time.perf_counter() - started
+        conn.execute("DELETE FROM ops.trips WHERE trip_date = date '2026-03-01'")
+        return seconds
+
+    results = []
+    for label, work in (("2,000 single-row UPDATEs", single_updates), ("100,000-row INSERT batch", batch_insert)):
+        without, with_capture = [], []
+        for _ in range(rounds):
+            set_capture(False)
+            without.append(work())
+            set_capture(True)
+            with_capture.append(work())
+        results.append((label, statistics.median(without), statistics.median(with_capture)))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--drivers", type=int, default=100_000)
+    parser.add_argument("--shares", default="0.001,0.01,0.1", help="shares of drivers changed")
+    parser.add_argument("--rounds", type=int, default=3, help="repeats per measurement (medians)")
+    parser.add_argument("--dsn", help="an existing server (default: a private one in a temp dir)")
+    args = parser.parse_args()
+
+    with bench_database(args.dsn) as dsn, engine.connect(dsn) as conn:
+        conn.execute("DROP SCHEMA IF EXISTS ops CASCADE")
+        conn.execute((ROOT / "sql/examples/driver_matrix/schema.sql").read_text())
+        started = time.perf_counter()
+        conn.execute("SELECT ops.load_driver_matrix(%s)", (args.drivers,))
+        for source in ("trips", "claims", "payments", "leads"):
+            conn.execute(f"CREATE INDEX ON ops.{source} (driver_id)")
+        print(f"loaded {args.drivers:,} drivers in {time.perf_counter() - started:.0f}s")
+        view = matrix_view()
+        engine.apply(conn, view)
+        record_build(conn, view)
+        salt = 0
+        rows = []
+        for share in (float(s) for s in args.shares.split(",")):
+            measured: dict[str, list[float]] = {"Incremental": [], "Auto": [], "Swap": []}
+            waits: dict[str, float] = {}
+            used = ""
+            keys = 0
+            for _ in range(args.rounds):
+                for mode in ("Incremental", "Auto", "Swap"):
+                    salt += 1
+                    keys = change(conn, args.drivers, share, salt)
+                    seconds, wait, ran = timed_refresh(conn, dsn, view, None if mode == "Auto" else mode)
+                    measured[mode].append(seconds)
+                    waits[mode] = max(waits.get(mode, 0.0), wait)
+                    if mode == "Auto":
+                        used = ran
+            incremental, auto, swap = (statistics.median(measured[m]) for m in ("Incremental", "Auto", "Swap"))
+            rows.append(
+                (
+                    f"{share:.1%}",
+                    f"{keys:,}",
+                    f"{swap:.3f}",
+                    f"{incremental:.3f}",
+                    f"x{swap / incremental:.1f}",
+                    f"{auto:.3f} ({used})",
+                    f"{auto / swap:.2f}",
+                    f"{waits['Incremental'] * 1000:.0f}",
+                )
+            )
+        header = (
+            "changed",
+            "keys",
+            "Swap s",
+            "Incremental s",
+            "Swap/Incr",
+            "Auto s (ran)",
+            "Auto/Swap",
+            "read wait ms",
+        )
+        table(header, rows)
+        print()
+        overhead = write_overhead(conn, view, args.rounds)
+        table(
+            ("writes to ops.trips", "no capture s", "capture s", "overhead"),
+            [(label, f"{a:.3f}", f"{b:.3f}", f"{(b / a - 1):+.1%}") for label, a, b in overhead],
+        )
+
+
+def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
+
+
+if __name__ == "__main__":
+    main()
