@@ -54,17 +54,15 @@ def trigger_names(view: MaterializedView) -> dict[str, str]:
     return {operation: trigger_prefix(view) + suffix for suffix, operation in _OPERATIONS.items()}
 
 
-#: Changes whenever the capture function's body changes shape, so apply replaces installed ones.
-CAPTURE_FUNCTION_VERSION = "2"
+#: Changes whenever the change log's columns or the capture function's body change shape, so that apply
+#: re-installs capture made by an older operator (and requests a full rebuild: its log is not readable).
+CAPTURE_FORMAT_VERSION = "3"
 
 
 def capture_digest(view: MaterializedView) -> str:
+    """Identifies the installed capture: the key declaration and the format."""
     assert view.incremental is not None
-    return view.incremental.digest
-
-
-def function_digest(view: MaterializedView) -> str:
-    return f"{capture_digest(view)}.{CAPTURE_FUNCTION_VERSION}"
+    return f"{view.incremental.digest}.{CAPTURE_FORMAT_VERSION}"
 
 
 @dataclass(frozen=True)
@@ -88,6 +86,10 @@ def _function_body(view: MaterializedView) -> str:
     assert view.incremental is not None
     log = changes_id(view)
     keys = key_list(view.incremental.key_columns)
+    # One log row per statement, its keys in arrays: a 100,000-row batch writes one row, not 100,000.
+    aggregates = sql.SQL(", ").join(
+        sql.SQL("array_agg({})").format(sql.Identifier("d", k)) for k in view.incremental.key_columns
+    )
     full = sql.Identifier(FULL_REBUILD)
     new_rows, old_rows = sql.Identifier(_NEW_ROWS), sql.Identifier(_OLD_ROWS)
     branches = []
@@ -97,12 +99,16 @@ def _function_body(view: MaterializedView) -> str:
             sql.SQL(
                 "    IF TG_TABLE_SCHEMA = {schema} AND TG_TABLE_NAME = {table} THEN\n"
                 "        IF TG_OP = 'INSERT' THEN\n"
-                "            INSERT INTO {log} ({keys}) SELECT DISTINCT {columns} FROM {new_rows};\n"
+                "            INSERT INTO {log} ({keys}) SELECT {aggregates}\n"
+                "            FROM (SELECT DISTINCT {columns} FROM {new_rows}) AS d ({keys}) HAVING count(*) > 0;\n"
                 "        ELSIF TG_OP = 'DELETE' THEN\n"
-                "            INSERT INTO {log} ({keys}) SELECT DISTINCT {columns} FROM {old_rows};\n"
+                "            INSERT INTO {log} ({keys}) SELECT {aggregates}\n"
+                "            FROM (SELECT DISTINCT {columns} FROM {old_rows}) AS d ({keys}) HAVING count(*) > 0;\n"
                 "        ELSE\n"
-                "            INSERT INTO {log} ({keys})\n"
-                "            SELECT {columns} FROM {new_rows} UNION SELECT {columns} FROM {old_rows};\n"
+                "            INSERT INTO {log} ({keys}) SELECT {aggregates}\n"
+                "            FROM (SELECT {columns} FROM {new_rows} UNION SELECT {columns} FROM {old_rows})\n"
+                "            AS d ({keys})\n"
+                "            HAVING count(*) > 0;\n"
                 "        END IF;\n"
                 "        RETURN NULL;\n"
                 "    END IF;\n"
@@ -111,6 +117,7 @@ def _function_body(view: MaterializedView) -> str:
                 table=sql.Literal(source.table),
                 log=log,
                 keys=keys,
+                aggregates=aggregates,
                 columns=columns,
                 new_rows=new_rows,
                 old_rows=old_rows,
@@ -152,7 +159,11 @@ def create_log_statements(view: MaterializedView) -> list[sql.Composed]:
     function = sql.Identifier(view.schema, function_name(view))
     return [
         sql.SQL("CREATE TABLE {} AS SELECT {} FROM ({}) AS q WITH NO DATA").format(
-            log, key_list(keys, "q"), sqltext.embed(view.query)
+            log,
+            sql.SQL(", ").join(
+                sql.SQL("ARRAY[{}] AS {}").format(sql.Identifier("q", k), sql.Identifier(k)) for k in keys
+            ),
+            sqltext.embed(view.query),
         ),
         # No identity and no index: each costs every writer; the log is emptied by every refresh.
         sql.SQL(
@@ -164,7 +175,7 @@ def create_log_statements(view: MaterializedView) -> list[sql.Composed]:
             "SET search_path = pg_catalog, pg_temp AS {}"
         ).format(function, sql.Literal(_function_body(view))),
         sql.SQL("REVOKE ALL ON FUNCTION {}() FROM PUBLIC").format(function),
-        _comment("FUNCTION", sql.SQL("{}()").format(function), Marker(view.owner, "capture", function_digest(view))),
+        _comment("FUNCTION", sql.SQL("{}()").format(function), Marker(view.owner, "capture", capture_digest(view))),
     ]
 
 
@@ -227,6 +238,36 @@ def swap_committed(view: MaterializedView) -> sql.Composed:
     )
 
 
+def claimable(view: MaterializedView) -> sql.Composed:
+    """A log row (alias l) an incremental refresh may apply: keys only, none of them with a NULL part."""
+    assert view.incremental is not None
+    no_nulls = [
+        sql.SQL("array_position({}, NULL) IS NULL").format(sql.Identifier("l", k)) for k in view.incremental.key_columns
+    ]
+    return sql.SQL(" AND ").join([sql.SQL("{} IS NULL").format(sql.Identifier("l", FULL_REBUILD)), *no_nulls])
+
+
+def claimable_keys(view: MaterializedView) -> sql.Composed:
+    """``<key columns> FROM <log> l, unnest(...) u WHERE <claimable>``: the keys the log's rows hold."""
+    assert view.incremental is not None
+    keys = view.incremental.key_columns
+    return sql.SQL("{} FROM {} AS l, unnest({}) AS u ({}) WHERE {}").format(
+        key_list(keys, "u"), changes_id(view), key_list(keys, "l"), key_list(keys), claimable(view)
+    )
+
+
+def has_null_keys(view: MaterializedView) -> sql.Composed:
+    """A condition on a log row (alias l): it recorded a key with a NULL part."""
+    assert view.incremental is not None
+    return sql.SQL("l.{} IS NULL AND ({})").format(
+        sql.Identifier(FULL_REBUILD),
+        sql.SQL(" OR ").join(
+            sql.SQL("array_position({}, NULL) IS NOT NULL").format(sql.Identifier("l", k))
+            for k in view.incremental.key_columns
+        ),
+    )
+
+
 def incremental_statements(view: MaterializedView, filtered_query: sqltext.CheckedSQL) -> list[sql.Composed]:
     """One transaction (REPEATABLE READ: every statement sees the same snapshot): claim the changed keys
     the snapshot shows, delete their rows, insert them recomputed by the key-filtered query.
@@ -236,14 +277,13 @@ def incremental_statements(view: MaterializedView, filtered_query: sqltext.Check
     assert view.incremental is not None
     keys = view.incremental.key_columns
     temporary = sql.Identifier(*sqltext.CHANGED_KEYS_TABLE)
-    claimable = sql.SQL("{} IS NULL AND ({}) IS NOT NULL").format(sql.Identifier(FULL_REBUILD), key_list(keys))
     target = sql.Identifier(view.schema, view.name)
     in_keys = sql.SQL("IN (SELECT {} FROM {})").format(key_list(keys), temporary)
     return [
-        sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT DISTINCT {} FROM {} WHERE {}").format(
-            sql.Identifier(sqltext.CHANGED_KEYS_TABLE[1]), key_list(keys), changes_id(view), claimable
+        sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT DISTINCT {}").format(
+            sql.Identifier(sqltext.CHANGED_KEYS_TABLE[1]), claimable_keys(view)
         ),
-        sql.SQL("DELETE FROM {} WHERE {}").format(changes_id(view), claimable),
+        sql.SQL("DELETE FROM {} AS l WHERE {}").format(changes_id(view), claimable(view)),
         # A unique index turns each of the many key checks in the filtered query into one probe.
         sql.SQL("CREATE UNIQUE INDEX ON {} ({})").format(temporary, key_list(keys)),
         sql.SQL("ANALYZE {}").format(temporary),

@@ -365,7 +365,7 @@ def _converge_capture(view: MaterializedView, observed: Observed, reasons: list[
         and state.changes.owner == view.owner
         and state.changes.digest == capture.capture_digest(view)
         and state.function is not None
-        and state.function.digest == capture.function_digest(view)
+        and state.function.digest == capture.capture_digest(view)
     )
     existing = state.triggers
     if state.changes_exists and (state.changes is None or state.changes.owner != view.owner):

@@ -125,11 +125,12 @@ def source_version(
 
 
 _PENDING = sql.SQL("""
-SELECT (SELECT count(*) FROM (SELECT DISTINCT {keys} FROM {log} WHERE {claimable} LIMIT %(cap)s) AS d),
+SELECT (SELECT count(*) FROM (SELECT DISTINCT {claimable_keys} LIMIT %(cap)s) AS d),
        coalesce((SELECT array_agg(DISTINCT {full}) FROM {log} WHERE {full} IS NOT NULL), '{{}}'),
-       EXISTS (SELECT 1 FROM {log} WHERE {full} IS NULL AND NOT (({keys}) IS NOT NULL)),
+       EXISTS (SELECT 1 FROM {log} AS l WHERE {null_keys}),
        (SELECT min({changed_at}) FROM {log})
 """)
+
 
 #: Counting distinct pending keys stops here: beyond it only "too many for an incremental refresh" matters.
 MAX_COUNTED_KEYS = 10_000_000
@@ -138,13 +139,12 @@ MAX_COUNTED_KEYS = 10_000_000
 def pending_changes(conn: Connection, view: MaterializedView) -> PendingChanges | None:
     """What the change log holds now (None when it does not exist: capture is not installed)."""
     assert view.incremental is not None
-    keys = capture.key_list(view.incremental.key_columns)
     full = sql.Identifier(capture.FULL_REBUILD)
     query = _PENDING.format(
-        keys=keys,
+        claimable_keys=capture.claimable_keys(view),
         log=capture.changes_id(view),
-        claimable=sql.SQL("{} IS NULL AND ({}) IS NOT NULL").format(full, keys),
         full=full,
+        null_keys=capture.has_null_keys(view),
         changed_at=sql.Identifier(capture.CHANGED_AT),
     )
     if relation_oid(conn, view.schema, capture.changes_name(view)) is None:
