@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,8 +23,8 @@ from matview.api.spec import MaterializedView
 from matview.errors import SpecError
 from matview.plan import capture, engine
 from matview.plan.catalog import Connection
-from matview.refresh import record_build, refresh
-from tests.helpers import view
+from matview.refresh import record_build, refresh, verify
+from tests.helpers import document, to_yaml, view
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_SQL = (ROOT / "sql/examples/driver_matrix/schema.sql").read_text()
@@ -329,3 +331,95 @@ def test_writes_during_refreshes_are_never_lost(matrix: Connection, dsn: str) ->
     refresh(matrix, mv)
     assert written[0] > 50
     assert mismatches(matrix, mv) == (0, 0)
+
+
+WRONG_DECLARATION = {
+    "schema": "ops",
+    "name": "totals",
+    "storage": "Table",
+    "query": "SELECT grp, sum(v) AS total, count(*) AS n FROM ops.items GROUP BY grp",
+    # Wrong on purpose: a row's id is not the view's key (grp is), so changes land on the wrong keys.
+    "incremental": {
+        "keyColumns": ["grp"],
+        "sources": [{"table": "ops.items", "columns": ["id"]}],
+        "fullRebuildRatio": 1,
+    },
+}
+
+
+def test_verification_catches_a_wrong_declaration_and_can_rebuild(conn: Connection, tmp_path: Path) -> None:
+    conn.execute("CREATE SCHEMA ops; CREATE TABLE ops.items (id int PRIMARY KEY, grp int NOT NULL, v int NOT NULL)")
+    conn.execute("INSERT INTO ops.items SELECT g, g % 10, g FROM generate_series(1, 100) g")
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    wrong = view("totals", **WRONG_DECLARATION, refresh={"interval": "1m"})
+    apply(conn, wrong)
+    conn.execute("UPDATE ops.items SET v = v + 1000 WHERE id = 3")  # changes group 3; records key 3 (group 3)
+    conn.execute("UPDATE ops.items SET v = v + 1000 WHERE id = 15")  # changes group 5; records key 15
+    result = refresh(conn, wrong)
+    assert result.mode == "Incremental" and result.verification is None  # no verifyInterval: not checked
+    # Group 3 was recomputed from item 3 alone, group 5 was never touched: two rows wrong each way.
+    assert mismatches(conn, wrong) == (2, 2)
+
+    verified = verify.compare(conn, wrong, engine.settings_for(wrong))
+    assert (verified.extra_rows, verified.missing_rows, verified.matches) == (2, 2, False)
+
+    # The CLI says so, and exits 1.
+    document_path = tmp_path / "wrong.yaml"
+    document_path.write_text(to_yaml(document("totals", **WRONG_DECLARATION)))
+    dsn = conn.info.dsn
+    cli = subprocess.run(
+        [sys.executable, "-m", "matview.cli", "verify", str(document_path), "--dsn", dsn],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert cli.returncode == 1, cli
+    assert "MISMATCH: 2 row(s) stored" in cli.stdout
+
+    # Periodic verification on a refresh: reported, and with rebuildOnMismatch repaired by a full rebuild.
+    checked = view(
+        "totals",
+        **{**WRONG_DECLARATION, "incremental": {**WRONG_DECLARATION["incremental"], "verifyInterval": "1s"}},  # type: ignore[dict-item]
+        refresh={"interval": "1m"},
+    )
+    conn.execute("UPDATE ops.items SET v = v + 1 WHERE id = 27")
+    result = refresh(conn, checked)
+    assert result.verification is not None and result.verification.mismatched_rows >= 2, result
+    assert result.mode == "Incremental"
+    repairing = view(
+        "totals",
+        **{
+            **WRONG_DECLARATION,
+            "incremental": {**WRONG_DECLARATION["incremental"], "verifyInterval": "1s", "rebuildOnMismatch": True},  # type: ignore[dict-item]
+        },
+        refresh={"interval": "1m"},
+    )
+    conn.execute("UPDATE ops.items SET v = v + 1 WHERE id = 28")
+    time.sleep(1.1)
+    result = refresh(conn, repairing)
+    assert result.mode == "Swap" and result.fallback_from == "Incremental", result
+    assert "verification found" in result.reason
+    assert mismatches(conn, repairing) == (0, 0)
+
+
+def test_a_null_key_forces_a_full_rebuild(conn: Connection) -> None:
+    conn.execute("CREATE SCHEMA ops; CREATE TABLE ops.items (id int PRIMARY KEY, grp int, v int NOT NULL)")
+    conn.execute("INSERT INTO ops.items SELECT g, g % 10, g FROM generate_series(1, 100) g")
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    right = view(
+        "totals",
+        **{
+            **WRONG_DECLARATION,
+            "incremental": {"keyColumns": ["grp"], "sources": [{"table": "ops.items", "columns": ["grp"]}]},
+        },
+        refresh={"interval": "1m"},
+    )
+    apply(conn, right)
+    conn.execute("UPDATE ops.items SET grp = NULL WHERE id = 4")
+    result = refresh(conn, right)
+    assert result.mode == "Swap" and "NULL" in result.reason, result
+    assert mismatches(conn, right) == (0, 0)
+    conn.execute("UPDATE ops.items SET v = 0 WHERE id = 5")
+    result = refresh(conn, right)
+    assert result.mode == "Incremental" and result.keys_applied == 1, result
+    assert mismatches(conn, right) == (0, 0)

@@ -227,6 +227,35 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     return code or (EXIT_FAILED if any(r["result"] == "failure" for r in results) else EXIT_OK)
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from matview.plan.engine import settings_for
+    from matview.refresh import verify
+
+    batch = _Batch(args.files)
+    results: list[dict[str, Any]] = []
+    with engine.connect(_database_url(args)) as conn:
+        for view, file in batch.views:
+            if view.incremental is None:
+                results.append(
+                    {"relation": view.relation, "file": file, "matches": None, "inconclusive": "not incremental"}
+                )
+                continue
+            results.append({**verify.safe_compare(conn, view, settings_for(view)).as_dict(), "file": file})
+
+    def human(r: dict[str, Any]) -> str:
+        if r["inconclusive"]:
+            return f"{r['relation']}: not verified: {r['inconclusive']}"
+        if r["matches"]:
+            return f"{r['relation']}: matches a full recompute ({r['pendingKeys']} pending key(s) left out)"
+        return (
+            f"{r['relation']}: MISMATCH: {r['extraRows']} row(s) stored that the query does not produce, "
+            f"{r['missingRows']} row(s) the query produces that are not stored; check spec.incremental"
+        )
+
+    code = batch.finish(args, results, human)
+    return code or (EXIT_FAILED if any(r["matches"] is False for r in results) else EXIT_OK)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
     import signal
@@ -477,6 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
     refresh = command("refresh", cmd_refresh, "refresh now and print what happened (mode, duration, rows)")
     refresh.add_argument(
         "--mode", choices=[m.value for m in RefreshMode], help="override spec.refresh.mode (default: the spec's)"
+    )
+    command(
+        "verify",
+        cmd_verify,
+        "compare an incremental view's stored rows with a full recompute of its query (exit 1 on a mismatch)",
     )
     run = command("run", cmd_run, "apply, then keep views refreshed on schedule with /metrics", files=False)
     run.add_argument("paths", nargs="+", metavar="FILE|DIR", help="YAML files or directories of them")

@@ -43,7 +43,7 @@ from matview.plan.planner import (
     refresh_in_place_step,
     swap_steps,
 )
-from matview.refresh import facts, policy
+from matview.refresh import facts, policy, verify
 from matview.refresh.facts import ViewSize, read_state, view_size
 from matview.refresh.policy import EXPLORE_EVERY, Inspection, Outcome, RefreshState, choose_mode, classify
 
@@ -96,6 +96,8 @@ class RefreshResult:
     """Incremental views: pending keys as a share of the view's rows, when the decision was made."""
     staleness_seconds: float | None = None
     """Incremental views: age of the oldest unapplied change after this attempt (0 when none)."""
+    verification: verify.Verification | None = None
+    """Incremental views: the periodic comparison with a full recompute, when this refresh made one."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -114,6 +116,7 @@ class RefreshResult:
             "indexBytes": self.index_bytes,
             **({"keysApplied": self.keys_applied} if self.keys_applied is not None else {}),
             **({"changeRatio": round(self.change_ratio, 6)} if self.change_ratio is not None else {}),
+            **({"verification": self.verification.as_dict()} if self.verification is not None else {}),
         }
 
 
@@ -161,7 +164,16 @@ def refresh(
                 logger.warning("%s: %s", view.relation, again.reason)
                 fallback_from, attempt = attempt.mode, again
                 seconds = _run(conn, view, inspection, attempt.mode, settings)
-            _record(conn, view, inspection, attempt.mode, seconds, settings)
+            verified_at = None
+            if attempt.mode == RefreshMode.INCREMENTAL and policy.verification_due(view, inspection.state, started):
+                verified_at = dt.datetime.now(dt.UTC)
+                incremental["verification"] = verify.safe_compare(conn, view, settings)
+                rebuild = policy.after_verification(view, incremental["verification"])
+                if rebuild is not None and inspection.swap_possible:
+                    logger.warning("%s: %s", view.relation, rebuild.reason)
+                    fallback_from, attempt = attempt.mode, rebuild
+                    seconds = _run(conn, view, inspection, attempt.mode, settings)
+            _record(conn, view, inspection, attempt.mode, seconds, settings, verified_at)
             size = view_size(conn, view)
             if incremental:
                 pending_after = facts.pending_changes(conn, view)
@@ -237,11 +249,14 @@ def _record(
     mode: RefreshMode,
     seconds: float,
     settings: ExecutionSettings,
+    verified_at: dt.datetime | None = None,
 ) -> None:
     """The last step: the new state (measured duration, last success, sources seen) into the marker."""
     state = inspection.state.after_success(
         mode, seconds, dt.datetime.now(dt.UTC), inspection.source_version, inspection.untracked_version
     )
+    if verified_at is not None:
+        state = dataclasses.replace(state, last_verified=verified_at)
     digest = (
         view.definition_digest if mode == RefreshMode.SWAP else (inspection.marker.digest if inspection.marker else "")
     )

@@ -20,6 +20,7 @@ from matview.api.spec import MaterializedView, RefreshMode, Storage
 from matview.errors import MatviewError
 from matview.plan.catalog import DependentView
 from matview.plan.marker import Marker
+from matview.refresh import verify
 
 Outcome = Literal["success", "failure", "skipped"]
 
@@ -280,6 +281,28 @@ def decide_incremental(
             )
     ratio = change_ratio(pending.keys, inspection.estimated_rows)
     return Run(RefreshMode.INCREMENTAL, f"{pending.keys} changed key(s), {ratio:.2%} of the view")
+
+
+def verification_due(view: MaterializedView, state: RefreshState, now: dt.datetime) -> bool:
+    """An incremental view with verifyInterval is compared with a full recompute once per interval."""
+    interval = view.incremental.verify_interval_seconds if view.incremental else None
+    if interval is None:
+        return False
+    return state.last_verified is None or (now - state.last_verified).total_seconds() >= interval
+
+
+def after_verification(view: MaterializedView, verification: verify.Verification) -> Run | None:
+    """The full rebuild a mismatch asks for (rebuildOnMismatch), or None."""
+    if view.incremental is None or not view.incremental.rebuild_on_mismatch or verification.matches:
+        return None
+    if verification.inconclusive:
+        return None
+    return Run(
+        RefreshMode.SWAP,
+        f"verification found {verification.mismatched_rows} row(s) that differ from a full recompute "
+        f"({verification.extra_rows} extra, {verification.missing_rows} missing): rebuilt in full "
+        "(rebuildOnMismatch); check spec.incremental's declaration",
+    )
 
 
 def choose_mode(
