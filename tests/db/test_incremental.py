@@ -333,7 +333,7 @@ def test_writes_during_refreshes_are_never_lost(matrix: Connection, dsn: str) ->
     assert mismatches(matrix, mv) == (0, 0)
 
 
-WRONG_DECLARATION = {
+WRONG_DECLARATION: dict[str, Any] = {
     "schema": "ops",
     "name": "totals",
     "storage": "Table",
@@ -379,7 +379,7 @@ def test_verification_catches_a_wrong_declaration_and_can_rebuild(conn: Connecti
     # Periodic verification on a refresh: reported, and with rebuildOnMismatch repaired by a full rebuild.
     checked = view(
         "totals",
-        **{**WRONG_DECLARATION, "incremental": {**WRONG_DECLARATION["incremental"], "verifyInterval": "1s"}},  # type: ignore[dict-item]
+        **{**WRONG_DECLARATION, "incremental": {**WRONG_DECLARATION["incremental"], "verifyInterval": "1s"}},
         refresh={"interval": "1m"},
     )
     conn.execute("UPDATE ops.items SET v = v + 1 WHERE id = 27")
@@ -390,7 +390,7 @@ def test_verification_catches_a_wrong_declaration_and_can_rebuild(conn: Connecti
         "totals",
         **{
             **WRONG_DECLARATION,
-            "incremental": {**WRONG_DECLARATION["incremental"], "verifyInterval": "1s", "rebuildOnMismatch": True},  # type: ignore[dict-item]
+            "incremental": {**WRONG_DECLARATION["incremental"], "verifyInterval": "1s", "rebuildOnMismatch": True},
         },
         refresh={"interval": "1m"},
     )
