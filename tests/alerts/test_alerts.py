@@ -36,6 +36,8 @@ def test_every_alert_is_tested_and_has_a_runbook_section() -> None:
         "MaterializedViewRefreshFailing",
         "MaterializedViewStale",
         "MaterializedViewRefreshSlow",
+        "MaterializedViewTargetLagMissed",
+        "MaterializedViewIncrementalMismatch",
         "MatviewOperatorDown",
     ]
     tests = (ROOT / "tests/alerts/alerts.test.yaml").read_text()

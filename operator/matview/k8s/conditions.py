@@ -3,7 +3,8 @@
 Conditions follow metav1.Condition (type, status, observedGeneration,
 lastTransitionTime, reason, message) and kstatus: ``Ready`` for health,
 ``Reconciling`` while work is pending or being retried, ``Stalled`` when only a
-change by the user can help. ``Refreshed`` reports the last refresh.
+change by the user can help. ``Refreshed`` reports the last refresh; incremental views
+add ``Fresh`` (target lag) and ``Verified`` (comparison with a full recompute).
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ READY: Final = "Ready"
 RECONCILING: Final = "Reconciling"
 STALLED: Final = "Stalled"
 REFRESHED: Final = "Refreshed"
+FRESH: Final = "Fresh"
+"""Incremental views with a target lag: whether the oldest unapplied change is within it."""
+VERIFIED: Final = "Verified"
+"""Incremental views with verifyInterval: whether the last comparison with a full recompute matched."""
 
 # Reasons (CamelCase, as metav1.Condition requires).
 RECONCILED: Final = "Reconciled"
@@ -37,6 +42,11 @@ REFRESH_SUCCEEDED: Final = "RefreshSucceeded"
 REFRESH_FAILED: Final = "RefreshFailed"
 REFRESH_SKIPPED: Final = "RefreshSkipped"
 RETRYING: Final = "Retrying"
+WITHIN_TARGET_LAG: Final = "WithinTargetLag"
+TARGET_LAG_MISSED: Final = "TargetLagMissed"
+VERIFICATION_PASSED: Final = "VerificationPassed"
+VERIFICATION_MISMATCH: Final = "VerificationMismatch"
+VERIFICATION_INCONCLUSIVE: Final = "VerificationInconclusive"
 DONE: Final = "Done"
 
 Condition = dict[str, Any]

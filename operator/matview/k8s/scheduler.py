@@ -98,6 +98,7 @@ def refresh_status(
         status["lastHandledRefreshRequest"] = handled_request
     if next_due is not None:
         status["nextRefreshTime"] = conditions.timestamp(next_due)
+    _incremental_conditions(status, view, result)
     if result.result == "failure":
         message = f"{result.failure_reason}: {result.message}" if result.message else str(result.failure_reason)
         status["conditions"] = conditions.set_condition(
@@ -117,6 +118,40 @@ def refresh_status(
             message=f"{result.mode}: {result.reason}",
         )
     return status
+
+
+def _incremental_conditions(status: dict[str, Any], view: MaterializedView, result: RefreshResult) -> None:
+    """Fresh and Verified, for incremental views. Messages name the target, not the changing age, so that a
+    view keeping its target does not rewrite its status on every look."""
+    target = view.refresh.target_lag_seconds
+    if target is not None and result.staleness_seconds is not None:
+        within = result.staleness_seconds <= target
+        status["conditions"] = conditions.set_condition(
+            status.get("conditions"),
+            type_=conditions.FRESH,
+            status=within,
+            reason=conditions.WITHIN_TARGET_LAG if within else conditions.TARGET_LAG_MISSED,
+            message=f"the oldest unapplied change is within the target lag of {target:g}s"
+            if within
+            else f"the oldest unapplied change is {result.staleness_seconds:.0f}s old, over the target lag of "
+            f"{target:g}s: refreshes cannot keep up (see matview_refresh_duration_seconds)",
+        )
+    verification = result.verification
+    if verification is not None:
+        if verification.inconclusive:
+            reason, ok, message = conditions.VERIFICATION_INCONCLUSIVE, True, verification.inconclusive
+        elif verification.matches:
+            reason, ok, message = conditions.VERIFICATION_PASSED, True, "the stored rows equal a full recompute"
+        else:
+            reason, ok = conditions.VERIFICATION_MISMATCH, False
+            message = (
+                f"{verification.extra_rows} stored row(s) the query does not produce and "
+                f"{verification.missing_rows} it produces that are not stored: spec.incremental declares a key "
+                "mapping the query does not follow"
+            )
+        status["conditions"] = conditions.set_condition(
+            status.get("conditions"), type_=conditions.VERIFIED, status=ok, reason=reason, message=message
+        )
 
 
 def _next_refresh_status(text: str | None, status: dict[str, Any]) -> dict[str, Any]:

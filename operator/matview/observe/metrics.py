@@ -99,6 +99,43 @@ class RefreshMetrics:
             [*labels, "component"],
             registry=self.registry,
         )
+        # Incremental views.
+        self.staleness = Gauge(
+            "matview_staleness_seconds",
+            "Incremental views: age of the oldest change not yet applied (0 when none), as of the last look.",
+            labels,
+            registry=self.registry,
+        )
+        self.target_lag = Gauge(
+            "matview_target_lag_seconds",
+            "Incremental views: spec.refresh.targetLag (0 when none).",
+            labels,
+            registry=self.registry,
+        )
+        self.keys_applied = Counter(
+            "matview_incremental_keys_applied_total",
+            "Changed keys applied by incremental refreshes.",
+            labels,
+            registry=self.registry,
+        )
+        self.change_ratio = Gauge(
+            "matview_incremental_change_ratio",
+            "Pending changed keys as a share of the view's rows, when the last refresh decided its mode.",
+            labels,
+            registry=self.registry,
+        )
+        self.verify_mismatched_rows = Gauge(
+            "matview_verify_mismatched_rows",
+            "Rows that differed from a full recompute at the last verification (extra plus missing).",
+            labels,
+            registry=self.registry,
+        )
+        self.verify_mismatches = Counter(
+            "matview_verify_mismatches_total",
+            "Verifications that found stored rows differing from a full recompute.",
+            labels,
+            registry=self.registry,
+        )
         # The process itself (no per-view labels): is the scheduler keeping up?
         self.scheduled = Gauge(
             "matview_scheduled_views", "Views with a scheduled refresh in this process.", registry=self.registry
@@ -144,6 +181,11 @@ class RefreshMetrics:
             gauge.set(max(last_success_timestamp, _value(gauge)))
         self.interval.labels(namespace, name).set(expected_period_seconds(view, dt.datetime.now(dt.UTC)) or 0)
         self.timeout.labels(namespace, name).set(view.refresh.timeout_seconds)
+        if view.incremental is not None:
+            self.target_lag.labels(namespace, name).set(view.refresh.target_lag_seconds or 0)
+            if first:
+                self.keys_applied.labels(namespace, name)
+                self.verify_mismatches.labels(namespace, name)
 
     def started(self, namespace: str, name: str) -> None:
         self.in_progress.labels(namespace, name).set(1)
@@ -153,6 +195,7 @@ class RefreshMetrics:
 
     def record(self, namespace: str, name: str, result: RefreshResult) -> None:
         """Count one attempt and update the gauges from its outcome."""
+        self._record_incremental(namespace, name, result)
         if result.result == "skipped":
             self.refreshes.labels(namespace, name, SKIPPED_MODE, "skipped").inc()
             if result.data_current:  # verified unchanged: the data is as fresh as a refresh would make it
@@ -173,6 +216,19 @@ class RefreshMetrics:
             self.size.labels(namespace, name, "table").set(result.table_bytes)
         if result.index_bytes is not None:
             self.size.labels(namespace, name, "indexes").set(result.index_bytes)
+
+    def _record_incremental(self, namespace: str, name: str, result: RefreshResult) -> None:
+        if result.staleness_seconds is not None:
+            self.staleness.labels(namespace, name).set(result.staleness_seconds)
+        if result.change_ratio is not None:
+            self.change_ratio.labels(namespace, name).set(result.change_ratio)
+        if result.keys_applied and result.result == "success":
+            self.keys_applied.labels(namespace, name).inc(result.keys_applied)
+        verification = result.verification
+        if verification is not None and not verification.inconclusive:
+            self.verify_mismatched_rows.labels(namespace, name).set(verification.mismatched_rows)
+            if verification.mismatched_rows:
+                self.verify_mismatches.labels(namespace, name).inc()
 
     def scheduler(self, scheduled: int, running: int, waiting: int) -> None:
         self.scheduled.set(scheduled)
@@ -206,6 +262,12 @@ class RefreshMetrics:
             self.populated,
             self.rows,
             self.size,
+            self.staleness,
+            self.target_lag,
+            self.keys_applied,
+            self.change_ratio,
+            self.verify_mismatched_rows,
+            self.verify_mismatches,
         ):
             metric.remove_by_labels({"namespace": namespace, "name": name})
 

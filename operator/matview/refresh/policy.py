@@ -21,6 +21,7 @@ from matview.errors import MatviewError
 from matview.plan.catalog import DependentView
 from matview.plan.marker import Marker
 from matview.refresh import verify
+from matview.refresh.schedule import target_lag_check_seconds
 
 Outcome = Literal["success", "failure", "skipped"]
 
@@ -181,11 +182,6 @@ class Refuse:
 
 
 Decision = Run | Skip | Refuse
-
-
-def target_lag_check_seconds(target_lag_seconds: float) -> float:
-    """How often a view with a target lag looks at its change log: four looks per target, at most one a second."""
-    return max(1.0, target_lag_seconds / 4)
 
 
 def decide(

@@ -33,17 +33,28 @@ def jitter_seconds(view_owner: str, interval_seconds: float) -> float:
     return fraction * min(interval_seconds * MAX_JITTER_FRACTION, MAX_JITTER_SECONDS)
 
 
+def target_lag_check_seconds(target_lag_seconds: float) -> float:
+    """How often a view with a target lag looks at its change log: four looks per target, at most one a
+    second. Each look is cheap (a skip when nothing is pending, or when waiting stays within the target)."""
+    return max(1.0, target_lag_seconds / 4)
+
+
+def _interval(spec: RefreshSpec) -> float | None:
+    if spec.target_lag_seconds is not None:
+        return target_lag_check_seconds(spec.target_lag_seconds)
+    return spec.interval_seconds
+
+
 def next_run(view: MaterializedView, last_success: dt.datetime | None, now: dt.datetime) -> dt.datetime | None:
     """The next time view is due, or None when it refreshes only on demand (suspended or no schedule)."""
     spec = view.refresh
     if spec.suspend:
         return None
-    if spec.interval_seconds is not None:
+    interval = _interval(spec)
+    if interval is not None:
         if last_success is None:
             return now
-        return last_success + dt.timedelta(
-            seconds=spec.interval_seconds + jitter_seconds(view.owner, spec.interval_seconds)
-        )
+        return last_success + dt.timedelta(seconds=interval + jitter_seconds(view.owner, interval))
     if spec.schedule is not None:
         zone = _zone(spec)
         start = (last_success or now).astimezone(zone)
@@ -52,10 +63,13 @@ def next_run(view: MaterializedView, last_success: dt.datetime | None, now: dt.d
 
 
 def expected_period_seconds(view: MaterializedView, now: dt.datetime) -> float | None:
-    """The expected time between refreshes (the staleness alert divides by it); None when unscheduled."""
+    """The expected time between refreshes (the staleness alert divides by it); None when unscheduled.
+    For a target lag it is the target: the view may rightly wait that long before applying changes."""
     spec = view.refresh
     if spec.suspend:
         return None
+    if spec.target_lag_seconds is not None:
+        return spec.target_lag_seconds
     if spec.interval_seconds is not None:
         return spec.interval_seconds
     if spec.schedule is not None:
