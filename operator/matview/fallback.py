@@ -2,7 +2,8 @@
 
 The hand-made fix this project grew from had its API read the materialized view when it existed and
 fall back to the slow plain view otherwise. ``RelationChooser`` does that for any application: the MV
-only when it exists *and is populated* (an unpopulated MV raises on SELECT), cached briefly so that
+only when it exists *and is populated* (an unpopulated MV raises on SELECT; a table of storage Table
+always is), cached briefly so that
 the check costs one catalog lookup per ``cache_seconds`` rather than per request.
 
     chooser = RelationChooser(("ops", "mv_payments_driver_matrix_cabinet"),
@@ -22,7 +23,7 @@ from psycopg import sql
 
 _POPULATED = sql.SQL(
     "SELECT c.relispopulated FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-    "WHERE n.nspname = %s AND c.relname = %s AND c.relkind = 'm'"
+    "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('m', 'r')"
 )
 
 

@@ -27,3 +27,13 @@ def test_view_before_the_mv_exists_while_unpopulated_and_the_mv_after(conn: Conn
     chooser.forget()
     relation = chooser.relation(conn)
     assert conn.execute(sql.SQL("SELECT count(*) FROM {}").format(relation)).fetchone() == (0,)
+
+
+def test_a_view_stored_as_a_table_is_chosen_once_it_exists(conn: Connection) -> None:
+    conn.execute(
+        "CREATE SCHEMA ops; CREATE TABLE ops.t (id int PRIMARY KEY); CREATE VIEW ops.v AS SELECT id FROM ops.t"
+    )
+    chooser = RelationChooser(("ops", "stored"), ("ops", "v"), cache_seconds=0)
+    assert chooser.name(conn) == ("ops", "v")
+    engine.apply(conn, view("stored", "ops", schema="ops", storage="Table", query="SELECT id FROM ops.v"))
+    assert chooser.name(conn) == ("ops", "stored")

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from matview.api import sqltext
+from matview.api.spec import RefreshMode
 from matview.plan.marker import Marker
 from matview.refresh import Inspection, RefreshState, policy, schedule
 from tests.helpers import view
@@ -55,7 +56,7 @@ def inspection(
 
 def test_a_few_changed_keys_run_incrementally() -> None:
     decision = policy.decide(V, inspection(keys=5), None, False, NOW)
-    assert decision == policy.Run(policy.RefreshMode.INCREMENTAL, "5 changed key(s), 0.50% of the view")
+    assert decision == policy.Run(RefreshMode.INCREMENTAL, "5 changed key(s), 0.50% of the view")
 
 
 @pytest.mark.parametrize(
@@ -77,7 +78,7 @@ def test_keys_that_cannot_be_trusted_or_cost_more_rebuild_in_full(changes: dict[
 
 def test_mode_incremental_is_not_adaptive_but_still_rebuilds_when_keys_cannot_be_trusted() -> None:
     assert policy.decide(V, inspection(keys=900), "Incremental", False, NOW) == policy.Run(
-        policy.RefreshMode.INCREMENTAL, "900 changed key(s), 90.00% of the view"
+        RefreshMode.INCREMENTAL, "900 changed key(s), 90.00% of the view"
     )
     truncated = policy.decide(V, inspection(full=("TRUNCATE of ops.items",)), "Incremental", False, NOW)
     assert isinstance(truncated, policy.Run) and truncated.mode == "Swap"
@@ -127,7 +128,7 @@ def test_the_rewrite_wraps_every_read_of_a_source_and_inlines_views_only_on_the_
     )
     totals = sqltext.check_view_definition("SELECT items.grp, sum(items.v) AS total FROM ops.items GROUP BY items.grp")
     other = sqltext.ResolvedRelation(("ops", "other"), "r")
-    catalog = {
+    catalog: dict[sqltext.Reference, sqltext.ResolvedRelation] = {
         ("ops", "items"): sqltext.ResolvedRelation(("ops", "items"), "r"),
         ("ops", "v_totals"): sqltext.ResolvedRelation(("ops", "v_totals"), "v", totals),
         ("ops", "other"): other,
@@ -144,7 +145,9 @@ def test_the_rewrite_wraps_every_read_of_a_source_and_inlines_views_only_on_the_
 def test_hostile_names_stay_names_in_the_rewrite() -> None:
     name = 'it"s; DROP TABLE x; --'
     query = sqltext.check_query(f'SELECT * FROM ops."{name.replace(chr(34), chr(34) * 2)}"')
-    catalog = {("ops", name): sqltext.ResolvedRelation(("ops", name), "r")}
+    catalog: dict[sqltext.Reference, sqltext.ResolvedRelation] = {
+        ("ops", name): sqltext.ResolvedRelation(("ops", name), "r")
+    }
     result = sqltext.inject_key_filters(query, catalog, {("ops", name): ('k"; --',)}, ("key",))
     reparsed = sqltext.relations_read(result.query)
     assert ("ops", name) in reparsed and ("pg_temp", "matview_changed_keys") in reparsed
