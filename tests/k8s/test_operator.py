@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import psycopg
@@ -280,3 +281,63 @@ async def test_the_scheduler_repairs_drift_without_rewriting_an_unchanged_status
         conn.execute(f'DROP INDEX public."{name[0]}"')
     assert indexes() == 0
     await eventually(lambda: indexes() == 1, "the dropped index restored by a drift check")
+
+
+async def test_an_incremental_view_keeps_its_target_lag_and_reports_it(
+    cluster: Cluster, operator: Any, dsn: str
+) -> None:
+    setup_sales(dsn)
+    await cluster.put_secret("db", {"uri": dsn})
+    await cluster.create_view(
+        "sales-by-region",
+        spec(
+            storage="Table",
+            incremental={
+                "keyColumns": ["region"],
+                "sources": [{"table": "public.sales", "columns": ["region"]}],
+                "fullRebuildRatio": 1,
+            },
+            refresh={"targetLag": "2s"},
+        ),
+    )
+    await eventually(lambda: cluster.condition("sales-by-region", "Ready"), "Ready")
+
+    def stored_total(region: str) -> int | None:
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute("SELECT total FROM public.sales_by_region WHERE region = %s", (region,)).fetchone()
+            return int(row[0]) if row else None
+
+    before = stored_total("r1")
+    assert before is not None
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE public.sales SET amount = amount + 1000 WHERE id = 1")  # region r1
+    await eventually(lambda: stored_total("r1") == before + 1000, "the change applied within the target lag", 20)
+    fresh = await eventually(lambda: cluster.condition("sales-by-region", "Fresh"), "the Fresh condition")
+    assert fresh["status"] == "True" and fresh["reason"] == "WithinTargetLag", fresh
+    body = await cluster.get_view("sales-by-region")
+    assert body is not None and body["status"]["lastRefresh"]["mode"] in ("Incremental", "none"), body["status"]
+    await cluster.delete_view("sales-by-region")
+    await eventually(lambda: not exists_table(dsn), "the table dropped (deletionPolicy Delete)")
+    with psycopg.connect(dsn) as conn:
+        triggers = conn.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.sales'::regclass").fetchone()
+    assert triggers == (0,)
+
+
+def exists_table(dsn: str) -> bool:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT to_regclass('public.sales_by_region') IS NOT NULL").fetchone() == (True,)
+
+
+async def test_target_lag_looks_do_not_rewrite_the_status(cluster: Cluster, operator: Any, dsn: str) -> None:
+    setup_sales(dsn)
+    await cluster.put_secret("db", {"uri": dsn})
+    incremental = {"keyColumns": ["region"], "sources": [{"table": "public.sales", "columns": ["region"]}]}
+    await cluster.create_view(
+        "sales-by-region", spec(storage="Table", incremental=incremental, refresh={"targetLag": "1s"})
+    )
+    await eventually(lambda: cluster.condition("sales-by-region", "Fresh"), "the first look")
+    first = await cluster.get_view("sales-by-region")
+    await asyncio.sleep(4)  # four looks, nothing pending
+    later = await cluster.get_view("sales-by-region")
+    assert first is not None and later is not None
+    assert later["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]

@@ -80,6 +80,11 @@ def refresh_status(
     next_due: dt.datetime | None,
 ) -> dict[str, Any]:
     """Pure: status after one refresh."""
+    if result.result == "skipped" and view.refresh.target_lag_seconds is not None:
+        # A target-lag view looks every few seconds and mostly finds nothing to do: recording each look
+        # would PATCH its status every few seconds. Only Fresh (with a stable message) may change.
+        _incremental_conditions(status, view, result)
+        return status
     status["lastRefresh"] = {
         "startTime": conditions.timestamp(result.started_at),
         "completionTime": conditions.timestamp(result.completed_at),
@@ -263,7 +268,12 @@ class ViewScheduler:
         watched.due_at = due.timestamp() if due is not None else None
         self._set(self._refresh_due, key, watched.due_at)
         text = conditions.timestamp(due) if due is not None else None
-        if text != (watched.body.get("status") or {}).get("nextRefreshTime") and due is not None and due > now:
+        if (
+            text != (watched.body.get("status") or {}).get("nextRefreshTime")
+            and due is not None
+            and due > now
+            and view.refresh.target_lag_seconds is None
+        ):
             self._spawn(self._write_status(key, functools.partial(_next_refresh_status, text)), self._status_writes)
 
     def _set(self, queue: DueQueue[str], key: str, due: float | None) -> None:
