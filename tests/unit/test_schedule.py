@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+from matview.refresh import schedule
 from matview.refresh.schedule import expected_period_seconds, jitter_seconds, next_run, retry_delay
 from tests.helpers import view
 
@@ -91,3 +92,15 @@ def test_the_scheduling_core_after_success_failure_skip_and_request() -> None:
     assert wanted_now(v, skipped, late, request="r1")
     handled = after(v, skipped, "success", late, 30, request="r1")
     assert not wanted_now(v, handled, late, request="r1")
+
+
+def test_a_busy_view_is_looked_at_again_soon_and_its_request_stays_pending() -> None:
+    hourly = view(refresh={"interval": "1h"})
+    now = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
+    track = schedule.Track(last_success=now - dt.timedelta(minutes=5), handled_request="old")
+    busy = schedule.after(hourly, track, "busy", now, first_retry_seconds=30)
+    assert busy.handled_request == "old" and busy.last_success == track.last_success
+    assert busy.hold_until is not None and (busy.hold_until - now).total_seconds() <= schedule.BUSY_RETRY_SECONDS
+    assert schedule.wanted_now(hourly, busy, now + dt.timedelta(seconds=3), request="new")
+    skipped = schedule.after(hourly, track, "skipped", now, first_retry_seconds=30, request="new")
+    assert skipped.handled_request == "new"  # a real skip does handle the request

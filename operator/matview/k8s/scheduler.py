@@ -363,6 +363,9 @@ class ViewScheduler:
         after = dt.datetime.now(dt.UTC)
         if result.failure_reason == "connection" and view.secret_ref is not None:
             kube.forget_secret(view.namespace, view.secret_ref.name)  # perhaps a rotated password: read it again
+        if result.busy:  # an apply or drift check holds the view: nothing happened, nothing to report
+            watched.track = schedule.after(view, watched.track, "busy", after, self.ctx.config.busy_retry_seconds)
+            return
         watched.track = schedule.after(
             view,
             watched.track,

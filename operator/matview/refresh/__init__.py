@@ -96,6 +96,8 @@ class RefreshResult:
     """Incremental views: pending keys as a share of the view's rows, when the decision was made."""
     staleness_seconds: float | None = None
     """Incremental views: age of the oldest unapplied change after this attempt (0 when none)."""
+    busy: bool = False
+    """Skipped because another process held the view's lock: nothing was decided, try again soon."""
     verification: verify.Verification | None = None
     """Incremental views: the periodic comparison with a full recompute, when this refresh made one."""
 
@@ -184,7 +186,7 @@ def refresh(
                     inspection.pending.keys if attempt.mode == RefreshMode.INCREMENTAL and inspection.pending else 0
                 )
     except BusyError as error:
-        return finish("skipped", "another refresh of this view is running", message=str(error))
+        return finish("skipped", "another refresh of this view is running", message=str(error), busy=True)
     except Exception as error:
         if not isinstance(error, psycopg.Error | MatviewError) and policy.classify(error) != "connection":
             logger.exception("%s: unexpected error during refresh", view.relation)

@@ -392,7 +392,7 @@ class Scheduler:
         entry.track = schedule.after(
             view,
             entry.track,
-            result.result,
+            "busy" if result.busy else result.result,
             self.clock(),
             self.refresher.settings.retry_seconds,
             completed=result.completed_at,

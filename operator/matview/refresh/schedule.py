@@ -21,6 +21,8 @@ from matview.api.spec import MaterializedView, RefreshSpec
 #: Jitter spreads views with the same interval; it is a fixed fraction per view, so it never drifts.
 MAX_JITTER_FRACTION = 0.1
 MAX_JITTER_SECONDS = 30.0
+#: After a refresh found the view's lock held by another process: try again this soon.
+BUSY_RETRY_SECONDS = 2.0
 
 
 def _zone(spec: RefreshSpec) -> dt.tzinfo:
@@ -128,10 +130,15 @@ def after(
 ) -> Track:
     """The state after an attempt ended with outcome success, failure or skipped.
 
-    Success counts from its completion; a failure holds the view for a backoff that doubles from
+    Busy (the view's lock was held elsewhere) changes nothing but a short hold. Success counts from its
+    completion; a failure holds the view for a backoff that doubles from
     first_retry_seconds up to the view's period; a skip (sources unchanged, or another process at work)
     holds it one period from now. A request acted upon is remembered whatever the outcome.
     """
+    if outcome == "busy":
+        # Another process held the view (an apply, a drift check): nothing ran, and a request is not
+        # handled yet. Look again soon instead of holding the view for a whole period.
+        return replace(track, hold_until=now + dt.timedelta(seconds=min(first_retry_seconds, BUSY_RETRY_SECONDS)))
     handled = request if request is not None else track.handled_request
     if outcome == "success":
         return Track(last_success=completed or now, handled_request=handled)
