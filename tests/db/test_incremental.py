@@ -423,3 +423,67 @@ def test_a_null_key_forces_a_full_rebuild(conn: Connection) -> None:
     result = refresh(conn, right)
     assert result.mode == "Incremental" and result.keys_applied == 1, result
     assert mismatches(conn, right) == (0, 0)
+
+
+def test_storage_changes_from_materialized_view_to_table_by_a_swap_keeping_dependents(matrix: Connection) -> None:
+    spec: dict[str, Any] = {
+        "schema": "ops",
+        "name": "mx",
+        "query": "SELECT * FROM ops.v_payments_driver_matrix_cabinet",
+        "indexes": [{"columns": ["driver_id"]}],
+        "refresh": {"interval": "1m"},
+    }
+    apply(matrix, view("mx", **spec))
+    matrix.execute("CREATE VIEW ops.mx_names AS SELECT driver_id, driver_name FROM ops.mx")
+    table = matrix_view()
+    result = apply(matrix, table)
+    assert "query, searchPath, runAsRole or storage changed" in result.plan.reasons
+    kinds = matrix.execute(
+        "SELECT relkind FROM pg_class WHERE oid IN ('ops.mx'::regclass, 'ops.mx_names'::regclass) ORDER BY relname"
+    ).fetchall()
+    assert kinds == [("r",), ("v",)]
+    assert mismatches(matrix, table) == (0, 0)
+    matrix.execute("UPDATE public.drivers SET driver_name = 'x' WHERE driver_id = 8")
+    assert refresh(matrix, table).mode == "Incremental"
+    assert matrix.execute("SELECT driver_name FROM ops.mx_names WHERE driver_id = 8").fetchone() == ("x",)
+    # A query change swaps the table and re-creates the dependent view.
+    changed = matrix_view(query="SELECT * FROM ops.v_payments_driver_matrix_cabinet WHERE driver_id > 0")
+    assert apply(matrix, changed).built
+    assert matrix.execute("SELECT count(*) FROM ops.mx_names").fetchone() == (300,)
+    assert mismatches(matrix, changed) == (0, 0)
+
+
+def test_an_incremental_refresh_killed_mid_way_loses_nothing(matrix: Connection, dsn: str) -> None:
+    mv = matrix_view()
+    apply(matrix, mv)
+    matrix.execute("UPDATE ops.trips SET trip_date = trip_date + 1 WHERE driver_id IN (1, 2, 3)")
+    # Make the recompute of driver 4 slow (only while ops.ctl says so), to kill it in the middle.
+    matrix.execute("CREATE TABLE ops.ctl (pause float NOT NULL); INSERT INTO ops.ctl VALUES (0)")
+    matrix.execute(
+        "CREATE FUNCTION ops.slow(bigint) RETURNS bigint LANGUAGE sql AS "
+        "'SELECT $1 FROM ops.ctl, pg_sleep(CASE WHEN $1 = 4 THEN ctl.pause ELSE 0 END)'"
+    )
+    slow = matrix_view(query="SELECT *, ops.slow(driver_id) AS s FROM ops.v_payments_driver_matrix_cabinet")
+    apply(matrix, slow)  # a query change: rebuilt in full, capture kept
+    matrix.execute("UPDATE ops.claims SET status = 'rejected' WHERE driver_id IN (4, 5)")
+    matrix.execute("UPDATE ops.ctl SET pause = 5")
+    before = matrix.execute("SELECT count(*) FROM ops.mx").fetchone()
+
+    def kill_soon() -> None:
+        time.sleep(1.0)
+        with psycopg.connect(dsn, autocommit=True) as killer:
+            killer.execute(
+                'SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE \'INSERT INTO "ops"."mx"%%\''
+            )
+
+    with psycopg.connect(dsn, autocommit=True) as victim:
+        thread = threading.Thread(target=kill_soon)
+        thread.start()
+        result = refresh(victim, slow, "Incremental")
+        thread.join()
+    assert result.result == "failure" and result.failure_reason == "connection", result
+    assert matrix.execute("SELECT count(*) FROM ops.mx").fetchone() == before  # the old rows, all of them
+    matrix.execute("UPDATE ops.ctl SET pause = 0")
+    again = refresh(matrix, slow)
+    assert again.result == "success" and again.mode == "Incremental" and again.keys_applied == 2, again
+    assert mismatches(matrix, slow) == (0, 0)
