@@ -15,10 +15,19 @@ Prints ratios; no assertions (these machines are noisy).
 from __future__ import annotations
 
 import argparse
+import random
+import signal
 import statistics
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import psycopg
+import yaml
 from _server import bench_database
 from refresh_modes import Reader
 
@@ -31,27 +40,29 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ["public.drivers", "ops.leads", "ops.trips", "ops.claims", "ops.payments"]
 
 
-def matrix_view(ratio: float = 0.1) -> MaterializedView:
-    return validate_document(
-        {
-            "apiVersion": "matview.dev/v1alpha1",
-            "kind": "MaterializedView",
-            "metadata": {"name": "matrix", "namespace": "bench"},
-            "spec": {
-                "schema": "ops",
-                "name": "matrix",
-                "storage": "Table",
-                "query": "SELECT * FROM ops.v_payments_driver_matrix_cabinet",
-                "indexes": [{"columns": ["driver_id"], "unique": True}, {"columns": ["funnel_status"]}],
-                "incremental": {
-                    "keyColumns": ["driver_id"],
-                    "sources": [{"table": t, "columns": ["driver_id"]} for t in SOURCES],
-                    "fullRebuildRatio": ratio,
-                },
-                "refresh": {"timeout": "2h"},
+def matrix_view(ratio: float = 0.1, **refresh: str) -> MaterializedView:
+    return validate_document(matrix_document(ratio, **refresh))
+
+
+def matrix_document(ratio: float = 0.1, **refresh: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "matview.dev/v1alpha1",
+        "kind": "MaterializedView",
+        "metadata": {"name": "matrix", "namespace": "bench"},
+        "spec": {
+            "schema": "ops",
+            "name": "matrix",
+            "storage": "Table",
+            "query": "SELECT * FROM ops.v_payments_driver_matrix_cabinet",
+            "indexes": [{"columns": ["driver_id"], "unique": True}, {"columns": ["funnel_status"]}],
+            "incremental": {
+                "keyColumns": ["driver_id"],
+                "sources": [{"table": t, "columns": ["driver_id"]} for t in SOURCES],
+                "fullRebuildRatio": ratio,
             },
-        }
-    )
+            "refresh": {"timeout": "2h", **refresh},
+        },
+    }
 
 
 def change(conn: engine.Connection, drivers: int, share: float, salt: int) -> int:
@@ -122,6 +133,9 @@ def main() -> None:
     parser.add_argument("--shares", default="0.001,0.01,0.1", help="shares of drivers changed")
     parser.add_argument("--rounds", type=int, default=3, help="repeats per measurement (medians)")
     parser.add_argument("--dsn", help="an existing server (default: a private one in a temp dir)")
+    parser.add_argument("--lag-minutes", type=float, default=5, help="length of the target-lag run (0 skips it)")
+    parser.add_argument("--target-lag", default="1m")
+    parser.add_argument("--writes-per-second", type=float, default=5)
     args = parser.parse_args()
 
     with bench_database(args.dsn) as dsn, engine.connect(dsn) as conn:
@@ -181,6 +195,75 @@ def main() -> None:
             ("writes to ops.trips", "no capture s", "capture s", "overhead"),
             [(label, f"{a:.3f}", f"{b:.3f}", f"{(b / a - 1):+.1%}") for label, a, b in overhead],
         )
+        refresh(conn, view, "Swap")  # the overhead runs disabled capture: start the lag run from a clean state
+        if args.lag_minutes > 0:
+            print()
+            target_lag_run(dsn, args)
+
+
+def target_lag_run(dsn: str, args: argparse.Namespace) -> None:
+    """`matview run` keeps the view within targetLag while a writer trickles changes; sample the age of the
+    oldest unapplied change every second."""
+    document = matrix_document(targetLag=args.target_lag)
+    folder = Path(tempfile.mkdtemp(prefix="matview-lag-"))
+    (folder / "matrix.yaml").write_text(yaml.safe_dump(document))
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "matview.cli", "run", str(folder), "--dsn", dsn, "--metrics-port", "0"],
+        stdout=subprocess.DEVNULL,
+        stderr=open(folder / "run.log", "w"),  # noqa: SIM115 - closed with the process
+    )
+    samples: list[float] = []
+    stop = threading.Event()
+
+    def trickle() -> None:
+        rng = random.Random(1)
+        with psycopg.connect(dsn, autocommit=True) as writer:
+            while not stop.is_set():
+                driver = rng.randint(1, args.drivers)
+                writer.execute(
+                    "INSERT INTO ops.trips (driver_id, trip_date) SELECT driver_id, lead_date + 1 FROM ops.leads "
+                    "WHERE driver_id = %s",
+                    (driver,),
+                )
+                time.sleep(1 / args.writes_per_second)
+
+    writer = threading.Thread(target=trickle)
+    try:
+        time.sleep(5)  # the runner starts and applies (nothing to change)
+        writer.start()
+        deadline = time.monotonic() + args.lag_minutes * 60
+        with psycopg.connect(dsn, autocommit=True) as probe:
+            while time.monotonic() < deadline:
+                row = probe.execute(
+                    "SELECT coalesce(extract(epoch FROM clock_timestamp() - min(mv_changed_at)), 0) "
+                    "FROM ops.matrix_mv_changes"
+                ).fetchone()
+                samples.append(float(row[0]) if row else 0.0)
+                time.sleep(1)
+    finally:
+        stop.set()
+        if writer.is_alive():
+            writer.join()
+        runner.send_signal(signal.SIGTERM)
+        runner.wait(timeout=60)
+    samples.sort()
+
+    def quantile(q: float) -> float:
+        return samples[min(len(samples) - 1, int(q * len(samples)))]
+
+    table(
+        ("targetLag", "writes/s", "samples", "staleness p50 s", "p99 s", "max s"),
+        [
+            (
+                args.target_lag,
+                f"{args.writes_per_second:g}",
+                str(len(samples)),
+                f"{quantile(0.5):.1f}",
+                f"{quantile(0.99):.1f}",
+                f"{samples[-1]:.1f}",
+            )
+        ],
+    )
 
 
 def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
