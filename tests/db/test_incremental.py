@@ -487,3 +487,28 @@ def test_an_incremental_refresh_killed_mid_way_loses_nothing(matrix: Connection,
     again = refresh(matrix, slow)
     assert again.result == "success" and again.mode == "Incremental" and again.keys_applied == 2, again
     assert mismatches(matrix, slow) == (0, 0)
+
+
+def test_the_incremental_example_applies_refreshes_and_verifies_through_the_cli(matrix: Connection) -> None:
+    example = str(ROOT / "examples/driver-matrix-incremental.yaml")
+    dsn = matrix.info.dsn
+
+    def matview(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "matview.cli", *args, example, "--dsn", dsn],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    plan = matview("plan")
+    assert plan.returncode == 0, plan.stderr
+    assert "CREATE TRIGGER" in plan.stdout and "CREATE TABLE" in plan.stdout
+    applied = matview("apply")
+    assert applied.returncode == 0, applied.stderr
+    matrix.execute("UPDATE ops.trips SET trip_date = trip_date WHERE driver_id IN (10, 20)")
+    refreshed = matview("refresh", "--json")
+    assert refreshed.returncode == 0, refreshed.stderr
+    assert '"mode": "Incremental"' in refreshed.stdout and '"keysApplied": 2' in refreshed.stdout, refreshed.stdout
+    verified = matview("verify")
+    assert verified.returncode == 0 and "matches a full recompute" in verified.stdout, verified.stdout

@@ -196,7 +196,16 @@ def _run_each(args: argparse.Namespace, operation: Callable[..., engine.ApplyRes
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    return _run_each(args, engine.apply, "applied")
+    from matview.plan.catalog import Connection
+    from matview.refresh import record_build
+
+    def apply_and_record(conn: Connection, view: MaterializedView) -> engine.ApplyResult:
+        result = engine.apply(conn, view)
+        if result.built:  # a build is a refresh: its state (and the sources it saw) go into the marker
+            record_build(conn, view)
+        return result
+
+    return _run_each(args, apply_and_record, "applied")
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
