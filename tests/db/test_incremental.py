@@ -504,6 +504,8 @@ def test_the_incremental_example_applies_refreshes_and_verifies_through_the_cli(
     plan = matview("plan")
     assert plan.returncode == 0, plan.stderr
     assert "CREATE TRIGGER" in plan.stdout and "CREATE TABLE" in plan.stdout
+    assert "an incremental refresh recomputes the changed keys with" in plan.stdout
+    assert plan.stdout.count("pg_temp.matview_changed_keys") >= 5  # every source, through the views
     applied = matview("apply")
     assert applied.returncode == 0, applied.stderr
     matrix.execute("UPDATE ops.trips SET trip_date = trip_date WHERE driver_id IN (10, 20)")

@@ -146,20 +146,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
                         }
                         for s in current.steps
                     ],
+                    "incrementalQuery": current.incremental_query.text if current.incremental_query else None,
                 }
 
             if (result := batch.run(view, file, work)) is not None:
                 results.append(result)
 
     def human(r: dict[str, Any]) -> str:
+        incremental = (
+            f"\n  -- an incremental refresh recomputes the changed keys with:\n  {r['incrementalQuery']};"
+            if r["incrementalQuery"]
+            else ""
+        )
         if not r["steps"]:
-            return f"{r['relation']}: up to date, nothing to do"
+            return f"{r['relation']}: up to date, nothing to do{incremental}"
         lines = [f"{r['relation']}: {len(r['steps'])} step(s) ({'; '.join(r['reasons'])})"]
         lines += [f"  warning: {w}" for w in r["warnings"]]
         for step in r["steps"]:
             lines.append(f"  -- {step['description']}")
             lines += [f"  {statement};" for statement in step["sql"]]
-        return "\n".join(lines)
+        return "\n".join(lines) + incremental
 
     return batch.finish(args, results, human)
 

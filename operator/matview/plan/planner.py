@@ -62,6 +62,8 @@ class Plan:
     reasons: tuple[str, ...] = ()
     """Why the plan does what it does (e.g. "source columns changed: ...")."""
     warnings: tuple[str, ...] = field(default=())
+    incremental_query: sqltext.CheckedSQL | None = None
+    """What an incremental refresh of this view runs: the query with the key filter injected at its sources."""
 
     @property
     def empty(self) -> bool:
@@ -237,7 +239,10 @@ def build_plan(view: MaterializedView, observed: Observed) -> Plan:
         else:
             steps += _converge_view(view, observed, reasons)
     steps += _converge_supporting(view, observed, reasons)
-    return Plan(view, tuple(steps), tuple(reasons), tuple(warnings))
+    incremental_query = None
+    if view.incremental is not None and observed.key_catalog is not None:
+        incremental_query = key_filtered_query(view, observed.key_catalog).query  # checked above: it succeeds
+    return Plan(view, tuple(steps), tuple(reasons), tuple(warnings), incremental_query)
 
 
 def _check_supporting(view: MaterializedView, observed: Observed) -> list[FieldError]:
@@ -339,7 +344,7 @@ def _check_incremental(view: MaterializedView, observed: Observed) -> list[Field
                 FieldError(
                     f"{path}.sources[{i}].table",
                     f"{source.schema}.{source.table} is read only where a filter cannot be injected "
-                    "(through a materialized view, a function or a security_barrier view)",
+                    "(through a materialized view or inside a function)",
                 )
             )
     return errors
