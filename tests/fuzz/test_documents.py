@@ -31,7 +31,10 @@ from matview.api.validation import load_documents, validate_document
 from matview.errors import SpecError
 
 ROOT = Path(__file__).resolve().parents[2]
-SEED_TEXTS = [(ROOT / "examples" / name).read_text() for name in ("quickstart.yaml", "driver-matrix.yaml")]
+SEED_TEXTS = [
+    (ROOT / "examples" / name).read_text()
+    for name in ("quickstart.yaml", "driver-matrix.yaml", "driver-matrix-incremental.yaml")
+]
 SEEDS = [yaml.safe_load(text) for text in SEED_TEXTS]
 #: The examples set neither searchPath nor runAsRole; one seed does, so mutations reach those fields too.
 SEEDS.append({**SEEDS[0], "spec": {**SEEDS[0]["spec"], "searchPath": ["app", "reports"], "runAsRole": "team_a"}})

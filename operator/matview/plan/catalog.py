@@ -398,6 +398,18 @@ def _dependent(conn: Connection, row: tuple[Any, ...]) -> DependentView:
     )
 
 
+#: What a fingerprint of a relation is made of (write counters, relfilenode, an upstream MV's marker), for
+#: every relation in a CTE named ``relations``.
+_RELATION_FACTS = sql.SQL("""
+SELECT c.oid, n.nspname, c.relname, c.relkind, c.relfilenode, coalesce(s.n_tup_ins, 0), coalesce(s.n_tup_upd, 0),
+       coalesce(s.n_tup_del, 0), CASE WHEN c.relkind = 'm' THEN obj_description(c.oid, 'pg_class') END
+FROM relations JOIN pg_class c ON c.oid = relations.oid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_stat_all_tables s ON s.relid = c.oid
+WHERE c.relkind IN ('r', 'm', 'p', 'f')
+ORDER BY c.oid
+""")
+
 _UPSTREAM = sql.SQL("""
 WITH RECURSIVE deps(oid) AS (
     SELECT d.refobjid FROM pg_rewrite r
@@ -415,14 +427,16 @@ WITH RECURSIVE deps(oid) AS (
     SELECT t.relid FROM deps JOIN pg_class c ON c.oid = deps.oid AND c.relkind = 'p',
                          LATERAL pg_partition_tree(c.oid) t
 )
-SELECT c.oid, n.nspname, c.relname, c.relkind, c.relfilenode, coalesce(s.n_tup_ins, 0), coalesce(s.n_tup_upd, 0),
-       coalesce(s.n_tup_del, 0), CASE WHEN c.relkind = 'm' THEN obj_description(c.oid, 'pg_class') END
-FROM relations JOIN pg_class c ON c.oid = relations.oid
-JOIN pg_namespace n ON n.oid = c.relnamespace
-LEFT JOIN pg_stat_all_tables s ON s.relid = c.oid
-WHERE c.relkind IN ('r', 'm', 'p', 'f')
-ORDER BY c.oid
-""")
+{}""").format(_RELATION_FACTS)
+
+_KNOWN_RELATIONS = sql.SQL("""
+WITH relations AS (
+    SELECT unnest(%(oids)s::oid[]) AS oid
+    UNION
+    SELECT t.relid FROM pg_class c, LATERAL pg_partition_tree(c.oid) t
+    WHERE c.oid = ANY(%(oids)s::oid[]) AND c.relkind = 'p'
+)
+{}""").format(_RELATION_FACTS)
 
 
 @dataclass(frozen=True)
@@ -437,29 +451,11 @@ class UpstreamRelation:
     """Changes when the relation's data may have: relfilenode, write counters, an upstream MV's marker."""
 
 
-_FINGERPRINT_ONE = sql.SQL("""
-WITH relations AS (
-    SELECT %(oid)s::oid AS oid
-    UNION
-    SELECT t.relid FROM pg_class c, LATERAL pg_partition_tree(c.oid) t WHERE c.oid = %(oid)s AND c.relkind = 'p'
-)
-SELECT c.oid, n.nspname, c.relname, c.relkind, c.relfilenode, coalesce(s.n_tup_ins, 0), coalesce(s.n_tup_upd, 0),
-       coalesce(s.n_tup_del, 0), CASE WHEN c.relkind = 'm' THEN obj_description(c.oid, 'pg_class') END
-FROM relations JOIN pg_class c ON c.oid = relations.oid
-JOIN pg_namespace n ON n.oid = c.relnamespace
-LEFT JOIN pg_stat_all_tables s ON s.relid = c.oid
-WHERE c.relkind IN ('r', 'm', 'p', 'f')
-""")
-
-
 def relation_fingerprints(conn: Connection, oids: list[int]) -> list[UpstreamRelation]:
     """The same facts as upstream_relations, for relations already known by oid (and their partitions)."""
-    rows = []
-    for oid in oids:
-        rows += conn.execute(_FINGERPRINT_ONE, {"oid": oid}).fetchall()
     return [
         UpstreamRelation(int(row[0]), str(row[1]), str(row[2]), str(row[3]), (row[0], row[3], *row[4:]))
-        for row in sorted(set(rows))
+        for row in conn.execute(_KNOWN_RELATIONS, {"oids": oids}).fetchall()
     ]
 
 
