@@ -333,7 +333,8 @@ async def test_target_lag_looks_do_not_rewrite_the_status(cluster: Cluster, oper
     await cluster.put_secret("db", {"uri": dsn})
     incremental = {"keyColumns": ["region"], "sources": [{"table": "public.sales", "columns": ["region"]}]}
     await cluster.create_view(
-        "sales-by-region", spec(storage="Table", incremental=incremental, refresh={"targetLag": "1s"})
+        "sales-by-region",
+        spec(storage="Table", incremental=incremental, refresh={"targetLag": "1s"}, deletionPolicy="Retain"),
     )
     await eventually(lambda: cluster.condition("sales-by-region", "Fresh"), "the first look")
 
@@ -344,3 +345,14 @@ async def test_target_lag_looks_do_not_rewrite_the_status(cluster: Cluster, oper
     before = status_patches()
     await asyncio.sleep(4)  # four looks, nothing pending
     assert status_patches() == before, "a look that found nothing wrote the status"
+
+    # Retain keeps the rows, and still takes the capture off the source table.
+    await cluster.delete_view("sales-by-region")
+    await eventually(lambda: capture_triggers(dsn) == 0, "the capture triggers removed")
+    assert exists_table(dsn)
+
+
+def capture_triggers(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.sales'::regclass").fetchone()
+    return int(row[0]) if row else 0

@@ -1,6 +1,7 @@
 """Deletion: honour deletionPolicy, never hang, never lose the reason.
 
-Retain leaves the database as it is. Delete drops the view and the supporting
+Retain leaves the view's rows as they are (an incremental view's change capture is removed all the
+same). Delete drops the view and the supporting
 indexes this resource created; while the database cannot be reached, or other
 views still depend on the view, the finalizer stays and status says why. A
 resource whose spec never validated created nothing, and lets go at once, as
@@ -17,6 +18,7 @@ import kopf
 import psycopg
 import psycopg_pool
 
+from matview.api.spec import Storage
 from matview.errors import DependentObjectsError, MatviewError, SpecError
 from matview.k8s import conditions, kube
 from matview.k8s.context import OperatorContext
@@ -47,17 +49,21 @@ async def delete(ctx: OperatorContext, body: kopf.Body, logger: logging.Logger |
         logger.info("the spec never validated, so nothing was created; letting go")
         _forget(ctx, key, namespace, name)
         return
-    if view.deletion_policy == "Retain":
+    if view.deletion_policy == "Retain" and view.incremental is None and view.storage is Storage.MATERIALIZED_VIEW:
         logger.info("deletionPolicy Retain: %s stays in the database", view.relation)
         _forget(ctx, key, namespace, name)
         return
+    # Delete drops; Retain keeps the rows but still removes change capture (triggers on the sources
+    # would fill a log nobody reads): both go through the engine's delete plan.
     try:
         dsn = await resolve_dsn(view, ctx.config.secret_max_age_seconds)
     except CredentialsError as exc:
         kopf.warn(
             body,
             reason=exc.reason,
-            message=f"{exc}; {view.relation} is left in the database (deletionPolicy Delete not honoured)",
+            message=f"{exc}; {view.relation} is left in the database (deletionPolicy Delete not honoured)"
+            if view.deletion_policy == "Delete"
+            else f"{exc}; the change capture of {view.relation} is left in the database",
         )
         _forget(ctx, key, namespace, name)
         return
