@@ -19,13 +19,18 @@ BENCH_SETTINGS = {
 }
 
 
+#: A server that commits as production does: every commit waits for its WAL to reach the disk.
+DURABLE_SETTINGS = {key: value for key, value in BENCH_SETTINGS.items() if key not in ("fsync", "synchronous_commit")}
+
+
 @contextmanager
-def bench_database(dsn: str | None) -> Iterator[str]:
+def bench_database(dsn: str | None, durable: bool = False) -> Iterator[str]:
     """Yield dsn, or start (and afterwards remove) a private server in a temporary directory."""
     if dsn is not None:
         yield dsn
         return
-    server = LocalServer(Path(tempfile.mkdtemp(prefix="matview-bench-")) / "data", settings=BENCH_SETTINGS)
+    settings = DURABLE_SETTINGS if durable else BENCH_SETTINGS
+    server = LocalServer(Path(tempfile.mkdtemp(prefix="matview-bench-")) / "data", settings=settings)
     server.start()
     try:
         yield server.dsn()

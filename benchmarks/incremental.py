@@ -136,9 +136,15 @@ def main() -> None:
     parser.add_argument("--lag-minutes", type=float, default=5, help="length of the target-lag run (0 skips it)")
     parser.add_argument("--target-lag", default="1m")
     parser.add_argument("--writes-per-second", type=float, default=5)
+    parser.add_argument(
+        "--durable",
+        action="store_true",
+        help="fsync and synchronous_commit on (default off: the worst case for capture)",
+    )
+    parser.add_argument("--overhead-only", action="store_true", help="measure only the write overhead")
     args = parser.parse_args()
 
-    with bench_database(args.dsn) as dsn, engine.connect(dsn) as conn:
+    with bench_database(args.dsn, args.durable) as dsn, engine.connect(dsn) as conn:
         conn.execute("DROP SCHEMA IF EXISTS ops CASCADE")
         conn.execute((ROOT / "sql/examples/driver_matrix/schema.sql").read_text())
         started = time.perf_counter()
@@ -151,7 +157,7 @@ def main() -> None:
         record_build(conn, view)
         salt = 0
         rows = []
-        for share in (float(s) for s in args.shares.split(",")):
+        for share in () if args.overhead_only else (float(s) for s in args.shares.split(",")):
             measured: dict[str, list[float]] = {"Incremental": [], "Auto": [], "Swap": []}
             waits: dict[str, float] = {}
             used = ""
@@ -196,7 +202,7 @@ def main() -> None:
             [(label, f"{a:.3f}", f"{b:.3f}", f"{(b / a - 1):+.1%}") for label, a, b in overhead],
         )
         refresh(conn, view, "Swap")  # the overhead runs disabled capture: start the lag run from a clean state
-        if args.lag_minutes > 0:
+        if args.lag_minutes > 0 and not args.overhead_only:
             print()
             target_lag_run(dsn, args)
 
