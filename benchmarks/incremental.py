@@ -194,8 +194,9 @@ def main() -> None:
             "Auto/Swap",
             "read wait ms",
         )
-        table(header, rows)
-        print()
+        if rows:
+            table(header, rows)
+            print()
         overhead = write_overhead(conn, view, args.rounds)
         table(
             ("writes to ops.trips", "no capture s", "capture s", "overhead"),
