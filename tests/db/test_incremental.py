@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from matview.api.spec import MaterializedView
-from matview.errors import SpecError
+from matview.errors import SpecError, UnmanagedObjectError
 from matview.plan import capture, engine
 from matview.plan.catalog import Connection
 from matview.refresh import record_build, refresh, verify
@@ -514,3 +514,24 @@ def test_the_incremental_example_applies_refreshes_and_verifies_through_the_cli(
     assert '"mode": "Incremental"' in refreshed.stdout and '"keysApplied": 2' in refreshed.stdout, refreshed.stdout
     verified = matview("verify")
     assert verified.returncode == 0 and "matches a full recompute" in verified.stdout, verified.stdout
+
+
+def test_objects_that_hold_capture_names_and_are_not_ours_stop_apply_and_survive_delete(matrix: Connection) -> None:
+    mv = matrix_view()
+    matrix.execute(
+        f'CREATE FUNCTION ops."{capture.function_name(mv)}"() RETURNS trigger LANGUAGE plpgsql AS '
+        "'BEGIN RETURN NULL; END'"
+    )
+    with pytest.raises(UnmanagedObjectError, match="not managed by matview-operator"):
+        engine.apply(matrix, mv)
+    assert matrix.execute("SELECT to_regclass('ops.mx'), to_regclass('ops.mx_mv_changes')").fetchone() == (None, None)
+    engine.delete(matrix, matrix_view(deletionPolicy="Delete"))
+    assert matrix.execute(
+        f"SELECT to_regprocedure('ops.\"{capture.function_name(mv)}\"()') IS NOT NULL"
+    ).fetchone() == (True,)
+    matrix.execute(f'DROP FUNCTION ops."{capture.function_name(mv)}"()')
+    matrix.execute("CREATE TABLE ops.mx_mv_changes (x int)")
+    with pytest.raises(UnmanagedObjectError):
+        engine.apply(matrix, mv)
+    engine.delete(matrix, matrix_view(deletionPolicy="Delete"))
+    assert matrix.execute("SELECT to_regclass('ops.mx_mv_changes') IS NOT NULL").fetchone() == (True,)

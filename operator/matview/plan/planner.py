@@ -375,6 +375,8 @@ def _converge_capture(view: MaterializedView, observed: Observed, reasons: list[
     existing = state.triggers
     if state.changes_exists and (state.changes is None or state.changes.owner != view.owner):
         raise UnmanagedObjectError(_not_ours(f"relation {view.schema}.{capture.changes_name(view)}", state.changes))
+    if state.function_exists and (state.function is None or state.function.owner != view.owner):
+        raise UnmanagedObjectError(_not_ours(f"function {view.schema}.{capture.function_name(view)}()", state.function))
     if not log_current:
         reasons.append(
             "change capture is not installed"
@@ -426,6 +428,8 @@ def _drop_capture_steps(view: MaterializedView, state: capture.CaptureState) -> 
         statements += capture.drop_trigger_statements(schema, table, list(found))
     if state.changes_exists and (state.changes is None or state.changes.owner != view.owner):
         state = replace(state, changes_exists=False)  # never ours to drop
+    if state.function_exists and (state.function is None or state.function.owner != view.owner):
+        state = replace(state, function_exists=False)
     statements += capture.drop_log_statements(view, state)
     if not statements:
         return []
