@@ -44,8 +44,14 @@ def partials(tmp_path: Path) -> list[Path]:
     return sorted((tmp_path / "cache").glob("*.partial*"))
 
 
+#: How long an interrupted stand-in build sleeps: an odd number, so that looking for its `sleep` never
+#: matches another process's (a CI runner's `sleep 300` matched the pattern "sleep 30").
+INTERRUPTED_SLEEP = 29.637
+
+
 def fake_go_running() -> bool:
-    return subprocess.run(["pgrep", "-f", "matview-fake-go|sleep 30"], capture_output=True).returncode == 0
+    pattern = f"matview-fake-go|sleep {INTERRUPTED_SLEEP}"
+    return subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0
 
 
 def wait_for(check: object, seconds: float = 20) -> None:
@@ -60,7 +66,10 @@ def wait_for(check: object, seconds: float = 20) -> None:
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_build_leaves_no_partial_directory_and_no_compiler(tmp_path: Path, signum: int) -> None:
     process = subprocess.Popen(
-        [str(binaries.BUILD)], env=environment(tmp_path, 30), start_new_session=True, stderr=subprocess.PIPE
+        [str(binaries.BUILD)],
+        env=environment(tmp_path, INTERRUPTED_SLEEP),
+        start_new_session=True,
+        stderr=subprocess.PIPE,
     )
     wait_for(lambda: partials(tmp_path) and (tmp_path / "count").exists())
     os.killpg(process.pid, signum)  # what Ctrl-C (SIGINT) or a CI timeout (SIGTERM) sends to the group
@@ -79,7 +88,7 @@ def test_the_python_side_kills_the_whole_build_when_interrupted(tmp_path: Path) 
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        binaries.build(interrupt, env=environment(tmp_path, 30))
+        binaries.build(interrupt, env=environment(tmp_path, INTERRUPTED_SLEEP))
     assert partials(tmp_path) == []
     wait_for(lambda: not fake_go_running(), 10)
 
