@@ -535,3 +535,46 @@ def test_objects_that_hold_capture_names_and_are_not_ours_stop_apply_and_survive
         engine.apply(matrix, mv)
     engine.delete(matrix, matrix_view(deletionPolicy="Delete"))
     assert matrix.execute("SELECT to_regclass('ops.mx_mv_changes') IS NOT NULL").fetchone() == (True,)
+
+
+def test_a_writer_cannot_make_the_capture_function_run_its_code(matrix: Connection, dsn: str) -> None:
+    """The capture function runs with its owner's rights on every write: a writer who shadows the functions
+    and operators it uses, on its own search_path, must not get them called."""
+    mv = matrix_view()
+    apply(matrix, mv)
+    matrix.execute("CREATE ROLE mallory LOGIN PASSWORD 'm'; GRANT USAGE ON SCHEMA ops TO mallory")
+    matrix.execute("GRANT INSERT, UPDATE, SELECT ON ops.trips TO mallory; GRANT USAGE ON SCHEMA public TO mallory")
+    matrix.execute("CREATE SCHEMA evil AUTHORIZATION mallory")
+    mallory_dsn = psycopg.conninfo.make_conninfo(dsn, user="mallory", password="m")
+    with psycopg.connect(mallory_dsn, autocommit=True) as mallory:
+        mallory.execute(
+            """
+            CREATE TABLE evil.calls (who text, what text);
+            GRANT INSERT ON evil.calls TO PUBLIC;
+            CREATE FUNCTION evil.note(what text) RETURNS void LANGUAGE sql
+                AS 'INSERT INTO evil.calls VALUES (current_user, what)';
+            CREATE FUNCTION evil.gt(bigint, integer) RETURNS boolean LANGUAGE sql
+                AS 'SELECT evil.note(''>''); SELECT true';
+            CREATE OPERATOR evil.> (LEFTARG = bigint, RIGHTARG = integer, FUNCTION = evil.gt);
+            CREATE FUNCTION evil.eq(name, text) RETURNS boolean LANGUAGE sql
+                AS 'SELECT evil.note(''=''); SELECT true';
+            CREATE OPERATOR evil.= (LEFTARG = name, RIGHTARG = text, FUNCTION = evil.eq);
+            CREATE FUNCTION evil.eq(text, text) RETURNS boolean LANGUAGE sql
+                AS 'SELECT evil.note(''=t''); SELECT true';
+            CREATE OPERATOR evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.eq);
+            CREATE FUNCTION evil.count() RETURNS bigint LANGUAGE sql AS 'SELECT evil.note(''count''); SELECT 1::bigint';
+            CREATE FUNCTION evil.step(bigint[], bigint) RETURNS bigint[] LANGUAGE sql
+                AS 'SELECT evil.note(''array_agg''); SELECT $1 || $2';
+            CREATE AGGREGATE evil.array_agg(bigint) (SFUNC = evil.step, STYPE = bigint[]);
+            CREATE FUNCTION evil.format(text, VARIADIC text[]) RETURNS text LANGUAGE sql
+                AS 'SELECT evil.note(''format''); SELECT ''x''';
+            """
+        )
+        mallory.execute("SET search_path = evil, pg_catalog")
+        mallory.execute("INSERT INTO ops.trips (driver_id, trip_date) VALUES (17, '2026-02-01')")
+        mallory.execute("UPDATE ops.trips SET trip_date = trip_date WHERE driver_id = 18")
+    calls = matrix.execute("SELECT who, what FROM evil.calls").fetchall()
+    assert calls == [], calls
+    result = refresh(matrix, mv)
+    assert result.mode == "Incremental" and result.keys_applied == 2, result
+    assert mismatches(matrix, mv) == (0, 0)

@@ -60,10 +60,14 @@ async def test_the_operator_uses_exactly_the_granted_permissions(cluster: Cluste
     await cluster.put_secret("db", {"uri": dsn})
     await cluster.create_view("sales-by-region", spec(refresh={"interval": "1h"}))
     await eventually(lambda: exists(dsn), "the view")
+    await eventually(lambda: cluster.condition("sales-by-region", "Ready"), "Ready")
+    before = refresh_runs(dsn)
     await cluster.patch_view(
         "sales-by-region", {"metadata": {"annotations": {"matview.dev/refresh-requested-at": "now"}}}
     )
-    await eventually(lambda: refresh_runs(dsn) == 1, "the requested refresh")
+    # More than one may run (kmock, without optimistic locking, can hand the scheduler a status without the
+    # build's time, which makes the first refresh due at once); this test is about the verbs used.
+    await eventually(lambda: refresh_runs(dsn) > before, "the requested refresh")
     await cluster.create_view("broken", spec(query="DELETE FROM public.sales"))
     await eventually(lambda: cluster.condition("broken", "Ready"), "the broken one reported")
     await cluster.delete_view("sales-by-region")
