@@ -271,9 +271,7 @@ def record_build(conn: Connection, view: MaterializedView, when: dt.datetime | N
     oid, marker = facts.read_marker(conn, view.schema, view.name)
     if oid is None or marker is None or marker.owner != view.owner:
         return
-    untracked = None
-    if view.incremental is not None:
-        untracked = facts.inspect(conn, view).untracked_version
+    untracked = facts.untracked_version(conn, view) if view.incremental is not None else None
     state = dataclasses.replace(
         RefreshState.from_marker(marker.state),
         last_success=when or dt.datetime.now(dt.UTC),

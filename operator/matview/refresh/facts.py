@@ -68,13 +68,16 @@ def inspect(conn: Connection, view: MaterializedView) -> Inspection:
     pending = None
     untracked = None
     rows = None
-    if view.incremental is not None:
-        key_catalog = resolve_relations(conn, view)
+    relations: list[UpstreamRelation] = []
+    if view.storage is Storage.TABLE:
+        key_catalog = resolve_relations(conn, view)  # a table has no rewrite rule: follow the query by name
+        relations = _query_relations(conn, key_catalog)
+        version = _fingerprint(relations)
+    else:
+        version = _fingerprint(upstream_relations(conn, int(oid)))
+    if view.incremental is not None and key_catalog is not None:
         pending = pending_changes(conn, view)
-        declared = {source.relation for source in view.incremental.sources}
-        untracked = _fingerprint(
-            conn, [r for r in _query_relations(conn, key_catalog) if (r.schema, r.name) not in declared]
-        )
+        untracked = _untracked(view, relations)
         estimate = conn.execute(sql.SQL("SELECT reltuples::bigint FROM pg_class WHERE oid = %s"), (oid,)).fetchone()
         rows = int(estimate[0]) if estimate and estimate[0] is not None and estimate[0] >= 0 else None
     return Inspection(
@@ -85,7 +88,7 @@ def inspect(conn: Connection, view: MaterializedView) -> Inspection:
         dependents=tuple(read_dependents(conn, int(oid))),
         indexes=tuple(str(name) for name in indexes),
         marker=marker,
-        source_version=source_version(conn, view, int(oid), key_catalog),
+        source_version=version,
         leftovers=tuple(leftovers),
         key_catalog=key_catalog,
         pending=pending,
@@ -94,7 +97,20 @@ def inspect(conn: Connection, view: MaterializedView) -> Inspection:
     )
 
 
-def _fingerprint(conn: Connection, relations: list[UpstreamRelation]) -> str | None:
+def _untracked(view: MaterializedView, relations: list[UpstreamRelation]) -> str | None:
+    """The fingerprint of the tables the query reads that are not declared sources (writes to them force a
+    full rebuild of an incremental view)."""
+    assert view.incremental is not None
+    declared = {source.relation for source in view.incremental.sources}
+    return _fingerprint([r for r in relations if (r.schema, r.name) not in declared])
+
+
+def untracked_version(conn: Connection, view: MaterializedView) -> str | None:
+    """_untracked, read from the catalog (after a build)."""
+    return _untracked(view, _query_relations(conn, resolve_relations(conn, view)))
+
+
+def _fingerprint(relations: list[UpstreamRelation]) -> str | None:
     if any(r.relkind == "f" for r in relations):
         return None
     return hashlib.sha256(repr([r.fingerprint for r in relations]).encode()).hexdigest()[:24]
@@ -107,12 +123,7 @@ def _query_relations(
     return relation_fingerprints(conn, oids)
 
 
-def source_version(
-    conn: Connection,
-    view: MaterializedView,
-    oid: int,
-    key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation] | None = None,
-) -> str | None:
+def source_version(conn: Connection, view: MaterializedView, oid: int) -> str | None:
     """A fingerprint of every table the view reads (through views): write counters and relfilenode.
 
     None when the query reads a foreign table, whose changes cannot be seen. Counters come from the
@@ -120,8 +131,8 @@ def source_version(
     (storage Table) has no rewrite rule to follow, so its query's relations are resolved by name.
     """
     if view.storage is Storage.TABLE:
-        return _fingerprint(conn, _query_relations(conn, key_catalog or resolve_relations(conn, view)))
-    return _fingerprint(conn, upstream_relations(conn, oid))
+        return _fingerprint(_query_relations(conn, resolve_relations(conn, view)))
+    return _fingerprint(upstream_relations(conn, oid))
 
 
 _PENDING = sql.SQL("""
