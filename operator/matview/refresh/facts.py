@@ -60,10 +60,9 @@ def inspect(conn: Connection, view: MaterializedView) -> Inspection:
     marker = Marker.parse(comment)
     leftovers = []
     for name in (staging_name(view), retired_name(view)):
-        leftover = conn.execute(_MARKER, (view.schema, name)).fetchone()
-        found = Marker.parse(leftover[1]) if leftover else None
-        if leftover and found is not None and found.owner == view.owner and found.kind == "staging":
-            leftovers.append((name, str(leftover[2])))
+        _, found, relkind = _read_relation_marker(conn, view.schema, name)
+        if found is not None and found.owner == view.owner and found.kind == "staging":
+            leftovers.append((name, relkind))
     key_catalog = None
     pending = None
     untracked = None
@@ -78,8 +77,7 @@ def inspect(conn: Connection, view: MaterializedView) -> Inspection:
     if view.incremental is not None and key_catalog is not None:
         pending = pending_changes(conn, view)
         untracked = _untracked(view, relations)
-        estimate = conn.execute(sql.SQL("SELECT reltuples::bigint FROM pg_class WHERE oid = %s"), (oid,)).fetchone()
-        rows = int(estimate[0]) if estimate and estimate[0] is not None and estimate[0] >= 0 else None
+        rows = view_size(conn, view).rows
     return Inspection(
         oid=int(oid),
         ours=marker is not None and marker.owner == view.owner and marker.kind == "view",
@@ -198,8 +196,14 @@ def view_size(conn: Connection, view: MaterializedView) -> ViewSize:
 
 def read_marker(conn: Connection, schema: str, name: str) -> tuple[int | None, Marker | None]:
     """The oid and our marker of the relation schema.name (None, None when it does not exist)."""
+    oid, marker, _ = _read_relation_marker(conn, schema, name)
+    return oid, marker
+
+
+def _read_relation_marker(conn: Connection, schema: str, name: str) -> tuple[int | None, Marker | None, str]:
+    """read_marker, and the relation's relkind ("" when it does not exist)."""
     row = conn.execute(_MARKER, (schema, name)).fetchone()
-    return (int(row[0]), Marker.parse(row[1])) if row else (None, None)
+    return (int(row[0]), Marker.parse(row[1]), str(row[2])) if row else (None, None, "")
 
 
 def read_state(conn: Connection, view: MaterializedView) -> RefreshState:
