@@ -22,21 +22,8 @@ from matview.plan import engine
 from matview.plan.catalog import Connection
 from matview.refresh import refresh
 from matview.refresh.runner import Refresher, RunnerSettings
+from tests.db.roles import Roles
 from tests.helpers import view
-
-
-class Roles:
-    """Role names unique to one test database (roles are cluster-wide), and DSNs to log in as them."""
-
-    def __init__(self, dsn: str) -> None:
-        self.suffix = dsn.rsplit("/", 1)[1]
-        self.dsn = dsn
-
-    def __getitem__(self, name: str) -> str:
-        return f"{name}_{self.suffix}"
-
-    def login(self, name: str) -> str:
-        return self.dsn.replace("postgres@", f"{self[name]}@", 1)
 
 
 @pytest.fixture
@@ -62,10 +49,7 @@ def roles(conn: Connection, dsn: str) -> Iterator[Roles]:
         GRANT USAGE, CREATE ON SCHEMA public TO {attacker};
     """)
     yield r
-    for name in (operator, attacker, team, other):
-        conn.execute(f"DROP OWNED BY {name} CASCADE")
-    for name in (operator, attacker, team, other):
-        conn.execute(f"DROP ROLE {name}")
+    r.drop(conn, "operator", "attacker", "team", "other")
 
 
 def plant_the_attack(roles: Roles) -> None:

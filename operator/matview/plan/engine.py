@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import psycopg
-
-from matview.constants import APPLICATION_NAME
 from matview.errors import MatviewError
+from matview.plan import session
 from matview.plan.catalog import Connection, observe
 
 __all__ = [
@@ -50,8 +48,8 @@ class ApplyResult:
 
 
 def connect(dsn: str, connect_timeout: int = 10) -> Connection:
-    """A connection in autocommit mode that says who it is in pg_stat_activity."""
-    return psycopg.connect(dsn, autocommit=True, application_name=APPLICATION_NAME, connect_timeout=connect_timeout)
+    """A connection in autocommit mode that says who it is in pg_stat_activity, its search_path pinned."""
+    return session.connect(dsn, connect_timeout)
 
 
 def settings_for(view: MaterializedView) -> ExecutionSettings:

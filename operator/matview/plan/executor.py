@@ -23,6 +23,7 @@ from psycopg import sql
 from matview.api import sqltext
 from matview.api.spec import MaterializedView, RefreshSpec
 from matview.errors import ApplyError, MatviewError
+from matview.plan import session
 from matview.plan.catalog import Connection, become_query_role, pin_name_resolution
 from matview.plan.planner import Plan, Step
 
@@ -132,6 +133,9 @@ def _run_step(conn: Connection, step: Step, settings: ExecutionSettings, view: M
                 become_query_role(conn, view)
             for statement in step.statements:
                 conn.execute(statement)
+            # Last in the transaction, so it outlives it: a query that set search_path for the session
+            # (set_config(..., false) from a SELECT) must not leave it to the engine's next statement.
+            session.configure(conn)
     else:
         set_timeouts(conn, settings.statement_timeout_seconds, settings.lock_timeout_seconds, local=False)
         pin_name_resolution(conn, view, local=False)
@@ -140,7 +144,8 @@ def _run_step(conn: Connection, step: Step, settings: ExecutionSettings, view: M
                 conn.execute(statement)
         finally:
             with contextlib.suppress(psycopg.Error):
-                conn.execute(sql.SQL("RESET statement_timeout; RESET lock_timeout; RESET search_path"))
+                conn.execute(sql.SQL("RESET statement_timeout; RESET lock_timeout"))
+                session.configure(conn)
 
 
 def execute(conn: Connection, plan: Plan, settings: ExecutionSettings) -> list[str]:

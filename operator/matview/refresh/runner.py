@@ -29,7 +29,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from matview.api.spec import MaterializedView
@@ -37,7 +36,7 @@ from matview.api.validation import load_file
 from matview.constants import APPLICATION_NAME
 from matview.errors import SpecError
 from matview.observe.metrics import RefreshMetrics
-from matview.plan import engine
+from matview.plan import engine, session
 from matview.plan.catalog import Connection
 from matview.refresh import RefreshResult, classify, read_state, record_build, refresh, schedule
 from matview.refresh.facts import dependency_order
@@ -64,17 +63,6 @@ class RunnerSettings:
 
 
 Lane = Literal["refresh", "apply"]
-
-
-def reset_session(conn: Connection) -> None:
-    """Return a pooled connection to a clean session before anyone else uses it.
-
-    The user's query runs on these connections and can change session state from a SELECT:
-    ``pg_advisory_lock`` (which would make another view look busy forever), ``set_config`` of any
-    parameter, a role. DISCARD ALL releases and resets all of it (psycopg drops its prepared
-    statements with it); a connection that cannot be reset is discarded by the pool.
-    """
-    conn.execute(sql.SQL("DISCARD ALL"))
 
 
 class Refresher:
@@ -117,20 +105,16 @@ class Refresher:
                 min_size=0,
                 max_size=self._limit(lane) + 1,
                 open=True,
-                # No server-side prepared statements: DISCARD ALL (reset_session) drops them, and a refresh runs
+                # No server-side prepared statements: DISCARD ALL (session.reset) drops them, and a refresh runs
                 # too few statements per connection for preparing to pay (it also keeps PgBouncer happy).
-                kwargs={
-                    "autocommit": True,
-                    "application_name": APPLICATION_NAME,
-                    "connect_timeout": 10,
-                    "prepare_threshold": None,
-                },
+                kwargs={**session.connection_kwargs(), "prepare_threshold": None},
                 # Fail fast when the database is down (callers retry and report it), and keep reconnecting
                 # in the background only about as long as a retry would wait anyway.
                 timeout=10,
                 reconnect_timeout=60,
                 name=f"{APPLICATION_NAME}-{lane}",
-                reset=reset_session,
+                configure=session.configure,
+                reset=session.reset,
             )
         return self._pools[(dsn, lane)]
 

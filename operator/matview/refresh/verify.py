@@ -18,7 +18,7 @@ from psycopg import sql
 
 from matview.api import sqltext
 from matview.api.spec import MaterializedView
-from matview.plan import capture
+from matview.plan import capture, session
 from matview.plan.catalog import Connection, become_query_role, pin_name_resolution, relation_oid
 from matview.plan.executor import ExecutionSettings, set_timeouts
 
@@ -103,6 +103,7 @@ def compare(conn: Connection, view: MaterializedView, settings: ExecutionSetting
         pin_name_resolution(conn, view, local=True)
         become_query_role(conn, view)
         row = conn.execute(statement).fetchone()
+        session.configure(conn)  # the query may have set search_path for the session
     assert row is not None
     extra, missing, pending, full_pending = row
     elapsed = time.monotonic() - started

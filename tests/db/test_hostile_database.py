@@ -1,0 +1,178 @@
+"""A hostile database user against the engine's own statements (issue #19).
+
+The operator connects as a plain LOGIN role with the rights docs/operations.md and docs/incremental.md list.
+An attacker who may only CREATE in ``public`` plants better-matching look-alikes of functions the engine's
+catalog reads call (``obj_description(oid, text)`` beats ``pg_catalog.obj_description(oid, name)`` for a
+string literal; ``unnest(int[])`` beats ``unnest(anyarray)``), each copying a table only the operator may
+read. A control step proves every plant works under the server's default search_path; then plan, apply,
+every refresh mode, an incremental refresh, verify and delete must never call one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from matview.api.spec import MaterializedView
+from matview.observe.metrics import RefreshMetrics
+from matview.plan import engine
+from matview.plan.catalog import Connection
+from matview.refresh import record_build, refresh, verify
+from matview.refresh.runner import Refresher, RunnerSettings
+from tests.db.roles import Roles
+from tests.helpers import view
+
+#: (signature, return type, the pg_catalog call it forwards to) — each beats pg_catalog's own for the
+#: argument types the engine passes, under a search_path that has public on it.
+PLANTS = [
+    ("obj_description(oid, text)", "text", "pg_catalog.obj_description($1, $2::name)"),
+    ("pg_table_size(oid)", "bigint", "pg_catalog.pg_table_size($1::regclass)"),
+    ("pg_indexes_size(oid)", "bigint", "pg_catalog.pg_indexes_size($1::regclass)"),
+    ("array_position(integer[], integer)", "integer", "pg_catalog.array_position($1, $2)"),
+    ("unnest(integer[])", "SETOF integer", "pg_catalog.unnest($1)"),
+    ("unnest(oid[])", "SETOF oid", "pg_catalog.unnest($1)"),
+    ("set_config(text, text, boolean)", "text", "pg_catalog.set_config($1, $2, $3)"),
+]
+
+
+@pytest.fixture
+def roles(conn: Connection, dsn: str) -> Iterator[Roles]:
+    r = Roles(dsn)
+    operator, attacker = r["operator"], r["attacker"]
+    conn.execute(f"""
+        CREATE ROLE {operator} LOGIN;
+        CREATE ROLE {attacker} LOGIN;
+        CREATE SCHEMA app;
+        CREATE TABLE app.src (k int NOT NULL, v int NOT NULL);
+        INSERT INTO app.src SELECT g % 10, g FROM generate_series(1, 100) g;
+        CREATE TABLE app.secret (s text NOT NULL);
+        INSERT INTO app.secret VALUES ('payroll'), ('keys');
+        GRANT USAGE ON SCHEMA app TO {operator};
+        ALTER TABLE app.src OWNER TO {operator};  -- DROP TRIGGER needs ownership (docs/incremental.md)
+        GRANT SELECT ON app.secret TO {operator};
+        GRANT INSERT, UPDATE, DELETE ON app.src TO {attacker};
+        GRANT USAGE ON SCHEMA app TO {attacker};
+        CREATE SCHEMA reports AUTHORIZATION {operator};
+        GRANT USAGE, CREATE ON SCHEMA public TO {attacker};
+    """)
+    yield r
+    r.drop(conn, "operator", "attacker")
+
+
+def plant(roles: Roles) -> None:
+    """As the attacker: a table anyone may write, and look-alikes that copy app.secret into it."""
+    with psycopg.connect(roles.login("attacker"), autocommit=True) as attacker:
+        attacker.execute("SET check_function_bodies = off")  # it cannot read app.secret; its victim can
+        attacker.execute("CREATE TABLE public.loot (s text); GRANT INSERT ON public.loot TO PUBLIC")
+        for signature, returns, forward in PLANTS:
+            attacker.execute(
+                f"CREATE FUNCTION public.{signature} RETURNS {returns} LANGUAGE sql VOLATILE AS "
+                f"$$ INSERT INTO public.loot SELECT s FROM app.secret; SELECT {forward} $$"
+            )
+
+
+def loot(conn: Connection) -> int:
+    row = conn.execute("SELECT count(*) FROM public.loot").fetchone()
+    return int(row[0]) if row else -1
+
+
+def views() -> list[MaterializedView]:
+    return [
+        view(
+            "plain",
+            "ops",
+            schema="reports",
+            name="plain",
+            query="SELECT k, sum(v) AS total FROM app.src GROUP BY k",
+            indexes=[{"columns": ["k"], "unique": True}],
+        ),
+        view(
+            "inc",
+            "ops",
+            schema="reports",
+            name="inc",
+            storage="Table",
+            query="SELECT k, sum(v) AS total FROM app.src GROUP BY k",
+            indexes=[{"columns": ["k"], "unique": True}],
+            incremental={"keyColumns": ["k"], "sources": [{"table": "app.src", "columns": ["k"]}]},
+        ),
+    ]
+
+
+def test_the_plants_work_under_the_default_search_path(conn: Connection, roles: Roles) -> None:
+    """The control: each plant is called by the statement shape the engine uses, from a default session."""
+    plant(roles)
+    with psycopg.connect(roles.login("operator"), autocommit=True) as control:
+        control.execute("SELECT obj_description(c.oid, 'pg_class') FROM pg_class c WHERE c.oid = 'app.src'::regclass")
+        assert loot(conn) == 2
+        control.execute("SELECT pg_table_size(c.oid) FROM pg_class c WHERE c.oid = 'app.src'::regclass")
+        control.execute("SELECT array_position(ARRAY[1, 2], NULL), x FROM unnest(ARRAY[1, 2]) x")
+        control.execute("SELECT unnest(%s::oid[])", ([1],))
+    assert loot(conn) == 2 * 6
+
+
+def test_no_engine_statement_calls_a_plant(conn: Connection, roles: Roles) -> None:
+    plant(roles)
+    plain, inc = views()
+    with engine.connect(roles.login("operator")) as operator:
+        for mv in (plain, inc):
+            engine.plan(operator, mv)
+            assert engine.apply(operator, mv).built
+            record_build(operator, mv)
+        for mode in ("Concurrent", "Swap", "Full", "Auto"):
+            assert refresh(operator, plain, mode).result == "success", mode
+        conn.execute("UPDATE app.src SET v = v + 1 WHERE k = 3")
+        result = refresh(operator, inc)
+        assert (result.result, result.mode, result.keys_applied) == ("success", "Incremental", 1), result
+        assert refresh(operator, inc, "Swap").result == "success"
+        assert verify.compare(operator, inc, engine.settings_for(inc)).matches
+        assert engine.apply(operator, inc).changed is False
+        for mv in (plain, inc):
+            engine.delete(operator, view(mv.owner.split("/")[1], "ops", **{**_spec(mv), "deletionPolicy": "Delete"}))
+    assert loot(conn) == 0
+    assert conn.execute("SELECT to_regclass('reports.inc'), to_regclass('reports.plain')").fetchone() == (None, None)
+
+
+def _spec(mv: MaterializedView) -> dict[str, Any]:
+    spec: dict[str, Any] = {"schema": mv.schema, "name": mv.name, "query": mv.query.text, "storage": mv.storage.value}
+    if mv.incremental is not None:
+        spec["incremental"] = {
+            "keyColumns": list(mv.incremental.key_columns),
+            "sources": [{"table": f"{s.schema}.{s.table}", "columns": list(s.columns)} for s in mv.incremental.sources],
+        }
+    return spec
+
+
+async def test_a_query_that_sets_search_path_for_the_session_does_not_reach_the_engines_next_statement(
+    conn: Connection, roles: Roles
+) -> None:
+    """A SELECT may call set_config('search_path', 'public', false): the engine's statements after it in the
+    same session (the marker write, sizes, the next view's refresh on the pooled connection) stay pinned."""
+    plant(roles)
+    sneaky = view(
+        "sneaky",
+        "ops",
+        schema="reports",
+        name="sneaky",
+        refresh={"mode": "Full"},
+        query="SELECT pg_catalog.set_config('search_path', 'public, pg_catalog', false) AS p, 1 AS one",
+    )
+    plain = views()[0]
+    refresher = Refresher(RefreshMetrics(), RunnerSettings(max_concurrent_per_database=1))
+    dsn = roles.login("operator")
+    try:
+        for mv in (sneaky, plain):
+            await refresher.run_sync(dsn, lambda c, mv=mv: engine.apply(c, mv))
+        for mode in ("Full", "Swap"):
+            assert (await refresher.refresh(dsn, sneaky, mode)).result == "success"
+        assert (await refresher.refresh(dsn, plain)).result == "success"
+        with engine.connect(dsn) as operator:
+            assert refresh(operator, sneaky, "Swap").result == "success"
+            path = operator.execute("SELECT pg_catalog.current_setting('search_path')").fetchone()
+            assert path == ("pg_catalog, pg_temp",)
+    finally:
+        refresher.close()
+    assert loot(conn) == 0
