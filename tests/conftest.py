@@ -17,6 +17,7 @@ import pytest
 
 from matview.embedded.localpg import LocalServer, find_bindir
 from matview.plan import engine
+from tests import hostile
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 _counter = itertools.count()
@@ -41,22 +42,34 @@ def pg_server() -> Iterator[LocalServer]:
     )
     server.start()
     try:
+        hostile.plant_in_template(server.dsn(), server.dsn("template1"))
         yield server
     finally:
         server.remove()
 
 
+@pytest.fixture(scope="session")
+def shadow_log(pg_server: LocalServer) -> hostile.ShadowLog:
+    """Where the hostile look-alikes say that an engine session called them (tests/hostile.py)."""
+    return hostile.ShadowLog(pg_server.data_dir / "server.log")
+
+
 @pytest.fixture
-def dsn(pg_server: LocalServer) -> Iterator[str]:
-    """A fresh, empty database for one test."""
+def dsn(pg_server: LocalServer, shadow_log: hostile.ShadowLog) -> Iterator[str]:
+    """A fresh database for one test, born with the hostile look-alikes of template1; the test fails if
+    any of them ran in an engine session."""
     name = f"t{os.getpid()}_{next(_counter)}"
     with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
+    shadow_log.take()
     try:
         yield pg_server.dsn(name)
     finally:
         with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    called = shadow_log.take()
+    if called:
+        pytest.fail("an engine session called a hostile look-alike:\n" + "\n".join(called[:20]))
 
 
 @pytest.fixture

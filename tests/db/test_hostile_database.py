@@ -17,11 +17,13 @@ import psycopg
 import pytest
 
 from matview.api.spec import MaterializedView
+from matview.constants import APPLICATION_NAME
 from matview.observe.metrics import RefreshMetrics
 from matview.plan import engine
 from matview.plan.catalog import Connection
 from matview.refresh import record_build, refresh, verify
 from matview.refresh.runner import Refresher, RunnerSettings
+from tests import hostile
 from tests.db.roles import Roles
 from tests.helpers import view
 
@@ -63,7 +65,11 @@ def roles(conn: Connection, dsn: str) -> Iterator[Roles]:
 
 
 def plant(roles: Roles) -> None:
-    """As the attacker: a table anyone may write, and look-alikes that copy app.secret into it."""
+    """As the attacker: a table anyone may write, and look-alikes that copy app.secret into it (in place of
+    the suite's forwarding look-alikes of the same signatures)."""
+    with psycopg.connect(roles.dsn, autocommit=True) as admin:
+        for signature, _, _ in PLANTS:
+            admin.execute(f"DROP FUNCTION IF EXISTS public.{signature}")
     with psycopg.connect(roles.login("attacker"), autocommit=True) as attacker:
         attacker.execute("SET check_function_bodies = off")  # it cannot read app.secret; its victim can
         attacker.execute("CREATE TABLE public.loot (s text); GRANT INSERT ON public.loot TO PUBLIC")
@@ -176,3 +182,21 @@ async def test_a_query_that_sets_search_path_for_the_session_does_not_reach_the_
     finally:
         refresher.close()
     assert loot(conn) == 0
+
+
+def test_the_suite_wide_look_alikes_catch_an_engine_session_that_is_not_pinned(
+    dsn: str, shadow_log: hostile.ShadowLog
+) -> None:
+    """Every test database is born with tests/hostile.py's look-alikes: one of them, called from a session
+    that says it is the engine's but kept the default search_path, is seen in the server log."""
+    planted = hostile.called_names()
+    assert {"obj_description", "pg_table_size", "unnest", "array_position", "set_config"} <= planted
+    with psycopg.connect(dsn, autocommit=True, application_name=APPLICATION_NAME) as unpinned:
+        unpinned.execute("SELECT obj_description(c.oid, 'pg_class') FROM pg_class c WHERE c.relname = 'pg_class'")
+        unpinned.execute("SELECT x FROM unnest(%s::oid[]) x", ([1],))
+    called = shadow_log.take()
+    assert any("public.obj_description(oid, text)" in line for line in called), called
+    assert any("public.unnest(oid[])" in line for line in called), called
+    with engine.connect(dsn) as pinned:
+        pinned.execute("SELECT obj_description(c.oid, 'pg_class') FROM pg_class c WHERE c.relname = 'pg_class'")
+    assert shadow_log.take() == []

@@ -39,7 +39,9 @@ def fresh(v: MaterializedView) -> Observed:
 
 def existing(v: MaterializedView, **changes: object) -> Observed:
     observed = fresh(v)
-    observed.relation = RelationState(100, "ops", v.name, "m", Marker(v.owner, "view", v.query.digest), True, COLUMNS)
+    observed.relation = RelationState(
+        100, "ops", v.name, "m", Marker(v.owner, "view", v.query.digest), True, COLUMNS, "owner"
+    )
     for index in v.indexes:
         name = v.index_name(index)
         observed.indexes[name] = IndexState("ops", name, 100, Marker(v.owner, "index", index.definition_digest), True)
@@ -124,7 +126,9 @@ def test_query_change_swaps_and_recreates_dependents() -> None:
     v = matrix()
     observed = existing(v)
     assert observed.relation is not None
-    observed.relation = RelationState(100, "ops", v.name, "m", Marker(v.owner, "view", "olddigest"), True, COLUMNS)
+    observed.relation = RelationState(
+        100, "ops", v.name, "m", Marker(v.owner, "view", "olddigest"), True, COLUMNS, "owner"
+    )
     observed.dependents = [
         DependentView(
             200,
@@ -189,7 +193,7 @@ def test_source_drift_triggers_a_swap_with_the_reason() -> None:
 def test_dependent_materialized_view_blocks_the_swap() -> None:
     v = matrix()
     observed = existing(v)
-    observed.relation = RelationState(100, "ops", v.name, "m", Marker(v.owner, "view", "old"), True, COLUMNS)
+    observed.relation = RelationState(100, "ops", v.name, "m", Marker(v.owner, "view", "old"), True, COLUMNS, "owner")
     observed.dependents = [DependentView(300, "ops", "rollup", "m", 1, "SELECT 1", (), "owner", None, (), False)]
     with pytest.raises(DependentObjectsError, match=r"ops\.rollup"):
         build_plan(v, observed)
@@ -199,9 +203,27 @@ def test_dependent_materialized_view_blocks_the_swap() -> None:
 def test_foreign_relation_is_refused(marker: Marker | None) -> None:
     v = matrix()
     observed = fresh(v)
-    observed.relation = RelationState(100, "ops", v.name, "m", marker, True, COLUMNS)
+    observed.relation = RelationState(100, "ops", v.name, "m", marker, True, COLUMNS, "owner")
     with pytest.raises(UnmanagedObjectError, match="not managed by this resource"):
         build_plan(v, observed)
+
+
+def test_our_marker_on_a_relation_another_role_owns_proves_nothing() -> None:
+    """A marker is a comment, which whoever owns an object can write: copied onto a look-alike it is refused,
+    and the message names the owner."""
+    v = matrix()
+    observed = fresh(v)
+    observed.relation = RelationState(
+        100, "ops", v.name, "m", Marker(v.owner, "view", v.query.digest), True, COLUMNS, "mallory"
+    )
+    with pytest.raises(UnmanagedObjectError, match="owned by role 'mallory'"):
+        build_plan(v, observed)
+    with_role = matrix(runAsRole="mallory")
+    observed = fresh(with_role)
+    observed.relation = RelationState(
+        100, "ops", v.name, "m", Marker(v.owner, "view", with_role.definition_digest), True, COLUMNS, "mallory"
+    )
+    assert build_plan(with_role, observed) is not None, "the declared runAsRole owns the views it builds"
 
 
 def test_table_with_the_name_is_refused() -> None:

@@ -56,7 +56,7 @@ def trigger_names(view: MaterializedView) -> dict[str, str]:
 
 #: Changes whenever the change log's columns or the capture function's body change shape, so that apply
 #: re-installs capture made by an older operator (and requests a full rebuild: its log is not readable).
-CAPTURE_FORMAT_VERSION = "4"
+CAPTURE_FORMAT_VERSION = "5"
 
 
 def capture_digest(view: MaterializedView) -> str:
@@ -76,6 +76,18 @@ class CaptureState:
     triggers: dict[tuple[str, str], dict[str, bool]] = field(default_factory=dict)
     """(schema, table) → trigger name → enabled, for triggers named with this resource's prefix that call
     its capture function."""
+    changes_owner: str = ""
+    changes_has_triggers: bool = False
+    """Someone made a trigger on the log (it would run on every refresh, as the operator)."""
+    function_owner: str = ""
+    function_body: str = ""
+    function_shape_ok: bool = False
+    """SECURITY DEFINER, no SET clause, PL/pgSQL, returns trigger: as the engine creates it."""
+
+    def function_intact(self, view: MaterializedView) -> bool:
+        """The capture function is exactly the one the engine writes (a member of its owner's role could
+        have replaced the body with CREATE OR REPLACE, which keeps the comment)."""
+        return self.function_shape_ok and self.function_body == _function_body(view)
 
 
 def _function_body(view: MaterializedView) -> str:
@@ -162,9 +174,12 @@ def key_list(columns: tuple[str, ...], table: str | None = None) -> sql.Composed
     return sql.SQL(", ").join(sql.Identifier(table, c) if table else sql.Identifier(c) for c in columns)
 
 
-def create_log_statements(view: MaterializedView) -> list[sql.Composed]:
-    """The change log, typed like the view's key columns (taken from the query itself, WITH NO DATA), and
-    the capture function. Run as the view's builder, so both belong to whoever owns the view."""
+def create_log_statements(view: MaterializedView) -> list[sql.Composed | sql.SQL]:
+    """The change log, typed like the view's key columns (taken from the query itself, WITH NO DATA, so it is
+    compiled as the view's builder, with its rights), and the capture function. Both then belong to the
+    operator's role, never to spec.runAsRole: the function runs as its owner on every write to a source,
+    which may be another team's table, and a member of a team's role could replace a function the role
+    owns (CREATE OR REPLACE keeps its comment)."""
     assert view.incremental is not None
     keys = view.incremental.key_columns
     log = changes_id(view)
@@ -176,6 +191,15 @@ def create_log_statements(view: MaterializedView) -> list[sql.Composed]:
                 sql.SQL("ARRAY[{}] AS {}").format(sql.Identifier("q", k), sql.Identifier(k)) for k in keys
             ),
             sqltext.embed(view.query),
+        ),
+        sql.SQL("RESET ROLE"),  # back to the operator's role for the rest of the transaction
+        sql.SQL("ALTER TABLE {} OWNER TO CURRENT_USER").format(log),
+        # The refresh runs as the view's builder, and claims from the log what it applies: no more than that
+        # (no TRIGGER, no TRUNCATE, nothing on the function). What it can do to its own log affects its own view.
+        *(
+            [sql.SQL("GRANT SELECT, INSERT, DELETE ON {} TO {}").format(log, sql.Identifier(view.run_as_role))]
+            if view.run_as_role is not None
+            else []
         ),
         # No identity and no index: each costs every writer; the log is emptied by every refresh.
         sql.SQL(
@@ -217,6 +241,9 @@ def create_trigger_statements(view: MaterializedView, schema: str, table: str) -
                 sql.Identifier(name), sql.SQL(operation), target, referencing, call
             )
         )
+        # ALWAYS: writes under session_replication_role = replica (every logical-replication apply, many
+        # bulk loaders) fire it too; an ORIGIN trigger would silently miss them.
+        statements.append(sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(target, sql.Identifier(name)))
     return statements
 
 

@@ -46,6 +46,10 @@ class RelationState:
     marker: Marker | None
     populated: bool
     columns: tuple[Column, ...]
+    owner: str = ""
+    """The role that owns it: markers are comments, which any owner can write, so a marker proves nothing
+    unless the owner is one the engine trusts (planner.trusted_owners)."""
+    has_triggers: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ class Observed:
     relation: RelationState | None = None
     indexes: dict[str, IndexState] = field(default_factory=dict)
     """Indexes on the view, by name."""
-    names_in_schema: dict[tuple[str, str], IndexState | RelationState] = field(default_factory=dict)
+    names_in_schema: dict[tuple[str, str], RelationState] = field(default_factory=dict)
     """Relations that hold a name the plan wants to use, by (schema, name)."""
     staging: list[RelationState] = field(default_factory=list)
     query_columns: tuple[Column, ...] | None = None
@@ -121,7 +125,8 @@ _RELATION = sql.SQL("""
 SELECT c.oid, n.nspname, c.relname, c.relkind, obj_description(c.oid, 'pg_class'), c.relispopulated,
        coalesce(array_agg(a.attname ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
        coalesce(array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum) FILTER (WHERE a.attnum > 0),
-                '{}')
+                '{}'),
+       pg_get_userbyid(c.relowner), c.relhastriggers
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -139,7 +144,7 @@ WHERE i.indrelid = %s
 
 _OUR_OBJECTS = sql.SQL("""
 SELECT c.oid, n.nspname, c.relname, c.relkind, d.description, c.relispopulated, coalesce(i.indrelid, 0),
-       coalesce(i.indisvalid, true)
+       coalesce(i.indisvalid, true), pg_get_userbyid(c.relowner)
 FROM pg_description d
 JOIN pg_class c ON c.oid = d.objoid AND d.classoid = 'pg_class'::regclass AND d.objsubid = 0
 JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -192,7 +197,7 @@ GROUP BY c.oid
 
 
 def _relation(row: tuple[Any, ...]) -> RelationState:
-    oid, schema, name, relkind, comment, populated, names, types = row
+    oid, schema, name, relkind, comment, populated, names, types, owner, has_triggers = row
     return RelationState(
         int(oid),
         str(schema),
@@ -201,6 +206,8 @@ def _relation(row: tuple[Any, ...]) -> RelationState:
         Marker.parse(comment),
         bool(populated),
         tuple(zip(names, types, strict=True)),
+        str(owner),
+        bool(has_triggers),
     )
 
 
@@ -269,7 +276,7 @@ def observe(
     if view.storage is Storage.TABLE or view.incremental is not None:
         observed.capture = read_capture(conn, view)
 
-    for oid, schema, name, relkind, comment, populated, table_oid, valid in conn.execute(
+    for oid, schema, name, relkind, comment, populated, table_oid, valid, owner in conn.execute(
         _OUR_OBJECTS, (marker_pattern(), owner_pattern(view.owner))
     ):
         marker = Marker.parse(comment)
@@ -285,6 +292,7 @@ def observe(
                     marker,
                     bool(populated),
                     (),
+                    str(owner),
                 )
             )
         elif marker.kind == "supporting":
@@ -524,7 +532,7 @@ def resolve_relations(conn: Connection, view: MaterializedView) -> dict[sqltext.
 
 
 _CAPTURE_TRIGGERS = sql.SQL("""
-SELECT n.nspname, c.relname, t.tgname, t.tgenabled <> 'D'
+SELECT n.nspname, c.relname, t.tgname, t.tgenabled = 'A'
 FROM pg_trigger t
 JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace pn ON pn.oid = p.pronamespace
@@ -532,7 +540,9 @@ WHERE left(t.tgname, length(%(prefix)s)) = %(prefix)s AND pn.nspname = %(schema)
 """)
 
 _CAPTURE_FUNCTION = sql.SQL("""
-SELECT obj_description(p.oid, 'pg_proc') FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+SELECT obj_description(p.oid, 'pg_proc'), pg_get_userbyid(p.proowner),
+       p.prosrc, p.prosecdef AND p.proconfig IS NULL AND l.lanname = 'plpgsql' AND p.prorettype = 'trigger'::regtype
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace JOIN pg_language l ON l.oid = p.prolang
 WHERE n.nspname = %s AND p.proname = %s AND p.pronargs = 0
 """)
 
@@ -549,10 +559,16 @@ def read_capture(conn: Connection, view: MaterializedView) -> capture.CaptureSta
     }
     for schema, table, name, enabled in conn.execute(_CAPTURE_TRIGGERS, parameters):
         triggers.setdefault((str(schema), str(table)), {})[str(name)] = bool(enabled)
+    changes = _relation(log) if log else None
     return capture.CaptureState(
-        changes=_relation(log).marker if log else None,
-        changes_exists=log is not None,
+        changes=changes.marker if changes else None,
+        changes_exists=changes is not None,
         function=Marker.parse(function[0]) if function else None,
         function_exists=function is not None,
         triggers=triggers,
+        changes_owner=changes.owner if changes else "",
+        changes_has_triggers=changes.has_triggers if changes else False,
+        function_owner=str(function[1]) if function else "",
+        function_body=str(function[2]) if function else "",
+        function_shape_ok=bool(function[3]) if function else False,
     )

@@ -20,7 +20,7 @@ from matview.api import sqltext
 from matview.api.spec import IndexSpec, MaterializedView, SupportingIndexSpec, truncate_utf8
 from matview.errors import DependentObjectsError, FieldError, SpecError, UnmanagedObjectError
 from matview.plan import capture
-from matview.plan.catalog import DependentView, IndexState, Observed
+from matview.plan.catalog import DependentView, IndexState, Observed, RelationState
 from matview.plan.marker import Marker
 
 Statement = sql.Composed | sql.SQL
@@ -158,9 +158,22 @@ def _index_marker(view: MaterializedView, index: IndexSpec) -> Marker:
     return Marker(view.owner, kind, index.definition_digest)  # type: ignore[arg-type]
 
 
-def _not_ours(what: str, marker: Marker | None) -> str:
+def _not_ours(what: str, marker: Marker | None, owner: str = "") -> str:
     whose = f"managed by {marker.owner}" if marker else "not managed by matview-operator"
+    if marker is not None and owner:
+        whose = f"owned by role {owner!r}, which is neither the operator's role nor spec.runAsRole"
     return f"{what} exists and is not managed by this resource ({whose})"
+
+
+def trusted_owners(view: MaterializedView, observed: Observed) -> frozenset[str]:
+    """The roles whose objects may carry this resource's markers: the operator's role, and spec.runAsRole,
+    which owns the view it builds. A marker is a comment, which whoever owns an object can write: on an
+    object of any other role it proves nothing, and the engine never adopts, alters or drops it."""
+    return frozenset({observed.current_user, *([view.run_as_role] if view.run_as_role else [])})
+
+
+def _is_ours(view: MaterializedView, observed: Observed, marker: Marker | None, owner: str) -> bool:
+    return marker is not None and marker.owner == view.owner and owner in trusted_owners(view, observed)
 
 
 def build_plan(view: MaterializedView, observed: Observed) -> Plan:
@@ -206,17 +219,19 @@ def build_plan(view: MaterializedView, observed: Observed) -> Plan:
     relation = observed.relation
     if relation is not None and (
         relation.relkind not in RELATION_KEYWORDS
+        or not _is_ours(view, observed, relation.marker, relation.owner)
         or relation.marker is None
-        or relation.marker.owner != view.owner
         or relation.marker.kind != "view"
     ):
-        raise UnmanagedObjectError(_not_ours(f"relation {view.relation}", relation.marker))
+        raise UnmanagedObjectError(_not_ours(f"relation {view.relation}", relation.marker, relation.owner))
     _check_names_free(view, observed)
 
     steps: list[Step] = []
     reasons: list[str] = []
     warnings: list[str] = []
-    steps += [drop_leftover_step(leftover.schema, leftover.name, leftover.relkind) for leftover in observed.staging]
+    steps += [
+        drop_leftover_step(leftover.schema, leftover.name, leftover.relkind) for leftover in _leftovers(view, observed)
+    ]
     # Capture first: from the moment the data is built, every write to a source is in the change log.
     steps += _converge_capture(view, observed, reasons)
 
@@ -352,39 +367,55 @@ def _check_incremental(view: MaterializedView, observed: Observed) -> list[Field
 
 def _converge_capture(view: MaterializedView, observed: Observed, reasons: list[str]) -> list[Step]:
     """Create, repair or remove the view's change capture. A repaired trigger also requests a full rebuild:
-    writes made while it was missing were not recorded."""
+    writes made while it was missing were not recorded.
+
+    The change log and the capture function belong to the operator's role, never to a team's role: the
+    function runs as its owner on every write to a source (another team's table, perhaps), and a trigger
+    on the log would run on every refresh. One owned by spec.runAsRole with our marker (made by an older
+    operator) is re-created; one owned by anybody else is refused, whatever its comment says. A function
+    whose body or settings differ from what the engine writes is restored, with a full rebuild."""
     state = observed.capture
     if state is None:
         return []
     if view.incremental is None:
-        removal = _drop_capture_steps(view, state)
+        removal = _drop_capture_steps(view, observed, state)
         if removal:
             reasons.append("change capture is no longer declared")
         return removal
     steps: list[Step] = []
     wanted = {source.relation: source for source in view.incremental.sources}
     names = capture.trigger_names(view)
+    log_label = f"relation {view.schema}.{capture.changes_name(view)}"
+    function_label = f"function {view.schema}.{capture.function_name(view)}()"
+    if state.changes_exists and not _is_ours(view, observed, state.changes, state.changes_owner):
+        raise UnmanagedObjectError(_not_ours(log_label, state.changes, state.changes_owner))
+    if state.function_exists and not _is_ours(view, observed, state.function, state.function_owner):
+        raise UnmanagedObjectError(_not_ours(function_label, state.function, state.function_owner))
+    operator = observed.current_user
     log_current = (
         state.changes_exists
         and state.changes is not None
-        and state.changes.owner == view.owner
         and state.changes.digest == capture.capture_digest(view)
+        and state.changes_owner == operator
+        and not state.changes_has_triggers
         and state.function is not None
         and state.function.digest == capture.capture_digest(view)
+        and state.function_owner == operator
+        and state.function_intact(view)
     )
     existing = state.triggers
-    if state.changes_exists and (state.changes is None or state.changes.owner != view.owner):
-        raise UnmanagedObjectError(_not_ours(f"relation {view.schema}.{capture.changes_name(view)}", state.changes))
-    if state.function_exists and (state.function is None or state.function.owner != view.owner):
-        raise UnmanagedObjectError(_not_ours(f"function {view.schema}.{capture.function_name(view)}()", state.function))
     if not log_current:
-        reasons.append(
-            "change capture is not installed"
-            if not state.changes_exists
-            else "the key declaration changed: change capture is re-installed"
-        )
+        if not state.changes_exists:
+            reasons.append("change capture is not installed")
+        elif state.changes is not None and state.changes.digest != capture.capture_digest(view):
+            reasons.append("the key declaration changed: change capture is re-installed")
+        else:
+            reasons.append(
+                "the change log or capture function was altered or is not owned by the operator's role: "
+                "change capture is re-installed"
+            )
         if state.changes_exists or state.function_exists or existing:
-            steps += _drop_capture_steps(view, state)
+            steps += _drop_capture_steps(view, observed, state)
         existing = {}
         steps.append(
             Step(
@@ -404,8 +435,8 @@ def _converge_capture(view: MaterializedView, observed: Observed, reasons: list[
         install += capture.create_trigger_statements(view, *relation)
         if log_current:
             repaired.append(label)
-            reasons.append(f"capture triggers on {label} are missing or disabled")
-    if repaired or (install and observed.relation is not None):
+            reasons.append(f"capture triggers on {label} are missing or not enabled ALWAYS")
+    if repaired or (install and observed.relation is not None) or (not log_current and observed.relation is not None):
         why = "capture was missing on " + ", ".join(repaired) if repaired else "change capture was installed"
         install.append(capture.request_full_rebuild(view, why))
     if install:
@@ -422,13 +453,18 @@ def _converge_capture(view: MaterializedView, observed: Observed, reasons: list[
     return steps
 
 
-def _drop_capture_steps(view: MaterializedView, state: capture.CaptureState) -> list[Step]:
+def _leftovers(view: MaterializedView, observed: Observed) -> list[RelationState]:
+    """Copies a crashed swap left (staging, retired): dropped, but only when they are provably ours."""
+    return [found for found in observed.staging if found.owner in trusted_owners(view, observed)]
+
+
+def _drop_capture_steps(view: MaterializedView, observed: Observed, state: capture.CaptureState) -> list[Step]:
     statements: list[Statement] = []
     for (schema, table), found in sorted(state.triggers.items()):
         statements += capture.drop_trigger_statements(schema, table, list(found))
-    if state.changes_exists and (state.changes is None or state.changes.owner != view.owner):
+    if state.changes_exists and not _is_ours(view, observed, state.changes, state.changes_owner):
         state = replace(state, changes_exists=False)  # never ours to drop
-    if state.function_exists and (state.function is None or state.function.owner != view.owner):
+    if state.function_exists and not _is_ours(view, observed, state.function, state.function_owner):
         state = replace(state, function_exists=False)
     statements += capture.drop_log_statements(view, state)
     if not statements:
@@ -440,11 +476,11 @@ def _check_names_free(view: MaterializedView, observed: Observed) -> None:
     """A name the plan needs that belongs to something else stops the plan before any change."""
     for (schema, name), holder in observed.names_in_schema.items():
         marker = holder.marker
-        if marker is not None and marker.owner == view.owner:
+        if _is_ours(view, observed, marker, holder.owner):
             continue
         if observed.relation is not None and name in observed.indexes and marker is None:
             continue  # an unmanaged index on our own view: converge leaves it alone
-        raise UnmanagedObjectError(_not_ours(f"relation {schema}.{name}", marker))
+        raise UnmanagedObjectError(_not_ours(f"relation {schema}.{name}", marker, holder.owner))
 
 
 def _source_drift(current: tuple[tuple[str, str], ...], wanted: tuple[tuple[str, str], ...]) -> str:
@@ -766,15 +802,15 @@ def _converge_supporting(view: MaterializedView, observed: Observed, reasons: li
 def build_delete_plan(view: MaterializedView, observed: Observed) -> Plan:
     """Retain leaves the view's data as it is; Delete drops the view and the supporting indexes it created.
     Change capture goes either way: left behind, its triggers would fill a log nobody reads."""
-    uncapture = _drop_capture_steps(view, observed.capture) if observed.capture is not None else []
+    uncapture = _drop_capture_steps(view, observed, observed.capture) if observed.capture is not None else []
     if view.deletion_policy == "Retain":
         reasons = ["deletionPolicy is Retain: the view and its indexes stay"]
         return Plan(view, tuple(uncapture), tuple(reasons + (["change capture is removed"] if uncapture else [])))
     steps: list[Step] = list(uncapture)
     relation = observed.relation
     if relation is not None:
-        if relation.relkind not in RELATION_KEYWORDS or relation.marker is None or relation.marker.owner != view.owner:
-            raise UnmanagedObjectError(_not_ours(f"relation {view.relation}", relation.marker))
+        if relation.relkind not in RELATION_KEYWORDS or not _is_ours(view, observed, relation.marker, relation.owner):
+            raise UnmanagedObjectError(_not_ours(f"relation {view.relation}", relation.marker, relation.owner))
         if observed.dependents:
             names = ", ".join(f"{d.schema}.{d.name}" for d in observed.dependents)
             raise DependentObjectsError(
@@ -792,7 +828,9 @@ def build_delete_plan(view: MaterializedView, observed: Observed) -> Plan:
                 takes_exclusive_lock=True,
             )
         )
-    steps += [drop_leftover_step(leftover.schema, leftover.name, leftover.relkind) for leftover in observed.staging]
+    steps += [
+        drop_leftover_step(leftover.schema, leftover.name, leftover.relkind) for leftover in _leftovers(view, observed)
+    ]
     for state in observed.owned_supporting:
         steps.append(
             Step(

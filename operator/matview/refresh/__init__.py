@@ -268,7 +268,7 @@ def _record(
 
 def record_build(conn: Connection, view: MaterializedView, when: dt.datetime | None = None) -> None:
     """After apply built the view's data (create or swap), count it as a successful refresh."""
-    oid, marker = facts.read_marker(conn, view.schema, view.name)
+    oid, marker = facts.read_marker(conn, view.schema, view.name, view.run_as_role)
     if oid is None or marker is None or marker.owner != view.owner:
         return
     untracked = facts.untracked_version(conn, view) if view.incremental is not None else None

@@ -34,7 +34,8 @@ SELECT c.oid, c.relispopulated, obj_description(c.oid, 'pg_class'),
        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique AND i.indisvalid
                                         AND i.indpred IS NULL AND i.indexprs IS NULL),
        coalesce((SELECT array_agg(ic.relname::text ORDER BY ic.relname)
-                 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid WHERE i.indrelid = c.oid), '{}')
+                 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid WHERE i.indrelid = c.oid), '{}'),
+       pg_get_userbyid(c.relowner) IN (current_user, %s)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = %s AND c.relname = %s AND c.relkind = %s
 """)
@@ -45,22 +46,23 @@ _SIZES = sql.SQL(
 )
 
 _MARKER = sql.SQL(
-    "SELECT c.oid, obj_description(c.oid, 'pg_class'), c.relkind FROM pg_class c "
-    "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s"
+    "SELECT c.oid, obj_description(c.oid, 'pg_class'), c.relkind, pg_get_userbyid(c.relowner) IN (current_user, %s) "
+    "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s"
 )
 
 
 def inspect(conn: Connection, view: MaterializedView) -> Inspection:
     """What decides the refresh mode: ownership, populated, a usable unique index, dependents, sources,
     and for incremental views the pending changes."""
-    row = conn.execute(_VIEW, (view.schema, view.name, view.storage.relkind)).fetchone()
+    row = conn.execute(_VIEW, (view.run_as_role, view.schema, view.name, view.storage.relkind)).fetchone()
     if row is None:
         return Inspection()
-    oid, populated, comment, unique, indexes = row
-    marker = Marker.parse(comment)
+    oid, populated, comment, unique, indexes, trusted_owner = row
+    # A marker is a comment any owner can write: it proves ownership only on an object of a trusted role.
+    marker = Marker.parse(comment) if trusted_owner else None
     leftovers = []
     for name in (staging_name(view), retired_name(view)):
-        _, found, relkind = _read_relation_marker(conn, view.schema, name)
+        _, found, relkind = _read_relation_marker(conn, view.schema, name, view.run_as_role)
         if found is not None and found.owner == view.owner and found.kind == "staging":
             leftovers.append((name, relkind))
     key_catalog = None
@@ -194,21 +196,26 @@ def view_size(conn: Connection, view: MaterializedView) -> ViewSize:
     )
 
 
-def read_marker(conn: Connection, schema: str, name: str) -> tuple[int | None, Marker | None]:
-    """The oid and our marker of the relation schema.name (None, None when it does not exist)."""
-    oid, marker, _ = _read_relation_marker(conn, schema, name)
+def read_marker(conn: Connection, schema: str, name: str, run_as_role: str | None) -> tuple[int | None, Marker | None]:
+    """The oid and our marker of the relation schema.name (None, None when it does not exist; no marker when
+    it belongs to a role other than the operator's or run_as_role, whatever its comment says)."""
+    oid, marker, _ = _read_relation_marker(conn, schema, name, run_as_role)
     return oid, marker
 
 
-def _read_relation_marker(conn: Connection, schema: str, name: str) -> tuple[int | None, Marker | None, str]:
+def _read_relation_marker(
+    conn: Connection, schema: str, name: str, run_as_role: str | None
+) -> tuple[int | None, Marker | None, str]:
     """read_marker, and the relation's relkind ("" when it does not exist)."""
-    row = conn.execute(_MARKER, (schema, name)).fetchone()
-    return (int(row[0]), Marker.parse(row[1]), str(row[2])) if row else (None, None, "")
+    row = conn.execute(_MARKER, (run_as_role, schema, name)).fetchone()
+    if row is None:
+        return None, None, ""
+    return int(row[0]), Marker.parse(row[1]) if row[3] else None, str(row[2])
 
 
 def read_state(conn: Connection, view: MaterializedView) -> RefreshState:
     """The persisted refresh state of view (empty when it has none)."""
-    _, marker = read_marker(conn, view.schema, view.name)
+    _, marker = read_marker(conn, view.schema, view.name, view.run_as_role)
     return RefreshState.from_marker(marker.state if marker else {})
 
 

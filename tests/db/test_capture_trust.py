@@ -1,0 +1,213 @@
+"""Change capture cannot be forged, borrowed or turned against another team (issue #19).
+
+The operator connects as a plain LOGIN role; ``team`` is a view's runAsRole, ``member`` a login in that
+team, ``attacker`` a role that may CREATE in the view's schema. Every test asserts that nothing ran as
+another role, and that no other table was touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from matview.api.spec import MaterializedView
+from matview.errors import UnmanagedObjectError
+from matview.plan import capture, engine
+from matview.plan.catalog import Connection
+from matview.plan.marker import Marker
+from matview.refresh import record_build, refresh
+from tests.db.roles import Roles
+from tests.helpers import view
+
+QUERY = "SELECT k, sum(v) AS total FROM app.src GROUP BY k"
+
+
+@pytest.fixture
+def roles(conn: Connection, dsn: str) -> Iterator[Roles]:
+    r = Roles(dsn)
+    operator, team, member, attacker = r["operator"], r["team"], r["member"], r["attacker"]
+    conn.execute(f"""
+        CREATE ROLE {operator} LOGIN;
+        CREATE ROLE {team} NOLOGIN;
+        CREATE ROLE {member} LOGIN IN ROLE {team};
+        CREATE ROLE {attacker} LOGIN;
+        CREATE SCHEMA app AUTHORIZATION {operator};
+        CREATE TABLE app.src (k int NOT NULL, v int NOT NULL);
+        ALTER TABLE app.src OWNER TO {operator};
+        INSERT INTO app.src SELECT g % 10, g FROM generate_series(1, 100) g;
+        GRANT USAGE ON SCHEMA app TO {team}, {attacker};
+        GRANT SELECT ON app.src TO {team};
+        GRANT INSERT, UPDATE, DELETE ON app.src TO {attacker};
+        CREATE SCHEMA reports AUTHORIZATION {operator};
+        GRANT USAGE, CREATE ON SCHEMA reports TO {team}, {attacker};
+        GRANT {team} TO {operator};
+        CREATE TABLE public.ran (who text, what text);
+        GRANT INSERT ON public.ran TO PUBLIC;
+    """)
+    yield r
+    r.drop(conn, "operator", "member", "attacker", "team")
+
+
+def incremental(**spec: Any) -> MaterializedView:
+    body: dict[str, Any] = {
+        "schema": "reports",
+        "name": "inc",
+        "storage": "Table",
+        "query": QUERY,
+        "indexes": [{"columns": ["k"], "unique": True}],
+        "incremental": {"keyColumns": ["k"], "sources": [{"table": "app.src", "columns": ["k"]}]},
+    }
+    body.update(spec)
+    return view("inc", "ops", **body)
+
+
+def ran(conn: Connection) -> list[tuple[Any, ...]]:
+    return conn.execute("SELECT who, what FROM public.ran").fetchall()
+
+
+def capture_triggers(conn: Connection) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'app.src'::regclass AND NOT tgisinternal"
+    ).fetchone()
+    return int(row[0]) if row else -1
+
+
+def owners(conn: Connection, mv: MaterializedView) -> tuple[str, str]:
+    row = conn.execute(
+        "SELECT pg_get_userbyid(c.relowner), pg_get_userbyid(p.proowner) FROM pg_class c, pg_proc p "
+        "WHERE c.oid = %s::regclass AND p.oid = %s::regprocedure",
+        (f'reports."{capture.changes_name(mv)}"', f'reports."{capture.function_name(mv)}"()'),
+    ).fetchone()
+    assert row is not None
+    return str(row[0]), str(row[1])
+
+
+def test_forged_look_alikes_with_copied_markers_are_refused_naming_their_owner(conn: Connection, roles: Roles) -> None:
+    """Before the first apply, a role with CREATE in the view's schema plants the change log and the
+    capture function under their names, with the markers copied: apply adopts neither and touches no
+    source, and the planted function never runs."""
+    mv = incremental()
+    digest = capture.capture_digest(mv)
+    with psycopg.connect(roles.login("attacker"), autocommit=True) as attacker:
+        attacker.execute(
+            f"CREATE TABLE reports.{capture.changes_name(mv)} "
+            "(k int[], mv_changed_at timestamptz, mv_full_rebuild text)"
+        )
+        attacker.execute(
+            sql.SQL("COMMENT ON TABLE {} IS {}").format(
+                sql.Identifier("reports", capture.changes_name(mv)),
+                sql.Literal(Marker(mv.owner, "changes", digest).to_comment()),
+            )
+        )
+        attacker.execute(
+            f"CREATE FUNCTION reports.{capture.function_name(mv)}() RETURNS trigger LANGUAGE plpgsql "
+            "SECURITY DEFINER AS $$ BEGIN INSERT INTO public.ran VALUES (current_user, 'capture'); RETURN NULL; END $$"
+        )
+        attacker.execute(
+            sql.SQL("COMMENT ON FUNCTION {}() IS {}").format(
+                sql.Identifier("reports", capture.function_name(mv)),
+                sql.Literal(Marker(mv.owner, "capture", digest).to_comment()),
+            )
+        )
+    with engine.connect(roles.login("operator")) as operator, pytest.raises(UnmanagedObjectError) as caught:
+        engine.apply(operator, mv)
+    assert roles["attacker"] in str(caught.value) and capture.changes_name(mv) in str(caught.value)
+    assert capture_triggers(conn) == 0
+    assert conn.execute("SELECT to_regclass('reports.inc')").fetchone() == (None,), "nothing half-created"
+    conn.execute(f"DROP TABLE reports.{capture.changes_name(mv)}")
+    with engine.connect(roles.login("operator")) as operator, pytest.raises(UnmanagedObjectError) as caught:
+        engine.apply(operator, mv)
+    assert f"{capture.function_name(mv)}()" in str(caught.value) and roles["attacker"] in str(caught.value)
+    conn.execute("UPDATE app.src SET v = v + 1 WHERE k = 1")
+    assert capture_triggers(conn) == 0 and ran(conn) == []
+
+
+def test_with_run_as_role_the_capture_belongs_to_the_operator_and_a_team_member_cannot_replace_it(
+    conn: Connection, roles: Roles
+) -> None:
+    mv = incremental(runAsRole=roles["team"])
+    with engine.connect(roles.login("operator")) as operator:
+        assert engine.apply(operator, mv).built
+        record_build(operator, mv)
+    assert owners(conn, mv) == (roles["operator"], roles["operator"])
+    owner = conn.execute("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = 'reports.inc'::regclass")
+    assert owner.fetchone() == (roles["team"],), "the view itself is the team's, as runAsRole declares"
+    with psycopg.connect(roles.login("member"), autocommit=True) as member, pytest.raises(psycopg.Error) as caught:
+        member.execute(
+            f"CREATE OR REPLACE FUNCTION reports.{capture.function_name(mv)}() RETURNS trigger LANGUAGE plpgsql "
+            "SECURITY DEFINER AS $$ BEGIN INSERT INTO public.ran VALUES (current_user, 'x'); RETURN NULL; END $$"
+        )
+    assert isinstance(caught.value, psycopg.errors.InsufficientPrivilege)
+    conn.execute("UPDATE app.src SET v = v + 1 WHERE k = 2")
+    with engine.connect(roles.login("operator")) as operator:
+        result = refresh(operator, mv)
+    assert (result.result, result.mode, result.keys_applied) == ("success", "Incremental", 1), result
+    assert ran(conn) == []
+
+
+def test_an_altered_capture_function_is_restored_with_a_full_rebuild(conn: Connection, roles: Roles) -> None:
+    """Whoever could replace the body (the operator's own role, a superuser): apply and plan do not say
+    "up to date"; apply restores the body and the next refresh rebuilds in full."""
+    mv = incremental()
+    with engine.connect(roles.login("operator")) as operator:
+        engine.apply(operator, mv)
+        record_build(operator, mv)
+    function = f"reports.{capture.function_name(mv)}"
+    conn.execute(
+        f"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER "
+        "AS $$ BEGIN INSERT INTO public.ran VALUES (current_user, 'replaced'); RETURN NULL; END $$"
+    )
+    conn.execute(f"ALTER FUNCTION {function}() OWNER TO {roles['operator']}")
+    with engine.connect(roles.login("operator")) as operator:
+        plan = engine.plan(operator, mv)
+        assert any("altered" in reason for reason in plan.reasons), plan.reasons
+        assert engine.apply(operator, mv).changed
+        assert engine.apply(operator, mv).changed is False
+        conn.execute("UPDATE app.src SET v = v + 1 WHERE k = 3")
+        result = refresh(operator, mv)
+    assert result.mode == "Swap" and result.result == "success", result
+    assert ran(conn) == []
+    assert owners(conn, mv) == (roles["operator"], roles["operator"])
+
+
+def test_capture_made_by_an_older_operator_as_the_team_is_re_created_as_the_operators(
+    conn: Connection, roles: Roles
+) -> None:
+    mv = incremental(runAsRole=roles["team"])
+    with engine.connect(roles.login("operator")) as operator:
+        engine.apply(operator, mv)
+        record_build(operator, mv)
+    conn.execute(f"ALTER TABLE reports.{capture.changes_name(mv)} OWNER TO {roles['team']}")
+    conn.execute(f"ALTER FUNCTION reports.{capture.function_name(mv)}() OWNER TO {roles['team']}")
+    with engine.connect(roles.login("operator")) as operator:
+        assert engine.apply(operator, mv).changed
+        assert owners(conn, mv) == (roles["operator"], roles["operator"])
+        conn.execute("DELETE FROM app.src WHERE k = 4")
+        result = refresh(operator, mv)
+    assert result.result == "success", result
+    assert conn.execute("SELECT count(*) FROM reports.inc WHERE k = 4").fetchone() == (0,)
+
+
+def test_a_trigger_someone_put_on_the_change_log_makes_apply_re_create_it(conn: Connection, roles: Roles) -> None:
+    mv = incremental()
+    with engine.connect(roles.login("operator")) as operator:
+        engine.apply(operator, mv)
+        record_build(operator, mv)
+    conn.execute(
+        "CREATE FUNCTION public.spy() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN INSERT INTO public.ran VALUES (current_user, 'spy'); RETURN NULL; END $$"
+    )
+    conn.execute(
+        f"CREATE TRIGGER spy AFTER DELETE ON reports.{capture.changes_name(mv)} "
+        "FOR EACH STATEMENT EXECUTE FUNCTION public.spy()"
+    )
+    with engine.connect(roles.login("operator")) as operator:
+        assert engine.apply(operator, mv).changed
+        conn.execute("UPDATE app.src SET v = v + 1 WHERE k = 5")
+        assert refresh(operator, mv).result == "success"
+        assert refresh(operator, mv).result in ("success", "skipped")
+    assert ran(conn) == []
