@@ -7,6 +7,8 @@ another role, and that no other table was touched.
 
 from __future__ import annotations
 
+import base64
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +17,7 @@ import pytest
 from psycopg import sql
 
 from matview.api.spec import MaterializedView
-from matview.errors import UnmanagedObjectError
+from matview.errors import ApplyError, SpecError, UnmanagedObjectError
 from matview.plan import capture, engine
 from matview.plan.catalog import Connection
 from matview.plan.marker import Marker
@@ -211,3 +213,158 @@ def test_a_trigger_someone_put_on_the_change_log_makes_apply_re_create_it(conn: 
         assert refresh(operator, mv).result == "success"
         assert refresh(operator, mv).result in ("success", "skipped")
     assert ran(conn) == []
+
+
+def _refused(roles: Roles, mv: MaterializedView) -> dict[str, str]:
+    with engine.connect(roles.login("operator")) as operator, pytest.raises(SpecError) as caught:
+        engine.apply(operator, mv)
+    return {e.path: e.message for e in caught.value.errors}
+
+
+def _nothing_created(conn: Connection, mv: MaterializedView, table: str = "app.src") -> None:
+    assert conn.execute("SELECT to_regclass('reports.inc')").fetchone() == (None,)
+    log = conn.execute("SELECT to_regclass(%s)", (f"reports.{capture.changes_name(mv)}",)).fetchone()
+    assert log == (None,)
+    triggers = conn.execute(
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = %s::regclass AND NOT tgisinternal", (table,)
+    ).fetchone()
+    assert triggers == (0,)
+
+
+@pytest.mark.parametrize(
+    ("column", "query_key", "words"),
+    [
+        ("ref text", "ref::int", "column 'ref' is text but key column 'k' is integer"),
+        ("ref integer", "ref::smallint", "column 'ref' is integer but key column 'k' is smallint"),
+        ("ref json", "ref", "no default equality and hash operator classes"),
+        ("ref varchar(8)", "ref::varchar(4)", "column 'ref' is character varying(8)"),
+    ],
+)
+def test_a_key_that_a_write_could_fail_to_convert_is_refused_before_anything_is_created(
+    conn: Connection, roles: Roles, column: str, query_key: str, words: str
+) -> None:
+    conn.execute(f"CREATE TABLE app.refs ({column}, v int); ALTER TABLE app.refs OWNER TO {roles['operator']}")
+    conn.execute("INSERT INTO app.refs VALUES ('1', 1)")
+    mv = incremental(
+        query=f"SELECT {query_key} AS k, v FROM app.refs",
+        indexes=[],
+        incremental={"keyColumns": ["k"], "sources": [{"table": "app.refs", "columns": ["ref"]}]},
+    )
+    errors = _refused(roles, mv)
+    assert words in errors.get("spec.incremental.sources[0].columns[0]", ""), errors
+    _nothing_created(conn, mv, "app.refs")
+    conn.execute(
+        "INSERT INTO app.refs VALUES ('x', 2)" if "text" in column else "INSERT INTO app.refs VALUES (NULL, 2)"
+    )
+
+
+def test_a_table_the_view_role_cannot_read_gets_no_capture(conn: Connection, roles: Roles) -> None:
+    """Another team's table, which the view's role may not read: refused before anything is created."""
+    conn.execute(f"CREATE TABLE app.theirs (k int, v int); ALTER TABLE app.theirs OWNER TO {roles['operator']}")
+    mv = incremental(
+        runAsRole=roles["team"],
+        query="SELECT k, sum(v) AS total FROM app.src GROUP BY k UNION ALL SELECT k, v FROM app.theirs",
+        indexes=[],
+        incremental={
+            "keyColumns": ["k"],
+            "sources": [{"table": "app.src", "columns": ["k"]}, {"table": "app.theirs", "columns": ["k"]}],
+        },
+    )
+    errors = _refused(roles, mv)
+    assert f"role {roles['team']!r}, which builds this view, may not read app.theirs" in str(errors), errors
+    _nothing_created(conn, mv, "app.theirs")
+    _nothing_created(conn, mv, "app.src")
+
+
+def test_a_first_build_that_fails_leaves_no_capture_on_any_source(conn: Connection, roles: Roles) -> None:
+    mv = incremental(query="SELECT k, 1 / (v - 50) AS total FROM app.src", indexes=[])
+    with engine.connect(roles.login("operator")) as operator, pytest.raises(ApplyError, match="division by zero"):
+        engine.apply(operator, mv)
+    _nothing_created(conn, mv)
+
+
+@pytest.mark.parametrize(
+    ("table", "words"),
+    [
+        ("pg_catalog.pg_class", "is a system catalog"),
+        ("reports.inc_mv_changes", "this view's own storage or change log"),
+        ("reports.inc", "this view's own storage or change log"),
+        ("app.parent", "has inheritance children"),
+    ],
+)
+def test_sources_that_capture_cannot_watch_are_refused_before_anything_is_created(
+    conn: Connection, roles: Roles, table: str, words: str
+) -> None:
+    conn.execute(f"""
+        CREATE TABLE app.parent (k int, v int); CREATE TABLE app.child () INHERITS (app.parent);
+        ALTER TABLE app.parent OWNER TO {roles["operator"]}; ALTER TABLE app.child OWNER TO {roles["operator"]};
+    """)
+    mv = incremental(
+        query="SELECT k, v AS total FROM app.parent",
+        indexes=[],
+        incremental={"keyColumns": ["k"], "sources": [{"table": table, "columns": ["k"]}]},
+    )
+    errors = _refused(roles, mv)
+    assert words in errors.get("spec.incremental.sources[0].table", ""), errors
+    _nothing_created(conn, mv, "app.parent")
+
+
+def test_writes_under_replica_role_are_captured_and_a_trigger_not_enabled_always_is_repaired(
+    conn: Connection, roles: Roles
+) -> None:
+    mv = incremental()
+    with engine.connect(roles.login("operator")) as operator:
+        engine.apply(operator, mv)
+        record_build(operator, mv)
+        with psycopg.connect(roles.dsn, autocommit=True) as replica:  # as logical replication applies
+            replica.execute("SET session_replication_role = replica")
+            replica.execute("UPDATE app.src SET v = v + 1000 WHERE k = 6")
+        result = refresh(operator, mv)
+        assert (result.mode, result.keys_applied) == ("Incremental", 1), result
+        assert conn.execute("SELECT total FROM reports.inc WHERE k = 6").fetchone() == (
+            conn.execute("SELECT sum(v) FROM app.src WHERE k = 6").fetchone()[0],  # type: ignore[index]
+        )
+        for state in ("ENABLE REPLICA", "ENABLE", "DISABLE"):
+            conn.execute(f"ALTER TABLE app.src {state} TRIGGER {capture.trigger_names(mv)['UPDATE']}")
+            plan = engine.plan(operator, mv)
+            assert any("not enabled ALWAYS" in reason for reason in plan.reasons), (state, plan.reasons)
+            assert engine.apply(operator, mv).changed
+            result = refresh(operator, mv)
+            assert result.mode == "Swap", (state, result)
+        enabled = conn.execute(
+            "SELECT array_agg(DISTINCT tgenabled::text) FROM pg_trigger WHERE tgrelid = 'app.src'::regclass "
+            "AND NOT tgisinternal"
+        ).fetchone()
+        assert enabled == (["A"],)
+
+
+def incompressible(length: int) -> str:
+    return base64.b64encode(os.urandom(length))[:length].decode()
+
+
+def test_a_key_too_large_for_the_claim_falls_back_to_a_full_rebuild_that_says_why(
+    conn: Connection, roles: Roles
+) -> None:
+    conn.execute(f"CREATE TABLE app.texts (k text, v int); ALTER TABLE app.texts OWNER TO {roles['operator']}")
+    conn.execute("INSERT INTO app.texts VALUES ('a', 1), ('b', 2)")
+    mv = incremental(
+        query="SELECT k, sum(v) AS total FROM app.texts GROUP BY k",
+        indexes=[],
+        incremental={"keyColumns": ["k"], "sources": [{"table": "app.texts", "columns": ["k"]}]},
+    )
+    with engine.connect(roles.login("operator")) as operator:
+        engine.apply(operator, mv)
+        record_build(operator, mv)
+        # Every edge a text key can take is written without a failure.
+        edges = ["", " ", "é" * 100, "x" * 9600, "'; DROP TABLE app.src; --", "\\", "NULL", incompressible(9600)]
+        for value in edges:
+            conn.execute("INSERT INTO app.texts VALUES (%s, 7)", (value,))
+        conn.execute("INSERT INTO app.texts VALUES (NULL, 7)")
+        result = refresh(operator, mv)
+        assert result.result == "success" and result.mode == "Swap", result
+        conn.execute("INSERT INTO app.texts VALUES (%s, 8)", (incompressible(9600),))
+        result = refresh(operator, mv)
+    assert (result.result, result.mode) == ("success", "Swap"), result
+    assert "too large for an incremental refresh" in result.reason, result.reason
+    stored = conn.execute("SELECT count(*) FROM reports.inc").fetchone()
+    assert stored == conn.execute("SELECT count(DISTINCT k) + 1 FROM app.texts").fetchone()  # NULL is a group

@@ -192,6 +192,9 @@ async def test_a_query_taking_another_views_lock_cannot_block_it(conn: Connectio
         assert conn.execute("SELECT grabbed FROM ops.grabber").fetchone() == (True,), "the query did take it"
         with engine.connect(dsn) as other:
             free = other.execute("SELECT pg_try_advisory_lock(%s::bigint)", (engine.lock_key(victim),)).fetchone()
+            # Released here, not by closing: a closed client's backend lets go of its locks only as it exits,
+            # after close() has returned, so the refreshes below could find the lock still held.
+            other.execute("SELECT pg_advisory_unlock(%s::bigint)", (engine.lock_key(victim),))
         assert free == (True,), "the pooled session kept the victim's lock after the refresh"
         # Sessions are reset between uses, and every later use of them still works (psycopg's prepared
         # statements would not survive the reset: the pool does not prepare).

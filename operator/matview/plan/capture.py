@@ -254,6 +254,19 @@ def drop_trigger_statements(schema: str, table: str, names: list[str]) -> list[s
     ]
 
 
+def uninstall_statements(view: MaterializedView) -> list[sql.Composed]:
+    """Everything create_log_statements and create_trigger_statements make, dropped where it exists (undoing
+    an installation whose first build failed; apply has proven the names ours before making them)."""
+    assert view.incremental is not None
+    statements: list[sql.Composed] = []
+    for source in view.incremental.sources:
+        statements += drop_trigger_statements(source.schema, source.table, list(trigger_names(view).values()))
+    function = sql.Identifier(view.schema, function_name(view))
+    statements.append(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(function))
+    statements.append(sql.SQL("DROP TABLE IF EXISTS {}").format(changes_id(view)))
+    return statements
+
+
 def request_full_rebuild(view: MaterializedView, reason: str) -> sql.Composed:
     """A row in the change log that makes the next refresh rebuild in full."""
     return sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(

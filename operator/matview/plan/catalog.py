@@ -75,6 +75,25 @@ class TableState:
     oid: int
     relkind: str
     columns: tuple[str, ...]
+    column_types: tuple[tuple[int, int, str], ...] = ()
+    """(type oid, typmod, as format_type prints it) for each of columns."""
+    has_children: bool = False
+    """Other tables inherit from it (or it is partitioned): writes to them fire none of its triggers."""
+    readable: bool = True
+    """The role that builds the view (spec.runAsRole, else the operator's) may SELECT from it."""
+    system: bool = False
+    """A system catalog (pg_catalog, information_schema, pg_toast)."""
+
+
+@dataclass(frozen=True)
+class KeyType:
+    """The type of one of the view's key columns, as the query produces it."""
+
+    oid: int
+    typmod: int
+    name: str
+    hashable: bool
+    """Has default btree and hash operator classes: the claim compares, hashes and indexes keys."""
 
 
 @dataclass
@@ -101,6 +120,8 @@ class Observed:
     """What the operator may do with spec.runAsRole (None when the spec names none)."""
     capture: capture.CaptureState | None = None
     """The view's change capture (observed for storage Table)."""
+    key_types: dict[str, KeyType] = field(default_factory=dict)
+    """The query's result columns that are declared keys (spec.incremental), by name."""
     key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation] | None = None
     """What each relation the query reads resolves to, through plain views (spec.incremental)."""
     key_catalog_error: str | None = None
@@ -187,12 +208,35 @@ ORDER BY max(deps.depth), c.oid
 
 _TABLE = sql.SQL("""
 SELECT c.oid, c.relkind,
-       coalesce(array_agg(a.attname ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}')
+       coalesce(array_agg(a.attname ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
+       coalesce(array_agg(a.atttypid::int8 ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
+       coalesce(array_agg(a.atttypmod ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
+       coalesce(array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
+       c.relkind = 'p' OR EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = c.oid),
+       has_table_privilege(coalesce(%(role)s, current_user), c.oid, 'SELECT'),
+       n.nspname IN ('pg_catalog', 'information_schema') OR left(n.nspname, 8) = 'pg_toast'
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-WHERE n.nspname = %s AND c.relname = %s
-GROUP BY c.oid
+WHERE n.nspname = %(schema)s AND c.relname = %(name)s
+GROUP BY c.oid, n.nspname
+""")
+
+_KEY_TYPES = sql.SQL("""
+SELECT t.oid, format_type(t.oid, NULL),
+       EXISTS (SELECT 1 FROM pg_opclass o JOIN pg_am m ON m.oid = o.opcmethod
+               WHERE o.opcdefault AND m.amname = 'btree' AND (o.opcintype IN (t.oid, t.typbasetype, generic.oid)
+                                                OR o.opcintype IN (SELECT c.casttarget FROM pg_cast c
+                                                                   WHERE c.castsource = t.oid AND c.castmethod = 'b')))
+       AND EXISTS (SELECT 1 FROM pg_opclass o JOIN pg_am m ON m.oid = o.opcmethod
+                   WHERE o.opcdefault AND m.amname = 'hash' AND (o.opcintype IN (t.oid, t.typbasetype, generic.oid)
+                                               OR o.opcintype IN (SELECT c.casttarget FROM pg_cast c
+                                                                  WHERE c.castsource = t.oid AND c.castmethod = 'b')))
+FROM pg_type t
+LEFT JOIN pg_type generic ON generic.oid = CASE WHEN t.typcategory = 'A' THEN 'anyarray'::regtype
+                                                WHEN t.typtype = 'e' THEN 'anyenum'::regtype
+                                                WHEN t.typtype = 'r' THEN 'anyrange'::regtype END
+WHERE t.oid = ANY(%s::oid[])
 """)
 
 
@@ -213,6 +257,25 @@ def _relation(row: tuple[Any, ...]) -> RelationState:
 
 def describe_query(conn: Connection, query: sqltext.CheckedSQL) -> tuple[Column, ...]:
     """The query's result columns, learned by preparing it (it is not executed)."""
+    return describe_query_types(conn, query)[0]
+
+
+def key_types(
+    conn: Connection, keys: tuple[str, ...], columns: tuple[Column, ...], types: tuple[tuple[int, int], ...]
+) -> dict[str, KeyType]:
+    """What the declared key columns are, and whether the claim can compare and hash them."""
+    wanted = {name: typed for (name, _), typed in zip(columns, types, strict=True) if name in keys}
+    found = {
+        int(oid): (str(name), bool(hashable))
+        for oid, name, hashable in conn.execute(_KEY_TYPES, ([oid for oid, _ in wanted.values()],))
+    }
+    return {name: KeyType(oid, typmod, *found.get(oid, ("?", False))) for name, (oid, typmod) in wanted.items()}
+
+
+def describe_query_types(
+    conn: Connection, query: sqltext.CheckedSQL
+) -> tuple[tuple[Column, ...], tuple[tuple[int, int], ...]]:
+    """describe_query, with each column's (type oid, typmod)."""
     pgconn = conn.pgconn
     text = sqltext.embed(query).as_bytes(conn)
     result = pgconn.prepare(b"", text)
@@ -221,11 +284,13 @@ def describe_query(conn: Connection, query: sqltext.CheckedSQL) -> tuple[Column,
         raise psycopg.errors.lookup(sqlstate)((result.error_message or b"").decode(errors="replace").strip())
     described = pgconn.describe_prepared(b"")
     columns = []
+    types = []
     for i in range(described.nfields):
         name = (described.fname(i) or b"").decode()
         row = conn.execute(sql.SQL("SELECT format_type(%s, %s)"), (described.ftype(i), described.fmod(i))).fetchone()
         columns.append((name, str(row[0]) if row else "?"))
-    return tuple(columns)
+        types.append((int(described.ftype(i)), int(described.fmod(i))))
+    return tuple(columns), tuple(types)
 
 
 def marker_pattern() -> str:
@@ -318,9 +383,20 @@ def observe(
     tables += [source.relation for source in view.incremental.sources] if view.incremental else []
     for table_key in tables:
         if table_key not in observed.tables:
-            found = conn.execute(_TABLE, table_key).fetchone()
+            found = conn.execute(
+                _TABLE, {"schema": table_key[0], "name": table_key[1], "role": view.run_as_role}
+            ).fetchone()
             if found:
-                observed.tables[table_key] = TableState(int(found[0]), str(found[1]), tuple(found[2]))
+                oid, relkind, names, type_oids, typmods, type_names, has_children, readable, system = found
+                observed.tables[table_key] = TableState(
+                    int(oid),
+                    str(relkind),
+                    tuple(names),
+                    tuple(zip((int(t) for t in type_oids), typmods, type_names, strict=True)),
+                    bool(has_children),
+                    bool(readable),
+                    bool(system),
+                )
 
     wanted_roles = [grant.role for grant in view.grants]
     observed.roles = frozenset(
@@ -342,7 +418,9 @@ def observe(
             # Compiled exactly as the build will compile it: the pinned search_path, as runAsRole.
             pin_name_resolution(conn, view, local=True)
             become_query_role(conn, view)
-            observed.query_columns = describe_query(conn, view.query)
+            observed.query_columns, types = describe_query_types(conn, view.query)
+        if view.incremental is not None:
+            observed.key_types = key_types(conn, view.incremental.key_columns, observed.query_columns, types)
     except psycopg.Error as exc:
         message = (exc.diag.message_primary or str(exc)).strip()
         observed.query_error = sqltext.explain_unresolved(message, exc.sqlstate, view.search_path)

@@ -20,7 +20,7 @@ from matview.api import sqltext
 from matview.api.spec import IndexSpec, MaterializedView, SupportingIndexSpec, truncate_utf8
 from matview.errors import DependentObjectsError, FieldError, SpecError, UnmanagedObjectError
 from matview.plan import capture
-from matview.plan.catalog import DependentView, IndexState, Observed, RelationState
+from matview.plan.catalog import DependentView, IndexState, Observed, RelationState, TableState
 from matview.plan.marker import Marker
 
 Statement = sql.Composed | sql.SQL
@@ -326,12 +326,40 @@ def _check_incremental(view: MaterializedView, observed: Observed) -> list[Field
     if observed.key_catalog_error is not None:
         errors.append(FieldError("spec.query", f"cannot follow the query to its sources: {observed.key_catalog_error}"))
     read = query_tables(observed.key_catalog) if observed.key_catalog is not None else None
+    own = {(view.schema, view.name), (view.schema, capture.changes_name(view))}
+    builder = view.run_as_role or observed.current_user
     for i, source in enumerate(view.incremental.sources):
         where = f"{path}.sources[{i}]"
         label = f"{source.schema}.{source.table}"
         table = observed.tables.get(source.relation)
+        if source.relation in own:
+            errors.append(FieldError(f"{where}.table", f"{label} is this view's own storage or change log"))
+            continue
         if table is None:
             errors.append(FieldError(f"{where}.table", f"table {label} does not exist"))
+            continue
+        if table.system:
+            errors.append(
+                FieldError(f"{where}.table", f"{label} is a system catalog: it cannot carry capture triggers")
+            )
+            continue
+        if table.has_children:
+            errors.append(
+                FieldError(
+                    f"{where}.table",
+                    f"{label} is partitioned or has inheritance children: writes made directly to them fire "
+                    "none of its triggers, so they would be missed; read the tables that hold the rows instead",
+                )
+            )
+            continue
+        if not table.readable:
+            errors.append(
+                FieldError(
+                    f"{where}.table",
+                    f"role {builder!r}, which builds this view, may not read {label}: "
+                    "capture is installed only on tables the view's role can read",
+                )
+            )
             continue
         if table.relkind not in ("r", "p"):
             errors.append(
@@ -343,6 +371,10 @@ def _check_incremental(view: MaterializedView, observed: Observed) -> list[Field
         for j, column in enumerate(source.columns):
             if column not in table.columns:
                 errors.append(FieldError(f"{where}.columns[{j}]", f"column {column!r} does not exist in {label}"))
+                continue
+            problem = _key_type_problem(view, observed, table, j, column)
+            if problem:
+                errors.append(FieldError(f"{where}.columns[{j}]", problem))
         if read is not None and source.relation not in read:
             errors.append(
                 FieldError(f"{where}.table", f"{label} is not read by the query (directly or through plain views)")
@@ -363,6 +395,30 @@ def _check_incremental(view: MaterializedView, observed: Observed) -> list[Field
                 )
             )
     return errors
+
+
+def _key_type_problem(view: MaterializedView, observed: Observed, table: TableState, position: int, column: str) -> str:
+    """Why the source column cannot feed the key column at position (its value is stored in the key's type
+    by every writer's trigger: a conversion that can fail would make the writer's statement fail)."""
+    assert view.incremental is not None
+    if position >= len(view.incremental.key_columns) or not table.column_types:
+        return ""
+    key = view.incremental.key_columns[position]
+    key_type = observed.key_types.get(key)
+    if key_type is None:
+        return ""
+    source_oid, source_typmod, source_type = table.column_types[table.columns.index(column)]
+    if not key_type.hashable:
+        return (
+            f"key column {key!r} is {key_type.name}, which has no default equality and hash operator classes; "
+            "declare a key of a type that has (e.g. cast json to text, or use jsonb)"
+        )
+    if source_oid != key_type.oid or (key_type.typmod != -1 and key_type.typmod != source_typmod):
+        return (
+            f"column {column!r} is {source_type} but key column {key!r} is {key_type.name}: a written value that does "
+            f"not convert would make the writer's statement fail; produce the key as {source_type} in the query"
+        )
+    return ""
 
 
 def _converge_capture(view: MaterializedView, observed: Observed, reasons: list[str]) -> list[Step]:
@@ -529,6 +585,9 @@ def _create_step(view: MaterializedView) -> Step:
         tuple(statements),
         makes_data_live=True,
         runs_query=True,
+        # Capture is installed first (so no write is missed); if the first build fails, nothing of it may stay
+        # on a source table: triggers there would make every writer pay for a view that does not exist.
+        cleanup=tuple(capture.uninstall_statements(view)) if view.incremental is not None else (),
     )
 
 

@@ -342,11 +342,22 @@ def fallback(
 ) -> Run | None:
     """After a failure: the one other mode worth trying (only Auto falls back, only from CONCURRENTLY, only
     for errors a rebuild fixes), or None."""
+    if ran == RefreshMode.INCREMENTAL and sqlstate(error) == PROGRAM_LIMIT_EXCEEDED and inspection.swap_possible:
+        # A key too large for the claim's index ("index row requires N bytes") would fail every incremental
+        # refresh while it waits in the log; a rebuild claims the whole log.
+        return Run(
+            RefreshMode.SWAP,
+            f"a changed key is too large for an incremental refresh ({message(error)}); rebuilt in full",
+        )
     automatic = RefreshMode(requested or view.refresh.mode) == RefreshMode.AUTO
     if not automatic or ran != RefreshMode.CONCURRENT or sqlstate(error) not in CONCURRENT_FALLBACK_SQLSTATES:
         return None
     mode = RefreshMode.SWAP if inspection.populated and inspection.swap_possible else RefreshMode.FULL
     return Run(mode, f"Concurrent failed ({message(error)}); fell back to {mode}")
+
+
+#: SQLSTATE of "index row requires N bytes, maximum size is M" and other limits of the server.
+PROGRAM_LIMIT_EXCEEDED = "54000"
 
 
 def sqlstate(error: BaseException) -> str | None:
@@ -371,7 +382,10 @@ def classify(error: BaseException) -> str:
         return "duplicate_rows"
     if isinstance(error, psycopg.errors.InsufficientPrivilege):
         return "permission"
-    if isinstance(error, psycopg.OperationalError) or (sqlstate(error) or "").startswith(("08", "57P")):
+    code = sqlstate(error)
+    # psycopg raises OperationalError for server errors of classes 53-58 too (a key too large for an index is
+    # 54000): only a missing server answer, class 08 or 57P (shutdown, crash) is the connection's fault.
+    if (isinstance(error, psycopg.OperationalError) and code is None) or (code or "").startswith(("08", "57P")):
         return "connection"
     if type(error).__name__ in ("PoolTimeout", "PoolClosed", "TooManyRequests"):  # psycopg_pool: no server
         return "connection"
