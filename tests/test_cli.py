@@ -134,6 +134,12 @@ def test_the_dsn_can_come_from_a_file_so_it_stays_off_the_process_list(dsn: str,
     assert "--dsn-file:" in missing.stderr and "No such file" in missing.stderr
     both = matview("plan", "--dsn", dsn, "--dsn-file", str(dsn_file), str(spec))
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
+    for loose in (0o644, 0o660, 0o604):  # (0640 is allowed for a root-owned file, as libpq allows it)
+        dsn_file.chmod(loose)
+        refused = matview("plan", "--dsn-file", str(dsn_file), str(spec))
+        assert refused.returncode == 2, refused.stderr
+        assert "group or other permissions" in refused.stderr and f"chmod 600 {dsn_file}" in refused.stderr
+        assert "postgres@" not in refused.stderr
 
 
 def test_refresh_runs_upstream_views_first_whatever_the_order_given(dsn: str, tmp_path: Path) -> None:

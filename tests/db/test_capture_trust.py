@@ -21,7 +21,7 @@ from matview.errors import ApplyError, SpecError, UnmanagedObjectError
 from matview.plan import capture, engine
 from matview.plan.catalog import Connection
 from matview.plan.marker import Marker
-from matview.refresh import record_build, refresh
+from matview.refresh import record_build, refresh, verify
 from tests.db.roles import Roles
 from tests.helpers import view
 
@@ -368,3 +368,21 @@ def test_a_key_too_large_for_the_claim_falls_back_to_a_full_rebuild_that_says_wh
     assert "too large for an incremental refresh" in result.reason, result.reason
     stored = conn.execute("SELECT count(*) FROM reports.inc").fetchone()
     assert stored == conn.execute("SELECT count(DISTINCT k) + 1 FROM app.texts").fetchone()  # NULL is a group
+
+
+def test_a_query_the_key_filter_cannot_rewrite_is_refused_and_verify_does_not_say_it_matches(
+    conn: Connection, roles: Roles
+) -> None:
+    """schema.table.column names the relation the filter replaces with a subquery: the refresh could never
+    compile it. Apply refuses it; verify of such a declaration says it cannot verify, never "matches"."""
+    qualified = incremental(query="SELECT app.src.k, sum(app.src.v) AS total FROM app.src GROUP BY app.src.k")
+    errors = _refused(roles, qualified)
+    assert "the key filter cannot be injected here" in errors.get("spec.query", ""), errors
+    assert "never schema.table.column" in errors["spec.query"]
+    _nothing_created(conn, qualified)
+    with engine.connect(roles.login("operator")) as operator:
+        engine.apply(operator, incremental())
+        record_build(operator, incremental())
+        result = verify.compare(operator, qualified, engine.settings_for(qualified))
+        assert not result.matches and "cannot verify" in result.inconclusive, result
+        assert verify.compare(operator, incremental(), engine.settings_for(qualified)).matches

@@ -18,6 +18,7 @@ import pytest
 
 from matview.api.spec import MaterializedView
 from matview.constants import APPLICATION_NAME
+from matview.errors import SpecError
 from matview.observe.metrics import RefreshMetrics
 from matview.plan import engine
 from matview.plan.catalog import Connection
@@ -200,3 +201,30 @@ def test_the_suite_wide_look_alikes_catch_an_engine_session_that_is_not_pinned(
     with engine.connect(dsn) as pinned:
         pinned.execute("SELECT obj_description(c.oid, 'pg_class') FROM pg_class c WHERE c.relname = 'pg_class'")
     assert shadow_log.take() == []
+
+
+def test_a_superuser_run_as_role_is_refused_unless_the_operator_allows_it(conn: Connection, dsn: str) -> None:
+    name = f"su_{dsn.rsplit('/', 1)[1]}"
+    conn.execute(f"CREATE ROLE {name} SUPERUSER NOLOGIN")
+    try:
+        conn.execute("CREATE SCHEMA reports")
+        mv = view("su", "ops", schema="reports", name="su", query="SELECT 1 AS one", runAsRole=name)
+        with pytest.raises(SpecError) as caught:
+            engine.apply(conn, mv)
+        message = {e.path: e.message for e in caught.value.errors}["spec.runAsRole"]
+        assert "is a superuser" in message and "--allow-superuser-run-as-role" in message
+        assert conn.execute("SELECT to_regclass('reports.su')").fetchone() == (None,)
+        assert engine.apply(conn, mv, policy=engine.ApplyPolicy(allow_superuser_run_as_role=True)).built
+    finally:
+        conn.execute("DROP SCHEMA IF EXISTS reports CASCADE")
+        conn.execute(f"DROP ROLE {name}")
+
+
+def test_a_search_path_schema_others_can_create_in_is_warned_about_in_plan_and_apply(conn: Connection) -> None:
+    conn.execute("CREATE SCHEMA shared; GRANT CREATE ON SCHEMA shared TO PUBLIC; CREATE SCHEMA reports")
+    conn.execute("CREATE SCHEMA closed")
+    mv = view("sp", "ops", schema="reports", name="sp", query="SELECT 1 AS one", searchPath=["closed", "shared"])
+    plan = engine.plan(conn, mv)
+    assert [w for w in plan.warnings if "'shared'" in w and "PUBLIC" in w], plan.warnings
+    assert not [w for w in plan.warnings if "'closed'" in w], plan.warnings
+    assert engine.apply(conn, mv).plan.warnings == plan.warnings

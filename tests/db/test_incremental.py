@@ -184,8 +184,8 @@ def test_wrong_declarations_are_refused_before_any_change(matrix: Connection) ->
 
 
 def test_plan_shows_the_key_filtered_query(matrix: Connection) -> None:
+    from matview.plan.capture import key_filtered_query
     from matview.plan.catalog import resolve_relations
-    from matview.plan.planner import key_filtered_query
 
     mv = matrix_view()
     result = key_filtered_query(mv, resolve_relations(matrix, mv))

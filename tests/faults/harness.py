@@ -160,6 +160,7 @@ class Scenario:
         )  # the runner logs in with a password, so it can be rotated
         with self.admin() as conn:
             conn.execute("SELECT pg_reload_conf()")
+        self.dsn_file.touch(mode=0o600)  # matview refuses a DSN file others can read, as libpq does .pgpass
         self.dsn_file.write_text(self.app_dsn("first-password"))
         self.specs.mkdir()
         self.write_spec(spec(self.mode))

@@ -107,8 +107,11 @@ scalars = st.one_of(
     st.integers(min_value=10**30, max_value=10**60),
     st.integers(min_value=4000, max_value=6000).map(lambda digits: 10**digits),
     st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([float("nan"), float("-inf"), -1, -0.0, 1.0000001, 2, 10**400]),  # bounds of numbers
     text,
 )
+#: Lists far over any maxItems (15,000 sources in half a megabyte), to be refused before a deep look.
+long_lists = st.integers(min_value=33, max_value=15_000).map(lambda n: [{"table": "a.b", "columns": ["k"]}] * n)
 values = st.recursive(
     scalars,
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
@@ -123,7 +126,7 @@ def nested(depth: int) -> Any:
     return value
 
 
-hostile = st.one_of(values, st.integers(min_value=60, max_value=3000).map(nested))
+hostile = st.one_of(values, st.integers(min_value=60, max_value=3000).map(nested), long_lists)
 
 
 def paths(node: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
@@ -214,9 +217,13 @@ def assert_refusal_names_fields(error: SpecError) -> None:
 @given(mutated_documents())
 def test_parsed_bodies_validate_or_are_refused_naming_the_field(document: Any) -> None:
     try:
-        validate_document(document, "fuzz")
+        view = validate_document(document, "fuzz")
     except SpecError as exc:
         assert_refusal_names_fields(exc)
+        return
+    if view.incremental is not None:
+        ratio = view.incremental.full_rebuild_ratio
+        assert 0 <= ratio <= 1, f"fullRebuildRatio {ratio!r} was accepted"
 
 
 @pytest.mark.timeout(120)

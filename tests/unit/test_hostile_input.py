@@ -209,3 +209,19 @@ def test_search_path_refuses_pinned_and_repeated_schemas(search_path: list[str],
 def test_huge_values_are_described_briefly() -> None:
     errors = refusal(document(refresh={"timeZone": "x" * 50, "schedule": "0 * * * *"}, deletionPolicy=["x"] * 10_000))
     assert all(len(message) < 300 for message in errors.values())
+
+
+@pytest.mark.parametrize("ratio", [float("nan"), float("inf"), -1, -0.5, 1.5])
+def test_full_rebuild_ratio_outside_zero_to_one_is_refused(ratio: float) -> None:
+    incremental = {"keyColumns": ["k"], "sources": [{"table": "a.b", "columns": ["k"]}], "fullRebuildRatio": ratio}
+    errors = refusal(document(query="SELECT 1 AS k", storage="Table", incremental=incremental))
+    assert "spec.incremental.fullRebuildRatio" in errors, errors
+
+
+def test_a_list_far_over_its_limit_is_refused_without_checking_each_item() -> None:
+    """15,000 sources (half a megabyte): one problem for the list, none for its items."""
+    sources = [{"table": f"a.b{i}", "columns": 5} for i in range(15_000)]
+    incremental = {"keyColumns": ["k"], "sources": sources}
+    errors = refusal(document(query="SELECT 1 AS k", storage="Table", incremental=incremental))
+    assert "must have at most 32 items, got 15000" in errors["spec.incremental.sources"]
+    assert not [path for path in errors if path.startswith("spec.incremental.sources[")], errors

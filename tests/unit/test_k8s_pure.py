@@ -49,6 +49,30 @@ def test_redaction_removes_the_password_and_the_dsn() -> None:
     assert redact("no secret here", None) == "no secret here"
 
 
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://app:se%cret@db:5432/reporting",  # a stray %: libpq cannot parse it, and quotes the token
+        "postgresql://app:secret%@db/reporting",
+        "host=db user=app password='se cret",  # an unterminated quote
+        "host=db password=se%cret dbname=x",
+    ],
+)
+def test_redaction_works_on_a_dsn_libpq_cannot_parse(dsn: str) -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(dsn)
+        parse_error = ""
+    except Exception as exc:  # what psycopg says is what the operator would report
+        parse_error = str(exc)
+    message = f"{parse_error} while connecting with {dsn.replace('db', 'db ')}"
+    cleaned = redact(message, dsn)
+    for secret in ("se%cret", "secret%", "se cret", "cret"):
+        if secret in dsn:
+            assert secret not in cleaned, cleaned
+
+
 def test_transition_time_moves_only_when_status_flips() -> None:
     first = conditions.set_condition(
         [], type_="Ready", status=False, reason="SecretNotFound", message="m", generation=1, now=T0

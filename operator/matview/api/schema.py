@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
+import math
 import re
 import reprlib
 from importlib import resources
@@ -129,11 +130,21 @@ def apply_schema(value: Any, schema: dict[str, Any], path: str, errors: list[Fie
             errors.append(FieldError(path, f"must be at most {schema['maxLength']} characters, got {len(value)}"))
         elif "pattern" in schema and not re.search(schema["pattern"], value):
             errors.append(FieldError(path, f"{describe(value)} does not match the pattern {schema['pattern']}"))
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            errors.append(FieldError(path, f"must be a finite number, got {describe(value)}"))
+            return WRONG_TYPE
+        if "minimum" in schema and value < schema["minimum"]:
+            errors.append(FieldError(path, f"must be at least {schema['minimum']}, got {describe(value)}"))
+        if "maximum" in schema and value > schema["maximum"]:
+            errors.append(FieldError(path, f"must be at most {schema['maximum']}, got {describe(value)}"))
     if isinstance(value, list):
         if "minItems" in schema and len(value) < schema["minItems"]:
             errors.append(FieldError(path, f"must have at least {schema['minItems']} item(s)"))
         if "maxItems" in schema and len(value) > schema["maxItems"]:
+            # Before looking at any item: 15,000 sources must not cost a deep check each to say "at most 32".
             errors.append(FieldError(path, f"must have at most {schema['maxItems']} items, got {len(value)}"))
+            return WRONG_TYPE
         items = schema.get("items", {})
         checked = (apply_schema(item, items, f"{path}[{i}]", errors) for i, item in enumerate(value))
         return [item for item in checked if item is not WRONG_TYPE]

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,12 +44,30 @@ def _database_url(args: argparse.Namespace) -> str:
     return dsn
 
 
+def _policy(args: argparse.Namespace) -> engine.ApplyPolicy:
+    return engine.ApplyPolicy(allow_superuser_run_as_role=bool(getattr(args, "allow_superuser_run_as_role", False)))
+
+
 def _read_dsn_file(path: Path) -> str:
     """A DSN kept in a file (a mounted Secret, a 0600 file) so the password never shows in the process list."""
     try:
+        status = path.stat()
         dsn = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError([FieldError("--dsn-file", f"{path}: {getattr(exc, 'strerror', None) or exc}")]) from None
+    # As libpq refuses a .pgpass others can read: group or other access, except group read of a root-owned
+    # file (how some secret stores mount them).
+    loose = status.st_mode & (0o037 if status.st_uid == 0 else 0o077)
+    if loose:
+        raise SpecError(
+            [
+                FieldError(
+                    "--dsn-file",
+                    f"{path} has group or other permissions ({stat.filemode(status.st_mode)}): it holds a password; "
+                    f"chmod 600 {path} (a mounted Secret: defaultMode: 0400)",
+                )
+            ]
+        )
     if not dsn:
         raise SpecError([FieldError("--dsn-file", f"{path} is empty")])
     return dsn
@@ -131,7 +150,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         for view, file in batch.views:
 
             def work(view: MaterializedView = view, file: str = file) -> dict[str, Any]:
-                current = engine.plan(conn, view)
+                current = engine.plan(conn, view, _policy(args))
                 return {
                     "resource": view.owner,
                     "relation": view.relation,
@@ -206,7 +225,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from matview.refresh import record_build
 
     def apply_and_record(conn: Connection, view: MaterializedView) -> engine.ApplyResult:
-        result = engine.apply(conn, view)
+        result = engine.apply(conn, view, policy=_policy(args))
         if result.built:  # a build is a refresh: its state (and the sources it saw) go into the marker
             record_build(conn, view)
         return result
@@ -294,7 +313,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics.serve(args.metrics_port, args.metrics_address)
         print(f"metrics on http://{args.metrics_address}:{args.metrics_port}/metrics", file=sys.stderr)
     refresher = Refresher(
-        metrics, RunnerSettings(max_concurrent_per_database=args.max_concurrent, retry_seconds=args.retry_seconds)
+        metrics,
+        RunnerSettings(
+            max_concurrent_per_database=args.max_concurrent,
+            retry_seconds=args.retry_seconds,
+            apply_policy=_policy(args),
+        ),
     )
 
     async def main_loop() -> None:
@@ -323,6 +347,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         "MATVIEW_PEERING": args.peering or "",
         "MATVIEW_SHARD_INDEX": str(args.shard_index),
         "MATVIEW_SHARD_COUNT": str(args.shard_count),
+        "MATVIEW_ALLOW_SUPERUSER_RUN_AS_ROLE": "true" if args.allow_superuser_run_as_role else "false",
     }
     os.environ.update(settings_env)
     from matview.k8s.settings import SettingsError, config_from_environment
@@ -515,8 +540,13 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     command("validate", cmd_validate, "check files without touching any database", database=False)
-    command("plan", cmd_plan, "print the SQL apply would run; changes nothing")
-    command("apply", cmd_apply, "make the database match the files")
+    allow_superuser = "accept a spec.runAsRole that is a superuser (refused by default: its queries could do anything)"
+    command("plan", cmd_plan, "print the SQL apply would run; changes nothing").add_argument(
+        "--allow-superuser-run-as-role", action="store_true", help=allow_superuser
+    )
+    command("apply", cmd_apply, "make the database match the files").add_argument(
+        "--allow-superuser-run-as-role", action="store_true", help=allow_superuser
+    )
     command("delete", cmd_delete, "delete per deletionPolicy (Retain keeps everything)")
     refresh = command("refresh", cmd_refresh, "refresh now and print what happened (mode, duration, rows)")
     refresh.add_argument(
@@ -530,8 +560,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = command("run", cmd_run, "apply, then keep views refreshed on schedule with /metrics", files=False)
     run.add_argument("paths", nargs="+", metavar="FILE|DIR", help="YAML files or directories of them")
     run.add_argument("--metrics-port", type=int, default=9808, help="0 disables the metrics server")
-    run.add_argument("--metrics-address", default="0.0.0.0", help=argparse.SUPPRESS)  # noqa: S104
+    run.add_argument(
+        "--metrics-address",
+        default="127.0.0.1",
+        help="address /metrics listens on (default: this machine only; 0.0.0.0 for a scraper elsewhere)",
+    )
     run.add_argument("--max-concurrent", type=int, default=2, help="refreshes at once per database")
+    run.add_argument("--allow-superuser-run-as-role", action="store_true", help=allow_superuser)
     run.add_argument(
         "--retry-seconds",
         type=float,
@@ -546,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="kopf liveness endpoint URL")
     op.add_argument("--drift-check-seconds", type=float, default=300.0, help="how often drift is repaired")
     op.add_argument("--max-concurrent", type=int, default=2, help="refreshes at once per database")
+    op.add_argument("--allow-superuser-run-as-role", action="store_true", help=allow_superuser)
     op.add_argument("--peering", help="kopf peering name (needs kopf's peering CRD); default: standalone")
     op.add_argument(
         "--shard-count", type=int, default=1, help="replicas splitting the views by a hash of namespace/name"

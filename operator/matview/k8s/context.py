@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass, field
 
 from matview.observe.metrics import DEFAULT_PORT, RefreshMetrics
+from matview.plan.planner import ApplyPolicy
 from matview.refresh.runner import Refresher, RunnerSettings
 
 
@@ -33,6 +34,8 @@ class OperatorConfig:
     """This replica's shard (see ``shard_count``)."""
     shard_count: int = 1
     """Replicas that split the views between them by a stable hash of namespace/name (1: no sharding)."""
+    allow_superuser_run_as_role: bool = False
+    """Accept a spec.runAsRole that is a superuser (refused by default)."""
 
 
 @dataclass
@@ -51,6 +54,7 @@ class OperatorContext:
             RunnerSettings(
                 max_concurrent_per_database=self.config.max_concurrent_per_database,
                 retry_seconds=self.config.retry_seconds,
+                apply_policy=ApplyPolicy(allow_superuser_run_as_role=self.config.allow_superuser_run_as_role),
             ),
         )
 

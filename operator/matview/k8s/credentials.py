@@ -10,6 +10,9 @@ never leaves this module except inside the DSN handed to psycopg, and
 from __future__ import annotations
 
 import base64
+import contextlib
+import re
+import urllib.parse
 from collections.abc import Mapping
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -43,17 +46,34 @@ def dsn_from_secret(secret_name: str, data: Mapping[str, str] | None, key: str =
     )
 
 
+#: Where a password stands in a DSN that libpq cannot parse: the URI's userinfo, or a password= keyword.
+_URI_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^:/@?#]*:([^@/?#]*)@")
+_KEYWORD_PASSWORD = re.compile(r"\bpassword\s*=\s*('(?:[^'\\]|\\.)*'?|\S+)")
+
+
+def _passwords(dsn: str) -> set[str]:
+    """Every spelling of the DSN's password that an error message may quote: parsed when libpq can parse the
+    DSN, and read where it stands when it cannot (a stray % or quote is exactly when libpq's error message
+    quotes the token that holds it)."""
+    found: set[str] = set()
+    with contextlib.suppress(Exception):
+        password = conninfo_to_dict(dsn).get("password")
+        if password:
+            found.add(str(password))
+    for match in (_URI_PASSWORD.match(dsn), *_KEYWORD_PASSWORD.finditer(dsn)):
+        if match and match.group(1):
+            raw = match.group(1)
+            found |= {raw, raw.strip("'"), urllib.parse.unquote(raw)}
+    return {p for p in found if p}
+
+
 def redact(text: str, dsn: str | None) -> str:
-    """Remove the DSN's password (and the DSN itself) from text."""
+    """Remove the DSN's password (and the DSN itself) from text, parsable or not."""
     if not dsn:
         return text
-    try:
-        password = conninfo_to_dict(dsn).get("password")
-    except Exception:
-        password = None
     text = text.replace(dsn, "<dsn>")
-    if password:
-        text = text.replace(str(password), "***")
+    for password in sorted(_passwords(dsn), key=len, reverse=True):
+        text = text.replace(password, "***")
     return text
 
 

@@ -120,7 +120,7 @@ async def _outcome(ctx: OperatorContext, body: Mapping[str, Any], logger: loggin
     ctx.bind(f"{view.namespace}/{view.resource_name}", dsn)
 
     def work(conn: Connection) -> tuple[engine.ApplyResult, ViewSize]:
-        result = engine.apply(conn, view)
+        result = engine.apply(conn, view, policy=ctx.refresher.settings.apply_policy)
         if result.built:
             record_build(conn, view)
         return result, view_size(conn, view)
@@ -153,6 +153,7 @@ async def _outcome(ctx: OperatorContext, body: Mapping[str, Any], logger: loggin
     for warning in result.plan.warnings:
         logger.warning(warning)
     summary = "; ".join(result.done) if result.done else "no change needed"
+    summary += "".join(f"; warning: {warning}" for warning in result.plan.warnings)
     ctx.metrics.track(view)
     return Outcome(
         True,

@@ -95,6 +95,10 @@ def config_from_environment(environ: Mapping[str, str] | None = None) -> Operato
         if not value >= minimum or value == float("inf"):
             raise SettingsError(f"{variable}={text!r}: must be at least {minimum:g} and finite")
         values[name] = value
+    allow = environ.get("MATVIEW_ALLOW_SUPERUSER_RUN_AS_ROLE", "").strip().lower()
+    if allow not in ("", "true", "false"):
+        raise SettingsError(f"MATVIEW_ALLOW_SUPERUSER_RUN_AS_ROLE={allow!r}: must be true or false")
+    values["allow_superuser_run_as_role"] = allow == "true"
     config = dataclasses.replace(defaults, **values)
     if config.shard_index >= config.shard_count:
         raise SettingsError(

@@ -35,6 +35,15 @@ _OPERATIONS = {"i": "INSERT", "u": "UPDATE", "d": "DELETE", "t": "TRUNCATE"}
 _NEW_ROWS, _OLD_ROWS = "matview_new_rows", "matview_old_rows"
 
 
+def key_filtered_query(
+    view: MaterializedView, key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation]
+) -> sqltext.KeyFilterResult:
+    """The query an incremental refresh runs: every read of a declared source filtered on the changed keys."""
+    assert view.incremental is not None
+    sources = {source.relation: source.columns for source in view.incremental.sources}
+    return sqltext.inject_key_filters(view.query, key_catalog, sources, view.incremental.key_columns)
+
+
 def changes_name(view: MaterializedView) -> str:
     return truncate_utf8(view.name, 63 - 11) + "_mv_changes"
 

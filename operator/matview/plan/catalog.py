@@ -125,6 +125,10 @@ class Observed:
     key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation] | None = None
     """What each relation the query reads resolves to, through plain views (spec.incremental)."""
     key_catalog_error: str | None = None
+    search_path_creators: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """spec.searchPath schemas → roles other than the owner that may CREATE in them (PUBLIC for everyone)."""
+    filtered_query_error: str | None = None
+    """Why the key-filtered query does not compile, when it does not (a refresh would fail every time)."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,8 @@ class RoleAccess:
     """SET ROLE to it is allowed (membership; PostgreSQL 16+: the SET option)."""
     has_privileges: bool
     """It holds the role's privileges (INHERIT), so it may alter, index, refresh and drop what that role owns."""
+    superuser: bool = False
+    """A superuser: every query of its views could do anything in the database."""
 
     @property
     def usable(self) -> bool:
@@ -220,6 +226,16 @@ JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
 WHERE n.nspname = %(schema)s AND c.relname = %(name)s
 GROUP BY c.oid, n.nspname
+""")
+
+_CREATORS = sql.SQL("""
+SELECT n.nspname,
+       coalesce(array_agg(DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END
+                          ORDER BY CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END)
+                FILTER (WHERE a.privilege_type = 'CREATE' AND a.grantee <> n.nspowner), '{}')
+FROM pg_namespace n LEFT JOIN LATERAL aclexplode(n.nspacl) a ON true
+WHERE n.nspname = ANY(%s)
+GROUP BY n.nspname
 """)
 
 _KEY_TYPES = sql.SQL("""
@@ -398,6 +414,10 @@ def observe(
                     bool(system),
                 )
 
+    if view.search_path:
+        observed.search_path_creators = {
+            str(schema): tuple(roles) for schema, roles in conn.execute(_CREATORS, (list(view.search_path),)) if roles
+        }
     wanted_roles = [grant.role for grant in view.grants]
     observed.roles = frozenset(
         str(r[0])
@@ -424,7 +444,45 @@ def observe(
     except psycopg.Error as exc:
         message = (exc.diag.message_primary or str(exc)).strip()
         observed.query_error = sqltext.explain_unresolved(message, exc.sqlstate, view.search_path)
+        return observed
+    if view.incremental is not None and observed.key_catalog is not None:
+        observed.filtered_query_error = _filtered_query_error(conn, view, observed.key_catalog)
     return observed
+
+
+def filtered_query_error(conn: Connection, view: MaterializedView) -> str | None:
+    """Why an incremental refresh of view cannot compile its key-filtered query (None when it can)."""
+    try:
+        return _filtered_query_error(conn, view, resolve_relations(conn, view))
+    except (psycopg.Error, MatviewError, ValueError) as exc:
+        return str(exc).strip()
+
+
+def _filtered_query_error(
+    conn: Connection, view: MaterializedView, key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation]
+) -> str | None:
+    """Compile the query an incremental refresh runs, as the refresh compiles it (with the changed-keys table
+    it reads), and say why it fails: a query that compiles only unfiltered would fail every refresh."""
+    assert view.incremental is not None
+    try:
+        filtered = capture.key_filtered_query(view, key_catalog).query
+    except ValueError:
+        return None  # the planner names what cannot be rewritten
+    try:
+        with conn.transaction(force_rollback=True):
+            pin_name_resolution(conn, view, local=True)
+            become_query_role(conn, view)
+            conn.execute(
+                sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT {} FROM ({}) AS q WITH NO DATA").format(
+                    sql.Identifier(sqltext.CHANGED_KEYS_TABLE[1]),
+                    capture.key_list(view.incremental.key_columns, "q"),
+                    sqltext.embed(view.query),
+                )
+            )
+            describe_query(conn, filtered)
+    except psycopg.Error as exc:
+        return (exc.diag.message_primary or str(exc)).strip()
+    return None
 
 
 def pin_name_resolution(conn: Connection, view: MaterializedView, local: bool) -> None:
@@ -445,15 +503,16 @@ _ROLE_ACCESS = sql.SQL("""
 SELECT r.oid IS NOT NULL,
        coalesce(pg_has_role(current_user, r.oid, CASE WHEN current_setting('server_version_num')::int >= 160000
                                                       THEN 'SET' ELSE 'MEMBER' END), false),
-       coalesce(pg_has_role(current_user, r.oid, 'USAGE'), false)
+       coalesce(pg_has_role(current_user, r.oid, 'USAGE'), false),
+       coalesce(r.rolsuper, false)
 FROM (SELECT %s::text AS name) wanted LEFT JOIN pg_roles r ON r.rolname = wanted.name
 """)
 
 
 def role_access(conn: Connection, role: str) -> RoleAccess:
     row = conn.execute(_ROLE_ACCESS, (role,)).fetchone()
-    exists, can_set, has_privileges = row if row else (False, False, False)
-    return RoleAccess(bool(exists), bool(can_set), bool(has_privileges))
+    exists, can_set, has_privileges, superuser = row if row else (False, False, False, False)
+    return RoleAccess(bool(exists), bool(can_set), bool(has_privileges), bool(superuser))
 
 
 def read_dependents(conn: Connection, oid: int) -> list[DependentView]:

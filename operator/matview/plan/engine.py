@@ -14,6 +14,7 @@ from matview.plan import session
 from matview.plan.catalog import Connection, observe
 
 __all__ = [
+    "ApplyPolicy",
     "ApplyResult",
     "BusyError",
     "MatviewError",
@@ -27,7 +28,7 @@ __all__ = [
 ]
 from matview.api.spec import MaterializedView
 from matview.plan.executor import BusyError, ExecutionSettings, execute, lock_key, view_lock
-from matview.plan.planner import Plan, build_delete_plan, build_plan, wanted_names
+from matview.plan.planner import ApplyPolicy, Plan, build_delete_plan, build_plan, wanted_names
 
 
 @dataclass
@@ -58,15 +59,20 @@ def settings_for(view: MaterializedView) -> ExecutionSettings:
     )
 
 
-def plan(conn: Connection, view: MaterializedView) -> Plan:
+def plan(conn: Connection, view: MaterializedView, policy: ApplyPolicy | None = None) -> Plan:
     """What apply would do, without changing anything."""
-    return build_plan(view, observe(conn, view, wanted_names(view)))
+    return build_plan(view, observe(conn, view, wanted_names(view)), policy)
 
 
-def apply(conn: Connection, view: MaterializedView, settings: ExecutionSettings | None = None) -> ApplyResult:
+def apply(
+    conn: Connection,
+    view: MaterializedView,
+    settings: ExecutionSettings | None = None,
+    policy: ApplyPolicy | None = None,
+) -> ApplyResult:
     """Make the database match the spec; a second call right after does nothing."""
     with view_lock(conn, view):
-        current = plan(conn, view)
+        current = plan(conn, view, policy)
         done = execute(conn, current, settings or settings_for(view))
     return ApplyResult(view, current, done)
 

@@ -176,8 +176,17 @@ def _is_ours(view: MaterializedView, observed: Observed, marker: Marker | None, 
     return marker is not None and marker.owner == view.owner and owner in trusted_owners(view, observed)
 
 
-def build_plan(view: MaterializedView, observed: Observed) -> Plan:
+@dataclass(frozen=True)
+class ApplyPolicy:
+    """What the platform team running the engine allows the people who write specs (never set by a spec)."""
+
+    allow_superuser_run_as_role: bool = False
+    """A spec.runAsRole that is a superuser is accepted (its queries could do anything in the database)."""
+
+
+def build_plan(view: MaterializedView, observed: Observed, policy: ApplyPolicy | None = None) -> Plan:
     """Decide what brings the database to the spec. Raises SpecError/UnmanagedObjectError instead of guessing."""
+    policy = policy or ApplyPolicy()
     errors: list[FieldError] = []
     if not observed.schema_exists:
         errors.append(FieldError("spec.schema", f"schema {view.schema!r} does not exist"))
@@ -201,6 +210,15 @@ def build_plan(view: MaterializedView, observed: Observed) -> Plan:
     errors += _check_supporting(view, observed)
     errors += _check_incremental(view, observed)
     access = observed.run_as_role
+    if access is not None and access.usable and access.superuser and not policy.allow_superuser_run_as_role:
+        errors.append(
+            FieldError(
+                "spec.runAsRole",
+                f"role {view.run_as_role!r} is a superuser: the view's query would run with every right in the "
+                "database; name a role with only the rights its views need (an operator started with "
+                "--allow-superuser-run-as-role accepts it)",
+            )
+        )
     if access is not None and not access.usable:
         role = view.run_as_role
         if not access.exists:
@@ -228,7 +246,11 @@ def build_plan(view: MaterializedView, observed: Observed) -> Plan:
 
     steps: list[Step] = []
     reasons: list[str] = []
-    warnings: list[str] = []
+    warnings: list[str] = [
+        f"spec.searchPath: roles other than its owner may CREATE in schema {schema!r} ({', '.join(roles)}): "
+        "a function or operator planted there can run as the view's role; list only schemas nobody else writes"
+        for schema, roles in sorted(observed.search_path_creators.items())
+    ]
     steps += [
         drop_leftover_step(leftover.schema, leftover.name, leftover.relkind) for leftover in _leftovers(view, observed)
     ]
@@ -256,7 +278,7 @@ def build_plan(view: MaterializedView, observed: Observed) -> Plan:
     steps += _converge_supporting(view, observed, reasons)
     incremental_query = None
     if view.incremental is not None and observed.key_catalog is not None:
-        incremental_query = key_filtered_query(view, observed.key_catalog).query  # checked above: it succeeds
+        incremental_query = capture.key_filtered_query(view, observed.key_catalog).query  # checked above: it succeeds
     return Plan(view, tuple(steps), tuple(reasons), tuple(warnings), incremental_query)
 
 
@@ -297,15 +319,6 @@ def _check_supporting(view: MaterializedView, observed: Observed) -> list[FieldE
     return errors
 
 
-def key_filtered_query(
-    view: MaterializedView, key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation]
-) -> sqltext.KeyFilterResult:
-    """The query an incremental refresh runs: every read of a declared source filtered on the changed keys."""
-    assert view.incremental is not None
-    sources = {source.relation: source.columns for source in view.incremental.sources}
-    return sqltext.inject_key_filters(view.query, key_catalog, sources, view.incremental.key_columns)
-
-
 def query_tables(key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation]) -> set[tuple[str, str]]:
     """Every relation holding data the query reads, through plain views (tables, MVs, foreign tables)."""
     return {r.name for r in key_catalog.values() if r.relkind != "v"}
@@ -325,6 +338,15 @@ def _check_incremental(view: MaterializedView, observed: Observed) -> list[Field
             errors.append(FieldError(f"{path}.keyColumns[{i}]", f"{column!r} is a name the change log reserves"))
     if observed.key_catalog_error is not None:
         errors.append(FieldError("spec.query", f"cannot follow the query to its sources: {observed.key_catalog_error}"))
+    if observed.filtered_query_error is not None:
+        errors.append(
+            FieldError(
+                "spec.query",
+                "the key filter cannot be injected here (an incremental refresh reads each source through a "
+                f"subquery with the source's name as its alias): {observed.filtered_query_error}; "
+                "refer to columns as table.column or alias.column, never schema.table.column",
+            )
+        )
     read = query_tables(observed.key_catalog) if observed.key_catalog is not None else None
     own = {(view.schema, view.name), (view.schema, capture.changes_name(view))}
     builder = view.run_as_role or observed.current_user
@@ -382,7 +404,7 @@ def _check_incremental(view: MaterializedView, observed: Observed) -> list[Field
     if errors or observed.key_catalog is None:
         return errors
     try:
-        result = key_filtered_query(view, observed.key_catalog)
+        result = capture.key_filtered_query(view, observed.key_catalog)
     except ValueError as exc:
         return [FieldError(path, f"cannot inject the key filter: {exc}")]
     for i, source in enumerate(view.incremental.sources):

@@ -29,6 +29,7 @@ import psycopg
 from matview import timestamps
 from matview.api.spec import MaterializedView, RefreshMode
 from matview.errors import MatviewError
+from matview.plan import capture
 from matview.plan.catalog import Connection
 from matview.plan.engine import settings_for
 from matview.plan.executor import BusyError, ExecutionSettings, execute, view_lock
@@ -38,7 +39,6 @@ from matview.plan.planner import (
     Step,
     drop_leftover_step,
     incremental_step,
-    key_filtered_query,
     record_state_step,
     refresh_in_place_step,
     swap_steps,
@@ -230,7 +230,7 @@ def _steps(view: MaterializedView, inspection: Inspection, mode: RefreshMode) ->
         return cleanup + swap_steps(view, list(inspection.dependents), state=state, old_indexes=inspection.indexes)
     if mode == RefreshMode.INCREMENTAL:
         assert inspection.key_catalog is not None and inspection.pending is not None
-        filtered = key_filtered_query(view, inspection.key_catalog).query
+        filtered = capture.key_filtered_query(view, inspection.key_catalog).query
         return [*cleanup, incremental_step(view, filtered, inspection.pending.keys)]
     return [*cleanup, refresh_in_place_step(view, mode)]
 

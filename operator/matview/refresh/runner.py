@@ -54,6 +54,8 @@ class RunnerSettings:
     """First delay before retrying a failed refresh; doubled per failure, capped by the view's period."""
     reload_seconds: float = 2.0
     """How often ``matview run`` looks for changed files."""
+    apply_policy: engine.ApplyPolicy = field(default_factory=engine.ApplyPolicy)
+    """What applies made by this runner accept (superuser runAsRole)."""
     max_concurrent_applies_per_database: int = 4
     """Applies (create, edit, drift check, delete) that may run at once against one database."""
     refresh_threads: int = 32
@@ -333,7 +335,7 @@ class Scheduler:
         view = entry.view
 
         def work(conn: Connection) -> schedule.Track:
-            result = engine.apply(conn, view)
+            result = engine.apply(conn, view, policy=self.refresher.settings.apply_policy)
             for warning in result.plan.warnings:
                 logger.warning("%s: %s", view.relation, warning)
             if result.built:

@@ -19,7 +19,13 @@ from psycopg import sql
 from matview.api import sqltext
 from matview.api.spec import MaterializedView
 from matview.plan import capture, session
-from matview.plan.catalog import Connection, become_query_role, pin_name_resolution, relation_oid
+from matview.plan.catalog import (
+    Connection,
+    become_query_role,
+    filtered_query_error,
+    pin_name_resolution,
+    relation_oid,
+)
 from matview.plan.executor import ExecutionSettings, set_timeouts
 
 
@@ -86,6 +92,11 @@ def compare(conn: Connection, view: MaterializedView, settings: ExecutionSetting
     started = time.monotonic()
     if relation_oid(conn, view.schema, capture.changes_name(view)) is None:
         return Verification(view.relation, inconclusive="change capture is not installed (apply the view)")
+    # Pending keys are left out of the comparison: if no incremental refresh can apply them, "matches" would
+    # say nothing about a view that only ever falls behind.
+    unusable = filtered_query_error(conn, view)
+    if unusable is not None:
+        return Verification(view.relation, inconclusive=f"cannot verify: incremental refreshes cannot run ({unusable})")
     keys = view.incremental.key_columns
     statement = _COMPARE.format(
         claimable_keys=capture.claimable_keys(view),
