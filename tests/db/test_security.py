@@ -9,17 +9,19 @@ then apply, Swap and Concurrent refreshes must never call it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
 import pytest
 
 from matview.api.spec import MaterializedView
-from matview.errors import ApplyError, SpecError
+from matview.errors import ApplyError, SpecError, UnmanagedObjectError
 from matview.observe.metrics import RefreshMetrics
 from matview.plan import engine
 from matview.plan.catalog import Connection
+from matview.plan.executor import LOCK_TABLE
 from matview.refresh import refresh
 from matview.refresh.runner import Refresher, RunnerSettings
 from tests.db.roles import Roles
@@ -169,35 +171,97 @@ def test_lock_keys_quote_schema_and_name_separately() -> None:
     first = view("one", "ops", schema="a.b", name="c")
     second = view("two", "ops", schema="a", name="b.c")
     assert engine.lock_key(first) != engine.lock_key(second)
-    assert -(2**63) <= engine.lock_key(first) < 2**63
     assert engine.lock_key(first) == engine.lock_key(view("three", "other", schema="a.b", name="c"))
 
 
-async def test_a_query_taking_another_views_lock_cannot_block_it(conn: Connection, dsn: str) -> None:
+def test_no_other_role_can_take_or_hold_a_views_lock(conn: Connection, roles: Roles) -> None:
+    """The lock is a row of a table only the operator's role may write. A hostile login, or a view's query
+    running as its team's role, can neither take nor hold it; no advisory key means anything."""
+    v = report(indexes=[{"columns": ["id"], "unique": True}])
+    conn.execute(f"GRANT USAGE ON SCHEMA reports TO {roles['attacker']}")
+    with engine.connect(roles.login("operator")) as operator:
+        engine.apply(operator, v)
+    key = engine.lock_key(v)
+    with psycopg.connect(roles.login("attacker"), autocommit=True) as attacker:
+        for statement in (
+            f"INSERT INTO reports.{LOCK_TABLE} VALUES ('{key}', pg_backend_pid(), now())",
+            f"UPDATE reports.{LOCK_TABLE} SET pid = pg_backend_pid()",
+            f"SELECT * FROM reports.{LOCK_TABLE} FOR UPDATE",
+            f"LOCK TABLE reports.{LOCK_TABLE}",
+            f"TRUNCATE reports.{LOCK_TABLE}",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege), attacker.transaction():
+                attacker.execute(statement)
+        for held in range(-5, 5):  # what an older operator's keys or any guess would be
+            attacker.execute("SELECT pg_advisory_lock(%s::bigint)", (held,))
+        with engine.connect(roles.login("operator")) as operator:
+            for mode in ("Concurrent", "Swap"):
+                assert refresh(operator, v, mode).result == "success", mode
+            assert engine.apply(operator, v).changed is False
+
+
+def test_a_lock_whose_holder_died_is_free_and_a_live_one_is_busy(conn: Connection, roles: Roles) -> None:
+    v = report()
+    dsn = roles.login("operator")
+    with engine.connect(dsn) as holder:
+        engine.apply(holder, v)
+        with engine.view_lock(holder, v):
+            with engine.connect(dsn) as operator:
+                busy = refresh(operator, v, "Full")
+                assert busy.busy and busy.result == "skipped", busy
+            pid = holder.info.backend_pid
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            wait_until(
+                lambda: conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() == (0,)
+            )
+            with engine.connect(dsn) as operator:
+                assert refresh(operator, v, "Full").result == "success", "a dead session holds nothing"
+
+
+def test_a_look_alike_lock_table_is_refused_naming_its_owner(conn: Connection, roles: Roles) -> None:
+    """Someone with CREATE in the view's schema made the lock table first: the engine will not use it."""
+    conn.execute(f"GRANT USAGE, CREATE ON SCHEMA reports TO {roles['attacker']}")
+    with psycopg.connect(roles.login("attacker"), autocommit=True) as attacker:
+        attacker.execute(
+            f"CREATE TABLE reports.{LOCK_TABLE} (relation text PRIMARY KEY, pid int, backend_start timestamptz, "
+            "taken_at timestamptz DEFAULT now())"
+        )
+        attacker.execute(f"GRANT ALL ON reports.{LOCK_TABLE} TO PUBLIC")
+    with engine.connect(roles.login("operator")) as operator, pytest.raises(UnmanagedObjectError) as caught:
+        engine.apply(operator, report())
+    assert roles["attacker"] in str(caught.value) and LOCK_TABLE in str(caught.value)
+    assert conn.execute("SELECT to_regclass('reports.codes')").fetchone() == (None,)
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 30) -> None:
+    """Wait for the condition itself; the bound only stops a hang."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.02)
+
+
+async def test_pooled_sessions_are_reset_and_stay_usable(conn: Connection, dsn: str) -> None:
+    """A query may take an advisory lock or change settings; the pool resets the session (DISCARD ALL) and
+    every later use of it still works (psycopg's prepared statements would not survive: the pool does not
+    prepare)."""
     conn.execute("CREATE SCHEMA ops")
     victim = view("victim", "ops", schema="ops", query="SELECT 1 AS one")
     grabber = view(
         "grabber",
         "ops",
         schema="ops",
-        query=f"SELECT pg_try_advisory_lock({engine.lock_key(victim)}::bigint) AS grabbed",
+        query="SELECT pg_try_advisory_lock(42::bigint) AS grabbed",
         refresh={"mode": "Full"},
     )
     refresher = Refresher(RefreshMetrics(), RunnerSettings(max_concurrent_per_database=1))
     try:
         await refresher.run_sync(dsn, lambda c: engine.apply(c, victim))
         await refresher.run_sync(dsn, lambda c: engine.apply(c, grabber))
-        grabbed = await refresher.refresh(dsn, grabber)
-        assert grabbed.result == "success"
+        assert (await refresher.refresh(dsn, grabber)).result == "success"
         assert conn.execute("SELECT grabbed FROM ops.grabber").fetchone() == (True,), "the query did take it"
-        with engine.connect(dsn) as other:
-            free = other.execute("SELECT pg_try_advisory_lock(%s::bigint)", (engine.lock_key(victim),)).fetchone()
-            # Released here, not by closing: a closed client's backend lets go of its locks only as it exits,
-            # after close() has returned, so the refreshes below could find the lock still held.
-            other.execute("SELECT pg_advisory_unlock(%s::bigint)", (engine.lock_key(victim),))
-        assert free == (True,), "the pooled session kept the victim's lock after the refresh"
-        # Sessions are reset between uses, and every later use of them still works (psycopg's prepared
-        # statements would not survive the reset: the pool does not prepare).
+        held = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 42").fetchone()
+        assert held == (0,), "the pooled session kept the advisory lock after the refresh"
         results = [await refresher.refresh(dsn, victim) for _ in range(8)]
         results += await asyncio.gather(*(refresher.refresh(dsn, victim) for _ in range(3)))
         assert [r.result for r in results] == ["success"] * 11, [r.message for r in results]

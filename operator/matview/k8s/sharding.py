@@ -3,8 +3,8 @@
 Each view belongs to exactly one of ``shard_count`` shards, by a jump consistent hash (Lamping and
 Veach, 2014) of its namespace/name: stable across restarts and replicas, and when the count changes
 from n to n+1 only about 1/(n+1) of the views move (to the new shard), the rest stay where they were.
-Replica i runs with ``--shard-index i --shard-count n`` and handles only its own views; the advisory
-lock on each view remains the last guard while replicas with different counts overlap in a rollout.
+Replica i runs with ``--shard-index i --shard-count n`` and handles only its own views; the lock row
+of each view remains the last guard while replicas with different counts overlap in a rollout.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ queues behind it — a short timeout and a retry never cause an outage.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import random
 import time
@@ -22,7 +21,7 @@ from psycopg import sql
 
 from matview.api import sqltext
 from matview.api.spec import MaterializedView, RefreshSpec
-from matview.errors import ApplyError, MatviewError
+from matview.errors import ApplyError, MatviewError, UnmanagedObjectError
 from matview.plan import session
 from matview.plan.catalog import Connection, become_query_role, pin_name_resolution
 from matview.plan.planner import Plan, Step
@@ -84,32 +83,85 @@ class BusyError(MatviewError):
 #: while holding the view's lock.
 CLIENT_CHECK_INTERVAL = "2s"
 
-
-def lock_key(view: MaterializedView) -> int:
-    """The view's 64-bit advisory-lock key: 64 bits of SHA-256 over the quoted schema and name, so
-    ``"a.b"."c"`` and ``"a"."b.c"`` differ and an accidental collision between views is negligible."""
-    quoted = ".".join('"' + part.replace('"', '""') + '"' for part in (view.schema, view.name))
-    digest = hashlib.sha256((LOCK_KEY_NAMESPACE + quoted).encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+#: The table, in each view's schema, that holds one row per view being applied, refreshed or deleted.
+LOCK_TABLE = "matview_view_locks"
 
 
-#: Hashed into every lock key, so our keys are ours.
-LOCK_KEY_NAMESPACE = "matview.dev/relation-lock:"
+def lock_key(view: MaterializedView) -> str:
+    """The view's row in the lock table: its quoted schema and name, so ``"a.b"."c"`` and ``"a"."b.c"``
+    differ."""
+    return ".".join('"' + part.replace('"', '""') + '"' for part in (view.schema, view.name))
+
+
+_LOCK_TABLE_STATE = sql.SQL("""
+SELECT c.relkind = 'r' AND (c.relowner = r.oid OR o.rolsuper)
+       AND has_table_privilege(c.oid, 'SELECT, INSERT, UPDATE, DELETE'),
+       o.rolname
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_roles o ON o.oid = c.relowner
+JOIN pg_roles r ON r.rolname = current_user
+WHERE n.nspname = %s AND c.relname = %s
+""")
+_CREATE_LOCK_TABLE = sql.SQL(
+    # UNLOGGED: a lock is only worth anything while its holder's session lives, which no crash survives.
+    "CREATE UNLOGGED TABLE IF NOT EXISTS {} (relation text PRIMARY KEY, pid int NOT NULL, "
+    "backend_start timestamptz NOT NULL, taken_at timestamptz NOT NULL DEFAULT clock_timestamp())"
+)
+_TAKE = sql.SQL("""
+INSERT INTO {table} AS held (relation, pid, backend_start)
+SELECT %(key)s, a.pid, a.backend_start FROM pg_stat_activity a WHERE a.pid = pg_backend_pid()
+ON CONFLICT (relation) DO UPDATE SET pid = excluded.pid, backend_start = excluded.backend_start,
+                                     taken_at = clock_timestamp()
+WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                  WHERE a.pid = held.pid AND (a.backend_start = held.backend_start OR a.backend_start IS NULL))
+RETURNING 1
+""")
+_RELEASE = sql.SQL("DELETE FROM {} WHERE relation = %s AND pid = pg_backend_pid()")
+
+
+def _lock_table(conn: Connection, view: MaterializedView) -> sql.Identifier | None:
+    """The schema's lock table, created on first use; None when the schema does not exist (yet)."""
+    table = sql.Identifier(view.schema, LOCK_TABLE)
+    for _ in range(2):
+        row = conn.execute(_LOCK_TABLE_STATE, (view.schema, LOCK_TABLE)).fetchone()
+        if row is not None:
+            if not row[0]:
+                raise UnmanagedObjectError(
+                    f"{view.schema}.{LOCK_TABLE} is owned by role {row[1]!r}, which is neither this role nor a "
+                    "superuser, or this role may not write it: no view in the schema can be locked until a DBA "
+                    "drops it (the engine re-creates it) or grants this role SELECT, INSERT, UPDATE, DELETE on it"
+                )
+            return table
+        try:
+            conn.execute(_CREATE_LOCK_TABLE.format(table))
+        except psycopg.errors.InvalidSchemaName:
+            return None
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise MatviewError(
+                f"{view.relation}: the operator's role needs CREATE on schema {view.schema} for the views' lock "
+                f"table {view.schema}.{LOCK_TABLE} (or a DBA creates it: see docs/operations.md, Locking)"
+            ) from exc
+        except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
+            continue  # another process created it at the same moment
+    return table
 
 
 @contextlib.contextmanager
 def view_lock(conn: Connection, view: MaterializedView) -> Iterator[None]:
-    """Hold the view's session advisory lock for a whole apply, delete or refresh, or raise BusyError at once.
+    """Hold the view's lock for a whole apply, delete or refresh, or raise BusyError at once.
 
     One lock for everything that changes a view, held across all of its steps (a Swap's build, swap and
-    retire included), so a second process can never start between two steps of the first. It is a
-    session lock, so PgBouncer must run in session mode; pooled sessions are reset (DISCARD ALL) when
-    they return to the pool, which also releases it should a crash skip the unlock.
+    retire included), so a second process can never start between two steps of the first. It is a row in
+    ``<schema>.matview_view_locks``, a table only the operator's role may write: a session advisory lock
+    would need no privilege at all, so any database user (or a view's own query) could take another view's
+    key and keep it busy for as long as it liked. The row names the holding backend (pid and start time); it
+    is released at the end, and a holder whose session has ended, however it ended, holds nothing.
     """
     key = lock_key(view)
-    row = conn.execute(sql.SQL("SELECT pg_try_advisory_lock(%s::bigint)"), (key,)).fetchone()
-    if not row or not row[0]:
-        raise BusyError(f"{view.relation}: another process is applying or refreshing this view right now")
+    table = _lock_table(conn, view)
+    if table is not None:
+        row = conn.execute(_TAKE.format(table=table), {"key": key}).fetchone()
+        if row is None:
+            raise BusyError(f"{view.relation}: another process is applying or refreshing this view right now")
     try:
         with contextlib.suppress(psycopg.Error), conn.transaction():  # PostgreSQL 13 and older lack it
             conn.execute(
@@ -118,8 +170,9 @@ def view_lock(conn: Connection, view: MaterializedView) -> Iterator[None]:
             )
         yield
     finally:
-        with contextlib.suppress(psycopg.Error):
-            conn.execute(sql.SQL("SELECT pg_advisory_unlock(%s::bigint)"), (key,))
+        if table is not None:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute(_RELEASE.format(table), (key,))
 
 
 def _run_step(conn: Connection, step: Step, settings: ExecutionSettings, view: MaterializedView) -> None:

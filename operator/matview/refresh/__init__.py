@@ -10,7 +10,7 @@ Modes (``spec.refresh.mode``): Concurrent (``REFRESH ... CONCURRENTLY``: readers
 (build a copy with its indexes, rename it in: readers wait only for the rename), Full (plain ``REFRESH``:
 blocks readers), Auto (a non-blocking mode chosen from durations measured on this view).
 
-Safety: one session advisory lock per view covers the whole refresh, across processes and replicas
+Safety: one lock per view (a row only the operator may write) covers the whole refresh, across processes and replicas
 (``executor.view_lock``); ``statement_timeout`` and ``lock_timeout`` on every step, with retries for steps
 that wait for ACCESS EXCLUSIVE; a failed or timed-out refresh leaves the old data readable.
 """
