@@ -386,3 +386,20 @@ def test_a_query_the_key_filter_cannot_rewrite_is_refused_and_verify_does_not_sa
         result = verify.compare(operator, qualified, engine.settings_for(qualified))
         assert not result.matches and "cannot verify" in result.inconclusive, result
         assert verify.compare(operator, incremental(), engine.settings_for(qualified)).matches
+
+
+def test_a_decoy_trigger_with_the_capture_triggers_name_is_refused_naming_it(conn: Connection, roles: Roles) -> None:
+    mv = incremental()
+    decoy = capture.trigger_names(mv)["UPDATE"]
+    conn.execute(
+        "CREATE FUNCTION public.decoy() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN INSERT INTO public.ran VALUES (current_user, 'decoy'); RETURN NULL; END $$"
+    )
+    conn.execute(f"CREATE TRIGGER {decoy} AFTER UPDATE ON app.src FOR EACH STATEMENT EXECUTE FUNCTION public.decoy()")
+    errors = _refused(roles, mv)
+    message = errors.get("spec.incremental.sources[0].table", "")
+    assert f"trigger {decoy} calls public.decoy" in message and "drop or rename it" in message, errors
+    assert conn.execute("SELECT to_regclass('reports.inc')").fetchone() == (None,)
+    conn.execute(f"DROP TRIGGER {decoy} ON app.src")
+    with engine.connect(roles.login("operator")) as operator:
+        assert engine.apply(operator, mv).built

@@ -92,6 +92,8 @@ class CaptureState:
     function_body: str = ""
     function_shape_ok: bool = False
     """SECURITY DEFINER, no SET clause, PL/pgSQL, returns trigger: as the engine creates it."""
+    triggers_in_the_way: dict[tuple[str, str], str] = field(default_factory=dict)
+    """(schema, table) → a trigger there with one of this view's trigger names that calls another function."""
 
     def function_intact(self, view: MaterializedView) -> bool:
         """The capture function is exactly the one the engine writes (a member of its owner's role could

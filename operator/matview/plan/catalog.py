@@ -676,6 +676,15 @@ JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace pn ON pn.oid = p.pronamespa
 WHERE left(t.tgname, length(%(prefix)s)) = %(prefix)s AND pn.nspname = %(schema)s AND p.proname = %(function)s
 """)
 
+#: Triggers named like this view's capture triggers that call something else (decoys, or a DBA's own).
+_TRIGGERS_IN_THE_WAY = sql.SQL("""
+SELECT n.nspname, c.relname, t.tgname, pn.nspname || '.' || p.proname
+FROM pg_trigger t
+JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace pn ON pn.oid = p.pronamespace
+WHERE t.tgname = ANY(%(names)s) AND NOT (pn.nspname = %(schema)s AND p.proname = %(function)s)
+""")
+
 _CAPTURE_FUNCTION = sql.SQL("""
 SELECT obj_description(p.oid, 'pg_proc'), pg_get_userbyid(p.proowner),
        p.prosrc, p.prosecdef AND p.proconfig IS NULL AND l.lanname = 'plpgsql' AND p.prorettype = 'trigger'::regtype
@@ -696,6 +705,12 @@ def read_capture(conn: Connection, view: MaterializedView) -> capture.CaptureSta
     }
     for schema, table, name, enabled in conn.execute(_CAPTURE_TRIGGERS, parameters):
         triggers.setdefault((str(schema), str(table)), {})[str(name)] = bool(enabled)
+    in_the_way = {
+        (str(schema), str(table)): f"trigger {name} calls {function}"
+        for schema, table, name, function in conn.execute(
+            _TRIGGERS_IN_THE_WAY, {**parameters, "names": list(capture.trigger_names(view).values())}
+        )
+    }
     changes = _relation(log) if log else None
     return capture.CaptureState(
         changes=changes.marker if changes else None,
@@ -708,4 +723,5 @@ def read_capture(conn: Connection, view: MaterializedView) -> capture.CaptureSta
         function_owner=str(function[1]) if function else "",
         function_body=str(function[2]) if function else "",
         function_shape_ok=bool(function[3]) if function else False,
+        triggers_in_the_way=in_the_way,
     )

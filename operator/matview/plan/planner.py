@@ -390,6 +390,15 @@ def _check_incremental(view: MaterializedView, observed: Observed) -> list[Field
                 )
             )
             continue
+        in_the_way = observed.capture.triggers_in_the_way.get(source.relation) if observed.capture else None
+        if in_the_way:
+            errors.append(
+                FieldError(
+                    f"{where}.table",
+                    f"{label} already has a {in_the_way}, not this view's capture function: the engine never "
+                    "drops a trigger it did not make; drop or rename it",
+                )
+            )
         for j, column in enumerate(source.columns):
             if column not in table.columns:
                 errors.append(FieldError(f"{where}.columns[{j}]", f"column {column!r} does not exist in {label}"))
