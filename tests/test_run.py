@@ -114,3 +114,64 @@ def test_run_refreshes_on_schedule_reloads_and_stops_on_sigterm(dsn: str, tmp_pa
     assert process.returncode == 0, output
     assert "refresh start: relation=public.sales_by_region" in output
     assert "refresh end: relation=public.sales_by_region" in output and "result=success" in output
+
+
+def test_run_repairs_a_capture_trigger_dropped_while_it_runs(dsn: str, tmp_path: Path) -> None:
+    """A drift check in `matview run` re-applies each view: a dropped capture trigger comes back, and the
+    writes made while it was missing reach the view through the full rebuild the repair requests."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE public.events (k int NOT NULL, v int NOT NULL);"
+            "INSERT INTO public.events SELECT g % 5, g FROM generate_series(1, 50) g"
+        )
+    spec = tmp_path / "events.yaml"
+    body = {
+        "storage": "Table",
+        "query": "SELECT k, sum(v) AS total FROM public.events GROUP BY k",
+        "indexes": [{"columns": ["k"], "unique": True}],
+        "incremental": {"keyColumns": ["k"], "sources": [{"table": "public.events", "columns": ["k"]}]},
+        "refresh": {"interval": "1s"},
+    }
+    spec.write_text(to_yaml(document("event-totals", "shop", **body)))
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "matview.cli",
+            "run",
+            "--dsn",
+            dsn,
+            "--metrics-port",
+            "0",
+            "--drift-check-seconds",
+            "1",
+            str(spec),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    triggers = "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.events'::regclass AND NOT tgisinternal"
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            wait_for(lambda: conn.execute(triggers).fetchone() == (4,), "capture installed")
+            name = conn.execute(
+                "SELECT tgname FROM pg_trigger WHERE tgrelid = 'public.events'::regclass AND tgname LIKE '%%_u'"
+            ).fetchone()
+            assert name is not None
+            conn.execute(f'DROP TRIGGER "{name[0]}" ON public.events')
+            conn.execute("UPDATE public.events SET v = v + 100 WHERE k = 2")  # not captured: no trigger
+            wait_for(lambda: conn.execute(triggers).fetchone() == (4,), "the trigger repaired by a drift check")
+            expected = conn.execute("SELECT sum(v) FROM public.events WHERE k = 2").fetchone()
+            wait_for(
+                lambda: conn.execute("SELECT total FROM public.event_totals WHERE k = 2").fetchone() == expected,
+                "the missed write in the view (a full rebuild after the repair)",
+            )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    assert "drift check repaired" in output, output[-3000:]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from matview.k8s.scheduler import spread_offset
 from matview.k8s.sharding import jump_hash, owns, shard_of
+from matview.refresh.schedule import spread_offset
 
 NAMES = [(f"team-{i % 37}", f"view-{i}") for i in range(20_000)]
 

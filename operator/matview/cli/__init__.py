@@ -317,6 +317,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         RunnerSettings(
             max_concurrent_per_database=args.max_concurrent,
             retry_seconds=args.retry_seconds,
+            drift_check_seconds=args.drift_check_seconds,
             apply_policy=_policy(args),
         ),
     )
@@ -572,6 +573,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=RunnerSettings.retry_seconds,
         help="first wait after a failed apply or refresh; doubles per failure up to the view's period",
+    )
+    run.add_argument(
+        "--drift-check-seconds",
+        type=float,
+        default=RunnerSettings.drift_check_seconds,
+        help="how often each view is re-applied to repair hand-made changes (dropped triggers, indexes)",
     )
     op = command("operator", cmd_operator, "run the Kubernetes operator (wraps kopf)", files=False, database=False)
     scope = op.add_mutually_exclusive_group()

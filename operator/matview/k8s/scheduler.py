@@ -25,7 +25,6 @@ import copy
 import dataclasses
 import datetime as dt
 import functools
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -52,12 +51,6 @@ MAX_SLEEP_SECONDS = 5.0
 def view_key(body: Mapping[str, Any]) -> str:
     metadata = body.get("metadata") or {}
     return f"{metadata.get('namespace', '')}/{metadata.get('name', '')}"
-
-
-def spread_offset(key: str, period: float) -> float:
-    """A stable offset in [0, period): drift checks of many views land evenly over the period."""
-    fraction = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0x1_0000_0000
-    return fraction * period
 
 
 def is_reconciled(body: Mapping[str, Any]) -> bool:
@@ -228,7 +221,7 @@ class ViewScheduler:
             track = schedule.Track(last_success=seen, handled_request=status.get("lastHandledRefreshRequest"))
             watched = self._views[key] = _Watched(plain, track)
             period = self.ctx.config.drift_check_seconds
-            self._set(self._drift_due, key, self.clock() + spread_offset(key, period))
+            self._set(self._drift_due, key, self.clock() + schedule.spread_offset(key, period))
         else:
             watched.body = plain
             if seen is not None and (watched.track.last_success is None or seen > watched.track.last_success):

@@ -54,6 +54,9 @@ class RunnerSettings:
     """First delay before retrying a failed refresh; doubled per failure, capped by the view's period."""
     reload_seconds: float = 2.0
     """How often ``matview run`` looks for changed files."""
+    drift_check_seconds: float = 300.0
+    """How often ``matview run`` re-applies each view to repair hand-made changes (a dropped capture trigger,
+    a replaced capture function, a dropped index); spread evenly over the period."""
     apply_policy: engine.ApplyPolicy = field(default_factory=engine.ApplyPolicy)
     """What applies made by this runner accept (superuser runAsRole)."""
     max_concurrent_applies_per_database: int = 4
@@ -242,6 +245,8 @@ class _Entry:
     """The spec last applied successfully; refreshes wait until it equals view."""
     upstream: set[str] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
+    drift_check_at: dt.datetime | None = None
+    """When the applied view is next re-applied to repair hand-made changes (a drift check)."""
 
     @property
     def busy(self) -> bool:
@@ -334,29 +339,45 @@ class Scheduler:
     async def _apply_entry(self, entry: _Entry) -> None:
         view = entry.view
 
-        def work(conn: Connection) -> schedule.Track:
+        def work(conn: Connection) -> tuple[schedule.Track, engine.ApplyResult]:
             result = engine.apply(conn, view, policy=self.refresher.settings.apply_policy)
             for warning in result.plan.warnings:
                 logger.warning("%s: %s", view.relation, warning)
             if result.built:
                 record_build(conn, view)
-            return replace(entry.track, last_success=read_state(conn, view).last_success, failures=0, hold_until=None)
+            track = replace(entry.track, last_success=read_state(conn, view).last_success, failures=0, hold_until=None)
+            return track, result
 
         now = self.clock()
+        drift_check = entry.applied == view
         try:
-            entry.track = await self.refresher.run_sync(self.dsn, work)
+            entry.track, applied = await self.refresher.run_sync(self.dsn, work)
         except engine.BusyError:  # another process is applying or refreshing it: not a failure, look again soon
             retry = dt.timedelta(seconds=self.refresher.settings.retry_seconds)
+            if drift_check:  # the view is applied: its refreshes go on; only the check waits
+                entry.drift_check_at = now + retry
+                return
             entry.track = replace(entry.track, hold_until=now + retry)
             logger.info("%s: busy in another process; applying later", view.relation)
             return
         except Exception as exc:  # every other failure is retried with backoff and counted
+            if drift_check:
+                entry.drift_check_at = now + dt.timedelta(seconds=self.refresher.settings.retry_seconds)
+                self.refresher.record_failure(view, "drift check failed", exc, now)
+                logger.error("%s: drift check failed (%s)", view.relation, classify(exc))
+                return
             entry.track = schedule.after(view, entry.track, "failure", now, self.refresher.settings.retry_seconds)
             self.refresher.record_failure(view, "apply failed", exc, now)
             delay = (entry.track.hold_until - now).total_seconds() if entry.track.hold_until else 0
             logger.error("%s: apply failed (%s); next attempt in %.0fs", view.relation, classify(exc), delay)
             return
         entry.applied = view
+        period = self.refresher.settings.drift_check_seconds
+        first = entry.drift_check_at is None  # spread the first checks; later ones keep their phase
+        offset = schedule.spread_offset(view.owner, period) if first else period
+        entry.drift_check_at = now + dt.timedelta(seconds=offset or period)
+        if drift_check and applied.changed:
+            logger.warning("%s: drift check repaired: %s", view.relation, "; ".join(applied.plan.reasons))
         last = entry.track.last_success
         self.refresher.metrics.track(view, last.timestamp() if last else None)
 
@@ -391,6 +412,8 @@ class Scheduler:
         if entry.applied != entry.view:
             hold = entry.track.hold_until
             return "apply" if hold is None or hold <= now else None
+        if entry.drift_check_at is not None and entry.drift_check_at <= now:
+            return "apply"
         return "refresh" if schedule.wanted_now(entry.view, entry.track, now) else None
 
     async def start_due(self) -> list[asyncio.Task[None]]:
@@ -447,5 +470,7 @@ class Scheduler:
             )
             if at is not None:
                 upcoming.append(at)
+            if entry.drift_check_at is not None:
+                upcoming.append(entry.drift_check_at)
         until = min(((t - now).total_seconds() for t in upcoming), default=60.0)
         return max(0.05, min(until, self.refresher.settings.reload_seconds))

@@ -29,10 +29,19 @@ def _zone(spec: RefreshSpec) -> dt.tzinfo:
     return zoneinfo.ZoneInfo(spec.time_zone) if spec.time_zone else dt.UTC
 
 
+def stable_fraction(key: str) -> float:
+    """A number in [0, 1) that depends only on key: the same in every process, replica and restart."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0x1_0000_0000
+
+
 def jitter_seconds(view_owner: str, interval_seconds: float) -> float:
     """A stable per-view offset in [0, min(10% of interval, 30 s))."""
-    fraction = int(hashlib.sha256(view_owner.encode()).hexdigest()[:8], 16) / 0x1_0000_0000
-    return fraction * min(interval_seconds * MAX_JITTER_FRACTION, MAX_JITTER_SECONDS)
+    return stable_fraction(view_owner) * min(interval_seconds * MAX_JITTER_FRACTION, MAX_JITTER_SECONDS)
+
+
+def spread_offset(key: str, period: float) -> float:
+    """A stable offset in [0, period): drift checks of many views land evenly over the period."""
+    return stable_fraction(key) * period
 
 
 def target_lag_check_seconds(target_lag_seconds: float) -> float:
