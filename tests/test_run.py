@@ -30,6 +30,19 @@ def wait_for(condition: Callable[[], bool], what: str, seconds: float = 60) -> N
     raise AssertionError(f"gave up waiting for {what}")
 
 
+def start_run(dsn: str, *arguments: str) -> subprocess.Popen[str]:
+    """`matview run --dsn DSN ARGUMENTS…` as a user starts it (no DATABASE_URL from the test's environment)."""
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "matview.cli", "run", "--dsn", dsn, *arguments],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+
+
 def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     try:
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -66,27 +79,7 @@ def test_run_refreshes_on_schedule_reloads_and_stops_on_sigterm(dsn: str, tmp_pa
     }
     spec.write_text(to_yaml(document("sales-by-region", "shop", **body)))
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "matview.cli",
-            "run",
-            "--dsn",
-            dsn,
-            "--metrics-port",
-            str(port),
-            "--metrics-address",
-            "127.0.0.1",
-            str(specs),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=ROOT,
-        env=env,
-    )
+    process = start_run(dsn, "--metrics-port", str(port), "--metrics-address", "127.0.0.1", str(specs))
     try:
         wait_for(lambda: successes(port) >= 2, "two scheduled refreshes")
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -133,27 +126,7 @@ def test_run_repairs_a_capture_trigger_dropped_while_it_runs(dsn: str, tmp_path:
         "refresh": {"interval": "1s"},
     }
     spec.write_text(to_yaml(document("event-totals", "shop", **body)))
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "matview.cli",
-            "run",
-            "--dsn",
-            dsn,
-            "--metrics-port",
-            "0",
-            "--drift-check-seconds",
-            "1",
-            str(spec),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=ROOT,
-        env=env,
-    )
+    process = start_run(dsn, "--metrics-port", "0", "--drift-check-seconds", "1", str(spec))
     triggers = "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.events'::regclass AND NOT tgisinternal"
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
