@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from psycopg import sql
 
-from matview.fallback import RelationChooser
+from matview.client import RelationChooser
 from matview.plan import engine
 from matview.plan.catalog import Connection
 from tests.helpers import view

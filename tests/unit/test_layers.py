@@ -17,6 +17,7 @@ ALLOWED = {
     "observe": {"api", "refresh"},  # metrics read the schedule's period and the result shape
     "k8s": {"api", "plan", "refresh", "observe"},
     "embedded": set(),
+    "client": set(),  # for applications: psycopg only (test_the_client_loads_psycopg_and_nothing_of_the_operator)
 }
 
 
@@ -43,3 +44,19 @@ def test_the_operator_needs_neither_the_demo_nor_the_embedded_server() -> None:
     for place in ("k8s", "refresh", "plan", "api", "observe"):
         for file in (PACKAGE / place).rglob("*.py"):
             assert not imported_places(file) & {"demo", "embedded", "cli"}, file
+
+
+def test_the_client_loads_psycopg_and_nothing_of_the_operator() -> None:
+    """What an application gets with ``from matview import client``: no kopf, no Kubernetes client, no
+    pglast, no YAML, no Prometheus client, no engine."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from matview import client; "
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('kopf', 'kubernetes', 'pglast', 'yaml', 'prometheus_client', 'psycopg_pool', 'cronsim') "
+        "or (m.startswith('matview.') and not m.startswith('matview.client')))))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "", done.stdout

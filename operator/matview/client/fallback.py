@@ -21,9 +21,13 @@ from collections.abc import Callable
 import psycopg
 from psycopg import sql
 
+#: Runs under the application's search_path: every name qualified, every comparison pg_catalog's.
 _POPULATED = sql.SQL(
-    "SELECT c.relispopulated FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-    "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('m', 'r')"
+    "SELECT c.relispopulated FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+    "ON n.oid OPERATOR(pg_catalog.=) c.relnamespace "
+    "WHERE n.nspname OPERATOR(pg_catalog.=) %s::pg_catalog.name "
+    "AND c.relname OPERATOR(pg_catalog.=) %s::pg_catalog.name "
+    "AND c.relkind OPERATOR(pg_catalog.=) ANY ('{m,r}'::pg_catalog.\"char\"[])"
 )
 
 
