@@ -214,23 +214,24 @@ def page(
     comparison = sql.SQL("OPERATOR(pg_catalog.<)" if going_down else "OPERATOR(pg_catalog.>)")
     direction = sql.SQL(" DESC" if going_down else "")
     conditions = [
-        sql.SQL("{} OPERATOR(pg_catalog.=) {}").format(sql.Identifier(column), sql.Placeholder()) for column in equal
+        sql.SQL("{} OPERATOR(pg_catalog.=) {}").format(sql.Identifier("r", column), sql.Placeholder())
+        for column in equal
     ]
     parameters: list[Any] = list(equal.values())
     if values is not None:
         conditions.append(
             sql.SQL("ROW({}) {} ROW({})").format(
-                sql.SQL(", ").join(sql.Identifier(c) for c in columns),
+                sql.SQL(", ").join(sql.Identifier("r", c) for c in columns),
                 comparison,
                 sql.SQL(", ").join(sql.Placeholder() for _ in columns),
             )
         )
         parameters += values
-    statement = sql.SQL("SELECT *, {} FROM {} {} ORDER BY {} LIMIT {}").format(
-        sql.SQL(", ").join(sql.SQL("CAST({} AS pg_catalog.text)").format(sql.Identifier(c)) for c in columns),
+    statement = sql.SQL("SELECT r.*, {} FROM {} AS r {} ORDER BY {} LIMIT {}").format(
+        sql.SQL(", ").join(sql.SQL("CAST({} AS pg_catalog.text)").format(sql.Identifier("r", c)) for c in columns),
         sql.Identifier(schema, name),
         sql.SQL("WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL(""),
-        sql.SQL(", ").join(sql.Identifier(c) + direction for c in columns),
+        sql.SQL(", ").join(sql.Identifier("r", c) + direction for c in columns),
         sql.Literal(limit + 1),
     )
     cur = conn.execute(statement, parameters)
@@ -241,12 +242,22 @@ def page(
     if backwards:
         fetched.reverse()
     boundaries = [row[width:] for row in fetched]
-    for boundary in boundaries:
-        if any(value is None for value in boundary):
-            raise OrderError(
-                f"an order column of {schema}.{name} holds NULL; keyset pages need order columns without NULLs "
-                "(coalesce them in the view's query, or order by others)"
-            )
+    # A row with a NULL order value sorts past every cursor and no comparison reaches it: say so, at the latest
+    # when a walk reaches its end, rather than leave it out of every page.
+    nulls = any(value is None for boundary in boundaries for value in boundary)
+    if not nulls and not more:
+        any_null = sql.SQL("SELECT EXISTS (SELECT 1 FROM {} AS r WHERE {}({}))").format(
+            sql.Identifier(schema, name),
+            sql.SQL("").join(condition + sql.SQL(" AND ") for condition in conditions[: len(equal)]),
+            sql.SQL(" OR ").join(sql.SQL("{} IS NULL").format(sql.Identifier("r", c)) for c in columns),
+        )
+        found = conn.execute(any_null, list(equal.values())).fetchone()
+        nulls = bool(found and found[0])
+    if nulls:
+        raise OrderError(
+            f"an order column of {schema}.{name} holds NULL; keyset pages need order columns without NULLs "
+            "(coalesce them in the view's query, or order by others)"
+        )
     rows = [tuple(row[:width]) for row in fetched]
 
     def cursor_at(index: int) -> str:
