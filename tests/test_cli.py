@@ -194,3 +194,48 @@ def test_help_has_no_markup_and_shows_defaults() -> None:
     assert shown.returncode == 0
     assert "``" not in shown.stdout and "(default: 9808)" in shown.stdout
     assert "``" not in matview("--help").stdout
+
+
+def test_matview_page_walks_a_view_and_plan_says_when_no_index_allows_it(dsn: str, tmp_path: Path) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.items (id int PRIMARY KEY, tag text NOT NULL)")
+        conn.execute("INSERT INTO public.items SELECT g, 't' || (g % 2) FROM generate_series(1, 25) g")
+    spec = tmp_path / "items.yaml"
+    spec.write_text(
+        to_yaml(
+            document(
+                "items",
+                "shop",
+                schema="public",
+                name="item_view",
+                query="SELECT id, tag FROM public.items",
+                indexes=[{"columns": ["id"], "unique": True}],
+            )
+        )
+    )
+    assert matview("apply", "--dsn", dsn, str(spec)).returncode == 0
+    seen: list[int] = []
+    cursor: str | None = None
+    while True:
+        extra = ["--after", cursor] if cursor else []
+        done = matview(
+            "page", "--dsn", dsn, "--order", "id", "--limit", "10", "--equal", "tag=t1", "--json", *extra, str(spec)
+        )
+        assert done.returncode == 0, done.stderr
+        [result] = json.loads(done.stdout)
+        seen += [row[0] for row in result["rows"]]
+        cursor = result["next"]
+        if cursor is None:
+            break
+    assert seen == list(range(1, 26, 2))
+    refused = matview("page", "--dsn", dsn, "--order", "tag", str(spec))
+    assert refused.returncode == 2 and "--order: order (tag)" in refused.stderr, refused.stderr
+    garbled = matview("page", "--dsn", dsn, "--order", "id", "--after", "nonsense", str(spec))
+    assert garbled.returncode == 2 and "--after/--before" in garbled.stderr
+    no_unique = tmp_path / "plain.yaml"
+    no_unique.write_text(
+        to_yaml(document("plain", "shop", schema="public", name="plain_view", query="SELECT id, tag FROM public.items"))
+    )
+    planned = matview("plan", "--dsn", dsn, str(no_unique))
+    assert "keyset pages" in planned.stdout, planned.stdout
+    assert "keyset pages" not in matview("plan", "--dsn", dsn, str(spec)).stdout

@@ -144,6 +144,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from matview.plan import planner
+
     batch = _Batch(args.files)
     results = []
     with engine.connect(_database_url(args)) as conn:
@@ -156,7 +158,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     "relation": view.relation,
                     "file": file,
                     "reasons": list(current.reasons),
-                    "warnings": list(current.warnings),
+                    "warnings": [*current.warnings, *planner.reading_warnings(view)],
                     "steps": [
                         {
                             "description": s.description,
@@ -288,6 +290,75 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     code = batch.finish(args, results, human)
     return code or (EXIT_FAILED if any(r["matches"] is False for r in results) else EXIT_OK)
+
+
+def cmd_page(args: argparse.Namespace) -> int:
+    """One keyset page of each view named, as an application reads it with matview.client.page."""
+    from matview import client
+
+    batch = _Batch(args.files)
+    equal = {}
+    for item in args.equal or []:
+        column, separator, value = item.partition("=")
+        if not separator or not column:
+            print(f"error: --equal {item!r}: write COLUMN=VALUE", file=sys.stderr)
+            return EXIT_INVALID
+        equal[column] = value
+    order = [part for part in args.order.split(",") if part.strip()]
+    results: list[dict[str, Any]] = []
+    with engine.connect(_database_url(args)) as conn:
+        for view, file in batch.views:
+            try:
+                found = client.page(
+                    conn,
+                    (view.schema, view.name),
+                    order,
+                    limit=args.limit,
+                    after=args.after,
+                    before=args.before,
+                    equal=equal,
+                )
+            except (client.OrderError, client.CursorError) as exc:
+                batch.problems.append(
+                    {
+                        "file": file,
+                        "resource": view.owner,
+                        "error": {
+                            "kind": "invalid",
+                            "problems": [
+                                {
+                                    "field": "--after/--before" if isinstance(exc, client.CursorError) else "--order",
+                                    "message": str(exc),
+                                }
+                            ],
+                        },
+                    }
+                )
+                continue
+            results.append(
+                {
+                    "relation": view.relation,
+                    "file": file,
+                    "columns": list(found.columns),
+                    "rows": [[_jsonable(value) for value in row] for row in found.rows],
+                    "next": found.next,
+                    "previous": found.previous,
+                }
+            )
+
+    def human(r: dict[str, Any]) -> str:
+        lines = ["\t".join(r["columns"])] + ["\t".join("" if v is None else str(v) for v in row) for row in r["rows"]]
+        lines.append(
+            f"-- {len(r['rows'])} row(s); next: {r['next'] or '(last page)'}; previous: "
+            f"{r['previous'] or '(first page)'}"
+        )
+        return "\n".join(lines)
+
+    return batch.finish(args, results, human)
+
+
+def _jsonable(value: Any) -> Any:
+    return value if value is None or isinstance(value, bool | int | float | str) else str(value)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -558,6 +629,13 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_verify,
         "compare an incremental view's stored rows with a full recompute of its query (exit 1 on a mismatch)",
     )
+    pager = command("page", cmd_page, "print one keyset page of a view, as matview.client.page reads it")
+    pager.add_argument("--order", required=True, help="comma-separated columns (a unique index must cover them)")
+    pager.add_argument("--limit", type=int, default=100, help="rows per page")
+    where = pager.add_mutually_exclusive_group()
+    where.add_argument("--after", help="the next cursor a previous page printed")
+    where.add_argument("--before", help="the previous cursor a page printed")
+    pager.add_argument("--equal", action="append", metavar="COLUMN=VALUE", help="only rows with this value")
     run = command("run", cmd_run, "apply, then keep views refreshed on schedule with /metrics", files=False)
     run.add_argument("paths", nargs="+", metavar="FILE|DIR", help="YAML files or directories of them")
     run.add_argument("--metrics-port", type=int, default=9808, help="0 disables the metrics server")

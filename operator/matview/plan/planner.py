@@ -165,6 +165,16 @@ def _not_ours(what: str, marker: Marker | None, owner: str = "") -> str:
     return f"{what} exists and is not managed by this resource ({whose})"
 
 
+def reading_warnings(view: MaterializedView) -> list[str]:
+    """What `matview plan` tells about how applications can read the view (not a reason to change anything)."""
+    if any(index.unique and index.where is None for index in view.indexes):
+        return []
+    return [
+        "no unique index without a WHERE: keyset pages (matview.client.page, matview page) need one that their "
+        "order covers; declare `indexes: [{columns: [<key>], unique: true}]`"
+    ]
+
+
 def trusted_owners(view: MaterializedView, observed: Observed) -> frozenset[str]:
     """The roles whose objects may carry this resource's markers: the operator's role, and spec.runAsRole,
     which owns the view it builds. A marker is a comment, which whoever owns an object can write: on an
