@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from matview.plan.catalog import Connection
 from matview.plan.executor import LOCK_TABLE
+from matview.plan.versions import VERSIONS_TABLE
 
 SYSTEM = "('pg_catalog', 'information_schema', 'pg_toast')"
 
 
 def relations(conn: Connection) -> set[tuple[str, str, str]]:
-    """(schema, name, relkind) of every user relation, indexes included, but not the schema's lock table
-    (and its key), which the first lock of any view in the schema creates for all of them."""
+    """(schema, name, relkind) of every user relation, indexes included, but not the schema's lock and data
+    versions tables (and their keys), which the first lock of any view in the schema creates for all of them."""
     rows = conn.execute(
         "SELECT n.nspname, c.relname, c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         f"WHERE n.nspname NOT IN {SYSTEM} AND n.nspname NOT LIKE 'pg_temp%%' AND n.nspname NOT LIKE 'pg_toast%%' "
-        "AND c.relname NOT IN (%s, %s)",
-        (LOCK_TABLE, LOCK_TABLE + "_pkey"),
+        "AND c.relname NOT IN (%s, %s, %s, %s)",
+        (LOCK_TABLE, LOCK_TABLE + "_pkey", VERSIONS_TABLE, VERSIONS_TABLE + "_pkey"),
     ).fetchall()
     return {(str(a), str(b), str(c)) for a, b, c in rows}
 

@@ -245,9 +245,15 @@ async def test_a_100_kib_query_works_and_annotations_stay_small(cluster: Cluster
     assert len(big) > 100 * 1024
     await cluster.create_view("sales-by-region", spec(query=big))
     await eventually(lambda: exists(dsn), "the view")
-    view = await cluster.get_view("sales-by-region")
-    assert view is not None
-    annotations = view["metadata"].get("annotations", {})
+
+    async def handled() -> dict[str, str] | None:
+        """The annotations once kopf has recorded the handled configuration (it writes it after the create
+        handler returns, so after the view exists in the database)."""
+        view = await cluster.get_view("sales-by-region")
+        annotations: dict[str, str] = ((view or {}).get("metadata") or {}).get("annotations") or {}
+        return annotations if "matview.dev/last-handled-configuration" in annotations else None
+
+    annotations = await eventually(handled, "kopf's record of the handled configuration")
     assert sum(len(k) + len(v) for k, v in annotations.items()) < 4096
     assert "sha256:" in annotations["matview.dev/last-handled-configuration"]
 

@@ -6,6 +6,7 @@ import pytest
 
 from matview.api.spec import MaterializedView
 from matview.errors import DependentObjectsError, SpecError, UnmanagedObjectError
+from matview.plan import versions
 from matview.plan.catalog import DependentView, IndexState, Observed, RelationState, TableState
 from matview.plan.engine import render
 from matview.plan.marker import Marker
@@ -66,7 +67,10 @@ def test_create_is_one_transaction_with_indexes_marker_and_grants() -> None:
         f'COMMENT ON MATERIALIZED VIEW "ops"."driver_matrix" IS \'{marker(v, "view", v.query.digest)}\'',
         'ANALYZE "ops"."driver_matrix"',
         'GRANT SELECT ON "ops"."driver_matrix" TO "app"',
+        *(statement.as_string(None) for statement in versions.bump_statements(v, "Create")),
     ]
+    bump = render(plan)[-1]
+    assert 'INSERT INTO "ops"."matview_versions"' in bump and "pg_catalog.pg_notify('matview_changes'" in bump
 
 
 def test_matching_state_gives_an_empty_plan() -> None:

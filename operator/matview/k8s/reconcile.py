@@ -40,6 +40,7 @@ class Outcome:
     built: bool = False
     rows: int | None = None
     size_bytes: int | None = None
+    data_version: int | None = None
 
 
 def status_after(status: dict[str, Any], outcome: Outcome, generation: int | None, now: dt.datetime) -> dict[str, Any]:
@@ -84,6 +85,8 @@ def status_after(status: dict[str, Any], outcome: Outcome, generation: int | Non
         status["rows"] = outcome.rows
     if outcome.size_bytes is not None:
         status["sizeBytes"] = outcome.size_bytes
+    if outcome.data_version is not None:
+        status["dataVersion"] = outcome.data_version
     return status
 
 
@@ -163,6 +166,7 @@ async def _outcome(ctx: OperatorContext, body: Mapping[str, Any], logger: loggin
         built=result.built,
         rows=size.rows,
         size_bytes=size.total_bytes,
+        data_version=size.data_version,
     )
 
 

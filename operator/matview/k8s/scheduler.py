@@ -90,6 +90,8 @@ def refresh_status(
         status["lastSuccessfulRefreshTime"] = conditions.timestamp(result.completed_at)
     if result.rows is not None:
         status["rows"] = result.rows
+    if result.data_version is not None:
+        status["dataVersion"] = result.data_version
     if result.table_bytes is not None and result.index_bytes is not None:
         status["sizeBytes"] = result.table_bytes + result.index_bytes
     if handled_request is not None:

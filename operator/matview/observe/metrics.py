@@ -87,6 +87,12 @@ class RefreshMetrics:
         self.populated = Gauge(
             "matview_populated", "1 when the materialized view holds data.", labels, registry=self.registry
         )
+        self.data_version = Gauge(
+            "matview_data_version",
+            "The view's data version: bumped, with one NOTIFY, by every refresh that made new data live.",
+            labels,
+            registry=self.registry,
+        )
         self.rows = Gauge(
             "matview_rows",
             "Rows in the materialized view (planner estimate, pg_class.reltuples).",
@@ -212,6 +218,8 @@ class RefreshMetrics:
             self.populated.labels(namespace, name).set(1 if result.populated else 0)
         if result.rows is not None:
             self.rows.labels(namespace, name).set(result.rows)
+        if result.data_version is not None:
+            self.data_version.labels(namespace, name).set(result.data_version)
         if result.table_bytes is not None:
             self.size.labels(namespace, name, "table").set(result.table_bytes)
         if result.index_bytes is not None:
@@ -261,6 +269,7 @@ class RefreshMetrics:
             self.in_progress,
             self.populated,
             self.rows,
+            self.data_version,
             self.size,
             self.staleness,
             self.target_lag,

@@ -22,7 +22,7 @@ from psycopg import sql
 from matview.api import sqltext
 from matview.api.spec import MaterializedView, RefreshSpec
 from matview.errors import ApplyError, MatviewError, UnmanagedObjectError
-from matview.plan import session
+from matview.plan import session, versions
 from matview.plan.catalog import Connection, become_query_role, pin_name_resolution
 from matview.plan.planner import Plan, Step
 
@@ -93,13 +93,16 @@ def lock_key(view: MaterializedView) -> str:
     return ".".join('"' + part.replace('"', '""') + '"' for part in (view.schema, view.name))
 
 
-_LOCK_TABLE_STATE = sql.SQL("""
-SELECT c.relkind = 'r' AND (c.relowner = r.oid OR o.rolsuper)
+#: The lock and versions tables of a schema: trusted when the operator's role (or a superuser) owns them and
+#: this role may use them; a look-alike made first by someone else is never written to.
+_SCHEMA_TABLES = sql.SQL("""
+SELECT c.relname::text,
+       c.relkind = 'r' AND (c.relowner = r.oid OR o.rolsuper)
        AND has_table_privilege(c.oid, 'SELECT, INSERT, UPDATE, DELETE'),
        o.rolname
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_roles o ON o.oid = c.relowner
 JOIN pg_roles r ON r.rolname = current_user
-WHERE n.nspname = %s AND c.relname = %s
+WHERE n.nspname = %s AND c.relname = ANY(%s)
 """)
 _CREATE_LOCK_TABLE = sql.SQL(
     # UNLOGGED: a lock is only worth anything while its holder's session lives, which no crash survives.
@@ -119,30 +122,38 @@ _RELEASE = sql.SQL("DELETE FROM {} WHERE relation = %s AND pid = pg_backend_pid(
 
 
 def _lock_table(conn: Connection, view: MaterializedView) -> sql.Identifier | None:
-    """The schema's lock table, created on first use; None when the schema does not exist (yet)."""
-    table = sql.Identifier(view.schema, LOCK_TABLE)
+    """The schema's lock table, created on first use with its data versions table (plan/versions.py); None
+    when the schema does not exist (yet)."""
+    names = [LOCK_TABLE, versions.VERSIONS_TABLE]
     for _ in range(2):
-        row = conn.execute(_LOCK_TABLE_STATE, (view.schema, LOCK_TABLE)).fetchone()
-        if row is not None:
-            if not row[0]:
+        found = {
+            str(name): (bool(ok), str(owner)) for name, ok, owner in conn.execute(_SCHEMA_TABLES, (view.schema, names))
+        }
+        for name, (ok, owner) in sorted(found.items()):
+            if not ok:
                 raise UnmanagedObjectError(
-                    f"{view.schema}.{LOCK_TABLE} is owned by role {row[1]!r}, which is neither this role nor a "
-                    "superuser, or this role may not write it: no view in the schema can be locked until a DBA "
+                    f"{view.schema}.{name} is owned by role {owner!r}, which is neither this role nor a "
+                    "superuser, or this role may not write it: no view in the schema can be refreshed until a DBA "
                     "drops it (the engine re-creates it) or grants this role SELECT, INSERT, UPDATE, DELETE on it"
                 )
-            return table
+        if len(found) == len(names):
+            return sql.Identifier(view.schema, LOCK_TABLE)
         try:
-            conn.execute(_CREATE_LOCK_TABLE.format(table))
+            with conn.transaction():
+                conn.execute(_CREATE_LOCK_TABLE.format(sql.Identifier(view.schema, LOCK_TABLE)))
+                for statement in versions.create_statements(view.schema):
+                    conn.execute(statement)
         except psycopg.errors.InvalidSchemaName:
             return None
         except psycopg.errors.InsufficientPrivilege as exc:
             raise MatviewError(
                 f"{view.relation}: the operator's role needs CREATE on schema {view.schema} for the views' lock "
-                f"table {view.schema}.{LOCK_TABLE} (or a DBA creates it: see docs/operations.md, Locking)"
+                f"and version tables ({LOCK_TABLE}, {versions.VERSIONS_TABLE}; or a DBA creates them: see "
+                "docs/operations.md, Locking)"
             ) from exc
         except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
-            continue  # another process created it at the same moment
-    return table
+            continue  # another process created them at the same moment
+    return sql.Identifier(view.schema, LOCK_TABLE)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from psycopg import sql
 from matview.api import sqltext
 from matview.api.spec import IndexSpec, MaterializedView, SupportingIndexSpec, truncate_utf8
 from matview.errors import DependentObjectsError, FieldError, SpecError, UnmanagedObjectError
-from matview.plan import capture
+from matview.plan import capture, versions
 from matview.plan.catalog import DependentView, IndexState, Observed, RelationState, TableState
 from matview.plan.marker import Marker
 
@@ -621,6 +621,7 @@ def _create_step(view: MaterializedView) -> Step:
     names = {view.index_name(i): view.index_name(i) for i in view.indexes}
     statements = _build_statements(view, view.name, names, _view_markers(view))
     statements += _grant_statements(view, relation_id(view.schema, view.name))
+    statements += versions.bump_statements(view, "Create")
     return Step(
         f"create {view.relation} with {len(view.indexes)} index(es)",
         tuple(statements),
@@ -705,6 +706,7 @@ def swap_steps(
     swap += _grant_statements(view, target)
     for dependent in sorted(dependents, key=lambda d: d.depth):
         swap += _recreate_dependent(dependent)
+    swap += versions.bump_statements(view, "Swap")
     return [
         build,
         Step(
@@ -737,7 +739,7 @@ def refresh_in_place_step(view: MaterializedView, mode: str) -> Step:
     target = relation_id(view.schema, view.name)
     return Step(
         f"refresh {view.relation}" + (" concurrently" if mode == "Concurrent" else " (readers wait)"),
-        (sql.SQL("REFRESH MATERIALIZED VIEW {}{}").format(concurrently, target),),
+        (sql.SQL("REFRESH MATERIALIZED VIEW {}{}").format(concurrently, target), *versions.bump_statements(view, mode)),
         takes_exclusive_lock=True,
         makes_data_live=True,
     )
@@ -755,7 +757,7 @@ def incremental_step(view: MaterializedView, filtered_query: sqltext.CheckedSQL,
     """Apply the changed keys in one transaction: readers see all of it at commit, or none of it."""
     return Step(
         f"apply {keys} changed key(s) to {view.relation}",
-        tuple(capture.incremental_statements(view, filtered_query)),
+        (*capture.incremental_statements(view, filtered_query), *versions.bump_statements(view, "Incremental", True)),
         makes_data_live=True,
         runs_query=True,
         repeatable_read=True,

@@ -90,6 +90,8 @@ class RefreshResult:
     rows: int | None = None
     table_bytes: int | None = None
     index_bytes: int | None = None
+    data_version: int | None = None
+    """The view's data version after this attempt (matview.client.version reads the same number)."""
     keys_applied: int | None = None
     """Incremental views: the changed keys this refresh applied (0 for a skip)."""
     change_ratio: float | None = None
@@ -116,6 +118,7 @@ class RefreshResult:
             "rows": self.rows,
             "tableBytes": self.table_bytes,
             "indexBytes": self.index_bytes,
+            **({"dataVersion": self.data_version} if self.data_version is not None else {}),
             **({"keysApplied": self.keys_applied} if self.keys_applied is not None else {}),
             **({"changeRatio": round(self.change_ratio, 6)} if self.change_ratio is not None else {}),
             **({"verification": self.verification.as_dict()} if self.verification is not None else {}),
@@ -206,6 +209,7 @@ def refresh(
         rows=size.rows,
         table_bytes=size.table_bytes,
         index_bytes=size.index_bytes,
+        data_version=size.data_version,
         **incremental,
     )
 

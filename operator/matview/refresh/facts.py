@@ -15,7 +15,7 @@ from psycopg import sql
 
 from matview.api import sqltext
 from matview.api.spec import MaterializedView, Storage
-from matview.plan import capture
+from matview.plan import capture, versions
 from matview.plan.catalog import (
     Connection,
     UpstreamRelation,
@@ -174,6 +174,8 @@ class ViewSize:
     """pg_class.reltuples; None until the view was first analyzed."""
     table_bytes: int | None = None
     index_bytes: int | None = None
+    data_version: int | None = None
+    """The view's data version (plan/versions.py): bumped by every step that made new data live."""
 
     @property
     def total_bytes(self) -> int | None:
@@ -192,8 +194,24 @@ def view_size(conn: Connection, view: MaterializedView) -> ViewSize:
         return ViewSize()
     populated, rows, table_bytes, index_bytes = row
     return ViewSize(
-        bool(populated), int(rows) if rows is not None and rows >= 0 else None, int(table_bytes), int(index_bytes)
+        bool(populated),
+        int(rows) if rows is not None and rows >= 0 else None,
+        int(table_bytes),
+        int(index_bytes),
+        data_version(conn, view),
     )
+
+
+def data_version(conn: Connection, view: MaterializedView) -> int | None:
+    """The view's data version (None before its first build, or where the versions table is not there yet)."""
+    try:
+        row = conn.execute(
+            sql.SQL("SELECT version FROM {} WHERE relation = %s").format(versions.table(view.schema)),
+            (versions.relation_key(view),),
+        ).fetchone()
+    except psycopg.errors.UndefinedTable:
+        return None
+    return int(row[0]) if row else None
 
 
 def read_marker(conn: Connection, schema: str, name: str, run_as_role: str | None) -> tuple[int | None, Marker | None]:
