@@ -12,9 +12,13 @@ functions and operators are schema-qualified, and values go in as parameters.
                                      ("ops", "v_payments_driver_matrix_cabinet"))
     first = client.page(conn, chooser, order=["driver_id"], limit=50)
     second = client.page(conn, chooser, order=["driver_id"], limit=50, after=first.next)
+    etag = client.version(conn, ("ops", "mv_payments_driver_matrix_cabinet"))
+    for change in client.listen(dsn, ["ops.mv_payments_driver_matrix_cabinet"]):
+        ...  # drop the cached entries of change.keys (all of them when keys is None or change.gap)
 """
 
 from matview.client.fallback import RelationChooser
 from matview.client.pages import CursorError, OrderError, Page, page
+from matview.client.signals import Change, listen, version
 
-__all__ = ["CursorError", "OrderError", "Page", "RelationChooser", "page"]
+__all__ = ["Change", "CursorError", "OrderError", "Page", "RelationChooser", "listen", "page", "version"]
