@@ -131,6 +131,8 @@ class IncrementalSpec:
     verify_interval_seconds: float | None = None
     """How often a refresh also compares the stored rows with a full recompute (None: never)."""
     rebuild_on_mismatch: bool = False
+    live_view: bool = False
+    """Keep ``<name>_live``: the stored rows plus the pending keys recomputed, fresh to the last commit."""
 
     @property
     def digest(self) -> str:

@@ -378,15 +378,17 @@ def inject_key_filters(
     catalog: dict[Reference, ResolvedRelation],
     sources: dict[RelationName, tuple[str, ...]],
     key_columns: tuple[str, ...],
+    keys_table: tuple[str, ...] = CHANGED_KEYS_TABLE,
 ) -> KeyFilterResult:
-    """The query with every read of a declared source replaced by that source filtered on the changed keys.
+    """The query with every read of a declared source replaced by that source filtered on the changed keys
+    (read from ``keys_table``: the refresh's temporary table, or a CTE name where the caller defines one).
 
     ``catalog`` resolves each name the query (and each inlined view) reads; ``sources`` maps a declared
     table to its columns that give the view's key. Views are inlined (their definitions put in place as
     subqueries under the same alias) only where they read a declared source, because PostgreSQL does not
     push a key predicate through aggregates or FULL JOINs: the filter has to sit where the rows are read.
     """
-    return _inject_cached(query, tuple(catalog.items()), tuple(sorted(sources.items())), key_columns)
+    return _inject_cached(query, tuple(catalog.items()), tuple(sorted(sources.items())), key_columns, keys_table)
 
 
 @functools.lru_cache(maxsize=64)
@@ -395,9 +397,10 @@ def _inject_cached(
     catalog: tuple[tuple[Reference, ResolvedRelation], ...],
     sources: tuple[tuple[RelationName, tuple[str, ...]], ...],
     key_columns: tuple[str, ...],
+    keys_table: tuple[str, ...],
 ) -> KeyFilterResult:
     """Cached: every incremental refresh of a view rewrites the same query against the same catalog."""
-    return _PARSER.run(lambda: _inject(query, dict(catalog), dict(sources), key_columns))
+    return _PARSER.run(lambda: _inject(query, dict(catalog), dict(sources), key_columns, keys_table))
 
 
 def _reads_source(
@@ -422,10 +425,11 @@ def _inject(
     catalog: dict[Reference, ResolvedRelation],
     sources: dict[RelationName, tuple[str, ...]],
     key_columns: tuple[str, ...],
+    keys_relation: tuple[str, ...],
 ) -> KeyFilterResult:
     filtered: set[RelationName] = set()
     inlined: list[RelationName] = []
-    keys_table = ".".join(quote_identifier(part) for part in CHANGED_KEYS_TABLE)
+    keys_table = ".".join(quote_identifier(part) for part in keys_relation)
 
     def key_filter(name: RelationName, columns: tuple[str, ...]) -> Any:
         left = ", ".join(quote_identifier(c) for c in columns)

@@ -298,6 +298,7 @@ def _incremental(
         full_rebuild_ratio=float(raw.get("fullRebuildRatio", IncrementalSpec.full_rebuild_ratio)),
         verify_interval_seconds=_duration(raw, "verifyInterval", path, errors),
         rebuild_on_mismatch=bool(raw.get("rebuildOnMismatch", False)),
+        live_view=bool(raw.get("liveView", False)),
     )
 
 

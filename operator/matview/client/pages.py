@@ -95,10 +95,26 @@ def _describe(conn: Connection, schema: str, name: str) -> _Relation:
     if row is None:
         raise OrderError(f"relation {schema}.{name} does not exist")
     relkind, comment, viewdef_digest, columns, types, unique = row
+    table = _live_table(comment) if relkind == "v" else None
+    if table is not None:  # a live view: its rows are unique as its table's are (same keys, never twice)
+        stored = conn.execute(_DESCRIBE, (schema, table)).fetchone()
+        unique = stored[5] if stored is not None else unique
     digest = _marker_digest(comment) or viewdef_digest
     if digest is None:  # a table or materialized view nobody marked: its shape stands for its definition
         digest = hashlib.sha256(json.dumps([relkind, list(columns), list(types)]).encode()).hexdigest()[:16]
     return _Relation(schema, name, tuple(columns), tuple(tuple(key) for key in unique or ()), str(digest))
+
+
+def _live_table(comment: str | None) -> str | None:
+    """The stored table a live view's marker names (plan/live.py), when the comment is one."""
+    try:
+        data = json.loads(comment or "")
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or data.get("managedBy") != "matview.dev" or data.get("kind") != "live":
+        return None
+    table = (data.get("state") or {}).get("table") if isinstance(data.get("state"), dict) else None
+    return table if isinstance(table, str) else None
 
 
 def _marker_digest(comment: str | None) -> str | None:

@@ -36,12 +36,15 @@ _NEW_ROWS, _OLD_ROWS = "matview_new_rows", "matview_old_rows"
 
 
 def key_filtered_query(
-    view: MaterializedView, key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation]
+    view: MaterializedView,
+    key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation],
+    keys_table: tuple[str, ...] = sqltext.CHANGED_KEYS_TABLE,
 ) -> sqltext.KeyFilterResult:
-    """The query an incremental refresh runs: every read of a declared source filtered on the changed keys."""
+    """The query an incremental refresh runs: every read of a declared source filtered on the changed keys
+    (in keys_table; the live view names a CTE of the pending keys instead)."""
     assert view.incremental is not None
     sources = {source.relation: source.columns for source in view.incremental.sources}
-    return sqltext.inject_key_filters(view.query, key_catalog, sources, view.incremental.key_columns)
+    return sqltext.inject_key_filters(view.query, key_catalog, sources, view.incremental.key_columns, keys_table)
 
 
 def changes_name(view: MaterializedView) -> str:

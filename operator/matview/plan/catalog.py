@@ -18,7 +18,7 @@ from psycopg import sql
 from matview.api import sqltext
 from matview.api.spec import MaterializedView, Storage
 from matview.errors import MatviewError
-from matview.plan import capture
+from matview.plan import capture, live
 from matview.plan.marker import Marker
 
 Connection = psycopg.Connection[tuple[Any, ...]]
@@ -120,6 +120,8 @@ class Observed:
     """What the operator may do with spec.runAsRole (None when the spec names none)."""
     capture: capture.CaptureState | None = None
     """The view's change capture (observed for storage Table)."""
+    live: RelationState | None = None
+    """What holds the live view's name (observed for storage Table), ours or not."""
     key_types: dict[str, KeyType] = field(default_factory=dict)
     """The query's result columns that are declared keys (spec.incremental), by name."""
     key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation] | None = None
@@ -356,6 +358,8 @@ def observe(
             observed.dependents = read_dependents(conn, observed.relation.oid)
     if view.storage is Storage.TABLE or view.incremental is not None:
         observed.capture = read_capture(conn, view)
+        found = conn.execute(_RELATION, (view.schema, live.name(view))).fetchone()
+        observed.live = _relation(found) if found else None
 
     for oid, schema, name, relkind, comment, populated, table_oid, valid, owner in conn.execute(
         _OUR_OBJECTS, (marker_pattern(), owner_pattern(view.owner))

@@ -19,7 +19,7 @@ from psycopg import sql
 from matview.api import sqltext
 from matview.api.spec import IndexSpec, MaterializedView, SupportingIndexSpec, truncate_utf8
 from matview.errors import DependentObjectsError, FieldError, SpecError, UnmanagedObjectError
-from matview.plan import capture, versions
+from matview.plan import capture, live, versions
 from matview.plan.catalog import DependentView, IndexState, Observed, RelationState, TableState
 from matview.plan.marker import Marker
 
@@ -53,6 +53,8 @@ class Step:
     """Builds the view from the user's query: runs as spec.runAsRole when set (the new relation is its)."""
     repeatable_read: bool = False
     """Every statement of the step reads one snapshot (claiming changes and computing from them)."""
+    drops_change_log: bool = False
+    """Removes the change log (re-installed or no longer declared): what reads it must go first."""
 
 
 @dataclass(frozen=True)
@@ -282,10 +284,12 @@ def build_plan(view: MaterializedView, observed: Observed, policy: ApplyPolicy |
             unmanaged = sorted(n for n, s in observed.indexes.items() if s.marker is None)
             if unmanaged:
                 warnings.append("indexes not managed by this resource are dropped by the swap: " + ", ".join(unmanaged))
-            steps += swap_steps(view, observed.dependents, old_indexes=observed.indexes, old_relkind=relation.relkind)
+            others = [d for d in observed.dependents if observed.live is None or d.oid != observed.live.oid]
+            steps += swap_steps(view, others, old_indexes=observed.indexes, old_relkind=relation.relkind)
         else:
             steps += _converge_view(view, observed, reasons)
     steps += _converge_supporting(view, observed, reasons)
+    steps = _converge_live(view, observed, steps, reasons)
     incremental_query = None
     if view.incremental is not None and observed.key_catalog is not None:
         incremental_query = capture.key_filtered_query(view, observed.key_catalog).query  # checked above: it succeeds
@@ -550,6 +554,50 @@ def _converge_capture(view: MaterializedView, observed: Observed, reasons: list[
     return steps
 
 
+def _live_is_ours(view: MaterializedView, observed: Observed) -> bool:
+    found = observed.live
+    return (
+        found is not None
+        and found.relkind == "v"
+        and found.marker is not None
+        and found.marker.kind == "live"
+        and _is_ours(view, observed, found.marker, found.owner)
+    )
+
+
+def _converge_live(view: MaterializedView, observed: Observed, steps: list[Step], reasons: list[str]) -> list[Step]:
+    """Keep the live view (plan/live.py) in step: it reads the table and the change log, so anything that
+    replaces either (a swap, re-installed capture) or changes the query drops it first and makes it again
+    last; a live view no longer declared is dropped."""
+    found = observed.live
+    ours = _live_is_ours(view, observed)
+    wanted = live.wanted(view)
+    if found is not None and not ours:
+        if wanted:
+            raise UnmanagedObjectError(_not_ours(f"relation {view.schema}.{found.name}", found.marker, found.owner))
+        return steps  # somebody's own view with that name: not ours to touch
+    current = ours and found is not None and found.marker is not None and found.marker.digest == live.digest(view)
+    touched = any(step.makes_data_live or step.drops_change_log for step in steps)
+    drop = ours and (not wanted or not current or touched)
+    create = wanted and (not ours or drop)
+    if drop:
+        steps = [Step(f"drop the live view {view.schema}.{live.name(view)}", (live.drop_statement(view),)), *steps]
+        if not wanted:
+            reasons.append("the live view is no longer declared")
+    if create and observed.key_catalog is not None:
+        if not ours:
+            reasons.append(f"the live view {view.schema}.{live.name(view)} does not exist")
+        elif not current:
+            reasons.append("the live view was made from another definition")
+        statements: list[Statement] = [*live.create_statements(view, observed.key_catalog)]
+        statements += _grant_statements(view, live.identifier(view))
+        steps = [
+            *steps,
+            Step(f"create the live view {view.schema}.{live.name(view)}", tuple(statements), runs_query=True),
+        ]
+    return steps
+
+
 def _leftovers(view: MaterializedView, observed: Observed) -> list[RelationState]:
     """Copies a crashed swap left (staging, retired): dropped, but only when they are provably ours."""
     return [found for found in observed.staging if found.owner in trusted_owners(view, observed)]
@@ -566,7 +614,9 @@ def _drop_capture_steps(view: MaterializedView, observed: Observed, state: captu
     statements += capture.drop_log_statements(view, state)
     if not statements:
         return []
-    return [Step(f"remove the change capture of {view.relation}", tuple(statements))]
+    return [
+        Step(f"remove the change capture of {view.relation}", tuple(statements), drops_change_log=state.changes_exists)
+    ]
 
 
 def _check_names_free(view: MaterializedView, observed: Observed) -> None:
@@ -905,6 +955,11 @@ def build_delete_plan(view: MaterializedView, observed: Observed) -> Plan:
     """Retain leaves the view's data as it is; Delete drops the view and the supporting indexes it created.
     Change capture goes either way: left behind, its triggers would fill a log nobody reads."""
     uncapture = _drop_capture_steps(view, observed, observed.capture) if observed.capture is not None else []
+    if _live_is_ours(view, observed):  # it reads the log and the table: it goes first, whatever the policy
+        uncapture = [
+            Step(f"drop the live view {view.schema}.{live.name(view)}", (live.drop_statement(view),)),
+            *uncapture,
+        ]
     if view.deletion_policy == "Retain":
         reasons = ["deletionPolicy is Retain: the view and its indexes stay"]
         return Plan(view, tuple(uncapture), tuple(reasons + (["change capture is removed"] if uncapture else [])))
@@ -913,8 +968,9 @@ def build_delete_plan(view: MaterializedView, observed: Observed) -> Plan:
     if relation is not None:
         if relation.relkind not in RELATION_KEYWORDS or not _is_ours(view, observed, relation.marker, relation.owner):
             raise UnmanagedObjectError(_not_ours(f"relation {view.relation}", relation.marker, relation.owner))
-        if observed.dependents:
-            names = ", ".join(f"{d.schema}.{d.name}" for d in observed.dependents)
+        others = [d for d in observed.dependents if observed.live is None or d.oid != observed.live.oid]
+        if others:
+            names = ", ".join(f"{d.schema}.{d.name}" for d in others)
             raise DependentObjectsError(
                 f"{view.relation} is not dropped because other views depend on it: {names}; "
                 "drop them first (the engine never uses CASCADE)"

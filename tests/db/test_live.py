@@ -1,0 +1,205 @@
+"""The live view of an incremental view (spec.incremental.liveView): exact to the last commit inside the
+reader's snapshot, for any query shape, while writers and refreshes run; kept in step with the spec."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+
+from matview import client
+from matview.errors import UnmanagedObjectError
+from matview.plan import engine, live
+from matview.plan.catalog import Connection
+from matview.refresh import refresh
+from tests.db.test_incremental import SCHEMA_SQL, apply, matrix_view, random_batch
+
+LIVE = "ops.mx_live"
+QUERY = "SELECT * FROM ops.v_payments_driver_matrix_cabinet"
+DRIVERS = 120
+
+
+def live_view(**overrides: Any) -> Any:
+    mv = matrix_view(**overrides)
+    spec: dict[str, Any] = {
+        "schema": "ops",
+        "name": "mx",
+        "storage": "Table",
+        "query": mv.query.text,
+        "indexes": [{"columns": ["driver_id"]}],
+        "incremental": {
+            "keyColumns": ["driver_id"],
+            "liveView": True,
+            "sources": [{"table": f"{s.schema}.{s.table}", "columns": list(s.columns)} for s in mv.incremental.sources],
+        },
+        "refresh": {"interval": "1m"},
+    }
+    spec.update(overrides)
+    from tests.helpers import view
+
+    return view("mx", **spec)
+
+
+@pytest.fixture
+def matrix(conn: Connection) -> Connection:
+    conn.execute(SCHEMA_SQL)
+    conn.execute(f"SELECT ops.load_driver_matrix({DRIVERS})")
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    return conn
+
+
+def differences(conn: Connection, query: str = QUERY) -> tuple[int, int]:
+    """(live rows the query does not produce, rows it produces that the live view lacks), duplicates counted,
+    in one snapshot."""
+    row = conn.execute(
+        f"WITH l AS MATERIALIZED (SELECT * FROM {LIVE}), q AS MATERIALIZED ({query}) "
+        "SELECT (SELECT count(*) FROM (SELECT * FROM l EXCEPT ALL SELECT * FROM q) a), "
+        "(SELECT count(*) FROM (SELECT * FROM q EXCEPT ALL SELECT * FROM l) b)"
+    ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def test_the_live_view_sees_a_write_at_once_and_the_table_after_a_refresh(matrix: Connection) -> None:
+    mv = live_view()
+    apply(matrix, mv)
+    assert differences(matrix) == (0, 0)
+    before = matrix.execute("SELECT trips_14d FROM ops.mx WHERE driver_id = 5").fetchone()
+    matrix.execute(
+        "INSERT INTO ops.trips (driver_id, trip_date) SELECT 5, current_date - g FROM generate_series(1, 3) g"
+    )
+    assert differences(matrix) == (0, 0), "the live view is fresh to the last commit"
+    assert matrix.execute("SELECT trips_14d FROM ops.mx WHERE driver_id = 5").fetchone() == before, "table: stale"
+    matrix.execute("TRUNCATE ops.payments")  # a full rebuild is pending: the live view answers with the query
+    assert differences(matrix) == (0, 0)
+    assert refresh(matrix, mv).result == "success"
+    assert differences(matrix) == (0, 0)
+    assert matrix.execute("SELECT count(*) FROM ops.mx_mv_changes").fetchone() == (0,)
+
+
+@pytest.mark.timeout(600)
+def test_random_writes_the_live_view_always_equals_the_query(matrix: Connection) -> None:
+    """1,000 random batches (key moves, deletes, TRUNCATE): the first 150 with no refresh at all, each
+    compared (pending keys pile up); then a refresh after every fifth, compared before and after it."""
+    seed = int(os.environ.get("MATVIEW_EQUIVALENCE_SEED", "20261201"))
+    batches = int(os.environ.get("MATVIEW_LIVE_BATCHES", "1000"))
+    rng = random.Random(seed)
+    mv = live_view()
+    apply(matrix, mv)
+    recent: list[str] = []
+    compared = refreshes = 0
+    for batch in range(1, batches + 1):
+        recent.append(random_batch(matrix, rng, DRIVERS))
+        if batch > 150 and batch % 5:
+            continue
+        assert differences(matrix) == (0, 0), f"seed {seed}, batch {batch}, pending, after {recent}"
+        compared += 1
+        if batch > 150:
+            assert refresh(matrix, mv).result in ("success", "skipped")
+            refreshes += 1
+            assert differences(matrix) == (0, 0), f"seed {seed}, batch {batch}, after a refresh, after {recent}"
+            compared += 1
+            recent = []
+    assert refreshes >= 150 and compared >= 450
+
+
+def test_a_reader_in_one_snapshot_sees_the_live_view_equal_the_query_during_writes_and_refreshes(
+    matrix: Connection, dsn: str
+) -> None:
+    mv = live_view()
+    apply(matrix, mv)
+    stop = threading.Event()
+    problems: list[str] = []
+    compared = [0]
+
+    def write() -> None:
+        rng = random.Random(11)
+        with psycopg.connect(dsn, autocommit=True) as writer:
+            while not stop.is_set():
+                random_batch(writer, rng, DRIVERS, truncate=False)  # TRUNCATE is not MVCC-safe
+
+    def read() -> None:
+        with psycopg.connect(dsn, autocommit=True) as reader:
+            while not stop.is_set():
+                with reader.transaction():
+                    reader.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                    found = differences(reader)  # type: ignore[arg-type]
+                if found != (0, 0):
+                    problems.append(str(found))
+                compared[0] += 1
+
+    threads = [threading.Thread(target=write), threading.Thread(target=read)]
+    for thread in threads:
+        thread.start()
+    try:
+        refreshed = 0
+        while compared[0] < 60 and not problems:
+            assert refresh(matrix, mv).result in ("success", "skipped")
+            refreshed += 1
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert problems == [], problems
+    assert refreshed > 3
+
+
+def test_the_live_view_follows_the_spec_and_goes_with_the_view(matrix: Connection) -> None:
+    mv = live_view()
+    apply(matrix, mv)
+    plan = engine.plan(matrix, mv)
+    assert plan.empty, plan.reasons
+    changed = live_view(query="SELECT driver_id, driver_name, trips_14d FROM ops.v_payments_driver_matrix_cabinet")
+    result = apply(matrix, changed)
+    assert any("another definition" in r for r in result.plan.reasons) or result.changed
+    assert differences(matrix, changed.query.text) == (0, 0)
+    columns = matrix.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = 'mx_live'").fetchone()
+    assert columns == (3,)
+    off = live_view(
+        query=changed.query.text,
+        incremental={
+            "keyColumns": ["driver_id"],
+            "liveView": False,
+            "sources": [
+                {"table": "ops.trips", "columns": ["driver_id"]},
+                {"table": "public.drivers", "columns": ["driver_id"]},
+            ],
+        },
+    )
+    apply(matrix, off)
+    assert matrix.execute("SELECT to_regclass('ops.mx_live')").fetchone() == (None,)
+    apply(matrix, changed)
+    assert differences(matrix, changed.query.text) == (0, 0)
+    engine.delete(matrix, live_view(query=changed.query.text, deletionPolicy="Retain"))
+    assert matrix.execute("SELECT to_regclass('ops.mx_live'), to_regclass('ops.mx') IS NOT NULL").fetchone() == (
+        None,
+        True,
+    )
+
+
+def test_keyset_pages_read_the_live_view_by_its_tables_key(matrix: Connection, dsn: str) -> None:
+    mv = live_view(indexes=[{"columns": ["driver_id"], "unique": True}])
+    apply(matrix, mv)
+    matrix.execute("UPDATE ops.trips SET trip_date = trip_date + 1 WHERE driver_id % 10 = 3")
+    with psycopg.connect(dsn, autocommit=True) as reader:
+        seen: list[int] = []
+        cursor = None
+        while True:
+            page = client.page(reader, ("ops", "mx_live"), order=["driver_id"], limit=37, after=cursor)
+            seen += [row[0] for row in page.rows]
+            if page.next is None:
+                break
+            cursor = page.next
+    expected = [r[0] for r in matrix.execute(f"SELECT driver_id FROM ({QUERY}) q ORDER BY 1")]
+    assert seen == expected
+
+
+def test_a_look_alike_holding_the_live_views_name_is_refused(matrix: Connection) -> None:
+    matrix.execute("CREATE VIEW ops.mx_live AS SELECT 1 AS one")
+    with pytest.raises(UnmanagedObjectError, match="mx_live"):
+        engine.apply(matrix, live_view())
+    assert live.name(live_view()) == "mx_live"
