@@ -508,9 +508,17 @@ def test_the_incremental_example_applies_refreshes_and_verifies_through_the_cli(
     assert "CREATE TRIGGER" in plan.stdout and "CREATE TABLE" in plan.stdout
     assert "an incremental refresh recomputes the changed keys with" in plan.stdout
     assert plan.stdout.count("pg_temp.matview_changed_keys") >= 5  # every source, through the views
+    assert 'CREATE VIEW "ops"."driver_matrix_inc_live"' in plan.stdout, "the live view's SQL is in the plan"
     applied = matview("apply")
     assert applied.returncode == 0, applied.stderr
     matrix.execute("UPDATE ops.trips SET trip_date = trip_date WHERE driver_id IN (10, 20)")
+    live = "SELECT * FROM ops.driver_matrix_inc_live"
+    query = "SELECT * FROM ops.v_payments_driver_matrix_cabinet"
+    both_ways = matrix.execute(
+        f"SELECT (SELECT count(*) FROM ({live} EXCEPT ALL {query}) a), "
+        f"(SELECT count(*) FROM ({query} EXCEPT ALL {live}) b)"
+    ).fetchone()
+    assert both_ways == (0, 0), "the example's live view equals its query before any refresh"
     refreshed = matview("refresh", "--json")
     assert refreshed.returncode == 0, refreshed.stderr
     assert '"mode": "Incremental"' in refreshed.stdout and '"keysApplied": 2' in refreshed.stdout, refreshed.stdout
