@@ -16,7 +16,7 @@ from matview.errors import UnmanagedObjectError
 from matview.plan import engine, live
 from matview.plan.catalog import Connection
 from matview.refresh import refresh
-from tests.db.test_incremental import SCHEMA_SQL, apply, matrix_view, random_batch
+from tests.db.test_incremental import SCHEMA_SQL, SOURCES, apply, matrix_view, random_batch
 
 LIVE = "ops.mx_live"
 QUERY = "SELECT * FROM ops.v_payments_driver_matrix_cabinet"
@@ -24,24 +24,9 @@ DRIVERS = 120
 
 
 def live_view(**overrides: Any) -> Any:
-    mv = matrix_view(**overrides)
-    spec: dict[str, Any] = {
-        "schema": "ops",
-        "name": "mx",
-        "storage": "Table",
-        "query": mv.query.text,
-        "indexes": [{"columns": ["driver_id"]}],
-        "incremental": {
-            "keyColumns": ["driver_id"],
-            "liveView": True,
-            "sources": [{"table": f"{s.schema}.{s.table}", "columns": list(s.columns)} for s in mv.incremental.sources],
-        },
-        "refresh": {"interval": "1m"},
-    }
-    spec.update(overrides)
-    from tests.helpers import view
-
-    return view("mx", **spec)
+    """The incremental driver-matrix view of test_incremental.py, with its live view."""
+    incremental = {"keyColumns": ["driver_id"], "sources": SOURCES, "liveView": True}
+    return matrix_view(**{"incremental": incremental, **overrides})
 
 
 @pytest.fixture
