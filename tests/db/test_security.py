@@ -22,6 +22,7 @@ from matview.observe.metrics import RefreshMetrics
 from matview.plan import engine
 from matview.plan.catalog import Connection
 from matview.plan.executor import LOCK_TABLE
+from matview.plan.versions import VERSIONS_TABLE
 from matview.refresh import refresh
 from matview.refresh.runner import Refresher, RunnerSettings
 from tests.db.roles import Roles
@@ -230,6 +231,22 @@ def test_a_look_alike_lock_table_is_refused_naming_its_owner(conn: Connection, r
     with engine.connect(roles.login("operator")) as operator, pytest.raises(UnmanagedObjectError) as caught:
         engine.apply(operator, report())
     assert roles["attacker"] in str(caught.value) and LOCK_TABLE in str(caught.value)
+    assert conn.execute("SELECT to_regclass('reports.codes')").fetchone() == (None,)
+
+
+def test_a_look_alike_versions_table_is_refused_and_never_written(conn: Connection, roles: Roles) -> None:
+    """The data versions table is written on every refresh, as the operator: one planted first, with a
+    trigger of its maker's, is never used."""
+    conn.execute(f"GRANT USAGE, CREATE ON SCHEMA reports TO {roles['attacker']}")
+    with psycopg.connect(roles.login("attacker"), autocommit=True) as attacker:
+        attacker.execute(
+            f"CREATE TABLE reports.{VERSIONS_TABLE} (relation text PRIMARY KEY, version bigint, changed_at "
+            "timestamptz, mode text); GRANT ALL ON reports.matview_versions TO PUBLIC"
+        )
+    with engine.connect(roles.login("operator")) as operator, pytest.raises(UnmanagedObjectError) as caught:
+        engine.apply(operator, report())
+    assert roles["attacker"] in str(caught.value) and VERSIONS_TABLE in str(caught.value)
+    assert conn.execute(f"SELECT count(*) FROM reports.{VERSIONS_TABLE}").fetchone() == (0,)
     assert conn.execute("SELECT to_regclass('reports.codes')").fetchone() == (None,)
 
 
