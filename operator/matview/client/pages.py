@@ -95,39 +95,31 @@ def _describe(conn: Connection, schema: str, name: str) -> _Relation:
     if row is None:
         raise OrderError(f"relation {schema}.{name} does not exist")
     relkind, comment, viewdef_digest, columns, types, unique = row
-    table = _live_table(comment) if relkind == "v" else None
+    marker = _marker(comment)
+    table = _live_table(marker) if relkind == "v" else None
     if table is not None:  # a live view: its rows are unique as its table's are (same keys, never twice)
         stored = conn.execute(_DESCRIBE, (schema, table)).fetchone()
         unique = stored[5] if stored is not None else unique
-    digest = _marker_digest(comment) or viewdef_digest
+    digest = marker.get("digest") if isinstance(marker.get("digest"), str) else viewdef_digest
     if digest is None:  # a table or materialized view nobody marked: its shape stands for its definition
         digest = hashlib.sha256(json.dumps([relkind, list(columns), list(types)]).encode()).hexdigest()[:16]
     return _Relation(schema, name, tuple(columns), tuple(tuple(key) for key in unique or ()), str(digest))
 
 
-def _live_table(comment: str | None) -> str | None:
-    """The stored table a live view's marker names (plan/live.py), when the comment is one."""
+def _marker(comment: str | None) -> dict[str, Any]:
+    """The engine's ownership marker in a relation's comment ({} when the comment is not one)."""
     try:
         data = json.loads(comment or "")
     except ValueError:
-        return None
-    if not isinstance(data, dict) or data.get("managedBy") != "matview.dev" or data.get("kind") != "live":
-        return None
-    table = (data.get("state") or {}).get("table") if isinstance(data.get("state"), dict) else None
+        return {}
+    return data if isinstance(data, dict) and data.get("managedBy") == "matview.dev" else {}
+
+
+def _live_table(marker: dict[str, Any]) -> str | None:
+    """The stored table a live view's marker names (plan/live.py)."""
+    state = marker.get("state")
+    table = state.get("table") if marker.get("kind") == "live" and isinstance(state, dict) else None
     return table if isinstance(table, str) else None
-
-
-def _marker_digest(comment: str | None) -> str | None:
-    """The definition digest in the engine's ownership marker, when the relation has one."""
-    if not comment:
-        return None
-    try:
-        data = json.loads(comment)
-    except ValueError:
-        return None
-    if isinstance(data, dict) and data.get("managedBy") == "matview.dev" and isinstance(data.get("digest"), str):
-        return str(data["digest"])
-    return None
 
 
 def _parse_order(order: Sequence[str]) -> tuple[tuple[str, ...], bool]:
