@@ -284,8 +284,12 @@ def build_plan(view: MaterializedView, observed: Observed, policy: ApplyPolicy |
             unmanaged = sorted(n for n, s in observed.indexes.items() if s.marker is None)
             if unmanaged:
                 warnings.append("indexes not managed by this resource are dropped by the swap: " + ", ".join(unmanaged))
-            others = [d for d in observed.dependents if observed.live is None or d.oid != observed.live.oid]
-            steps += swap_steps(view, others, old_indexes=observed.indexes, old_relkind=relation.relkind)
+            steps += swap_steps(
+                view,
+                _dependents_besides_live(view, observed),
+                old_indexes=observed.indexes,
+                old_relkind=relation.relkind,
+            )
         else:
             steps += _converge_view(view, observed, reasons)
     steps += _converge_supporting(view, observed, reasons)
@@ -563,6 +567,12 @@ def _live_is_ours(view: MaterializedView, observed: Observed) -> bool:
         and found.marker.kind == "live"
         and _is_ours(view, observed, found.marker, found.owner)
     )
+
+
+def _dependents_besides_live(view: MaterializedView, observed: Observed) -> list[DependentView]:
+    """The views reading the relation, but our live view, which the plan drops and makes again itself."""
+    live_oid = observed.live.oid if observed.live is not None and _live_is_ours(view, observed) else None
+    return [d for d in observed.dependents if d.oid != live_oid]
 
 
 def _converge_live(view: MaterializedView, observed: Observed, steps: list[Step], reasons: list[str]) -> list[Step]:
@@ -968,7 +978,7 @@ def build_delete_plan(view: MaterializedView, observed: Observed) -> Plan:
     if relation is not None:
         if relation.relkind not in RELATION_KEYWORDS or not _is_ours(view, observed, relation.marker, relation.owner):
             raise UnmanagedObjectError(_not_ours(f"relation {view.relation}", relation.marker, relation.owner))
-        others = [d for d in observed.dependents if observed.live is None or d.oid != observed.live.oid]
+        others = _dependents_besides_live(view, observed)
         if others:
             names = ", ".join(f"{d.schema}.{d.name}" for d in others)
             raise DependentObjectsError(
