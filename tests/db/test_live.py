@@ -16,6 +16,7 @@ from matview.errors import UnmanagedObjectError
 from matview.plan import engine, live
 from matview.plan.catalog import Connection
 from matview.refresh import refresh
+from tests.db.roles import Roles
 from tests.db.test_incremental import SCHEMA_SQL, SOURCES, apply, matrix_view, random_batch
 
 LIVE = "ops.mx_live"
@@ -188,3 +189,99 @@ def test_a_look_alike_holding_the_live_views_name_is_refused(matrix: Connection)
     with pytest.raises(UnmanagedObjectError, match="mx_live"):
         engine.apply(matrix, live_view())
     assert live.name(live_view()) == "mx_live"
+
+
+def test_pages_of_the_live_view_stay_exact_when_pending_keys_vanish_or_appear(matrix: Connection, dsn: str) -> None:
+    """A live page is bounded by the stored table first; drivers deleted since the last refresh leave fewer
+    live rows under that bound, and new ones add rows the table lacks: forward and backward walks still give
+    every row of the query exactly once, in order."""
+    mv = live_view(indexes=[{"columns": ["driver_id"], "unique": True}])
+    apply(matrix, mv)
+    gone = "driver_id BETWEEN 20 AND 60"  # more than a page and its slack, in the middle of the walk
+    for table in ("ops.payments", "ops.claims", "ops.trips", "ops.leads", "public.drivers"):
+        matrix.execute(f"DELETE FROM {table} WHERE {gone}")
+    matrix.execute(
+        "INSERT INTO public.drivers (driver_id, driver_name, created_at) "
+        "VALUES (1000, 'new', current_date), (1001, 'newer', current_date)"
+    )
+    matrix.execute(
+        "INSERT INTO ops.leads (lead_id, driver_id, origin_tag, lead_date) "
+        "VALUES (-1, 1000, 'web', current_date), (-2, 1001, 'web', current_date)"
+    )
+    expected = [r[0] for r in matrix.execute(f"SELECT driver_id FROM ({QUERY}) q ORDER BY 1")]
+    assert 1000 in expected and 40 not in expected
+    with psycopg.connect(dsn, autocommit=True) as reader:
+        forward: list[int] = []
+        cursor = None
+        while True:
+            page = client.page(reader, ("ops", "mx_live"), order=["driver_id"], limit=7, after=cursor)
+            forward += [row[0] for row in page.rows]
+            last = page
+            if page.next is None:
+                break
+            cursor = page.next
+        backward: list[int] = []
+        cursor = last.previous
+        while cursor is not None:
+            page = client.page(reader, ("ops", "mx_live"), order=["driver_id"], limit=7, before=cursor)
+            backward = [row[0] for row in page.rows] + backward
+            cursor = page.previous
+    assert forward == expected
+    assert backward + [row[0] for row in last.rows] == expected
+
+
+def test_the_live_views_function_runs_only_for_the_roles_granted_on_the_view(matrix: Connection, dsn: str) -> None:
+    """The function computes rows as the view's builder (SECURITY DEFINER): a role not granted on the view
+    may not call it to read around the grants; a granted one reads the live view."""
+    roles = Roles(dsn)
+    for name in ("reader", "stranger"):
+        matrix.execute(f"CREATE ROLE {roles[name]} LOGIN")
+    try:
+        matrix.execute(f"GRANT USAGE ON SCHEMA ops TO {roles['reader']}, {roles['stranger']}")
+        apply(matrix, live_view(grants=[{"role": roles["reader"]}]))
+        matrix.execute("UPDATE ops.trips SET trip_date = trip_date + 1 WHERE driver_id = 7")
+        with psycopg.connect(roles.login("reader"), autocommit=True) as reader:
+            rows = reader.execute("SELECT driver_id FROM ops.mx_live WHERE driver_id = 7").fetchall()
+            assert rows and all(row == (7,) for row in rows)
+        with psycopg.connect(roles.login("stranger"), autocommit=True) as stranger:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                stranger.execute("SELECT * FROM ops.mx_live_rows(7)")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                stranger.execute("SELECT * FROM ops.mx_live WHERE driver_id = 7")
+    finally:
+        engine.delete(matrix, live_view(deletionPolicy="Delete"))
+        roles.drop(matrix, "reader", "stranger")
+
+
+def test_a_look_alike_function_holding_the_live_functions_name_is_refused(matrix: Connection, dsn: str) -> None:
+    """A role that may create in the schema plants the function the live view would call: apply refuses,
+    naming it and its owner, and neither replaces nor calls it."""
+    roles = Roles(dsn)
+    matrix.execute(f"CREATE ROLE {roles['planter']}")
+    try:
+        matrix.execute(f"GRANT CREATE, USAGE ON SCHEMA ops TO {roles['planter']}")
+        matrix.execute(f"SET ROLE {roles['planter']}")
+        matrix.execute("CREATE FUNCTION ops.mx_live_rows(bigint) RETURNS SETOF int LANGUAGE sql AS 'SELECT 1'")
+        matrix.execute("RESET ROLE")
+        with pytest.raises(UnmanagedObjectError, match="function ops.mx_live_rows exists and is not managed"):
+            engine.apply(matrix, live_view())
+        assert matrix.execute("SELECT to_regclass('ops.mx_live')").fetchone() == (None,)
+        owner = matrix.execute(
+            "SELECT pg_get_userbyid(proowner) FROM pg_proc WHERE proname = 'mx_live_rows'"
+        ).fetchone()
+        assert owner == (roles["planter"],)
+    finally:
+        matrix.execute("RESET ROLE")
+        roles.drop(matrix, "planter")
+
+
+def test_a_query_reading_a_column_named_like_a_plpgsql_variable_works(matrix: Connection) -> None:
+    """The function is PL/pgSQL, which declares FOUND: the query's own column of that name still wins."""
+    query = (
+        "SELECT driver_id, found, trips_14d FROM (SELECT driver_id, driver_name AS found, trips_14d "
+        "FROM ops.v_payments_driver_matrix_cabinet) s WHERE found IS NOT NULL"
+    )
+    apply(matrix, live_view(query=query))
+    matrix.execute("UPDATE public.drivers SET driver_name = 'renamed' WHERE driver_id = 3")
+    assert differences(matrix, query) == (0, 0)
+    assert matrix.execute("SELECT found FROM ops.mx_live WHERE driver_id = 3").fetchone() == ("renamed",)

@@ -378,10 +378,11 @@ def inject_key_filters(
     catalog: dict[Reference, ResolvedRelation],
     sources: dict[RelationName, tuple[str, ...]],
     key_columns: tuple[str, ...],
-    keys_table: tuple[str, ...] = CHANGED_KEYS_TABLE,
+    keys_table: tuple[str, ...] | None = CHANGED_KEYS_TABLE,
 ) -> KeyFilterResult:
     """The query with every read of a declared source replaced by that source filtered on the changed keys
-    (read from ``keys_table``: the refresh's temporary table, or a CTE name where the caller defines one).
+    (read from ``keys_table``, the refresh's temporary table; or, with None, equal to the parameters $1..$n:
+    one key, as the live view's function computes it).
 
     ``catalog`` resolves each name the query (and each inlined view) reads; ``sources`` maps a declared
     table to its columns that give the view's key. Views are inlined (their definitions put in place as
@@ -397,7 +398,7 @@ def _inject_cached(
     catalog: tuple[tuple[Reference, ResolvedRelation], ...],
     sources: tuple[tuple[RelationName, tuple[str, ...]], ...],
     key_columns: tuple[str, ...],
-    keys_table: tuple[str, ...],
+    keys_table: tuple[str, ...] | None,
 ) -> KeyFilterResult:
     """Cached: every incremental refresh of a view rewrites the same query against the same catalog."""
     return _PARSER.run(lambda: _inject(query, dict(catalog), dict(sources), key_columns, keys_table))
@@ -425,19 +426,19 @@ def _inject(
     catalog: dict[Reference, ResolvedRelation],
     sources: dict[RelationName, tuple[str, ...]],
     key_columns: tuple[str, ...],
-    keys_relation: tuple[str, ...],
+    keys_relation: tuple[str, ...] | None,
 ) -> KeyFilterResult:
     filtered: set[RelationName] = set()
     inlined: list[RelationName] = []
-    keys_table = ".".join(quote_identifier(part) for part in keys_relation)
+    if keys_relation is None:
+        keys = "= (" + ", ".join(f"${position}" for position in range(1, len(key_columns) + 1)) + ")"
+    else:
+        keys_table = ".".join(quote_identifier(part) for part in keys_relation)
+        keys = f"IN (SELECT {', '.join(quote_identifier(c) for c in key_columns)} FROM {keys_table})"
 
     def key_filter(name: RelationName, columns: tuple[str, ...]) -> Any:
         left = ", ".join(quote_identifier(c) for c in columns)
-        right = ", ".join(quote_identifier(c) for c in key_columns)
-        template = (
-            f"SELECT * FROM {quote_identifier(name[0])}.{quote_identifier(name[1])} "
-            f"WHERE ({left}) IN (SELECT {right} FROM {keys_table})"
-        )
+        template = f"SELECT * FROM {quote_identifier(name[0])}.{quote_identifier(name[1])} WHERE ({left}) {keys}"
         return _parse(template)[0].stmt
 
     def rewrite(text: CheckedSQL, depth: int) -> Any:

@@ -61,6 +61,8 @@ class _Relation:
     columns: tuple[str, ...]
     unique_keys: tuple[tuple[str, ...], ...]
     digest: str
+    table: str | None = None
+    """The stored table of a live view (same schema): pages are bounded by its rows first."""
 
 
 # Runs under the application's search_path, where other roles may have planted look-alikes: every function
@@ -103,7 +105,7 @@ def _describe(conn: Connection, schema: str, name: str) -> _Relation:
     digest = marker.get("digest") if isinstance(marker.get("digest"), str) else viewdef_digest
     if digest is None:  # a table or materialized view nobody marked: its shape stands for its definition
         digest = hashlib.sha256(json.dumps([relkind, list(columns), list(types)]).encode()).hexdigest()[:16]
-    return _Relation(schema, name, tuple(columns), tuple(tuple(key) for key in unique or ()), str(digest))
+    return _Relation(schema, name, tuple(columns), tuple(tuple(key) for key in unique or ()), str(digest), table)
 
 
 def _marker(comment: str | None) -> dict[str, Any]:
@@ -235,15 +237,37 @@ def page(
             )
         )
         parameters += values
-    statement = sql.SQL("SELECT r.*, {} FROM {} AS r {} ORDER BY {} LIMIT {}").format(
-        sql.SQL(", ").join(sql.SQL("CAST({} AS pg_catalog.text)").format(sql.Identifier("r", c)) for c in columns),
-        sql.Identifier(schema, name),
-        sql.SQL("WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL(""),
-        sql.SQL(", ").join(sql.Identifier("r", c) + direction for c in columns),
-        sql.Literal(limit + 1),
-    )
-    cur = conn.execute(statement, parameters)
-    fetched = cur.fetchall()
+
+    def select(source: str, conditions: Sequence[sql.Composable], count: int, offset: int = 0) -> sql.Composed:
+        return sql.SQL("SELECT {}{} FROM {} AS r {} ORDER BY {} LIMIT {} OFFSET {}").format(
+            sql.SQL("r.*, ") if source == name else sql.SQL(""),
+            sql.SQL(", ").join(sql.SQL("CAST({} AS pg_catalog.text)").format(sql.Identifier("r", c)) for c in columns),
+            sql.Identifier(schema, source),
+            sql.SQL("WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL(""),
+            sql.SQL(", ").join(sql.Identifier("r", c) + direction for c in columns),
+            sql.Literal(count),
+            sql.Literal(offset),
+        )
+
+    fetched: list[Any] | None = None
+    if described.table is not None:
+        # A live view computes its pending keys, and a page bounded on one side only makes it compute every
+        # pending key past the cursor (and read every stored row there): bound the page first by the stored
+        # table, whose index stops after the page. The bound is a guess: if the live view has fewer rows up
+        # to it (keys deleted since the last refresh), the page is read again without it. Either answer is
+        # exact in the snapshot of the statement that gives it.
+        slack = max(10, limit // 10)
+        bound = conn.execute(select(described.table, conditions, 1, limit + slack), parameters).fetchone()
+        if bound is not None:
+            until = sql.SQL("ROW({}) {} ROW({})").format(
+                sql.SQL(", ").join(sql.Identifier("r", c) for c in columns),
+                sql.SQL("OPERATOR(pg_catalog.>=)" if going_down else "OPERATOR(pg_catalog.<=)"),
+                sql.SQL(", ").join(sql.Placeholder() for _ in columns),
+            )
+            bounded = conn.execute(select(name, [*conditions, until], limit + 1), [*parameters, *bound]).fetchall()
+            fetched = bounded if len(bounded) > limit else None
+    if fetched is None:
+        fetched = conn.execute(select(name, conditions, limit + 1), parameters).fetchall()
     width = len(described.columns)
     more = len(fetched) > limit
     fetched = fetched[:limit]

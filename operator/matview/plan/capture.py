@@ -38,10 +38,10 @@ _NEW_ROWS, _OLD_ROWS = "matview_new_rows", "matview_old_rows"
 def key_filtered_query(
     view: MaterializedView,
     key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation],
-    keys_table: tuple[str, ...] = sqltext.CHANGED_KEYS_TABLE,
+    keys_table: tuple[str, ...] | None = sqltext.CHANGED_KEYS_TABLE,
 ) -> sqltext.KeyFilterResult:
     """The query an incremental refresh runs: every read of a declared source filtered on the changed keys
-    (in keys_table; the live view names a CTE of the pending keys instead)."""
+    (in keys_table; None: equal to the parameters $1..$n, as the live view's function filters on one key)."""
     assert view.incremental is not None
     sources = {source.relation: source.columns for source in view.incremental.sources}
     return sqltext.inject_key_filters(view.query, key_catalog, sources, view.incremental.key_columns, keys_table)

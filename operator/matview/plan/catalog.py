@@ -53,6 +53,15 @@ class RelationState:
 
 
 @dataclass(frozen=True)
+class LivePart:
+    """Something holding the name of the live view's function or row shape (plan/live.py), ours or not."""
+
+    label: str
+    owner: str
+    marker: Marker | None
+
+
+@dataclass(frozen=True)
 class DependentView:
     """A view that reads the materialized view, captured so a swap can re-create it."""
 
@@ -122,6 +131,8 @@ class Observed:
     """The view's change capture (observed for storage Table)."""
     live: RelationState | None = None
     """What holds the live view's name (observed for storage Table), ours or not."""
+    live_parts: list[LivePart] = field(default_factory=list)
+    """What holds the names of the live view's function and row shape."""
     key_types: dict[str, KeyType] = field(default_factory=dict)
     """The query's result columns that are declared keys (spec.incremental), by name."""
     key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation] | None = None
@@ -161,6 +172,12 @@ JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
 WHERE n.nspname = %s AND c.relname = %s
 GROUP BY c.oid, n.nspname
+""")
+
+_FUNCTIONS_NAMED = sql.SQL("""
+SELECT pg_get_userbyid(p.proowner), obj_description(p.oid, 'pg_proc')
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname = %s AND p.proname = %s
 """)
 
 _INDEXES_ON = sql.SQL("""
@@ -256,6 +273,18 @@ LEFT JOIN pg_type generic ON generic.oid = CASE WHEN t.typcategory = 'A' THEN 'a
                                                 WHEN t.typtype = 'r' THEN 'anyrange'::regtype END
 WHERE t.oid = ANY(%s::oid[])
 """)
+
+
+def read_live_parts(conn: Connection, view: MaterializedView) -> list[LivePart]:
+    parts = [
+        LivePart(f"function {view.schema}.{live.function_name(view)}", str(owner), Marker.parse(comment))
+        for owner, comment in conn.execute(_FUNCTIONS_NAMED, (view.schema, live.function_name(view)))
+    ]
+    found = conn.execute(_RELATION, (view.schema, live.shape_name(view))).fetchone()
+    if found is not None:
+        shape = _relation(found)
+        parts.append(LivePart(f"relation {view.schema}.{shape.name}", shape.owner, shape.marker))
+    return parts
 
 
 def _relation(row: tuple[Any, ...]) -> RelationState:
@@ -360,6 +389,7 @@ def observe(
         observed.capture = read_capture(conn, view)
         found = conn.execute(_RELATION, (view.schema, live.name(view))).fetchone()
         observed.live = _relation(found) if found else None
+        observed.live_parts = read_live_parts(conn, view)
 
     for oid, schema, name, relkind, comment, populated, table_oid, valid, owner in conn.execute(
         _OUR_OBJECTS, (marker_pattern(), owner_pattern(view.owner))

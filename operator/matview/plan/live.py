@@ -3,7 +3,7 @@
 ``<name>_live`` (opt-in: ``spec.incremental.liveView``) returns, inside the reader's own snapshot:
 
 - the stored rows whose key has no pending change in the change log, plus
-- the user's query, key-filtered exactly as an incremental refresh filters it, for the pending keys;
+- for each pending key, the user's query key-filtered exactly as an incremental refresh filters it;
 - or, while a full rebuild is pending (a TRUNCATE, a repaired capture, a NULL key), the whole query: slow
   but correct, which is the original fallback from the view to its query, made automatic.
 
@@ -12,12 +12,26 @@ snapshot sees a key either pending (and recomputed here) or applied (and stored)
 neither. Writes to tables the declaration does not list are not in the log: they show after the next
 refresh, as in the stored table.
 
-The view belongs to the view's builder (spec.runAsRole, else the operator's role), reads the change log
-with the SELECT the log grants that role, and is granted to spec.grants like the table. This module is
-the pure half: its name, marker digest and statements; the planner decides when they run.
+Why a function computes the pending keys (``<name>_live_rows``, one key per call, or every row when
+called with NULLs) instead of the query standing in the view's text: a read of one key or one page must
+cost about what the same read of the table costs. Inlined, the query made every read plan it (a
+statement over the driver-matrix view plans in ~12 ms) and its estimate (the whole query) made
+PostgreSQL JIT-compile every read (~200 ms); and a key predicate on the view never reached the pending
+keys through the query's aggregates. Behind the function, the view's key columns come from the pending
+keys themselves, so ``WHERE key = $1`` and ``key > $1`` narrow the pending keys before any is computed,
+and PL/pgSQL keeps the function's plan for the session. The function is STABLE (it reads the caller's
+snapshot), SECURITY DEFINER as the view's builder with the pinned search_path (it reads what the
+builder reads, like the view), EXECUTE only for the roles granted on the view. Its rows have the shape
+of ``<name>_live_shape``, an empty table made from the query, so that it depends on nothing a swap
+replaces.
+
+This module is the pure half: names, markers and statements; the planner decides when they run.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 from psycopg import sql
 
@@ -27,20 +41,37 @@ from matview.constants import MAX_IDENTIFIER_BYTES
 from matview.plan import capture
 from matview.plan.marker import Marker
 
-#: The CTE, inside the live view, that holds the keys with a pending change (the key filter reads it).
-PENDING_KEYS = "matview_pending_keys"
-_REBUILD = "matview_rebuild_pending"
-_SUFFIX = "_live"
+_VIEW_SUFFIX, _ROWS_SUFFIX, _SHAPE_SUFFIX = "_live", "_live_rows", "_live_shape"
 #: Changes when the shape of the statements below changes, so that apply re-creates older live views.
-LIVE_FORMAT_VERSION = "1"
+LIVE_FORMAT_VERSION = "2"
+
+
+def _named(view: MaterializedView, suffix: str) -> str:
+    return truncate_utf8(view.name, MAX_IDENTIFIER_BYTES - len(suffix)) + suffix
 
 
 def name(view: MaterializedView) -> str:
-    return truncate_utf8(view.name, MAX_IDENTIFIER_BYTES - len(_SUFFIX)) + _SUFFIX
+    return _named(view, _VIEW_SUFFIX)
+
+
+def function_name(view: MaterializedView) -> str:
+    return _named(view, _ROWS_SUFFIX)
+
+
+def shape_name(view: MaterializedView) -> str:
+    return _named(view, _SHAPE_SUFFIX)
 
 
 def identifier(view: MaterializedView) -> sql.Identifier:
     return sql.Identifier(view.schema, name(view))
+
+
+def function_identifier(view: MaterializedView) -> sql.Identifier:
+    return sql.Identifier(view.schema, function_name(view))
+
+
+def shape_identifier(view: MaterializedView) -> sql.Identifier:
+    return sql.Identifier(view.schema, shape_name(view))
 
 
 def wanted(view: MaterializedView) -> bool:
@@ -48,8 +79,11 @@ def wanted(view: MaterializedView) -> bool:
 
 
 def digest(view: MaterializedView) -> str:
-    """What the live view was made from: the query and declaration, the capture format, this module's."""
-    return f"{view.definition_digest}.{capture.capture_digest(view)}.{LIVE_FORMAT_VERSION}"
+    """What the live view was made from: the query and declaration, the capture format, the grants (the
+    function's EXECUTE follows them), this module's format."""
+    grants = json.dumps(sorted((grant.role, sorted(grant.privileges)) for grant in view.grants))
+    granted = hashlib.sha256(grants.encode()).hexdigest()[:8]
+    return f"{view.definition_digest}.{capture.capture_digest(view)}.{granted}.{LIVE_FORMAT_VERSION}"
 
 
 def marker(view: MaterializedView) -> Marker:
@@ -57,50 +91,137 @@ def marker(view: MaterializedView) -> Marker:
     return Marker(view.owner, "live", digest(view), {"table": view.name})
 
 
-def query(view: MaterializedView, key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation]) -> sql.Composed:
-    """The live view's SELECT."""
+def part_marker(view: MaterializedView, part: str) -> Marker:
+    """The marker of the live view's function ("rows") and row shape ("shape")."""
+    return Marker(view.owner, "live", digest(view), {"part": part})
+
+
+def _pending(view: MaterializedView) -> sql.Composed:
+    """The keys with a change in the log, as a subquery (not a CTE, so that a key predicate reaches it)."""
+    return sql.SQL("(SELECT DISTINCT {})").format(capture.claimable_keys(view))
+
+
+def _rebuild_due(view: MaterializedView) -> sql.Composed:
+    """True while the log holds a change only a full rebuild applies: a constant per statement."""
+    return sql.SQL("(SELECT EXISTS (SELECT FROM {} AS l WHERE NOT ({})))").format(
+        capture.changes_id(view), capture.claimable(view)
+    )
+
+
+def _dollar_tag(texts: list[str]) -> str:
+    """A dollar-quote tag that occurs in none of the texts the function body holds."""
+    tag = "matview"
+    while any(f"${tag}$" in text for text in texts):
+        tag += "_"
+    return tag
+
+
+def function_body(
+    view: MaterializedView, key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation]
+) -> sql.Composed:
+    """PL/pgSQL: the query for the one key given, or the whole query when the key is NULL. Columns win over
+    the function's own names (FOUND), so a query reading a column called that still reads the column."""
     assert view.incremental is not None
     keys = view.incremental.key_columns
-    filtered = capture.key_filtered_query(view, key_catalog, keys_table=(PENDING_KEYS,)).query
-    pending, rebuild = sql.Identifier(PENDING_KEYS), sql.Identifier(_REBUILD)
+    filtered = capture.key_filtered_query(view, key_catalog, keys_table=None).query
+    parameters = sql.SQL(", ").join(sql.SQL(f"${position}") for position in range(1, len(keys) + 1))
     return sql.SQL(
-        "WITH {pending} AS (SELECT DISTINCT {claimable_keys}),\n"
-        "{rebuild} AS (SELECT EXISTS (SELECT FROM {log} AS l WHERE NOT ({claimable})) AS due)\n"
+        "#variable_conflict use_column\n"
+        "BEGIN\n"
+        "IF $1 IS NULL THEN\n"
+        "RETURN QUERY SELECT * FROM ({query}) AS q;\n"
+        "ELSE\n"
+        "RETURN QUERY SELECT * FROM ({filtered}) AS q WHERE ({keys}) = ({parameters});\n"
+        "END IF;\n"
+        "END"
+    ).format(
+        query=sqltext.embed(view.query),
+        filtered=sqltext.embed(filtered),
+        keys=capture.key_list(keys, "q"),
+        parameters=parameters,
+    )
+
+
+def query(view: MaterializedView, columns: tuple[str, ...]) -> sql.Composed:
+    """The live view's SELECT; columns are the query's (and the table's), in order."""
+    assert view.incremental is not None
+    keys = view.incremental.key_columns
+    pending, rebuild = _pending(view), _rebuild_due(view)
+    computed = sql.SQL(", ").join(sql.Identifier("p" if column in keys else "q", column) for column in columns)
+    nulls = sql.SQL(", ").join(sql.SQL("NULL") for _ in keys)
+    return sql.SQL(
         "SELECT t.* FROM {table} AS t\n"
-        "WHERE NOT (SELECT due FROM {rebuild})\n"
+        "WHERE NOT {rebuild}\n"
         "  AND NOT EXISTS (SELECT FROM {pending} AS p WHERE ROW({pending_keys}) = ROW({table_keys}))\n"
         "UNION ALL\n"
-        "SELECT q.* FROM ({filtered}) AS q\n"
-        "WHERE NOT (SELECT due FROM {rebuild}) AND ROW({query_keys}) IN (SELECT {keys} FROM {pending})\n"
+        "SELECT {computed} FROM {pending} AS p CROSS JOIN LATERAL {function}({pending_keys}) AS q\n"
+        "WHERE NOT {rebuild}\n"
         "UNION ALL\n"
-        "SELECT q.* FROM ({query}) AS q WHERE (SELECT due FROM {rebuild})"
+        "SELECT q.* FROM {function}({nulls}) AS q WHERE {rebuild}"
     ).format(
-        pending=pending,
-        rebuild=rebuild,
-        claimable_keys=capture.claimable_keys(view),
-        log=capture.changes_id(view),
-        claimable=capture.claimable(view),
         table=sql.Identifier(view.schema, view.name),
+        rebuild=rebuild,
+        pending=pending,
         pending_keys=capture.key_list(keys, "p"),
         table_keys=capture.key_list(keys, "t"),
-        filtered=sqltext.embed(filtered),
-        query_keys=capture.key_list(keys, "q"),
-        keys=capture.key_list(keys),
-        query=sqltext.embed(view.query),
+        computed=computed,
+        function=function_identifier(view),
+        nulls=nulls,
     )
 
 
 def create_statements(
-    view: MaterializedView, key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation]
+    view: MaterializedView,
+    key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation],
+    columns: tuple[str, ...],
 ) -> list[sql.Composed]:
-    """(Re)create the live view with its marker; grants follow (the planner's, like the table's)."""
-    target = identifier(view)
-    return [
-        sql.SQL("DROP VIEW IF EXISTS {}").format(target),
-        sql.SQL("CREATE VIEW {} AS {}").format(target, query(view, key_catalog)),
+    """(Re)create the row shape, the function and the view, with their markers; the function runs for the
+    roles granted on the view and nobody else. The view's own grants follow (the planner's, like the
+    table's). Runs as the view's builder."""
+    assert view.incremental is not None
+    keys = view.incremental.key_columns
+    shape, function, target = shape_identifier(view), function_identifier(view), identifier(view)
+    arguments = sql.SQL(", ").join(sql.SQL("{}.{}%TYPE").format(shape, sql.Identifier(k)) for k in keys)
+    body = function_body(view, key_catalog)
+    tag = _dollar_tag([body.as_string(None)])
+    readers = [grant.role for grant in view.grants if "SELECT" in grant.privileges]
+    statements = [
+        *drop_statements(view, if_exists=True),
+        sql.SQL("CREATE TABLE {} AS SELECT * FROM ({}) AS q WITH NO DATA").format(shape, sqltext.embed(view.query)),
+        sql.SQL("COMMENT ON TABLE {} IS {}").format(shape, sql.Literal(part_marker(view, "shape").to_comment())),
+        sql.SQL(
+            "CREATE FUNCTION {}({}) RETURNS SETOF {} LANGUAGE plpgsql STABLE SECURITY DEFINER "
+            "SET search_path = {} ROWS 1 AS {} {} {}"
+        ).format(
+            function,
+            arguments,
+            shape,
+            sql.Literal(sqltext.pinned_search_path(view.search_path)),
+            sql.SQL(f"${tag}$"),
+            body,
+            sql.SQL(f"${tag}$"),
+        ),
+        sql.SQL("COMMENT ON FUNCTION {}({}) IS {}").format(
+            function, arguments, sql.Literal(part_marker(view, "rows").to_comment())
+        ),
+        sql.SQL("REVOKE ALL ON FUNCTION {}({}) FROM PUBLIC").format(function, arguments),
+        *(
+            sql.SQL("GRANT EXECUTE ON FUNCTION {}({}) TO {}").format(
+                function, arguments, sql.SQL("PUBLIC") if role == "PUBLIC" else sql.Identifier(role)
+            )
+            for role in readers
+        ),
+        sql.SQL("CREATE VIEW {} AS {}").format(target, query(view, columns)),
         sql.SQL("COMMENT ON VIEW {} IS {}").format(target, sql.Literal(marker(view).to_comment())),
     ]
+    return statements
 
 
-def drop_statement(view: MaterializedView) -> sql.Composed:
-    return sql.SQL("DROP VIEW {}").format(identifier(view))
+def drop_statements(view: MaterializedView, if_exists: bool = False) -> list[sql.Composed]:
+    """The view first (it calls the function), then the function (its rows have the shape's type); a live
+    view of format 1 had neither."""
+    return [
+        sql.SQL("DROP VIEW{} {}").format(sql.SQL(" IF EXISTS" if if_exists else ""), identifier(view)),
+        sql.SQL("DROP FUNCTION IF EXISTS {}").format(function_identifier(view)),
+        sql.SQL("DROP TABLE IF EXISTS {}").format(shape_identifier(view)),
+    ]

@@ -20,7 +20,7 @@ from matview.api import sqltext
 from matview.api.spec import IndexSpec, MaterializedView, SupportingIndexSpec, truncate_utf8
 from matview.errors import DependentObjectsError, FieldError, SpecError, UnmanagedObjectError
 from matview.plan import capture, live, versions
-from matview.plan.catalog import DependentView, IndexState, Observed, RelationState, TableState
+from matview.plan.catalog import DependentView, IndexState, LivePart, Observed, RelationState, TableState
 from matview.plan.marker import Marker
 
 Statement = sql.Composed | sql.SQL
@@ -575,13 +575,21 @@ def _dependents_besides_live(view: MaterializedView, observed: Observed) -> list
     return [d for d in observed.dependents if d.oid != live_oid]
 
 
+def _live_part_is_ours(view: MaterializedView, observed: Observed, part: LivePart) -> bool:
+    return part.marker is not None and part.marker.kind == "live" and _is_ours(view, observed, part.marker, part.owner)
+
+
 def _converge_live(view: MaterializedView, observed: Observed, steps: list[Step], reasons: list[str]) -> list[Step]:
     """Keep the live view (plan/live.py) in step: it reads the table and the change log, so anything that
     replaces either (a swap, re-installed capture) or changes the query drops it first and makes it again
-    last; a live view no longer declared is dropped."""
+    last; a live view no longer declared is dropped, with its function and row shape."""
     found = observed.live
     ours = _live_is_ours(view, observed)
     wanted = live.wanted(view)
+    foreign_parts = [part for part in observed.live_parts if not _live_part_is_ours(view, observed, part)]
+    if wanted and foreign_parts:
+        part = foreign_parts[0]
+        raise UnmanagedObjectError(_not_ours(part.label, part.marker, part.owner))
     if found is not None and not ours:
         if wanted:
             raise UnmanagedObjectError(_not_ours(f"relation {view.schema}.{found.name}", found.marker, found.owner))
@@ -590,16 +598,20 @@ def _converge_live(view: MaterializedView, observed: Observed, steps: list[Step]
     touched = any(step.makes_data_live or step.drops_change_log for step in steps)
     drop = ours and (not wanted or not current or touched)
     create = wanted and (not ours or drop)
-    if drop:
-        steps = [Step(f"drop the live view {view.schema}.{live.name(view)}", (live.drop_statement(view),)), *steps]
+    if drop or (not wanted and observed.live_parts and not foreign_parts):
+        dropping = live.drop_statements(view, if_exists=not ours)
+        if foreign_parts:  # a function or table of someone else's holds a name: leave it, drop only the view
+            dropping = dropping[:1]
+        steps = [Step(f"drop the live view {view.schema}.{live.name(view)}", tuple(dropping)), *steps]
         if not wanted:
             reasons.append("the live view is no longer declared")
-    if create and observed.key_catalog is not None:
+    if create and observed.key_catalog is not None and observed.query_columns is not None:
         if not ours:
             reasons.append(f"the live view {view.schema}.{live.name(view)} does not exist")
         elif not current:
             reasons.append("the live view was made from another definition")
-        statements: list[Statement] = [*live.create_statements(view, observed.key_catalog)]
+        columns = tuple(column for column, _ in observed.query_columns)
+        statements: list[Statement] = [*live.create_statements(view, observed.key_catalog, columns)]
         statements += _grant_statements(view, live.identifier(view))
         steps = [
             *steps,
@@ -966,10 +978,10 @@ def build_delete_plan(view: MaterializedView, observed: Observed) -> Plan:
     Change capture goes either way: left behind, its triggers would fill a log nobody reads."""
     uncapture = _drop_capture_steps(view, observed, observed.capture) if observed.capture is not None else []
     if _live_is_ours(view, observed):  # it reads the log and the table: it goes first, whatever the policy
-        uncapture = [
-            Step(f"drop the live view {view.schema}.{live.name(view)}", (live.drop_statement(view),)),
-            *uncapture,
-        ]
+        dropping = live.drop_statements(view)
+        if not all(_live_part_is_ours(view, observed, part) for part in observed.live_parts):
+            dropping = dropping[:1]  # a function or table of someone else's holds a name: not ours to drop
+        uncapture = [Step(f"drop the live view {view.schema}.{live.name(view)}", tuple(dropping)), *uncapture]
     if view.deletion_policy == "Retain":
         reasons = ["deletionPolicy is Retain: the view and its indexes stay"]
         return Plan(view, tuple(uncapture), tuple(reasons + (["change capture is removed"] if uncapture else [])))
