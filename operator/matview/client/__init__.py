@@ -18,7 +18,7 @@ functions and operators are schema-qualified, and values go in as parameters.
 """
 
 from matview.client.fallback import RelationChooser
-from matview.client.pages import CursorError, OrderError, Page, page
+from matview.client.pages import MAX_LIMIT, CursorError, OrderError, Page, page
 from matview.client.signals import Change, listen, version
 
-__all__ = ["Change", "CursorError", "OrderError", "Page", "RelationChooser", "listen", "page", "version"]
+__all__ = ["MAX_LIMIT", "Change", "CursorError", "OrderError", "Page", "RelationChooser", "listen", "page", "version"]

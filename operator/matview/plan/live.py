@@ -19,11 +19,12 @@ statement over the driver-matrix view plans in ~12 ms) and its estimate (the who
 PostgreSQL JIT-compile every read (~200 ms); and a key predicate on the view never reached the pending
 keys through the query's aggregates. Behind the function, the view's key columns come from the pending
 keys themselves, so ``WHERE key = $1`` and ``key > $1`` narrow the pending keys before any is computed,
-and PL/pgSQL keeps the function's plan for the session. The function is STABLE (it reads the caller's
-snapshot), SECURITY DEFINER as the view's builder with the pinned search_path (it reads what the
-builder reads, like the view), EXECUTE only for the roles granted on the view. Its rows have the shape
-of ``<name>_live_shape``, an empty table made from the query, so that it depends on nothing a swap
-replaces.
+and PL/pgSQL keeps the function's plan for the session (a generic plan from the first call: the key is
+an index probe whatever its value, and planning per call would cost more than the call). The function is
+STABLE (it reads the caller's snapshot), SECURITY DEFINER as the view's builder with the pinned
+search_path (it reads what the builder reads, like the view), EXECUTE only for the roles granted on the
+view. Its rows have the shape of ``<name>_live_shape``, an empty table made from the query, so that it
+depends on nothing a swap replaces.
 
 This module is the pure half: names, markers and statements; the planner decides when they run.
 """
@@ -43,7 +44,7 @@ from matview.plan.marker import Marker
 
 _VIEW_SUFFIX, _ROWS_SUFFIX, _SHAPE_SUFFIX = "_live", "_live_rows", "_live_shape"
 #: Changes when the shape of the statements below changes, so that apply re-creates older live views.
-LIVE_FORMAT_VERSION = "2"
+LIVE_FORMAT_VERSION = "3"
 
 
 def _named(view: MaterializedView, suffix: str) -> str:
@@ -191,7 +192,7 @@ def create_statements(
         sql.SQL("COMMENT ON TABLE {} IS {}").format(shape, sql.Literal(part_marker(view, "shape").to_comment())),
         sql.SQL(
             "CREATE FUNCTION {}({}) RETURNS SETOF {} LANGUAGE plpgsql STABLE SECURITY DEFINER "
-            "SET search_path = {} ROWS 1 AS {} {} {}"
+            "SET search_path = {} SET plan_cache_mode = force_generic_plan ROWS 1 AS {} {} {}"
         ).format(
             function,
             arguments,
