@@ -164,15 +164,21 @@ def test_query_change_swaps_while_a_reader_keeps_reading(base: Connection, dsn: 
                     errors.append(exc)
                 time.sleep(0.01)
 
+    def reads_after(moment: float) -> None:
+        deadline = time.monotonic() + 60
+        while not any(at > moment for at, _ in totals) and not errors:
+            assert thread.is_alive() and time.monotonic() < deadline, "the reader stopped reading"
+            time.sleep(0.01)
+
     thread = threading.Thread(target=reader)
     thread.start()
-    time.sleep(0.1)
+    reads_after(0.0)  # the reader is reading before the swap starts
     started = time.monotonic()
     try:
         engine.apply(base, changed)
     finally:
         finished = time.monotonic()
-        time.sleep(0.1)
+        reads_after(finished)  # and reads the new copy after it
         stop.set()
         thread.join()
     assert errors == []

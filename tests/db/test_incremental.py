@@ -472,11 +472,15 @@ def test_an_incremental_refresh_killed_mid_way_loses_nothing(matrix: Connection,
     before = matrix.execute("SELECT count(*) FROM ops.mx").fetchone()
 
     def kill_soon() -> None:
-        time.sleep(1.0)
+        """Once the recompute runs (it sleeps 5 s on driver 4), terminate it."""
+        deadline = time.monotonic() + 60
         with psycopg.connect(dsn, autocommit=True) as killer:
-            killer.execute(
-                'SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE \'INSERT INTO "ops"."mx"%%\''
-            )
+            while not killer.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE state = 'active' AND query LIKE 'INSERT INTO \"ops\".\"mx\"%%'"
+            ).fetchall():
+                assert time.monotonic() < deadline, "the recompute never ran"
+                time.sleep(0.01)
 
     with psycopg.connect(dsn, autocommit=True) as victim:
         thread = threading.Thread(target=kill_soon)

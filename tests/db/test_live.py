@@ -263,7 +263,7 @@ def test_a_look_alike_function_holding_the_live_functions_name_is_refused(matrix
         matrix.execute(f"SET ROLE {roles['planter']}")
         matrix.execute("CREATE FUNCTION ops.mx_live_rows(bigint) RETURNS SETOF int LANGUAGE sql AS 'SELECT 1'")
         matrix.execute("RESET ROLE")
-        with pytest.raises(UnmanagedObjectError, match="function ops.mx_live_rows exists and is not managed"):
+        with pytest.raises(UnmanagedObjectError, match=r"function ops\.mx_live_rows exists and is not managed"):
             engine.apply(matrix, live_view())
         assert matrix.execute("SELECT to_regclass('ops.mx_live')").fetchone() == (None,)
         owner = matrix.execute(

@@ -131,7 +131,13 @@ def test_plain_refresh_blocks_readers_concurrent_does_not(db: Connection, dsn: s
 
         def watch() -> None:
             with psycopg.connect(dsn, autocommit=True) as watcher, psycopg.connect(dsn, autocommit=True) as reader:
-                time.sleep(0.4)
+                # The reader comes once the REFRESH holds its lock: when the statement runs.
+                deadline = time.monotonic() + 60
+                while watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'REFRESH%'"
+                ).fetchone() != (1,):
+                    assert time.monotonic() < deadline, "the REFRESH never ran"
+                    time.sleep(0.01)
                 thread = threading.Thread(target=lambda: reader.execute("SELECT count(*) FROM ops.totals"))
                 thread.start()
                 while thread.is_alive():
@@ -351,6 +357,22 @@ def test_metrics_page_after_a_success_and_a_failure(db: Connection) -> None:
     assert 'name="totals"' not in body
 
 
+async def wait_for_statement(db: Connection, pattern: str, task: asyncio.Task[Any], seconds: float = 60) -> None:
+    """Until another session runs a statement LIKE pattern; fails at once if the task ended first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        row = db.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE state = 'active' AND query LIKE %s AND pid <> pg_backend_pid()",
+            (pattern,),
+        ).fetchone()
+        if row and row[0]:
+            return
+        assert not task.done(), f"the task ended before its statement ran: {task}"
+        assert time.monotonic() < deadline, f"no statement like {pattern!r} ran within {seconds} s"
+        await asyncio.sleep(0.02)
+
+
 async def test_cancelling_a_refresh_cancels_it_in_the_database(db: Connection, dsn: str) -> None:
     v = mv()
     engine.apply(db, v)
@@ -358,7 +380,7 @@ async def test_cancelling_a_refresh_cancels_it_in_the_database(db: Connection, d
     db.execute("UPDATE ops.ctl SET slow_seconds = 30; INSERT INTO ops.events VALUES (1000, 'k1', 1000)")
     refresher = Refresher(RefreshMetrics())
     task = asyncio.create_task(refresher.refresh(dsn, v, "Concurrent"))
-    await asyncio.sleep(1.0)
+    await wait_for_statement(db, "REFRESH%", task)  # cancel it in the server, not before it got there
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -58,7 +58,7 @@ def test_postgresql_stopped_immediately_mid_refresh(world: World, mode: str) -> 
     w.wait(w.refreshing, "a refresh in flight", 30)
     w.stop_server("immediate")
     w.injected = 1
-    time.sleep(2)
+    w.wait(failures_reach(w, 1), "the runner to count the refresh the crash killed", 30)
     w.start_server()
     w.set_slow(0)
     w.recover(RECOVERY_BOUND)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
+import pytest
 
+from matview.k8s.scheduler import ViewScheduler
 from tests.k8s.conftest import Cluster, eventually, settle
 
 QUERY = "SELECT region, sum(amount) AS total FROM public.sales GROUP BY region"
@@ -338,7 +340,10 @@ def exists_table(dsn: str) -> bool:
         return conn.execute("SELECT to_regclass('public.sales_by_region') IS NOT NULL").fetchone() == (True,)
 
 
-async def test_target_lag_looks_do_not_rewrite_the_status(cluster: Cluster, operator: Any, dsn: str) -> None:
+async def test_target_lag_looks_do_not_rewrite_the_status(
+    cluster: Cluster, operator: Any, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    looks = count_looks(monkeypatch)
     setup_sales(dsn)
     await cluster.put_secret("db", {"uri": dsn})
     incremental = {"keyColumns": ["region"], "sources": [{"table": "public.sales", "columns": ["region"]}]}
@@ -352,14 +357,31 @@ async def test_target_lag_looks_do_not_rewrite_the_status(cluster: Cluster, oper
         return sum(1 for r in cluster.server if str(r.method).upper().endswith("PATCH") and r.subresource)
 
     await settle(cluster.server, quiet=1.0)
-    before = status_patches()
-    await asyncio.sleep(4)  # four looks, nothing pending
+    before, looked = status_patches(), looks()
+    await eventually(lambda: looks() >= looked + 4, "four more looks (the scheduler's loop is alive)")
     assert status_patches() == before, "a look that found nothing wrote the status"
 
     # Retain keeps the rows, and still takes the capture off the source table.
     await cluster.delete_view("sales-by-region")
     await eventually(lambda: capture_triggers(dsn) == 0, "the capture triggers removed")
     assert exists_table(dsn)
+
+
+def count_looks(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """Count the scheduler's finished looks (refresh rounds), so a test waits on them instead of the clock:
+    a loop that died makes the wait fail rather than pass."""
+    finished = 0
+    original = ViewScheduler._refresh_once
+
+    async def counted(self: ViewScheduler, *args: Any, **kwargs: Any) -> None:
+        nonlocal finished
+        try:
+            await original(self, *args, **kwargs)
+        finally:
+            finished += 1
+
+    monkeypatch.setattr(ViewScheduler, "_refresh_once", counted)
+    return lambda: finished
 
 
 def capture_triggers(dsn: str) -> int:
