@@ -265,9 +265,10 @@ async def test_a_100_kib_query_works_and_annotations_stay_small(cluster: Cluster
 
 
 async def test_the_scheduler_repairs_drift_without_rewriting_an_unchanged_status(
-    cluster: Cluster, operator: Any, dsn: str
+    cluster: Cluster, operator: Any, dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Drift checks (every 2 s in these tests) restore a dropped index; when nothing changed they write nothing."""
+    checks = count_calls(monkeypatch, "_check")
     await hourly_view_ready(cluster, dsn)
 
     def indexes() -> int:
@@ -282,7 +283,8 @@ async def test_the_scheduler_repairs_drift_without_rewriting_an_unchanged_status
     await eventually(no_change_needed, "a drift check that found nothing to do")
     await settle(cluster.server, quiet=1.0)
     patches_before = sum(1 for r in cluster.server if str(r.method).upper().endswith("PATCH") and r.subresource)
-    await settle(cluster.server, quiet=5.0, limit=6.0)  # two or more drift checks, nothing to change
+    checked = checks()
+    await eventually(lambda: checks() >= checked + 2, "two more drift checks (the scheduler's loop is alive)")
     patches_after = sum(1 for r in cluster.server if str(r.method).upper().endswith("PATCH") and r.subresource)
     assert patches_after == patches_before, "an unchanged status was written again"
 
@@ -343,7 +345,7 @@ def exists_table(dsn: str) -> bool:
 async def test_target_lag_looks_do_not_rewrite_the_status(
     cluster: Cluster, operator: Any, dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    looks = count_looks(monkeypatch)
+    looks = count_calls(monkeypatch, "_refresh_once")
     setup_sales(dsn)
     await cluster.put_secret("db", {"uri": dsn})
     incremental = {"keyColumns": ["region"], "sources": [{"table": "public.sales", "columns": ["region"]}]}
@@ -367,11 +369,11 @@ async def test_target_lag_looks_do_not_rewrite_the_status(
     assert exists_table(dsn)
 
 
-def count_looks(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
-    """Count the scheduler's finished looks (refresh rounds), so a test waits on them instead of the clock:
-    a loop that died makes the wait fail rather than pass."""
+def count_calls(monkeypatch: pytest.MonkeyPatch, method: str) -> Callable[[], int]:
+    """Count the scheduler's finished looks (``_refresh_once``) or drift checks (``_check``), so that a test
+    waits on them instead of the clock: a loop that died makes the wait fail rather than pass."""
     finished = 0
-    original = ViewScheduler._refresh_once
+    original = getattr(ViewScheduler, method)
 
     async def counted(self: ViewScheduler, *args: Any, **kwargs: Any) -> None:
         nonlocal finished
@@ -380,7 +382,7 @@ def count_looks(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
         finally:
             finished += 1
 
-    monkeypatch.setattr(ViewScheduler, "_refresh_once", counted)
+    monkeypatch.setattr(ViewScheduler, method, counted)
     return lambda: finished
 
 
