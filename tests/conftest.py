@@ -78,6 +78,15 @@ def conn(dsn: str) -> Iterator[engine.Connection]:
         yield connection
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs PostgreSQL with ``db``: those using the suite's server (the pg_server
+    fixture) and the fault scenarios, which start servers of their own to crash. ``pytest -m "not db"``
+    then runs the rest alone."""
+    for item in items:
+        if "pg_server" in getattr(item, "fixturenames", ()) or item.nodeid.startswith("tests/faults/"):
+            item.add_marker(pytest.mark.db)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Build the e2e control plane (and the operator image, when its test is selected) before any test
     runs, not inside a fixture, whose time would count against the first test's timeout; show the build

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import psycopg
@@ -27,6 +28,28 @@ def quickstart_blocks() -> list[str]:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## On Kubernetes", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```sh\n(.*?)```", section, re.S)
+
+
+def run_while_alive(
+    command: list[str], env: dict[str, str], helper: subprocess.Popen[bytes], helper_log: Path, seconds: float = 400
+) -> subprocess.CompletedProcess[str]:
+    """Run command to completion, but fail at once, with the helper's last lines, if the helper process it
+    needs (the operator) exits first: a `kubectl wait` would otherwise wait out its whole timeout."""
+    steps = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + seconds
+    while steps.poll() is None:
+        if helper.poll() is not None:
+            steps.kill()
+            steps.communicate()
+            raise AssertionError(
+                f"the operator exited with {helper.returncode} while the steps ran:\n{helper_log.read_text()[-4000:]}"
+            )
+        if time.monotonic() > deadline:
+            steps.kill()
+            raise AssertionError(f"the steps did not finish in {seconds} s:\n{helper_log.read_text()[-4000:]}")
+        time.sleep(0.2)
+    stdout, stderr = steps.communicate()
+    return subprocess.CompletedProcess(command, steps.returncode, stdout, stderr)
 
 
 def test_the_readme_kubernetes_quickstart_works_verbatim(control_plane: ControlPlane, dsn: str, tmp_path: Path) -> None:
@@ -47,13 +70,8 @@ def test_the_readme_kubernetes_quickstart_works_verbatim(control_plane: ControlP
         ["bash", "-c", operator_block], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     try:
-        steps = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", steps_block],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=400,
+        steps = run_while_alive(
+            ["bash", "-euo", "pipefail", "-c", steps_block], env, operator, tmp_path / "operator.log"
         )
         assert steps.returncode == 0, (
             f"{steps.stdout}\n{steps.stderr}\n{(tmp_path / 'operator.log').read_text()[-4000:]}"
