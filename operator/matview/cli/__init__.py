@@ -521,7 +521,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         for view, _ in batch.views:
             fast = sql.Identifier(view.schema, view.name)
             slow = sql.Identifier(*fallback)
-            shapes = [demo.Shape("first 25 rows", "SELECT * FROM {relation} LIMIT 25")]
+            shapes = [demo.Shape("first 25 rows", sql.SQL("SELECT * FROM {relation} LIMIT 25"))]
             for index in view.indexes:
                 column = index.columns[0]
                 value = conn.execute(
@@ -532,7 +532,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 if value is not None:
                     shapes.append(
                         demo.Shape(
-                            f"{column} = ?", "SELECT * FROM {relation} WHERE {column} = %s", (value[0],), column=column
+                            f"{column} = ?",
+                            sql.SQL("SELECT * FROM {relation} WHERE {column} = %s"),
+                            (value[0],),
+                            column=column,
                         )
                     )
             rows = demo.compare(conn, shapes, slow, fast, args.repeats, args.repeats * 5)

@@ -33,15 +33,15 @@ class Shape:
     """One query shape of the original fix, with its parameters."""
 
     label: str
-    template: str
+    template: sql.SQL
     """A constant: {relation} and {column} are filled in as identifiers, values are parameters."""
     params: tuple[Any, ...] = ()
     column: str | None = None
 
     def statement(self, relation: sql.Identifier) -> sql.Composed:
         if self.column is not None:
-            return sql.SQL(self.template).format(relation=relation, column=sql.Identifier(self.column))
-        return sql.SQL(self.template).format(relation=relation)  # templates are constants above
+            return self.template.format(relation=relation, column=sql.Identifier(self.column))
+        return self.template.format(relation=relation)
 
 
 def seed_shapes(conn: Connection, relation: sql.Identifier) -> list[Shape]:
@@ -54,14 +54,14 @@ def seed_shapes(conn: Connection, relation: sql.Identifier) -> list[Shape]:
     ).fetchone()
     tag, week, driver = row if row else ("cabinet", None, 1)
     return [
-        Shape("first page, unfiltered", "SELECT * FROM {relation} ORDER BY week_start, driver_name LIMIT 25"),
+        Shape("first page, unfiltered", sql.SQL("SELECT * FROM {relation} ORDER BY week_start, driver_name LIMIT 25")),
         Shape(
             "origin_tag + week_start",
-            "SELECT * FROM {relation} WHERE origin_tag = %s AND week_start = %s ORDER BY driver_name LIMIT 25",
+            sql.SQL("SELECT * FROM {relation} WHERE origin_tag = %s AND week_start = %s ORDER BY driver_name LIMIT 25"),
             (tag, week),
         ),
-        Shape("one driver", "SELECT * FROM {relation} WHERE driver_id = %s", (driver,)),
-        Shape("pending count", "SELECT count(*) FROM {relation} WHERE only_pending"),
+        Shape("one driver", sql.SQL("SELECT * FROM {relation} WHERE driver_id = %s"), (driver,)),
+        Shape("pending count", sql.SQL("SELECT count(*) FROM {relation} WHERE only_pending")),
     ]
 
 

@@ -32,6 +32,12 @@ RESERVED_COLUMNS = frozenset({CHANGED_AT, FULL_REBUILD})
 SWAP_PENDING = "a build-and-swap did not complete"
 
 _OPERATIONS = {"i": "INSERT", "u": "UPDATE", "d": "DELETE", "t": "TRUNCATE"}
+_OPERATION_SQL = {
+    "INSERT": sql.SQL("INSERT"),
+    "UPDATE": sql.SQL("UPDATE"),
+    "DELETE": sql.SQL("DELETE"),
+    "TRUNCATE": sql.SQL("TRUNCATE"),
+}
 _NEW_ROWS, _OLD_ROWS = "matview_new_rows", "matview_old_rows"
 
 
@@ -176,8 +182,8 @@ def _function_body(view: MaterializedView) -> str:
     return body.as_string(None)
 
 
-def _comment(keyword: str, target: sql.Composable, marker: Marker) -> sql.Composed:
-    return sql.SQL("COMMENT ON {} {} IS {}").format(sql.SQL(keyword), target, sql.Literal(marker.to_comment()))
+def _comment(keyword: sql.SQL, target: sql.Composable, marker: Marker) -> sql.Composed:
+    return sql.SQL("COMMENT ON {} {} IS {}").format(keyword, target, sql.Literal(marker.to_comment()))
 
 
 def changes_id(view: MaterializedView) -> sql.Identifier:
@@ -219,12 +225,14 @@ def create_log_statements(view: MaterializedView) -> list[sql.Composed | sql.SQL
         sql.SQL(
             "ALTER TABLE {} ADD COLUMN {} timestamptz NOT NULL DEFAULT clock_timestamp(), ADD COLUMN {} text"
         ).format(log, sql.Identifier(CHANGED_AT), sql.Identifier(FULL_REBUILD)),
-        _comment("TABLE", log, Marker(view.owner, "changes", capture_digest(view))),
+        _comment(sql.SQL("TABLE"), log, Marker(view.owner, "changes", capture_digest(view))),
         sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS {}").format(
             function, sql.Literal(_function_body(view))
         ),
         sql.SQL("REVOKE ALL ON FUNCTION {}() FROM PUBLIC").format(function),
-        _comment("FUNCTION", sql.SQL("{}()").format(function), Marker(view.owner, "capture", capture_digest(view))),
+        _comment(
+            sql.SQL("FUNCTION"), sql.SQL("{}()").format(function), Marker(view.owner, "capture", capture_digest(view))
+        ),
     ]
 
 
@@ -252,7 +260,7 @@ def create_trigger_statements(view: MaterializedView, schema: str, table: str) -
         }[operation]
         statements.append(
             sql.SQL("CREATE TRIGGER {} AFTER {} ON {}{} FOR EACH STATEMENT {}").format(
-                sql.Identifier(name), sql.SQL(operation), target, referencing, call
+                sql.Identifier(name), _OPERATION_SQL[operation], target, referencing, call
             )
         )
         # ALWAYS: writes under session_replication_role = replica (every logical-replication apply, many

@@ -109,12 +109,17 @@ def _rebuild_due(view: MaterializedView) -> sql.Composed:
     )
 
 
-def _dollar_tag(texts: list[str]) -> str:
-    """A dollar-quote tag that occurs in none of the texts the function body holds."""
-    tag = "matview"
-    while any(f"${tag}$" in text for text in texts):
-        tag += "_"
-    return tag
+#: $1..$8 (spec.incremental.keyColumns holds at most 8): the function's key parameters, as constants.
+_PARAMETERS = (
+    sql.SQL("$1"),
+    sql.SQL("$2"),
+    sql.SQL("$3"),
+    sql.SQL("$4"),
+    sql.SQL("$5"),
+    sql.SQL("$6"),
+    sql.SQL("$7"),
+    sql.SQL("$8"),
+)
 
 
 def function_body(
@@ -125,7 +130,7 @@ def function_body(
     assert view.incremental is not None
     keys = view.incremental.key_columns
     filtered = capture.key_filtered_query(view, key_catalog, keys_table=None).query
-    parameters = sql.SQL(", ").join(sql.SQL(f"${position}") for position in range(1, len(keys) + 1))
+    parameters = sql.SQL(", ").join(_PARAMETERS[: len(keys)])
     return sql.SQL(
         "#variable_conflict use_column\n"
         "BEGIN\n"
@@ -183,8 +188,8 @@ def create_statements(
     keys = view.incremental.key_columns
     shape, function, target = shape_identifier(view), function_identifier(view), identifier(view)
     arguments = sql.SQL(", ").join(sql.SQL("{}.{}%TYPE").format(shape, sql.Identifier(k)) for k in keys)
-    body = function_body(view, key_catalog)
-    tag = _dollar_tag([body.as_string(None)])
+    # The body goes in as a string literal (quoted by psycopg, so nothing in the query can end it early).
+    body = sql.Literal(function_body(view, key_catalog).as_string(None))
     readers = [grant.role for grant in view.grants if "SELECT" in grant.privileges]
     statements = [
         *drop_statements(view, if_exists=True),
@@ -192,15 +197,13 @@ def create_statements(
         sql.SQL("COMMENT ON TABLE {} IS {}").format(shape, sql.Literal(part_marker(view, "shape").to_comment())),
         sql.SQL(
             "CREATE FUNCTION {}({}) RETURNS SETOF {} LANGUAGE plpgsql STABLE SECURITY DEFINER "
-            "SET search_path = {} SET plan_cache_mode = force_generic_plan ROWS 1 AS {} {} {}"
+            "SET search_path = {} SET plan_cache_mode = force_generic_plan ROWS 1 AS {}"
         ).format(
             function,
             arguments,
             shape,
             sql.Literal(sqltext.pinned_search_path(view.search_path)),
-            sql.SQL(f"${tag}$"),
             body,
-            sql.SQL(f"${tag}$"),
         ),
         sql.SQL("COMMENT ON FUNCTION {}({}) IS {}").format(
             function, arguments, sql.Literal(part_marker(view, "rows").to_comment())

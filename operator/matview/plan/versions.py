@@ -30,9 +30,11 @@ MAX_NOTIFIED_KEYS = 100
 MAX_KEYS_BYTES = 6_000
 
 CREATE_STATEMENTS = (
-    "CREATE TABLE IF NOT EXISTS {} (relation text PRIMARY KEY, version bigint NOT NULL, "
-    "changed_at timestamptz NOT NULL, mode text NOT NULL)",
-    "GRANT SELECT ON {} TO PUBLIC",
+    sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {} (relation text PRIMARY KEY, version bigint NOT NULL, "
+        "changed_at timestamptz NOT NULL, mode text NOT NULL)"
+    ),
+    sql.SQL("GRANT SELECT ON {} TO PUBLIC"),
 )
 
 
@@ -46,7 +48,7 @@ def table(schema: str) -> sql.Identifier:
 
 
 def create_statements(schema: str) -> list[sql.Composed]:
-    return [sql.SQL(text).format(table(schema)) for text in CREATE_STATEMENTS]
+    return [statement.format(table(schema)) for statement in CREATE_STATEMENTS]
 
 
 def bump_statements(view: MaterializedView, mode: str, keyed: bool = False) -> list[sql.Composed | sql.SQL]:
