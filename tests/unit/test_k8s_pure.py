@@ -36,7 +36,7 @@ def test_uri_key_host_keys_and_custom_key() -> None:
 def test_missing_keys_are_named(data: dict[str, str], key: str, expected: str) -> None:
     with pytest.raises(CredentialsError) as caught:
         dsn_from_secret("db", encoded(**data), key)
-    assert caught.value.reason == conditions.SECRET_KEY_MISSING
+    assert caught.value.reason == conditions.Reason.SECRET_KEY_MISSING
     assert expected in str(caught.value)
 
 
@@ -91,17 +91,20 @@ def test_transition_time_moves_only_when_status_flips() -> None:
 
 def test_status_after_is_kstatus_shaped() -> None:
     ready = status_after(
-        {}, Outcome(True, conditions.RECONCILED, "ok", relation="ops.mv", built=True, rows=5, size_bytes=8192), 3, T0
+        {},
+        Outcome(True, conditions.Reason.RECONCILED, "ok", relation="ops.mv", built=True, rows=5, size_bytes=8192),
+        3,
+        T0,
     )
     by_type = {c["type"]: c for c in ready["conditions"]}
     assert by_type["Ready"]["status"] == "True"
     assert by_type["Reconciling"]["status"] == "False" and by_type["Stalled"]["status"] == "False"
     assert ready["observedGeneration"] == 3 and ready["relation"] == "ops.mv" and ready["rows"] == 5
     assert ready["lastSuccessfulRefreshTime"] == "2026-11-27T12:00:00Z"
-    retrying = status_after({}, Outcome(False, conditions.DATABASE_UNREACHABLE, "down", retry_after=30), 3, T0)
+    retrying = status_after({}, Outcome(False, conditions.Reason.DATABASE_UNREACHABLE, "down", retry_after=30), 3, T0)
     by_type = {c["type"]: c for c in retrying["conditions"]}
     assert (by_type["Reconciling"]["status"], by_type["Stalled"]["status"]) == ("True", "False")
-    stalled = status_after({}, Outcome(False, conditions.INVALID_SPEC, "bad", stalled=True), 3, T0)
+    stalled = status_after({}, Outcome(False, conditions.Reason.INVALID_SPEC, "bad", stalled=True), 3, T0)
     by_type = {c["type"]: c for c in stalled["conditions"]}
     assert (by_type["Reconciling"]["status"], by_type["Stalled"]["status"]) == ("False", "True")
     assert by_type["Stalled"]["reason"] == "InvalidSpec"

@@ -10,46 +10,71 @@ add ``Fresh`` (target lag) and ``Verified`` (comparison with a full recompute).
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Final
+import enum
+from typing import NotRequired, TypedDict
 
 from matview import timestamps
 
-READY: Final = "Ready"
-RECONCILING: Final = "Reconciling"
-STALLED: Final = "Stalled"
-REFRESHED: Final = "Refreshed"
-FRESH: Final = "Fresh"
-"""Incremental views with a target lag: whether the oldest unapplied change is within it."""
-VERIFIED: Final = "Verified"
-"""Incremental views with verifyInterval: whether the last comparison with a full recompute matched."""
 
-# Reasons (CamelCase, as metav1.Condition requires).
-RECONCILED: Final = "Reconciled"
-INVALID_SPEC: Final = "InvalidSpec"
-# (Reasons about Secrets, not secrets: the S105 suppressions below are for the linter.)
-SECRET_NOT_FOUND: Final = "SecretNotFound"  # noqa: S105
-SECRET_KEY_MISSING: Final = "SecretKeyMissing"  # noqa: S105
-SECRET_FORBIDDEN: Final = "SecretForbidden"  # noqa: S105
-DATABASE_UNREACHABLE: Final = "DatabaseUnreachable"
-API_UNREACHABLE: Final = "ApiUnreachable"
-OBJECT_CONFLICT: Final = "ObjectConflict"
-DEPENDENT_OBJECTS: Final = "DependentObjects"
-APPLY_FAILED: Final = "ApplyFailed"
-BUSY: Final = "Busy"
-SPEC_TOO_LARGE: Final = "SpecTooLarge"
-DELETION_BLOCKED: Final = "DeletionBlocked"
-REFRESH_SUCCEEDED: Final = "RefreshSucceeded"
-REFRESH_FAILED: Final = "RefreshFailed"
-REFRESH_SKIPPED: Final = "RefreshSkipped"
-RETRYING: Final = "Retrying"
-WITHIN_TARGET_LAG: Final = "WithinTargetLag"
-TARGET_LAG_MISSED: Final = "TargetLagMissed"
-VERIFICATION_PASSED: Final = "VerificationPassed"
-VERIFICATION_MISMATCH: Final = "VerificationMismatch"
-VERIFICATION_INCONCLUSIVE: Final = "VerificationInconclusive"
-DONE: Final = "Done"
+class ConditionType(enum.StrEnum):
+    READY = "Ready"
+    RECONCILING = "Reconciling"
+    STALLED = "Stalled"
+    REFRESHED = "Refreshed"
+    FRESH = "Fresh"
+    """Incremental views with a target lag: whether the oldest unapplied change is within it."""
+    VERIFIED = "Verified"
+    """Incremental views with verifyInterval: whether the last comparison with a full recompute matched."""
 
-Condition = dict[str, Any]
+
+class ConditionStatus(enum.StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+    @classmethod
+    def of(cls, value: bool) -> ConditionStatus:
+        return cls.TRUE if value else cls.FALSE
+
+
+class Reason(enum.StrEnum):
+    """Why a condition has its status: CamelCase, as metav1.Condition requires; an enum to prevent a direct
+    usage of strings (as kopf does)."""
+
+    RECONCILED = "Reconciled"
+    INVALID_SPEC = "InvalidSpec"
+    SECRET_NOT_FOUND = "SecretNotFound"  # noqa: S105 (about Secrets, not a secret)
+    SECRET_KEY_MISSING = "SecretKeyMissing"  # noqa: S105
+    SECRET_FORBIDDEN = "SecretForbidden"  # noqa: S105
+    DATABASE_UNREACHABLE = "DatabaseUnreachable"
+    API_UNREACHABLE = "ApiUnreachable"
+    OBJECT_CONFLICT = "ObjectConflict"
+    DEPENDENT_OBJECTS = "DependentObjects"
+    APPLY_FAILED = "ApplyFailed"
+    BUSY = "Busy"
+    SPEC_TOO_LARGE = "SpecTooLarge"
+    DELETION_BLOCKED = "DeletionBlocked"
+    REFRESH_SUCCEEDED = "RefreshSucceeded"
+    REFRESH_FAILED = "RefreshFailed"
+    REFRESH_SKIPPED = "RefreshSkipped"
+    RETRYING = "Retrying"
+    WITHIN_TARGET_LAG = "WithinTargetLag"
+    TARGET_LAG_MISSED = "TargetLagMissed"
+    VERIFICATION_PASSED = "VerificationPassed"
+    VERIFICATION_MISMATCH = "VerificationMismatch"
+    VERIFICATION_INCONCLUSIVE = "VerificationInconclusive"
+    DONE = "Done"
+
+
+class Condition(TypedDict):
+    """One metav1.Condition, as it is written to status.conditions."""
+
+    type: str
+    status: str
+    reason: str
+    message: str
+    lastTransitionTime: str
+    observedGeneration: NotRequired[int]
 
 
 timestamp = timestamps.rfc3339
@@ -58,15 +83,15 @@ timestamp = timestamps.rfc3339
 def set_condition(
     conditions: list[Condition] | None,
     *,
-    type_: str,
+    type_: ConditionType,
     status: bool,
-    reason: str,
+    reason: Reason,
     message: str,
     generation: int | None = None,
     now: dt.datetime | None = None,
 ) -> list[Condition]:
     """Return conditions with one replaced; lastTransitionTime moves only when the status flips."""
-    value = "True" if status else "False"
+    value = ConditionStatus.of(status)
     previous = next((c for c in conditions or [] if c.get("type") == type_), None)
     changed = previous is None or previous.get("status") != value
     condition: Condition = {

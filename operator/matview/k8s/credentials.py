@@ -25,7 +25,7 @@ _PARTS = ("host", "port", "dbname", "user", "password", "sslmode")
 class CredentialsError(Exception):
     """The Secret is missing or unusable; ``reason`` is a condition reason."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: conditions.Reason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
@@ -39,7 +39,7 @@ def dsn_from_secret(secret_name: str, data: Mapping[str, str] | None, key: str =
         return make_conninfo("", **{k: decoded[k] for k in _PARTS if k in decoded})
     present = ", ".join(sorted(decoded)) or "none"
     raise CredentialsError(
-        conditions.SECRET_KEY_MISSING,
+        conditions.Reason.SECRET_KEY_MISSING,
         f"Secret {secret_name!r} has no key {key!r}"
         + (" (nor host and dbname keys)" if key == "uri" else "")
         + f"; keys present: {present}",

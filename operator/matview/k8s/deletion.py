@@ -27,12 +27,17 @@ from matview.k8s.resource import resolve_dsn, validated
 from matview.plan import engine
 
 
-async def _blocked(namespace: str, name: str, reason: str, message: str) -> None:
+async def _blocked(namespace: str, name: str, reason: conditions.Reason, message: str) -> None:
     now = dt.datetime.now(dt.UTC)
 
     def change(status: dict[str, Any]) -> dict[str, Any]:
         status["conditions"] = conditions.set_condition(
-            status.get("conditions"), type_=conditions.READY, status=False, reason=reason, message=message, now=now
+            status.get("conditions"),
+            type_=conditions.ConditionType.READY,
+            status=False,
+            reason=reason,
+            message=message,
+            now=now,
         )
         return status
 
@@ -70,15 +75,15 @@ async def delete(ctx: OperatorContext, body: kopf.Body, logger: logging.Logger |
     try:
         result = await ctx.refresher.run_sync(dsn, lambda conn: engine.delete(conn, view))
     except DependentObjectsError as exc:
-        await _blocked(namespace, name, conditions.DELETION_BLOCKED, str(exc))
+        await _blocked(namespace, name, conditions.Reason.DELETION_BLOCKED, str(exc))
         raise kopf.TemporaryError(str(exc), delay=ctx.config.stalled_retry_seconds) from exc
     except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
         message = f"cannot connect to {describe(dsn)} to drop {view.relation}: {redact(str(exc).strip(), dsn)}"
-        await _blocked(namespace, name, conditions.DATABASE_UNREACHABLE, message)
+        await _blocked(namespace, name, conditions.Reason.DATABASE_UNREACHABLE, message)
         raise kopf.TemporaryError(message, delay=ctx.config.retry_seconds) from exc
     except (MatviewError, psycopg.Error) as exc:
         message = redact(str(exc).strip(), dsn)
-        await _blocked(namespace, name, conditions.DELETION_BLOCKED, message)
+        await _blocked(namespace, name, conditions.Reason.DELETION_BLOCKED, message)
         raise kopf.TemporaryError(message, delay=ctx.config.retry_seconds) from exc
     logger.info("deleted: %s", "; ".join(result.done) or "nothing to drop")
     _forget(ctx, key, namespace, name)

@@ -31,7 +31,7 @@ from matview.refresh import ViewSize, record_build, view_size
 @dataclass(frozen=True)
 class Outcome:
     ready: bool
-    reason: str
+    reason: conditions.Reason
     message: str
     retry_after: float | None = None
     """Seconds until kopf should try again; None when nothing would change by retrying."""
@@ -48,7 +48,7 @@ def status_after(status: dict[str, Any], outcome: Outcome, generation: int | Non
     found = status.get("conditions") or []
     found = conditions.set_condition(
         found,
-        type_=conditions.READY,
+        type_=conditions.ConditionType.READY,
         status=outcome.ready,
         reason=outcome.reason,
         message=outcome.message,
@@ -58,18 +58,18 @@ def status_after(status: dict[str, Any], outcome: Outcome, generation: int | Non
     pending = not outcome.ready and not outcome.stalled
     found = conditions.set_condition(
         found,
-        type_=conditions.RECONCILING,
+        type_=conditions.ConditionType.RECONCILING,
         status=pending,
-        reason=conditions.RETRYING if pending else conditions.DONE,
+        reason=conditions.Reason.RETRYING if pending else conditions.Reason.DONE,
         message=outcome.message if pending else "",
         generation=generation,
         now=now,
     )
     found = conditions.set_condition(
         found,
-        type_=conditions.STALLED,
+        type_=conditions.ConditionType.STALLED,
         status=outcome.stalled,
-        reason=outcome.reason if outcome.stalled else conditions.DONE,
+        reason=outcome.reason if outcome.stalled else conditions.Reason.DONE,
         message=outcome.message if outcome.stalled else "",
         generation=generation,
         now=now,
@@ -109,14 +109,14 @@ async def _outcome(ctx: OperatorContext, body: Mapping[str, Any], logger: loggin
     try:
         view = await validated(body)
     except SpecError as exc:
-        return Outcome(False, conditions.INVALID_SPEC, "; ".join(str(e) for e in exc.errors), stalled=True)
+        return Outcome(False, conditions.Reason.INVALID_SPEC, "; ".join(str(e) for e in exc.errors), stalled=True)
     moved = moved_relation(body.get("status"), view.relation)
     if moved:
-        return Outcome(False, conditions.INVALID_SPEC, moved, stalled=True)
+        return Outcome(False, conditions.Reason.INVALID_SPEC, moved, stalled=True)
     try:
         dsn = await resolve_dsn(view, config.secret_max_age_seconds)
     except CredentialsError as exc:
-        stalled = exc.reason == conditions.INVALID_SPEC
+        stalled = exc.reason == conditions.Reason.INVALID_SPEC
         return Outcome(
             False, exc.reason, str(exc), retry_after=None if stalled else config.retry_seconds, stalled=stalled
         )
@@ -133,26 +133,28 @@ async def _outcome(ctx: OperatorContext, body: Mapping[str, Any], logger: loggin
     except SpecError as exc:
         return Outcome(
             False,
-            conditions.INVALID_SPEC,
+            conditions.Reason.INVALID_SPEC,
             "; ".join(str(e) for e in exc.errors),
             retry_after=config.stalled_retry_seconds,
             stalled=True,
         )
     except UnmanagedObjectError as exc:
         return Outcome(
-            False, conditions.OBJECT_CONFLICT, str(exc), retry_after=config.stalled_retry_seconds, stalled=True
+            False, conditions.Reason.OBJECT_CONFLICT, str(exc), retry_after=config.stalled_retry_seconds, stalled=True
         )
     except DependentObjectsError as exc:
         return Outcome(
-            False, conditions.DEPENDENT_OBJECTS, str(exc), retry_after=config.stalled_retry_seconds, stalled=True
+            False, conditions.Reason.DEPENDENT_OBJECTS, str(exc), retry_after=config.stalled_retry_seconds, stalled=True
         )
     except engine.BusyError as exc:
-        return Outcome(False, conditions.BUSY, str(exc), retry_after=config.busy_retry_seconds)
+        return Outcome(False, conditions.Reason.BUSY, str(exc), retry_after=config.busy_retry_seconds)
     except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
         message = f"cannot connect to {describe(dsn)}: {redact(str(exc).strip(), dsn)}"
-        return Outcome(False, conditions.DATABASE_UNREACHABLE, message, retry_after=config.retry_seconds)
+        return Outcome(False, conditions.Reason.DATABASE_UNREACHABLE, message, retry_after=config.retry_seconds)
     except (ApplyError, psycopg.Error) as exc:
-        return Outcome(False, conditions.APPLY_FAILED, redact(str(exc).strip(), dsn), retry_after=config.retry_seconds)
+        return Outcome(
+            False, conditions.Reason.APPLY_FAILED, redact(str(exc).strip(), dsn), retry_after=config.retry_seconds
+        )
     for warning in result.plan.warnings:
         logger.warning(warning)
     summary = "; ".join(result.done) if result.done else "no change needed"
@@ -160,7 +162,7 @@ async def _outcome(ctx: OperatorContext, body: Mapping[str, Any], logger: loggin
     ctx.metrics.track(view)
     return Outcome(
         True,
-        conditions.RECONCILED,
+        conditions.Reason.RECONCILED,
         f"{view.relation} matches the spec ({summary})",
         relation=view.relation,
         built=result.built,
@@ -176,10 +178,10 @@ async def reconcile(ctx: OperatorContext, body: Mapping[str, Any], logger: loggi
     metadata = body.get("metadata", {})
     namespace, name = metadata.get("namespace", ""), metadata.get("name", "")
     generation = metadata.get("generation")
-    previous = conditions.get_condition((body.get("status") or {}).get("conditions"), conditions.READY)
+    previous = conditions.get_condition((body.get("status") or {}).get("conditions"), conditions.ConditionType.READY)
     previous_message = previous.get("message") if previous else None
     outcome = await _outcome(ctx, body, logger)
-    if outcome.reason == conditions.BUSY:
+    if outcome.reason == conditions.Reason.BUSY:
         # A refresh (or another replica) holds the view's lock: nothing is wrong with the resource, so Ready
         # keeps what it says and no event is posted; the reconcile simply runs again shortly.
         raise kopf.TemporaryError(outcome.message, delay=outcome.retry_after)
@@ -188,7 +190,7 @@ async def reconcile(ctx: OperatorContext, body: Mapping[str, Any], logger: loggi
     changed = (
         previous is None
         or previous.get("reason") != outcome.reason
-        or previous.get("status") != ("True" if outcome.ready else "False")
+        or previous.get("status") != conditions.ConditionStatus.of(outcome.ready)
     )
     if not outcome.ready and changed:
         kopf.warn(cast(kopf.Body, body), reason=outcome.reason, message=outcome.message)  # one event per new problem

@@ -85,24 +85,25 @@ async def resolve_dsn(view: MaterializedView, max_age_seconds: float = kube.SECR
     read less than max_age_seconds ago is reused)."""
     if view.secret_ref is None:
         raise CredentialsError(
-            conditions.INVALID_SPEC, "spec.database.secretRef is required when running in Kubernetes"
+            conditions.Reason.INVALID_SPEC, "spec.database.secretRef is required when running in Kubernetes"
         )
     try:
         data = await kube.read_secret(view.namespace, view.secret_ref.name, max_age_seconds)
     except kube.ApiUnreachableError as exc:
         raise CredentialsError(
-            conditions.API_UNREACHABLE, f"the Kubernetes API is unreachable, Secret not read yet: {exc}"
+            conditions.Reason.API_UNREACHABLE, f"the Kubernetes API is unreachable, Secret not read yet: {exc}"
         ) from None
     except kube.SecretForbiddenError:
         raise CredentialsError(
-            conditions.SECRET_FORBIDDEN,
+            conditions.Reason.SECRET_FORBIDDEN,
             f"the operator may not read Secrets in namespace {view.namespace!r}: bind the ClusterRole "
             f"{SECRETS_CLUSTER_ROLE} there (kubectl -n {view.namespace} create rolebinding {SECRETS_CLUSTER_ROLE} "
             f"--clusterrole={SECRETS_CLUSTER_ROLE} --serviceaccount=<operator namespace>:matview-operator)",
         ) from None
     if data is None:
         raise CredentialsError(
-            conditions.SECRET_NOT_FOUND, f"Secret {view.secret_ref.name!r} not found in namespace {view.namespace!r}"
+            conditions.Reason.SECRET_NOT_FOUND,
+            f"Secret {view.secret_ref.name!r} not found in namespace {view.namespace!r}",
         )
     return dsn_from_secret(view.secret_ref.name, data, view.secret_ref.key)
 

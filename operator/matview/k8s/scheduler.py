@@ -56,11 +56,11 @@ def view_key(body: Mapping[str, Any]) -> str:
 def is_reconciled(body: Mapping[str, Any]) -> bool:
     """Ready for the current generation: only then does the view exist as the spec says, to be refreshed."""
     status = body.get("status") or {}
-    ready = conditions.get_condition(status.get("conditions"), conditions.READY)
+    ready = conditions.get_condition(status.get("conditions"), conditions.ConditionType.READY)
     generation = (body.get("metadata") or {}).get("generation")
     return bool(
         ready
-        and ready.get("status") == "True"
+        and ready.get("status") == conditions.ConditionStatus.TRUE
         and (generation is None or status.get("observedGeneration") == generation)
     )
 
@@ -103,16 +103,18 @@ def refresh_status(
         message = f"{result.failure_reason}: {result.message}" if result.message else str(result.failure_reason)
         status["conditions"] = conditions.set_condition(
             status.get("conditions"),
-            type_=conditions.REFRESHED,
+            type_=conditions.ConditionType.REFRESHED,
             status=False,
-            reason=conditions.REFRESH_FAILED,
+            reason=conditions.Reason.REFRESH_FAILED,
             message=message,
         )
     elif result.result == "success" or result.data_current:
-        reason = conditions.REFRESH_SUCCEEDED if result.result == "success" else conditions.REFRESH_SKIPPED
+        reason = (
+            conditions.Reason.REFRESH_SUCCEEDED if result.result == "success" else conditions.Reason.REFRESH_SKIPPED
+        )
         status["conditions"] = conditions.set_condition(
             status.get("conditions"),
-            type_=conditions.REFRESHED,
+            type_=conditions.ConditionType.REFRESHED,
             status=True,
             reason=reason,
             message=f"{result.mode}: {result.reason}",
@@ -128,9 +130,9 @@ def _incremental_conditions(status: dict[str, Any], view: MaterializedView, resu
         within = result.staleness_seconds <= target
         status["conditions"] = conditions.set_condition(
             status.get("conditions"),
-            type_=conditions.FRESH,
+            type_=conditions.ConditionType.FRESH,
             status=within,
-            reason=conditions.WITHIN_TARGET_LAG if within else conditions.TARGET_LAG_MISSED,
+            reason=conditions.Reason.WITHIN_TARGET_LAG if within else conditions.Reason.TARGET_LAG_MISSED,
             message=f"the oldest unapplied change is within the target lag of {target:g}s"
             if within
             else f"the oldest unapplied change is {result.staleness_seconds:.0f}s old, over the target lag of "
@@ -139,18 +141,18 @@ def _incremental_conditions(status: dict[str, Any], view: MaterializedView, resu
     verification = result.verification
     if verification is not None:
         if verification.inconclusive:
-            reason, ok, message = conditions.VERIFICATION_INCONCLUSIVE, True, verification.inconclusive
+            reason, ok, message = conditions.Reason.VERIFICATION_INCONCLUSIVE, True, verification.inconclusive
         elif verification.matches:
-            reason, ok, message = conditions.VERIFICATION_PASSED, True, "the stored rows equal a full recompute"
+            reason, ok, message = conditions.Reason.VERIFICATION_PASSED, True, "the stored rows equal a full recompute"
         else:
-            reason, ok = conditions.VERIFICATION_MISMATCH, False
+            reason, ok = conditions.Reason.VERIFICATION_MISMATCH, False
             message = (
                 f"{verification.extra_rows} stored row(s) the query does not produce and "
                 f"{verification.missing_rows} it produces that are not stored: spec.incremental declares a key "
                 "mapping the query does not follow"
             )
         status["conditions"] = conditions.set_condition(
-            status.get("conditions"), type_=conditions.VERIFIED, status=ok, reason=reason, message=message
+            status.get("conditions"), type_=conditions.ConditionType.VERIFIED, status=ok, reason=reason, message=message
         )
 
 
@@ -372,7 +374,7 @@ class ViewScheduler:
         )
         if result.result == "failure":
             message = redact(f"{result.failure_reason}: {result.message}", dsn)
-            kopf.warn(cast(kopf.Body, body), reason=conditions.REFRESH_FAILED, message=message)
+            kopf.warn(cast(kopf.Body, body), reason=conditions.Reason.REFRESH_FAILED, message=message)
             delay = (watched.track.hold_until - after).total_seconds() if watched.track.hold_until else 0
             logger.warning("refresh of %s failed (%s); next attempt in %.0fs", view.relation, message, delay)
             result = dataclasses.replace(result, message=redact(result.message, dsn))
