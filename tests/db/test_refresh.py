@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from matview.embedded.localpg import free_port
 from matview.observe.metrics import RefreshMetrics
 from matview.plan import engine
 from matview.plan.catalog import Connection
-from matview.refresh import Inspection, refresh
+from matview.refresh import Inspection, refresh, schedule
 from matview.refresh import facts as refresh_facts
 from matview.refresh.runner import Refresher, RunnerSettings, dependency_order
 from tests.db.catalog_helpers import relations
@@ -320,7 +321,7 @@ def test_metrics_page_after_a_success_and_a_failure(db: Connection) -> None:
     metrics = RefreshMetrics()
     port = free_port()
     metrics.serve(port, "127.0.0.1")
-    metrics.track(v)
+    metrics.track(v, schedule.expected_period_seconds(v, dt.datetime.now(dt.UTC)))
     ok = refresh(db, v, "Concurrent")
     metrics.record("ops", "totals", ok)
     db.execute("UPDATE ops.ctl SET slow_seconds = 3")

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "operator" / "matview"
-SHARED = {"constants", "errors", "timestamps"}
+SHARED = {"constants", "errors", "outcomes", "timestamps"}
 #: What each place may import from matview, besides the shared vocabulary above and itself.
 ALLOWED = {
     "api": set(),
     "plan": {"api"},
     "refresh": {"api", "plan", "observe"},
-    "observe": {"api", "refresh"},  # metrics read the schedule's period and the result shape
+    "observe": {"api"},
     "k8s": {"api", "plan", "refresh", "observe"},
     "embedded": set(),
     "client": set(),  # for applications: psycopg only (test_the_client_loads_psycopg_and_nothing_of_the_operator)

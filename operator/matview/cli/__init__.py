@@ -21,6 +21,7 @@ from typing import Any
 from matview.api.spec import MaterializedView, RefreshMode
 from matview.api.validation import load_file
 from matview.errors import FieldError, MatviewError, SpecError
+from matview.outcomes import Outcome
 from matview.plan import engine
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
@@ -260,7 +261,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
         return line
 
     code = batch.finish(args, results, human)
-    return code or (EXIT_FAILED if any(r["result"] == "failure" for r in results) else EXIT_OK)
+    return code or (EXIT_FAILED if any(r["result"] == Outcome.FAILURE for r in results) else EXIT_OK)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -448,11 +449,13 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     import asyncio
+    import datetime as dt
     import signal
     import tempfile
 
     from matview import demo
     from matview.observe.metrics import RefreshMetrics
+    from matview.refresh import schedule
     from matview.refresh.runner import Refresher, Scheduler
 
     if args.dsn or args.dsn_file or os.environ.get("DATABASE_URL"):
@@ -466,7 +469,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     metrics = RefreshMetrics()
 
     def counted(view: MaterializedView, result: Any) -> None:
-        metrics.track(view)
+        metrics.track(view, schedule.expected_period_seconds(view, dt.datetime.now(dt.UTC)))
         metrics.record(view.namespace, view.resource_name, result)  # /metrics shows the demo's own refreshes
 
     with engine.connect(dsn) as conn:

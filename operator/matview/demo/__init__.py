@@ -21,6 +21,7 @@ from typing import Any
 from psycopg import sql
 
 from matview.api.spec import MaterializedView
+from matview.outcomes import Outcome
 from matview.plan import engine
 from matview.plan.catalog import Connection
 from matview.refresh import RefreshResult, record_build, refresh
@@ -163,7 +164,7 @@ def run_demo(
             outcome = refresh(conn, view, mode)
             if on_refresh is not None:
                 on_refresh(view, outcome)
-            if outcome.result != "success":
+            if outcome.result != Outcome.SUCCESS:
                 raise RuntimeError(f"refresh {mode} failed: {outcome.message}")
             durations[mode] = outcome.duration_seconds
     plain = sql.Identifier("ops", "v_payments_driver_matrix_cabinet")

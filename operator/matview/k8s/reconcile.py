@@ -25,7 +25,7 @@ from matview.k8s.credentials import CredentialsError, describe, redact
 from matview.k8s.resource import resolve_dsn, validated
 from matview.plan import engine
 from matview.plan.catalog import Connection
-from matview.refresh import ViewSize, record_build, view_size
+from matview.refresh import ViewSize, record_build, schedule, view_size
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ async def _outcome(ctx: OperatorContext, body: Mapping[str, Any], logger: loggin
         logger.warning(warning)
     summary = "; ".join(result.done) if result.done else "no change needed"
     summary += "".join(f"; warning: {warning}" for warning in result.plan.warnings)
-    ctx.metrics.track(view)
+    ctx.metrics.track(view, schedule.expected_period_seconds(view, dt.datetime.now(dt.UTC)))
     return Outcome(
         True,
         conditions.Reason.RECONCILED,

@@ -39,6 +39,7 @@ from matview.k8s import conditions, kube, reconcile
 from matview.k8s.context import OperatorContext
 from matview.k8s.credentials import CredentialsError, redact
 from matview.k8s.resource import parse_time, resolve_dsn, validated
+from matview.outcomes import Outcome
 from matview.refresh import RefreshResult, schedule
 from matview.refresh.queue import DueQueue
 
@@ -73,7 +74,7 @@ def refresh_status(
     next_due: dt.datetime | None,
 ) -> dict[str, Any]:
     """Pure: status after one refresh."""
-    if result.result == "skipped" and view.refresh.target_lag_seconds is not None:
+    if result.result == Outcome.SKIPPED and view.refresh.target_lag_seconds is not None:
         # A target-lag view looks every few seconds and mostly finds nothing to do: recording each look
         # would PATCH its status every few seconds. Only Fresh (with a stable message) may change.
         _incremental_conditions(status, view, result)
@@ -86,7 +87,7 @@ def refresh_status(
         "result": result.result,
         "message": (result.message or result.reason)[:1024],
     }
-    if result.result == "success":
+    if result.result == Outcome.SUCCESS:
         status["lastSuccessfulRefreshTime"] = conditions.timestamp(result.completed_at)
     if result.rows is not None:
         status["rows"] = result.rows
@@ -99,7 +100,7 @@ def refresh_status(
     if next_due is not None:
         status["nextRefreshTime"] = conditions.timestamp(next_due)
     _incremental_conditions(status, view, result)
-    if result.result == "failure":
+    if result.result == Outcome.FAILURE:
         message = f"{result.failure_reason}: {result.message}" if result.message else str(result.failure_reason)
         status["conditions"] = conditions.set_condition(
             status.get("conditions"),
@@ -108,9 +109,11 @@ def refresh_status(
             reason=conditions.Reason.REFRESH_FAILED,
             message=message,
         )
-    elif result.result == "success" or result.data_current:
+    elif result.result == Outcome.SUCCESS or result.data_current:
         reason = (
-            conditions.Reason.REFRESH_SUCCEEDED if result.result == "success" else conditions.Reason.REFRESH_SKIPPED
+            conditions.Reason.REFRESH_SUCCEEDED
+            if result.result == Outcome.SUCCESS
+            else conditions.Reason.REFRESH_SKIPPED
         )
         status["conditions"] = conditions.set_condition(
             status.get("conditions"),
@@ -255,7 +258,8 @@ class ViewScheduler:
             self._refresh_due.discard(key)
             return
         last = watched.track.last_success
-        self.ctx.metrics.track(view, last.timestamp() if last else None)
+        period = schedule.expected_period_seconds(view, dt.datetime.now(dt.UTC))
+        self.ctx.metrics.track(view, period, last.timestamp() if last else None)
         now = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
         request = _request(watched.body)
         if request is not None and request != watched.track.handled_request:
@@ -361,7 +365,7 @@ class ViewScheduler:
         if result.failure_reason == "connection" and view.secret_ref is not None:
             kube.forget_secret(view.namespace, view.secret_ref.name)  # perhaps a rotated password: read it again
         if result.busy:  # an apply or drift check holds the view: nothing happened, nothing to report
-            watched.track = schedule.after(view, watched.track, "busy", after, self.ctx.config.busy_retry_seconds)
+            watched.track = schedule.after(view, watched.track, Outcome.BUSY, after, self.ctx.config.busy_retry_seconds)
             return
         watched.track = schedule.after(
             view,
@@ -372,7 +376,7 @@ class ViewScheduler:
             completed=result.completed_at,
             request=request if manual else None,
         )
-        if result.result == "failure":
+        if result.result == Outcome.FAILURE:
             message = redact(f"{result.failure_reason}: {result.message}", dsn)
             kopf.warn(cast(kopf.Body, body), reason=conditions.Reason.REFRESH_FAILED, message=message)
             delay = (watched.track.hold_until - after).total_seconds() if watched.track.hold_until else 0

@@ -11,15 +11,56 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import threading
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from matview.api.spec import MaterializedView, RefreshMode
-from matview.refresh.schedule import expected_period_seconds
+from matview.outcomes import NO_MODE, FailureReason, Outcome
 
-if TYPE_CHECKING:
-    from matview.refresh import RefreshResult
+
+class _Verification(Protocol):
+    @property
+    def inconclusive(self) -> str: ...
+    @property
+    def mismatched_rows(self) -> int: ...
+
+
+class RecordedRefresh(Protocol):
+    """What the metrics read of a refresh attempt (matview.refresh.RefreshResult has it): the metrics
+    depend on the shape, not on the refresh engine."""
+
+    @property
+    def result(self) -> Outcome: ...
+    @property
+    def mode(self) -> str: ...
+    @property
+    def duration_seconds(self) -> float: ...
+    @property
+    def completed_at(self) -> dt.datetime: ...
+    @property
+    def failure_reason(self) -> FailureReason | None: ...
+    @property
+    def data_current(self) -> bool: ...
+    @property
+    def populated(self) -> bool | None: ...
+    @property
+    def rows(self) -> int | None: ...
+    @property
+    def data_version(self) -> int | None: ...
+    @property
+    def table_bytes(self) -> int | None: ...
+    @property
+    def index_bytes(self) -> int | None: ...
+    @property
+    def staleness_seconds(self) -> float | None: ...
+    @property
+    def change_ratio(self) -> float | None: ...
+    @property
+    def keys_applied(self) -> int | None: ...
+    @property
+    def verification(self) -> _Verification | None: ...
+
 
 DEFAULT_PORT = 9808
 
@@ -29,10 +70,8 @@ DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 
 #: Lateness and event-loop lag: from 10 ms to 5 min.
 LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 
-FAILURE_REASONS = ("timeout", "lock_timeout", "duplicate_rows", "permission", "connection", "other")
 MODES = tuple(mode.value for mode in RefreshMode.runnable())
-RESULTS = ("success", "failure")
-SKIPPED_MODE = "none"
+RESULTS = (Outcome.SUCCESS, Outcome.FAILURE)
 
 
 class RefreshMetrics:
@@ -167,8 +206,12 @@ class RefreshMetrics:
         self._known: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
-    def track(self, view: MaterializedView, last_success_timestamp: float | None = None) -> None:
-        """Create a view's series (zeros) so rates and alerts work from its first refresh on."""
+    def track(
+        self, view: MaterializedView, period_seconds: float | None, last_success_timestamp: float | None = None
+    ) -> None:
+        """Create a view's series (zeros) so rates and alerts work from its first refresh on. period_seconds:
+        the expected time between refreshes (refresh.schedule.expected_period_seconds), which the staleness
+        alert divides by."""
         namespace, name = view.namespace, view.resource_name
         with self._lock:
             first = (namespace, name) not in self._known
@@ -177,15 +220,15 @@ class RefreshMetrics:
             for mode in MODES:
                 for result in RESULTS:
                     self.refreshes.labels(namespace, name, mode, result)
-            self.refreshes.labels(namespace, name, SKIPPED_MODE, "skipped")
-            for reason in FAILURE_REASONS:
+            self.refreshes.labels(namespace, name, NO_MODE, Outcome.SKIPPED)
+            for reason in FailureReason:
                 self.failures.labels(namespace, name, reason)
             self.in_progress.labels(namespace, name).set(0)
             self.last_success.labels(namespace, name).set(last_success_timestamp or 0)
         elif last_success_timestamp:
             gauge = self.last_success.labels(namespace, name)
             gauge.set(max(last_success_timestamp, _value(gauge)))
-        self.interval.labels(namespace, name).set(expected_period_seconds(view, dt.datetime.now(dt.UTC)) or 0)
+        self.interval.labels(namespace, name).set(period_seconds or 0)
         self.timeout.labels(namespace, name).set(view.refresh.timeout_seconds)
         if view.incremental is not None:
             self.target_lag.labels(namespace, name).set(view.refresh.target_lag_seconds or 0)
@@ -199,21 +242,21 @@ class RefreshMetrics:
     def finished(self, namespace: str, name: str) -> None:
         self.in_progress.labels(namespace, name).set(0)
 
-    def record(self, namespace: str, name: str, result: RefreshResult) -> None:
+    def record(self, namespace: str, name: str, result: RecordedRefresh) -> None:
         """Count one attempt and update the gauges from its outcome."""
         self._record_incremental(namespace, name, result)
-        if result.result == "skipped":
-            self.refreshes.labels(namespace, name, SKIPPED_MODE, "skipped").inc()
+        if result.result == Outcome.SKIPPED:
+            self.refreshes.labels(namespace, name, NO_MODE, Outcome.SKIPPED).inc()
             if result.data_current:  # verified unchanged: the data is as fresh as a refresh would make it
                 self.last_success.labels(namespace, name).set(result.completed_at.timestamp())
             return
         self.refreshes.labels(namespace, name, result.mode, result.result).inc()
         self.duration.labels(namespace, name, result.mode).observe(result.duration_seconds)
         self.last_duration.labels(namespace, name).set(result.duration_seconds)
-        if result.result == "success":
+        if result.result == Outcome.SUCCESS:
             self.last_success.labels(namespace, name).set(result.completed_at.timestamp())
         else:
-            self.failures.labels(namespace, name, result.failure_reason or "other").inc()
+            self.failures.labels(namespace, name, result.failure_reason or FailureReason.OTHER).inc()
         if result.populated is not None:
             self.populated.labels(namespace, name).set(1 if result.populated else 0)
         if result.rows is not None:
@@ -225,12 +268,12 @@ class RefreshMetrics:
         if result.index_bytes is not None:
             self.size.labels(namespace, name, "indexes").set(result.index_bytes)
 
-    def _record_incremental(self, namespace: str, name: str, result: RefreshResult) -> None:
+    def _record_incremental(self, namespace: str, name: str, result: RecordedRefresh) -> None:
         if result.staleness_seconds is not None:
             self.staleness.labels(namespace, name).set(result.staleness_seconds)
         if result.change_ratio is not None:
             self.change_ratio.labels(namespace, name).set(result.change_ratio)
-        if result.keys_applied and result.result == "success":
+        if result.keys_applied and result.result == Outcome.SUCCESS:
             self.keys_applied.labels(namespace, name).inc(result.keys_applied)
         verification = result.verification
         if verification is not None and not verification.inconclusive:

@@ -29,6 +29,7 @@ import psycopg
 from matview import timestamps
 from matview.api.spec import MaterializedView, RefreshMode
 from matview.errors import MatviewError
+from matview.outcomes import NO_MODE, FailureReason, Outcome
 from matview.plan import capture
 from matview.plan.catalog import Connection
 from matview.plan.engine import settings_for
@@ -45,7 +46,7 @@ from matview.plan.planner import (
 )
 from matview.refresh import facts, policy, verify
 from matview.refresh.facts import ViewSize, read_state, view_size
-from matview.refresh.policy import EXPLORE_EVERY, Inspection, Outcome, RefreshState, choose_mode, classify
+from matview.refresh.policy import EXPLORE_EVERY, Inspection, RefreshState, choose_mode, classify
 
 __all__ = [
     "EXPLORE_EVERY",
@@ -63,9 +64,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The mode label of a refresh that ran nothing (skipped, refused).
-NO_MODE = "none"
-
 
 @dataclass(frozen=True)
 class RefreshResult:
@@ -81,8 +79,7 @@ class RefreshResult:
     completed_at: dt.datetime
     duration_seconds: float
     message: str = ""
-    failure_reason: str | None = None
-    """One of policy.FAILURE_REASONS."""
+    failure_reason: FailureReason | None = None
     fallback_from: str | None = None
     data_current: bool = False
     """True after a success, or a skip that verified no base table changed: the view is not stale."""
@@ -152,12 +149,14 @@ def refresh(
             decision = policy.decide(view, inspection, mode, force, started)
             incremental = _incremental_facts(view, inspection, started)
             if isinstance(decision, policy.Skip):
-                return finish("skipped", decision.reason, data_current=decision.data_current, **incremental)
+                return finish(Outcome.SKIPPED, decision.reason, data_current=decision.data_current, **incremental)
             if isinstance(decision, policy.Refuse):
                 wanted = RefreshMode(mode or view.refresh.mode)
                 if wanted != RefreshMode.AUTO:
                     attempt = policy.Run(wanted, decision.reason)  # the failure is that mode's
-                return finish("failure", decision.reason, message=decision.message, failure_reason="other")
+                return finish(
+                    Outcome.FAILURE, decision.reason, message=decision.message, failure_reason=FailureReason.OTHER
+                )
             attempt = decision
             logger.info("refresh start: relation=%s mode=%s reason=%s", view.relation, attempt.mode, attempt.reason)
             try:
@@ -189,19 +188,19 @@ def refresh(
                     inspection.pending.keys if attempt.mode == RefreshMode.INCREMENTAL and inspection.pending else 0
                 )
     except BusyError as error:
-        return finish("skipped", "another refresh of this view is running", message=str(error), busy=True)
+        return finish(Outcome.SKIPPED, "another refresh of this view is running", message=str(error), busy=True)
     except Exception as error:
-        if not isinstance(error, psycopg.Error | MatviewError) and policy.classify(error) != "connection":
+        if not isinstance(error, psycopg.Error | MatviewError) and policy.classify(error) != FailureReason.CONNECTION:
             logger.exception("%s: unexpected error during refresh", view.relation)
         return finish(
-            "failure",
+            Outcome.FAILURE,
             attempt.reason if attempt else "could not inspect the view",
             message=policy.message(error),
             failure_reason=policy.classify(error),
             fallback_from=fallback_from,
         )
     return finish(
-        "success",
+        Outcome.SUCCESS,
         attempt.reason,
         fallback_from=fallback_from,
         data_current=True,
@@ -298,7 +297,7 @@ def _write_marker(
 
 
 def _log(view: MaterializedView, result: RefreshResult) -> None:
-    level = logging.WARNING if result.result == "failure" else logging.INFO
+    level = logging.WARNING if result.result == Outcome.FAILURE else logging.INFO
     logger.log(
         level,
         "refresh end: relation=%s mode=%s result=%s duration=%.3fs rows=%s reason=%s%s",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 
@@ -18,12 +18,11 @@ from matview import timestamps
 from matview.api import sqltext
 from matview.api.spec import MaterializedView, RefreshMode, Storage
 from matview.errors import MatviewError
+from matview.outcomes import FailureReason
 from matview.plan.catalog import DependentView
 from matview.plan.marker import Marker
 from matview.refresh import verify
 from matview.refresh.schedule import target_lag_check_seconds
-
-Outcome = Literal["success", "failure", "skipped"]
 
 #: Weight of the newest measurement in the per-mode duration average.
 EVIDENCE_WEIGHT = 0.5
@@ -33,9 +32,6 @@ EXPLORE_EVERY = 10
 EXPLORE_RATIO = 2.0
 #: SQLSTATEs of CONCURRENTLY failures that a non-concurrent refresh fixes (not populated; no usable index).
 CONCURRENT_FALLBACK_SQLSTATES = frozenset({"0A000", "55000"})
-
-#: The failure reasons of metrics and status (a bounded label set).
-FAILURE_REASONS = ("timeout", "lock_timeout", "duplicate_rows", "permission", "connection", "other")
 
 
 @dataclass(frozen=True)
@@ -371,25 +367,25 @@ def message(error: BaseException) -> str:
     return str(error).strip()
 
 
-def classify(error: BaseException) -> str:
-    """Map an error to the bounded set of failure reasons used in metrics (FAILURE_REASONS)."""
+def classify(error: BaseException) -> FailureReason:
+    """Map an error to its failure reason: the one place where errors become reasons."""
     if isinstance(error, psycopg.errors.QueryCanceled):
         # statement_timeout; a cancel on shutdown says "due to user request" and is not a timeout.
-        return "timeout" if "timeout" in str(error) else "other"
+        return FailureReason.TIMEOUT if "timeout" in str(error) else FailureReason.OTHER
     if isinstance(error, psycopg.errors.LockNotAvailable):
-        return "lock_timeout"
+        return FailureReason.LOCK_TIMEOUT
     if isinstance(error, psycopg.errors.UniqueViolation | psycopg.errors.CardinalityViolation):
-        return "duplicate_rows"
+        return FailureReason.DUPLICATE_ROWS
     if isinstance(error, psycopg.errors.InsufficientPrivilege):
-        return "permission"
+        return FailureReason.PERMISSION
     code = sqlstate(error)
     # psycopg raises OperationalError for server errors of classes 53-58 too (a key too large for an index is
     # 54000): only a missing server answer, class 08 or 57P (shutdown, crash) is the connection's fault.
     if (isinstance(error, psycopg.OperationalError) and code is None) or (code or "").startswith(("08", "57P")):
-        return "connection"
+        return FailureReason.CONNECTION
     if type(error).__name__ in ("PoolTimeout", "PoolClosed", "TooManyRequests"):  # psycopg_pool: no server
-        return "connection"
+        return FailureReason.CONNECTION
     cause = error.__cause__
     if isinstance(error, MatviewError) and isinstance(cause, psycopg.Error):
         return classify(cause)
-    return "other"
+    return FailureReason.OTHER

@@ -36,6 +36,7 @@ from matview.api.validation import load_file
 from matview.constants import APPLICATION_NAME
 from matview.errors import SpecError
 from matview.observe.metrics import RefreshMetrics
+from matview.outcomes import NO_MODE, Outcome
 from matview.plan import engine, session
 from matview.plan.catalog import Connection
 from matview.refresh import RefreshResult, classify, read_state, record_build, refresh, schedule
@@ -213,8 +214,8 @@ def failure_result(view: MaterializedView, reason: str, error: BaseException, st
     completed = dt.datetime.now(dt.UTC)
     return RefreshResult(
         view.relation,
-        "none",
-        "failure",
+        NO_MODE,
+        Outcome.FAILURE,
         reason,
         started,
         completed,
@@ -329,7 +330,8 @@ class Scheduler:
             known = self.entries.get(owner)
             if known is None:
                 self.entries[owner] = _Entry(view, source)
-                self.refresher.metrics.track(view, None)  # a series from the start: staleness shows at once
+                # A series from the start: staleness shows at once.
+                self.refresher.metrics.track(view, schedule.expected_period_seconds(view, dt.datetime.now(dt.UTC)))
                 self._order_known = False
             elif known.view != view:
                 known.view, known.source = view, source
@@ -366,7 +368,7 @@ class Scheduler:
                 self.refresher.record_failure(view, "drift check failed", exc, now)
                 logger.error("%s: drift check failed (%s)", view.relation, classify(exc))
                 return
-            entry.track = schedule.after(view, entry.track, "failure", now, self.refresher.settings.retry_seconds)
+            entry.track = schedule.after(view, entry.track, Outcome.FAILURE, now, self.refresher.settings.retry_seconds)
             self.refresher.record_failure(view, "apply failed", exc, now)
             delay = (entry.track.hold_until - now).total_seconds() if entry.track.hold_until else 0
             logger.error("%s: apply failed (%s); next attempt in %.0fs", view.relation, classify(exc), delay)
@@ -379,7 +381,8 @@ class Scheduler:
         if drift_check and applied.changed:
             logger.warning("%s: drift check repaired: %s", view.relation, "; ".join(applied.plan.reasons))
         last = entry.track.last_success
-        self.refresher.metrics.track(view, last.timestamp() if last else None)
+        expected = schedule.expected_period_seconds(view, dt.datetime.now(dt.UTC))
+        self.refresher.metrics.track(view, expected, last.timestamp() if last else None)
 
     async def _compute_upstream(self) -> None:
         views = [e.view for e in self.entries.values() if e.applied is not None]
@@ -399,7 +402,7 @@ class Scheduler:
         entry.track = schedule.after(
             view,
             entry.track,
-            "busy" if result.busy else result.result,
+            Outcome.BUSY if result.busy else result.result,
             self.clock(),
             self.refresher.settings.retry_seconds,
             completed=result.completed_at,

@@ -17,6 +17,7 @@ from itertools import islice
 import cronsim
 
 from matview.api.spec import MaterializedView, RefreshSpec
+from matview.outcomes import Outcome
 
 #: Jitter spreads views with the same interval; it is a fixed fraction per view, so it never drifts.
 MAX_JITTER_FRACTION = 0.1
@@ -131,7 +132,7 @@ def wanted_now(view: MaterializedView, track: Track, now: dt.datetime, request: 
 def after(
     view: MaterializedView,
     track: Track,
-    outcome: str,
+    outcome: Outcome,
     now: dt.datetime,
     first_retry_seconds: float,
     completed: dt.datetime | None = None,
@@ -144,14 +145,14 @@ def after(
     first_retry_seconds up to the view's period; a skip (sources unchanged, or another process at work)
     holds it one period from now. A request acted upon is remembered whatever the outcome.
     """
-    if outcome == "busy":
+    if outcome == Outcome.BUSY:
         # Another process held the view (an apply, a drift check): nothing ran, and a request is not
         # handled yet. Look again soon instead of holding the view for a whole period.
         return replace(track, hold_until=now + dt.timedelta(seconds=min(first_retry_seconds, BUSY_RETRY_SECONDS)))
     handled = request if request is not None else track.handled_request
-    if outcome == "success":
+    if outcome == Outcome.SUCCESS:
         return Track(last_success=completed or now, handled_request=handled)
-    if outcome == "failure":
+    if outcome == Outcome.FAILURE:
         failures = track.failures + 1
         delay = retry_delay(view, failures, first_retry_seconds, now)
         return replace(track, failures=failures, hold_until=now + dt.timedelta(seconds=delay), handled_request=handled)
