@@ -587,6 +587,7 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from matview.observe.metrics import DEFAULT_PORT
     from matview.refresh.runner import RunnerSettings
 
     parser = argparse.ArgumentParser(
@@ -644,13 +645,18 @@ def build_parser() -> argparse.ArgumentParser:
     pager.add_argument("--equal", action="append", metavar="COLUMN=VALUE", help="only rows with this value")
     run = command("run", cmd_run, "apply, then keep views refreshed on schedule with /metrics", files=False)
     run.add_argument("paths", nargs="+", metavar="FILE|DIR", help="YAML files or directories of them")
-    run.add_argument("--metrics-port", type=int, default=9808, help="0 disables the metrics server")
+    run.add_argument("--metrics-port", type=int, default=DEFAULT_PORT, help="0 disables the metrics server")
     run.add_argument(
         "--metrics-address",
         default="127.0.0.1",
         help="address /metrics listens on (default: this machine only; 0.0.0.0 for a scraper elsewhere)",
     )
-    run.add_argument("--max-concurrent", type=int, default=2, help="refreshes at once per database")
+    run.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=RunnerSettings.max_concurrent_per_database,
+        help="refreshes at once per database",
+    )
     run.add_argument("--allow-superuser-run-as-role", action="store_true", help=allow_superuser)
     run.add_argument(
         "--retry-seconds",
@@ -668,10 +674,20 @@ def build_parser() -> argparse.ArgumentParser:
     scope = op.add_mutually_exclusive_group()
     scope.add_argument("--namespace", "-n", action="append", help="watch this namespace (repeatable)")
     scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
-    op.add_argument("--metrics-port", type=int, default=9808, help="0 disables the metrics server")
+    op.add_argument("--metrics-port", type=int, default=DEFAULT_PORT, help="0 disables the metrics server")
     op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="kopf liveness endpoint URL")
-    op.add_argument("--drift-check-seconds", type=float, default=300.0, help="how often drift is repaired")
-    op.add_argument("--max-concurrent", type=int, default=2, help="refreshes at once per database")
+    op.add_argument(
+        "--drift-check-seconds",
+        type=float,
+        default=RunnerSettings.drift_check_seconds,
+        help="how often drift is repaired",
+    )
+    op.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=RunnerSettings.max_concurrent_per_database,
+        help="refreshes at once per database",
+    )
     op.add_argument("--allow-superuser-run-as-role", action="store_true", help=allow_superuser)
     op.add_argument("--peering", help="kopf peering name (needs kopf's peering CRD); default: standalone")
     op.add_argument(
@@ -686,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo_parser.add_argument("--drivers", type=int, default=20000, help="scale of the generated workload")
     demo_parser.add_argument("--once", action="store_true", help="exit after the comparison")
-    demo_parser.add_argument("--metrics-port", type=int, default=9808)
+    demo_parser.add_argument("--metrics-port", type=int, default=DEFAULT_PORT)
     cmp = command("compare", cmd_compare, "EXPLAIN ANALYZE representative queries on the MV and its fallback")
     cmp.add_argument("--fallback", required=True, help="the plain view to compare with, as schema.view")
     cmp.add_argument("--repeats", type=int, default=3)

@@ -16,15 +16,16 @@ class OperatorConfig:
 
     metrics_port: int = DEFAULT_PORT
     """Port of the Prometheus /metrics endpoint (0 disables it)."""
-    drift_check_seconds: float = 300.0
+    drift_check_seconds: float = RunnerSettings.drift_check_seconds
     """How often every resource is re-applied to repair hand-made changes."""
-    retry_seconds: float = 30.0
+    retry_seconds: float = RunnerSettings.retry_seconds
     """Delay before retrying a reconcile that failed for a reason that may pass (database down, no Secret)."""
     stalled_retry_seconds: float = 300.0
     """Delay before re-checking a resource that only a user change can fix."""
-    busy_retry_seconds: float = 10.0
-    """Delay before retrying a reconcile that found the view locked (a refresh, or another replica, at work)."""
-    max_concurrent_per_database: int = 2
+    busy_retry_seconds: float = RunnerSettings.busy_retry_seconds
+    """Delay before retrying a reconcile or refresh that found the view locked (a refresh, or another replica,
+    at work)."""
+    max_concurrent_per_database: int = RunnerSettings.max_concurrent_per_database
     """Refreshes that may run at once against one database."""
     max_concurrent_drift_checks: int = 4
     """Drift checks that may run at once in the whole process (each database also caps its applies)."""
@@ -54,6 +55,8 @@ class OperatorContext:
             RunnerSettings(
                 max_concurrent_per_database=self.config.max_concurrent_per_database,
                 retry_seconds=self.config.retry_seconds,
+                busy_retry_seconds=self.config.busy_retry_seconds,
+                drift_check_seconds=self.config.drift_check_seconds,
                 apply_policy=ApplyPolicy(allow_superuser_run_as_role=self.config.allow_superuser_run_as_role),
             ),
         )

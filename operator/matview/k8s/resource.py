@@ -14,6 +14,7 @@ from typing import Any
 from matview import timestamps
 from matview.api.spec import MaterializedView
 from matview.api.validation import validate_document
+from matview.constants import API_VERSION, KIND
 from matview.errors import SpecError
 from matview.k8s import conditions, kube
 from matview.k8s.credentials import CredentialsError, dsn_from_secret
@@ -22,8 +23,8 @@ from matview.k8s.credentials import CredentialsError, dsn_from_secret
 def document(body: Mapping[str, Any]) -> dict[str, Any]:
     """A plain copy of the object as the validator reads it (status is the operator's own, left out)."""
     plain = {key: copy.deepcopy(value) for key, value in body.items() if key != "status"}
-    plain["apiVersion"] = plain.get("apiVersion") or "matview.dev/v1alpha1"
-    plain["kind"] = plain.get("kind") or "MaterializedView"
+    plain["apiVersion"] = plain.get("apiVersion") or API_VERSION
+    plain["kind"] = plain.get("kind") or KIND
     return plain
 
 

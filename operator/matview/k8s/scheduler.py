@@ -365,7 +365,8 @@ class ViewScheduler:
         if result.failure_reason == "connection" and view.secret_ref is not None:
             kube.forget_secret(view.namespace, view.secret_ref.name)  # perhaps a rotated password: read it again
         if result.busy:  # an apply or drift check holds the view: nothing happened, nothing to report
-            watched.track = schedule.after(view, watched.track, Outcome.BUSY, after, self.ctx.config.busy_retry_seconds)
+            busy = self.ctx.config.busy_retry_seconds
+            watched.track = schedule.after(view, watched.track, Outcome.BUSY, after, busy, busy_seconds=busy)
             return
         watched.track = schedule.after(
             view,

@@ -21,6 +21,7 @@ from psycopg import sql
 
 from matview.api import sqltext
 from matview.api.spec import MaterializedView, truncate_utf8
+from matview.constants import MAX_IDENTIFIER_BYTES
 from matview.plan.marker import Marker
 
 #: Columns of the change log besides the key columns (prefixed so they cannot clash with a key's name).
@@ -54,11 +55,11 @@ def key_filtered_query(
 
 
 def changes_name(view: MaterializedView) -> str:
-    return truncate_utf8(view.name, 63 - 11) + "_mv_changes"
+    return truncate_utf8(view.name, MAX_IDENTIFIER_BYTES - len("_mv_changes")) + "_mv_changes"
 
 
 def function_name(view: MaterializedView) -> str:
-    return truncate_utf8(view.name, 63 - 11) + "_mv_capture"
+    return truncate_utf8(view.name, MAX_IDENTIFIER_BYTES - len("_mv_capture")) + "_mv_capture"
 
 
 def trigger_prefix(view: MaterializedView) -> str:

@@ -18,6 +18,7 @@ from psycopg import sql
 
 from matview.api import sqltext
 from matview.api.spec import IndexSpec, MaterializedView, SupportingIndexSpec, truncate_utf8
+from matview.constants import MAX_IDENTIFIER_BYTES
 from matview.errors import DependentObjectsError, FieldError, SpecError, UnmanagedObjectError
 from matview.plan import capture, live, versions
 from matview.plan.catalog import DependentView, IndexState, LivePart, Observed, RelationState, TableState
@@ -104,26 +105,26 @@ def relation_id(schema: str, name: str) -> sql.Identifier:
 
 
 def staging_name(view: MaterializedView) -> str:
-    return truncate_utf8(view.name, 63 - len(_STAGING_SUFFIX)) + _STAGING_SUFFIX
+    return truncate_utf8(view.name, MAX_IDENTIFIER_BYTES - len(_STAGING_SUFFIX)) + _STAGING_SUFFIX
 
 
 def retired_name(view: MaterializedView) -> str:
-    return truncate_utf8(view.name, 63 - len(_RETIRED_SUFFIX)) + _RETIRED_SUFFIX
+    return truncate_utf8(view.name, MAX_IDENTIFIER_BYTES - len(_RETIRED_SUFFIX)) + _RETIRED_SUFFIX
 
 
 def retired_index_name(name: str) -> str:
     digest = hashlib.sha256(name.encode()).hexdigest()[:6]
-    return truncate_utf8(name, 63 - 11) + "_old_" + digest
+    return truncate_utf8(name, MAX_IDENTIFIER_BYTES - 11) + "_old_" + digest
 
 
 def staging_index_name(final_name: str) -> str:
     digest = hashlib.sha256(final_name.encode()).hexdigest()[:6]
-    return truncate_utf8(final_name, 63 - 11) + "_stg_" + digest
+    return truncate_utf8(final_name, MAX_IDENTIFIER_BYTES - 11) + "_stg_" + digest
 
 
 def rebuild_index_name(final_name: str) -> str:
     digest = hashlib.sha256(final_name.encode()).hexdigest()[:6]
-    return truncate_utf8(final_name, 63 - 11) + "_new_" + digest
+    return truncate_utf8(final_name, MAX_IDENTIFIER_BYTES - 11) + "_new_" + digest
 
 
 def wanted_names(view: MaterializedView) -> list[tuple[str, str]]:

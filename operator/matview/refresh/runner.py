@@ -53,6 +53,8 @@ class RunnerSettings:
     """Refreshes that may run at once against one database."""
     retry_seconds: float = 30.0
     """First delay before retrying a failed refresh; doubled per failure, capped by the view's period."""
+    busy_retry_seconds: float = schedule.BUSY_RETRY_SECONDS
+    """How soon a view that another process held (an apply, a refresh, a drift check) is looked at again."""
     reload_seconds: float = 2.0
     """How often ``matview run`` looks for changed files."""
     drift_check_seconds: float = 300.0
@@ -355,11 +357,11 @@ class Scheduler:
         try:
             entry.track, applied = await self.refresher.run_sync(self.dsn, work)
         except engine.BusyError:  # another process is applying or refreshing it: not a failure, look again soon
-            retry = dt.timedelta(seconds=self.refresher.settings.retry_seconds)
+            busy = self.refresher.settings.busy_retry_seconds
             if drift_check:  # the view is applied: its refreshes go on; only the check waits
-                entry.drift_check_at = now + retry
+                entry.drift_check_at = now + dt.timedelta(seconds=busy)
                 return
-            entry.track = replace(entry.track, hold_until=now + retry)
+            entry.track = schedule.after(view, entry.track, Outcome.BUSY, now, busy, busy_seconds=busy)
             logger.info("%s: busy in another process; applying later", view.relation)
             return
         except Exception as exc:  # every other failure is retried with backoff and counted
@@ -406,6 +408,7 @@ class Scheduler:
             self.clock(),
             self.refresher.settings.retry_seconds,
             completed=result.completed_at,
+            busy_seconds=self.refresher.settings.busy_retry_seconds,
         )
 
     def _wanted(self, entry: _Entry, now: dt.datetime) -> str | None:

@@ -137,10 +137,11 @@ def after(
     first_retry_seconds: float,
     completed: dt.datetime | None = None,
     request: str | None = None,
+    busy_seconds: float = BUSY_RETRY_SECONDS,
 ) -> Track:
-    """The state after an attempt ended with outcome success, failure or skipped.
+    """The state after an attempt ended with outcome success, failure, skipped or busy.
 
-    Busy (the view's lock was held elsewhere) changes nothing but a short hold. Success counts from its
+    Busy (the view's lock was held elsewhere) changes nothing but a hold of busy_seconds. Success counts from its
     completion; a failure holds the view for a backoff that doubles from
     first_retry_seconds up to the view's period; a skip (sources unchanged, or another process at work)
     holds it one period from now. A request acted upon is remembered whatever the outcome.
@@ -148,7 +149,7 @@ def after(
     if outcome == Outcome.BUSY:
         # Another process held the view (an apply, a drift check): nothing ran, and a request is not
         # handled yet. Look again soon instead of holding the view for a whole period.
-        return replace(track, hold_until=now + dt.timedelta(seconds=min(first_retry_seconds, BUSY_RETRY_SECONDS)))
+        return replace(track, hold_until=now + dt.timedelta(seconds=busy_seconds))
     handled = request if request is not None else track.handled_request
     if outcome == Outcome.SUCCESS:
         return Track(last_success=completed or now, handled_request=handled)
