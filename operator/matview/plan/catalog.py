@@ -48,7 +48,7 @@ class RelationState:
     columns: tuple[Column, ...]
     owner: str = ""
     """The role that owns it: markers are comments, which any owner can write, so a marker proves nothing
-    unless the owner is one the engine trusts (planner.trusted_owners)."""
+    unless the owner is one the engine trusts (statements.trusted_owners)."""
     has_triggers: bool = False
 
 

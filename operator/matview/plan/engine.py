@@ -28,7 +28,8 @@ __all__ = [
 ]
 from matview.api.spec import MaterializedView
 from matview.plan.executor import BusyError, ExecutionSettings, execute, lock_key, view_lock
-from matview.plan.planner import ApplyPolicy, Plan, build_delete_plan, build_plan, wanted_names
+from matview.plan.planner import ApplyPolicy, build_delete_plan, build_plan
+from matview.plan.statements import Plan, wanted_names
 
 
 @dataclass

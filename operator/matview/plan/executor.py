@@ -24,7 +24,7 @@ from matview.api.spec import MaterializedView, RefreshSpec
 from matview.errors import ApplyError, MatviewError, UnmanagedObjectError
 from matview.plan import session, versions
 from matview.plan.catalog import Connection, become_query_role, pin_name_resolution
-from matview.plan.planner import Plan, Step
+from matview.plan.statements import Plan, Step
 
 logger = logging.getLogger(__name__)
 

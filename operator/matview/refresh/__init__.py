@@ -35,15 +35,14 @@ from matview.plan.catalog import Connection
 from matview.plan.engine import settings_for
 from matview.plan.executor import BusyError, ExecutionSettings, execute, view_lock
 from matview.plan.marker import Marker
-from matview.plan.planner import (
-    Plan,
-    Step,
+from matview.plan.rebuild import (
     drop_leftover_step,
     incremental_step,
     record_state_step,
     refresh_in_place_step,
     swap_steps,
 )
+from matview.plan.statements import Plan, Step
 from matview.refresh import facts, policy, verify
 from matview.refresh.facts import ViewSize, read_state, view_size
 from matview.refresh.policy import EXPLORE_EVERY, Inspection, RefreshState, choose_mode, classify

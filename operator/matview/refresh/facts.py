@@ -25,8 +25,9 @@ from matview.plan.catalog import (
     resolve_relations,
     upstream_relations,
 )
+from matview.plan.checks import query_tables
 from matview.plan.marker import Marker
-from matview.plan.planner import query_tables, retired_name, staging_name
+from matview.plan.statements import retired_name, staging_name
 from matview.refresh.policy import Inspection, PendingChanges, RefreshState
 
 _VIEW = sql.SQL("""

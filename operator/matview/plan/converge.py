@@ -1,0 +1,310 @@
+"""Converging what exists to what the spec wants, piece by piece: the view's indexes, the supporting
+indexes, change capture and the live view. Each returns the steps (and reasons) for its piece; the
+planner orders them."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from psycopg import sql
+
+from matview.api.spec import IndexSpec, MaterializedView
+from matview.errors import UnmanagedObjectError
+from matview.plan import capture, live
+from matview.plan.catalog import DependentView, IndexState, LivePart, Observed, RelationState
+from matview.plan.rebuild import grant_statements
+from matview.plan.statements import (
+    PRIVILEGES,
+    Statement,
+    Step,
+    comment_sql,
+    create_index_sql,
+    grant_sql,
+    index_marker,
+    is_ours,
+    not_ours,
+    rebuild_index_name,
+    relation_id,
+    trusted_owners,
+)
+
+
+def converge_capture(view: MaterializedView, observed: Observed, reasons: list[str]) -> list[Step]:
+    """Create, repair or remove the view's change capture. A repaired trigger also requests a full rebuild:
+    writes made while it was missing were not recorded.
+
+    The change log and the capture function belong to the operator's role, never to a team's role: the
+    function runs as its owner on every write to a source (another team's table, perhaps), and a trigger
+    on the log would run on every refresh. One owned by spec.runAsRole with our marker (made by an older
+    operator) is re-created; one owned by anybody else is refused, whatever its comment says. A function
+    whose body or settings differ from what the engine writes is restored, with a full rebuild."""
+    state = observed.capture
+    if state is None:
+        return []
+    if view.incremental is None:
+        removal = drop_capture_steps(view, observed, state)
+        if removal:
+            reasons.append("change capture is no longer declared")
+        return removal
+    steps: list[Step] = []
+    wanted = {source.relation: source for source in view.incremental.sources}
+    names = capture.trigger_names(view)
+    log_label = f"relation {view.schema}.{capture.changes_name(view)}"
+    function_label = f"function {view.schema}.{capture.function_name(view)}()"
+    if state.changes_exists and not is_ours(view, observed, state.changes, state.changes_owner):
+        raise UnmanagedObjectError(not_ours(log_label, state.changes, state.changes_owner))
+    if state.function_exists and not is_ours(view, observed, state.function, state.function_owner):
+        raise UnmanagedObjectError(not_ours(function_label, state.function, state.function_owner))
+    operator = observed.current_user
+    log_current = (
+        state.changes_exists
+        and state.changes is not None
+        and state.changes.digest == capture.capture_digest(view)
+        and state.changes_owner == operator
+        and not state.changes_has_triggers
+        and state.function is not None
+        and state.function.digest == capture.capture_digest(view)
+        and state.function_owner == operator
+        and state.function_intact(view)
+    )
+    existing = state.triggers
+    if not log_current:
+        if not state.changes_exists:
+            reasons.append("change capture is not installed")
+        elif state.changes is not None and state.changes.digest != capture.capture_digest(view):
+            reasons.append("the key declaration changed: change capture is re-installed")
+        else:
+            reasons.append(
+                "the change log or capture function was altered or is not owned by the operator's role: "
+                "change capture is re-installed"
+            )
+        if state.changes_exists or state.function_exists or existing:
+            steps += drop_capture_steps(view, observed, state)
+        existing = {}
+        steps.append(
+            Step(
+                f"create the change log {view.schema}.{capture.changes_name(view)} and its capture function",
+                tuple(capture.create_log_statements(view)),
+                runs_query=True,
+            )
+        )
+    install: list[Statement] = []
+    repaired: list[str] = []
+    for relation in sorted(wanted):
+        found = existing.get(relation, {})
+        if set(found) == set(names.values()) and all(found.values()):
+            continue
+        label = f"{relation[0]}.{relation[1]}"
+        install += capture.drop_trigger_statements(*relation, list(found))
+        install += capture.create_trigger_statements(view, *relation)
+        if log_current:
+            repaired.append(label)
+            reasons.append(f"capture triggers on {label} are missing or not enabled ALWAYS")
+    if repaired or (install and observed.relation is not None) or (not log_current and observed.relation is not None):
+        why = "capture was missing on " + ", ".join(repaired) if repaired else "change capture was installed"
+        install.append(capture.request_full_rebuild(view, why))
+    if install:
+        steps.append(Step(f"install change capture on {len(install)} trigger statement(s)", tuple(install)))
+    for relation, found in sorted(existing.items()):
+        if relation not in wanted and found:
+            reasons.append(f"{relation[0]}.{relation[1]} is no longer a source")
+            steps.append(
+                Step(
+                    f"drop capture triggers on {relation[0]}.{relation[1]}",
+                    tuple(capture.drop_trigger_statements(*relation, list(found))),
+                )
+            )
+    return steps
+
+
+def live_is_ours(view: MaterializedView, observed: Observed) -> bool:
+    found = observed.live
+    return (
+        found is not None
+        and found.relkind == "v"
+        and found.marker is not None
+        and found.marker.kind == "live"
+        and is_ours(view, observed, found.marker, found.owner)
+    )
+
+
+def dependents_besides_live(view: MaterializedView, observed: Observed) -> list[DependentView]:
+    """The views reading the relation, but our live view, which the plan drops and makes again itself."""
+    live_oid = observed.live.oid if observed.live is not None and live_is_ours(view, observed) else None
+    return [d for d in observed.dependents if d.oid != live_oid]
+
+
+def live_part_is_ours(view: MaterializedView, observed: Observed, part: LivePart) -> bool:
+    return part.marker is not None and part.marker.kind == "live" and is_ours(view, observed, part.marker, part.owner)
+
+
+def converge_live(view: MaterializedView, observed: Observed, steps: list[Step], reasons: list[str]) -> list[Step]:
+    """Keep the live view (plan/live.py) in step: it reads the table and the change log, so anything that
+    replaces either (a swap, re-installed capture) or changes the query drops it first and makes it again
+    last; a live view no longer declared is dropped, with its function and row shape."""
+    found = observed.live
+    ours = live_is_ours(view, observed)
+    wanted = live.wanted(view)
+    foreign_parts = [part for part in observed.live_parts if not live_part_is_ours(view, observed, part)]
+    if wanted and foreign_parts:
+        part = foreign_parts[0]
+        raise UnmanagedObjectError(not_ours(part.label, part.marker, part.owner))
+    if found is not None and not ours:
+        if wanted:
+            raise UnmanagedObjectError(not_ours(f"relation {view.schema}.{found.name}", found.marker, found.owner))
+        return steps  # somebody's own view with that name: not ours to touch
+    current = ours and found is not None and found.marker is not None and found.marker.digest == live.digest(view)
+    touched = any(step.makes_data_live or step.drops_change_log for step in steps)
+    drop = ours and (not wanted or not current or touched)
+    create = wanted and (not ours or drop)
+    if drop or (not wanted and observed.live_parts and not foreign_parts):
+        dropping = live.drop_statements(view, if_exists=not ours)
+        if foreign_parts:  # a function or table of someone else's holds a name: leave it, drop only the view
+            dropping = dropping[:1]
+        steps = [Step(f"drop the live view {view.schema}.{live.name(view)}", tuple(dropping)), *steps]
+        if not wanted:
+            reasons.append("the live view is no longer declared")
+    if create and observed.key_catalog is not None and observed.query_columns is not None:
+        if not ours:
+            reasons.append(f"the live view {view.schema}.{live.name(view)} does not exist")
+        elif not current:
+            reasons.append("the live view was made from another definition")
+        columns = tuple(column for column, _ in observed.query_columns)
+        statements: list[Statement] = [*live.create_statements(view, observed.key_catalog, columns)]
+        statements += grant_statements(view, live.identifier(view))
+        steps = [
+            *steps,
+            Step(f"create the live view {view.schema}.{live.name(view)}", tuple(statements), runs_query=True),
+        ]
+    return steps
+
+
+def leftovers(view: MaterializedView, observed: Observed) -> list[RelationState]:
+    """Copies a crashed swap left (staging, retired): dropped, but only when they are provably ours."""
+    return [found for found in observed.staging if found.owner in trusted_owners(view, observed)]
+
+
+def drop_capture_steps(view: MaterializedView, observed: Observed, state: capture.CaptureState) -> list[Step]:
+    statements: list[Statement] = []
+    for (schema, table), found in sorted(state.triggers.items()):
+        statements += capture.drop_trigger_statements(schema, table, list(found))
+    if state.changes_exists and not is_ours(view, observed, state.changes, state.changes_owner):
+        state = replace(state, changes_exists=False)  # never ours to drop
+    if state.function_exists and not is_ours(view, observed, state.function, state.function_owner):
+        state = replace(state, function_exists=False)
+    statements += capture.drop_log_statements(view, state)
+    if not statements:
+        return []
+    return [
+        Step(f"remove the change capture of {view.relation}", tuple(statements), drops_change_log=state.changes_exists)
+    ]
+
+
+def index_steps(
+    view: MaterializedView,
+    index: IndexSpec,
+    table: sql.Identifier,
+    schema: str,
+    existing: IndexState | None,
+    reasons: list[str],
+    label: str,
+) -> list[Step]:
+    final = view.index_name(index)
+    marker = index_marker(view, index)
+    target = relation_id(schema, final)
+    create = create_index_sql(view, index, final, table, concurrently=True)
+    drop_final = sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(target)
+    if existing is None:
+        reasons.append(f"{label} {final} is missing")
+        return [
+            Step(f"create {label} {final} (CONCURRENTLY)", (create,), transactional=False, cleanup=(drop_final,)),
+            Step(f"mark {label} {final}", (comment_sql("index", target, marker),)),
+        ]
+    if not existing.valid:
+        reasons.append(f"{label} {final} is INVALID (an earlier build failed)")
+        return [
+            Step(f"drop invalid {label} {final}", (drop_final,), transactional=False),
+            Step(f"create {label} {final} (CONCURRENTLY)", (create,), transactional=False, cleanup=(drop_final,)),
+            Step(f"mark {label} {final}", (comment_sql("index", target, marker),)),
+        ]
+    if existing.marker is not None and existing.marker.digest != marker.digest:
+        reasons.append(f"{label} {final} definition changed")
+        temporary = rebuild_index_name(final)
+        temporary_id = relation_id(schema, temporary)
+        return [
+            Step(
+                f"build the changed {label} {final} beside the old one (CONCURRENTLY)",
+                (create_index_sql(view, index, temporary, table, concurrently=True),),
+                transactional=False,
+                cleanup=(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(temporary_id),),
+            ),
+            Step(
+                f"replace {label} {final}",
+                (
+                    sql.SQL("DROP INDEX {}").format(target),
+                    sql.SQL("ALTER INDEX {} RENAME TO {}").format(temporary_id, sql.Identifier(final)),
+                    comment_sql("index", target, marker),
+                ),
+                takes_exclusive_lock=True,
+            ),
+        ]
+    return []
+
+
+def converge_view(view: MaterializedView, observed: Observed, reasons: list[str]) -> list[Step]:
+    # New and changed indexes are built before old ones are dropped: the view is never left unindexed.
+    steps: list[Step] = []
+    table = relation_id(view.schema, view.name)
+    for index in view.indexes:
+        name = view.index_name(index)
+        existing = observed.indexes.get(name)
+        if existing is not None and existing.marker is None:
+            raise UnmanagedObjectError(not_ours(f"index {view.schema}.{name}", None))
+        steps += index_steps(view, index, table, view.schema, existing, reasons, "index")
+    wanted = {view.index_name(i) for i in view.indexes}
+    for name, state in sorted(observed.indexes.items()):
+        if name not in wanted and state.marker is not None and state.marker.owner == view.owner:
+            reasons.append(f"index {name} is no longer in the spec")
+            steps.append(
+                Step(
+                    f"drop index {name} (CONCURRENTLY)",
+                    (sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(relation_id(view.schema, name)),),
+                    transactional=False,
+                )
+            )
+    grant_statements: list[Statement] = []
+    wanted_grants = {g.role: frozenset(g.privileges) for g in view.grants}
+    for role, privileges in sorted(wanted_grants.items()):
+        missing = privileges - observed.grants.get(role, frozenset())
+        if missing:
+            grant_statements.append(grant_sql(table, role, missing))
+    for role, privileges in sorted(observed.grants.items()):
+        extra = privileges - wanted_grants.get(role, frozenset())
+        if extra and extra <= PRIVILEGES.keys():
+            grant_statements.append(grant_sql(table, role, extra, revoke=True))
+    if grant_statements:
+        reasons.append("grants differ from the spec")
+        steps.append(Step(f"converge grants on {view.relation}", tuple(grant_statements)))
+    return steps
+
+
+def converge_supporting(view: MaterializedView, observed: Observed, reasons: list[str]) -> list[Step]:
+    steps: list[Step] = []
+    owned = {(s.schema, s.name): s for s in observed.owned_supporting}
+    for index in view.supporting_indexes:
+        name = view.index_name(index)
+        table = relation_id(index.table_schema, index.table)
+        existing = owned.get((index.table_schema, name))
+        steps += index_steps(view, index, table, index.table_schema, existing, reasons, "supporting index")
+    wanted = {(i.table_schema, view.index_name(i)) for i in view.supporting_indexes}
+    for state in observed.owned_supporting:
+        if (state.schema, state.name) not in wanted:
+            reasons.append(f"supporting index {state.schema}.{state.name} is no longer in the spec")
+            steps.append(
+                Step(
+                    f"drop supporting index {state.schema}.{state.name} (CONCURRENTLY)",
+                    (sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(relation_id(state.schema, state.name)),),
+                    transactional=False,
+                )
+            )
+    return steps
