@@ -18,7 +18,7 @@ import pytest
 
 from matview.api.validation import load_file
 from matview.plan import engine
-from matview.plan.catalog import Connection
+from matview.plan.observed import Connection
 from matview.refresh import record_build, refresh
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from matview.plan.catalog import Connection
 from matview.plan.executor import LOCK_TABLE
+from matview.plan.observed import Connection
 from matview.plan.versions import VERSIONS_TABLE
 
 SYSTEM = "('pg_catalog', 'information_schema', 'pg_toast')"

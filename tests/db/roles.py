@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from matview.plan.catalog import Connection
+from matview.plan.observed import Connection
 
 
 class Roles:

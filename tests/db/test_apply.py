@@ -12,8 +12,8 @@ import pytest
 from matview.api.spec import MaterializedView
 from matview.errors import DependentObjectsError, SpecError, UnmanagedObjectError
 from matview.plan import engine
-from matview.plan.catalog import Connection
 from matview.plan.executor import ExecutionSettings
+from matview.plan.observed import Connection
 from tests.db.catalog_helpers import can_select, index_def, index_names, is_matview, relations
 from tests.helpers import view
 

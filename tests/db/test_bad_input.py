@@ -14,7 +14,7 @@ import pytest
 from matview import load_documents
 from matview.errors import MatviewError, SpecError
 from matview.plan import engine
-from matview.plan.catalog import Connection
+from matview.plan.observed import Connection
 from tests.db.catalog_helpers import is_matview, relations
 from tests.helpers import document, to_yaml
 

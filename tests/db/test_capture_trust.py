@@ -19,8 +19,8 @@ from psycopg import sql
 from matview.api.spec import MaterializedView
 from matview.errors import ApplyError, SpecError, UnmanagedObjectError
 from matview.plan import capture, engine
-from matview.plan.catalog import Connection
 from matview.plan.marker import Marker
+from matview.plan.observed import Connection
 from matview.refresh import record_build, refresh, verify
 from tests.db.roles import Roles
 from tests.helpers import view

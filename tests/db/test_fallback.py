@@ -6,7 +6,7 @@ from psycopg import sql
 
 from matview.client import RelationChooser
 from matview.plan import engine
-from matview.plan.catalog import Connection
+from matview.plan.observed import Connection
 from tests.helpers import view
 
 

@@ -21,7 +21,7 @@ from matview.constants import APPLICATION_NAME
 from matview.errors import SpecError
 from matview.observe.metrics import RefreshMetrics
 from matview.plan import engine
-from matview.plan.catalog import Connection
+from matview.plan.observed import Connection
 from matview.refresh import record_build, refresh, verify
 from matview.refresh.runner import Refresher, RunnerSettings
 from tests import hostile

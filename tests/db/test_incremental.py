@@ -22,7 +22,7 @@ import pytest
 from matview.api.spec import MaterializedView
 from matview.errors import SpecError, UnmanagedObjectError
 from matview.plan import capture, engine
-from matview.plan.catalog import Connection
+from matview.plan.observed import Connection
 from matview.refresh import record_build, refresh, verify
 from tests.helpers import document, to_yaml, view
 
@@ -185,7 +185,7 @@ def test_wrong_declarations_are_refused_before_any_change(matrix: Connection) ->
 
 def test_plan_shows_the_key_filtered_query(matrix: Connection) -> None:
     from matview.plan.capture import key_filtered_query
-    from matview.plan.catalog import resolve_relations
+    from matview.plan.upstream import resolve_relations
 
     mv = matrix_view()
     result = key_filtered_query(mv, resolve_relations(matrix, mv))

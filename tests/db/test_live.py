@@ -14,7 +14,7 @@ import pytest
 from matview import client
 from matview.errors import UnmanagedObjectError
 from matview.plan import engine, live
-from matview.plan.catalog import Connection
+from matview.plan.observed import Connection
 from matview.refresh import refresh
 from tests.db.roles import Roles
 from tests.db.test_incremental import SCHEMA_SQL, SOURCES, apply, matrix_view, random_batch

@@ -18,7 +18,7 @@ import pytest
 from matview import client
 from matview.constants import APPLICATION_NAME
 from matview.plan import engine
-from matview.plan.catalog import Connection
+from matview.plan.observed import Connection
 from matview.refresh import refresh
 from tests.helpers import view
 

@@ -22,7 +22,7 @@ from matview.api.spec import MaterializedView
 from matview.embedded.localpg import free_port
 from matview.observe.metrics import RefreshMetrics
 from matview.plan import engine
-from matview.plan.catalog import Connection
+from matview.plan.observed import Connection
 from matview.refresh import Inspection, refresh, schedule
 from matview.refresh import facts as refresh_facts
 from matview.refresh.runner import Refresher, RunnerSettings, dependency_order

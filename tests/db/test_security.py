@@ -20,8 +20,8 @@ from matview.api.spec import MaterializedView
 from matview.errors import ApplyError, SpecError, UnmanagedObjectError
 from matview.observe.metrics import RefreshMetrics
 from matview.plan import engine
-from matview.plan.catalog import Connection
 from matview.plan.executor import LOCK_TABLE
+from matview.plan.observed import Connection
 from matview.plan.versions import VERSIONS_TABLE
 from matview.refresh import refresh
 from matview.refresh.runner import Refresher, RunnerSettings

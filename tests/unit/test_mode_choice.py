@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from matview.plan.catalog import DependentView
 from matview.plan.marker import Marker
+from matview.plan.observed import DependentView
 from matview.refresh import EXPLORE_EVERY, Inspection, RefreshState, choose_mode
 from tests.helpers import view
 

@@ -7,9 +7,9 @@ import pytest
 from matview.api.spec import MaterializedView
 from matview.errors import DependentObjectsError, SpecError, UnmanagedObjectError
 from matview.plan import versions
-from matview.plan.catalog import DependentView, IndexState, Observed, RelationState, TableState
 from matview.plan.engine import render
 from matview.plan.marker import Marker
+from matview.plan.observed import DependentView, IndexState, Observed, RelationState, TableState
 from matview.plan.planner import build_delete_plan, build_plan
 from tests.helpers import view
 

@@ -224,7 +224,7 @@ def _run_each(args: argparse.Namespace, operation: Callable[..., engine.ApplyRes
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from matview.plan.catalog import Connection
+    from matview.plan.observed import Connection
     from matview.refresh import record_build
 
     def apply_and_record(conn: Connection, view: MaterializedView) -> engine.ApplyResult:

@@ -23,7 +23,7 @@ from psycopg import sql
 from matview.api.spec import MaterializedView
 from matview.outcomes import Outcome
 from matview.plan import engine
-from matview.plan.catalog import Connection
+from matview.plan.observed import Connection
 from matview.refresh import RefreshResult, record_build, refresh
 
 REPOSITORY = Path(__file__).resolve().parents[3]

@@ -24,7 +24,7 @@ from matview.k8s.context import OperatorContext
 from matview.k8s.credentials import CredentialsError, describe, redact
 from matview.k8s.resource import resolve_dsn, validated
 from matview.plan import engine
-from matview.plan.catalog import Connection
+from matview.plan.observed import Connection
 from matview.refresh import ViewSize, record_build, schedule, view_size
 
 

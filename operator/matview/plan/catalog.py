@@ -9,7 +9,6 @@ without executing) to learn its result columns, which is how source drift is see
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -19,147 +18,20 @@ from matview.api import sqltext
 from matview.api.spec import MaterializedView, Storage
 from matview.errors import MatviewError
 from matview.plan import capture, live
+from matview.plan.describe import compile_error, describe_query_types, key_types
 from matview.plan.marker import Marker
-
-Connection = psycopg.Connection[tuple[Any, ...]]
-"""Every connection the engine uses returns plain tuples."""
-
-Column = tuple[str, str]
-"""(name, type as format_type prints it)."""
-
-
-@dataclass(frozen=True)
-class IndexState:
-    schema: str
-    name: str
-    table_oid: int
-    marker: Marker | None
-    valid: bool
-
-
-@dataclass(frozen=True)
-class RelationState:
-    oid: int
-    schema: str
-    name: str
-    relkind: str
-    marker: Marker | None
-    populated: bool
-    columns: tuple[Column, ...]
-    owner: str = ""
-    """The role that owns it: markers are comments, which any owner can write, so a marker proves nothing
-    unless the owner is one the engine trusts (statements.trusted_owners)."""
-    has_triggers: bool = False
-
-
-@dataclass(frozen=True)
-class LivePart:
-    """Something holding the name of the live view's function or row shape (plan/live.py), ours or not."""
-
-    label: str
-    owner: str
-    marker: Marker | None
-
-
-@dataclass(frozen=True)
-class DependentView:
-    """A view that reads the materialized view, captured so a swap can re-create it."""
-
-    oid: int
-    schema: str
-    name: str
-    relkind: str
-    depth: int
-    definition: str
-    options: tuple[str, ...]
-    owner: str
-    comment: str | None
-    acl: tuple[tuple[str, str, bool], ...]
-    """(grantee or PUBLIC, privilege, grantable)."""
-    has_triggers: bool
-
-
-@dataclass(frozen=True)
-class TableState:
-    oid: int
-    relkind: str
-    columns: tuple[str, ...]
-    column_types: tuple[tuple[int, int, str], ...] = ()
-    """(type oid, typmod, as format_type prints it) for each of columns."""
-    has_children: bool = False
-    """Other tables inherit from it (or it is partitioned): writes to them fire none of its triggers."""
-    readable: bool = True
-    """The role that builds the view (spec.runAsRole, else the operator's) may SELECT from it."""
-    system: bool = False
-    """A system catalog (pg_catalog, information_schema, pg_toast)."""
-
-
-@dataclass(frozen=True)
-class KeyType:
-    """The type of one of the view's key columns, as the query produces it."""
-
-    oid: int
-    typmod: int
-    name: str
-    hashable: bool
-    """Has default btree and hash operator classes: the claim compares, hashes and indexes keys."""
-
-
-@dataclass
-class Observed:
-    """Everything the planner needs to know about the database, for one resource."""
-
-    current_user: str = ""
-    schema_exists: bool = False
-    relation: RelationState | None = None
-    indexes: dict[str, IndexState] = field(default_factory=dict)
-    """Indexes on the view, by name."""
-    names_in_schema: dict[tuple[str, str], RelationState] = field(default_factory=dict)
-    """Relations that hold a name the plan wants to use, by (schema, name)."""
-    staging: list[RelationState] = field(default_factory=list)
-    query_columns: tuple[Column, ...] | None = None
-    query_error: str | None = None
-    grants: dict[str, frozenset[str]] = field(default_factory=dict)
-    """Privileges on the view by grantee (PUBLIC for everyone), the owner excluded."""
-    roles: frozenset[str] = frozenset()
-    tables: dict[tuple[str, str], TableState] = field(default_factory=dict)
-    owned_supporting: list[IndexState] = field(default_factory=list)
-    dependents: list[DependentView] = field(default_factory=list)
-    run_as_role: RoleAccess | None = None
-    """What the operator may do with spec.runAsRole (None when the spec names none)."""
-    capture: capture.CaptureState | None = None
-    """The view's change capture (observed for storage Table)."""
-    live: RelationState | None = None
-    """What holds the live view's name (observed for storage Table), ours or not."""
-    live_parts: list[LivePart] = field(default_factory=list)
-    """What holds the names of the live view's function and row shape."""
-    key_types: dict[str, KeyType] = field(default_factory=dict)
-    """The query's result columns that are declared keys (spec.incremental), by name."""
-    key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation] | None = None
-    """What each relation the query reads resolves to, through plain views (spec.incremental)."""
-    key_catalog_error: str | None = None
-    search_path_creators: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    """spec.searchPath schemas → roles other than the owner that may CREATE in them (PUBLIC for everyone)."""
-    filtered_query_error: str | None = None
-    """Why the key-filtered query does not compile, when it does not (a refresh would fail every time)."""
-
-
-@dataclass(frozen=True)
-class RoleAccess:
-    """Whether the connected role can build views as another role and then manage them."""
-
-    exists: bool
-    can_set: bool
-    """SET ROLE to it is allowed (membership; PostgreSQL 16+: the SET option)."""
-    has_privileges: bool
-    """It holds the role's privileges (INHERIT), so it may alter, index, refresh and drop what that role owns."""
-    superuser: bool = False
-    """A superuser: every query of its views could do anything in the database."""
-
-    @property
-    def usable(self) -> bool:
-        return self.exists and self.can_set and self.has_privileges
-
+from matview.plan.observed import (
+    Connection,
+    DependentView,
+    IndexState,
+    LivePart,
+    Observed,
+    RelationState,
+    RoleAccess,
+    TableState,
+)
+from matview.plan.session import become_query_role, pin_name_resolution
+from matview.plan.upstream import resolve_relations
 
 _RELATION = sql.SQL("""
 SELECT c.oid, n.nspname, c.relname, c.relkind, obj_description(c.oid, 'pg_class'), c.relispopulated,
@@ -257,23 +129,6 @@ WHERE n.nspname = ANY(%s)
 GROUP BY n.nspname
 """)
 
-_KEY_TYPES = sql.SQL("""
-SELECT t.oid, format_type(t.oid, NULL),
-       EXISTS (SELECT 1 FROM pg_opclass o JOIN pg_am m ON m.oid = o.opcmethod
-               WHERE o.opcdefault AND m.amname = 'btree' AND (o.opcintype IN (t.oid, t.typbasetype, generic.oid)
-                                                OR o.opcintype IN (SELECT c.casttarget FROM pg_cast c
-                                                                   WHERE c.castsource = t.oid AND c.castmethod = 'b')))
-       AND EXISTS (SELECT 1 FROM pg_opclass o JOIN pg_am m ON m.oid = o.opcmethod
-                   WHERE o.opcdefault AND m.amname = 'hash' AND (o.opcintype IN (t.oid, t.typbasetype, generic.oid)
-                                               OR o.opcintype IN (SELECT c.casttarget FROM pg_cast c
-                                                                  WHERE c.castsource = t.oid AND c.castmethod = 'b')))
-FROM pg_type t
-LEFT JOIN pg_type generic ON generic.oid = CASE WHEN t.typcategory = 'A' THEN 'anyarray'::regtype
-                                                WHEN t.typtype = 'e' THEN 'anyenum'::regtype
-                                                WHEN t.typtype = 'r' THEN 'anyrange'::regtype END
-WHERE t.oid = ANY(%s::oid[])
-""")
-
 
 def read_live_parts(conn: Connection, view: MaterializedView) -> list[LivePart]:
     parts = [
@@ -300,44 +155,6 @@ def _relation(row: tuple[Any, ...]) -> RelationState:
         str(owner),
         bool(has_triggers),
     )
-
-
-def describe_query(conn: Connection, query: sqltext.CheckedSQL) -> tuple[Column, ...]:
-    """The query's result columns, learned by preparing it (it is not executed)."""
-    return describe_query_types(conn, query)[0]
-
-
-def key_types(
-    conn: Connection, keys: tuple[str, ...], columns: tuple[Column, ...], types: tuple[tuple[int, int], ...]
-) -> dict[str, KeyType]:
-    """What the declared key columns are, and whether the claim can compare and hash them."""
-    wanted = {name: typed for (name, _), typed in zip(columns, types, strict=True) if name in keys}
-    found = {
-        int(oid): (str(name), bool(hashable))
-        for oid, name, hashable in conn.execute(_KEY_TYPES, ([oid for oid, _ in wanted.values()],))
-    }
-    return {name: KeyType(oid, typmod, *found.get(oid, ("?", False))) for name, (oid, typmod) in wanted.items()}
-
-
-def describe_query_types(
-    conn: Connection, query: sqltext.CheckedSQL
-) -> tuple[tuple[Column, ...], tuple[tuple[int, int], ...]]:
-    """describe_query, with each column's (type oid, typmod)."""
-    pgconn = conn.pgconn
-    text = sqltext.embed(query).as_bytes(conn)
-    result = pgconn.prepare(b"", text)
-    if result.status != psycopg.pq.ExecStatus.COMMAND_OK:
-        sqlstate = (result.error_field(psycopg.pq.DiagnosticField.SQLSTATE) or b"XX000").decode()
-        raise psycopg.errors.lookup(sqlstate)((result.error_message or b"").decode(errors="replace").strip())
-    described = pgconn.describe_prepared(b"")
-    columns = []
-    types = []
-    for i in range(described.nfields):
-        name = (described.fname(i) or b"").decode()
-        row = conn.execute(sql.SQL("SELECT format_type(%s, %s)"), (described.ftype(i), described.fmod(i))).fetchone()
-        columns.append((name, str(row[0]) if row else "?"))
-        types.append((int(described.ftype(i)), int(described.fmod(i))))
-    return tuple(columns), tuple(types)
 
 
 def marker_pattern() -> str:
@@ -480,57 +297,8 @@ def observe(
         observed.query_error = sqltext.explain_unresolved(message, exc.sqlstate, view.search_path)
         return observed
     if view.incremental is not None and observed.key_catalog is not None:
-        observed.filtered_query_error = _filtered_query_error(conn, view, observed.key_catalog)
+        observed.filtered_query_error = compile_error(conn, view, observed.key_catalog)
     return observed
-
-
-def filtered_query_error(conn: Connection, view: MaterializedView) -> str | None:
-    """Why an incremental refresh of view cannot compile its key-filtered query (None when it can)."""
-    try:
-        return _filtered_query_error(conn, view, resolve_relations(conn, view))
-    except (psycopg.Error, MatviewError, ValueError) as exc:
-        return str(exc).strip()
-
-
-def _filtered_query_error(
-    conn: Connection, view: MaterializedView, key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation]
-) -> str | None:
-    """Compile the query an incremental refresh runs, as the refresh compiles it (with the changed-keys table
-    it reads), and say why it fails: a query that compiles only unfiltered would fail every refresh."""
-    assert view.incremental is not None
-    try:
-        filtered = capture.key_filtered_query(view, key_catalog).query
-    except ValueError:
-        return None  # the planner names what cannot be rewritten
-    try:
-        with conn.transaction(force_rollback=True):
-            pin_name_resolution(conn, view, local=True)
-            become_query_role(conn, view)
-            conn.execute(
-                sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT {} FROM ({}) AS q WITH NO DATA").format(
-                    sql.Identifier(sqltext.CHANGED_KEYS_TABLE[1]),
-                    capture.key_list(view.incremental.key_columns, "q"),
-                    sqltext.embed(view.query),
-                )
-            )
-            describe_query(conn, filtered)
-    except psycopg.Error as exc:
-        return (exc.diag.message_primary or str(exc)).strip()
-    return None
-
-
-def pin_name_resolution(conn: Connection, view: MaterializedView, local: bool) -> None:
-    """Compile user SQL under sqltext.pinned_search_path, never the session's default search_path
-    (the executor for every step, observe for describing the query)."""
-    conn.execute(
-        sql.SQL("SELECT set_config('search_path', %s, %s)"), (sqltext.pinned_search_path(view.search_path), local)
-    )
-
-
-def become_query_role(conn: Connection, view: MaterializedView) -> None:
-    """Inside a transaction: act as spec.runAsRole until it ends (nothing when the spec names none)."""
-    if view.run_as_role is not None:
-        conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(view.run_as_role)))
 
 
 _ROLE_ACCESS = sql.SQL("""
@@ -575,131 +343,6 @@ def _dependent(conn: Connection, row: tuple[Any, ...]) -> DependentView:
         acl=tuple((str(g), str(p), g2 == "true") for g, p, g2 in acl),
         has_triggers=bool(has_triggers),
     )
-
-
-#: What a fingerprint of a relation is made of (write counters, relfilenode, an upstream MV's marker), for
-#: every relation in a CTE named ``relations``.
-_RELATION_FACTS = sql.SQL("""
-SELECT c.oid, n.nspname, c.relname, c.relkind, c.relfilenode, coalesce(s.n_tup_ins, 0), coalesce(s.n_tup_upd, 0),
-       coalesce(s.n_tup_del, 0), CASE WHEN c.relkind = 'm' THEN obj_description(c.oid, 'pg_class') END
-FROM relations JOIN pg_class c ON c.oid = relations.oid
-JOIN pg_namespace n ON n.oid = c.relnamespace
-LEFT JOIN pg_stat_all_tables s ON s.relid = c.oid
-WHERE c.relkind IN ('r', 'm', 'p', 'f')
-ORDER BY c.oid
-""")
-
-_UPSTREAM = sql.SQL("""
-WITH RECURSIVE deps(oid) AS (
-    SELECT d.refobjid FROM pg_rewrite r
-    JOIN pg_depend d ON d.objid = r.oid AND d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
-    WHERE r.ev_class = %(oid)s AND d.refobjid <> %(oid)s
-    UNION
-    SELECT d.refobjid FROM deps
-    JOIN pg_class c ON c.oid = deps.oid AND c.relkind = 'v'
-    JOIN pg_rewrite r ON r.ev_class = c.oid
-    JOIN pg_depend d ON d.objid = r.oid AND d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
-    WHERE d.refobjid <> c.oid
-), relations AS (
-    SELECT deps.oid FROM deps
-    UNION
-    SELECT t.relid FROM deps JOIN pg_class c ON c.oid = deps.oid AND c.relkind = 'p',
-                         LATERAL pg_partition_tree(c.oid) t
-)
-{}""").format(_RELATION_FACTS)
-
-_KNOWN_RELATIONS = sql.SQL("""
-WITH relations AS (
-    SELECT unnest(%(oids)s::oid[]) AS oid
-    UNION
-    SELECT t.relid FROM pg_class c, LATERAL pg_partition_tree(c.oid) t
-    WHERE c.oid = ANY(%(oids)s::oid[]) AND c.relkind = 'p'
-)
-{}""").format(_RELATION_FACTS)
-
-
-@dataclass(frozen=True)
-class UpstreamRelation:
-    """A table, materialized view or foreign table a view reads, directly or through plain views."""
-
-    oid: int
-    schema: str
-    name: str
-    relkind: str
-    fingerprint: tuple[Any, ...]
-    """Changes when the relation's data may have: relfilenode, write counters, an upstream MV's marker."""
-
-
-def relation_fingerprints(conn: Connection, oids: list[int]) -> list[UpstreamRelation]:
-    """The same facts as upstream_relations, for relations already known by oid (and their partitions)."""
-    return [
-        UpstreamRelation(int(row[0]), str(row[1]), str(row[2]), str(row[3]), (row[0], row[3], *row[4:]))
-        for row in conn.execute(_KNOWN_RELATIONS, {"oids": oids}).fetchall()
-    ]
-
-
-def upstream_relations(conn: Connection, oid: int) -> list[UpstreamRelation]:
-    """The one dependency query upwards: every relation the view with this oid reads (through views)."""
-    return [
-        UpstreamRelation(int(row[0]), str(row[1]), str(row[2]), str(row[3]), (row[0], row[3], *row[4:]))
-        for row in conn.execute(_UPSTREAM, {"oid": oid}).fetchall()
-    ]
-
-
-def relation_oid(conn: Connection, schema: str, name: str) -> int | None:
-    row = conn.execute(
-        sql.SQL(
-            "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE n.nspname = %s AND c.relname = %s"
-        ),
-        (schema, name),
-    ).fetchone()
-    return int(row[0]) if row else None
-
-
-_RESOLVE = sql.SQL(
-    "SELECT c.oid, n.nspname, c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-    "WHERE c.oid = to_regclass(%s)"
-)
-
-#: The most relations one query may reach through views before incremental refresh gives up on it.
-MAX_RESOLVED_RELATIONS = 256
-
-
-def resolve_relations(conn: Connection, view: MaterializedView) -> dict[sqltext.Reference, sqltext.ResolvedRelation]:
-    """What every relation the query reads is, following plain views down to tables (for key filters).
-
-    Names resolve as the build resolves them (pinned search_path); view definitions are read back with
-    only pg_catalog on the search path, so every name in them comes back qualified."""
-    found: dict[sqltext.Reference, sqltext.ResolvedRelation] = {}
-    pending = [view.query]
-    with conn.transaction():
-        pin_name_resolution(conn, view, local=True)
-        while pending:
-            for reference in sqltext.relations_read(pending.pop()):
-                if reference in found:
-                    continue
-                if len(found) >= MAX_RESOLVED_RELATIONS:
-                    raise MatviewError(f"the query reaches more than {MAX_RESOLVED_RELATIONS} relations")
-                schema, name = reference
-                quoted = (sqltext.quote_identifier(schema) + "." if schema else "") + sqltext.quote_identifier(name)
-                row = conn.execute(_RESOLVE, (quoted,)).fetchone()
-                if row is None:
-                    continue
-                oid, resolved_schema, resolved_name, relkind = row
-                definition = None
-                if relkind == "v":
-                    conn.execute(sql.SQL("SELECT set_config('search_path', 'pg_catalog', true)"))
-                    text = conn.execute(sql.SQL("SELECT pg_get_viewdef(%s::oid)"), (oid,)).fetchone()
-                    pin_name_resolution(conn, view, local=True)
-                    definition = sqltext.check_view_definition(str(text[0]) if text else "")
-                    pending.append(definition)
-                resolved = sqltext.ResolvedRelation(
-                    (str(resolved_schema), str(resolved_name)), str(relkind), definition
-                )
-                found[reference] = resolved
-                found.setdefault(resolved.name, resolved)
-    return found
 
 
 _CAPTURE_TRIGGERS = sql.SQL("""

@@ -8,7 +8,7 @@ from matview.api import sqltext
 from matview.api.spec import MaterializedView
 from matview.errors import FieldError, UnmanagedObjectError
 from matview.plan import capture
-from matview.plan.catalog import Observed, TableState
+from matview.plan.observed import Observed, TableState
 from matview.plan.statements import is_ours, not_ours
 
 

@@ -11,7 +11,7 @@ from psycopg import sql
 from matview.api.spec import IndexSpec, MaterializedView
 from matview.errors import UnmanagedObjectError
 from matview.plan import capture, live
-from matview.plan.catalog import DependentView, IndexState, LivePart, Observed, RelationState
+from matview.plan.observed import DependentView, IndexState, LivePart, Observed, RelationState
 from matview.plan.rebuild import grant_statements
 from matview.plan.statements import (
     PRIVILEGES,

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from matview.errors import MatviewError
 from matview.plan import session
-from matview.plan.catalog import Connection, observe
+from matview.plan.catalog import observe
+from matview.plan.observed import Connection
 
 __all__ = [
     "ApplyPolicy",

@@ -23,7 +23,8 @@ from matview.api import sqltext
 from matview.api.spec import MaterializedView, RefreshSpec
 from matview.errors import ApplyError, MatviewError, UnmanagedObjectError
 from matview.plan import session, versions
-from matview.plan.catalog import Connection, become_query_role, pin_name_resolution
+from matview.plan.observed import Connection
+from matview.plan.session import become_query_role, pin_name_resolution
 from matview.plan.statements import Plan, Step
 
 logger = logging.getLogger(__name__)

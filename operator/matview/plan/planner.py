@@ -20,7 +20,6 @@ from psycopg import sql
 from matview.api.spec import MaterializedView
 from matview.errors import DependentObjectsError, FieldError, SpecError, UnmanagedObjectError
 from matview.plan import capture, live
-from matview.plan.catalog import Observed
 from matview.plan.checks import check_incremental, check_names_free, check_supporting, source_drift
 from matview.plan.converge import (
     converge_capture,
@@ -33,6 +32,7 @@ from matview.plan.converge import (
     live_is_ours,
     live_part_is_ours,
 )
+from matview.plan.observed import Observed
 from matview.plan.rebuild import create_step, drop_leftover_step, swap_steps
 from matview.plan.statements import RELATION_KEYWORDS, Plan, Step, is_ours, not_ours, relation_id
 

@@ -17,8 +17,8 @@ from matview.api import sqltext
 from matview.api.spec import MaterializedView
 from matview.errors import DependentObjectsError
 from matview.plan import capture, versions
-from matview.plan.catalog import DependentView
 from matview.plan.marker import Marker
+from matview.plan.observed import DependentView
 from matview.plan.statements import (
     PRIVILEGES,
     RELATION_KEYWORDS,

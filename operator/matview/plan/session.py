@@ -7,7 +7,7 @@ by upgrades) could plant a better-matching ``public.obj_description(oid, text)``
 ``public.unnest(int[])`` and have it run as the operator on its next catalog read. The pin is set when a
 connection is made and again whenever the session is reset or the user's query may have changed it
 (a SELECT can call ``set_config('search_path', …, false)``); ``spec.searchPath`` is added, transaction
-locally, only where the user's query is compiled (``catalog.pin_name_resolution``).
+locally, only where the user's query is compiled (``pin_name_resolution`` below).
 
 It is set with a statement rather than the ``options`` startup parameter, which PgBouncer refuses.
 """
@@ -17,8 +17,10 @@ from __future__ import annotations
 import psycopg
 from psycopg import sql
 
+from matview.api import sqltext
+from matview.api.spec import MaterializedView
 from matview.constants import APPLICATION_NAME
-from matview.plan.catalog import Connection
+from matview.plan.observed import Connection
 
 #: The session's search_path for every statement the engine sends itself.
 ENGINE_SEARCH_PATH = "pg_catalog, pg_temp"
@@ -57,3 +59,17 @@ def connect(dsn: str, connect_timeout: int = 10) -> Connection:
         conn.close()
         raise
     return conn
+
+
+def pin_name_resolution(conn: Connection, view: MaterializedView, local: bool) -> None:
+    """Compile user SQL under sqltext.pinned_search_path, never the session's default search_path
+    (the executor for every step, observe for describing the query)."""
+    conn.execute(
+        sql.SQL("SELECT set_config('search_path', %s, %s)"), (sqltext.pinned_search_path(view.search_path), local)
+    )
+
+
+def become_query_role(conn: Connection, view: MaterializedView) -> None:
+    """Inside a transaction: act as spec.runAsRole until it ends (nothing when the spec names none)."""
+    if view.run_as_role is not None:
+        conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(view.run_as_role)))

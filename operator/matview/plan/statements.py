@@ -18,8 +18,8 @@ from matview.api import sqltext
 from matview.api.spec import IndexSpec, MaterializedView, SupportingIndexSpec, truncate_utf8
 from matview.constants import MAX_IDENTIFIER_BYTES
 from matview.plan import capture
-from matview.plan.catalog import Observed
 from matview.plan.marker import Marker
+from matview.plan.observed import Observed
 
 Statement = sql.Composed | sql.SQL
 """A complete statement, as the executor runs it."""

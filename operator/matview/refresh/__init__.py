@@ -31,10 +31,10 @@ from matview.api.spec import MaterializedView, RefreshMode
 from matview.errors import MatviewError
 from matview.outcomes import NO_MODE, FailureReason, Outcome
 from matview.plan import capture
-from matview.plan.catalog import Connection
 from matview.plan.engine import settings_for
 from matview.plan.executor import BusyError, ExecutionSettings, execute, view_lock
 from matview.plan.marker import Marker
+from matview.plan.observed import Connection
 from matview.plan.rebuild import (
     drop_leftover_step,
     incremental_step,

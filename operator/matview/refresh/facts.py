@@ -16,18 +16,12 @@ from psycopg import sql
 from matview.api import sqltext
 from matview.api.spec import MaterializedView, Storage
 from matview.plan import capture, versions
-from matview.plan.catalog import (
-    Connection,
-    UpstreamRelation,
-    read_dependents,
-    relation_fingerprints,
-    relation_oid,
-    resolve_relations,
-    upstream_relations,
-)
+from matview.plan.catalog import read_dependents
 from matview.plan.checks import query_tables
 from matview.plan.marker import Marker
+from matview.plan.observed import Connection, UpstreamRelation
 from matview.plan.statements import retired_name, staging_name
+from matview.plan.upstream import relation_fingerprints, relation_oid, resolve_relations, upstream_relations
 from matview.refresh.policy import Inspection, PendingChanges, RefreshState
 
 _VIEW = sql.SQL("""

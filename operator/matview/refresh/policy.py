@@ -19,8 +19,8 @@ from matview.api import sqltext
 from matview.api.spec import MaterializedView, RefreshMode, Storage
 from matview.errors import MatviewError
 from matview.outcomes import FailureReason
-from matview.plan.catalog import DependentView
 from matview.plan.marker import Marker
+from matview.plan.observed import DependentView
 from matview.refresh import verify
 from matview.refresh.schedule import target_lag_check_seconds
 

@@ -38,7 +38,7 @@ from matview.errors import SpecError
 from matview.observe.metrics import RefreshMetrics
 from matview.outcomes import NO_MODE, Outcome
 from matview.plan import engine, session
-from matview.plan.catalog import Connection
+from matview.plan.observed import Connection
 from matview.refresh import RefreshResult, classify, read_state, record_build, refresh, schedule
 from matview.refresh.facts import dependency_order
 

@@ -19,14 +19,11 @@ from psycopg import sql
 from matview.api import sqltext
 from matview.api.spec import MaterializedView
 from matview.plan import capture, session
-from matview.plan.catalog import (
-    Connection,
-    become_query_role,
-    filtered_query_error,
-    pin_name_resolution,
-    relation_oid,
-)
+from matview.plan.describe import filtered_query_error
 from matview.plan.executor import ExecutionSettings, set_timeouts
+from matview.plan.observed import Connection
+from matview.plan.session import become_query_role, pin_name_resolution
+from matview.plan.upstream import relation_oid
 
 
 @dataclass(frozen=True)
