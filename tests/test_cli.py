@@ -239,3 +239,12 @@ def test_matview_page_walks_a_view_and_plan_says_when_no_index_allows_it(dsn: st
     planned = matview("plan", "--dsn", dsn, str(no_unique))
     assert "keyset pages" in planned.stdout, planned.stdout
     assert "keyset pages" not in matview("plan", "--dsn", dsn, str(spec)).stdout
+
+
+def test_operator_flags_are_checked_and_named_before_it_starts() -> None:
+    """The operator gets its settings from the flags directly (not through the environment); a value it
+    cannot use stops it at once with the flag's name, before it talks to any cluster."""
+    wrong = matview("operator", "--all-namespaces", "--shard-count", "2", "--shard-index", "2")
+    assert wrong.returncode == 2 and "--shard-index=2: must be below --shard-count=2" in wrong.stderr, wrong.stderr
+    zero = matview("operator", "--all-namespaces", "--max-concurrent", "0")
+    assert zero.returncode == 2 and "--max-concurrent=0" in zero.stderr, zero.stderr

@@ -9,6 +9,7 @@ usage, 1 anything the database refused (message on stderr).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -408,29 +409,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: OperatorConfig fields → the flags of ``matview operator`` that set them (for error messages).
+OPERATOR_FLAGS = {
+    "metrics_port": "--metrics-port",
+    "drift_check_seconds": "--drift-check-seconds",
+    "max_concurrent_per_database": "--max-concurrent",
+    "shard_index": "--shard-index",
+    "shard_count": "--shard-count",
+}
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     import asyncio
 
     import kopf
 
-    settings_env = {
-        "MATVIEW_METRICS_PORT": str(args.metrics_port),
-        "MATVIEW_DRIFT_CHECK_SECONDS": str(args.drift_check_seconds),
-        "MATVIEW_MAX_CONCURRENT": str(args.max_concurrent),
-        "MATVIEW_PEERING": args.peering or "",
-        "MATVIEW_SHARD_INDEX": str(args.shard_index),
-        "MATVIEW_SHARD_COUNT": str(args.shard_count),
-        "MATVIEW_ALLOW_SUPERUSER_RUN_AS_ROLE": "true" if args.allow_superuser_run_as_role else "false",
-    }
-    os.environ.update(settings_env)
-    from matview.k8s.settings import SettingsError, config_from_environment
+    from matview.k8s import main as operator_main  # registers the handlers
+    from matview.k8s.settings import SettingsError, checked, config_from_environment
 
     try:
-        config_from_environment()
+        # The environment's MATVIEW_* settings the flags do not cover (retry delays, secret cache) still apply.
+        config = checked(
+            dataclasses.replace(
+                config_from_environment(),
+                metrics_port=args.metrics_port,
+                drift_check_seconds=args.drift_check_seconds,
+                max_concurrent_per_database=args.max_concurrent,
+                peering=args.peering or None,
+                shard_index=args.shard_index,
+                shard_count=args.shard_count,
+                allow_superuser_run_as_role=args.allow_superuser_run_as_role,
+            ),
+            OPERATOR_FLAGS,
+        )
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    import matview.k8s.main  # noqa: F401 - registers the handlers (after the environment is set)
+    operator_main.use(config)
 
     namespaces = args.namespace or []
     if not namespaces and not args.all_namespaces:

@@ -37,6 +37,8 @@ class OperatorConfig:
     """Replicas that split the views between them by a stable hash of namespace/name (1: no sharding)."""
     allow_superuser_run_as_role: bool = False
     """Accept a spec.runAsRole that is a superuser (refused by default)."""
+    peering: str | None = None
+    """kopf peering name (replicas then take turns); None: standalone."""
 
 
 @dataclass

@@ -8,18 +8,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from typing import Any
 
 import kopf
 
 from matview.constants import GROUP, PLURAL, VERSION
 from matview.k8s import deletion, reconcile, sharding
-from matview.k8s.context import OperatorContext
+from matview.k8s.context import OperatorConfig, OperatorContext
 from matview.k8s.scheduler import ViewScheduler
 from matview.k8s.settings import config_from_environment, configure
 
-_CONFIG = config_from_environment()
+_config: OperatorConfig | None = None
+
+
+def use(config: OperatorConfig) -> None:
+    """Give the operator its settings before it starts (``matview operator`` does, from its flags);
+    without it they are read from MATVIEW_* variables at start-up (``kopf run -m matview.k8s.main``)."""
+    global _config
+    _config = config
+
+
+def _settings() -> OperatorConfig:
+    global _config
+    if _config is None:
+        _config = config_from_environment()
+    return _config
 
 
 class _QuietWatchHandler(logging.Filter):
@@ -35,18 +48,20 @@ logging.getLogger("kopf.objects").addFilter(_QuietWatchHandler())
 
 def _mine(meta: kopf.Meta, **_: Any) -> bool:
     """This replica's share of the views (all of them unless sharded)."""
-    return sharding.owns(_CONFIG.shard_index, _CONFIG.shard_count, meta.namespace or "", meta.name or "")
+    config = _settings()
+    return sharding.owns(config.shard_index, config.shard_count, meta.namespace or "", meta.name or "")
 
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-    configure(settings, os.environ.get("MATVIEW_PEERING") or None)
-    context = OperatorContext(config=_CONFIG)
-    if _CONFIG.metrics_port:
-        context.metrics.serve(_CONFIG.metrics_port)
-        logger.info("metrics on :%d/metrics", _CONFIG.metrics_port)
-    if _CONFIG.shard_count > 1:
-        logger.info("shard %d of %d", _CONFIG.shard_index, _CONFIG.shard_count)
+    config = _settings()
+    configure(settings, config.peering)
+    context = OperatorContext(config=config)
+    if config.metrics_port:
+        context.metrics.serve(config.metrics_port)
+        logger.info("metrics on :%d/metrics", config.metrics_port)
+    if config.shard_count > 1:
+        logger.info("shard %d of %d", config.shard_index, config.shard_count)
     memo.context = context
     memo.scheduler = ViewScheduler(context)
     memo.tasks = [asyncio.create_task(memo.scheduler.run()), asyncio.create_task(context.metrics.watch_event_loop())]
@@ -87,8 +102,9 @@ async def reconcile_handler(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logge
 @kopf.on.delete(GROUP, VERSION, PLURAL)
 async def delete_handler(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     if not _mine(meta):
-        owner = sharding.shard_of(meta.namespace or "", meta.name or "", _CONFIG.shard_count)
-        raise kopf.TemporaryError(f"deleted by shard {owner}; waiting for it", delay=_CONFIG.stalled_retry_seconds)
+        config = _settings()
+        owner = sharding.shard_of(meta.namespace or "", meta.name or "", config.shard_count)
+        raise kopf.TemporaryError(f"deleted by shard {owner}; waiting for it", delay=config.stalled_retry_seconds)
     await deletion.delete(memo.context, body, logger)
 
 

@@ -59,7 +59,8 @@ class SettingsError(ValueError):
     """An operator setting has a value it cannot use; the message names the variable."""
 
 
-#: Environment variable → (OperatorConfig field, smallest allowed value).
+#: Environment variable → (OperatorConfig field, smallest allowed value). ``matview operator`` gives the
+#: operator its config directly; ``kopf run -m matview.k8s.main`` reads these when the operator starts.
 ENVIRONMENT: dict[str, tuple[str, float]] = {
     "MATVIEW_METRICS_PORT": ("metrics_port", 0),
     "MATVIEW_DRIFT_CHECK_SECONDS": ("drift_check_seconds", 1),
@@ -75,14 +76,14 @@ ENVIRONMENT: dict[str, tuple[str, float]] = {
 
 
 def config_from_environment(environ: Mapping[str, str] | None = None) -> OperatorConfig:
-    """``matview operator`` passes its flags as MATVIEW_* variables, so ``kopf run -m`` works the same.
+    """The config of ``kopf run -m matview.k8s.main``, from MATVIEW_* variables.
 
     Read once, when the operator starts; a bad value stops it with the variable's name.
     """
     environ = os.environ if environ is None else environ
     defaults = OperatorConfig()
     values: dict[str, Any] = {}
-    for variable, (name, minimum) in ENVIRONMENT.items():
+    for variable, (name, _) in ENVIRONMENT.items():
         text = environ.get(variable)
         if not text:
             continue
@@ -92,16 +93,27 @@ def config_from_environment(environ: Mapping[str, str] | None = None) -> Operato
         except ValueError:
             kind = "an integer" if integer else "a number"
             raise SettingsError(f"{variable}={text!r}: must be {kind}") from None
-        if not value >= minimum or value == float("inf"):
-            raise SettingsError(f"{variable}={text!r}: must be at least {minimum:g} and finite")
         values[name] = value
     allow = environ.get("MATVIEW_ALLOW_SUPERUSER_RUN_AS_ROLE", "").strip().lower()
     if allow not in ("", "true", "false"):
         raise SettingsError(f"MATVIEW_ALLOW_SUPERUSER_RUN_AS_ROLE={allow!r}: must be true or false")
     values["allow_superuser_run_as_role"] = allow == "true"
-    config = dataclasses.replace(defaults, **values)
+    values["peering"] = environ.get("MATVIEW_PEERING") or None
+    return checked(
+        dataclasses.replace(defaults, **values), {name: variable for variable, (name, _) in ENVIRONMENT.items()}
+    )
+
+
+def checked(config: OperatorConfig, labels: Mapping[str, str]) -> OperatorConfig:
+    """config, if every value is one the operator can use; else SettingsError naming the setting as the
+    user wrote it (labels: field → variable or flag)."""
+    for name, minimum in ENVIRONMENT.values():
+        value = getattr(config, name)
+        if not value >= minimum or value == float("inf"):
+            raise SettingsError(f"{labels.get(name, name)}={value!r}: must be at least {minimum:g} and finite")
     if config.shard_index >= config.shard_count:
         raise SettingsError(
-            f"MATVIEW_SHARD_INDEX={config.shard_index}: must be below MATVIEW_SHARD_COUNT={config.shard_count}"
+            f"{labels.get('shard_index', 'shard_index')}={config.shard_index}: must be below "
+            f"{labels.get('shard_count', 'shard_count')}={config.shard_count}"
         )
     return config
