@@ -1,0 +1,135 @@
+"""What every verb shares: where the database is, what applies may accept, the batch of views a command
+works through, and its output (human or --json) and exit code, in one place."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import stat
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from matview.api.spec import MaterializedView
+from matview.api.validation import load_file
+from matview.errors import FieldError, MatviewError, SpecError
+from matview.plan import engine
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+DEFAULT_EMBEDDED_DIR = Path(".matview/pgdata")
+
+
+def database_url(args: argparse.Namespace) -> str:
+    if args.dsn:
+        return str(args.dsn)
+    if getattr(args, "dsn_file", None):
+        return read_dsn_file(Path(args.dsn_file))
+    if os.environ.get("DATABASE_URL"):
+        return os.environ["DATABASE_URL"]
+    from matview.embedded.localpg import ensure_embedded
+
+    dsn = ensure_embedded(Path(args.embedded_dir))
+    print(
+        f"using the embedded PostgreSQL in {args.embedded_dir} ({dsn}); stop it with 'matview embedded-stop'",
+        file=sys.stderr,
+    )
+    return dsn
+
+
+def policy(args: argparse.Namespace) -> engine.ApplyPolicy:
+    return engine.ApplyPolicy(allow_superuser_run_as_role=bool(getattr(args, "allow_superuser_run_as_role", False)))
+
+
+def read_dsn_file(path: Path) -> str:
+    """A DSN kept in a file (a mounted Secret, a 0600 file) so the password never shows in the process list."""
+    try:
+        status = path.stat()
+        dsn = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([FieldError("--dsn-file", f"{path}: {getattr(exc, 'strerror', None) or exc}")]) from None
+    # As libpq refuses a .pgpass others can read: group or other access, except group read of a root-owned
+    # file (how some secret stores mount them).
+    loose = status.st_mode & (0o037 if status.st_uid == 0 else 0o077)
+    if loose:
+        raise SpecError(
+            [
+                FieldError(
+                    "--dsn-file",
+                    f"{path} has group or other permissions ({stat.filemode(status.st_mode)}): it holds a password; "
+                    f"chmod 600 {path} (a mounted Secret: defaultMode: 0400)",
+                )
+            ]
+        )
+    if not dsn:
+        raise SpecError([FieldError("--dsn-file", f"{path} is empty")])
+    return dsn
+
+
+class Batch:
+    """The views of every file named, and the problems found so far; commands go on past a bad file or view."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.views: list[tuple[MaterializedView, str]] = []
+        self.problems: list[dict[str, Any]] = []
+        for path in paths:
+            try:
+                self.views += [(view, str(path)) for view in load_file(path)]
+            except SpecError as exc:
+                self.invalid(exc, str(path), None)
+
+    def invalid(self, error: SpecError, file: str, view: MaterializedView | None) -> None:
+        self.problems.append(
+            {
+                "file": file,
+                "resource": view.owner if view else None,
+                "error": {
+                    "kind": "invalid",
+                    "message": str(error),
+                    "problems": [{"field": e.path, "message": e.message} for e in error.errors],
+                },
+            }
+        )
+
+    def failed(self, error: BaseException, file: str, view: MaterializedView) -> None:
+        self.problems.append(
+            {"file": file, "resource": view.owner, "error": {"kind": "failed", "message": str(error).strip()}}
+        )
+
+    def run(self, view: MaterializedView, file: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+        """work() for one view; a refusal or failure is recorded with its file and resource, not raised."""
+        import psycopg
+
+        try:
+            return work()
+        except SpecError as exc:
+            self.invalid(exc, file, view)
+        except (MatviewError, psycopg.Error) as exc:
+            self.failed(exc, file, view)
+        return None
+
+    def finish(
+        self, args: argparse.Namespace, results: list[dict[str, Any]], human: Callable[[dict[str, Any]], str]
+    ) -> int:
+        """Print results and problems; exit 2 when anything was invalid, 1 when anything failed."""
+        if args.json:
+            print(json.dumps([*results, *self.problems], indent=2))
+        else:
+            for result in results:
+                print(human(result))
+            for problem in self.problems:
+                where = problem["file"] + (f" ({problem['resource']})" if problem["resource"] else "")
+                error = problem["error"]
+                if error["kind"] == "invalid":
+                    print(f"invalid: {where}:", file=sys.stderr)
+                    for item in error["problems"]:
+                        print(f"  {item['field']}: {item['message']}", file=sys.stderr)
+                else:
+                    print(f"error: {where}: {error['message']}", file=sys.stderr)
+        kinds = {problem["error"]["kind"] for problem in self.problems}
+        return EXIT_INVALID if "invalid" in kinds else EXIT_FAILED if kinds else EXIT_OK
+
+
+def jsonable(value: Any) -> Any:
+    return value if value is None or isinstance(value, bool | int | float | str) else str(value)
