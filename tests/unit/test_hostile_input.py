@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from matview.api import sqltext
+from matview.api import parsing
 from matview.api.validation import DURATION_BOUNDS, load_documents, validate_document
 from matview.errors import SpecError
 from tests.helpers import document, to_yaml
@@ -65,7 +65,7 @@ def test_a_query_deeper_than_the_parser_stack_is_refused_not_a_crash(tmp_path: P
     )
     assert done.returncode == 2, done.stderr
     assert "spec.query: nests" in done.stderr
-    assert f"at most {sqltext.MAX_NESTING_DEPTH}" in done.stderr
+    assert f"at most {parsing.MAX_NESTING_DEPTH}" in done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -80,9 +80,9 @@ def test_long_operator_chains_within_the_limit_validate(operator: str) -> None:
 def test_the_nesting_limit_is_the_one_the_crd_states() -> None:
     crd = yaml.safe_load(Path("crds/matview.dev_materializedviews.yaml").read_text())
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
-    assert f"{sqltext.MAX_NESTING_DEPTH} levels of nesting" in spec["query"]["description"]
+    assert f"{parsing.MAX_NESTING_DEPTH} levels of nesting" in spec["query"]["description"]
     assert str(spec["query"]["maxLength"]) in spec["query"]["description"]
-    errors = refusal(document(query=chain(sqltext.MAX_NESTING_DEPTH + 10)))
+    errors = refusal(document(query=chain(parsing.MAX_NESTING_DEPTH + 10)))
     assert "nests" in errors["spec.query"]
 
 

@@ -25,15 +25,10 @@ a recursion limit that fits that depth.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import hashlib
-import queue
-import sys
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from pglast import ast, parse_sql
 from pglast.parser import ParseError
@@ -41,80 +36,9 @@ from pglast.stream import RawStream
 from pglast.visitors import Visitor
 from psycopg import sql
 
+from matview.api.parsing import MAX_NESTING_DEPTH, PARSER, nesting_depth
+
 _TOKEN = object()
-_T = TypeVar("_T")
-
-#: The deepest parse tree accepted (a chain ``a || b || c ...`` is one level per operator). PostgreSQL's
-#: own limit depends on max_stack_depth; this one is stated in the CRD and docs/api.md.
-MAX_NESTING_DEPTH = 1000
-#: The parser thread's stack: the C parser needs a few hundred bytes per level, and the CRD bounds a
-#: query to 131,072 characters, so no accepted input comes near it (pages are only committed when used).
-_PARSER_STACK_BYTES = 512 * 1024 * 1024
-#: Python frames the printer may need per tree level (measured: at most 6), plus headroom for callers.
-_FRAMES_PER_LEVEL = 8
-_FRAMES_BASE = 1000
-
-
-class _ParserThread:
-    """One long-lived thread with a large stack that runs every parse, one at a time."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
-
-    def _serve(self) -> None:
-        while True:
-            job, future = self._jobs.get()
-            if not future.set_running_or_notify_cancel():
-                continue
-            # The recursion limit is per interpreter; it is raised only while a job runs on this big stack.
-            previous = sys.getrecursionlimit()
-            sys.setrecursionlimit(max(previous, _FRAMES_BASE + _FRAMES_PER_LEVEL * MAX_NESTING_DEPTH))
-            try:
-                future.set_result(job())
-            except BaseException as exc:  # handed to the caller, who re-raises it in its own thread
-                future.set_exception(exc)
-            finally:
-                sys.setrecursionlimit(previous)
-
-    def run(self, job: Callable[[], _T]) -> _T:
-        if threading.current_thread() is self._thread:
-            return job()
-        with self._start_lock:
-            if self._thread is None or not self._thread.is_alive():
-                previous = threading.stack_size()
-                threading.stack_size(_PARSER_STACK_BYTES)
-                try:
-                    self._thread = threading.Thread(target=self._serve, name="matview-sql-parser", daemon=True)
-                    self._thread.start()
-                finally:
-                    threading.stack_size(previous)
-        future: concurrent.futures.Future[_T] = concurrent.futures.Future()
-        self._jobs.put((job, future))
-        return future.result()
-
-
-_PARSER = _ParserThread()
-
-
-def nesting_depth(node: Any) -> int:
-    """Levels of the parse tree below node, counted without recursion."""
-    deepest = 0
-    pending: list[tuple[Any, int]] = [(node, 1)]
-    while pending:
-        current, depth = pending.pop()
-        if isinstance(current, tuple):
-            pending.extend((child, depth) for child in current)
-        elif isinstance(current, ast.Node):
-            deepest = max(deepest, depth)
-            for slot in current.__slots__:  # type: ignore[attr-defined]
-                child = getattr(current, slot)
-                if isinstance(child, ast.Node | tuple):
-                    pending.append((child, depth + 1))
-    return deepest
-
-
 _FORBIDDEN_NODES: dict[type[Any], str] = {
     ast.InsertStmt: "an INSERT",
     ast.UpdateStmt: "an UPDATE",
@@ -224,14 +148,14 @@ def _check_select(text: str, kind: str) -> CheckedSQL:
 
 def check_query(text: str) -> CheckedSQL:
     """Check a view query: one plain SELECT, no data-modifying CTE, no INTO, no locking clause."""
-    return _PARSER.run(lambda: _check_select(text, "query"))
+    return PARSER.run(lambda: _check_select(text, "query"))
 
 
 @functools.lru_cache(maxsize=512)
 def check_view_definition(text: str) -> CheckedSQL:
     """Check a view's definition read from pg_get_viewdef (dependents re-created by a swap, views inlined by
     a key-filter rewrite). Cached: an incremental refresh reads the same few definitions every time."""
-    return _PARSER.run(lambda: _check_select(text, "view definition"))
+    return PARSER.run(lambda: _check_select(text, "view definition"))
 
 
 _PREDICATE_WRAPPER = "SELECT 1 WHERE "
@@ -239,7 +163,7 @@ _PREDICATE_WRAPPER = "SELECT 1 WHERE "
 
 def check_predicate(text: str) -> CheckedSQL:
     """Check a partial-index predicate: exactly one boolean expression, no subquery."""
-    return _PARSER.run(lambda: _check_predicate(text))
+    return PARSER.run(lambda: _check_predicate(text))
 
 
 def _check_predicate(text: str) -> CheckedSQL:
@@ -271,7 +195,7 @@ def _check_predicate(text: str) -> CheckedSQL:
 
 def parse_qualified_name(text: str, default_schema: str = "public") -> tuple[str, str]:
     """Split ``schema.table`` (either part may be double-quoted) into its two names."""
-    return _PARSER.run(lambda: _parse_qualified_name(text, default_schema))
+    return PARSER.run(lambda: _parse_qualified_name(text, default_schema))
 
 
 def _parse_qualified_name(text: str, default_schema: str) -> tuple[str, str]:
@@ -331,7 +255,7 @@ def relations_read(text: CheckedSQL) -> list[Reference]:
 
 @functools.lru_cache(maxsize=512)
 def _relations_read_cached(text: CheckedSQL) -> tuple[Reference, ...]:
-    return tuple(_PARSER.run(lambda: _relations_read(text)))
+    return tuple(PARSER.run(lambda: _relations_read(text)))
 
 
 def _cte_names(statement: Any) -> set[str]:
@@ -401,7 +325,7 @@ def _inject_cached(
     keys_table: tuple[str, ...] | None,
 ) -> KeyFilterResult:
     """Cached: every incremental refresh of a view rewrites the same query against the same catalog."""
-    return _PARSER.run(lambda: _inject(query, dict(catalog), dict(sources), key_columns, keys_table))
+    return PARSER.run(lambda: _inject(query, dict(catalog), dict(sources), key_columns, keys_table))
 
 
 def _reads_source(
