@@ -100,15 +100,12 @@ def _run_each(args: argparse.Namespace, operation: Callable[..., engine.ApplyRes
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from matview.plan.observed import Connection
-    from matview.refresh import record_build
+    from matview.refresh import apply_and_record
 
-    def apply_and_record(conn: Connection, view: MaterializedView) -> engine.ApplyResult:
-        result = engine.apply(conn, view, policy=policy(args))
-        if result.built:  # a build is a refresh: its state (and the sources it saw) go into the marker
-            record_build(conn, view)
-        return result
+    def apply(conn: Connection, view: MaterializedView) -> engine.ApplyResult:
+        return apply_and_record(conn, view, policy(args))
 
-    return _run_each(args, apply_and_record, "applied")
+    return _run_each(args, apply, "applied")
 
 
 def cmd_delete(args: argparse.Namespace) -> int:

@@ -22,9 +22,8 @@ from psycopg import sql
 
 from matview.api.spec import MaterializedView
 from matview.outcomes import Outcome
-from matview.plan import engine
 from matview.plan.observed import Connection
-from matview.refresh import RefreshResult, record_build, refresh
+from matview.refresh import RefreshResult, apply_and_record, refresh
 
 REPOSITORY = Path(__file__).resolve().parents[3]
 
@@ -155,9 +154,7 @@ def run_demo(
         f"{len(view.supporting_indexes)} supporting indexes",
         out,
     ):
-        result = engine.apply(conn, view)
-        if result.changed:
-            record_build(conn, view)
+        apply_and_record(conn, view)
     durations: dict[str, float] = {}
     for mode in ("Concurrent", "Swap", "Full"):
         with step(f"refreshing in mode {mode}", out):

@@ -25,7 +25,7 @@ from matview.k8s.credentials import CredentialsError, describe, redact
 from matview.k8s.resource import resolve_dsn, validated
 from matview.plan import engine
 from matview.plan.observed import Connection
-from matview.refresh import ViewSize, record_build, schedule, view_size
+from matview.refresh import ViewSize, apply_and_record, schedule, view_size
 
 
 @dataclass(frozen=True)
@@ -123,9 +123,7 @@ async def _outcome(ctx: OperatorContext, body: Mapping[str, Any], logger: loggin
     ctx.bind(f"{view.namespace}/{view.resource_name}", dsn)
 
     def work(conn: Connection) -> tuple[engine.ApplyResult, ViewSize]:
-        result = engine.apply(conn, view, policy=ctx.refresher.settings.apply_policy)
-        if result.built:
-            record_build(conn, view)
+        result = apply_and_record(conn, view, ctx.refresher.settings.apply_policy)
         return result, view_size(conn, view)
 
     try:

@@ -30,11 +30,12 @@ from matview import timestamps
 from matview.api.spec import MaterializedView, RefreshMode
 from matview.errors import MatviewError
 from matview.outcomes import NO_MODE, FailureReason, Outcome
-from matview.plan import capture
+from matview.plan import capture, engine
 from matview.plan.engine import settings_for
 from matview.plan.executor import BusyError, ExecutionSettings, execute, view_lock
 from matview.plan.marker import Marker
 from matview.plan.observed import Connection
+from matview.plan.planner import ApplyPolicy
 from matview.plan.rebuild import (
     drop_leftover_step,
     incremental_step,
@@ -53,6 +54,7 @@ __all__ = [
     "RefreshResult",
     "RefreshState",
     "ViewSize",
+    "apply_and_record",
     "choose_mode",
     "classify",
     "read_state",
@@ -266,6 +268,15 @@ def _record(
     )
     marker = Marker(view.owner, "view", digest, state.to_marker())
     _write_marker(conn, view, marker, settings, "the refresh state")
+
+
+def apply_and_record(conn: Connection, view: MaterializedView, policy: ApplyPolicy | None = None) -> engine.ApplyResult:
+    """Apply the view; when that built its data (a create, a swap), count the build as a refresh: its state
+    and the sources it saw go into the marker. Every caller that applies goes through here."""
+    result = engine.apply(conn, view, policy=policy)
+    if result.built:
+        record_build(conn, view)
+    return result
 
 
 def record_build(conn: Connection, view: MaterializedView, when: dt.datetime | None = None) -> None:

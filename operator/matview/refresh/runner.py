@@ -39,7 +39,7 @@ from matview.observe.metrics import RefreshMetrics
 from matview.outcomes import NO_MODE, Outcome
 from matview.plan import engine, session
 from matview.plan.observed import Connection
-from matview.refresh import RefreshResult, classify, read_state, record_build, refresh, schedule
+from matview.refresh import RefreshResult, apply_and_record, classify, read_state, refresh, schedule
 from matview.refresh.facts import dependency_order
 
 logger = logging.getLogger(__name__)
@@ -344,11 +344,9 @@ class Scheduler:
         view = entry.view
 
         def work(conn: Connection) -> tuple[schedule.Track, engine.ApplyResult]:
-            result = engine.apply(conn, view, policy=self.refresher.settings.apply_policy)
+            result = apply_and_record(conn, view, self.refresher.settings.apply_policy)
             for warning in result.plan.warnings:
                 logger.warning("%s: %s", view.relation, warning)
-            if result.built:
-                record_build(conn, view)
             track = replace(entry.track, last_success=read_state(conn, view).last_success, failures=0, hold_until=None)
             return track, result
 
