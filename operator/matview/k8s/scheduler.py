@@ -39,7 +39,7 @@ from matview.k8s import conditions, kube, reconcile
 from matview.k8s.context import OperatorContext
 from matview.k8s.credentials import CredentialsError, redact
 from matview.k8s.resource import parse_time, resolve_dsn, validated
-from matview.outcomes import Outcome
+from matview.outcomes import FailureReason, Outcome
 from matview.refresh import RefreshResult, schedule
 from matview.refresh.queue import DueQueue
 
@@ -337,16 +337,25 @@ class ViewScheduler:
             await self._refresh_once(key, watched)
         except asyncio.CancelledError:
             raise
-        except Exception:  # never lose the view from the schedule: log, back off, go on
+        except Exception:  # never lose the view from the schedule: log, back off (as after a failure), go on
             logger.exception("%s: refresh round failed", key)
-            now = dt.datetime.now(dt.UTC)
-            watched.track = dataclasses.replace(
-                watched.track, hold_until=now + dt.timedelta(seconds=self.ctx.config.retry_seconds)
-            )
+            await self._failed(watched)
         finally:
             watched.refreshing = None
             if self._views.get(key) is watched:
                 await self._reschedule(key)
+
+    async def _failed(self, watched: _Watched) -> None:
+        """A round that failed before a refresh could (no Secret, an unexpected error): the same backoff as a
+        failed refresh, doubling from retry_seconds up to the view's period."""
+        try:
+            view = await validated(watched.body)
+        except SpecError:  # an invalid spec is reported by reconcile; hold a plain retry delay
+            hold = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.ctx.config.retry_seconds)
+            watched.track = dataclasses.replace(watched.track, hold_until=hold)
+            return
+        now = dt.datetime.now(dt.UTC)
+        watched.track = schedule.after(view, watched.track, Outcome.FAILURE, now, self.ctx.config.retry_seconds)
 
     async def _refresh_once(self, key: str, watched: _Watched) -> None:
         body = watched.body
@@ -356,13 +365,12 @@ class ViewScheduler:
         try:
             dsn = await resolve_dsn(view, self.ctx.config.secret_max_age_seconds)
         except CredentialsError:
-            # The reconcile handlers report it in Ready; look again after the retry delay.
-            hold = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.ctx.config.retry_seconds)
-            watched.track = dataclasses.replace(watched.track, hold_until=hold)
+            # The reconcile handlers report it in Ready; look again with the failure backoff.
+            await self._failed(watched)
             return
         result = await self.ctx.refresher.refresh(dsn, view, force=manual, due_at=None if manual else watched.due_at)
         after = dt.datetime.now(dt.UTC)
-        if result.failure_reason == "connection" and view.secret_ref is not None:
+        if result.failure_reason == FailureReason.CONNECTION and view.secret_ref is not None:
             kube.forget_secret(view.namespace, view.secret_ref.name)  # perhaps a rotated password: read it again
         if result.busy:  # an apply or drift check holds the view: nothing happened, nothing to report
             busy = self.ctx.config.busy_retry_seconds
