@@ -92,52 +92,44 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--after", help="the next cursor a previous page printed")
     where.add_argument("--before", help="the previous cursor a page printed")
     pager.add_argument("--equal", action="append", metavar="COLUMN=VALUE", help="only rows with this value")
+
+    def scheduling_flags(parser: argparse.ArgumentParser) -> None:
+        """The flags the two long-running verbs share: one scheduling core, one set of defaults."""
+        parser.add_argument("--metrics-port", type=int, default=DEFAULT_PORT, help="0 disables the metrics server")
+        parser.add_argument(
+            "--max-concurrent",
+            type=int,
+            default=RunnerSettings.max_concurrent_per_database,
+            help="refreshes at once per database",
+        )
+        parser.add_argument(
+            "--drift-check-seconds",
+            type=float,
+            default=RunnerSettings.drift_check_seconds,
+            help="how often each view is re-applied to repair hand-made changes (dropped triggers, indexes)",
+        )
+        parser.add_argument("--allow-superuser-run-as-role", action="store_true", help=allow_superuser)
+
     run = command("run", cmd_run, "apply, then keep views refreshed on schedule with /metrics", files=False)
     run.add_argument("paths", nargs="+", metavar="FILE|DIR", help="YAML files or directories of them")
-    run.add_argument("--metrics-port", type=int, default=DEFAULT_PORT, help="0 disables the metrics server")
+    scheduling_flags(run)
     run.add_argument(
         "--metrics-address",
         default="127.0.0.1",
         help="address /metrics listens on (default: this machine only; 0.0.0.0 for a scraper elsewhere)",
     )
     run.add_argument(
-        "--max-concurrent",
-        type=int,
-        default=RunnerSettings.max_concurrent_per_database,
-        help="refreshes at once per database",
-    )
-    run.add_argument("--allow-superuser-run-as-role", action="store_true", help=allow_superuser)
-    run.add_argument(
         "--retry-seconds",
         type=float,
         default=RunnerSettings.retry_seconds,
         help="first wait after a failed apply or refresh; doubles per failure up to the view's period",
     )
-    run.add_argument(
-        "--drift-check-seconds",
-        type=float,
-        default=RunnerSettings.drift_check_seconds,
-        help="how often each view is re-applied to repair hand-made changes (dropped triggers, indexes)",
-    )
     op = command("operator", cmd_operator, "run the Kubernetes operator (wraps kopf)", files=False, database=False)
     scope = op.add_mutually_exclusive_group()
     scope.add_argument("--namespace", "-n", action="append", help="watch this namespace (repeatable)")
     scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
-    op.add_argument("--metrics-port", type=int, default=DEFAULT_PORT, help="0 disables the metrics server")
+    scheduling_flags(op)
     op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="kopf liveness endpoint URL")
-    op.add_argument(
-        "--drift-check-seconds",
-        type=float,
-        default=RunnerSettings.drift_check_seconds,
-        help="how often drift is repaired",
-    )
-    op.add_argument(
-        "--max-concurrent",
-        type=int,
-        default=RunnerSettings.max_concurrent_per_database,
-        help="refreshes at once per database",
-    )
-    op.add_argument("--allow-superuser-run-as-role", action="store_true", help=allow_superuser)
     op.add_argument("--peering", help="kopf peering name (needs kopf's peering CRD); default: standalone")
     op.add_argument(
         "--shard-count", type=int, default=1, help="replicas splitting the views by a hash of namespace/name"
