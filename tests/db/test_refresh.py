@@ -25,7 +25,8 @@ from matview.plan import engine
 from matview.plan.observed import Connection
 from matview.refresh import Inspection, refresh, schedule
 from matview.refresh import facts as refresh_facts
-from matview.refresh.runner import Refresher, RunnerSettings, dependency_order
+from matview.refresh.facts import dependency_order
+from matview.refresh.refresher import Refresher, RunnerSettings
 from tests.db.catalog_helpers import relations
 from tests.helpers import document, to_yaml, view
 

@@ -24,7 +24,7 @@ from matview.plan.executor import LOCK_TABLE
 from matview.plan.observed import Connection
 from matview.plan.versions import VERSIONS_TABLE
 from matview.refresh import refresh
-from matview.refresh.runner import Refresher, RunnerSettings
+from matview.refresh.refresher import Refresher, RunnerSettings
 from tests.db.roles import Roles
 from tests.helpers import view
 

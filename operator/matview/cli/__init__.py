@@ -37,7 +37,7 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     from matview.observe.metrics import DEFAULT_PORT
-    from matview.refresh.runner import RunnerSettings
+    from matview.refresh.refresher import RunnerSettings
 
     parser = argparse.ArgumentParser(
         prog="matview",

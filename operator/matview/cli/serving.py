@@ -18,7 +18,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     import signal
 
     from matview.observe.metrics import RefreshMetrics
-    from matview.refresh.runner import Refresher, RunnerSettings, Scheduler, yaml_files
+    from matview.refresh.refresher import Refresher, RunnerSettings
+    from matview.refresh.runner import Scheduler, yaml_files
 
     paths = [Path(p) for p in args.paths]
     for path in paths:

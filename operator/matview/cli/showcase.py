@@ -25,7 +25,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from matview import demo
     from matview.observe.metrics import RefreshMetrics
     from matview.refresh import schedule
-    from matview.refresh.runner import Refresher, Scheduler
+    from matview.refresh.refresher import Refresher
+    from matview.refresh.runner import Scheduler
 
     if args.dsn or args.dsn_file or os.environ.get("DATABASE_URL"):
         dsn = database_url(args)

@@ -1,19 +1,6 @@
-"""Run refreshes from asyncio: worker threads, a per-database cap, clean cancellation.
-
-``Refresher`` is what both the standalone scheduler (``matview run``) and the
-Kubernetes operator call: it offloads the synchronous engine to a thread, holds
-at most ``max_concurrent_per_database`` refreshes per database (so fifty views
-due at the same minute do not flatten it), shares one connection pool per
-database, cancels the server-side statement when its task is cancelled (on
-shutdown), and records every result in the metrics.
-
-Refreshes and applies (creates, edits, drift checks) run in separate lanes: their own threads, their
-own connection pools and their own per-database caps, so a burst of thousands of reconciles never
-delays a due refresh, and work waits for its turn in asyncio rather than timing out on a pool.
-
-``Scheduler`` is the standalone loop: apply the specs, refresh each when due
-(upstream views before the views that read them), retry failures with backoff,
-reload when files change, stop cleanly on SIGTERM.
+"""``matview run``: the standalone loop. Apply the specs, refresh each when due (upstream views before
+the views that read them), retry failures with backoff, repair drift, reload when files change, stop
+cleanly on SIGTERM. Refreshes and applies run through ``refresher.Refresher``, as in the operator.
 """
 
 from __future__ import annotations
@@ -22,209 +9,21 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
-
-from psycopg_pool import ConnectionPool
 
 from matview.api.spec import MaterializedView
 from matview.api.validation import load_file
-from matview.constants import APPLICATION_NAME
 from matview.errors import SpecError
-from matview.observe.metrics import RefreshMetrics
-from matview.outcomes import NO_MODE, Outcome
-from matview.plan import engine, session
+from matview.outcomes import Outcome
+from matview.plan import engine
 from matview.plan.observed import Connection
-from matview.refresh import RefreshResult, apply_and_record, classify, read_state, refresh, schedule
+from matview.refresh import apply_and_record, classify, read_state, schedule
 from matview.refresh.facts import dependency_order
+from matview.refresh.refresher import Refresher
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RunnerSettings:
-    """Limits of the refresh runner."""
-
-    max_concurrent_per_database: int = 2
-    """Refreshes that may run at once against one database."""
-    retry_seconds: float = 30.0
-    """First delay before retrying a failed refresh; doubled per failure, capped by the view's period."""
-    busy_retry_seconds: float = schedule.BUSY_RETRY_SECONDS
-    """How soon a view that another process held (an apply, a refresh, a drift check) is looked at again."""
-    reload_seconds: float = 2.0
-    """How often ``matview run`` looks for changed files."""
-    drift_check_seconds: float = 300.0
-    """How often ``matview run`` re-applies each view to repair hand-made changes (a dropped capture trigger,
-    a replaced capture function, a dropped index); spread evenly over the period."""
-    apply_policy: engine.ApplyPolicy = field(default_factory=engine.ApplyPolicy)
-    """What applies made by this runner accept (superuser runAsRole)."""
-    max_concurrent_applies_per_database: int = 4
-    """Applies (create, edit, drift check, delete) that may run at once against one database."""
-    refresh_threads: int = 32
-    """Worker threads for refreshes, shared by all databases (each database is capped as above)."""
-    apply_threads: int = 8
-    """Worker threads for applies."""
-
-
-Lane = Literal["refresh", "apply"]
-
-
-class Refresher:
-    """Refreshes views from asyncio, with a per-database cap, pooled connections and metrics."""
-
-    def __init__(self, metrics: RefreshMetrics, settings: RunnerSettings | None = None) -> None:
-        self.metrics = metrics
-        self.settings = settings or RunnerSettings()
-        self._pools: dict[tuple[str, Lane], ConnectionPool[Connection]] = {}
-        self._caps: dict[tuple[str, Lane], asyncio.Semaphore] = {}
-        self._pools_lock = threading.Lock()
-        self._waiting_refreshes = 0
-        self._executors: dict[Lane, ThreadPoolExecutor] = {
-            "refresh": ThreadPoolExecutor(self.settings.refresh_threads, thread_name_prefix="matview-refresh"),
-            "apply": ThreadPoolExecutor(self.settings.apply_threads, thread_name_prefix="matview-apply"),
-        }
-
-    def _limit(self, lane: Lane) -> int:
-        """Work of lane that may run at once against one database."""
-        if lane == "refresh":
-            return self.settings.max_concurrent_per_database
-        return self.settings.max_concurrent_applies_per_database
-
-    def _cap(self, dsn: str, lane: Lane) -> asyncio.Semaphore:
-        return self._caps.setdefault((dsn, lane), asyncio.Semaphore(self._limit(lane)))
-
-    def waiting(self) -> int:
-        """Refreshes waiting for a slot under their database's cap (the queue depth)."""
-        return self._waiting_refreshes
-
-    def pool(self, dsn: str, lane: Lane = "refresh") -> ConnectionPool[Connection]:
-        """The shared pool of one database and lane (created on first use, by one thread only)."""
-        with self._pools_lock:
-            return self._pool_locked(dsn, lane)
-
-    def _pool_locked(self, dsn: str, lane: Lane) -> ConnectionPool[Connection]:
-        if (dsn, lane) not in self._pools:
-            self._pools[(dsn, lane)] = ConnectionPool(
-                dsn,
-                min_size=0,
-                max_size=self._limit(lane) + 1,
-                open=True,
-                # No server-side prepared statements: DISCARD ALL (session.reset) drops them, and a refresh runs
-                # too few statements per connection for preparing to pay (it also keeps PgBouncer happy).
-                kwargs={**session.connection_kwargs(), "prepare_threshold": None},
-                # Fail fast when the database is down (callers retry and report it), and keep reconnecting
-                # in the background only about as long as a retry would wait anyway.
-                timeout=10,
-                reconnect_timeout=60,
-                name=f"{APPLICATION_NAME}-{lane}",
-                configure=session.configure,
-                reset=session.reset,
-            )
-        return self._pools[(dsn, lane)]
-
-    def databases(self) -> set[str]:
-        """The databases with an open pool."""
-        with self._pools_lock:
-            return {dsn for dsn, _ in self._pools}
-
-    def close_pool(self, dsn: str) -> None:
-        for lane in ("refresh", "apply"):
-            with self._pools_lock:
-                pool = self._pools.pop((dsn, lane), None)
-            self._caps.pop((dsn, lane), None)
-            if pool is not None:
-                pool.close()
-
-    def close(self) -> None:
-        for dsn in self.databases():
-            self.close_pool(dsn)
-        for executor in self._executors.values():
-            executor.shutdown(wait=False, cancel_futures=True)
-
-    async def run_sync(self, dsn: str, work: Callable[[Connection], Any]) -> Any:
-        """Run work(conn) in the apply lane, after waiting for a slot under the database's cap for applies;
-        cancel its statement if the task is cancelled."""
-        async with self._cap(dsn, "apply"):
-            return await self._in_thread(dsn, work, "apply")
-
-    async def _in_thread(self, dsn: str, work: Callable[[Connection], Any], lane: Lane) -> Any:
-        """work(conn) in a thread of lane with a pooled connection of lane (the caller holds the lane's cap)."""
-        holder: dict[str, Connection] = {}
-
-        def in_thread() -> Any:
-            with self.pool(dsn, lane).connection() as conn:
-                holder["conn"] = conn
-                return work(conn)
-
-        future = asyncio.get_running_loop().run_in_executor(self._executors[lane], in_thread)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            conn = holder.get("conn")
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    conn.cancel_safe(timeout=5)
-            with contextlib.suppress(Exception):
-                await future
-            raise
-
-    async def refresh(
-        self,
-        dsn: str,
-        view: MaterializedView,
-        mode: str | None = None,
-        force: bool = False,
-        due_at: float | None = None,
-    ) -> RefreshResult:
-        """One refresh, waiting for a slot under the database's cap. due_at (seconds since the epoch): when
-        the schedule wanted it, so that start lateness counts the wait for a slot too."""
-        started = dt.datetime.now(dt.UTC)
-        cap = self._cap(dsn, "refresh")
-        self._waiting_refreshes += 1
-        try:
-            await cap.acquire()
-        finally:
-            self._waiting_refreshes -= 1
-        try:
-            if due_at is not None:
-                self.metrics.lateness(max(0.0, dt.datetime.now(dt.UTC).timestamp() - due_at))
-            self.metrics.started(view.namespace, view.resource_name)
-            try:
-                result: RefreshResult = await self._in_thread(
-                    dsn, lambda conn: refresh(conn, view, mode, force=force), "refresh"
-                )
-            except Exception as exc:
-                result = failure_result(view, "could not get a database connection", exc, started)
-            finally:
-                self.metrics.finished(view.namespace, view.resource_name)
-        finally:
-            cap.release()
-        self.metrics.record(view.namespace, view.resource_name, result)
-        return result
-
-    def record_failure(self, view: MaterializedView, reason: str, error: BaseException, started: dt.datetime) -> None:
-        """Count a failure outside a refresh (an apply), so failure alerts see it."""
-        self.metrics.record(view.namespace, view.resource_name, failure_result(view, reason, error, started))
-
-
-def failure_result(view: MaterializedView, reason: str, error: BaseException, started: dt.datetime) -> RefreshResult:
-    """The result of an attempt that failed before (or outside) the refresh engine."""
-    completed = dt.datetime.now(dt.UTC)
-    return RefreshResult(
-        view.relation,
-        NO_MODE,
-        Outcome.FAILURE,
-        reason,
-        started,
-        completed,
-        (completed - started).total_seconds(),
-        message=str(error).strip()[:1024] or type(error).__name__,
-        failure_reason=classify(error),
-    )
 
 
 def yaml_files(paths: Iterable[Path]) -> list[Path]:
