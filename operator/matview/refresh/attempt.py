@@ -1,0 +1,293 @@
+"""One refresh attempt, from inspection to the recorded result (the engine behind ``matview.refresh``'s face):
+under the view's lock, inspect, decide, run the chosen mode's steps, fall back once, record the state.
+Also what counts a build as a refresh (``apply_and_record``, ``record_build``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from matview import timestamps
+from matview.api.spec import MaterializedView, RefreshMode
+from matview.errors import MatviewError
+from matview.outcomes import NO_MODE, FailureReason, Outcome
+from matview.plan import capture, engine
+from matview.plan.engine import settings_for
+from matview.plan.executor import BusyError, ExecutionSettings, execute, view_lock
+from matview.plan.marker import Marker
+from matview.plan.observed import Connection
+from matview.plan.planner import ApplyPolicy
+from matview.plan.rebuild import (
+    drop_leftover_step,
+    incremental_step,
+    record_state_step,
+    refresh_in_place_step,
+    swap_steps,
+)
+from matview.plan.statements import Plan, Step
+from matview.refresh import facts, policy, verify
+from matview.refresh.facts import view_size
+from matview.refresh.policy import Inspection, RefreshState
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RefreshResult:
+    """One refresh attempt: what ran, why, how long, and how it ended."""
+
+    relation: str
+    mode: str
+    """The mode that ran (Concurrent, Full, Swap), or "none" when nothing ran."""
+    result: Outcome
+    reason: str
+    """Why this mode was used, or why the refresh was skipped."""
+    started_at: dt.datetime
+    completed_at: dt.datetime
+    duration_seconds: float
+    message: str = ""
+    failure_reason: FailureReason | None = None
+    fallback_from: str | None = None
+    data_current: bool = False
+    """True after a success, or a skip that verified no base table changed: the view is not stale."""
+    populated: bool | None = None
+    rows: int | None = None
+    table_bytes: int | None = None
+    index_bytes: int | None = None
+    data_version: int | None = None
+    """The view's data version after this attempt (matview.client.version reads the same number)."""
+    keys_applied: int | None = None
+    """Incremental views: the changed keys this refresh applied (0 for a skip)."""
+    change_ratio: float | None = None
+    """Incremental views: pending keys as a share of the view's rows, when the decision was made."""
+    staleness_seconds: float | None = None
+    """Incremental views: age of the oldest unapplied change after this attempt (0 when none)."""
+    busy: bool = False
+    """Skipped because another process held the view's lock: nothing was decided, try again soon."""
+    verification: verify.Verification | None = None
+    """Incremental views: the periodic comparison with a full recompute, when this refresh made one."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "relation": self.relation,
+            "mode": self.mode,
+            "result": self.result,
+            "reason": self.reason,
+            "message": self.message,
+            "failureReason": self.failure_reason,
+            "fallbackFrom": self.fallback_from,
+            "startTime": timestamps.rfc3339(self.started_at),
+            "completionTime": timestamps.rfc3339(self.completed_at),
+            "durationSeconds": round(self.duration_seconds, 3),
+            "rows": self.rows,
+            "tableBytes": self.table_bytes,
+            "indexBytes": self.index_bytes,
+            **({"dataVersion": self.data_version} if self.data_version is not None else {}),
+            **({"keysApplied": self.keys_applied} if self.keys_applied is not None else {}),
+            **({"changeRatio": round(self.change_ratio, 6)} if self.change_ratio is not None else {}),
+            **({"verification": self.verification.as_dict()} if self.verification is not None else {}),
+        }
+
+
+def refresh(
+    conn: Connection,
+    view: MaterializedView,
+    mode: str | None = None,
+    settings: ExecutionSettings | None = None,
+    force: bool = False,
+) -> RefreshResult:
+    """Refresh view once. Never raises for a refresh that failed: the result says how and why."""
+    settings = settings or settings_for(view)
+    started, clock = dt.datetime.now(dt.UTC), time.monotonic()
+    attempt: policy.Run | None = None
+    fallback_from: RefreshMode | None = None
+
+    def finish(outcome: Outcome, reason: str, **extra: Any) -> RefreshResult:
+        used = attempt.mode.value if attempt is not None else NO_MODE
+        result = RefreshResult(
+            view.relation, used, outcome, reason, started, dt.datetime.now(dt.UTC), time.monotonic() - clock, **extra
+        )
+        _log(view, result)
+        return result
+
+    try:
+        with view_lock(conn, view):
+            inspection = facts.inspect(conn, view)
+            decision = policy.decide(view, inspection, mode, force, started)
+            incremental = _incremental_facts(view, inspection, started)
+            if isinstance(decision, policy.Skip):
+                return finish(Outcome.SKIPPED, decision.reason, data_current=decision.data_current, **incremental)
+            if isinstance(decision, policy.Refuse):
+                wanted = RefreshMode(mode or view.refresh.mode)
+                if wanted != RefreshMode.AUTO:
+                    attempt = policy.Run(wanted, decision.reason)  # the failure is that mode's
+                return finish(
+                    Outcome.FAILURE, decision.reason, message=decision.message, failure_reason=FailureReason.OTHER
+                )
+            attempt = decision
+            logger.info("refresh start: relation=%s mode=%s reason=%s", view.relation, attempt.mode, attempt.reason)
+            try:
+                seconds = _run(conn, view, inspection, attempt.mode, settings)
+            except MatviewError as error:
+                again = policy.fallback(view, inspection, mode, attempt.mode, error)
+                if again is None:
+                    raise
+                logger.warning("%s: %s", view.relation, again.reason)
+                fallback_from, attempt = attempt.mode, again
+                seconds = _run(conn, view, inspection, attempt.mode, settings)
+            verified_at = None
+            if attempt.mode == RefreshMode.INCREMENTAL and policy.verification_due(view, inspection.state, started):
+                verified_at = dt.datetime.now(dt.UTC)
+                incremental["verification"] = verify.safe_compare(conn, view, settings)
+                rebuild = policy.after_verification(view, incremental["verification"])
+                if rebuild is not None and inspection.swap_possible:
+                    logger.warning("%s: %s", view.relation, rebuild.reason)
+                    fallback_from, attempt = attempt.mode, rebuild
+                    seconds = _run(conn, view, inspection, attempt.mode, settings)
+            _record(conn, view, inspection, attempt.mode, seconds, settings, verified_at)
+            size = view_size(conn, view)
+            if incremental:
+                pending_after = facts.pending_changes(conn, view)
+                incremental["staleness_seconds"] = (
+                    pending_after.staleness_seconds(dt.datetime.now(dt.UTC)) if pending_after else None
+                )
+                incremental["keys_applied"] = (
+                    inspection.pending.keys if attempt.mode == RefreshMode.INCREMENTAL and inspection.pending else 0
+                )
+    except BusyError as error:
+        return finish(Outcome.SKIPPED, "another refresh of this view is running", message=str(error), busy=True)
+    except Exception as error:
+        if not isinstance(error, psycopg.Error | MatviewError) and policy.classify(error) != FailureReason.CONNECTION:
+            logger.exception("%s: unexpected error during refresh", view.relation)
+        return finish(
+            Outcome.FAILURE,
+            attempt.reason if attempt else "could not inspect the view",
+            message=policy.message(error),
+            failure_reason=policy.classify(error),
+            fallback_from=fallback_from,
+        )
+    return finish(
+        Outcome.SUCCESS,
+        attempt.reason,
+        fallback_from=fallback_from,
+        data_current=True,
+        populated=size.populated,
+        rows=size.rows,
+        table_bytes=size.table_bytes,
+        index_bytes=size.index_bytes,
+        data_version=size.data_version,
+        **incremental,
+    )
+
+
+def _incremental_facts(view: MaterializedView, inspection: Inspection, now: dt.datetime) -> dict[str, Any]:
+    """The incremental fields of a result, as the decision saw them (empty for other views)."""
+    if view.incremental is None or inspection.pending is None:
+        return {}
+    pending = inspection.pending
+    return {
+        "keys_applied": 0,
+        "change_ratio": policy.change_ratio(pending.keys, inspection.estimated_rows),
+        "staleness_seconds": pending.staleness_seconds(now),
+    }
+
+
+def _steps(view: MaterializedView, inspection: Inspection, mode: RefreshMode) -> list[Step]:
+    # Under the lock nobody else is building: a copy of ours still there was left by a crash; drop it first.
+    cleanup = [drop_leftover_step(view.schema, name, relkind) for name, relkind in inspection.leftovers]
+    if mode == RefreshMode.SWAP:
+        state = inspection.marker.state if inspection.marker else {}
+        return cleanup + swap_steps(view, list(inspection.dependents), state=state, old_indexes=inspection.indexes)
+    if mode == RefreshMode.INCREMENTAL:
+        assert inspection.key_catalog is not None and inspection.pending is not None
+        filtered = capture.key_filtered_query(view, inspection.key_catalog).query
+        return [*cleanup, incremental_step(view, filtered, inspection.pending.keys)]
+    return [*cleanup, refresh_in_place_step(view, mode)]
+
+
+def _run(
+    conn: Connection, view: MaterializedView, inspection: Inspection, mode: RefreshMode, settings: ExecutionSettings
+) -> float:
+    """Execute one mode's steps; return how long they took."""
+    clock = time.monotonic()
+    execute(conn, Plan(view, tuple(_steps(view, inspection, mode)), (f"refresh ({mode})",)), settings)
+    return time.monotonic() - clock
+
+
+def _record(
+    conn: Connection,
+    view: MaterializedView,
+    inspection: Inspection,
+    mode: RefreshMode,
+    seconds: float,
+    settings: ExecutionSettings,
+    verified_at: dt.datetime | None = None,
+) -> None:
+    """The last step: the new state (measured duration, last success, sources seen) into the marker."""
+    state = inspection.state.after_success(
+        mode, seconds, dt.datetime.now(dt.UTC), inspection.source_version, inspection.untracked_version
+    )
+    if verified_at is not None:
+        state = dataclasses.replace(state, last_verified=verified_at)
+    digest = (
+        view.definition_digest if mode == RefreshMode.SWAP else (inspection.marker.digest if inspection.marker else "")
+    )
+    marker = Marker(view.owner, "view", digest, state.to_marker())
+    _write_marker(conn, view, marker, settings, "the refresh state")
+
+
+def apply_and_record(conn: Connection, view: MaterializedView, policy: ApplyPolicy | None = None) -> engine.ApplyResult:
+    """Apply the view; when that built its data (a create, a swap), count the build as a refresh: its state
+    and the sources it saw go into the marker. Every caller that applies goes through here."""
+    result = engine.apply(conn, view, policy=policy)
+    if result.built:
+        record_build(conn, view)
+    return result
+
+
+def record_build(conn: Connection, view: MaterializedView, when: dt.datetime | None = None) -> None:
+    """After apply built the view's data (create or swap), count it as a successful refresh."""
+    oid, marker = facts.read_marker(conn, view.schema, view.name, view.run_as_role)
+    if oid is None or marker is None or marker.owner != view.owner:
+        return
+    untracked = facts.untracked_version(conn, view) if view.incremental is not None else None
+    state = dataclasses.replace(
+        RefreshState.from_marker(marker.state),
+        last_success=when or dt.datetime.now(dt.UTC),
+        source_version=facts.source_version(conn, view, oid),
+        untracked_version=untracked,
+    )
+    settings = ExecutionSettings(statement_timeout_seconds=5, lock_timeout_seconds=1)
+    _write_marker(conn, view, dataclasses.replace(marker, state=state.to_marker()), settings, "the build")
+
+
+def _write_marker(
+    conn: Connection, view: MaterializedView, marker: Marker, settings: ExecutionSettings, what: str
+) -> None:
+    """Write the view's marker with its refresh state, once: the data is already live, so a failure here
+    only makes the evidence late and is logged, never raised."""
+    try:
+        execute(conn, Plan(view, (record_state_step(view, marker),)), dataclasses.replace(settings, lock_retries=1))
+    except MatviewError as error:
+        logger.warning("%s: could not record %s: %s", view.relation, what, error)
+
+
+def _log(view: MaterializedView, result: RefreshResult) -> None:
+    level = logging.WARNING if result.result == Outcome.FAILURE else logging.INFO
+    logger.log(
+        level,
+        "refresh end: relation=%s mode=%s result=%s duration=%.3fs rows=%s reason=%s%s",
+        view.relation,
+        result.mode,
+        result.result,
+        result.duration_seconds,
+        result.rows,
+        result.reason,
+        f" message={result.message}" if result.message else "",
+    )
