@@ -77,6 +77,32 @@ class Condition(TypedDict):
     observedGeneration: NotRequired[int]
 
 
+class LastRefresh(TypedDict):
+    """status.lastRefresh: the last refresh attempt."""
+
+    startTime: str
+    completionTime: str
+    durationSeconds: float
+    mode: str
+    result: str
+    message: str
+
+
+class Status(TypedDict, total=False):
+    """The status subresource, as crds/ declares it (every field optional: a new object has none)."""
+
+    observedGeneration: int
+    conditions: list[Condition]
+    relation: str
+    lastRefresh: LastRefresh
+    lastSuccessfulRefreshTime: str
+    nextRefreshTime: str
+    lastHandledRefreshRequest: str
+    rows: int
+    sizeBytes: int
+    dataVersion: int
+
+
 timestamp = timestamps.rfc3339
 
 

@@ -30,7 +30,7 @@ from matview.plan import engine
 async def _blocked(namespace: str, name: str, reason: conditions.Reason, message: str) -> None:
     now = dt.datetime.now(dt.UTC)
 
-    def change(status: dict[str, Any]) -> dict[str, Any]:
+    def change(status: conditions.Status) -> conditions.Status:
         status["conditions"] = conditions.set_condition(
             status.get("conditions"),
             type_=conditions.ConditionType.READY,

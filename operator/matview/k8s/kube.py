@@ -25,14 +25,13 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from matview.constants import GROUP, PLURAL, VERSION
+from matview.k8s.conditions import Status
 
 logger = logging.getLogger(__name__)
 
 #: (connect, read) seconds for every call: the client has no timeout of its own, and a call hanging on an
 #: apiserver that restarts would stall the daemon that made it forever.
 REQUEST_TIMEOUT = (10, 30)
-
-Status = dict[str, Any]
 
 
 @functools.cache
@@ -136,7 +135,8 @@ def _patch_status(
             current = _read_view(namespace, name)
             if current is None:
                 return None
-        before = current.get("status") or {}
+        # The object as the API holds it: shaped as the CRD's schema declares (the apiserver validates it).
+        before = cast(Status, current.get("status") or {})
         after = change(copy.deepcopy(before))
         if after == before:
             return dict(current)

@@ -43,7 +43,9 @@ class Outcome:
     data_version: int | None = None
 
 
-def status_after(status: dict[str, Any], outcome: Outcome, generation: int | None, now: dt.datetime) -> dict[str, Any]:
+def status_after(
+    status: conditions.Status, outcome: Outcome, generation: int | None, now: dt.datetime
+) -> conditions.Status:
     """Pure: the status with this reconcile's outcome written in (kstatus-compatible)."""
     found = status.get("conditions") or []
     found = conditions.set_condition(
@@ -90,7 +92,7 @@ def status_after(status: dict[str, Any], outcome: Outcome, generation: int | Non
     return status
 
 
-def moved_relation(status: dict[str, Any] | None, view_relation: str) -> str | None:
+def moved_relation(status: conditions.Status | None, view_relation: str) -> str | None:
     """The CRD makes schema and name immutable (CEL); where that was bypassed, refuse rather than orphan.
 
     status.relation is the relation this resource manages; every path (update, resume, drift timer) checks it.

@@ -67,12 +67,12 @@ def is_reconciled(body: Mapping[str, Any]) -> bool:
 
 
 def refresh_status(
-    status: dict[str, Any],
+    status: conditions.Status,
     view: MaterializedView,
     result: RefreshResult,
     handled_request: str | None,
     next_due: dt.datetime | None,
-) -> dict[str, Any]:
+) -> conditions.Status:
     """Pure: status after one refresh."""
     if result.result == Outcome.SKIPPED and view.refresh.target_lag_seconds is not None:
         # A target-lag view looks every few seconds and mostly finds nothing to do: recording each look
@@ -125,7 +125,7 @@ def refresh_status(
     return status
 
 
-def _incremental_conditions(status: dict[str, Any], view: MaterializedView, result: RefreshResult) -> None:
+def _incremental_conditions(status: conditions.Status, view: MaterializedView, result: RefreshResult) -> None:
     """Fresh and Verified, for incremental views. Messages name the target, not the changing age, so that a
     view keeping its target does not rewrite its status on every look."""
     target = view.refresh.target_lag_seconds
@@ -159,7 +159,7 @@ def _incremental_conditions(status: dict[str, Any], view: MaterializedView, resu
         )
 
 
-def _next_refresh_status(text: str | None, status: dict[str, Any]) -> dict[str, Any]:
+def _next_refresh_status(text: str | None, status: conditions.Status) -> conditions.Status:
     if text is None:
         status.pop("nextRefreshTime", None)
     else:
@@ -397,7 +397,7 @@ class ViewScheduler:
         )
         await self._write_status(key, change)
 
-    async def _write_status(self, key: str, change: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    async def _write_status(self, key: str, change: Callable[[conditions.Status], conditions.Status]) -> None:
         watched = self._views.get(key)
         if watched is None:
             return
