@@ -115,3 +115,31 @@ def test_a_renamed_relation_is_refused_on_every_path() -> None:
     assert moved_relation({"relation": "public.a"}, "public.a") is None
     message = moved_relation({"relation": "public.a"}, "ops.a")
     assert message is not None and "immutable" in message and "public.a" in message and "ops.a" in message
+
+
+async def test_a_round_that_fails_before_refreshing_backs_off_like_a_failed_refresh() -> None:
+    """No Secret, or an unexpected error, in the operator's refresh round: the hold doubles from
+    retry_seconds up to the view's period, as after a failed refresh (it was a fixed hold)."""
+    from matview.k8s.context import OperatorConfig, OperatorContext
+    from matview.k8s.scheduler import ViewScheduler, _Watched
+    from matview.refresh import schedule
+
+    body = {
+        "apiVersion": "matview.dev/v1alpha1",
+        "kind": "MaterializedView",
+        "metadata": {"name": "v", "namespace": "ns"},
+        "spec": {"query": "SELECT 1 AS one", "database": {"secretRef": {"name": "db"}}, "refresh": {"interval": "1h"}},
+    }
+    context = OperatorContext(config=OperatorConfig(retry_seconds=10, metrics_port=0))
+    try:
+        scheduler = ViewScheduler(context)
+        watched = _Watched(body, schedule.Track())
+        holds = []
+        for _ in range(4):
+            before = dt.datetime.now(dt.UTC)
+            await scheduler._failed(watched)
+            assert watched.track.hold_until is not None
+            holds.append(round((watched.track.hold_until - before).total_seconds()))
+        assert holds == [10, 20, 40, 80] and watched.track.failures == 4
+    finally:
+        context.refresher.close()
