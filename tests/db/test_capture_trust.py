@@ -403,3 +403,47 @@ def test_a_decoy_trigger_with_the_capture_triggers_name_is_refused_naming_it(con
     conn.execute(f"DROP TRIGGER {decoy} ON app.src")
     with engine.connect(roles.login("operator")) as operator:
         assert engine.apply(operator, mv).built
+
+
+def test_with_run_as_role_the_live_view_is_the_teams_and_its_function_runs_for_its_readers_only(
+    conn: Connection, roles: Roles
+) -> None:
+    """The live view, its function and row shape belong to the team (runAsRole), not the operator; a role
+    not granted on the view cannot call the SECURITY DEFINER function to read as the team; a look-alike
+    function planted under its name with the marker copied is refused, naming its owner."""
+    live_spec = {
+        "keyColumns": ["k"],
+        "sources": [{"table": "app.src", "columns": ["k"]}],
+        "liveView": True,
+    }
+    mv = incremental(runAsRole=roles["team"], incremental=live_spec, grants=[{"role": roles["member"]}])
+    with psycopg.connect(roles.login("attacker"), autocommit=True) as attacker:
+        attacker.execute("CREATE FUNCTION reports.inc_live_rows(int) RETURNS SETOF int LANGUAGE sql AS 'SELECT 1'")
+        attacker.execute(
+            sql.SQL("COMMENT ON FUNCTION reports.inc_live_rows(int) IS {}").format(
+                sql.Literal(Marker(mv.owner, "live", "copied", {"part": "rows"}).to_comment())
+            )
+        )
+    with engine.connect(roles.login("operator")) as operator, pytest.raises(UnmanagedObjectError) as caught:
+        engine.apply(operator, mv)
+    assert "inc_live_rows" in str(caught.value) and roles["attacker"] in str(caught.value)
+    assert conn.execute("SELECT to_regclass('reports.inc')").fetchone() == (None,), "nothing half-created"
+    conn.execute("DROP FUNCTION reports.inc_live_rows(int)")
+    with engine.connect(roles.login("operator")) as operator:
+        engine.apply(operator, mv)
+    found = conn.execute(
+        "SELECT pg_get_userbyid(c.relowner) FROM pg_class c WHERE c.oid IN "
+        "('reports.inc_live'::regclass, 'reports.inc_live_shape'::regclass) "
+        "UNION ALL SELECT pg_get_userbyid(proowner) FROM pg_proc WHERE proname = 'inc_live_rows'"
+    ).fetchall()
+    assert found == [(roles["team"],)] * 3
+    conn.execute("UPDATE app.src SET v = v + 1000 WHERE k = 1")  # pending until the next refresh
+    expected = conn.execute("SELECT sum(v) FROM app.src WHERE k = 1").fetchone()
+    with psycopg.connect(roles.login("member"), autocommit=True) as member:
+        assert member.execute("SELECT total FROM reports.inc_live WHERE k = 1").fetchone() == expected
+    with (
+        psycopg.connect(roles.login("attacker"), autocommit=True) as attacker,
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+    ):
+        attacker.execute("SELECT * FROM reports.inc_live_rows(1)")
+    assert ran(conn) == []
