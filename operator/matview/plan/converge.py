@@ -11,6 +11,7 @@ from psycopg import sql
 from matview.api.spec import IndexSpec, MaterializedView
 from matview.errors import UnmanagedObjectError
 from matview.plan import capture, live
+from matview.plan.marker import Marker
 from matview.plan.observed import DependentView, IndexState, LivePart, Observed, RelationState
 from matview.plan.rebuild import grant_statements
 from matview.plan.statements import (
@@ -117,15 +118,13 @@ def converge_capture(view: MaterializedView, observed: Observed, reasons: list[s
     return steps
 
 
+def _live_and_ours(view: MaterializedView, observed: Observed, marker: Marker | None, owner: str) -> bool:
+    return marker is not None and marker.kind == "live" and is_ours(view, observed, marker, owner)
+
+
 def live_is_ours(view: MaterializedView, observed: Observed) -> bool:
     found = observed.live
-    return (
-        found is not None
-        and found.relkind == "v"
-        and found.marker is not None
-        and found.marker.kind == "live"
-        and is_ours(view, observed, found.marker, found.owner)
-    )
+    return found is not None and found.relkind == "v" and _live_and_ours(view, observed, found.marker, found.owner)
 
 
 def dependents_besides_live(view: MaterializedView, observed: Observed) -> list[DependentView]:
@@ -135,7 +134,16 @@ def dependents_besides_live(view: MaterializedView, observed: Observed) -> list[
 
 
 def live_part_is_ours(view: MaterializedView, observed: Observed, part: LivePart) -> bool:
-    return part.marker is not None and part.marker.kind == "live" and is_ours(view, observed, part.marker, part.owner)
+    return _live_and_ours(view, observed, part.marker, part.owner)
+
+
+def drop_live_step(view: MaterializedView, observed: Observed, if_exists: bool = False) -> Step:
+    """Drop the live view, then its function and row shape, unless one of those names is held by something
+    not ours (then only the view: the other is not ours to drop)."""
+    dropping = live.drop_statements(view, if_exists=if_exists)
+    if not all(live_part_is_ours(view, observed, part) for part in observed.live_parts):
+        dropping = dropping[:1]
+    return Step(f"drop the live view {view.schema}.{live.name(view)}", tuple(dropping))
 
 
 def converge_live(view: MaterializedView, observed: Observed, steps: list[Step], reasons: list[str]) -> list[Step]:
@@ -158,10 +166,7 @@ def converge_live(view: MaterializedView, observed: Observed, steps: list[Step],
     drop = ours and (not wanted or not current or touched)
     create = wanted and (not ours or drop)
     if drop or (not wanted and observed.live_parts and not foreign_parts):
-        dropping = live.drop_statements(view, if_exists=not ours)
-        if foreign_parts:  # a function or table of someone else's holds a name: leave it, drop only the view
-            dropping = dropping[:1]
-        steps = [Step(f"drop the live view {view.schema}.{live.name(view)}", tuple(dropping)), *steps]
+        steps = [drop_live_step(view, observed, if_exists=not ours), *steps]
         if not wanted:
             reasons.append("the live view is no longer declared")
     if create and observed.key_catalog is not None and observed.query_columns is not None:

@@ -41,6 +41,7 @@ from matview.api.spec import MaterializedView, truncate_utf8
 from matview.constants import MAX_IDENTIFIER_BYTES
 from matview.plan import capture
 from matview.plan.marker import Marker
+from matview.plan.statements import grantee
 
 _VIEW_SUFFIX, _ROWS_SUFFIX, _SHAPE_SUFFIX = "_live", "_live_rows", "_live_shape"
 #: Changes when the shape of the statements below changes, so that apply re-creates older live views.
@@ -191,7 +192,7 @@ def create_statements(
     # The body goes in as a string literal (quoted by psycopg, so nothing in the query can end it early).
     body = sql.Literal(function_body(view, key_catalog).as_string(None))
     readers = [grant.role for grant in view.grants if "SELECT" in grant.privileges]
-    statements = [
+    return [
         *drop_statements(view, if_exists=True),
         sql.SQL("CREATE TABLE {} AS SELECT * FROM ({}) AS q WITH NO DATA").format(shape, sqltext.embed(view.query)),
         sql.SQL("COMMENT ON TABLE {} IS {}").format(shape, sql.Literal(part_marker(view, "shape").to_comment())),
@@ -210,15 +211,12 @@ def create_statements(
         ),
         sql.SQL("REVOKE ALL ON FUNCTION {}({}) FROM PUBLIC").format(function, arguments),
         *(
-            sql.SQL("GRANT EXECUTE ON FUNCTION {}({}) TO {}").format(
-                function, arguments, sql.SQL("PUBLIC") if role == "PUBLIC" else sql.Identifier(role)
-            )
+            sql.SQL("GRANT EXECUTE ON FUNCTION {}({}) TO {}").format(function, arguments, grantee(role))
             for role in readers
         ),
         sql.SQL("CREATE VIEW {} AS {}").format(target, query(view, columns)),
         sql.SQL("COMMENT ON VIEW {} IS {}").format(target, sql.Literal(marker(view).to_comment())),
     ]
-    return statements
 
 
 def drop_statements(view: MaterializedView, if_exists: bool = False) -> list[sql.Composed]:

@@ -19,7 +19,7 @@ from psycopg import sql
 
 from matview.api.spec import MaterializedView
 from matview.errors import DependentObjectsError, FieldError, SpecError, UnmanagedObjectError
-from matview.plan import capture, live
+from matview.plan import capture
 from matview.plan.checks import check_incremental, check_names_free, check_supporting, source_drift
 from matview.plan.converge import (
     converge_capture,
@@ -28,9 +28,9 @@ from matview.plan.converge import (
     converge_view,
     dependents_besides_live,
     drop_capture_steps,
+    drop_live_step,
     leftovers,
     live_is_ours,
-    live_part_is_ours,
 )
 from matview.plan.observed import Observed
 from matview.plan.rebuild import create_step, drop_leftover_step, swap_steps
@@ -164,10 +164,7 @@ def build_delete_plan(view: MaterializedView, observed: Observed) -> Plan:
     Change capture goes either way: left behind, its triggers would fill a log nobody reads."""
     uncapture = drop_capture_steps(view, observed, observed.capture) if observed.capture is not None else []
     if live_is_ours(view, observed):  # it reads the log and the table: it goes first, whatever the policy
-        dropping = live.drop_statements(view)
-        if not all(live_part_is_ours(view, observed, part) for part in observed.live_parts):
-            dropping = dropping[:1]  # a function or table of someone else's holds a name: not ours to drop
-        uncapture = [Step(f"drop the live view {view.schema}.{live.name(view)}", tuple(dropping)), *uncapture]
+        uncapture = [drop_live_step(view, observed), *uncapture]
     if view.deletion_policy == "Retain":
         reasons = ["deletionPolicy is Retain: the view and its indexes stay"]
         return Plan(view, tuple(uncapture), tuple(reasons + (["change capture is removed"] if uncapture else [])))
