@@ -345,11 +345,11 @@ class ViewScheduler:
             if self._views.get(key) is watched:
                 await self._reschedule(key)
 
-    async def _failed(self, watched: _Watched) -> None:
+    async def _failed(self, watched: _Watched, view: MaterializedView | None = None) -> None:
         """A round that failed before a refresh could (no Secret, an unexpected error): the same backoff as a
-        failed refresh, doubling from retry_seconds up to the view's period."""
+        failed refresh, doubling from retry_seconds up to the view's period. view: when the round had it."""
         try:
-            view = await validated(watched.body)
+            view = view or await validated(watched.body)
         except SpecError:  # an invalid spec is reported by reconcile; hold a plain retry delay
             hold = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.ctx.config.retry_seconds)
             watched.track = dataclasses.replace(watched.track, hold_until=hold)
@@ -366,7 +366,7 @@ class ViewScheduler:
             dsn = await resolve_dsn(view, self.ctx.config.secret_max_age_seconds)
         except CredentialsError:
             # The reconcile handlers report it in Ready; look again with the failure backoff.
-            await self._failed(watched)
+            await self._failed(watched, view)
             return
         result = await self.ctx.refresher.refresh(dsn, view, force=manual, due_at=None if manual else watched.due_at)
         after = dt.datetime.now(dt.UTC)
