@@ -11,13 +11,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from matview import client
 from matview.errors import UnmanagedObjectError
 from matview.plan import engine, live
 from matview.plan.observed import Connection
 from matview.refresh import refresh
 from tests.db.roles import Roles
 from tests.db.test_incremental import SCHEMA_SQL, SOURCES, apply, matrix_view, random_batch
+from tests.db.test_pages import walk
 
 LIVE = "ops.mx_live"
 QUERY = "SELECT * FROM ops.v_payments_driver_matrix_cabinet"
@@ -172,14 +172,7 @@ def test_keyset_pages_read_the_live_view_by_its_tables_key(matrix: Connection, d
     apply(matrix, mv)
     matrix.execute("UPDATE ops.trips SET trip_date = trip_date + 1 WHERE driver_id % 10 = 3")
     with psycopg.connect(dsn, autocommit=True) as reader:
-        seen: list[int] = []
-        cursor = None
-        while True:
-            page = client.page(reader, ("ops", "mx_live"), order=["driver_id"], limit=37, after=cursor)
-            seen += [row[0] for row in page.rows]
-            if page.next is None:
-                break
-            cursor = page.next
+        seen, _ = walk(reader, 37, ("ops", "mx_live"), order=["driver_id"])
     expected = [r[0] for r in matrix.execute(f"SELECT driver_id FROM ({QUERY}) q ORDER BY 1")]
     assert seen == expected
 
@@ -211,23 +204,9 @@ def test_pages_of_the_live_view_stay_exact_when_pending_keys_vanish_or_appear(ma
     expected = [r[0] for r in matrix.execute(f"SELECT driver_id FROM ({QUERY}) q ORDER BY 1")]
     assert 1000 in expected and 40 not in expected
     with psycopg.connect(dsn, autocommit=True) as reader:
-        forward: list[int] = []
-        cursor = None
-        while True:
-            page = client.page(reader, ("ops", "mx_live"), order=["driver_id"], limit=7, after=cursor)
-            forward += [row[0] for row in page.rows]
-            last = page
-            if page.next is None:
-                break
-            cursor = page.next
-        backward: list[int] = []
-        cursor = last.previous
-        while cursor is not None:
-            page = client.page(reader, ("ops", "mx_live"), order=["driver_id"], limit=7, before=cursor)
-            backward = [row[0] for row in page.rows] + backward
-            cursor = page.previous
+        forward, backward = walk(reader, 7, ("ops", "mx_live"), order=["driver_id"])
     assert forward == expected
-    assert backward + [row[0] for row in last.rows] == expected
+    assert backward == expected
 
 
 def test_the_live_views_function_runs_only_for_the_roles_granted_on_the_view(matrix: Connection, dsn: str) -> None:

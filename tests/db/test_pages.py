@@ -53,13 +53,18 @@ def shop(conn: Connection) -> Connection:
     return conn
 
 
-def walk(reader: psycopg.Connection[Any], limit: int, **options: Any) -> tuple[list[int], list[int]]:
-    """Every id forward page by page, then backward from the end."""
+def walk(
+    reader: psycopg.Connection[Any],
+    limit: int,
+    relation: tuple[str, str] = ("shop", "totals"),
+    **options: Any,
+) -> tuple[list[int], list[int]]:
+    """Every first column forward page by page, then backward from the end."""
     forward: list[int] = []
     cursor = None
     last: client.Page | None = None
     while True:
-        current = client.page(reader, ("shop", "totals"), limit=limit, after=cursor, **options)
+        current = client.page(reader, relation, limit=limit, after=cursor, **options)
         forward += [row[0] for row in current.rows]
         last = current if current.rows else last
         if current.next is None:
@@ -70,7 +75,7 @@ def walk(reader: psycopg.Connection[Any], limit: int, **options: Any) -> tuple[l
     backward = [row[0] for row in last.rows]
     cursor = last.previous
     while cursor is not None:
-        current = client.page(reader, ("shop", "totals"), limit=limit, before=cursor, **options)
+        current = client.page(reader, relation, limit=limit, before=cursor, **options)
         backward = [row[0] for row in current.rows] + backward
         cursor = current.previous
     return forward, backward
