@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from matview.k8s.scheduler import ViewScheduler
+from matview.k8s.watch import WatchFeeder
 from tests.k8s.conftest import Cluster, eventually, settle
 
 QUERY = "SELECT region, sum(amount) AS total FROM public.sales GROUP BY region"
@@ -268,7 +268,7 @@ async def test_the_scheduler_repairs_drift_without_rewriting_an_unchanged_status
     cluster: Cluster, operator: Any, dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Drift checks (every 2 s in these tests) restore a dropped index; when nothing changed they write nothing."""
-    checks = count_calls(monkeypatch, "_check")
+    checks = count_calls(monkeypatch, "apply")
     await hourly_view_ready(cluster, dsn)
 
     def indexes() -> int:
@@ -356,7 +356,7 @@ def exists_table(dsn: str) -> bool:
 async def test_target_lag_looks_do_not_rewrite_the_status(
     cluster: Cluster, operator: Any, dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    looks = count_calls(monkeypatch, "_refresh_once")
+    looks = count_calls(monkeypatch, "refresh")
     setup_sales(dsn)
     await cluster.put_secret("db", {"uri": dsn})
     incremental = {"keyColumns": ["region"], "sources": [{"table": "public.sales", "columns": ["region"]}]}
@@ -381,19 +381,19 @@ async def test_target_lag_looks_do_not_rewrite_the_status(
 
 
 def count_calls(monkeypatch: pytest.MonkeyPatch, method: str) -> Callable[[], int]:
-    """Count the scheduler's finished looks (``_refresh_once``) or drift checks (``_check``), so that a test
-    waits on them instead of the clock: a loop that died makes the wait fail rather than pass."""
+    """Count the scheduler's finished looks (the feeder's ``refresh``) or drift checks (its ``apply``), so that
+    a test waits on them instead of the clock: a loop that died makes the wait fail rather than pass."""
     finished = 0
-    original = getattr(ViewScheduler, method)
+    original = getattr(WatchFeeder, method)
 
-    async def counted(self: ViewScheduler, *args: Any, **kwargs: Any) -> None:
+    async def counted(self: WatchFeeder, *args: Any, **kwargs: Any) -> Any:
         nonlocal finished
         try:
-            await original(self, *args, **kwargs)
+            return await original(self, *args, **kwargs)
         finally:
             finished += 1
 
-    monkeypatch.setattr(ViewScheduler, method, counted)
+    monkeypatch.setattr(WatchFeeder, method, counted)
     return lambda: finished
 
 

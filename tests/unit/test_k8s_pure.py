@@ -117,29 +117,18 @@ def test_a_renamed_relation_is_refused_on_every_path() -> None:
     assert message is not None and "immutable" in message and "public.a" in message and "ops.a" in message
 
 
-async def test_a_round_that_fails_before_refreshing_backs_off_like_a_failed_refresh() -> None:
-    """No Secret, or an unexpected error, in the operator's refresh round: the hold doubles from
-    retry_seconds up to the view's period, as after a failed refresh (it was a fixed hold)."""
+async def test_a_round_without_credentials_could_not_start_and_backs_off_in_the_core() -> None:
+    """No usable Secret in the operator's refresh round: the feeder says the round could not start, and the
+    one scheduler backs off as after a failed refresh (tests/unit/test_scheduler.py, "could not start")."""
     from matview.k8s.context import OperatorConfig, OperatorContext
-    from matview.k8s.scheduler import ViewScheduler, _Watched
-    from matview.refresh import schedule
+    from matview.k8s.watch import WatchFeeder
+    from tests.helpers import view
 
-    body = {
-        "apiVersion": "matview.dev/v1alpha1",
-        "kind": "MaterializedView",
-        "metadata": {"name": "v", "namespace": "ns"},
-        "spec": {"query": "SELECT 1 AS one", "database": {"secretRef": {"name": "db"}}, "refresh": {"interval": "1h"}},
-    }
     context = OperatorContext(config=OperatorConfig(retry_seconds=10, metrics_port=0))
     try:
-        scheduler = ViewScheduler(context)
-        watched = _Watched(body, schedule.Track())
-        holds = []
-        for _ in range(4):
-            before = dt.datetime.now(dt.UTC)
-            await scheduler._failed(watched)
-            assert watched.track.hold_until is not None
-            holds.append(round((watched.track.hold_until - before).total_seconds()))
-        assert holds == [10, 20, 40, 80] and watched.track.failures == 4
+        feeder = WatchFeeder(context)
+        no_secret = view("v", "ns", refresh={"interval": "1h"})
+        assert no_secret.secret_ref is None
+        assert await feeder.refresh(no_secret.owner, no_secret, manual=False, due_at=None) is None
     finally:
         context.refresher.close()

@@ -100,7 +100,7 @@ def test_a_busy_view_is_looked_at_again_soon_and_its_request_stays_pending() -> 
     track = schedule.Track(last_success=now - dt.timedelta(minutes=5), handled_request="old")
     busy = schedule.after(hourly, track, "busy", now, first_retry_seconds=30)
     assert busy.handled_request == "old" and busy.last_success == track.last_success
-    assert busy.hold_until is not None and (busy.hold_until - now).total_seconds() <= schedule.BUSY_RETRY_SECONDS
+    assert busy.busy_until is not None and (busy.busy_until - now).total_seconds() <= schedule.BUSY_RETRY_SECONDS
     assert schedule.wanted_now(hourly, busy, now + dt.timedelta(seconds=3), request="new")
     skipped = schedule.after(hourly, track, "skipped", now, first_retry_seconds=30, request="new")
     assert skipped.handled_request == "new"  # a real skip does handle the request

@@ -17,9 +17,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
+    from matview.cli.files import FileFeeder, yaml_files
     from matview.observe.metrics import RefreshMetrics
     from matview.refresh.refresher import Refresher, RunnerSettings
-    from matview.refresh.runner import Scheduler, yaml_files
 
     paths = [Path(p) for p in args.paths]
     for path in paths:
@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await Scheduler(dsn, paths, refresher).run(stop)
+        await FileFeeder(dsn, paths, refresher).run(stop)
 
     try:
         asyncio.run(main_loop())

@@ -23,10 +23,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import tempfile
 
     from matview import demo
+    from matview.cli.files import FileFeeder
     from matview.observe.metrics import RefreshMetrics
     from matview.refresh import schedule
     from matview.refresh.refresher import Refresher
-    from matview.refresh.runner import Scheduler
 
     if args.dsn or args.dsn_file or os.environ.get("DATABASE_URL"):
         dsn = database_url(args)
@@ -65,7 +65,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"http://127.0.0.1:{args.metrics_port}/metrics — Ctrl-C to stop",
             flush=True,
         )
-        await Scheduler(dsn, [spec_file], refresher).run(stop)
+        await FileFeeder(dsn, [spec_file], refresher).run(stop)
 
     try:
         asyncio.run(loop())

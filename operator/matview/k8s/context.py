@@ -27,7 +27,7 @@ class OperatorConfig:
     at work)."""
     max_concurrent_per_database: int = RunnerSettings.max_concurrent_per_database
     """Refreshes that may run at once against one database."""
-    max_concurrent_drift_checks: int = 4
+    max_concurrent_drift_checks: int = RunnerSettings.max_concurrent_drift_checks
     """Drift checks that may run at once in the whole process (each database also caps its applies)."""
     secret_max_age_seconds: float = 60.0
     """How long a Secret read is reused (a failed connection reads it again at once)."""
@@ -59,6 +59,7 @@ class OperatorContext:
                 retry_seconds=self.config.retry_seconds,
                 busy_retry_seconds=self.config.busy_retry_seconds,
                 drift_check_seconds=self.config.drift_check_seconds,
+                max_concurrent_drift_checks=self.config.max_concurrent_drift_checks,
                 apply_policy=ApplyPolicy(allow_superuser_run_as_role=self.config.allow_superuser_run_as_role),
             ),
         )

@@ -15,8 +15,8 @@ import kopf
 from matview.constants import GROUP, PLURAL, VERSION
 from matview.k8s import deletion, reconcile, sharding
 from matview.k8s.context import OperatorConfig, OperatorContext
-from matview.k8s.scheduler import ViewScheduler
 from matview.k8s.settings import config_from_environment, configure
+from matview.k8s.watch import WatchFeeder
 
 _config: OperatorConfig | None = None
 
@@ -63,8 +63,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
     if config.shard_count > 1:
         logger.info("shard %d of %d", config.shard_index, config.shard_count)
     memo.context = context
-    memo.scheduler = ViewScheduler(context)
-    memo.tasks = [asyncio.create_task(memo.scheduler.run()), asyncio.create_task(context.metrics.watch_event_loop())]
+    memo.feeder = WatchFeeder(context)
+    memo.tasks = [asyncio.create_task(memo.feeder.run()), asyncio.create_task(context.metrics.watch_event_loop())]
 
 
 @kopf.on.cleanup()
@@ -73,9 +73,9 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    scheduler: ViewScheduler | None = getattr(memo, "scheduler", None)
-    if scheduler is not None:
-        await scheduler.stop()
+    feeder: WatchFeeder | None = getattr(memo, "feeder", None)
+    if feeder is not None:
+        await feeder.stop()
     context: OperatorContext | None = getattr(memo, "context", None)
     if context is not None:
         context.refresher.close()
@@ -83,7 +83,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.event(GROUP, VERSION, PLURAL, when=_mine)
 async def watch_handler(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await memo.scheduler.observe(type, body)
+    await memo.feeder.observe(type, body)
 
 
 # No on.resume: after a restart kopf still runs on.update for specs edited meanwhile and resumes retries,

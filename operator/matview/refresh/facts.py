@@ -22,6 +22,7 @@ from matview.plan.marker import Marker
 from matview.plan.observed import Connection, UpstreamRelation
 from matview.plan.statements import retired_name, staging_name
 from matview.plan.upstream import relation_fingerprints, relation_oid, resolve_relations, upstream_relations
+from matview.refresh import schedule
 from matview.refresh.policy import Inspection, PendingChanges, RefreshState
 
 _VIEW = sql.SQL("""
@@ -232,24 +233,20 @@ def read_state(conn: Connection, view: MaterializedView) -> RefreshState:
     return RefreshState.from_marker(marker.state if marker else {})
 
 
+def reads(conn: Connection, view: MaterializedView) -> frozenset[tuple[str, str]]:
+    """The relations (schema, name) the view reads, through plain views; empty when it does not exist."""
+    oid = relation_oid(conn, view.schema, view.name)
+    return frozenset((r.schema, r.name) for r in upstream_relations(conn, oid)) if oid is not None else frozenset()
+
+
 def dependency_order(conn: Connection, views: Iterable[MaterializedView]) -> list[MaterializedView]:
     """Views ordered so that each comes after the given views it reads (directly or through views)."""
     views = list(views)
     by_relation = {(v.schema, v.name): v for v in views}
-    upstream: dict[str, set[str]] = {v.owner: set() for v in views}
-    for view in views:
-        oid = relation_oid(conn, view.schema, view.name)
-        for relation in upstream_relations(conn, oid) if oid is not None else ():
-            other = by_relation.get((relation.schema, relation.name))
-            if relation.relkind == "m" and other is not None and other.owner != view.owner:
-                upstream[view.owner].add(other.owner)
-    ordered: list[MaterializedView] = []
-    placed: set[str] = set()
-    pending = list(views)
-    while pending:
-        ready = [v for v in pending if upstream[v.owner] <= placed] or pending[:1]  # SQL views cannot cycle
-        for view in ready:
-            ordered.append(view)
-            placed.add(view.owner)
-            pending.remove(view)
-    return ordered
+    upstream: dict[str, set[str]] = {
+        view.owner: {other.owner for r in reads(conn, view) if (other := by_relation.get(r)) and other is not view}
+        for view in views
+    }
+    order = schedule.upstream_first([view.owner for view in views], upstream)
+    by_owner = {view.owner: view for view in views}
+    return [by_owner[owner] for owner in order]

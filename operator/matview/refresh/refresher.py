@@ -1,7 +1,7 @@
 """Run refreshes from asyncio: worker threads, a per-database cap, clean cancellation.
 
-``Refresher`` is what both the standalone scheduler (``matview run``) and the
-Kubernetes operator call: it offloads the synchronous engine to a thread, holds
+``Refresher`` is what the one scheduler calls for both feeders (``matview run`` and the
+Kubernetes operator): it offloads the synchronous engine to a thread, holds
 at most ``max_concurrent_per_database`` refreshes per database (so fifty views
 due at the same minute do not flatten it), shares one connection pool per
 database, cancels the server-side statement when its task is cancelled (on
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RunnerSettings:
-    """Limits of the refresh runner."""
+    """Limits of the refresher and the rules of the one scheduler (the operator and ``matview run`` alike)."""
 
     max_concurrent_per_database: int = 2
     """Refreshes that may run at once against one database."""
@@ -50,8 +50,11 @@ class RunnerSettings:
     reload_seconds: float = 2.0
     """How often ``matview run`` looks for changed files."""
     drift_check_seconds: float = 300.0
-    """How often ``matview run`` re-applies each view to repair hand-made changes (a dropped capture trigger,
+    """How often each view is re-applied to repair hand-made changes (a dropped capture trigger,
     a replaced capture function, a dropped index); spread evenly over the period."""
+    max_concurrent_drift_checks: int = 4
+    """Applies and drift checks the scheduler runs at once in the whole process (each database also caps its
+    applies, below)."""
     apply_policy: engine.ApplyPolicy = field(default_factory=engine.ApplyPolicy)
     """What applies made by this runner accept (superuser runAsRole)."""
     max_concurrent_applies_per_database: int = 4

@@ -11,13 +11,17 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import zoneinfo
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import islice
+from typing import TypeVar
 
 import cronsim
 
 from matview.api.spec import MaterializedView, RefreshSpec
 from matview.outcomes import Outcome
+
+K = TypeVar("K", bound=Hashable)
 
 #: Jitter spreads views with the same interval; it is a fixed fraction per view, so it never drifts.
 MAX_JITTER_FRACTION = 0.1
@@ -109,23 +113,38 @@ class Track:
     """Consecutive failed refreshes or applies (0 after a success)."""
     hold_until: dt.datetime | None = None
     """No scheduled attempt before this: backoff after a failure, one period after a skip."""
+    busy_until: dt.datetime | None = None
+    """No attempt at all before this, not even a requested one: another process held the view."""
     handled_request: str | None = None
     """The last value of the refresh-requested annotation acted upon."""
+
+
+def held_until(track: Track) -> dt.datetime | None:
+    """The end of the later of the two holds (backoff or skip; busy), or None when none is set."""
+    holds = [t for t in (track.hold_until, track.busy_until) if t is not None]
+    return max(holds) if holds else None
 
 
 def due_at(view: MaterializedView, track: Track, now: dt.datetime) -> dt.datetime | None:
     """When the next scheduled refresh is due (None: only on request)."""
     at = next_run(view, track.last_success, now)
-    if at is not None and track.hold_until is not None:
-        at = max(at, track.hold_until)
+    hold = held_until(track)
+    if at is not None and hold is not None:
+        at = max(at, hold)
     return at
+
+
+def next_attempt(view: MaterializedView, track: Track, now: dt.datetime, request: str | None) -> dt.datetime | None:
+    """When the next refresh starts: a new request at once (after a backoff too: somebody asked), but not
+    while another process holds the view; else when due."""
+    if request is not None and request != track.handled_request:
+        return max(now, track.busy_until) if track.busy_until is not None else now
+    return due_at(view, track, now)
 
 
 def wanted_now(view: MaterializedView, track: Track, now: dt.datetime, request: str | None = None) -> bool:
     """A refresh should start now: it is due, or a new manual request came in."""
-    if request is not None and request != track.handled_request:
-        return True
-    at = due_at(view, track, now)
+    at = next_attempt(view, track, now, request)
     return at is not None and at <= now
 
 
@@ -141,7 +160,7 @@ def after(
 ) -> Track:
     """The state after an attempt ended with outcome success, failure, skipped or busy.
 
-    Busy (the view's lock was held elsewhere) changes nothing but a hold of busy_seconds. Success counts from its
+    Busy (the view's lock was held elsewhere) changes nothing but a busy hold of busy_seconds. Success counts from its
     completion; a failure holds the view for a backoff that doubles from
     first_retry_seconds up to the view's period; a skip (sources unchanged, or another process at work)
     holds it one period from now. A request acted upon is remembered whatever the outcome.
@@ -149,13 +168,29 @@ def after(
     if outcome == Outcome.BUSY:
         # Another process held the view (an apply, a drift check): nothing ran, and a request is not
         # handled yet. Look again soon instead of holding the view for a whole period.
-        return replace(track, hold_until=now + dt.timedelta(seconds=busy_seconds))
+        return replace(track, busy_until=now + dt.timedelta(seconds=busy_seconds))
     handled = request if request is not None else track.handled_request
     if outcome == Outcome.SUCCESS:
         return Track(last_success=completed or now, handled_request=handled)
     if outcome == Outcome.FAILURE:
         failures = track.failures + 1
         delay = retry_delay(view, failures, first_retry_seconds, now)
-        return replace(track, failures=failures, hold_until=now + dt.timedelta(seconds=delay), handled_request=handled)
+        hold = now + dt.timedelta(seconds=delay)
+        return replace(track, failures=failures, hold_until=hold, busy_until=None, handled_request=handled)
     period = next_run(view, now, now) or now + dt.timedelta(seconds=first_retry_seconds)
-    return replace(track, hold_until=period, handled_request=handled)
+    return replace(track, hold_until=period, busy_until=None, handled_request=handled)
+
+
+def upstream_first(keys: Sequence[K], upstream: Mapping[K, set[K]]) -> list[K]:
+    """keys with each after the keys it reads (upstream[key], as far as known), else in their given order.
+    A cycle (only names can seem to cycle: views of different databases) is broken in the given order."""
+    ordered: list[K] = []
+    placed: set[K] = set()
+    pending, batch = list(keys), set(keys)
+    while pending:
+        ready = [key for key in pending if upstream.get(key, set()) & batch <= placed] or pending[:1]
+        for key in ready:
+            ordered.append(key)
+            placed.add(key)
+        pending = [key for key in pending if key not in placed]
+    return ordered

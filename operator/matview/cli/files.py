@@ -1,0 +1,194 @@
+"""``matview run``'s feeder of the one scheduler (``matview.refresh.scheduler``): files in, logs out.
+
+It reads the spec files (again when they change, keeping the last good version of a broken file) and
+tells the scheduler which views exist; the scheduler applies each, refreshes it when due (upstream views
+first), backs off after failures, and re-applies it on a spread period to repair drift. As the scheduler's
+``Work`` it applies with ``apply_and_record`` and refreshes through the refresher, on the DSN it asks for
+at every use (a rotated password in a DSN file needs no restart); as its ``Sink`` it logs, and counts
+failed applies where failure alerts see them. It holds no schedule of its own: its only loop looks at
+the files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from matview.api.spec import MaterializedView
+from matview.api.validation import load_file
+from matview.errors import SpecError
+from matview.outcomes import Outcome
+from matview.plan import engine
+from matview.plan.observed import Connection
+from matview.refresh import RefreshResult, apply_and_record, classify, facts, read_state
+from matview.refresh.feeding import Applied, Relation, Report
+from matview.refresh.refresher import Refresher
+from matview.refresh.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+def yaml_files(paths: Iterable[Path]) -> list[Path]:
+    """The files named, and every *.yaml/*.yml below the directories named."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+        else:
+            found.append(path)
+    return found
+
+
+class FileFeeder:
+    """Feeds the views of some YAML files to one ``Scheduler``, and does its work on one database."""
+
+    applies = True
+    """Nobody else applies these views: the scheduler applies each new or changed spec."""
+
+    def __init__(
+        self,
+        dsn: str | Callable[[], str],
+        paths: list[Path],
+        refresher: Refresher,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._dsn_source: Callable[[], str] = dsn if callable(dsn) else (lambda: dsn)
+        self._dsn_in_use: str | None = None
+        self.paths = paths
+        self.refresher = refresher
+        self.scheduler = Scheduler(refresher, self, self, clock)
+        self.views: dict[str, tuple[MaterializedView, str]] = {}
+        """Every view of the files, by key (namespace/name), with the file it came from."""
+        self._mtimes: dict[Path, float] = {}
+
+    @property
+    def dsn(self) -> str:
+        """The current DSN; when it changed (a rotated DSN file), the old pool is closed."""
+        try:
+            current = self._dsn_source()
+        except Exception as exc:
+            logger.error("cannot read the DSN: %s; keeping the previous one", exc)
+            current = self._dsn_in_use or ""
+        if self._dsn_in_use is not None and current != self._dsn_in_use:
+            logger.info("the DSN changed; reconnecting")
+            self.refresher.close_pool(self._dsn_in_use)
+        self._dsn_in_use = current
+        return current
+
+    # --- files in ----------------------------------------------------------------------------------
+
+    def files(self) -> list[Path]:
+        return yaml_files(self.paths)
+
+    def _changed_files(self) -> bool:
+        current = {}
+        for file in self.files():
+            with contextlib.suppress(OSError):
+                current[file] = file.stat().st_mtime
+        changed = current != self._mtimes
+        self._mtimes = current
+        return changed
+
+    def load(self) -> None:
+        """(Re)read every file and tell the scheduler what changed; a broken file keeps its last good views."""
+        wanted: dict[str, tuple[MaterializedView, str]] = {}
+        broken: set[str] = set()
+        for file in self.files():
+            try:
+                for view in load_file(file):
+                    wanted[view.owner] = (view, str(file))
+            except SpecError as exc:
+                logger.error("%s", exc)
+                broken.add(str(file))
+        for key, (view, source) in list(self.views.items()):
+            if key not in wanted and source not in broken:
+                logger.info(
+                    "%s: no longer in any file; it stays in the database but is no longer refreshed", view.relation
+                )
+                self.scheduler.forget(key)
+                self.refresher.metrics.forget(view.namespace, view.resource_name)
+                del self.views[key]
+        for key, (view, source) in wanted.items():
+            known = self.views.get(key)
+            self.views[key] = (view, source)
+            if known is None or known[0] != view:
+                self.scheduler.put(key, view)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Apply, then refresh on schedule until stop is set; work in flight is cancelled cleanly."""
+        self._changed_files()
+        self.load()
+        scheduling = asyncio.create_task(self.scheduler.run())
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self.refresher.settings.reload_seconds)
+                if not stop.is_set() and self._changed_files():
+                    self.load()
+        finally:
+            scheduling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await scheduling
+            await self.scheduler.stop()
+
+    # --- Work --------------------------------------------------------------------------------------
+
+    async def refresh(
+        self, key: str, view: MaterializedView, *, manual: bool, due_at: float | None
+    ) -> RefreshResult | None:
+        return await self.refresher.refresh(self.dsn, view, force=manual, due_at=due_at)
+
+    async def apply(self, key: str, view: MaterializedView, *, drift_check: bool) -> Applied:
+        def work(conn: Connection) -> Applied:
+            result = apply_and_record(conn, view, self.refresher.settings.apply_policy)
+            for warning in result.plan.warnings:
+                logger.warning("%s: %s", view.relation, warning)
+            return Applied(
+                Outcome.SUCCESS,
+                last_success=read_state(conn, view).last_success,
+                changed=result.changed,
+                message="; ".join(result.plan.reasons),
+                reads=facts.reads(conn, view),
+            )
+
+        try:
+            applied: Applied = await self.refresher.run_sync(self.dsn, work)
+        except engine.BusyError as exc:  # another process is applying or refreshing it: not a failure
+            return Applied(Outcome.BUSY, message=str(exc))
+        except Exception as exc:  # retried with backoff, and counted
+            return Applied(Outcome.FAILURE, message=str(exc), error=exc)
+        return applied
+
+    async def reads(self, key: str, view: MaterializedView) -> frozenset[Relation]:
+        found: frozenset[Relation] = await self.refresher.run_sync(self.dsn, lambda conn: facts.reads(conn, view))
+        return found
+
+    # --- Sink --------------------------------------------------------------------------------------
+
+    def scheduled(self, key: str, view: MaterializedView, due: dt.datetime | None, now: dt.datetime) -> None:
+        """Nothing to write: the next run is in the metrics (matview_refresh_interval_seconds)."""
+
+    async def refreshed(self, key: str, view: MaterializedView, result: RefreshResult, report: Report) -> None:
+        if result.result == Outcome.FAILURE:
+            logger.warning(
+                "%s: refresh failed (%s); next attempt in %.0fs",
+                view.relation,
+                result.failure_reason,
+                report.retry_in_seconds or 0,
+            )
+
+    def applied(self, key: str, view: MaterializedView, applied: Applied, *, drift_check: bool, next_in: float) -> None:
+        what = "drift check" if drift_check else "apply"
+        if applied.outcome == Outcome.BUSY:
+            logger.info("%s: busy in another process; %s again in %.0fs", view.relation, what, next_in)
+        elif applied.outcome == Outcome.FAILURE:
+            error = applied.error or RuntimeError(applied.message)
+            self.refresher.record_failure(view, f"{what} failed", error, dt.datetime.now(dt.UTC))
+            logger.error("%s: %s failed (%s); next attempt in %.0fs", view.relation, what, classify(error), next_in)
+        elif drift_check and applied.changed:
+            logger.warning("%s: drift check repaired: %s", view.relation, applied.message)
