@@ -11,6 +11,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -78,26 +79,78 @@ def conn(dsn: str) -> Iterator[engine.Connection]:
         yield connection
 
 
+#: Tests that run in one pytest-xdist worker, one after another: the e2e tests share one control plane
+#: (and the machine's few cores), the fault scenarios crash and slow down servers on purpose.
+SERIAL_GROUPS = {"tests/e2e/": "e2e", "tests/faults/": "faults"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test that needs PostgreSQL with ``db``: those using the suite's server (the pg_server
     fixture) and the fault scenarios, which start servers of their own to crash. ``pytest -m "not db"``
-    then runs the rest alone."""
+    then runs the rest alone. Put the serial groups in one xdist worker each."""
     for item in items:
         if "pg_server" in getattr(item, "fixturenames", ()) or item.nodeid.startswith("tests/faults/"):
             item.add_marker(pytest.mark.db)
+        for prefix, group in SERIAL_GROUPS.items():
+            if item.nodeid.startswith(prefix):
+                item.add_marker(pytest.mark.xdist_group(group))
+
+
+def _selected(config: pytest.Config, path: str) -> bool:
+    """Whether the paths pytest was given include path (a directory or file under the root): how the
+    pytest-xdist controller, which collects nothing itself, knows that the e2e tests will run."""
+    wanted = (config.rootpath / path).resolve()
+    for arg in config.args:
+        given = (config.invocation_params.dir / arg.split("::")[0]).resolve()
+        if given == wanted or given in wanted.parents or wanted in given.parents:
+            return True
+    return False
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Clear the fault suite's report. Under pytest-xdist, the controller builds what the e2e tests need
+    before the workers start, so the build's progress shows; the workers then find it cached (tests/e2e/binaries.py)."""
+    config = session.config
+    if hasattr(config, "workerinput"):
+        return
+    from tests.faults.harness import REPORT
+
+    REPORT.unlink(missing_ok=True)  # the table at the end shows this run's scenarios only
+    if not config.getoption("numprocesses", None):
+        return
+    if _selected(config, "tests/e2e"):
+        _prepare_e2e(config, image=_selected(config, "tests/e2e/test_image.py"))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The fault suite's table (tests/faults/harness.py): rows lost, reader errors, failures counted and
+    injected, recovery time, a scenario a line."""
+    from tests.faults.harness import report_table
+
+    lines = report_table()
+    if lines:
+        terminalreporter.section("fault suite")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Build the e2e control plane (and the operator image, when its test is selected) before any test
     runs, not inside a fixture, whose time would count against the first test's timeout; show the build
     scripts' progress lines."""
-    if not any(item.nodeid.startswith("tests/e2e/") for item in session.items):
-        return
+    if any(item.nodeid.startswith("tests/e2e/") for item in session.items):
+        _prepare_e2e(
+            session.config, image=any(item.nodeid.startswith("tests/e2e/test_image.py") for item in session.items)
+        )
+
+
+def _prepare_e2e(config: pytest.Config, image: bool) -> None:
     import shutil
 
     from tests.e2e import binaries
 
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
 
     def show(line: str) -> None:
         if reporter is not None:
@@ -110,7 +163,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             binaries.prepared = binaries.build(show)
         except RuntimeError as exc:
             binaries.prepared = str(exc)
-    if any(item.nodeid.startswith("tests/e2e/test_image.py") for item in session.items):
+    if image:
         missing = [tool for tool in IMAGE_TOOLS if shutil.which(tool) is None]
         if missing:
             binaries.image_prepared = f"{', '.join(missing)} not installed (.ci/run installs them from Debian)"

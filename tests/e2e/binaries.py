@@ -4,14 +4,17 @@ per-test timeouts.
 ``build`` runs controlplane/build.sh (or image/build.sh) in its own process group, streams its progress
 lines, and kills the whole group if it is interrupted, so no compiler is left running and no partial
 build is left behind (build.sh cleans its own partial directory on the way out). The root conftest calls it right after
-collection when e2e tests are selected; the control_plane fixture then only reads the result.
+collection when e2e tests are selected (under pytest-xdist, the controller first, where its progress shows); the
+control_plane fixture then only reads the result.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +28,16 @@ image_prepared: Path | str | None = None
 
 
 def build(progress: Callable[[str], None], env: dict[str, str] | None = None, script: Path = BUILD) -> Path:
-    """Run a build script (nothing to do when cached); raise RuntimeError with its output when it fails."""
+    """Run a build script (nothing to do when cached); raise RuntimeError with its output when it fails.
+    One build of a script at a time on this machine: pytest-xdist's workers (and the controller, which
+    builds first to show progress) then find it cached instead of building it side by side."""
+    lock = Path(tempfile.gettempdir()) / f"matview-build-{script.parent.name}.lock"
+    with lock.open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        return _build(progress, env, script)
+
+
+def _build(progress: Callable[[str], None], env: dict[str, str] | None, script: Path) -> Path:
     process = subprocess.Popen(
         [str(script)],
         stdout=subprocess.PIPE,

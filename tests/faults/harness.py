@@ -34,6 +34,27 @@ from matview.embedded.localpg import LocalServer, find_bindir, free_port
 ROOT = Path(__file__).resolve().parents[2]
 REPORT = Path(os.environ.get("MATVIEW_FAULT_REPORT", "/tmp/matview-fault-report.jsonl"))
 NAMESPACE, NAME = "faults", "totals"
+REPORT_COLUMNS = (
+    "scenario",
+    "rows_lost",
+    "reader_errors",
+    "reads",
+    "failures_counted",
+    "failures_injected",
+    "successes",
+    "recovery_seconds",
+)
+
+
+def report_table() -> list[str]:
+    """The fault suite's table, one line a scenario that ran (empty when none did)."""
+    if not REPORT.exists():
+        return []
+    rows = [json.loads(line) for line in REPORT.read_text().splitlines() if line.strip()]
+    if not rows:
+        return []
+    return [" | ".join(REPORT_COLUMNS)] + [" | ".join(str(row.get(c)) for c in REPORT_COLUMNS) for row in rows]
+
 
 WORKLOAD = """
 CREATE ROLE app LOGIN PASSWORD 'first-password';

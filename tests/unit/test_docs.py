@@ -42,3 +42,12 @@ def test_the_readme_example_is_a_valid_materialized_view() -> None:
 def test_the_reference_spells_defaults_as_yaml() -> None:
     text = render()
     assert "default `false`" in text and "default `False`" not in text and "default `True`" not in text
+
+
+def test_ci_runs_the_readmes_test_command_verbatim() -> None:
+    import re
+
+    block = re.search(r"## Run all tests\n\n```sh\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S)
+    assert block is not None, "README.md has no 'Run all tests' command block"
+    commands = [line for line in (ROOT / ".ci/run").read_text().splitlines() if line and not line.startswith("#")]
+    assert commands[-1] == block.group(1), ".ci/run must end with the README's test command, verbatim"
