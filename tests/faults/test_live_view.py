@@ -1,0 +1,173 @@
+"""The live view (spec.incremental.liveView) while its refresh is killed: readers keep reading, and every
+read equals the query in the reader's own snapshot (issues #20, #21).
+
+A session holds a lock that the incremental refresh's write needs, so the refresh is caught while it
+waits to write; then either its backend is terminated or the whole `matview
+run` is SIGKILLed and started again. A reader compares the live view with a full recompute of the query
+in one statement every 20 ms, and a writer adds rows all along (so keys are always pending). Counted:
+reads that differed, reader errors, rows lost once recovered, failures reported against injected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.faults.harness import NAME, NAMESPACE, Scenario
+from tests.faults.test_standalone import RECOVERY_BOUND, World, failures_reach, verdict
+
+LIVE_QUERY = "SELECT kind, count(*) AS n, sum(amount) AS total FROM app.events GROUP BY kind"
+DIFFERENCES = f"""
+WITH l AS MATERIALIZED (SELECT kind, n, total FROM app.totals_live),
+     q AS MATERIALIZED ({LIVE_QUERY})
+SELECT (SELECT count(*) FROM (SELECT * FROM l EXCEPT ALL SELECT * FROM q) a)
+     + (SELECT count(*) FROM (SELECT * FROM q EXCEPT ALL SELECT * FROM l) b)
+"""
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def live_spec() -> dict[str, Any]:
+    return {
+        "apiVersion": "matview.dev/v1alpha1",
+        "kind": "MaterializedView",
+        "metadata": {"name": NAME, "namespace": NAMESPACE},
+        "spec": {
+            "schema": "app",
+            "storage": "Table",
+            "query": LIVE_QUERY,
+            "incremental": {
+                "keyColumns": ["kind"],
+                "sources": [{"table": "app.events", "columns": ["kind"]}],
+                "liveView": True,
+                "fullRebuildRatio": 1,  # stay incremental however many keys change
+            },
+            # A long lock timeout: the refresh waits on the test's lock until the test kills it.
+            "refresh": {"interval": "3s", "mode": "Incremental", "timeout": "60s", "lockTimeout": "60s"},
+        },
+    }
+
+
+@dataclass
+class LiveReader:
+    """Compares the live view with the query, in one statement (one snapshot), every 20 ms."""
+
+    dsn: str
+    server_up: threading.Event
+    reads: int = 0
+    mismatched: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> LiveReader:
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+            while not self._stop.is_set():
+                try:
+                    row = conn.execute(DIFFERENCES).fetchone()
+                    self.reads += 1
+                    if row is not None and row[0]:
+                        self.mismatched.append(int(row[0]))
+                except psycopg.Error as exc:
+                    if self.server_up.is_set():
+                        self.errors.append(str(exc).strip().splitlines()[0])
+                    return
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+class Writer:
+    """Adds rows every 100 ms, so that the live view always has keys pending."""
+
+    def __init__(self, w: Scenario) -> None:
+        self.w = w
+        self.batches = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(psycopg.Error):
+                self.w.add_rows(10)
+                self.batches += 1
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+
+def blocked_refresh(w: Scenario) -> int | None:
+    """The pid of the engine's session waiting for the test's lock, if one is."""
+    with w.admin() as conn:
+        row = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'matview-operator' "
+            "AND wait_event_type = 'Lock' AND datname = current_database()"
+        ).fetchone()
+    return int(row[0]) if row else None
+
+
+@pytest.mark.parametrize("kill", ["backend terminated", "runner SIGKILLed"])
+def test_the_live_view_stays_exact_while_its_refresh_is_killed_mid_step(world: World, kill: str) -> None:
+    w = world(f"live view, refresh killed ({kill})")
+    w.write_spec(live_spec())
+    w.start_runner()
+    w.wait(w.fresh, "the first build", 60)
+    reader = LiveReader(w.server.dsn(), w.server_up).start()
+    writer = Writer(w)
+    try:
+        with w.admin() as holder:
+            holder.execute("BEGIN")
+            holder.execute("LOCK TABLE app.totals IN EXCLUSIVE MODE")  # readers (ACCESS SHARE) still read
+            pid: dict[str, int] = {}
+
+            def caught() -> bool:
+                found = blocked_refresh(w)
+                if found is not None:
+                    pid["refresh"] = found
+                return found is not None
+
+            w.wait(caught, "an incremental refresh waiting on the lock, mid-step", 60)
+            if kill == "backend terminated":
+                holder.execute("SELECT pg_terminate_backend(%s)", (pid["refresh"],))
+                w.injected = 1
+                w.wait(failures_reach(w, 1), "the runner to count the refresh that was killed", 30)
+            else:
+                w.kill_runner(w.runners[-1][0])
+            holder.execute("ROLLBACK")
+        if kill == "runner SIGKILLed":
+            w.start_runner()
+        reads_before = reader.reads
+        w.wait(lambda: reader.reads >= reads_before + 20, "the reader to go on reading after the kill", 30)
+        writer.stop()  # recovery is judged on a source that stands still
+        w.recover(RECOVERY_BOUND)
+    finally:
+        writer.stop()
+        reader.stop()
+    row = w.report(
+        reads=reader.reads,
+        reader_errors=len(reader.errors),
+        live_mismatches=len(reader.mismatched),
+        write_batches=writer.batches,
+    )
+    assert reader.mismatched == [], f"reads of the live view that differed from the query: {reader.mismatched[:10]}"
+    assert reader.errors == [], reader.errors[:5]
+    assert reader.reads > 50 and writer.batches > 10
+    verdict(w, row, injected_failures=kill == "backend terminated")
