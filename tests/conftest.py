@@ -108,15 +108,18 @@ def _selected(config: pytest.Config, path: str) -> bool:
     return False
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Clear the fault suite's report. Under pytest-xdist, the controller builds what the e2e tests need
-    before the workers start, so the build's progress shows; the workers then find it cached (tests/e2e/binaries.py)."""
+    """Give the fault suite's report a file of this run's own. Under pytest-xdist, the controller builds
+    what the e2e tests need before the workers start, so the build's progress shows; the workers then find
+    it cached (tests/e2e/binaries.py)."""
     config = session.config
     if hasattr(config, "workerinput"):
         return
-    from tests.faults.harness import REPORT
+    from tests.faults.harness import REPORT_VARIABLE
 
-    REPORT.unlink(missing_ok=True)  # the table at the end shows this run's scenarios only
+    if REPORT_VARIABLE not in os.environ:  # inherited by the workers, which xdist starts after this hook
+        os.environ[REPORT_VARIABLE] = str(Path(tempfile.mkdtemp(prefix="matview-faults-")) / "report.jsonl")
     if not config.getoption("numprocesses", None):
         return
     if _selected(config, "tests/e2e"):

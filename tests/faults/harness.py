@@ -32,7 +32,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from matview.embedded.localpg import LocalServer, find_bindir, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-REPORT = Path(os.environ.get("MATVIEW_FAULT_REPORT", "/tmp/matview-fault-report.jsonl"))
+#: Where the scenarios of one pytest run append their rows: set by the root conftest at session start, so
+#: that pytest-xdist's workers write where the controller reads, and two runs side by side do not mix.
+REPORT_VARIABLE = "MATVIEW_FAULT_REPORT"
+
+
+def report_file() -> Path:
+    return Path(os.environ.get(REPORT_VARIABLE, "/tmp/matview-fault-report.jsonl"))
+
+
 NAMESPACE, NAME = "faults", "totals"
 REPORT_COLUMNS = (
     "scenario",
@@ -48,9 +56,9 @@ REPORT_COLUMNS = (
 
 def report_table() -> list[str]:
     """The fault suite's table, one line a scenario that ran (empty when none did)."""
-    if not REPORT.exists():
+    if not report_file().exists():
         return []
-    rows = [json.loads(line) for line in REPORT.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in report_file().read_text().splitlines() if line.strip()]
     if not rows:
         return []
     return [" | ".join(REPORT_COLUMNS)] + [" | ".join(str(row.get(c)) for c in REPORT_COLUMNS) for row in rows]
@@ -123,7 +131,7 @@ class Reader:
             try:
                 if conn is None or conn.closed:
                     conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=2)
-                conn.execute("SELECT count(*), sum(total) FROM app.totals").fetchone()
+                self.read(conn)
                 self.reads += 1
             except psycopg.Error as exc:
                 if self.server_up.is_set():
@@ -136,6 +144,10 @@ class Reader:
             time.sleep(0.02)
         if conn is not None:
             conn.close()
+
+    def read(self, conn: psycopg.Connection[Any]) -> None:
+        """One read; a subclass checks what it read."""
+        conn.execute("SELECT count(*), sum(total) FROM app.totals").fetchone()
 
     def stop(self) -> None:
         self._stop.set()
@@ -372,6 +384,6 @@ class Scenario:
             "recovery_seconds": round(self.recovery_seconds, 1) if self.recovery_seconds is not None else None,
             **extra,
         }
-        with REPORT.open("a") as out:
+        with report_file().open("a") as out:
             out.write(json.dumps(row) + "\n")
         return row

@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.faults.harness import NAME, NAMESPACE, Scenario
+from tests.faults.harness import Reader, Scenario, spec
 from tests.faults.test_standalone import RECOVERY_BOUND, World, failures_reach, verdict
 
 LIVE_QUERY = "SELECT kind, count(*) AS n, sum(amount) AS total FROM app.events GROUP BY kind"
@@ -34,61 +34,30 @@ pytestmark = pytest.mark.timeout(240)
 
 
 def live_spec() -> dict[str, Any]:
-    return {
-        "apiVersion": "matview.dev/v1alpha1",
-        "kind": "MaterializedView",
-        "metadata": {"name": NAME, "namespace": NAMESPACE},
-        "spec": {
-            "schema": "app",
-            "storage": "Table",
-            "query": LIVE_QUERY,
-            "incremental": {
-                "keyColumns": ["kind"],
-                "sources": [{"table": "app.events", "columns": ["kind"]}],
-                "liveView": True,
-                "fullRebuildRatio": 1,  # stay incremental however many keys change
-            },
-            # A long lock timeout: the refresh waits on the test's lock until the test kills it.
-            "refresh": {"interval": "3s", "mode": "Incremental", "timeout": "60s", "lockTimeout": "60s"},
-        },
+    document = spec(mode="Incremental", query=LIVE_QUERY)
+    document["spec"].pop("indexes")  # a Table's key is incremental.keyColumns
+    document["spec"]["storage"] = "Table"
+    document["spec"]["incremental"] = {
+        "keyColumns": ["kind"],
+        "sources": [{"table": "app.events", "columns": ["kind"]}],
+        "liveView": True,
+        "fullRebuildRatio": 1,  # stay incremental however many keys change
     }
+    # A long lock timeout: the refresh waits on the test's lock until the test kills it.
+    document["spec"]["refresh"]["lockTimeout"] = "60s"
+    return document
 
 
 @dataclass
-class LiveReader:
+class LiveReader(Reader):
     """Compares the live view with the query, in one statement (one snapshot), every 20 ms."""
 
-    dsn: str
-    server_up: threading.Event
-    reads: int = 0
     mismatched: list[int] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
 
-    def start(self) -> LiveReader:
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def _loop(self) -> None:
-        with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
-            while not self._stop.is_set():
-                try:
-                    row = conn.execute(DIFFERENCES).fetchone()
-                    self.reads += 1
-                    if row is not None and row[0]:
-                        self.mismatched.append(int(row[0]))
-                except psycopg.Error as exc:
-                    if self.server_up.is_set():
-                        self.errors.append(str(exc).strip().splitlines()[0])
-                    return
-                time.sleep(0.02)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+    def read(self, conn: psycopg.Connection[Any]) -> None:
+        row = conn.execute(DIFFERENCES).fetchone()
+        if row is not None and row[0]:
+            self.mismatched.append(int(row[0]))
 
 
 class Writer:
