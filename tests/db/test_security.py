@@ -23,7 +23,7 @@ from matview.plan import engine
 from matview.plan.executor import LOCK_TABLE
 from matview.plan.observed import Connection
 from matview.plan.versions import VERSIONS_TABLE
-from matview.refresh import refresh
+from matview.refresh import apply_and_record, refresh
 from matview.refresh.refresher import Refresher, RunnerSettings
 from tests.db.roles import Roles
 from tests.helpers import view
@@ -287,6 +287,75 @@ async def test_pooled_sessions_are_reset_and_stay_usable(conn: Connection, dsn: 
         results = [await refresher.refresh(dsn, victim) for _ in range(8)]
         results += await asyncio.gather(*(refresher.refresh(dsn, victim) for _ in range(3)))
         assert [r.result for r in results] == ["success"] * 11, [r.message for r in results]
+    finally:
+        refresher.close()
+
+
+async def test_a_query_that_prepares_or_deallocates_statements_does_not_disturb_other_views(
+    conn: Connection, dsn: str
+) -> None:
+    """The pool keeps psycopg's prepared catalog reads across refreshes (issue #22). A query's function can
+    PREPARE statements under psycopg's own names or DEALLOCATE ALL of them (not from a materialized view,
+    whose query PostgreSQL runs as a security-restricted operation, but from an incremental Table's key
+    recompute); the reset must see it, so the next views on the same pooled session refresh as before."""
+    conn.execute("""
+        CREATE SCHEMA ops;
+        CREATE TABLE ops.events (kind text NOT NULL);
+        INSERT INTO ops.events VALUES ('a'), ('b');
+        CREATE FUNCTION ops.squat() RETURNS int LANGUAGE plpgsql AS $$
+        BEGIN
+            FOR i IN 0..200 LOOP
+                BEGIN
+                    EXECUTE format('PREPARE %I AS SELECT 1', '_pg3_' || i);
+                EXCEPTION WHEN duplicate_prepared_statement THEN NULL;
+                END;
+            END LOOP;
+            RETURN 1;
+        END $$;
+        CREATE FUNCTION ops.evict() RETURNS int LANGUAGE plpgsql AS $$
+        BEGIN EXECUTE 'DEALLOCATE ALL'; RETURN 1; END $$;
+    """)
+    victims = [view(name, "ops", schema="ops", query="SELECT 1 AS one", refresh={"mode": "Full"}) for name in "vw"]
+
+    def table_calling(name: str, function: str) -> MaterializedView:
+        return view(
+            name,
+            "ops",
+            schema="ops",
+            storage="Table",
+            query=f"SELECT kind, count(*) AS n, max({function}()) AS f FROM ops.events GROUP BY kind",
+            incremental={"keyColumns": ["kind"], "sources": [{"table": "ops.events", "columns": ["kind"]}]},
+            refresh={"mode": "Incremental"},
+        )
+
+    refresher = Refresher(RefreshMetrics(), RunnerSettings(max_concurrent_per_database=1))
+    results: list[Any] = []
+
+    async def refresh_victims() -> None:
+        for victim in victims:
+            results.extend([await refresher.refresh(dsn, victim) for _ in range(8)])
+
+    try:
+        hostile = [table_calling("squatter", "ops.squat"), table_calling("evictor", "ops.evict")]
+        for each in (*victims, *hostile):
+            await refresher.run_sync(dsn, lambda c, each=each: apply_and_record(c, each))
+        await refresh_victims()
+        pool = refresher.pool(dsn)
+        with pool.connection() as pooled:
+            prepared = pooled.execute("SELECT count(*) FROM pg_prepared_statements WHERE NOT from_sql").fetchone()
+        assert prepared is not None and prepared[0] > 0, "the refresh lane's catalog reads are not prepared"
+        for each in hostile:
+            conn.execute("INSERT INTO ops.events VALUES ('c')")
+            outcome = await refresher.refresh(dsn, each)
+            assert outcome.mode == "Incremental", outcome  # the key recompute ran the function
+            victims.append(view(f"after-{each.resource_name}", "ops", schema="ops", query="SELECT 2 AS two"))
+            await refresher.run_sync(dsn, lambda c, v=victims[-1]: engine.apply(c, v))
+            await refresh_victims()  # old ones, and a new one whose statements get prepared afresh
+        assert all(r.result == "success" for r in results), [r.message for r in results if r.message]
+        assert len(results) == 8 * (2 + 3 + 4)
+        with pool.connection() as pooled:
+            squatted = pooled.execute("SELECT count(*) FROM pg_prepared_statements WHERE from_sql").fetchone()
+        assert squatted == (0,)
     finally:
         refresher.close()
 

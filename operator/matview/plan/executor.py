@@ -24,7 +24,7 @@ from matview.api.spec import MaterializedView, RefreshSpec
 from matview.errors import ApplyError, MatviewError, UnmanagedObjectError
 from matview.plan import session, versions
 from matview.plan.observed import Connection
-from matview.plan.session import become_query_role, pin_name_resolution
+from matview.plan.session import become_query_role
 from matview.plan.statements import Plan, Step
 
 logger = logging.getLogger(__name__)
@@ -42,14 +42,6 @@ class ExecutionSettings:
     """Attempts for steps that take an exclusive lock, before the failure is reported."""
     backoff_seconds: float = 0.2
     """First pause between attempts; doubled each time, with jitter."""
-
-
-def set_timeouts(conn: Connection, statement_seconds: float, lock_seconds: float, local: bool) -> None:
-    """Apply timeouts as parameters (set_config), transaction-local or for the session."""
-    conn.execute(
-        sql.SQL("SELECT set_config('statement_timeout', %s, %s), set_config('lock_timeout', %s, %s)"),
-        (f"{int(statement_seconds * 1000)}ms", local, f"{int(lock_seconds * 1000)}ms", local),
-    )
 
 
 def run_with_lock_retries(
@@ -78,11 +70,6 @@ def run_with_lock_retries(
 class BusyError(MatviewError):
     """Another session holds the view's lock: it is being applied or refreshed right now."""
 
-
-#: How often the server checks that the client of a long statement is still there (PostgreSQL 14+): when
-#: a process is killed mid-refresh, its build stops within seconds instead of running to statement_timeout
-#: while holding the view's lock.
-CLIENT_CHECK_INTERVAL = "2s"
 
 #: The table, in each view's schema, that holds one row per view being applied, refreshed or deleted.
 LOCK_TABLE = "matview_view_locks"
@@ -175,11 +162,6 @@ def view_lock(conn: Connection, view: MaterializedView) -> Iterator[None]:
         if row is None:
             raise BusyError(f"{view.relation}: another process is applying or refreshing this view right now")
     try:
-        with contextlib.suppress(psycopg.Error), conn.transaction():  # PostgreSQL 13 and older lack it
-            conn.execute(
-                sql.SQL("SELECT set_config('client_connection_check_interval', %s, false)"),
-                (CLIENT_CHECK_INTERVAL,),
-            )
         yield
     finally:
         if table is not None:
@@ -192,8 +174,9 @@ def _run_step(conn: Connection, step: Step, settings: ExecutionSettings, view: M
         with conn.transaction():
             if step.repeatable_read:  # must come before the first query of the transaction
                 conn.execute(sql.SQL("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
-            set_timeouts(conn, settings.statement_timeout_seconds, settings.lock_timeout_seconds, local=True)
-            pin_name_resolution(conn, view, local=True)
+            session.step_settings(
+                conn, view, settings.statement_timeout_seconds, settings.lock_timeout_seconds, local=True
+            )
             if step.runs_query:
                 become_query_role(conn, view)
             for statement in step.statements:
@@ -202,15 +185,15 @@ def _run_step(conn: Connection, step: Step, settings: ExecutionSettings, view: M
             # (set_config(..., false) from a SELECT) must not leave it to the engine's next statement.
             session.configure(conn)
     else:
-        set_timeouts(conn, settings.statement_timeout_seconds, settings.lock_timeout_seconds, local=False)
-        pin_name_resolution(conn, view, local=False)
+        session.step_settings(
+            conn, view, settings.statement_timeout_seconds, settings.lock_timeout_seconds, local=False
+        )
         try:
             for statement in step.statements:
                 conn.execute(statement)
         finally:
             with contextlib.suppress(psycopg.Error):
-                conn.execute(sql.SQL("RESET statement_timeout; RESET lock_timeout"))
-                session.configure(conn)
+                session.restore(conn)
 
 
 def execute(conn: Connection, plan: Plan, settings: ExecutionSettings) -> list[str]:

@@ -25,24 +25,101 @@ from matview.plan.observed import Connection
 #: The session's search_path for every statement the engine sends itself.
 ENGINE_SEARCH_PATH = "pg_catalog, pg_temp"
 
-_PIN = sql.SQL("SELECT pg_catalog.set_config('search_path', %s, false)")
+#: How often the server checks that the client of a long statement is still there (PostgreSQL 14+): when
+#: a process is killed mid-refresh, its build stops within seconds instead of running to statement_timeout
+#: while holding the view's lock.
+CLIENT_CHECK_INTERVAL = "2s"
+
+_PIN = sql.SQL("SELECT pg_catalog.set_config('search_path', {path}, false)").format(
+    path=sql.Literal(ENGINE_SEARCH_PATH)
+)
+_PIN_AND_CHECK = sql.SQL(
+    "SELECT pg_catalog.set_config('search_path', {path}, false), "
+    "pg_catalog.set_config('client_connection_check_interval', {interval}, false)"
+).format(path=sql.Literal(ENGINE_SEARCH_PATH), interval=sql.Literal(CLIENT_CHECK_INTERVAL))
+
+
+def configure_statement(conn: Connection) -> sql.Composed:
+    """The statement that configures a session: the pinned search_path, and the client check where the
+    server has it (PostgreSQL 13 and older do not)."""
+    return _PIN_AND_CHECK if conn.info.server_version >= 140000 else _PIN
 
 
 def configure(conn: Connection) -> None:
-    """Pin the session's search_path (a new connection, or after a reset or the user's query)."""
-    conn.execute(_PIN, (ENGINE_SEARCH_PATH,))
+    """Configure the session (a new connection, or after a reset or the user's query): one round trip."""
+    conn.execute(configure_statement(conn))
+
+
+#: DISCARD ALL without its DEALLOCATE ALL and DISCARD PLANS: everything a query can leave behind in a
+#: session (held advisory locks, settings, a role, cursors, LISTENs, temporary objects, sequence state)
+#: goes, while the engine's prepared catalog reads stay planned. Every name is qualified: until RESET ALL
+#: the search_path is whatever the user's query left. The last statement reports the prepared statements,
+#: so that one the user's query made (PREPARE through EXECUTE in a function) or removed (DEALLOCATE) is seen.
+_RESET = sql.SQL(
+    "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; DISCARD TEMP; DISCARD SEQUENCES; "
+    "SELECT pg_catalog.pg_advisory_unlock_all(), "
+    "(SELECT pg_catalog.count(*) FROM pg_catalog.pg_prepared_statements p WHERE p.from_sql), "
+    "(SELECT pg_catalog.count(*) FROM pg_catalog.pg_prepared_statements p WHERE NOT p.from_sql)"
+)
+
+
+def _prepared_here(conn: Connection) -> int | None:
+    """How many statements psycopg believes it has prepared on this connection (None if it cannot say)."""
+    names = getattr(getattr(conn, "_prepared", None), "_names", None)
+    return len(names) if isinstance(names, dict) else None
 
 
 def reset(conn: Connection) -> None:
-    """Return a pooled connection to a clean session before anyone else uses it.
+    """Return a pooled connection to a clean session before anyone else uses it, in one round trip.
 
     The user's query runs on these connections and can change session state from a SELECT:
     ``pg_advisory_lock`` (which would make another view look busy forever), ``set_config`` of any
-    parameter, a role. DISCARD ALL releases and resets all of it (psycopg drops its prepared statements
-    with it), which also resets search_path to the server's default: so it is pinned again. A connection
-    that cannot be reset is discarded by the pool."""
-    conn.execute(sql.SQL("DISCARD ALL"))
+    parameter, a role, and even prepared statements (``EXECUTE 'PREPARE …'`` or ``'DEALLOCATE …'`` in a
+    function), which would make psycopg's own prepared statements fail for the next view on this
+    connection. _RESET clears all of it but the prepared statements; when those are not exactly psycopg's,
+    DISCARD ALL clears them too (psycopg sees it and forgets its own). A connection that cannot be reset is
+    discarded by the pool."""
+    cursor = conn.execute(_RESET, prepare=False)
+    row = None
+    while True:
+        if cursor.description is not None:
+            row = cursor.fetchone()
+        if not cursor.nextset():
+            break
+    assert row is not None
+    _, from_sql, from_protocol = row
+    if from_sql or from_protocol != _prepared_here(conn):
+        conn.execute(sql.SQL("DISCARD ALL"), prepare=False)
     configure(conn)
+
+
+def step_settings(
+    conn: Connection, view: MaterializedView, statement_seconds: float, lock_seconds: float, local: bool
+) -> None:
+    """A step's timeouts and the view's name resolution (sqltext.pinned_search_path), in one round trip:
+    transaction-local, or for the session (CONCURRENTLY steps, which run outside a transaction; then
+    ``restore`` puts the session back)."""
+    conn.execute(
+        sql.SQL(
+            "SELECT pg_catalog.set_config('statement_timeout', %s, %s), pg_catalog.set_config('lock_timeout', %s, %s), "
+            "pg_catalog.set_config('search_path', %s, %s)"
+        ),
+        (
+            f"{int(statement_seconds * 1000)}ms",
+            local,
+            f"{int(lock_seconds * 1000)}ms",
+            local,
+            sqltext.pinned_search_path(view.search_path),
+            local,
+        ),
+    )
+
+
+def restore(conn: Connection) -> None:
+    """After a step that set its settings for the session: the session's timeouts and configuration back."""
+    conn.execute(
+        sql.SQL("RESET statement_timeout; RESET lock_timeout; {}").format(configure_statement(conn)), prepare=False
+    )
 
 
 def connection_kwargs(connect_timeout: int = 10) -> dict[str, object]:

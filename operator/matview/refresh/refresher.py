@@ -108,9 +108,10 @@ class Refresher:
                 min_size=0,
                 max_size=self._limit(lane) + 1,
                 open=True,
-                # No server-side prepared statements: DISCARD ALL (session.reset) drops them, and a refresh runs
-                # too few statements per connection for preparing to pay (it also keeps PgBouncer happy).
-                kwargs={**session.connection_kwargs(), "prepare_threshold": None},
+                # psycopg prepares a statement on its fifth use: the catalog reads every refresh makes are then
+                # planned once per connection, not once per refresh (planning was most of their cost).
+                # session.reset keeps them, and discards them when a query tampered with them.
+                kwargs=session.connection_kwargs(),
                 # Fail fast when the database is down (callers retry and report it), and keep reconnecting
                 # in the background only about as long as a retry would wait anyway.
                 timeout=10,

@@ -20,9 +20,9 @@ from matview.api import sqltext
 from matview.api.spec import MaterializedView
 from matview.plan import capture, session
 from matview.plan.describe import filtered_query_error
-from matview.plan.executor import ExecutionSettings, set_timeouts
+from matview.plan.executor import ExecutionSettings
 from matview.plan.observed import Connection
-from matview.plan.session import become_query_role, pin_name_resolution
+from matview.plan.session import become_query_role
 from matview.plan.upstream import relation_oid
 
 
@@ -107,8 +107,7 @@ def compare(conn: Connection, view: MaterializedView, settings: ExecutionSetting
     )
     with conn.transaction():
         conn.execute(sql.SQL("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
-        set_timeouts(conn, settings.statement_timeout_seconds, settings.lock_timeout_seconds, local=True)
-        pin_name_resolution(conn, view, local=True)
+        session.step_settings(conn, view, settings.statement_timeout_seconds, settings.lock_timeout_seconds, local=True)
         become_query_role(conn, view)
         row = conn.execute(statement).fetchone()
         session.configure(conn)  # the query may have set search_path for the session
