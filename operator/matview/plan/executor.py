@@ -171,7 +171,11 @@ def view_lock(conn: Connection, view: MaterializedView) -> Iterator[None]:
 
 def _run_step(conn: Connection, step: Step, settings: ExecutionSettings, view: MaterializedView) -> None:
     if step.transactional:
-        with conn.transaction():
+        # Pipelined: the step's statements go to the server together and their results come back at the
+        # sync, two round trips for the whole step (the sync, then COMMIT). An error at the sync leaves the
+        # transaction by ROLLBACK as before; syncing inside the transaction keeps psycopg from logging an
+        # aborted pipeline.
+        with conn.pipeline() as pipeline, conn.transaction():
             if step.repeatable_read:  # must come before the first query of the transaction
                 conn.execute(sql.SQL("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
             session.step_settings(
@@ -184,6 +188,7 @@ def _run_step(conn: Connection, step: Step, settings: ExecutionSettings, view: M
             # Last in the transaction, so it outlives it: a query that set search_path for the session
             # (set_config(..., false) from a SELECT) must not leave it to the engine's next statement.
             session.configure(conn)
+            pipeline.sync()
     else:
         session.step_settings(
             conn, view, settings.statement_timeout_seconds, settings.lock_timeout_seconds, local=False

@@ -25,24 +25,35 @@ from matview.plan.upstream import relation_fingerprints, relation_oid, resolve_r
 from matview.refresh import schedule
 from matview.refresh.policy import Inspection, PendingChanges, RefreshState
 
+#: The view, and the copies a crashed Swap may have left beside it (staging, retired), in one read.
 _VIEW = sql.SQL("""
 SELECT c.oid, c.relispopulated, obj_description(c.oid, 'pg_class'),
        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique AND i.indisvalid
                                         AND i.indpred IS NULL AND i.indexprs IS NULL),
        coalesce((SELECT array_agg(ic.relname::text ORDER BY ic.relname)
                  FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid WHERE i.indrelid = c.oid), '{}'),
-       pg_get_userbyid(c.relowner) IN (current_user, %s)
+       pg_get_userbyid(c.relowner) IN (current_user, %(role)s),
+       coalesce((SELECT array_agg(ARRAY[l.relname::text, l.relkind::text, obj_description(l.oid, 'pg_class')]
+                                  ORDER BY array_position(%(copies)s, l.relname::text))
+                 FROM pg_class l
+                 WHERE l.relnamespace = c.relnamespace AND l.relname = ANY(%(copies)s)
+                   AND pg_get_userbyid(l.relowner) IN (current_user, %(role)s)), '{}')
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = %s AND c.relname = %s AND c.relkind = %s
+WHERE n.nspname = %(schema)s AND c.relname = %(name)s AND c.relkind = %(relkind)s
 """)
 
-_SIZES = sql.SQL(
-    "SELECT c.relispopulated, c.reltuples::bigint, pg_table_size(c.oid), pg_indexes_size(c.oid) "
+_SIZES_AND_VERSION = sql.SQL(
+    "SELECT c.relispopulated, c.reltuples::bigint, pg_table_size(c.oid), pg_indexes_size(c.oid), "
+    "(SELECT v.version FROM {versions} v WHERE v.relation = %s) "
+    "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s"
+)
+_SIZES_AND_NO_VERSION = sql.SQL(
+    "SELECT c.relispopulated, c.reltuples::bigint, pg_table_size(c.oid), pg_indexes_size(c.oid), %s::int8 "
     "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s"
 )
 
 _MARKER = sql.SQL(
-    "SELECT c.oid, obj_description(c.oid, 'pg_class'), c.relkind, pg_get_userbyid(c.relowner) IN (current_user, %s) "
+    "SELECT c.oid, obj_description(c.oid, 'pg_class'), pg_get_userbyid(c.relowner) IN (current_user, %s) "
     "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s"
 )
 
@@ -50,17 +61,27 @@ _MARKER = sql.SQL(
 def inspect(conn: Connection, view: MaterializedView) -> Inspection:
     """What decides the refresh mode: ownership, populated, a usable unique index, dependents, sources,
     and for incremental views the pending changes."""
-    row = conn.execute(_VIEW, (view.run_as_role, view.schema, view.name, view.storage.relkind)).fetchone()
+    row = conn.execute(
+        _VIEW,
+        {
+            "role": view.run_as_role,
+            "copies": [staging_name(view), retired_name(view)],
+            "schema": view.schema,
+            "name": view.name,
+            "relkind": view.storage.relkind,
+        },
+    ).fetchone()
     if row is None:
         return Inspection()
-    oid, populated, comment, unique, indexes, trusted_owner = row
-    # A marker is a comment any owner can write: it proves ownership only on an object of a trusted role.
+    oid, populated, comment, unique, indexes, trusted_owner, copies = row
+    # A marker is a comment any owner can write: it proves ownership only on an object of a trusted role
+    # (the copies were read only where their owner is one).
     marker = Marker.parse(comment) if trusted_owner else None
     leftovers = []
-    for name in (staging_name(view), retired_name(view)):
-        _, found, relkind = _read_relation_marker(conn, view.schema, name, view.run_as_role)
+    for name, relkind, copy_comment in copies:
+        found = Marker.parse(copy_comment)
         if found is not None and found.owner == view.owner and found.kind == "staging":
-            leftovers.append((name, relkind))
+            leftovers.append((str(name), str(relkind)))
     key_catalog = None
     pending = None
     untracked = None
@@ -181,50 +202,39 @@ class ViewSize:
 
 
 def view_size(conn: Connection, view: MaterializedView) -> ViewSize:
-    """Populated, estimated rows and sizes of the view (empty when it cannot be read)."""
+    """Populated, estimated rows, sizes and data version of the view, in one read (empty when it cannot be
+    read; no version where the schema has no versions table yet)."""
+    key = versions.relation_key(view)
     try:
-        row = conn.execute(_SIZES, (view.schema, view.name)).fetchone()
+        row = conn.execute(
+            _SIZES_AND_VERSION.format(versions=versions.table(view.schema)), (key, view.schema, view.name)
+        ).fetchone()
+    except psycopg.errors.UndefinedTable:
+        try:
+            row = conn.execute(_SIZES_AND_NO_VERSION, (None, view.schema, view.name)).fetchone()
+        except psycopg.Error:
+            return ViewSize()
     except psycopg.Error:
         return ViewSize()
     if row is None:
         return ViewSize()
-    populated, rows, table_bytes, index_bytes = row
+    populated, rows, table_bytes, index_bytes, version = row
     return ViewSize(
         bool(populated),
         int(rows) if rows is not None and rows >= 0 else None,
         int(table_bytes),
         int(index_bytes),
-        data_version(conn, view),
+        int(version) if version is not None else None,
     )
-
-
-def data_version(conn: Connection, view: MaterializedView) -> int | None:
-    """The view's data version (None before its first build, or where the versions table is not there yet)."""
-    try:
-        row = conn.execute(
-            sql.SQL("SELECT version FROM {} WHERE relation = %s").format(versions.table(view.schema)),
-            (versions.relation_key(view),),
-        ).fetchone()
-    except psycopg.errors.UndefinedTable:
-        return None
-    return int(row[0]) if row else None
 
 
 def read_marker(conn: Connection, schema: str, name: str, run_as_role: str | None) -> tuple[int | None, Marker | None]:
     """The oid and our marker of the relation schema.name (None, None when it does not exist; no marker when
     it belongs to a role other than the operator's or run_as_role, whatever its comment says)."""
-    oid, marker, _ = _read_relation_marker(conn, schema, name, run_as_role)
-    return oid, marker
-
-
-def _read_relation_marker(
-    conn: Connection, schema: str, name: str, run_as_role: str | None
-) -> tuple[int | None, Marker | None, str]:
-    """read_marker, and the relation's relkind ("" when it does not exist)."""
     row = conn.execute(_MARKER, (run_as_role, schema, name)).fetchone()
     if row is None:
-        return None, None, ""
-    return int(row[0]), Marker.parse(row[1]) if row[3] else None, str(row[2])
+        return None, None
+    return int(row[0]), Marker.parse(row[1]) if row[2] else None
 
 
 def read_state(conn: Connection, view: MaterializedView) -> RefreshState:

@@ -1,0 +1,391 @@
+"""What the machinery costs around PostgreSQL's own work (issue #22), in one run, side by side.
+
+1. Latency: a 100-row view refreshed by a bare ``REFRESH … CONCURRENTLY`` on one warm connection, against
+   the engine's refresh (Concurrent, Swap, Full, Auto) on the refresh lane's own warm pool, the way the
+   scheduler runs it (``Refresher.refresh``: a worker thread, the pool's checkout and reset, metrics).
+   Target: the engine within 2 times the bare statement, or within 5 ms of it, whichever is larger.
+2. Where the time goes: each refresh step timed (exclusive of the steps it calls) and the round trips
+   counted, per mode.
+3. Throughput: --views always-due views of 100 rows under ``matview run --max-concurrent 2`` (a real
+   process, counted from its /metrics) against two bare connections refreshing the same views round-robin.
+   Target: at least half the bare rate.
+
+    python benchmarks/overhead.py [--dsn DSN] [--repeat 200] [--views 100] [--seconds 20]
+
+Prints tables; no assertions (these machines are noisy): read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import yaml
+from _server import bench_database
+
+from matview.api.spec import MaterializedView
+from matview.api.validation import validate_document
+from matview.embedded.localpg import free_port
+from matview.observe.metrics import RefreshMetrics
+from matview.outcomes import Outcome
+from matview.plan import engine, session
+from matview.refresh import attempt, facts, policy
+from matview.refresh.refresher import Refresher, RunnerSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("Concurrent", "Swap", "Full", "Auto")
+
+
+def document(name: str, interval: str = "1h", mode: str = "Auto") -> dict[str, Any]:
+    return {
+        "apiVersion": "matview.dev/v1alpha1",
+        "kind": "MaterializedView",
+        "metadata": {"name": name.replace("_", "-"), "namespace": "bench"},
+        "spec": {
+            "schema": "bench",
+            "name": name,
+            "query": f"SELECT id, v FROM bench.{name}_src",
+            "indexes": [{"columns": ["id"], "unique": True}],
+            "refresh": {"interval": interval, "mode": mode},
+        },
+    }
+
+
+def create_views(dsn: str, names: list[str], interval: str = "1h", mode: str = "Auto") -> list[MaterializedView]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS bench")
+        for name in names:
+            conn.execute(f"DROP TABLE IF EXISTS bench.{name}_src CASCADE")
+            conn.execute(f"CREATE TABLE bench.{name}_src AS SELECT g AS id, g * 2 AS v FROM generate_series(1, 100) g")
+    views = [validate_document(document(name, interval, mode)) for name in names]
+    with engine.connect(dsn) as conn:
+        for view in views:
+            attempt.apply_and_record(conn, view)
+    return views
+
+
+# --- 1. latency ------------------------------------------------------------------------------------------
+
+
+def bare_latencies(dsn: str, relation: str, repeat: int) -> list[float]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"REFRESH MATERIALIZED VIEW CONCURRENTLY {relation}")  # warm
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            conn.execute(f"REFRESH MATERIALIZED VIEW CONCURRENTLY {relation}")
+            times.append(time.perf_counter() - start)
+    return times
+
+
+async def engine_latencies(
+    refresher: Refresher, dsn: str, view: MaterializedView, mode: str, repeat: int
+) -> list[float]:
+    await refresher.refresh(dsn, view, mode)  # warm: the pool's connection, Auto's evidence
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = await refresher.refresh(dsn, view, mode)
+        times.append(time.perf_counter() - start)
+        if result.result != Outcome.SUCCESS:
+            raise SystemExit(f"{mode}: {result.result}: {result.reason} {result.message}")
+    return times
+
+
+# --- 2. where the time goes --------------------------------------------------------------------------------
+
+
+class Profile:
+    """Exclusive time per step (a step's time less the steps it called) and round trips per step."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.trips: dict[str, int] = defaultdict(int)
+        self._stack: list[list[Any]] = []  # [step, start, children's seconds]
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        frame: list[Any] = [name, time.perf_counter(), 0.0]
+        self._stack.append(frame)
+        try:
+            yield
+        finally:
+            self._stack.pop()
+            elapsed = time.perf_counter() - frame[1]
+            self.seconds[name] += elapsed - frame[2]
+            if self._stack:
+                self._stack[-1][2] += elapsed
+
+    def trip(self) -> None:
+        self.trips[self._stack[-1][0] if self._stack else "outside the steps"] += 1
+
+
+def instrument(profile: Profile) -> Callable[[], None]:
+    """Time the refresh's steps where the engine calls them; returns the undo."""
+    undo: list[Callable[[], None]] = []
+
+    def wrap(module: Any, name: str, step: str) -> None:
+        original = getattr(module, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            with profile.step(step):
+                return original(*args, **kwargs)
+
+        setattr(module, name, timed)
+        undo.append(lambda: setattr(module, name, original))
+
+    def wrap_context(module: Any, name: str, step: str) -> None:
+        original = getattr(module, name)
+
+        @contextlib.contextmanager
+        def timed(*args: Any, **kwargs: Any) -> Iterator[None]:
+            manager = original(*args, **kwargs)
+            with profile.step(step):
+                manager.__enter__()
+            try:
+                yield
+            finally:
+                with profile.step(step + " (release)"):
+                    manager.__exit__(None, None, None)
+
+        setattr(module, name, timed)
+        undo.append(lambda: setattr(module, name, original))
+
+    wrap_context(attempt, "view_lock", "lock")
+    wrap(facts, "inspect", "inspection")
+    wrap(policy, "decide", "plan")
+    wrap(attempt, "_run", "statement")
+    wrap(session, "step_settings", "session settings")
+    wrap(session, "restore", "session settings")
+    wrap(session, "configure", "session settings")
+    wrap(attempt, "_record", "marker write")
+    wrap(attempt, "view_size", "sizes")
+    wrap(session, "reset", "session reset")
+    return lambda: [u() for u in reversed(undo)] and None
+
+
+class CountingConnection(psycopg.Connection[Any]):
+    """A connection that tells the profile about every statement it sends (one round trip each)."""
+
+    profile: Profile | None = None
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        if CountingConnection.profile is not None:
+            CountingConnection.profile.trip()
+        return super().execute(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def transaction(self, *args: Any, **kwargs: Any) -> Iterator[Any]:  # type: ignore[override]
+        """BEGIN and COMMIT (or ROLLBACK) are a round trip each."""
+        if CountingConnection.profile is not None:
+            CountingConnection.profile.trip()
+        try:
+            with super().transaction(*args, **kwargs) as tx:
+                yield tx
+        finally:
+            if CountingConnection.profile is not None:
+                CountingConnection.profile.trip()
+
+
+def breakdown(dsn: str, view: MaterializedView, mode: str, repeat: int) -> tuple[Profile, float]:
+    """The refresh's steps on a warm pooled connection, as the refresh lane runs it (checkout, refresh,
+    reset); returns the profile (totals over repeat) and the median wall time."""
+    from psycopg_pool import ConnectionPool
+
+    profile = Profile()
+    undo = instrument(profile)  # first: the pool's configure and reset are the instrumented ones
+    pool: ConnectionPool[Any] = ConnectionPool(
+        dsn,
+        min_size=1,
+        max_size=1,
+        connection_class=CountingConnection,
+        kwargs=session.connection_kwargs(),  # as the refresh lane's pool: statements prepared on fifth use
+        configure=session.configure,
+        reset=session.reset,
+    )
+    walls = []
+    try:
+        with pool.connection() as conn:
+            attempt.refresh(conn, view, mode)
+        CountingConnection.profile = profile
+        for _ in range(repeat):
+            start = time.perf_counter()
+            with profile.step("pool checkout and return"), pool.connection() as conn:
+                result = attempt.refresh(conn, view, mode)
+            walls.append(time.perf_counter() - start)
+            assert result.result == Outcome.SUCCESS, result
+    finally:
+        CountingConnection.profile = None
+        undo()
+        pool.close()
+    return profile, statistics.median(walls)
+
+
+# --- 3. throughput -----------------------------------------------------------------------------------------
+
+
+def bare_throughput(dsn: str, relations: list[str], seconds: float, lanes: int = 2) -> float:
+    done = [0] * lanes
+    stop = threading.Event()
+
+    def lane(index: int) -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            position = index
+            while not stop.is_set():
+                conn.execute(f"REFRESH MATERIALIZED VIEW CONCURRENTLY {relations[position % len(relations)]}")
+                done[index] += 1
+                position += lanes
+
+    threads = [threading.Thread(target=lane, args=(i,)) for i in range(lanes)]
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return sum(done) / seconds
+
+
+def refreshes_so_far(url: str) -> float:
+    total = 0.0
+    for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():  # noqa: S310 - localhost
+        if line.startswith("matview_refreshes_total{") and 'result="success"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def runner_throughput(dsn: str, names: list[str], seconds: float, lanes: int = 2) -> tuple[float, float]:
+    """Refreshes a second under `matview run`, and the median duration it reported."""
+    folder = Path(tempfile.mkdtemp(prefix="matview-overhead-"))
+    (folder / "views.yaml").write_text(
+        yaml.safe_dump_all([document(name, interval="1s", mode="Concurrent") for name in names])
+    )
+    port = free_port()
+    dsn_file = folder / "dsn"
+    dsn_file.write_text(dsn)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "matview.cli",
+            "run",
+            "--dsn-file",
+            str(dsn_file),
+            "--metrics-port",
+            str(port),
+            "--max-concurrent",
+            str(lanes),
+            str(folder),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # steady state: every view refreshed at least once
+            with contextlib.suppress(OSError):
+                if refreshes_so_far(url) >= 2 * len(names):
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("matview run did not reach steady state")
+            time.sleep(0.2)
+        before, start = refreshes_so_far(url), time.monotonic()
+        time.sleep(seconds)
+        rate = (refreshes_so_far(url) - before) / (time.monotonic() - start)
+        median = reported_median(url)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    return rate, median
+
+
+def reported_median(url: str) -> float:
+    """The median of matview_refresh_duration_seconds over all views, from its buckets."""
+    buckets: dict[float, float] = defaultdict(float)
+    for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():  # noqa: S310 - localhost
+        if line.startswith("matview_refresh_duration_seconds_bucket{"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float("inf") if bound == "+Inf" else float(bound)] += float(line.rsplit(" ", 1)[1])
+    bounds = sorted(buckets)
+    half = buckets[bounds[-1]] / 2
+    return next(bound for bound in bounds if buckets[bound] >= half)
+
+
+# --- the report --------------------------------------------------------------------------------------------
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dsn", help="a database to use (default: a private server)")
+    parser.add_argument("--repeat", type=int, default=200)
+    parser.add_argument("--views", type=int, default=100)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--skip-throughput", action="store_true")
+    args = parser.parse_args()
+    with bench_database(args.dsn) as dsn:
+        (view,) = create_views(dsn, ["single"])
+        bare = statistics.median(bare_latencies(dsn, view.relation, args.repeat))
+        print(f"1. latency of one 100-row view, median of {args.repeat} (ms)")
+        print("refresh | median | ratio to bare | over bare (ms) | target met")
+        print(f"bare REFRESH CONCURRENTLY | {ms(bare)} | 1.00 | 0.0 | -")
+        refresher = Refresher(RefreshMetrics(), RunnerSettings())
+        try:
+            for mode in MODES:
+                median = statistics.median(asyncio.run(engine_latencies(refresher, dsn, view, mode, args.repeat)))
+                met = median <= max(2 * bare, bare + 0.005)
+                verdict = "yes" if met else "NO"
+                print(f"engine {mode} | {ms(median)} | {median / bare:.2f} | {ms(median - bare)} | {verdict}")
+        finally:
+            refresher.close()
+
+        print()
+        print(f"2. where the time goes: ms per refresh (exclusive), round trips per refresh; {args.repeat} each")
+        profiles = {mode: breakdown(dsn, view, mode, args.repeat) for mode in MODES}
+        steps = sorted({step for profile, _ in profiles.values() for step in profile.seconds})
+        print("step | " + " | ".join(f"{mode} ms | {mode} trips" for mode in MODES))
+        for step in steps:
+            cells = []
+            for mode in MODES:
+                profile, _ = profiles[mode]
+                cells.append(f"{ms(profile.seconds[step] / args.repeat)} | {profile.trips[step] / args.repeat:.1f}")
+            print(f"{step} | " + " | ".join(cells))
+        totals = []
+        for mode in MODES:
+            profile, wall = profiles[mode]
+            totals.append(f"{ms(wall)} | {sum(profile.trips.values()) / args.repeat:.1f}")
+        print("median wall, all round trips | " + " | ".join(totals))
+
+        if args.skip_throughput:
+            return
+        print()
+        names = [f"v{i:03d}" for i in range(args.views)]
+        create_views(dsn, names)
+        relations = [f"bench.{name}" for name in names]
+        bare_rate = bare_throughput(dsn, relations, args.seconds)
+        rate, median = runner_throughput(dsn, names, args.seconds)
+        print(f"3. throughput, {args.views} always-due views of 100 rows, 2 lanes, {args.seconds:.0f} s")
+        print("who | refreshes/s | ratio to bare | median duration")
+        print(f"2 bare connections | {bare_rate:.1f} | 1.00 | -")
+        print(f"matview run --max-concurrent 2 | {rate:.1f} | {rate / bare_rate:.2f} | ≤ {ms(median)} ms (bucket)")
+
+
+if __name__ == "__main__":
+    main()
