@@ -4,8 +4,8 @@
    the engine's refresh (Concurrent, Swap, Full, Auto) on the refresh lane's own warm pool, the way the
    scheduler runs it (``Refresher.refresh``: a worker thread, the pool's checkout and reset, metrics).
    Target: the engine within 2 times the bare statement, or within 5 ms of it, whichever is larger.
-2. Where the time goes: each refresh step timed (exclusive of the steps it calls) and the round trips
-   counted, per mode.
+2. Where the time goes: each refresh step timed (exclusive of the steps it calls) and the statements
+   it sends counted (BEGIN and COMMIT included; pipelined statements share a round trip), per mode.
 3. Throughput: --views always-due views of 100 rows under ``matview run --max-concurrent 2`` (a real
    process, counted from its /metrics) against two bare connections refreshing the same views round-robin.
    Target: at least half the bare rate.
@@ -109,11 +109,11 @@ async def engine_latencies(
 
 
 class Profile:
-    """Exclusive time per step (a step's time less the steps it called) and round trips per step."""
+    """Exclusive time per step (a step's time less the steps it called) and statements sent per step."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
-        self.trips: dict[str, int] = defaultdict(int)
+        self.statements: dict[str, int] = defaultdict(int)
         self._stack: list[list[Any]] = []  # [step, start, children's seconds]
 
     @contextlib.contextmanager
@@ -129,8 +129,8 @@ class Profile:
             if self._stack:
                 self._stack[-1][2] += elapsed
 
-    def trip(self) -> None:
-        self.trips[self._stack[-1][0] if self._stack else "outside the steps"] += 1
+    def sent(self) -> None:
+        self.statements[self._stack[-1][0] if self._stack else "outside the steps"] += 1
 
 
 def instrument(profile: Profile) -> Callable[[], None]:
@@ -178,26 +178,26 @@ def instrument(profile: Profile) -> Callable[[], None]:
 
 
 class CountingConnection(psycopg.Connection[Any]):
-    """A connection that tells the profile about every statement it sends (one round trip each)."""
+    """A connection that tells the profile about every statement it sends (BEGIN and COMMIT counted as statements)."""
 
     profile: Profile | None = None
 
     def execute(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         if CountingConnection.profile is not None:
-            CountingConnection.profile.trip()
+            CountingConnection.profile.sent()
         return super().execute(*args, **kwargs)
 
     @contextlib.contextmanager
     def transaction(self, *args: Any, **kwargs: Any) -> Iterator[Any]:  # type: ignore[override]
-        """BEGIN and COMMIT (or ROLLBACK) are a round trip each."""
+        """BEGIN and COMMIT (or ROLLBACK) are a statement each."""
         if CountingConnection.profile is not None:
-            CountingConnection.profile.trip()
+            CountingConnection.profile.sent()
         try:
             with super().transaction(*args, **kwargs) as tx:
                 yield tx
         finally:
             if CountingConnection.profile is not None:
-                CountingConnection.profile.trip()
+                CountingConnection.profile.sent()
 
 
 def breakdown(dsn: str, view: MaterializedView, mode: str, repeat: int) -> tuple[Profile, float]:
@@ -276,6 +276,7 @@ def runner_throughput(dsn: str, names: list[str], seconds: float, lanes: int = 2
     port = free_port()
     dsn_file = folder / "dsn"
     dsn_file.write_text(dsn)
+    dsn_file.chmod(0o600)  # matview run refuses a DSN file others may read
     process = subprocess.Popen(
         [
             sys.executable,
@@ -291,7 +292,7 @@ def runner_throughput(dsn: str, names: list[str], seconds: float, lanes: int = 2
             str(folder),
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=(folder / "runner.log").open("w"),
     )
     url = f"http://127.0.0.1:{port}/metrics"
     try:
@@ -301,7 +302,8 @@ def runner_throughput(dsn: str, names: list[str], seconds: float, lanes: int = 2
                 if refreshes_so_far(url) >= 2 * len(names):
                     break
             if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("matview run did not reach steady state")
+                log = (folder / "runner.log").read_text()[-2000:]
+                raise SystemExit(f"matview run did not reach steady state:\n{log}")
             time.sleep(0.2)
         before, start = refreshes_so_far(url), time.monotonic()
         time.sleep(seconds)
@@ -357,21 +359,22 @@ def main() -> None:
             refresher.close()
 
         print()
-        print(f"2. where the time goes: ms per refresh (exclusive), round trips per refresh; {args.repeat} each")
+        print(f"2. where the time goes: ms per refresh (exclusive), statements per refresh; {args.repeat} each")
         profiles = {mode: breakdown(dsn, view, mode, args.repeat) for mode in MODES}
         steps = sorted({step for profile, _ in profiles.values() for step in profile.seconds})
-        print("step | " + " | ".join(f"{mode} ms | {mode} trips" for mode in MODES))
+        print("step | " + " | ".join(f"{mode} ms | {mode} statements" for mode in MODES))
         for step in steps:
             cells = []
             for mode in MODES:
                 profile, _ = profiles[mode]
-                cells.append(f"{ms(profile.seconds[step] / args.repeat)} | {profile.trips[step] / args.repeat:.1f}")
+                sent = profile.statements[step] / args.repeat
+                cells.append(f"{ms(profile.seconds[step] / args.repeat)} | {sent:.1f}")
             print(f"{step} | " + " | ".join(cells))
         totals = []
         for mode in MODES:
             profile, wall = profiles[mode]
-            totals.append(f"{ms(wall)} | {sum(profile.trips.values()) / args.repeat:.1f}")
-        print("median wall, all round trips | " + " | ".join(totals))
+            totals.append(f"{ms(wall)} | {sum(profile.statements.values()) / args.repeat:.1f}")
+        print("median wall, all statements | " + " | ".join(totals))
 
         if args.skip_throughput:
             return
