@@ -77,6 +77,16 @@ LEFT JOIN pg_roles r ON r.oid = acl.grantee
 WHERE c.oid = %s AND acl.grantee <> c.relowner
 """)
 
+
+def dependents_exist(oid: sql.Composable) -> sql.Composed:
+    """Whether any view reads the relation whose oid is the expression oid (the first level of _DEPENDENTS),
+    for reads that need the full list only when there is one."""
+    return sql.SQL("""EXISTS (
+    SELECT 1 FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
+    WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
+      AND d.refobjid = {oid} AND r.ev_class <> {oid})""").format(oid=oid)
+
+
 _DEPENDENTS = sql.SQL("""
 WITH RECURSIVE deps(oid, depth) AS (
     SELECT r.ev_class, 1

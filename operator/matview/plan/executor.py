@@ -13,8 +13,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -25,7 +26,7 @@ from matview.errors import ApplyError, MatviewError, UnmanagedObjectError
 from matview.plan import session, versions
 from matview.plan.observed import Connection
 from matview.plan.session import become_query_role
-from matview.plan.statements import Plan, Step
+from matview.plan.statements import Plan, Query, Step
 
 logger = logging.getLogger(__name__)
 
@@ -144,8 +145,31 @@ def _lock_table(conn: Connection, view: MaterializedView) -> sql.Identifier | No
     return sql.Identifier(view.schema, LOCK_TABLE)
 
 
+class HeldLock:
+    """The view's lock while held: its release may ride on the refresh's last transaction (one statement
+    fewer, and the lock goes exactly when the refresh's state is committed)."""
+
+    def __init__(self, table: sql.Identifier | None, key: str) -> None:
+        self._table = table
+        self._key = key
+        self.released = table is None
+
+    def release_query(self) -> list[Query]:
+        """What releases the lock when its transaction commits (nothing when there is nothing to release);
+        the caller marks it ``released`` once that transaction has committed."""
+        if self._table is None:
+            return []
+        return [(_RELEASE.format(self._table), (self._key,))]
+
+    def release(self, conn: Connection) -> None:
+        if not self.released and self._table is not None:
+            self.released = True
+            with contextlib.suppress(psycopg.Error):
+                conn.execute(_RELEASE.format(self._table), (self._key,))
+
+
 @contextlib.contextmanager
-def view_lock(conn: Connection, view: MaterializedView) -> Iterator[None]:
+def view_lock(conn: Connection, view: MaterializedView) -> Iterator[HeldLock]:
     """Hold the view's lock for a whole apply, delete or refresh, or raise BusyError at once.
 
     One lock for everything that changes a view, held across all of its steps (a Swap's build, swap and
@@ -153,7 +177,8 @@ def view_lock(conn: Connection, view: MaterializedView) -> Iterator[None]:
     ``<schema>.matview_view_locks``, a table only the operator's role may write: a session advisory lock
     would need no privilege at all, so any database user (or a view's own query) could take another view's
     key and keep it busy for as long as it liked. The row names the holding backend (pid and start time); it
-    is released at the end, and a holder whose session has ended, however it ended, holds nothing.
+    is released at the end (or by the transaction that commits the holder's last step, see ``Closing``), and
+    a holder whose session has ended, however it ended, holds nothing.
     """
     key = lock_key(view)
     table = _lock_table(conn, view)
@@ -161,35 +186,34 @@ def view_lock(conn: Connection, view: MaterializedView) -> Iterator[None]:
         row = conn.execute(_TAKE.format(table=table), {"key": key}).fetchone()
         if row is None:
             raise BusyError(f"{view.relation}: another process is applying or refreshing this view right now")
+    held = HeldLock(table, key)
     try:
-        yield
+        yield held
     finally:
-        if table is not None:
-            with contextlib.suppress(psycopg.Error):
-                conn.execute(_RELEASE.format(table), (key,))
+        held.release(conn)
 
 
-def _run_step(conn: Connection, step: Step, settings: ExecutionSettings, view: MaterializedView) -> None:
-    if step.transactional:
-        # Pipelined: the step's statements go to the server together and their results come back at the
-        # sync, two round trips for the whole step (the sync, then COMMIT). An error at the sync leaves the
-        # transaction by ROLLBACK as before; syncing inside the transaction keeps psycopg from logging an
-        # aborted pipeline.
-        with conn.pipeline() as pipeline, conn.transaction():
-            if step.repeatable_read:  # must come before the first query of the transaction
-                conn.execute(sql.SQL("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
-            session.step_settings(
-                conn, view, settings.statement_timeout_seconds, settings.lock_timeout_seconds, local=True
-            )
-            if step.runs_query:
-                become_query_role(conn, view)
-            for statement in step.statements:
-                conn.execute(statement)
-            # Last in the transaction, so it outlives it: a query that set search_path for the session
-            # (set_config(..., false) from a SELECT) must not leave it to the engine's next statement.
-            session.configure(conn)
-            pipeline.sync()
-    else:
+@dataclass(frozen=True)
+class Closing:
+    """What ends a plan inside its last transaction instead of in transactions of its own: statements built
+    once the plan's statements have run (they may record how long that took), then one read whose row is
+    handed to ``on_commit`` once that transaction has committed. Run as the operator's role."""
+
+    statements: Callable[[float], Sequence[Query]]
+    """Given the seconds the plan's statements took: what to run before the read (a marker, a release)."""
+    read: Query
+    on_commit: Callable[[tuple[Any, ...] | None], None]
+
+
+def _run_step(
+    conn: Connection,
+    step: Step,
+    settings: ExecutionSettings,
+    view: MaterializedView,
+    closing: Closing | None = None,
+    started: float = 0.0,
+) -> None:
+    if not step.transactional:
         session.step_settings(
             conn, view, settings.statement_timeout_seconds, settings.lock_timeout_seconds, local=False
         )
@@ -199,22 +223,54 @@ def _run_step(conn: Connection, step: Step, settings: ExecutionSettings, view: M
         finally:
             with contextlib.suppress(psycopg.Error):
                 session.restore(conn)
+        if closing is not None:  # CONCURRENTLY steps cannot share a transaction: the closing gets its own
+            _run_step(conn, Step("record the result", ()), settings, view, closing, started)
+        return
+    # Pipelined: the step's statements go to the server together and their results come back at the sync.
+    # An error at the sync leaves the transaction by ROLLBACK as before; syncing inside the transaction
+    # keeps psycopg from logging an aborted pipeline.
+    with conn.pipeline() as pipeline, conn.transaction():
+        if step.repeatable_read:  # must come before the first query of the transaction
+            conn.execute(sql.SQL("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+        session.step_settings(conn, view, settings.statement_timeout_seconds, settings.lock_timeout_seconds, local=True)
+        if step.runs_query:
+            become_query_role(conn, view)
+        for statement in step.statements:
+            conn.execute(statement)
+        read = None
+        if closing is not None:
+            pipeline.sync()  # the step's work is done: how long it took goes into the closing statements
+            if step.runs_query:
+                conn.execute(sql.SQL("RESET ROLE"))
+            for statement, parameters in closing.statements(time.monotonic() - started):
+                conn.execute(statement, parameters)
+            read = conn.execute(*closing.read)
+        # Last in the transaction, so it outlives it: a query that set search_path for the session
+        # (set_config(..., false) from a SELECT) must not leave it to the engine's next statement.
+        session.configure(conn)
+        pipeline.sync()
+        row = read.fetchone() if read is not None else None
+    if closing is not None:
+        closing.on_commit(row)
 
 
-def execute(conn: Connection, plan: Plan, settings: ExecutionSettings) -> list[str]:
-    """Run every step in order; return the descriptions of the steps done. Raises ApplyError on failure."""
+def execute(conn: Connection, plan: Plan, settings: ExecutionSettings, closing: Closing | None = None) -> list[str]:
+    """Run every step in order; return the descriptions of the steps done. With a closing, the last step's
+    transaction ends with it. Raises ApplyError on failure."""
     done: list[str] = []
-    for step in plan.steps:
+    started = time.monotonic()
+    for index, step in enumerate(plan.steps):
         logger.info("%s: %s", plan.view.relation, step.description)
+        last = closing if index == len(plan.steps) - 1 else None
         try:
             if step.takes_exclusive_lock:
                 run_with_lock_retries(
-                    lambda step=step: _run_step(conn, step, settings, plan.view),  # type: ignore[misc]
+                    lambda step=step, last=last: _run_step(conn, step, settings, plan.view, last, started),  # type: ignore[misc]
                     settings,
                     step.description,
                 )
             else:
-                _run_step(conn, step, settings, plan.view)
+                _run_step(conn, step, settings, plan.view, last, started)
         except psycopg.Error as exc:
             for statement in step.cleanup:
                 with contextlib.suppress(psycopg.Error):

@@ -200,7 +200,10 @@ def refresh_in_place_step(view: MaterializedView, mode: str) -> Step:
     target = relation_id(view.schema, view.name)
     return Step(
         f"refresh {view.relation}" + (" concurrently" if mode == "Concurrent" else " (readers wait)"),
-        (sql.SQL("REFRESH MATERIALIZED VIEW {}{}").format(concurrently, target), *versions.bump_statements(view, mode)),
+        (
+            sql.SQL("REFRESH MATERIALIZED VIEW {}{}").format(concurrently, target),
+            *versions.bump_statements(view, mode, as_query_role=False),
+        ),
         takes_exclusive_lock=True,
         makes_data_live=True,
     )

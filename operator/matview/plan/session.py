@@ -55,12 +55,16 @@ def configure(conn: Connection) -> None:
 #: goes, while the engine's prepared catalog reads stay planned. Every name is qualified: until RESET ALL
 #: the search_path is whatever the user's query left. The last statement reports the prepared statements,
 #: so that one the user's query made (PREPARE through EXECUTE in a function) or removed (DEALLOCATE) is seen.
+#: The session is configured again in the same batch, before that last statement.
 _RESET = sql.SQL(
     "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; DISCARD TEMP; DISCARD SEQUENCES; "
-    "SELECT pg_catalog.pg_advisory_unlock_all(), "
+    "{configure}; SELECT pg_catalog.pg_advisory_unlock_all(), "
     "(SELECT pg_catalog.count(*) FROM pg_catalog.pg_prepared_statements p WHERE p.from_sql), "
     "(SELECT pg_catalog.count(*) FROM pg_catalog.pg_prepared_statements p WHERE NOT p.from_sql)"
 )
+
+
+_RESETS = {with_check: _RESET.format(configure=_PIN_AND_CHECK if with_check else _PIN) for with_check in (True, False)}
 
 
 def _prepared_here(conn: Connection) -> int | None:
@@ -79,7 +83,7 @@ def reset(conn: Connection) -> None:
     connection. _RESET clears all of it but the prepared statements; when those are not exactly psycopg's,
     DISCARD ALL clears them too (psycopg sees it and forgets its own). A connection that cannot be reset is
     discarded by the pool."""
-    cursor = conn.execute(_RESET, prepare=False)
+    cursor = conn.execute(_RESETS[conn.info.server_version >= 140000], prepare=False)
     row = None
     while True:
         if cursor.description is not None:
@@ -90,7 +94,7 @@ def reset(conn: Connection) -> None:
     _, from_sql, from_protocol = row
     if from_sql or from_protocol != _prepared_here(conn):
         conn.execute(sql.SQL("DISCARD ALL"), prepare=False)
-    configure(conn)
+        configure(conn)
 
 
 def step_settings(

@@ -9,8 +9,9 @@ sql.SQL to a literal).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from psycopg import sql
 
@@ -23,6 +24,8 @@ from matview.plan.observed import Observed
 
 Statement = sql.Composed | sql.SQL
 """A complete statement, as the executor runs it."""
+Query = tuple[Statement, Sequence[Any] | Mapping[str, Any] | None]
+"""A statement with its parameters (values always travel as parameters where PostgreSQL accepts them)."""
 
 METHODS = {
     "btree": sql.SQL("btree"),

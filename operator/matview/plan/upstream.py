@@ -4,6 +4,9 @@ resolves to, for the incremental key filter."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from psycopg import sql
 
 from matview.api import sqltext
@@ -13,35 +16,52 @@ from matview.plan.observed import Connection, UpstreamRelation
 from matview.plan.session import pin_name_resolution
 
 #: What a fingerprint of a relation is made of (write counters, relfilenode, an upstream MV's marker), for
-#: every relation in a CTE named ``relations``.
-_RELATION_FACTS = sql.SQL("""
-SELECT c.oid, n.nspname, c.relname, c.relkind, c.relfilenode, coalesce(s.n_tup_ins, 0), coalesce(s.n_tup_upd, 0),
-       coalesce(s.n_tup_del, 0), CASE WHEN c.relkind = 'm' THEN obj_description(c.oid, 'pg_class') END
-FROM relations JOIN pg_class c ON c.oid = relations.oid
-JOIN pg_namespace n ON n.oid = c.relnamespace
-LEFT JOIN pg_stat_all_tables s ON s.relid = c.oid
-WHERE c.relkind IN ('r', 'm', 'p', 'f')
-ORDER BY c.oid
-""")
+#: every relation in a CTE named ``relations``: the columns, and where they come from. Each relation is looked
+#: up by its oid (a LATERAL with LIMIT, which the planner keeps as a nested loop on pg_class's oid index): a
+#: hash join would scan all of pg_class, and this read runs on every refresh of every view. The counters are
+#: read with the functions behind pg_stat_all_tables, not the view, which aggregates over every table.
+_FACT_COLUMNS = sql.SQL("""
+c.oid, c.nspname, c.relname, c.relkind, c.relfilenode, pg_stat_get_tuples_inserted(c.oid),
+pg_stat_get_tuples_updated(c.oid), pg_stat_get_tuples_deleted(c.oid),
+CASE WHEN c.relkind = 'm' THEN obj_description(c.oid, 'pg_class') END""")
+_FACT_SOURCE = sql.SQL("""
+FROM relations, LATERAL (SELECT c.oid, n.nspname, c.relname, c.relkind, c.relfilenode
+                         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                         WHERE c.oid = relations.oid AND c.relkind IN ('r', 'm', 'p', 'f') LIMIT 1) c""")
+_RELATION_FACTS = sql.SQL("SELECT {columns} {source} ORDER BY c.oid").format(columns=_FACT_COLUMNS, source=_FACT_SOURCE)
+#: The same facts as one JSON array of arrays (a column of a larger read, e.g. the refresh's inspection).
+RELATION_FACTS_JSON = sql.SQL(
+    "(SELECT pg_catalog.json_agg(pg_catalog.json_build_array({columns}) ORDER BY c.oid) {source})"
+).format(columns=_FACT_COLUMNS, source=_FACT_SOURCE)
 
-_UPSTREAM = sql.SQL("""
-WITH RECURSIVE deps(oid) AS (
+
+def upstream_cte(oid: sql.Composable) -> sql.Composed:
+    """The CTEs ``deps`` and ``relations`` (for a WITH RECURSIVE): every relation the relation whose oid is
+    the expression oid reads, through plain views, partitions included. Every step is an index lookup by
+    oid (rewrite rules by ev_class, dependencies by objid, a relkind by oid), per relation found (the
+    LATERAL with OFFSET 0 keeps that shape), never a scan of pg_class or of all views' dependencies."""
+    return sql.SQL("""
+deps(oid) AS (
     SELECT d.refobjid FROM pg_rewrite r
     JOIN pg_depend d ON d.objid = r.oid AND d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
-    WHERE r.ev_class = %(oid)s AND d.refobjid <> %(oid)s
+    WHERE r.ev_class = {oid} AND d.refobjid <> {oid}
     UNION
-    SELECT d.refobjid FROM deps
-    JOIN pg_class c ON c.oid = deps.oid AND c.relkind = 'v'
-    JOIN pg_rewrite r ON r.ev_class = c.oid
-    JOIN pg_depend d ON d.objid = r.oid AND d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
-    WHERE d.refobjid <> c.oid
+    SELECT read.refobjid FROM deps, LATERAL (
+        SELECT d.refobjid FROM pg_rewrite r
+        JOIN pg_depend d ON d.objid = r.oid AND d.classid = 'pg_rewrite'::regclass
+                        AND d.refclassid = 'pg_class'::regclass
+        WHERE r.ev_class = deps.oid AND d.refobjid <> deps.oid
+        OFFSET 0) read
+    WHERE (SELECT c.relkind FROM pg_class c WHERE c.oid = deps.oid) = 'v'
 ), relations AS (
     SELECT deps.oid FROM deps
     UNION
-    SELECT t.relid FROM deps JOIN pg_class c ON c.oid = deps.oid AND c.relkind = 'p',
-                         LATERAL pg_partition_tree(c.oid) t
-)
-{}""").format(_RELATION_FACTS)
+    SELECT t.relid FROM deps, LATERAL pg_partition_tree(deps.oid) t
+    WHERE (SELECT c.relkind FROM pg_class c WHERE c.oid = deps.oid) = 'p'
+)""").format(oid=oid)
+
+
+_UPSTREAM = sql.SQL("WITH RECURSIVE {} {}").format(upstream_cte(sql.SQL("%(oid)s")), _RELATION_FACTS)
 
 _KNOWN_RELATIONS = sql.SQL("""
 WITH relations AS (
@@ -55,17 +75,18 @@ WITH relations AS (
 
 def relation_fingerprints(conn: Connection, oids: list[int]) -> list[UpstreamRelation]:
     """The same facts as upstream_relations, for relations already known by oid (and their partitions)."""
-    return [
-        UpstreamRelation(int(row[0]), str(row[1]), str(row[2]), str(row[3]), (row[0], row[3], *row[4:]))
-        for row in conn.execute(_KNOWN_RELATIONS, {"oids": oids}).fetchall()
-    ]
+    return facts_from_rows(conn.execute(_KNOWN_RELATIONS, {"oids": oids}).fetchall())
 
 
 def upstream_relations(conn: Connection, oid: int) -> list[UpstreamRelation]:
     """The one dependency query upwards: every relation the view with this oid reads (through views)."""
+    return facts_from_rows(conn.execute(_UPSTREAM, {"oid": oid}).fetchall())
+
+
+def facts_from_rows(rows: Sequence[Sequence[Any]]) -> list[UpstreamRelation]:
+    """UpstreamRelations from rows of the fact columns (or the arrays of RELATION_FACTS_JSON)."""
     return [
-        UpstreamRelation(int(row[0]), str(row[1]), str(row[2]), str(row[3]), (row[0], row[3], *row[4:]))
-        for row in conn.execute(_UPSTREAM, {"oid": oid}).fetchall()
+        UpstreamRelation(int(row[0]), str(row[1]), str(row[2]), str(row[3]), (row[0], row[3], *row[4:])) for row in rows
     ]
 
 

@@ -51,10 +51,14 @@ def create_statements(schema: str) -> list[sql.Composed]:
     return [statement.format(table(schema)) for statement in CREATE_STATEMENTS]
 
 
-def bump_statements(view: MaterializedView, mode: str, keyed: bool = False) -> list[sql.Composed | sql.SQL]:
+def bump_statements(
+    view: MaterializedView, mode: str, keyed: bool = False, as_query_role: bool = True
+) -> list[sql.Composed | sql.SQL]:
     """The last statements of a step that makes data live: bump the version and signal it (as the operator's
     role, which owns the versions table, whatever role built the data). keyed: the step's changed keys are
-    in the incremental refresh's temporary table."""
+    in the incremental refresh's temporary table. as_query_role: the step may have taken spec.runAsRole (a
+    REFRESH runs its query as the view's owner in a security-restricted operation, which cannot change the
+    session's role, so it needs no RESET ROLE)."""
     keys: sql.Composable = sql.SQL("NULL::pg_catalog.int8, NULL::pg_catalog.json")
     if keyed:
         assert view.incremental is not None
@@ -67,8 +71,9 @@ def bump_statements(view: MaterializedView, mode: str, keyed: bool = False) -> l
             most=sql.Literal(MAX_NOTIFIED_KEYS),
             columns=capture.key_list(view.incremental.key_columns),
         )
+    reset_role = [sql.SQL("RESET ROLE")] if as_query_role else []
     return [
-        sql.SQL("RESET ROLE"),
+        *reset_role,
         sql.SQL("""
 WITH bumped AS (
     INSERT INTO {versions} AS v (relation, version, changed_at, mode)

@@ -19,7 +19,7 @@ from matview.errors import MatviewError
 from matview.outcomes import NO_MODE, FailureReason, Outcome
 from matview.plan import capture, engine
 from matview.plan.engine import settings_for
-from matview.plan.executor import BusyError, ExecutionSettings, execute, view_lock
+from matview.plan.executor import BusyError, Closing, ExecutionSettings, HeldLock, execute, view_lock
 from matview.plan.marker import Marker
 from matview.plan.observed import Connection
 from matview.plan.planner import ApplyPolicy
@@ -30,9 +30,9 @@ from matview.plan.rebuild import (
     refresh_in_place_step,
     swap_steps,
 )
-from matview.plan.statements import Plan, Step
+from matview.plan.statements import Plan, Query, Step
 from matview.refresh import facts, policy, verify
-from matview.refresh.facts import view_size
+from matview.refresh.facts import ViewSize, view_size
 from matview.refresh.policy import Inspection, RefreshState
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def refresh(
         return result
 
     try:
-        with view_lock(conn, view):
+        with view_lock(conn, view) as lock:
             inspection = facts.inspect(conn, view)
             decision = policy.decide(view, inspection, mode, force, started)
             incremental = _incremental_facts(view, inspection, started)
@@ -132,17 +132,24 @@ def refresh(
                 )
             attempt = decision
             logger.info("refresh start: relation=%s mode=%s reason=%s", view.relation, attempt.mode, attempt.reason)
+            # The state and the sizes are written and read in the refresh's own transaction, which also releases
+            # the lock; except when a verification follows the refresh (it goes into the state, afterwards).
+            verifying = attempt.mode == RefreshMode.INCREMENTAL and policy.verification_due(
+                view, inspection.state, started
+            )
+            closed = None if verifying else _Closed(view, inspection, lock)
             try:
-                seconds = _run(conn, view, inspection, attempt.mode, settings)
+                seconds = _run(conn, view, inspection, attempt.mode, settings, closed)
             except MatviewError as error:
                 again = policy.fallback(view, inspection, mode, attempt.mode, error)
                 if again is None:
                     raise
                 logger.warning("%s: %s", view.relation, again.reason)
                 fallback_from, attempt = attempt.mode, again
-                seconds = _run(conn, view, inspection, attempt.mode, settings)
-            verified_at = None
-            if attempt.mode == RefreshMode.INCREMENTAL and policy.verification_due(view, inspection.state, started):
+                seconds = _run(conn, view, inspection, attempt.mode, settings, closed)
+            if closed is not None:
+                size = closed.size
+            else:
                 verified_at = dt.datetime.now(dt.UTC)
                 incremental["verification"] = verify.safe_compare(conn, view, settings)
                 rebuild = policy.after_verification(view, incremental["verification"])
@@ -150,8 +157,8 @@ def refresh(
                     logger.warning("%s: %s", view.relation, rebuild.reason)
                     fallback_from, attempt = attempt.mode, rebuild
                     seconds = _run(conn, view, inspection, attempt.mode, settings)
-            _record(conn, view, inspection, attempt.mode, seconds, settings, verified_at)
-            size = view_size(conn, view)
+                _record(conn, view, inspection, attempt.mode, seconds, settings, verified_at)
+                size = view_size(conn, view)
             if incremental:
                 pending_after = facts.pending_changes(conn, view)
                 incremental["staleness_seconds"] = (
@@ -211,13 +218,62 @@ def _steps(view: MaterializedView, inspection: Inspection, mode: RefreshMode) ->
     return [*cleanup, refresh_in_place_step(view, mode)]
 
 
+class _Closed:
+    """How a refresh ends inside its own last transaction (executor.Closing): the new state into the marker,
+    the lock released, the sizes and data version read; what the read returned, once committed."""
+
+    def __init__(self, view: MaterializedView, inspection: Inspection, lock: HeldLock) -> None:
+        self.view, self.inspection, self.lock = view, inspection, lock
+        self.seconds: float | None = None
+        self.size = ViewSize()
+
+    def closing(self, mode: RefreshMode) -> Closing:
+        def statements(seconds: float) -> list[Query]:
+            self.seconds = seconds
+            marker = _marker(self.view, self.inspection, mode, seconds)
+            return [(record_state_step(self.view, marker).statements[0], None), *self.lock.release_query()]
+
+        def committed(row: tuple[Any, ...] | None) -> None:
+            self.lock.released = True
+            self.size = facts.size_from_row(row)
+
+        return Closing(statements, facts.size_query(self.view), committed)
+
+
 def _run(
-    conn: Connection, view: MaterializedView, inspection: Inspection, mode: RefreshMode, settings: ExecutionSettings
+    conn: Connection,
+    view: MaterializedView,
+    inspection: Inspection,
+    mode: RefreshMode,
+    settings: ExecutionSettings,
+    closed: _Closed | None = None,
 ) -> float:
-    """Execute one mode's steps; return how long they took."""
+    """Execute one mode's steps (ending with the closing, when given); return how long they took."""
     clock = time.monotonic()
-    execute(conn, Plan(view, tuple(_steps(view, inspection, mode)), (f"refresh ({mode})",)), settings)
+    plan = Plan(view, tuple(_steps(view, inspection, mode)), (f"refresh ({mode})",))
+    execute(conn, plan, settings, closed.closing(mode) if closed is not None else None)
+    if closed is not None and closed.seconds is not None:
+        return closed.seconds
     return time.monotonic() - clock
+
+
+def _marker(
+    view: MaterializedView,
+    inspection: Inspection,
+    mode: RefreshMode,
+    seconds: float,
+    verified_at: dt.datetime | None = None,
+) -> Marker:
+    """The view's marker after a success: the new state (measured duration, last success, sources seen)."""
+    state = inspection.state.after_success(
+        mode, seconds, dt.datetime.now(dt.UTC), inspection.source_version, inspection.untracked_version
+    )
+    if verified_at is not None:
+        state = dataclasses.replace(state, last_verified=verified_at)
+    digest = (
+        view.definition_digest if mode == RefreshMode.SWAP else (inspection.marker.digest if inspection.marker else "")
+    )
+    return Marker(view.owner, "view", digest, state.to_marker())
 
 
 def _record(
@@ -229,17 +285,8 @@ def _record(
     settings: ExecutionSettings,
     verified_at: dt.datetime | None = None,
 ) -> None:
-    """The last step: the new state (measured duration, last success, sources seen) into the marker."""
-    state = inspection.state.after_success(
-        mode, seconds, dt.datetime.now(dt.UTC), inspection.source_version, inspection.untracked_version
-    )
-    if verified_at is not None:
-        state = dataclasses.replace(state, last_verified=verified_at)
-    digest = (
-        view.definition_digest if mode == RefreshMode.SWAP else (inspection.marker.digest if inspection.marker else "")
-    )
-    marker = Marker(view.owner, "view", digest, state.to_marker())
-    _write_marker(conn, view, marker, settings, "the refresh state")
+    """The new state into the marker in a transaction of its own (after a verification)."""
+    _write_marker(conn, view, _marker(view, inspection, mode, seconds, verified_at), settings, "the refresh state")
 
 
 def apply_and_record(conn: Connection, view: MaterializedView, policy: ApplyPolicy | None = None) -> engine.ApplyResult:

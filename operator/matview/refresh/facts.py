@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -16,31 +17,49 @@ from psycopg import sql
 from matview.api import sqltext
 from matview.api.spec import MaterializedView, Storage
 from matview.plan import capture, versions
-from matview.plan.catalog import read_dependents
+from matview.plan.catalog import dependents_exist, read_dependents
 from matview.plan.checks import query_tables
 from matview.plan.marker import Marker
 from matview.plan.observed import Connection, UpstreamRelation
-from matview.plan.statements import retired_name, staging_name
-from matview.plan.upstream import relation_fingerprints, relation_oid, resolve_relations, upstream_relations
+from matview.plan.statements import Query, retired_name, staging_name
+from matview.plan.upstream import (
+    RELATION_FACTS_JSON,
+    facts_from_rows,
+    relation_fingerprints,
+    relation_oid,
+    resolve_relations,
+    upstream_cte,
+    upstream_relations,
+)
 from matview.refresh import schedule
 from matview.refresh.policy import Inspection, PendingChanges, RefreshState
 
-#: The view, and the copies a crashed Swap may have left beside it (staging, retired), in one read.
+#: The view, the copies a crashed Swap may have left beside it (staging, retired), the fingerprint facts of
+#: what it reads (through views) and whether any view reads it, in one read.
 _VIEW = sql.SQL("""
+WITH RECURSIVE target AS (
+    SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = %(schema)s AND c.relname = %(name)s AND c.relkind = %(relkind)s
+), {upstream}
 SELECT c.oid, c.relispopulated, obj_description(c.oid, 'pg_class'),
        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique AND i.indisvalid
                                         AND i.indpred IS NULL AND i.indexprs IS NULL),
        coalesce((SELECT array_agg(ic.relname::text ORDER BY ic.relname)
-                 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid WHERE i.indrelid = c.oid), '{}'),
+                 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid WHERE i.indrelid = c.oid), '{{}}'),
        pg_get_userbyid(c.relowner) IN (current_user, %(role)s),
        coalesce((SELECT array_agg(ARRAY[l.relname::text, l.relkind::text, obj_description(l.oid, 'pg_class')]
                                   ORDER BY array_position(%(copies)s, l.relname::text))
                  FROM pg_class l
                  WHERE l.relnamespace = c.relnamespace AND l.relname = ANY(%(copies)s)
-                   AND pg_get_userbyid(l.relowner) IN (current_user, %(role)s)), '{}')
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = %(schema)s AND c.relname = %(name)s AND c.relkind = %(relkind)s
-""")
+                   AND pg_get_userbyid(l.relowner) IN (current_user, %(role)s)), '{{}}'),
+       {upstream_facts},
+       {dependents}
+FROM target JOIN pg_class c ON c.oid = target.oid
+""").format(
+    upstream=upstream_cte(sql.SQL("(SELECT target.oid FROM target)")),
+    upstream_facts=RELATION_FACTS_JSON,
+    dependents=dependents_exist(sql.SQL("c.oid")),
+)
 
 _SIZES_AND_VERSION = sql.SQL(
     "SELECT c.relispopulated, c.reltuples::bigint, pg_table_size(c.oid), pg_indexes_size(c.oid), "
@@ -73,7 +92,7 @@ def inspect(conn: Connection, view: MaterializedView) -> Inspection:
     ).fetchone()
     if row is None:
         return Inspection()
-    oid, populated, comment, unique, indexes, trusted_owner, copies = row
+    oid, populated, comment, unique, indexes, trusted_owner, copies, upstream, any_dependents = row
     # A marker is a comment any owner can write: it proves ownership only on an object of a trusted role
     # (the copies were read only where their owner is one).
     marker = Marker.parse(comment) if trusted_owner else None
@@ -92,7 +111,7 @@ def inspect(conn: Connection, view: MaterializedView) -> Inspection:
         relations = _query_relations(conn, key_catalog)
         version = _fingerprint(relations)
     else:
-        version = _fingerprint(upstream_relations(conn, int(oid)))
+        version = _fingerprint(facts_from_rows(upstream or []))
     if view.incremental is not None and key_catalog is not None:
         pending = pending_changes(conn, view)
         untracked = _untracked(view, relations)
@@ -102,7 +121,7 @@ def inspect(conn: Connection, view: MaterializedView) -> Inspection:
         ours=marker is not None and marker.owner == view.owner and marker.kind == "view",
         populated=bool(populated),
         concurrent_possible=bool(populated) and bool(unique) and view.storage is Storage.MATERIALIZED_VIEW,
-        dependents=tuple(read_dependents(conn, int(oid))),
+        dependents=tuple(read_dependents(conn, int(oid))) if any_dependents else (),
         indexes=tuple(str(name) for name in indexes),
         marker=marker,
         source_version=version,
@@ -204,11 +223,8 @@ class ViewSize:
 def view_size(conn: Connection, view: MaterializedView) -> ViewSize:
     """Populated, estimated rows, sizes and data version of the view, in one read (empty when it cannot be
     read; no version where the schema has no versions table yet)."""
-    key = versions.relation_key(view)
     try:
-        row = conn.execute(
-            _SIZES_AND_VERSION.format(versions=versions.table(view.schema)), (key, view.schema, view.name)
-        ).fetchone()
+        row = conn.execute(*size_query(view)).fetchone()
     except psycopg.errors.UndefinedTable:
         try:
             row = conn.execute(_SIZES_AND_NO_VERSION, (None, view.schema, view.name)).fetchone()
@@ -216,6 +232,19 @@ def view_size(conn: Connection, view: MaterializedView) -> ViewSize:
             return ViewSize()
     except psycopg.Error:
         return ViewSize()
+    return size_from_row(row)
+
+
+def size_query(view: MaterializedView) -> Query:
+    """The read behind view_size and its parameters (it may also close a refresh's transaction)."""
+    return _SIZES_AND_VERSION.format(versions=versions.table(view.schema)), (
+        versions.relation_key(view),
+        view.schema,
+        view.name,
+    )
+
+
+def size_from_row(row: tuple[Any, ...] | None) -> ViewSize:
     if row is None:
         return ViewSize()
     populated, rows, table_bytes, index_bytes, version = row
