@@ -3,10 +3,10 @@
 It reads the spec files (again when they change, keeping the last good version of a broken file) and
 tells the scheduler which views exist; the scheduler applies each, refreshes it when due (upstream views
 first), backs off after failures, and re-applies it on a spread period to repair drift. As the scheduler's
-``Work`` it applies with ``apply_and_record`` and refreshes through the refresher, on the DSN it asks for
-at every use (a rotated password in a DSN file needs no restart); as its ``Sink`` it logs, and counts
-failed applies where failure alerts see them. It holds no schedule of its own: its only loop looks at
-the files.
+``Work`` it applies with ``apply_and_record`` and refreshes through the refresher, on the DSN read again
+every reload period and after a failed connection (a rotated password in a DSN file needs no restart);
+as its ``Sink`` it logs, and counts failed applies where failure alerts see them. It holds no schedule of
+its own: its only loop looks at the files.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 from matview.api.spec import MaterializedView
 from matview.api.validation import load_file
 from matview.errors import SpecError
-from matview.outcomes import Outcome
+from matview.outcomes import FailureReason, Outcome
 from matview.plan import engine
 from matview.plan.observed import Connection
 from matview.refresh import RefreshResult, apply_and_record, classify, facts, read_state
@@ -59,6 +59,7 @@ class FileFeeder:
     ) -> None:
         self._dsn_source: Callable[[], str] = dsn if callable(dsn) else (lambda: dsn)
         self._dsn_in_use: str | None = None
+        self._dsn_read_at = float("-inf")
         self.paths = paths
         self.refresher = refresher
         self.scheduler = Scheduler(refresher, self, self, clock)
@@ -68,7 +69,13 @@ class FileFeeder:
 
     @property
     def dsn(self) -> str:
-        """The current DSN; when it changed (a rotated DSN file), the old pool is closed."""
+        """The current DSN, read again at most every reload period (or at once after a failed connection):
+        reading a file on each of a hundred refreshes a second costs more than the refresh's own statements.
+        When it changed (a rotated DSN file), the old pool is closed."""
+        now = time.monotonic()
+        if self._dsn_in_use is not None and now < self._dsn_read_at + self.refresher.settings.reload_seconds:
+            return self._dsn_in_use
+        self._dsn_read_at = now
         try:
             current = self._dsn_source()
         except Exception as exc:
@@ -79,6 +86,10 @@ class FileFeeder:
             self.refresher.close_pool(self._dsn_in_use)
         self._dsn_in_use = current
         return current
+
+    def _read_dsn_again(self) -> None:
+        """After a failed connection: the next use reads the DSN file again (the password may have rotated)."""
+        self._dsn_read_at = float("-inf")
 
     # --- files in ----------------------------------------------------------------------------------
 
@@ -161,6 +172,8 @@ class FileFeeder:
         except engine.BusyError as exc:  # another process is applying or refreshing it: not a failure
             return Applied(Outcome.BUSY, message=str(exc))
         except Exception as exc:  # retried with backoff, and counted
+            if classify(exc) == FailureReason.CONNECTION:
+                self._read_dsn_again()
             return Applied(Outcome.FAILURE, message=str(exc), error=exc)
         return applied
 
@@ -174,6 +187,8 @@ class FileFeeder:
         """Nothing to write: the next run is in the metrics (matview_refresh_interval_seconds)."""
 
     async def refreshed(self, key: str, view: MaterializedView, result: RefreshResult, report: Report) -> None:
+        if result.failure_reason == FailureReason.CONNECTION:
+            self._read_dsn_again()
         if result.result == Outcome.FAILURE:
             logger.warning(
                 "%s: refresh failed (%s); next attempt in %.0fs",
