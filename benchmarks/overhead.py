@@ -7,7 +7,7 @@
 2. Where the time goes: each refresh step timed (exclusive of the steps it calls) and the statements
    it sends counted (BEGIN and COMMIT included; pipelined statements share a round trip), per mode. The
    refresh transaction holds the statement and what ends it: the version bump, the marker with the new state,
-   the lock's release and the sizes read.
+   the lock's release and the sizes read. The inspection's read goes with the lock's take.
 3. Throughput: --views always-due views of 100 rows under ``matview run --max-concurrent 2`` (a real
    process, counted from its /metrics) against two bare connections refreshing the same views round-robin.
    Target: at least half the bare rate.
@@ -166,8 +166,8 @@ def instrument(profile: Profile) -> Callable[[], None]:
         setattr(module, name, timed)
         undo.append(lambda: setattr(module, name, original))
 
-    wrap_context(attempt, "view_lock", "lock")
-    wrap(facts, "inspect", "inspection")
+    wrap_context(attempt, "view_lock", "lock and inspection read")
+    wrap(facts, "inspected", "inspection (the rest)")
     wrap(policy, "decide", "plan")
     wrap(attempt, "_run", "refresh transaction")
     wrap(session, "step_settings", "session settings")

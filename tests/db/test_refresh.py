@@ -187,14 +187,14 @@ def test_concurrent_requested_without_unique_index_fails_and_changes_nothing(db:
 def test_concurrent_failure_falls_back_with_the_reason(db: Connection, monkeypatch: pytest.MonkeyPatch) -> None:
     v = mv(unique=False)
     engine.apply(db, v)
-    real_inspect = refresh_facts.inspect
+    real_inspected = refresh_facts.inspected
 
-    def stale_inspection(conn: Connection, spec: MaterializedView) -> Inspection:
+    def stale_inspection(conn: Connection, spec: MaterializedView, row: tuple[Any, ...] | None) -> Inspection:
         # As if the unique index was dropped by hand between inspection and refresh.
-        found = real_inspect(conn, spec)
+        found = real_inspected(conn, spec, row)
         return Inspection(**{**found.__dict__, "concurrent_possible": True})
 
-    monkeypatch.setattr(refresh_facts, "inspect", stale_inspection)
+    monkeypatch.setattr(refresh_facts, "inspected", stale_inspection)
     result = refresh(db, v)
     assert result.result == "success"
     assert result.fallback_from == "Concurrent"

@@ -149,10 +149,12 @@ class HeldLock:
     """The view's lock while held: its release may ride on the refresh's last transaction (one statement
     fewer, and the lock goes exactly when the refresh's state is committed)."""
 
-    def __init__(self, table: sql.Identifier | None, key: str) -> None:
+    def __init__(self, table: sql.Identifier | None, key: str, read_row: tuple[Any, ...] | None = None) -> None:
         self._table = table
         self._key = key
         self.released = table is None
+        self.read_row = read_row
+        """The row of the read sent with the take (view_lock's ``then``), read under the lock."""
 
     def release_query(self) -> list[Query]:
         """What releases the lock when its transaction commits (nothing when there is nothing to release);
@@ -169,7 +171,7 @@ class HeldLock:
 
 
 @contextlib.contextmanager
-def view_lock(conn: Connection, view: MaterializedView) -> Iterator[HeldLock]:
+def view_lock(conn: Connection, view: MaterializedView, then: Query | None = None) -> Iterator[HeldLock]:
     """Hold the view's lock for a whole apply, delete or refresh, or raise BusyError at once.
 
     One lock for everything that changes a view, held across all of its steps (a Swap's build, swap and
@@ -179,14 +181,23 @@ def view_lock(conn: Connection, view: MaterializedView) -> Iterator[HeldLock]:
     key and keep it busy for as long as it liked. The row names the holding backend (pid and start time); it
     is released at the end (or by the transaction that commits the holder's last step, see ``Closing``), and
     a holder whose session has ended, however it ended, holds nothing.
+
+    ``then``, a read, goes to the server with the take in one batch and runs after it (so under the lock; its
+    row is the held lock's ``read_row``, discarded when the view is busy): one round trip instead of two.
     """
     key = lock_key(view)
     table = _lock_table(conn, view)
+    read_row = None
     if table is not None:
-        row = conn.execute(_TAKE.format(table=table), {"key": key}).fetchone()
-        if row is None:
+        with conn.pipeline():
+            taken = conn.execute(_TAKE.format(table=table), {"key": key})
+            read = conn.execute(*then) if then is not None else None
+        if taken.fetchone() is None:
             raise BusyError(f"{view.relation}: another process is applying or refreshing this view right now")
-    held = HeldLock(table, key)
+        read_row = read.fetchone() if read is not None else None
+    elif then is not None:
+        read_row = conn.execute(*then).fetchone()
+    held = HeldLock(table, key, read_row)
     try:
         yield held
     finally:
@@ -248,10 +259,11 @@ def _run_step(
         # Last in the transaction, so it outlives it: a query that set search_path for the session
         # (set_config(..., false) from a SELECT) must not leave it to the engine's next statement.
         session.configure(conn)
-        pipeline.sync()
-        row = read.fetchone() if read is not None else None
+        if closing is None:
+            pipeline.sync()
+        # With a closing, its statements go with the COMMIT in one batch: the pipeline's exit syncs them.
     if closing is not None:
-        closing.on_commit(row)
+        closing.on_commit(read.fetchone() if read is not None else None)
 
 
 def execute(conn: Connection, plan: Plan, settings: ExecutionSettings, closing: Closing | None = None) -> list[str]:

@@ -117,8 +117,8 @@ def refresh(
         return result
 
     try:
-        with view_lock(conn, view) as lock:
-            inspection = facts.inspect(conn, view)
+        with view_lock(conn, view, then=facts.inspection_query(view)) as lock:
+            inspection = facts.inspected(conn, view, lock.read_row)
             decision = policy.decide(view, inspection, mode, force, started)
             incremental = _incremental_facts(view, inspection, started)
             if isinstance(decision, policy.Skip):

@@ -77,19 +77,26 @@ _MARKER = sql.SQL(
 )
 
 
+def inspection_query(view: MaterializedView) -> Query:
+    """The one read behind ``inspect`` (the refresh sends it with the lock's take, in one round trip)."""
+    return _VIEW, {
+        "role": view.run_as_role,
+        "copies": [staging_name(view), retired_name(view)],
+        "schema": view.schema,
+        "name": view.name,
+        "relkind": view.storage.relkind,
+    }
+
+
 def inspect(conn: Connection, view: MaterializedView) -> Inspection:
     """What decides the refresh mode: ownership, populated, a usable unique index, dependents, sources,
     and for incremental views the pending changes."""
-    row = conn.execute(
-        _VIEW,
-        {
-            "role": view.run_as_role,
-            "copies": [staging_name(view), retired_name(view)],
-            "schema": view.schema,
-            "name": view.name,
-            "relkind": view.storage.relkind,
-        },
-    ).fetchone()
+    return inspected(conn, view, conn.execute(*inspection_query(view)).fetchone())
+
+
+def inspected(conn: Connection, view: MaterializedView, row: tuple[Any, ...] | None) -> Inspection:
+    """inspect, from the row of inspection_query already read (None: the view does not exist); what the row
+    does not hold (dependents when there are some, a table's sources, pending changes) is read here."""
     if row is None:
         return Inspection()
     oid, populated, comment, unique, indexes, trusted_owner, copies, upstream, any_dependents = row
