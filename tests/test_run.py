@@ -105,7 +105,8 @@ def test_run_refreshes_on_schedule_reloads_and_stops_on_sigterm(dsn: str, tmp_pa
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
-    assert "refresh start: relation=public.sales_by_region" in output
+    # One line per refresh at INFO (at a hundred refreshes a second, each line costs throughput).
+    assert "refresh start:" not in output
     assert "refresh end: relation=public.sales_by_region" in output and "result=success" in output
 
 

@@ -272,7 +272,7 @@ def execute(conn: Connection, plan: Plan, settings: ExecutionSettings, closing: 
     done: list[str] = []
     started = time.monotonic()
     for index, step in enumerate(plan.steps):
-        logger.info("%s: %s", plan.view.relation, step.description)
+        logger.log(logging.INFO if plan.log_steps else logging.DEBUG, "%s: %s", plan.view.relation, step.description)
         last = closing if index == len(plan.steps) - 1 else None
         try:
             if step.takes_exclusive_lock:

@@ -79,6 +79,8 @@ class Plan:
     warnings: tuple[str, ...] = field(default=())
     incremental_query: sqltext.CheckedSQL | None = None
     """What an incremental refresh of this view runs: the query with the key filter injected at its sources."""
+    log_steps: bool = True
+    """Log each step at INFO as it starts (applies); a refresh logs one line of its own when it ends."""
 
     @property
     def empty(self) -> bool:

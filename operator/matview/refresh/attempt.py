@@ -131,7 +131,8 @@ def refresh(
                     Outcome.FAILURE, decision.reason, message=decision.message, failure_reason=FailureReason.OTHER
                 )
             attempt = decision
-            logger.info("refresh start: relation=%s mode=%s reason=%s", view.relation, attempt.mode, attempt.reason)
+            # At INFO a refresh is one line, its end: at a hundred refreshes a second each line costs throughput.
+            logger.debug("refresh start: relation=%s mode=%s reason=%s", view.relation, attempt.mode, attempt.reason)
             # The state and the sizes are written and read in the refresh's own transaction, which also releases
             # the lock; except when a verification follows the refresh (it goes into the state, afterwards).
             verifying = attempt.mode == RefreshMode.INCREMENTAL and policy.verification_due(
@@ -250,7 +251,7 @@ def _run(
 ) -> float:
     """Execute one mode's steps (ending with the closing, when given); return how long they took."""
     clock = time.monotonic()
-    plan = Plan(view, tuple(_steps(view, inspection, mode)), (f"refresh ({mode})",))
+    plan = Plan(view, tuple(_steps(view, inspection, mode)), (f"refresh ({mode})",), log_steps=False)
     execute(conn, plan, settings, closed.closing(mode) if closed is not None else None)
     if closed is not None and closed.seconds is not None:
         return closed.seconds

@@ -9,6 +9,7 @@ is due at once, and only once.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import zoneinfo
 from collections.abc import Hashable, Mapping, Sequence
@@ -34,6 +35,7 @@ def _zone(spec: RefreshSpec) -> dt.tzinfo:
     return zoneinfo.ZoneInfo(spec.time_zone) if spec.time_zone else dt.UTC
 
 
+@functools.lru_cache(maxsize=1 << 16)  # asked at every reschedule of every view: hash each key once
 def stable_fraction(key: str) -> float:
     """A number in [0, 1) that depends only on key: the same in every process, replica and restart."""
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0x1_0000_0000
