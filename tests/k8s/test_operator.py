@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import kmock
 import psycopg
 import pytest
 
+from matview.constants import GROUP, PLURAL, VERSION
+from matview.k8s import kube
+from matview.k8s.conditions import Status
 from matview.k8s.watch import WatchFeeder
-from tests.k8s.conftest import Cluster, eventually, settle
+from tests.k8s.conftest import NAMESPACE, Cluster, eventually, settle
 
 QUERY = "SELECT region, sum(amount) AS total FROM public.sales GROUP BY region"
 
@@ -401,3 +405,30 @@ def capture_triggers(dsn: str) -> int:
     with psycopg.connect(dsn) as conn:
         row = conn.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.sales'::regclass").fetchone()
     return int(row[0]) if row else 0
+
+
+async def test_a_status_write_answered_429_or_503_is_retried(cluster: Cluster) -> None:
+    """The apiserver rate-limits (429, with Retry-After) or fails for a moment (503): the status write waits
+    and is retried, instead of being dropped (a dropped write once left a view without its build time, so it
+    was refreshed again at once)."""
+    await cluster.create_view("sales-by-region", spec())
+    status = f"/apis/{GROUP}/{VERSION}/namespaces/{NAMESPACE}/{PLURAL}/sales-by-region/status"
+    refusals = [kmock.Response(status=429, headers={"Retry-After": "0.2"}), kmock.Response(status=503)]
+    refused: list[int] = []
+
+    def refuse_twice() -> kmock.Response | StopIteration:
+        if not refusals:
+            return StopIteration()  # from now on the emulator answers
+        refused.append(refusals[0].status or 0)
+        return refusals.pop(0)
+
+    cluster.server[f"patch {status}"].override << refuse_twice
+
+    def mark(current: Status) -> Status:
+        return {**current, "relation": "public.sales_by_region"}
+
+    written = await kube.patch_status(NAMESPACE, "sales-by-region", mark)
+    assert refused == [429, 503]
+    assert written is not None and written["status"]["relation"] == "public.sales_by_region"
+    stored = await cluster.get_view("sales-by-region")
+    assert stored is not None and stored["status"]["relation"] == "public.sales_by_region"

@@ -4,7 +4,8 @@ Secrets are read at most once per ``SECRET_MAX_AGE_SECONDS`` each (a rotation is
 time, or at once when a refresh fails to connect and ``forget_secret`` drops the copy), so the API load
 grows with the number of Secrets, not with refreshes. Every status write goes through ``patch_status``:
 change the status, patch it with the resourceVersion it was read at, and on a conflict read again and
-retry — so the reconcile handlers and the scheduler never overwrite each other's conditions. A writer
+retry — so the reconcile handlers and the scheduler never overwrite each other's conditions; a 429 or 5xx
+is retried after the apiserver's Retry-After or a backoff, as kopf does for its own writes. A writer
 that already holds the object (the scheduler, from the watch) passes it as ``known``: no read, one
 PATCH, and no request at all when the change leaves the status as it is.
 """
@@ -16,6 +17,7 @@ import copy
 import functools
 import logging
 import os
+import random
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, cast
@@ -121,18 +123,44 @@ def _read_view(namespace: str, name: str) -> dict[str, Any] | None:
     return found
 
 
+#: Answers that mean "later, not never": the apiserver's rate limiting (429, with Retry-After) and its own
+#: failures (5xx, e.g. while etcd elects a leader). kopf retries its own writes on them; ours do too.
+RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: First pause before such a retry (doubled each time, with jitter), and the longest.
+RETRY_BACKOFF_SECONDS = 0.5
+MAX_RETRY_BACKOFF_SECONDS = 10.0
+
+
+def _pause_before_retry(exc: ApiException, attempt: int) -> float:
+    """How long to wait after a retried answer: the apiserver's Retry-After when it gives one (bounded)."""
+    headers = exc.headers or {}
+    try:
+        asked = float(headers.get("Retry-After") or headers.get("retry-after") or "")
+    except ValueError:
+        asked = None
+    backoff = RETRY_BACKOFF_SECONDS * 2**attempt * (1 + random.random() / 2)  # noqa: S311 - jitter
+    return min(MAX_RETRY_BACKOFF_SECONDS, asked if asked is not None and asked >= 0 else backoff)
+
+
 def _patch_status(
     namespace: str,
     name: str,
     change: Callable[[Status], Status],
     known: Mapping[str, Any] | None = None,
     attempts: int = 5,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any] | None:
     api = kubernetes.client.CustomObjectsApi(_api_client())
     current = known
-    for _ in range(attempts):
+    for attempt in range(attempts):
         if current is None:
-            current = _read_view(namespace, name)
+            try:
+                current = _read_view(namespace, name)
+            except ApiException as exc:
+                if exc.status not in RETRIED_STATUSES or attempt == attempts - 1:
+                    raise
+                sleep(_pause_before_retry(exc, attempt))
+                continue
             if current is None:
                 return None
         # The object as the API holds it: shaped as the CRD's schema declares (the apiserver validates it).
@@ -158,8 +186,12 @@ def _patch_status(
                 continue
             if exc.status == 404:
                 return None
+            if exc.status in RETRIED_STATUSES and attempt < attempts - 1:
+                logger.info("%s/%s: status write answered %s; retrying", namespace, name, exc.status)
+                sleep(_pause_before_retry(exc, attempt))
+                continue  # the object as known is still the one to patch: a conflict would say otherwise
             raise
-    logger.warning("%s/%s: status not written after %d conflicting attempts", namespace, name, attempts)
+    logger.warning("%s/%s: status not written after %d attempts", namespace, name, attempts)
     return None
 
 
