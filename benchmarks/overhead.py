@@ -45,7 +45,8 @@ from matview.observe.metrics import RefreshMetrics
 from matview.outcomes import Outcome
 from matview.plan import engine, session
 from matview.refresh import attempt, facts, policy
-from matview.refresh.refresher import Refresher, RunnerSettings
+from matview.refresh.refresher import Refresher
+from matview.refresh.settings import RunnerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("Concurrent", "Swap", "Full", "Auto")

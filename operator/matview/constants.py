@@ -28,3 +28,6 @@ MAX_IDENTIFIER_BYTES: Final = 63
 
 #: The namespace standalone documents belong to when their metadata names none.
 DEFAULT_NAMESPACE: Final = "default"
+
+#: Where /metrics is served unless told otherwise (the Helm chart and the manifests scrape this port).
+DEFAULT_METRICS_PORT: Final = 9808

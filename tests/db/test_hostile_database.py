@@ -23,7 +23,8 @@ from matview.observe.metrics import RefreshMetrics
 from matview.plan import engine
 from matview.plan.observed import Connection
 from matview.refresh import record_build, refresh, verify
-from matview.refresh.refresher import Refresher, RunnerSettings
+from matview.refresh.refresher import Refresher
+from matview.refresh.settings import RunnerSettings
 from tests import hostile
 from tests.db.roles import Roles
 from tests.helpers import view

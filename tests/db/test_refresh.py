@@ -26,7 +26,8 @@ from matview.plan.observed import Connection
 from matview.refresh import Inspection, refresh, schedule
 from matview.refresh import facts as refresh_facts
 from matview.refresh.facts import dependency_order
-from matview.refresh.refresher import Refresher, RunnerSettings
+from matview.refresh.refresher import Refresher
+from matview.refresh.settings import RunnerSettings
 from tests.db.catalog_helpers import relations
 from tests.helpers import document, to_yaml, view
 

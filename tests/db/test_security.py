@@ -24,7 +24,8 @@ from matview.plan.executor import LOCK_TABLE
 from matview.plan.observed import Connection
 from matview.plan.versions import VERSIONS_TABLE
 from matview.refresh import apply_and_record, refresh
-from matview.refresh.refresher import Refresher, RunnerSettings
+from matview.refresh.refresher import Refresher
+from matview.refresh.settings import RunnerSettings
 from tests.db.roles import Roles
 from tests.helpers import view
 

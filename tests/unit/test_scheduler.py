@@ -17,8 +17,9 @@ from matview.observe.metrics import RefreshMetrics
 from matview.outcomes import NO_MODE, FailureReason, Outcome
 from matview.refresh import RefreshResult, schedule
 from matview.refresh.feeding import Applied, Relation, Report
-from matview.refresh.refresher import Refresher, RunnerSettings
+from matview.refresh.refresher import Refresher
 from matview.refresh.scheduler import Scheduler
+from matview.refresh.settings import RunnerSettings
 from tests.helpers import view
 
 T0 = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC).timestamp()

@@ -36,8 +36,8 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from matview.observe.metrics import DEFAULT_PORT
-    from matview.refresh.refresher import RunnerSettings
+    from matview.constants import DEFAULT_METRICS_PORT as DEFAULT_PORT
+    from matview.refresh.settings import RunnerSettings
 
     parser = argparse.ArgumentParser(
         prog="matview",

@@ -19,7 +19,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from matview.cli.files import FileFeeder, yaml_files
     from matview.observe.metrics import RefreshMetrics
-    from matview.refresh.refresher import Refresher, RunnerSettings
+    from matview.refresh.refresher import Refresher
+    from matview.refresh.settings import RunnerSettings
 
     paths = [Path(p) for p in args.paths]
     for path in paths:

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from matview.observe.metrics import DEFAULT_PORT, RefreshMetrics
 from matview.plan.planner import ApplyPolicy
-from matview.refresh.refresher import Refresher, RunnerSettings
+from matview.refresh.refresher import Refresher
+from matview.refresh.settings import RunnerSettings
 
 
 @dataclass(frozen=True)

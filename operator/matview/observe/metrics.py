@@ -16,6 +16,7 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from matview.api.spec import MaterializedView, RefreshMode
+from matview.constants import DEFAULT_METRICS_PORT
 from matview.outcomes import NO_MODE, FailureReason, Outcome
 
 
@@ -62,7 +63,7 @@ class RecordedRefresh(Protocol):
     def verification(self) -> _Verification | None: ...
 
 
-DEFAULT_PORT = 9808
+DEFAULT_PORT = DEFAULT_METRICS_PORT
 
 #: From 0.1 s to 2 h: the client's default buckets stop at 10 s, far below a slow reporting view.
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)

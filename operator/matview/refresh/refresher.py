@@ -21,7 +21,6 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from psycopg_pool import ConnectionPool
@@ -30,39 +29,12 @@ from matview.api.spec import MaterializedView
 from matview.constants import APPLICATION_NAME
 from matview.observe.metrics import RefreshMetrics
 from matview.outcomes import NO_MODE, Outcome
-from matview.plan import engine, session
+from matview.plan import session
 from matview.plan.observed import Connection
-from matview.refresh import RefreshResult, classify, refresh, schedule
+from matview.refresh import RefreshResult, classify, refresh
+from matview.refresh.settings import RunnerSettings
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RunnerSettings:
-    """Limits of the refresher and the rules of the one scheduler (the operator and ``matview run`` alike)."""
-
-    max_concurrent_per_database: int = 2
-    """Refreshes that may run at once against one database."""
-    retry_seconds: float = 30.0
-    """First delay before retrying a failed refresh; doubled per failure, capped by the view's period."""
-    busy_retry_seconds: float = schedule.BUSY_RETRY_SECONDS
-    """How soon a view that another process held (an apply, a refresh, a drift check) is looked at again."""
-    reload_seconds: float = 2.0
-    """How often ``matview run`` looks for changed files."""
-    drift_check_seconds: float = 300.0
-    """How often each view is re-applied to repair hand-made changes (a dropped capture trigger,
-    a replaced capture function, a dropped index); spread evenly over the period."""
-    max_concurrent_drift_checks: int = 4
-    """Applies and drift checks the scheduler runs at once in the whole process (each database also caps its
-    applies, below)."""
-    apply_policy: engine.ApplyPolicy = field(default_factory=engine.ApplyPolicy)
-    """What applies made by this runner accept (superuser runAsRole)."""
-    max_concurrent_applies_per_database: int = 4
-    """Applies (create, edit, drift check, delete) that may run at once against one database."""
-    refresh_threads: int = 32
-    """Worker threads for refreshes, shared by all databases (each database is capped as above)."""
-    apply_threads: int = 8
-    """Worker threads for applies."""
 
 
 Lane = Literal["refresh", "apply"]

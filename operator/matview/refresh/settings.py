@@ -1,0 +1,37 @@
+"""The limits of the refresher and the rules of the one scheduler, apart from the machinery that applies them:
+the CLI reads these defaults to build its options without importing threads, pools and metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from matview.plan import engine
+from matview.refresh import schedule
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """Limits of the refresher and the rules of the one scheduler (the operator and ``matview run`` alike)."""
+
+    max_concurrent_per_database: int = 2
+    """Refreshes that may run at once against one database."""
+    retry_seconds: float = 30.0
+    """First delay before retrying a failed refresh; doubled per failure, capped by the view's period."""
+    busy_retry_seconds: float = schedule.BUSY_RETRY_SECONDS
+    """How soon a view that another process held (an apply, a refresh, a drift check) is looked at again."""
+    reload_seconds: float = 2.0
+    """How often ``matview run`` looks for changed files."""
+    drift_check_seconds: float = 300.0
+    """How often each view is re-applied to repair hand-made changes (a dropped capture trigger,
+    a replaced capture function, a dropped index); spread evenly over the period."""
+    max_concurrent_drift_checks: int = 4
+    """Applies and drift checks the scheduler runs at once in the whole process (each database also caps its
+    applies, below)."""
+    apply_policy: engine.ApplyPolicy = field(default_factory=engine.ApplyPolicy)
+    """What applies made by this runner accept (superuser runAsRole)."""
+    max_concurrent_applies_per_database: int = 4
+    """Applies (create, edit, drift check, delete) that may run at once against one database."""
+    refresh_threads: int = 32
+    """Worker threads for refreshes, shared by all databases (each database is capped as above)."""
+    apply_threads: int = 8
+    """Worker threads for applies."""
