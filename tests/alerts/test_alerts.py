@@ -38,6 +38,7 @@ def test_every_alert_is_tested_and_has_a_runbook_section() -> None:
         "MaterializedViewRefreshSlow",
         "MaterializedViewTargetLagMissed",
         "MaterializedViewIncrementalMismatch",
+        "MatviewRefreshesCannotKeepUp",
         "MatviewOperatorDown",
     ]
     tests = (ROOT / "tests/alerts/alerts.test.yaml").read_text()

@@ -401,3 +401,22 @@ async def test_the_next_run_is_told_to_the_sink_and_the_load_to_the_metrics(worl
     assert feeder.scheduled_at[v.owner] == last + dt.timedelta(seconds=60 + schedule.jitter_seconds(v.owner, 60))
     scheduler.step()
     assert scheduler.refresher.metrics.scheduled._value.get() == 1
+
+
+async def test_the_demand_gauge_follows_the_schedules_it_is_told_of(world: Any) -> None:
+    """matview_refresh_demand_per_second: one over each scheduled view's period, summed; a view forgotten or
+    made manual-only leaves it (the alert compares it with the refreshes completed)."""
+    scheduler, _, clock = world()
+    minute, half_minute = view("a", refresh={"interval": "60s"}), view("b", refresh={"interval": "30s"})
+    scheduler.put(minute.owner, minute)
+    scheduler.put(half_minute.owner, half_minute)
+    await run_until(scheduler, clock, 5)
+    demand = scheduler.refresher.metrics.demand
+    assert demand._value.get() == pytest.approx(1 / 60 + 1 / 30)
+    scheduler.forget(half_minute.owner)
+    scheduler.refresher.metrics.forget(half_minute.namespace, half_minute.resource_name)
+    assert demand._value.get() == pytest.approx(1 / 60)
+    manual = view("a", refresh={"mode": "Full"})
+    scheduler.put(manual.owner, manual)
+    await run_until(scheduler, clock, 10)
+    assert demand._value.get() == pytest.approx(0)

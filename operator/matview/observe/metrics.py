@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import math
 import threading
 from typing import Protocol
 
@@ -192,6 +193,13 @@ class RefreshMetrics:
             "Refreshes due and started but waiting for a slot under their database's cap.",
             registry=self.registry,
         )
+        self.demand = Gauge(
+            "matview_refresh_demand_per_second",
+            "Refreshes a second the schedules of this process's views ask for (the sum over its views of one over "
+            "the expected period); above rate(matview_refreshes_total), its lanes cannot keep up.",
+            registry=self.registry,
+        )
+        self._periods: dict[tuple[str, str], float] = {}
         self.start_lateness = Histogram(
             "matview_refresh_start_lateness_seconds",
             "How long after its due time a scheduled refresh was started.",
@@ -230,6 +238,12 @@ class RefreshMetrics:
             gauge = self.last_success.labels(namespace, name)
             gauge.set(max(last_success_timestamp, _value(gauge)))
         self.interval.labels(namespace, name).set(period_seconds or 0)
+        with self._lock:
+            if period_seconds:
+                self._periods[(namespace, name)] = period_seconds
+            else:
+                self._periods.pop((namespace, name), None)
+            self._update_demand()
         self.timeout.labels(namespace, name).set(view.refresh.timeout_seconds)
         if view.incremental is not None:
             self.target_lag.labels(namespace, name).set(view.refresh.target_lag_seconds or 0)
@@ -282,6 +296,11 @@ class RefreshMetrics:
             if verification.mismatched_rows:
                 self.verify_mismatches.labels(namespace, name).inc()
 
+    def _update_demand(self) -> None:
+        """The demand gauge from the periods (the caller holds the lock): summed again, not kept as a running
+        total, so floating-point error never accumulates over thousands of edits."""
+        self.demand.set(math.fsum(1 / period for period in self._periods.values()))
+
     def scheduler(self, scheduled: int, running: int, waiting: int) -> None:
         self.scheduled.set(scheduled)
         self.running.set(running)
@@ -302,6 +321,8 @@ class RefreshMetrics:
         """Remove every series of a deleted resource."""
         with self._lock:
             self._known.discard((namespace, name))
+            if self._periods.pop((namespace, name), None) is not None:
+                self._update_demand()
         for metric in (
             self.duration,
             self.refreshes,
