@@ -392,3 +392,41 @@ async def test_cancelling_a_refresh_cancels_it_in_the_database(db: Connection, d
     row = db.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'REFRESH%%'").fetchone()
     assert row == (0,)
     assert total(db) == before
+
+
+async def test_two_slow_views_do_not_starve_a_third_and_its_wait_shows_in_the_queue(db: Connection, dsn: str) -> None:
+    """Two always-due slow views and one fast view on two lanes: the fast one still gets a lane each time a slow
+    one ends (the lanes are handed out in arrival order), and while it waits the queue depth says so."""
+    slow = [mv("slow-a"), mv("slow-b")]
+    fast = mv("fast", query="SELECT kind, count(*) AS n FROM ops.events GROUP BY kind")
+    for v in (*slow, fast):
+        engine.apply(db, v)
+    db.execute("UPDATE ops.ctl SET slow_seconds = 0.5")
+    refresher = Refresher(RefreshMetrics(), RunnerSettings(max_concurrent_per_database=2))
+    done: dict[str, int] = {v.resource_name: 0 for v in (*slow, fast)}
+    waiting_seen: list[int] = []
+    stop = asyncio.Event()
+
+    async def always_due(v: MaterializedView) -> None:  # as the scheduler runs a view whose interval has passed
+        while not stop.is_set():
+            result = await refresher.refresh(dsn, v, "Full")
+            assert result.result == "success", result
+            done[v.resource_name] += 1
+
+    async def watch_queue() -> None:
+        while not stop.is_set():
+            waiting_seen.append(refresher.waiting())
+            await asyncio.sleep(0.05)
+
+    loops = [asyncio.create_task(always_due(v)) for v in (*slow, fast)]
+    watcher = asyncio.create_task(watch_queue())
+    try:
+        async with asyncio.timeout(60):  # bounds a hang only: the loop ends when the fast view refreshed 4 times
+            while done["fast"] < 4:
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.gather(*loops, watcher, return_exceptions=True)
+        refresher.close()
+    assert done["slow-a"] >= 1 and done["slow-b"] >= 1, done
+    assert max(waiting_seen) >= 1, "the fast view waited for a lane, and the queue depth showed it"
