@@ -430,3 +430,29 @@ async def test_two_slow_views_do_not_starve_a_third_and_its_wait_shows_in_the_qu
         refresher.close()
     assert done["slow-a"] >= 1 and done["slow-b"] >= 1, done
     assert max(waiting_seen) >= 1, "the fast view waited for a lane, and the queue depth showed it"
+
+
+async def test_a_creation_never_waits_behind_drift_checks(dsn: str) -> None:
+    """Drift checks have a lane of their own: with every check slot of the database taken and another check
+    queued, an apply (a creation) runs at once."""
+    refresher = Refresher(
+        RefreshMetrics(), RunnerSettings(max_concurrent_applies_per_database=1, max_concurrent_checks_per_database=1)
+    )
+    started, release = threading.Event(), threading.Event()
+
+    def long_check(conn: Connection) -> None:
+        started.set()
+        release.wait(60)
+
+    checking = asyncio.create_task(refresher.run_sync(dsn, long_check, "check"))
+    queued = asyncio.create_task(refresher.run_sync(dsn, lambda conn: "second check", "check"))
+    try:
+        await asyncio.to_thread(started.wait, 60)
+        async with asyncio.timeout(30):  # bounds a hang: behind the checks this would wait for their minute
+            created = await refresher.run_sync(dsn, lambda conn: conn.execute("SELECT 'created'").fetchone())
+        assert created == ("created",)
+        assert not queued.done(), "the second check still waits for the check lane"
+    finally:
+        release.set()
+        await asyncio.gather(checking, queued, return_exceptions=True)
+        refresher.close()

@@ -283,10 +283,27 @@ async def test_drift_checks_are_spread_then_periodic_and_back_off_when_busy_or_f
     scheduler.put(v.owner, v, ready=True)
     first = schedule.spread_offset(v.owner, 100)
     await run_until(scheduler, clock, first + 250)
+    # After the late success at first + 132 the next check is back on the view's grid (T0 is a multiple of
+    # the period, so the grid is first + k * 100), not a period after the late one.
+    assert T0 % 100 == 0
     assert feeder.times("apply", drift_check=True) == pytest.approx(
-        [first, first + 100, first + 102, first + 132, first + 232]
+        [first, first + 100, first + 102, first + 132, first + 200]
     )
     assert feeder.times("refresh") == []
+
+
+def test_drift_checks_that_all_ran_late_return_to_their_even_spread() -> None:
+    """After a burst (thousands of creations, a restart) every check ran in the same few seconds; the next
+    round lands each on its own slot of the period again instead of repeating the burst."""
+    period, keys = 300.0, [f"ns/view-{i}" for i in range(3000)]
+    ran_at = [T0 + 1234.5 + i * 0.01 for i in range(len(keys))]  # all 3,000 within 30 s
+    next_at = [schedule.next_on_spread(key, period, now) for key, now in zip(keys, ran_at, strict=True)]
+    assert all(period / 2 <= at - now <= 1.5 * period for at, now in zip(next_at, ran_at, strict=True))
+    next_round = sorted(next_at)
+    per_slot = [0] * 30  # ten-second slots of one period after the first
+    for at in next_round:
+        per_slot[int((at - next_round[0]) // 10) % 30] += 1
+    assert max(per_slot) < 2 * len(keys) / 30, per_slot  # even: no slot holds twice its share
 
 
 async def test_a_new_spec_is_applied_when_the_refresh_in_flight_ends_and_without_the_old_backoff(

@@ -168,7 +168,7 @@ class FileFeeder:
             )
 
         try:
-            applied: Applied = await self.refresher.run_sync(self.dsn, work)
+            applied: Applied = await self.refresher.run_sync(self.dsn, work, "check" if drift_check else "apply")
         except engine.BusyError as exc:  # another process is applying or refreshing it: not a failure
             return Applied(Outcome.BUSY, message=str(exc))
         except Exception as exc:  # retried with backoff, and counted

@@ -26,6 +26,7 @@ from matview.k8s.resource import resolve_dsn, validated
 from matview.plan import engine
 from matview.plan.observed import Connection
 from matview.refresh import ViewSize, apply_and_record, schedule, view_size
+from matview.refresh.settings import Lane
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,9 @@ def moved_relation(status: conditions.Status | None, view_relation: str) -> str 
     return None
 
 
-async def _outcome(ctx: OperatorContext, body: Mapping[str, Any], logger: logging.Logger | Any) -> Outcome:
+async def _outcome(
+    ctx: OperatorContext, body: Mapping[str, Any], logger: logging.Logger | Any, lane: Lane = "apply"
+) -> Outcome:
     config = ctx.config
     try:
         view = await validated(body)
@@ -129,7 +132,7 @@ async def _outcome(ctx: OperatorContext, body: Mapping[str, Any], logger: loggin
         return result, view_size(conn, view)
 
     try:
-        result, size = await ctx.refresher.run_sync(dsn, work)
+        result, size = await ctx.refresher.run_sync(dsn, work, lane)
     except SpecError as exc:
         return Outcome(
             False,
@@ -172,15 +175,17 @@ async def _outcome(ctx: OperatorContext, body: Mapping[str, Any], logger: loggin
     )
 
 
-async def reconcile(ctx: OperatorContext, body: Mapping[str, Any], logger: logging.Logger | Any) -> None:
+async def reconcile(
+    ctx: OperatorContext, body: Mapping[str, Any], logger: logging.Logger | Any, lane: Lane = "apply"
+) -> None:
     """The body of the create/update handlers and of the scheduler's drift checks (which pass the object
-    as last seen by the watch)."""
+    as last seen by the watch, and run in the refresher's check lane)."""
     metadata = body.get("metadata", {})
     namespace, name = metadata.get("namespace", ""), metadata.get("name", "")
     generation = metadata.get("generation")
     previous = conditions.get_condition((body.get("status") or {}).get("conditions"), conditions.ConditionType.READY)
     previous_message = previous.get("message") if previous else None
-    outcome = await _outcome(ctx, body, logger)
+    outcome = await _outcome(ctx, body, logger, lane)
     if outcome.reason == conditions.Reason.BUSY:
         # A refresh (or another replica) holds the view's lock: nothing is wrong with the resource, so Ready
         # keeps what it says and no event is posted; the reconcile simply runs again shortly.

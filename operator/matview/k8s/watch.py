@@ -38,6 +38,7 @@ from matview.outcomes import FailureReason, Outcome
 from matview.refresh import RefreshResult, facts
 from matview.refresh.feeding import Applied, Relation, Report
 from matview.refresh.scheduler import Scheduler
+from matview.refresh.settings import Lane
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,8 @@ class WatchFeeder:
         if body is None:
             return Applied(Outcome.SUCCESS)
         try:
-            await self._in_handler_context(reconcile.reconcile(self.ctx, body, logger))
+            lane: Lane = "check" if drift_check else "apply"
+            await self._in_handler_context(reconcile.reconcile(self.ctx, body, logger, lane))
         except kopf.TemporaryError as exc:  # reported in status by the reconcile; check again sooner
             return Applied(Outcome.FAILURE, message=str(exc), retry_seconds=float(exc.delay or 0) or None)
         return Applied(Outcome.SUCCESS)

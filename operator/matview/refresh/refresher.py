@@ -7,9 +7,10 @@ due at the same minute do not flatten it), shares one connection pool per
 database, cancels the server-side statement when its task is cancelled (on
 shutdown), and records every result in the metrics.
 
-Refreshes and applies (creates, edits, drift checks) run in separate lanes: their own threads, their
-own connection pools and their own per-database caps, so a burst of thousands of reconciles never
-delays a due refresh, and work waits for its turn in asyncio rather than timing out on a pool.
+Refreshes, applies (creates, edits, deletes) and drift checks run in separate lanes: their own threads,
+their own connection pools and their own per-database caps, so a burst of thousands of reconciles never
+delays a due refresh, a creation never waits behind drift checks, and work waits for its turn in asyncio
+rather than timing out on a pool.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import Any
 
 from psycopg_pool import ConnectionPool
 
@@ -32,12 +33,9 @@ from matview.outcomes import NO_MODE, Outcome
 from matview.plan import session
 from matview.plan.observed import Connection
 from matview.refresh import RefreshResult, classify, refresh
-from matview.refresh.settings import RunnerSettings
+from matview.refresh.settings import LANES, Lane, RunnerSettings
 
 logger = logging.getLogger(__name__)
-
-
-Lane = Literal["refresh", "apply"]
 
 
 class Refresher:
@@ -53,12 +51,15 @@ class Refresher:
         self._executors: dict[Lane, ThreadPoolExecutor] = {
             "refresh": ThreadPoolExecutor(self.settings.refresh_threads, thread_name_prefix="matview-refresh"),
             "apply": ThreadPoolExecutor(self.settings.apply_threads, thread_name_prefix="matview-apply"),
+            "check": ThreadPoolExecutor(self.settings.max_concurrent_drift_checks, thread_name_prefix="matview-check"),
         }
 
     def _limit(self, lane: Lane) -> int:
         """Work of lane that may run at once against one database."""
         if lane == "refresh":
             return self.settings.max_concurrent_per_database
+        if lane == "check":
+            return self.settings.max_concurrent_checks_per_database
         return self.settings.max_concurrent_applies_per_database
 
     def _cap(self, dsn: str, lane: Lane) -> asyncio.Semaphore:
@@ -100,7 +101,7 @@ class Refresher:
             return {dsn for dsn, _ in self._pools}
 
     def close_pool(self, dsn: str) -> None:
-        for lane in ("refresh", "apply"):
+        for lane in LANES:
             with self._pools_lock:
                 pool = self._pools.pop((dsn, lane), None)
             self._caps.pop((dsn, lane), None)
@@ -113,11 +114,11 @@ class Refresher:
         for executor in self._executors.values():
             executor.shutdown(wait=False, cancel_futures=True)
 
-    async def run_sync(self, dsn: str, work: Callable[[Connection], Any]) -> Any:
-        """Run work(conn) in the apply lane, after waiting for a slot under the database's cap for applies;
-        cancel its statement if the task is cancelled."""
-        async with self._cap(dsn, "apply"):
-            return await self._in_thread(dsn, work, "apply")
+    async def run_sync(self, dsn: str, work: Callable[[Connection], Any], lane: Lane = "apply") -> Any:
+        """Run work(conn) in lane (apply, or check for drift checks), after waiting for a slot under the
+        database's cap for it; cancel its statement if the task is cancelled."""
+        async with self._cap(dsn, lane):
+            return await self._in_thread(dsn, work, lane)
 
     async def _in_thread(self, dsn: str, work: Callable[[Connection], Any], lane: Lane) -> Any:
         """work(conn) in a thread of lane with a pooled connection of lane (the caller holds the lane's cap)."""

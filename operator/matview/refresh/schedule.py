@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
+import math
 import zoneinfo
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -49,6 +50,15 @@ def jitter_seconds(view_owner: str, interval_seconds: float) -> float:
 def spread_offset(key: str, period: float) -> float:
     """A stable offset in [0, period): drift checks of many views land evenly over the period."""
     return stable_fraction(key) * period
+
+
+def next_on_spread(key: str, period: float, now: float) -> float:
+    """The next time after now (clock seconds) on key's stable grid (spread_offset + k * period), at least half
+    a period away: a drift check that ran late (behind a burst of creations, or after a restart) does not carry
+    its lateness into the next period, so the checks of many views return to their even spread by themselves."""
+    offset = spread_offset(key, period)
+    at = offset + (math.floor((now - offset) / period) + 1) * period
+    return at + period if at - now < period / 2 else at
 
 
 def target_lag_check_seconds(target_lag_seconds: float) -> float:

@@ -349,18 +349,20 @@ class Scheduler:
         now = self._now()
         if applied.reads is not None:
             slot.reads = applied.reads
-        next_in = self._after_check(applied) if drift_check else self._after_apply(key, slot, view, applied, now)
+        next_in = self._after_check(key, applied) if drift_check else self._after_apply(key, slot, view, applied, now)
         self._set(self._check_due, key, self.clock() + next_in)
         self.sink.applied(key, view, applied, drift_check=drift_check, next_in=next_in)
 
-    def _after_check(self, applied: Applied) -> float:
-        """Seconds until the next drift check of an applied view."""
+    def _after_check(self, key: str, applied: Applied) -> float:
+        """Seconds until the next drift check of an applied view: after a success, its next slot on the view's
+        spread grid (however late this one ran)."""
         period = self.settings.drift_check_seconds
         if applied.outcome == Outcome.BUSY:  # the view's refreshes go on; only the check waits
             return self.settings.busy_retry_seconds
         if applied.outcome == Outcome.FAILURE:
             return min(period, applied.retry_seconds or self.settings.retry_seconds)
-        return period
+        now = self.clock()
+        return schedule.next_on_spread(key, period, now) - now
 
     def _after_apply(self, key: str, slot: _Slot, view: MaterializedView, applied: Applied, now: dt.datetime) -> float:
         """The view's state after an apply of a spec not applied yet; seconds until the next apply or check."""

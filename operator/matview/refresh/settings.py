@@ -4,9 +4,14 @@ the CLI reads these defaults to build its options without importing threads, poo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from matview.plan import engine
 from matview.refresh import schedule
+
+Lane = Literal["refresh", "apply", "check"]
+"""Work of one kind, with its own threads, connection pool and per-database cap (see ``refresher``)."""
+LANES: tuple[Lane, ...] = ("refresh", "apply", "check")
 
 
 @dataclass(frozen=True)
@@ -30,7 +35,10 @@ class RunnerSettings:
     apply_policy: engine.ApplyPolicy = field(default_factory=engine.ApplyPolicy)
     """What applies made by this runner accept (superuser runAsRole)."""
     max_concurrent_applies_per_database: int = 4
-    """Applies (create, edit, drift check, delete) that may run at once against one database."""
+    """Applies (create, edit, delete) that may run at once against one database."""
+    max_concurrent_checks_per_database: int = 1
+    """Drift checks that may run at once against one database, in a lane of their own: a creation never waits
+    behind drift checks, and they never take a refresh lane."""
     refresh_threads: int = 32
     """Worker threads for refreshes, shared by all databases (each database is capped as above)."""
     apply_threads: int = 8
