@@ -229,3 +229,28 @@ def test_a_search_path_schema_others_can_create_in_is_warned_about_in_plan_and_a
     assert [w for w in plan.warnings if "'shared'" in w and "PUBLIC" in w], plan.warnings
     assert not [w for w in plan.warnings if "'closed'" in w], plan.warnings
     assert engine.apply(conn, mv).plan.warnings == plan.warnings
+
+
+def test_a_view_whose_search_path_lists_a_planted_schema_runs_no_plant_in_the_refreshs_own_statements(
+    conn: Connection, roles: Roles
+) -> None:
+    """spec.searchPath names a schema the attacker writes: the user's query resolves names there, but the
+    statements the engine adds to the refresh's transaction (marker, lock release, sizes) must not."""
+    plant(roles)
+    listed = view(
+        "listed",
+        "ops",
+        schema="reports",
+        name="listed",
+        query="SELECT k, sum(v) AS total FROM app.src GROUP BY k",
+        indexes=[{"columns": ["k"], "unique": True}],
+        searchPath=["public"],
+    )
+    with engine.connect(roles.login("operator")) as operator:
+        engine.apply(operator, listed)  # plan and apply warn about the schema; they do not refuse it
+        record_build(operator, listed)
+        for mode in ("Concurrent", "Swap", "Full", "Auto"):
+            result = refresh(operator, listed, mode)
+            assert result.result == "success", result
+            assert result.rows is not None and result.table_bytes, "the sizes were read in the same transaction"
+    assert loot(conn) == 0

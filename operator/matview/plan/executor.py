@@ -253,15 +253,18 @@ def _run_step(
             pipeline.sync()  # the step's work is done: how long it took goes into the closing statements
             if step.runs_query:
                 conn.execute(sql.SQL("RESET ROLE"))
+        # After the step's statements, so it outlives them and the transaction: a query that set search_path
+        # for the session (set_config(..., false) from a SELECT) must not leave it to the engine's next
+        # statement; and before the closing, whose statements are the engine's own and must not resolve
+        # names in spec.searchPath's schemas (a planted pg_table_size(oid) there would beat pg_catalog's).
+        session.configure(conn)
+        if closing is not None:
             for statement, parameters in closing.statements(time.monotonic() - started):
                 conn.execute(statement, parameters)
             read = conn.execute(*closing.read)
-        # Last in the transaction, so it outlives it: a query that set search_path for the session
-        # (set_config(..., false) from a SELECT) must not leave it to the engine's next statement.
-        session.configure(conn)
-        if closing is None:
+            # Its statements go with the COMMIT in one batch: the pipeline's exit syncs them.
+        else:
             pipeline.sync()
-        # With a closing, its statements go with the COMMIT in one batch: the pipeline's exit syncs them.
     if closing is not None:
         closing.on_commit(read.fetchone() if read is not None else None)
 
