@@ -31,7 +31,7 @@ from pathlib import Path
 import psycopg
 import yaml
 from _server import bench_database
-from incremental import ROOT, matrix_document, matrix_view
+from incremental import load_workload, matrix_document, matrix_view
 
 from matview import cli
 from matview.api import sqltext
@@ -78,17 +78,13 @@ def main() -> None:
     parser.add_argument("--drivers", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3, help="repeats per measurement (medians)")
     parser.add_argument("--dsn", help="an existing server (default: a private one in a temp dir)")
+    parser.add_argument(
+        "--durable", action="store_true", help="fsync and synchronous_commit on (default off: a benchmark server)"
+    )
     args = parser.parse_args()
     rng = random.Random(22)
-    with bench_database(args.dsn) as dsn, engine.connect(dsn) as conn:
-        conn.execute("DROP SCHEMA IF EXISTS ops CASCADE")
-        conn.execute((ROOT / "sql/examples/driver_matrix/schema.sql").read_text())
-        started = time.perf_counter()
-        conn.execute("SELECT ops.load_driver_matrix(%s)", (args.drivers,))
-        for source in ("trips", "claims", "payments", "leads"):
-            conn.execute(f"CREATE INDEX ON ops.{source} (driver_id)")
-        conn.execute("ANALYZE")
-        print(f"loaded {args.drivers:,} drivers in {time.perf_counter() - started:.0f}s")
+    with bench_database(args.dsn, args.durable) as dsn, engine.connect(dsn) as conn:
+        load_workload(conn, args.drivers, analyze=True)
         view = matrix_view()
         engine.apply(conn, view)
         record_build(conn, view)

@@ -164,10 +164,12 @@ class HeldLock:
         return [(_RELEASE.format(self._table), (self._key,))]
 
     def release(self, conn: Connection) -> None:
-        if not self.released and self._table is not None:
+        """Release it now (unless a committed transaction already did)."""
+        if not self.released:
             self.released = True
-            with contextlib.suppress(psycopg.Error):
-                conn.execute(_RELEASE.format(self._table), (self._key,))
+            for statement, parameters in self.release_query():
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute(statement, parameters)
 
 
 @contextlib.contextmanager

@@ -209,11 +209,16 @@ def refresh_in_place_step(view: MaterializedView, mode: str) -> Step:
     )
 
 
+def record_state_statement(view: MaterializedView, marker: Marker) -> Statement:
+    """The view's marker with its refresh state, written (a refresh ends its own transaction with it)."""
+    return comment_sql("view", relation_id(view.schema, view.name), marker, view.storage.relkind)
+
+
 def record_state_step(view: MaterializedView, marker: Marker) -> Step:
-    """Write the view's marker with its refresh state (the last step of every refresh)."""
+    """Write the view's marker with its refresh state in a step of its own (after a verification, a build)."""
     return Step(
         f"record the refresh state of {view.relation}",
-        (comment_sql("view", relation_id(view.schema, view.name), marker, view.storage.relkind),),
+        (record_state_statement(view, marker),),
     )
 
 

@@ -26,6 +26,7 @@ from matview.plan.planner import ApplyPolicy
 from matview.plan.rebuild import (
     drop_leftover_step,
     incremental_step,
+    record_state_statement,
     record_state_step,
     refresh_in_place_step,
     swap_steps,
@@ -232,7 +233,7 @@ class _Closed:
         def statements(seconds: float) -> list[Query]:
             self.seconds = seconds
             marker = _marker(self.view, self.inspection, mode, seconds)
-            return [(record_state_step(self.view, marker).statements[0], None), *self.lock.release_query()]
+            return [(record_state_statement(self.view, marker), None), *self.lock.release_query()]
 
         def committed(row: tuple[Any, ...] | None) -> None:
             self.lock.released = True
