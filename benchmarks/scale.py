@@ -2,13 +2,16 @@
 
 Creates --views cheap views (one table, a unique index each, intervals spread over --interval-range),
 runs `matview operator` as its ServiceAccount, and reports: RSS and CPU at steady state, time until all
-are Ready, refresh start lateness and event-loop lag (from the operator's own histograms), apiserver
+are Ready, then from that moment (so the burst after creation counts) refresh start lateness and
+event-loop lag (from the operator's own histograms), the views not refreshed at all in the window, apiserver
 requests per view-hour and per refresh (from kube-apiserver's apiserver_request_total, less this
 script's own requests), then restarts the operator and reports the SIGTERM time and how long until
 every view is scheduled again. With --shards 2, two operators split the views and the script checks
 that every view was refreshed by exactly one of them. No assertions: read the numbers.
 
-    python benchmarks/scale.py --views 1000 --steady-minutes 5
+    python benchmarks/scale.py --views 3000 --steady-minutes 6
+
+The window must be longer than the longest interval, so that every view is due in it at least once.
 """
 
 from __future__ import annotations
@@ -66,6 +69,16 @@ def histogram(samples: list[tuple[str, dict[str, str], float]], name: str) -> di
     return {
         float(labels["le"]): value for metric, labels, value in samples if metric == f"{name}_bucket" and "le" in labels
     }
+
+
+def merged_histogram(per_process: list[list[tuple[str, dict[str, str], float]]], name: str) -> dict[float, float]:
+    """One histogram's buckets summed over every series (views, modes) of every process."""
+    merged: dict[float, float] = {}
+    for samples in per_process:
+        for metric, labels, value in samples:
+            if metric == f"{name}_bucket" and "le" in labels:
+                merged[float(labels["le"])] = merged.get(float(labels["le"]), 0.0) + value
+    return merged
 
 
 def quantile(before: dict[float, float], after: dict[float, float], q: float) -> str:
@@ -198,7 +211,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--views", type=int, default=1000)
     parser.add_argument("--interval-range", default="60-300", help="refresh intervals, seconds, spread over this range")
-    parser.add_argument("--steady-minutes", type=float, default=5.0)
+    parser.add_argument("--steady-minutes", type=float, default=6.0)
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--dsn", help="an existing server (default: a private one in a temp dir)")
     args = parser.parse_args()
@@ -222,7 +235,6 @@ def main() -> None:
             time.sleep(2)
         report["ready"] = ready[0]
         report["time_to_all_ready_s"] = round(time.monotonic() - started, 1)
-        time.sleep(30)  # let the first refresh wave pass
 
         def snapshot() -> dict[str, object]:
             metrics = [scrape(f"http://127.0.0.1:{port}/metrics") for _, port in operators]
@@ -235,10 +247,25 @@ def main() -> None:
 
         before = snapshot()
         rss_samples: list[float] = []
+        # Per 30 s slice of the window: when the late starts happened (a burst after creation, or all along).
+        slices: list[dict[str, object]] = []
+        previous = merged_histogram(before["metrics"], "matview_refresh_start_lateness_seconds")  # type: ignore[arg-type]
         deadline = time.monotonic() + args.steady_minutes * 60
         while time.monotonic() < deadline:
             time.sleep(10)
             rss_samples.append(sum(process_usage(p.pid)[0] for p, _ in operators))
+            if len(rss_samples) % 3 == 0:
+                metrics = [scrape(f"http://127.0.0.1:{port}/metrics") for _, port in operators]
+                current = merged_histogram(metrics, "matview_refresh_start_lateness_seconds")
+                slices.append(
+                    {
+                        "at_s": round(time.monotonic() - float(before["at"])),  # type: ignore[arg-type]
+                        "lateness_p99": quantile(previous, current, 0.99),
+                        "queue_depth": sum(v for m in metrics for n, _, v in m if n == "matview_refresh_queue_depth"),
+                        "lanes": sum(v for m in metrics for n, _, v in m if n == "matview_refresh_lanes"),
+                    }
+                )
+                previous = current
         after = snapshot()
         seconds = float(after["at"]) - float(before["at"])  # type: ignore[arg-type]
         cpu = sum(a[1] - b[1] for a, b in zip(after["usage"], before["usage"], strict=True))  # type: ignore[arg-type]
@@ -260,7 +287,17 @@ def main() -> None:
             ):
                 for bound, value in histogram(source, name).items():
                     target[bound] = target.get(bound, 0.0) + value
-        lateness = {q: quantile(merged_before, merged_after, v) for q, v in (("p50", 0.5), ("p99", 0.99))}
+        lateness = {q: quantile(merged_before, merged_after, v) for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))}
+        refreshed_in_window = set()
+        for b_metrics, a_metrics in zip(before["metrics"], after["metrics"], strict=True):  # type: ignore[call-overload]
+            counted = {labels["name"]: 0.0 for m, labels, _ in a_metrics if m == "matview_refreshes_total"}
+            for m, labels, v in a_metrics:
+                if m == "matview_refreshes_total":
+                    counted[labels["name"]] += v
+            for m, labels, v in b_metrics:
+                if m == "matview_refreshes_total":
+                    counted[labels["name"]] -= v
+            refreshed_in_window |= {name for name, count in counted.items() if count > 0}
         lag = {"p99": quantile(lag_before, lag_after, 0.99)}
         requests = operator_requests(before["api"], after["api"])  # type: ignore[arg-type]
         total_requests = sum(requests.values())
@@ -271,7 +308,18 @@ def main() -> None:
             cpu_percent_of_one_core=round(100 * cpu / seconds, 1),
             steady_seconds=round(seconds),
             refreshes=int(refreshes),
+            refreshes_per_second=round(refreshes / seconds, 1),
+            views_not_refreshed_in_window=args.views - len(refreshed_in_window),
             refresh_start_lateness=lateness,
+            refresh_duration={
+                q: quantile(
+                    merged_histogram(before["metrics"], "matview_refresh_duration_seconds"),  # type: ignore[arg-type]
+                    merged_histogram(after["metrics"], "matview_refresh_duration_seconds"),  # type: ignore[arg-type]
+                    v,
+                )
+                for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
+            },
+            per_30s=slices,
             event_loop_lag=lag,
             apiserver_requests=requests,
             apiserver_requests_per_view_hour=round(total_requests / view_hours, 2),

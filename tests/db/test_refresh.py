@@ -394,6 +394,45 @@ async def test_cancelling_a_refresh_cancels_it_in_the_database(db: Connection, d
     assert total(db) == before
 
 
+async def test_a_lane_grows_to_its_ceiling_while_refreshes_wait_and_no_further(db: Connection, dsn: str) -> None:
+    """Five slow refreshes due at once on a lane of base 2 and ceiling 3: once one has waited, a third runs
+    beside the first two, and never a fourth."""
+    views = [mv(f"grow-{i}") for i in range(5)]
+    for v in views:
+        engine.apply(db, v)
+    db.execute("UPDATE ops.ctl SET slow_seconds = 0.8")
+    settings = RunnerSettings(
+        max_concurrent_per_database=3, base_concurrent_per_database=2, lane_grow_after_seconds=0.2
+    )
+    refresher = Refresher(RefreshMetrics(), settings)
+    peak = 0
+    running = True
+
+    def sample() -> None:
+        nonlocal peak
+        with psycopg.connect(dsn, autocommit=True) as watcher:
+            while running:
+                row = watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                    "AND query LIKE 'REFRESH MATERIALIZED VIEW%%'"
+                ).fetchone()
+                peak = max(peak, int(row[0]) if row else 0)
+                time.sleep(0.05)
+
+    watcher = threading.Thread(target=sample)
+    watcher.start()
+    try:
+        results = await asyncio.gather(*(refresher.refresh(dsn, v, "Full") for v in views))
+        lanes = refresher.refresh_lanes()
+    finally:
+        running = False
+        watcher.join()
+        refresher.close()
+    assert [r.result for r in results] == ["success"] * 5
+    assert peak == 3
+    assert lanes == (3, 3), "open slots and ceiling"
+
+
 async def test_two_slow_views_do_not_starve_a_third_and_its_wait_shows_in_the_queue(db: Connection, dsn: str) -> None:
     """Two always-due slow views and one fast view on two lanes: the fast one still gets a lane each time a slow
     one ends (the lanes are handed out in arrival order), and while it waits the queue depth says so."""

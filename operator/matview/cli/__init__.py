@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--max-concurrent",
             type=int,
             default=RunnerSettings.max_concurrent_per_database,
-            help="refreshes at once per database",
+            help="the most refreshes at once per database: its lane starts with "
+            f"{RunnerSettings.base_concurrent_per_database} slots and grows to this while due refreshes wait",
         )
         parser.add_argument(
             "--drift-check-seconds",

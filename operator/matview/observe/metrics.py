@@ -199,6 +199,17 @@ class RefreshMetrics:
             "the expected period); above rate(matview_refreshes_total), its lanes cannot keep up.",
             registry=self.registry,
         )
+        self.lanes = Gauge(
+            "matview_refresh_lanes",
+            "Refresh slots open now, summed over databases: each starts with a base and grows toward its ceiling "
+            "(--max-concurrent) while due refreshes wait for a slot, and shrinks back when none wait.",
+            registry=self.registry,
+        )
+        self.lanes_ceiling = Gauge(
+            "matview_refresh_lanes_ceiling",
+            "The most refresh slots the databases may open (--max-concurrent each), summed over databases.",
+            registry=self.registry,
+        )
         self._periods: dict[tuple[str, str], float] = {}
         self.start_lateness = Histogram(
             "matview_refresh_start_lateness_seconds",
@@ -301,10 +312,12 @@ class RefreshMetrics:
         total, so floating-point error never accumulates over thousands of edits."""
         self.demand.set(math.fsum(1 / period for period in self._periods.values()))
 
-    def scheduler(self, scheduled: int, running: int, waiting: int) -> None:
+    def scheduler(self, scheduled: int, running: int, waiting: int, lanes: tuple[int, int] = (0, 0)) -> None:
         self.scheduled.set(scheduled)
         self.running.set(running)
         self.queue_depth.set(waiting)
+        self.lanes.set(lanes[0])
+        self.lanes_ceiling.set(lanes[1])
 
     def lateness(self, seconds: float) -> None:
         self.start_lateness.observe(seconds)

@@ -3,7 +3,8 @@
 ``Refresher`` is what the one scheduler calls for both feeders (``matview run`` and the
 Kubernetes operator): it offloads the synchronous engine to a thread, holds
 at most ``max_concurrent_per_database`` refreshes per database (so fifty views
-due at the same minute do not flatten it), shares one connection pool per
+due at the same minute do not flatten it; it starts with fewer slots and grows
+toward that ceiling while refreshes wait, see ``slots``), shares one connection pool per
 database, cancels the server-side statement when its task is cancelled (on
 shutdown), and records every result in the metrics.
 
@@ -34,6 +35,7 @@ from matview.plan import session
 from matview.plan.observed import Connection
 from matview.refresh import RefreshResult, classify, refresh
 from matview.refresh.settings import LANES, Lane, RunnerSettings
+from matview.refresh.slots import Slots
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ class Refresher:
         self.metrics = metrics
         self.settings = settings or RunnerSettings()
         self._pools: dict[tuple[str, Lane], ConnectionPool[Connection]] = {}
-        self._caps: dict[tuple[str, Lane], asyncio.Semaphore] = {}
+        self._caps: dict[tuple[str, Lane], Slots] = {}
         self._pools_lock = threading.Lock()
         self._waiting_refreshes = 0
         self._executors: dict[Lane, ThreadPoolExecutor] = {
@@ -62,12 +64,24 @@ class Refresher:
             return self.settings.max_concurrent_checks_per_database
         return self.settings.max_concurrent_applies_per_database
 
-    def _cap(self, dsn: str, lane: Lane) -> asyncio.Semaphore:
-        return self._caps.setdefault((dsn, lane), asyncio.Semaphore(self._limit(lane)))
+    def _cap(self, dsn: str, lane: Lane) -> Slots:
+        cap = self._caps.get((dsn, lane))
+        if cap is None:
+            ceiling = self._limit(lane)
+            floor = min(self.settings.base_concurrent_per_database, ceiling) if lane == "refresh" else ceiling
+            cap = self._caps[(dsn, lane)] = Slots(
+                floor, ceiling, self.settings.lane_grow_after_seconds, self.settings.lane_shrink_after_seconds
+            )
+        return cap
 
     def waiting(self) -> int:
         """Refreshes waiting for a slot under their database's cap (the queue depth)."""
         return self._waiting_refreshes
+
+    def refresh_lanes(self) -> tuple[int, int]:
+        """Refresh slots open now and their ceiling, summed over the databases."""
+        caps = [cap for (_, lane), cap in self._caps.items() if lane == "refresh"]
+        return sum(cap.limit for cap in caps), sum(cap.ceiling for cap in caps)
 
     def pool(self, dsn: str, lane: Lane = "refresh") -> ConnectionPool[Connection]:
         """The shared pool of one database and lane (created on first use, by one thread only)."""

@@ -202,7 +202,10 @@ class Scheduler:
         upcoming = [t for t in (self._refresh_due.next_at(), self._check_due.next_at()) if t is not None]
         self._sleep_until = min([now + MAX_SLEEP_SECONDS, *upcoming])
         self.refresher.metrics.scheduler(
-            scheduled=len(self._refresh_due), running=len(self._refreshes), waiting=self.refresher.waiting()
+            scheduled=len(self._refresh_due),
+            running=len(self._refreshes),
+            waiting=self.refresher.waiting(),
+            lanes=self.refresher.refresh_lanes(),
         )
         return self._sleep_until
 

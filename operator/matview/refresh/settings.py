@@ -18,8 +18,14 @@ LANES: tuple[Lane, ...] = ("refresh", "apply", "check")
 class RunnerSettings:
     """Limits of the refresher and the rules of the one scheduler (the operator and ``matview run`` alike)."""
 
-    max_concurrent_per_database: int = 2
-    """Refreshes that may run at once against one database."""
+    max_concurrent_per_database: int = 4
+    """The most refreshes that may run at once against one database (its refresh lane's ceiling)."""
+    base_concurrent_per_database: int = 2
+    """The refresh slots a database starts with (fewer when the ceiling is lower). While a due refresh has
+    waited ``lane_grow_after_seconds`` for a slot, the lane grows by one, up to the ceiling; after
+    ``lane_shrink_after_seconds`` with nobody waiting it gives one back (see ``slots``)."""
+    lane_grow_after_seconds: float = 1.0
+    lane_shrink_after_seconds: float = 60.0
     retry_seconds: float = 30.0
     """First delay before retrying a failed refresh; doubled per failure, capped by the view's period."""
     busy_retry_seconds: float = schedule.BUSY_RETRY_SECONDS
