@@ -23,7 +23,7 @@ from matview.embedded.localpg import free_port
 from matview.observe.metrics import RefreshMetrics
 from matview.plan import engine
 from matview.plan.observed import Connection
-from matview.refresh import Inspection, refresh, schedule
+from matview.refresh import Inspection, RefreshResult, refresh, schedule
 from matview.refresh import facts as refresh_facts
 from matview.refresh.facts import dependency_order
 from matview.refresh.refresher import Refresher
@@ -243,12 +243,11 @@ def test_two_processes_racing_on_one_view_run_exactly_one_refresh(db: Connection
     assert outcomes == ["skipped", "success"]
 
 
-async def test_per_database_cap_is_honoured(db: Connection, dsn: str) -> None:
-    views = [mv(f"totals-{i}") for i in range(5)]
-    for v in views:
-        engine.apply(db, v)
-    db.execute("UPDATE ops.ctl SET slow_seconds = 0.8")
-    refresher = Refresher(RefreshMetrics(), RunnerSettings(max_concurrent_per_database=2))
+async def refresh_all_at_once(
+    refresher: Refresher, dsn: str, views: list[MaterializedView]
+) -> tuple[list[RefreshResult], int]:
+    """Every view refreshed (Full) at once through the refresher, while a watcher samples pg_stat_activity:
+    the results and the most REFRESH statements it saw running together."""
     peak = 0
     running = True
 
@@ -270,6 +269,18 @@ async def test_per_database_cap_is_honoured(db: Connection, dsn: str) -> None:
     finally:
         running = False
         watcher.join()
+    return results, peak
+
+
+async def test_per_database_cap_is_honoured(db: Connection, dsn: str) -> None:
+    views = [mv(f"totals-{i}") for i in range(5)]
+    for v in views:
+        engine.apply(db, v)
+    db.execute("UPDATE ops.ctl SET slow_seconds = 0.8")
+    refresher = Refresher(RefreshMetrics(), RunnerSettings(max_concurrent_per_database=2))
+    try:
+        results, peak = await refresh_all_at_once(refresher, dsn, views)
+    finally:
         refresher.close()
     assert [r.result for r in results] == ["success"] * 5
     assert peak == 2
@@ -405,28 +416,10 @@ async def test_a_lane_grows_to_its_ceiling_while_refreshes_wait_and_no_further(d
         max_concurrent_per_database=3, base_concurrent_per_database=2, lane_grow_after_seconds=0.2
     )
     refresher = Refresher(RefreshMetrics(), settings)
-    peak = 0
-    running = True
-
-    def sample() -> None:
-        nonlocal peak
-        with psycopg.connect(dsn, autocommit=True) as watcher:
-            while running:
-                row = watcher.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-                    "AND query LIKE 'REFRESH MATERIALIZED VIEW%%'"
-                ).fetchone()
-                peak = max(peak, int(row[0]) if row else 0)
-                time.sleep(0.05)
-
-    watcher = threading.Thread(target=sample)
-    watcher.start()
     try:
-        results = await asyncio.gather(*(refresher.refresh(dsn, v, "Full") for v in views))
+        results, peak = await refresh_all_at_once(refresher, dsn, views)
         lanes = refresher.refresh_lanes()
     finally:
-        running = False
-        watcher.join()
         refresher.close()
     assert [r.result for r in results] == ["success"] * 5
     assert peak == 3
