@@ -49,7 +49,6 @@ class Refresher:
         self._pools: dict[tuple[str, Lane], ConnectionPool[Connection]] = {}
         self._caps: dict[tuple[str, Lane], Slots] = {}
         self._pools_lock = threading.Lock()
-        self._waiting_refreshes = 0
         self._executors: dict[Lane, ThreadPoolExecutor] = {
             "refresh": ThreadPoolExecutor(self.settings.refresh_threads, thread_name_prefix="matview-refresh"),
             "apply": ThreadPoolExecutor(self.settings.apply_threads, thread_name_prefix="matview-apply"),
@@ -76,7 +75,7 @@ class Refresher:
 
     def waiting(self) -> int:
         """Refreshes waiting for a slot under their database's cap (the queue depth)."""
-        return self._waiting_refreshes
+        return sum(cap.waiting() for (_, lane), cap in self._caps.items() if lane == "refresh")
 
     def refresh_lanes(self) -> tuple[int, int]:
         """Refresh slots open now and their ceiling, summed over the databases."""
@@ -167,11 +166,7 @@ class Refresher:
         the schedule wanted it, so that start lateness counts the wait for a slot too."""
         started = dt.datetime.now(dt.UTC)
         cap = self._cap(dsn, "refresh")
-        self._waiting_refreshes += 1
-        try:
-            await cap.acquire()
-        finally:
-            self._waiting_refreshes -= 1
+        await cap.acquire()
         try:
             if due_at is not None:
                 self.metrics.lateness(max(0.0, dt.datetime.now(dt.UTC).timestamp() - due_at))
