@@ -78,14 +78,22 @@ def capture_triggers(conn: Connection) -> int:
     return int(row[0]) if row else -1
 
 
+def update_capture(mv: MaterializedView) -> str:
+    """The capture function of the first source's UPDATEs (the tests' writes are UPDATEs of app.src)."""
+    return capture.function_name(mv, 0, "UPDATE")
+
+
 def owners(conn: Connection, mv: MaterializedView) -> tuple[str, str]:
+    """The change log's owner and the one owner of all the capture functions (a failure if they differ)."""
+    functions = [f'reports."{name}"()' for name in capture.functions(mv)]
     row = conn.execute(
-        "SELECT pg_get_userbyid(c.relowner), pg_get_userbyid(p.proowner) FROM pg_class c, pg_proc p "
-        "WHERE c.oid = %s::regclass AND p.oid = %s::regprocedure",
-        (f'reports."{capture.changes_name(mv)}"', f'reports."{capture.function_name(mv)}"()'),
+        "SELECT pg_get_userbyid(c.relowner), array_agg(DISTINCT pg_get_userbyid(p.proowner)), count(p.oid) "
+        "FROM pg_class c, pg_proc p WHERE c.oid = %s::regclass AND p.oid = ANY(%s::regprocedure[]) "
+        "GROUP BY c.relowner",
+        (f'reports."{capture.changes_name(mv)}"', functions),
     ).fetchone()
-    assert row is not None
-    return str(row[0]), str(row[1])
+    assert row is not None and len(row[1]) == 1 and row[2] == len(functions), row
+    return str(row[0]), str(row[1][0])
 
 
 def test_forged_look_alikes_with_copied_markers_are_refused_naming_their_owner(conn: Connection, roles: Roles) -> None:
@@ -106,12 +114,12 @@ def test_forged_look_alikes_with_copied_markers_are_refused_naming_their_owner(c
             )
         )
         attacker.execute(
-            f"CREATE FUNCTION reports.{capture.function_name(mv)}() RETURNS trigger LANGUAGE plpgsql "
+            f"CREATE FUNCTION reports.{update_capture(mv)}() RETURNS trigger LANGUAGE plpgsql "
             "SECURITY DEFINER AS $$ BEGIN INSERT INTO public.ran VALUES (current_user, 'capture'); RETURN NULL; END $$"
         )
         attacker.execute(
             sql.SQL("COMMENT ON FUNCTION {}() IS {}").format(
-                sql.Identifier("reports", capture.function_name(mv)),
+                sql.Identifier("reports", update_capture(mv)),
                 sql.Literal(Marker(mv.owner, "capture", digest).to_comment()),
             )
         )
@@ -123,7 +131,7 @@ def test_forged_look_alikes_with_copied_markers_are_refused_naming_their_owner(c
     conn.execute(f"DROP TABLE reports.{capture.changes_name(mv)}")
     with engine.connect(roles.login("operator")) as operator, pytest.raises(UnmanagedObjectError) as caught:
         engine.apply(operator, mv)
-    assert f"{capture.function_name(mv)}()" in str(caught.value) and roles["attacker"] in str(caught.value)
+    assert f"{update_capture(mv)}()" in str(caught.value) and roles["attacker"] in str(caught.value)
     conn.execute("UPDATE app.src SET v = v + 1 WHERE k = 1")
     assert capture_triggers(conn) == 0 and ran(conn) == []
 
@@ -140,7 +148,7 @@ def test_with_run_as_role_the_capture_belongs_to_the_operator_and_a_team_member_
     assert owner.fetchone() == (roles["team"],), "the view itself is the team's, as runAsRole declares"
     with psycopg.connect(roles.login("member"), autocommit=True) as member, pytest.raises(psycopg.Error) as caught:
         member.execute(
-            f"CREATE OR REPLACE FUNCTION reports.{capture.function_name(mv)}() RETURNS trigger LANGUAGE plpgsql "
+            f"CREATE OR REPLACE FUNCTION reports.{update_capture(mv)}() RETURNS trigger LANGUAGE plpgsql "
             "SECURITY DEFINER AS $$ BEGIN INSERT INTO public.ran VALUES (current_user, 'x'); RETURN NULL; END $$"
         )
     assert isinstance(caught.value, psycopg.errors.InsufficientPrivilege)
@@ -158,7 +166,7 @@ def test_an_altered_capture_function_is_restored_with_a_full_rebuild(conn: Conne
     with engine.connect(roles.login("operator")) as operator:
         engine.apply(operator, mv)
         record_build(operator, mv)
-    function = f"reports.{capture.function_name(mv)}"
+    function = f"reports.{update_capture(mv)}"
     conn.execute(
         f"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER "
         "AS $$ BEGIN INSERT INTO public.ran VALUES (current_user, 'replaced'); RETURN NULL; END $$"
@@ -184,7 +192,7 @@ def test_capture_made_by_an_older_operator_as_the_team_is_re_created_as_the_oper
         engine.apply(operator, mv)
         record_build(operator, mv)
     conn.execute(f"ALTER TABLE reports.{capture.changes_name(mv)} OWNER TO {roles['team']}")
-    conn.execute(f"ALTER FUNCTION reports.{capture.function_name(mv)}() OWNER TO {roles['team']}")
+    conn.execute(f"ALTER FUNCTION reports.{update_capture(mv)}() OWNER TO {roles['team']}")
     with engine.connect(roles.login("operator")) as operator:
         assert engine.apply(operator, mv).changed
         assert owners(conn, mv) == (roles["operator"], roles["operator"])

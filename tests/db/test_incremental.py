@@ -147,6 +147,85 @@ def test_a_dropped_trigger_is_restored_by_apply_and_forces_a_full_rebuild(matrix
     assert mismatches(matrix, mv) == (0, 0)
 
 
+def capture_functions(conn: Connection, mv: MaterializedView) -> dict[str, str]:
+    """Capture functions of mv's in its schema (by the shared prefix, or the legacy name) → what they insert."""
+    rows = conn.execute(
+        "SELECT p.proname, p.prosrc FROM pg_proc p WHERE p.pronamespace = %s::regnamespace "
+        "AND (left(p.proname, length(%s)) = %s OR p.proname = %s)",
+        (mv.schema, capture.function_prefix(mv), capture.function_prefix(mv), capture.legacy_function_name(mv)),
+    )
+    return {str(name): str(body) for name, body in rows}
+
+
+def log_rows(conn: Connection, mv: MaterializedView) -> int:
+    row = conn.execute(f'SELECT count(*) FROM {mv.schema}."{capture.changes_name(mv)}"').fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_each_source_and_operation_has_one_branchless_function_and_no_rows_write_nothing(matrix: Connection) -> None:
+    mv = matrix_view()
+    apply(matrix, mv)
+    found = capture_functions(matrix, mv)
+    assert sorted(found) == sorted(capture.functions(mv)) and len(found) == 3 * len(SOURCES) + 1
+    assert not any(word in body for body in found.values() for word in ("IF ", "DISTINCT", "UNION SELECT", "TG_OP"))
+    before = log_rows(matrix, mv)
+    matrix.execute("UPDATE ops.trips SET trip_date = trip_date WHERE driver_id = -1")  # no rows
+    matrix.execute("DELETE FROM ops.trips WHERE driver_id = -1")
+    matrix.execute("INSERT INTO ops.trips SELECT * FROM ops.trips WHERE false")
+    assert log_rows(matrix, mv) == before, "a statement that touched no rows writes nothing"
+    matrix.execute("UPDATE ops.trips SET trip_date = trip_date WHERE driver_id IN (5, 6)")
+    keys = matrix.execute(f'SELECT driver_id FROM ops."{capture.changes_name(mv)}"').fetchall()
+    assert len(keys) == before + 1 and sorted(set(keys[-1][0])) == [5, 6], keys[-1]
+    result = refresh(matrix, mv)
+    assert (result.mode, result.keys_applied) == ("Incremental", 2), result
+    assert mismatches(matrix, mv) == (0, 0)
+
+
+def test_capture_of_a_source_since_removed_and_of_the_older_format_is_dropped(matrix: Connection) -> None:
+    """Functions are named by the source's place in the list: those of a removed source go, and so does the
+    single branching function (and its triggers) an older operator made."""
+    apply(matrix, matrix_view())
+    fewer = matrix_view(incremental={"keyColumns": ["driver_id"], "sources": SOURCES[:2] + SOURCES[3:]})
+    apply(matrix, fewer)
+    assert sorted(capture_functions(matrix, fewer)) == sorted(capture.functions(fewer))
+    # What format 5 left: one function, every trigger calling it, the log's digest of that format.
+    legacy = capture.legacy_function_name(fewer)
+    digest = capture.capture_digest(fewer).rsplit(".", 1)[0] + ".5"
+    marker = capture.Marker(fewer.owner, "capture", digest).to_comment()
+    matrix.execute(
+        f'CREATE FUNCTION ops."{legacy}"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS '
+        "'BEGIN RETURN NULL; END'"
+    )
+    matrix.execute(f"COMMENT ON FUNCTION ops.\"{legacy}\"() IS '{marker}'")
+    for source in fewer.incremental.sources if fewer.incremental else ():
+        for operation, name in capture.trigger_names(fewer).items():
+            referencing = {
+                "INSERT": "REFERENCING NEW TABLE AS n",
+                "DELETE": "REFERENCING OLD TABLE AS o",
+                "UPDATE": "REFERENCING NEW TABLE AS n OLD TABLE AS o",
+                "TRUNCATE": "",
+            }[operation]
+            matrix.execute(f'DROP TRIGGER "{name}" ON {source.schema}.{source.table}')
+            matrix.execute(
+                f'CREATE TRIGGER "{name}" AFTER {operation} ON {source.schema}.{source.table} {referencing} '
+                f'FOR EACH STATEMENT EXECUTE FUNCTION ops."{legacy}"()'
+            )
+    matrix.execute(
+        f'COMMENT ON TABLE ops."{capture.changes_name(fewer)}" IS '
+        f"'{capture.Marker(fewer.owner, 'changes', digest).to_comment()}'"
+    )
+    assert apply(matrix, fewer).changed
+    assert sorted(capture_functions(matrix, fewer)) == sorted(capture.functions(fewer)), "the legacy one is gone"
+    matrix.execute("UPDATE ops.claims SET status = status WHERE driver_id = (SELECT min(driver_id) FROM ops.claims)")
+    result = refresh(matrix, fewer)
+    assert result.mode == "Swap" and result.result == "success", result  # the old log is not readable
+    matrix.execute("UPDATE ops.claims SET status = status WHERE driver_id = (SELECT max(driver_id) FROM ops.claims)")
+    result = refresh(matrix, fewer)
+    assert (result.mode, result.keys_applied) == ("Incremental", 1), result
+    assert mismatches(matrix, fewer) == (0, 0)
+
+
 def test_writes_to_an_undeclared_table_rebuild_in_full(matrix: Connection) -> None:
     partial = [s for s in SOURCES if s["table"] != "public.drivers"]
     mv = matrix_view(incremental={"keyColumns": ["driver_id"], "sources": partial})
@@ -532,18 +611,16 @@ def test_the_incremental_example_applies_refreshes_and_verifies_through_the_cli(
 
 def test_objects_that_hold_capture_names_and_are_not_ours_stop_apply_and_survive_delete(matrix: Connection) -> None:
     mv = matrix_view()
-    matrix.execute(
-        f'CREATE FUNCTION ops."{capture.function_name(mv)}"() RETURNS trigger LANGUAGE plpgsql AS '
-        "'BEGIN RETURN NULL; END'"
-    )
+    planted = capture.function_name(mv, 0, "INSERT")
+    matrix.execute(f"CREATE FUNCTION ops.\"{planted}\"() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NULL; END'")
     with pytest.raises(UnmanagedObjectError, match="not managed by matview-operator"):
         engine.apply(matrix, mv)
     assert matrix.execute("SELECT to_regclass('ops.mx'), to_regclass('ops.mx_mv_changes')").fetchone() == (None, None)
     engine.delete(matrix, matrix_view(deletionPolicy="Delete"))
     assert matrix.execute(
-        f"SELECT to_regprocedure('ops.\"{capture.function_name(mv)}\"()') IS NOT NULL"
+        f"SELECT to_regprocedure('ops.\"{capture.function_name(mv, 0, 'INSERT')}\"()') IS NOT NULL"
     ).fetchone() == (True,)
-    matrix.execute(f'DROP FUNCTION ops."{capture.function_name(mv)}"()')
+    matrix.execute(f'DROP FUNCTION ops."{planted}"()')
     matrix.execute("CREATE TABLE ops.mx_mv_changes (x int)")
     with pytest.raises(UnmanagedObjectError):
         engine.apply(matrix, mv)

@@ -1,11 +1,12 @@
-"""Change capture for incremental refresh: the change log, the capture function and the source triggers.
+"""Change capture for incremental refresh: the change log, the capture functions and the source triggers.
 
 Writes to a declared source table record the view keys they touched, in the writer's own transaction,
 into a change log the operator owns (``<view>_mv_changes``): one statement-level AFTER trigger per
 operation with transition tables, so a batch of 100,000 rows costs one INSERT of one log row, not
-100,000 trigger calls. TRUNCATE records that a full rebuild is needed. The capture function is
-SECURITY DEFINER (owned by the view's builder), so writers need no privilege on the change log; its body
-is generated here, with one static branch per declared source, and only ever inserts into its own log.
+100,000 trigger calls. TRUNCATE records that a full rebuild is needed. The capture functions are
+SECURITY DEFINER (owned by the view's builder), so writers need no privilege on the change log. There is
+one per source and operation, each a single static INSERT with no branch to test: every writer of a
+source pays for the capture, so its body is the cheapest statement that records the keys (issue #23).
 
 This module is the pure half: names, what observe reads about these objects, and the steps that create,
 repair and drop them. The refresh statements that consume the log live here too, so the log's columns
@@ -33,6 +34,7 @@ RESERVED_COLUMNS = frozenset({CHANGED_AT, FULL_REBUILD})
 SWAP_PENDING = "a build-and-swap did not complete"
 
 _OPERATIONS = {"i": "INSERT", "u": "UPDATE", "d": "DELETE", "t": "TRUNCATE"}
+_LETTERS = {operation: letter for letter, operation in _OPERATIONS.items()}
 _OPERATION_SQL = {
     "INSERT": sql.SQL("INSERT"),
     "UPDATE": sql.SQL("UPDATE"),
@@ -58,8 +60,52 @@ def changes_name(view: MaterializedView) -> str:
     return truncate_utf8(view.name, MAX_IDENTIFIER_BYTES - len("_mv_changes")) + "_mv_changes"
 
 
-def function_name(view: MaterializedView) -> str:
+def legacy_function_name(view: MaterializedView) -> str:
+    """The single capture function of capture format 5 and before (one body branching on the source and
+    operation): observed so that an upgrade drops it with its triggers."""
     return truncate_utf8(view.name, MAX_IDENTIFIER_BYTES - len("_mv_capture")) + "_mv_capture"
+
+
+#: Every capture function's name is the view's name cut to one length, then this, then the source's index
+#: (up to 31) and the operation's letter: the functions of one view share a prefix whatever its sources were,
+#: so observe finds those of sources since removed or reordered too.
+FUNCTION_INFIX = "_mv_cap"
+_LONGEST_SUFFIX = len(f"{FUNCTION_INFIX}99x")
+
+
+def function_prefix(view: MaterializedView) -> str:
+    return truncate_utf8(view.name, MAX_IDENTIFIER_BYTES - _LONGEST_SUFFIX) + FUNCTION_INFIX
+
+
+def function_name(view: MaterializedView, source_index: int | None, operation: str) -> str:
+    """The capture function that source_index's operation trigger calls (TRUNCATE's, source_index None,
+    is shared by every source: it records a full rebuild whatever the table)."""
+    return f"{function_prefix(view)}{'' if source_index is None else source_index}{_LETTERS[operation]}"
+
+
+def functions(view: MaterializedView) -> dict[str, str]:
+    """Every capture function the view needs: name → PL/pgSQL body."""
+    assert view.incremental is not None
+    wanted = {function_name(view, None, "TRUNCATE"): _truncate_body(view)}
+    for index, source in enumerate(view.incremental.sources):
+        for operation in ("INSERT", "UPDATE", "DELETE"):
+            wanted[function_name(view, index, operation)] = _function_body(view, source.columns, operation)
+    return wanted
+
+
+def function_candidates(view: MaterializedView) -> list[str]:
+    """The function names observe judges whoever made them: today's and the legacy one (dropped on sight)."""
+    return [*functions(view), legacy_function_name(view)]
+
+
+def trigger_calls(view: MaterializedView, relation: tuple[str, str]) -> dict[str, str]:
+    """Trigger name → the capture function it must call, on the declared source relation."""
+    assert view.incremental is not None
+    index = next(i for i, source in enumerate(view.incremental.sources) if source.relation == relation)
+    return {
+        name: function_name(view, None if operation == "TRUNCATE" else index, operation)
+        for operation, name in trigger_names(view).items()
+    }
 
 
 def trigger_prefix(view: MaterializedView) -> str:
@@ -75,7 +121,7 @@ def trigger_names(view: MaterializedView) -> dict[str, str]:
 
 #: Changes whenever the change log's columns or the capture function's body change shape, so that apply
 #: re-installs capture made by an older operator (and requests a full rebuild: its log is not readable).
-CAPTURE_FORMAT_VERSION = "5"
+CAPTURE_FORMAT_VERSION = "6"
 
 
 def capture_digest(view: MaterializedView) -> str:
@@ -85,37 +131,65 @@ def capture_digest(view: MaterializedView) -> str:
 
 
 @dataclass(frozen=True)
+class FoundFunction:
+    """A capture function as it exists (by name; its owner proven by converge)."""
+
+    marker: Marker | None
+    owner: str
+    body: str
+    shape_ok: bool
+    """SECURITY DEFINER, no SET clause, PL/pgSQL, returns trigger: as the engine creates it."""
+
+
+@dataclass(frozen=True)
+class FoundTrigger:
+    enabled: bool
+    """Enabled ALWAYS (fires under session_replication_role = replica too)."""
+    function: str
+    """The capture function (in the view's schema) it calls."""
+
+
+@dataclass(frozen=True)
 class CaptureState:
     """What exists of one view's change capture (observed; owners proven by marker or by function)."""
 
     changes: Marker | None = None
     changes_exists: bool = False
-    function: Marker | None = None
-    function_exists: bool = False
-    triggers: dict[tuple[str, str], dict[str, bool]] = field(default_factory=dict)
-    """(schema, table) → trigger name → enabled, for triggers named with this resource's prefix that call
-    its capture function."""
+    functions: dict[str, FoundFunction] = field(default_factory=dict)
+    """Capture functions of this view (today's names and the legacy one) that exist, by name."""
+    triggers: dict[tuple[str, str], dict[str, FoundTrigger]] = field(default_factory=dict)
+    """(schema, table) → trigger name → the trigger, for triggers named with this resource's prefix that call
+    one of its capture functions."""
     changes_owner: str = ""
     changes_has_triggers: bool = False
     """Someone made a trigger on the log (it would run on every refresh, as the operator)."""
-    function_owner: str = ""
-    function_body: str = ""
-    function_shape_ok: bool = False
-    """SECURITY DEFINER, no SET clause, PL/pgSQL, returns trigger: as the engine creates it."""
     triggers_in_the_way: dict[tuple[str, str], str] = field(default_factory=dict)
     """(schema, table) → a trigger there with one of this view's trigger names that calls another function."""
 
-    def function_intact(self, view: MaterializedView) -> bool:
-        """The capture function is exactly the one the engine writes (a member of its owner's role could
-        have replaced the body with CREATE OR REPLACE, which keeps the comment)."""
-        return self.function_shape_ok and self.function_body == _function_body(view)
+    def functions_intact(self, view: MaterializedView, operator: str) -> bool:
+        """Exactly the capture functions the engine writes exist, owned by the operator's role, with the
+        current digest (a member of its owner's role could have replaced a body with CREATE OR REPLACE, which
+        keeps the comment)."""
+        wanted = functions(view)
+        return set(self.functions) == set(wanted) and all(
+            found.shape_ok
+            and found.owner == operator
+            and found.marker is not None
+            and found.marker.digest == capture_digest(view)
+            and found.body == wanted[name]
+            for name, found in self.functions.items()
+        )
 
 
-def _function_body(view: MaterializedView) -> str:
-    """The capture function's PL/pgSQL: one branch of static statements per source, so PostgreSQL plans
-    each once per session (a dynamic EXECUTE would parse and plan on every write). A trigger fired on a
-    table no branch names (a source renamed after its triggers were made) requests a full rebuild: a
-    write is never lost, and never fails.
+def _function_body(view: MaterializedView, columns: tuple[str, ...], operation: str) -> str:
+    """One source's capture of one operation: a single static INSERT of the statement's keys, one log row
+    whose arrays hold them, so PostgreSQL plans it once per session and a 100,000-row batch writes one row.
+
+    Measured on a single-row UPDATE (benchmarks/capture.py), each piece of the former shared body cost the
+    writer: the branch tests on the table and the operation, the DISTINCT, and the UNION's hashing. They
+    are gone: the claim and the live reads take DISTINCT keys anyway, so a key may appear twice (an UPDATE
+    that kept its key records it from both the old and the new rows). A statement that touched no rows
+    writes nothing (array_agg of no rows is NULL; the HAVING reuses that same aggregate).
 
     The function is SECURITY DEFINER and runs on every write with the writer's search_path. It has no
     ``SET search_path`` clause, which costs every write about 5 µs (measured: +6% on a single-row UPDATE);
@@ -124,63 +198,46 @@ def _function_body(view: MaterializedView) -> str:
     ``test_a_writer_cannot_make_the_capture_function_run_its_code`` shadows each of them from a writer's
     search_path and checks that none runs."""
     assert view.incremental is not None
-    log = changes_id(view)
-    keys = key_list(view.incremental.key_columns)
-    # One log row per statement, its keys in arrays: a 100,000-row batch writes one row, not 100,000.
-    aggregates = sql.SQL(", ").join(
-        sql.SQL("pg_catalog.array_agg({})").format(sql.Identifier("d", k)) for k in view.incremental.key_columns
-    )
-    full = sql.Identifier(FULL_REBUILD)
-    new_rows, old_rows = sql.Identifier(_NEW_ROWS), sql.Identifier(_OLD_ROWS)
-    branches = []
-    for source in view.incremental.sources:
-        columns = key_list(source.columns)
-        branches.append(
-            sql.SQL(
-                "    IF TG_TABLE_SCHEMA OPERATOR(pg_catalog.=) {schema}::pg_catalog.name\n"
-                "       AND TG_TABLE_NAME OPERATOR(pg_catalog.=) {table}::pg_catalog.name THEN\n"
-                "        IF TG_OP OPERATOR(pg_catalog.=) 'INSERT'::pg_catalog.text THEN\n"
-                "            INSERT INTO {log} ({keys}) SELECT {aggregates}\n"
-                "            FROM (SELECT DISTINCT {columns} FROM {new_rows}) AS d ({keys})\n"
-                "            HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0::pg_catalog.int8;\n"
-                "        ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE'::pg_catalog.text THEN\n"
-                "            INSERT INTO {log} ({keys}) SELECT {aggregates}\n"
-                "            FROM (SELECT DISTINCT {columns} FROM {old_rows}) AS d ({keys})\n"
-                "            HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0::pg_catalog.int8;\n"
-                "        ELSE\n"
-                "            INSERT INTO {log} ({keys}) SELECT {aggregates}\n"
-                "            FROM (SELECT {columns} FROM {new_rows} UNION SELECT {columns} FROM {old_rows})\n"
-                "            AS d ({keys})\n"
-                "            HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0::pg_catalog.int8;\n"
-                "        END IF;\n"
-                "        RETURN NULL;\n"
-                "    END IF;\n"
-            ).format(
-                schema=sql.Literal(source.schema),
-                table=sql.Literal(source.table),
-                log=log,
-                keys=keys,
-                aggregates=aggregates,
-                columns=columns,
-                new_rows=new_rows,
-                old_rows=old_rows,
-            )
+    keys = view.incremental.key_columns
+    aggregates = [sql.SQL("pg_catalog.array_agg({})").format(sql.Identifier("d", k)) for k in keys]
+    selected = key_list(columns)
+    if operation == "INSERT":
+        rows = sql.SQL("SELECT {} FROM {}").format(selected, sql.Identifier(_NEW_ROWS))
+    elif operation == "DELETE":
+        rows = sql.SQL("SELECT {} FROM {}").format(selected, sql.Identifier(_OLD_ROWS))
+    else:
+        rows = sql.SQL("SELECT {} FROM {} UNION ALL SELECT {} FROM {}").format(
+            selected, sql.Identifier(_NEW_ROWS), selected, sql.Identifier(_OLD_ROWS)
         )
     body = sql.SQL(
         "\nBEGIN\n"
-        "    IF TG_OP OPERATOR(pg_catalog.=) 'TRUNCATE'::pg_catalog.text THEN\n"
-        "        INSERT INTO {log} ({full})\n"
-        "        VALUES (pg_catalog.format('TRUNCATE of %I.%I'::pg_catalog.text, TG_TABLE_SCHEMA, TG_TABLE_NAME));\n"
-        "        RETURN NULL;\n"
-        "    END IF;\n"
-        "{branches}"
-        "    INSERT INTO {log} ({full}) VALUES (pg_catalog.format(\n"
-        "        'a write to %I.%I, which is not a declared source'::pg_catalog.text,\n"
-        "        TG_TABLE_SCHEMA, TG_TABLE_NAME));\n"
+        "    INSERT INTO {log} ({keys}) SELECT {aggregates} FROM ({rows}) AS d ({keys})\n"
+        "    HAVING {first} IS NOT NULL;\n"
         "    RETURN NULL;\n"
         "END\n"
-    ).format(log=log, full=full, branches=sql.Composed(branches))
+    ).format(
+        log=changes_id(view),
+        keys=key_list(keys),
+        aggregates=sql.SQL(", ").join(aggregates),
+        rows=rows,
+        first=aggregates[0],
+    )
     return body.as_string(None)
+
+
+def _truncate_body(view: MaterializedView) -> str:
+    """TRUNCATE of any source: the next refresh rebuilds in full (the log names the table)."""
+    return (
+        sql.SQL(
+            "\nBEGIN\n"
+            "    INSERT INTO {log} ({full})\n"
+            "    VALUES (pg_catalog.format('TRUNCATE of %I.%I'::pg_catalog.text, TG_TABLE_SCHEMA, TG_TABLE_NAME));\n"
+            "    RETURN NULL;\n"
+            "END\n"
+        )
+        .format(log=changes_id(view), full=sql.Identifier(FULL_REBUILD))
+        .as_string(None)
+    )
 
 
 def _comment(keyword: sql.SQL, target: sql.Composable, marker: Marker) -> sql.Composed:
@@ -197,14 +254,24 @@ def key_list(columns: tuple[str, ...], table: str | None = None) -> sql.Composed
 
 def create_log_statements(view: MaterializedView) -> list[sql.Composed | sql.SQL]:
     """The change log, typed like the view's key columns (taken from the query itself, WITH NO DATA, so it is
-    compiled as the view's builder, with its rights), and the capture function. Both then belong to the
-    operator's role, never to spec.runAsRole: the function runs as its owner on every write to a source,
+    compiled as the view's builder, with its rights), and the capture functions. All belong to the
+    operator's role, never to spec.runAsRole: a function runs as its owner on every write to a source,
     which may be another team's table, and a member of a team's role could replace a function the role
     owns (CREATE OR REPLACE keeps its comment)."""
     assert view.incremental is not None
     keys = view.incremental.key_columns
     log = changes_id(view)
-    function = sql.Identifier(view.schema, function_name(view))
+    marker = Marker(view.owner, "capture", capture_digest(view))
+    made: list[sql.Composed | sql.SQL] = []
+    for name, body in functions(view).items():
+        function = sql.Identifier(view.schema, name)
+        made += [
+            sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS {}").format(
+                function, sql.Literal(body)
+            ),
+            sql.SQL("REVOKE ALL ON FUNCTION {}() FROM PUBLIC").format(function),
+            _comment(sql.SQL("FUNCTION"), sql.SQL("{}()").format(function), marker),
+        ]
     return [
         sql.SQL("CREATE TABLE {} AS SELECT {} FROM ({}) AS q WITH NO DATA").format(
             log,
@@ -227,30 +294,26 @@ def create_log_statements(view: MaterializedView) -> list[sql.Composed | sql.SQL
             "ALTER TABLE {} ADD COLUMN {} timestamptz NOT NULL DEFAULT clock_timestamp(), ADD COLUMN {} text"
         ).format(log, sql.Identifier(CHANGED_AT), sql.Identifier(FULL_REBUILD)),
         _comment(sql.SQL("TABLE"), log, Marker(view.owner, "changes", capture_digest(view))),
-        sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS {}").format(
-            function, sql.Literal(_function_body(view))
-        ),
-        sql.SQL("REVOKE ALL ON FUNCTION {}() FROM PUBLIC").format(function),
-        _comment(
-            sql.SQL("FUNCTION"), sql.SQL("{}()").format(function), Marker(view.owner, "capture", capture_digest(view))
-        ),
+        *made,
     ]
 
 
 def drop_log_statements(view: MaterializedView, state: CaptureState) -> list[sql.Composed]:
-    statements = []
-    if state.function_exists:
-        statements.append(sql.SQL("DROP FUNCTION {}()").format(sql.Identifier(view.schema, function_name(view))))
+    """Drop the log and the capture functions in state (those converge proved ours)."""
+    statements = [
+        sql.SQL("DROP FUNCTION {}()").format(sql.Identifier(view.schema, name)) for name in sorted(state.functions)
+    ]
     if state.changes_exists:
         statements.append(sql.SQL("DROP TABLE {}").format(changes_id(view)))
     return statements
 
 
 def create_trigger_statements(view: MaterializedView, schema: str, table: str) -> list[sql.Composed]:
-    call = sql.SQL("EXECUTE FUNCTION {}()").format(sql.Identifier(view.schema, function_name(view)))
     target = sql.Identifier(schema, table)
+    calls = trigger_calls(view, (schema, table))
     statements = []
     for operation, name in trigger_names(view).items():
+        call = sql.SQL("EXECUTE FUNCTION {}()").format(sql.Identifier(view.schema, calls[name]))
         referencing = {
             "INSERT": sql.SQL(" REFERENCING NEW TABLE AS {}").format(sql.Identifier(_NEW_ROWS)),
             "DELETE": sql.SQL(" REFERENCING OLD TABLE AS {}").format(sql.Identifier(_OLD_ROWS)),
@@ -284,8 +347,8 @@ def uninstall_statements(view: MaterializedView) -> list[sql.Composed]:
     statements: list[sql.Composed] = []
     for source in view.incremental.sources:
         statements += drop_trigger_statements(source.schema, source.table, list(trigger_names(view).values()))
-    function = sql.Identifier(view.schema, function_name(view))
-    statements.append(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(function))
+    for name in functions(view):
+        statements.append(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(sql.Identifier(view.schema, name)))
     statements.append(sql.SQL("DROP TABLE IF EXISTS {}").format(changes_id(view)))
     return statements
 

@@ -356,11 +356,11 @@ def _dependent(conn: Connection, row: tuple[Any, ...]) -> DependentView:
 
 
 _CAPTURE_TRIGGERS = sql.SQL("""
-SELECT n.nspname, c.relname, t.tgname, t.tgenabled = 'A'
+SELECT n.nspname, c.relname, t.tgname, t.tgenabled = 'A', p.proname
 FROM pg_trigger t
 JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace pn ON pn.oid = p.pronamespace
-WHERE left(t.tgname, length(%(prefix)s)) = %(prefix)s AND pn.nspname = %(schema)s AND p.proname = %(function)s
+WHERE left(t.tgname, length(%(prefix)s)) = %(prefix)s AND pn.nspname = %(schema)s AND p.proname = ANY(%(functions)s)
 """)
 
 #: Triggers named like this view's capture triggers that call something else (decoys, or a DBA's own).
@@ -369,29 +369,37 @@ SELECT n.nspname, c.relname, t.tgname, pn.nspname || '.' || p.proname
 FROM pg_trigger t
 JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace pn ON pn.oid = p.pronamespace
-WHERE t.tgname = ANY(%(names)s) AND NOT (pn.nspname = %(schema)s AND p.proname = %(function)s)
+WHERE t.tgname = ANY(%(names)s) AND NOT (pn.nspname = %(schema)s AND p.proname = ANY(%(functions)s))
 """)
 
-_CAPTURE_FUNCTION = sql.SQL("""
-SELECT obj_description(p.oid, 'pg_proc'), pg_get_userbyid(p.proowner),
+#: Functions under this view's capture names, or named with its capture prefix (those of sources since removed).
+_CAPTURE_FUNCTIONS = sql.SQL("""
+SELECT p.proname, obj_description(p.oid, 'pg_proc'), pg_get_userbyid(p.proowner),
        p.prosrc, p.prosecdef AND p.proconfig IS NULL AND l.lanname = 'plpgsql' AND p.prorettype = 'trigger'::regtype
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace JOIN pg_language l ON l.oid = p.prolang
-WHERE n.nspname = %s AND p.proname = %s AND p.pronargs = 0
+WHERE n.nspname = %(schema)s AND p.pronargs = 0
+  AND (p.proname = ANY(%(names)s) OR left(p.proname, length(%(prefix)s)) = %(prefix)s)
 """)
 
 
 def read_capture(conn: Connection, view: MaterializedView) -> capture.CaptureState:
-    """The view's change log, capture function and capture triggers, as they are."""
+    """The view's change log, capture functions and capture triggers, as they are."""
     log = conn.execute(_RELATION, (view.schema, capture.changes_name(view))).fetchone()
-    function = conn.execute(_CAPTURE_FUNCTION, (view.schema, capture.function_name(view))).fetchone()
-    triggers: dict[tuple[str, str], dict[str, bool]] = {}
-    parameters = {
-        "prefix": capture.trigger_prefix(view),
-        "schema": view.schema,
-        "function": capture.function_name(view),
-    }
-    for schema, table, name, enabled in conn.execute(_CAPTURE_TRIGGERS, parameters):
-        triggers.setdefault((str(schema), str(table)), {})[str(name)] = bool(enabled)
+    names = capture.function_candidates(view)
+    found_functions = {}
+    lookup = {"schema": view.schema, "names": names, "prefix": capture.function_prefix(view)}
+    for name, comment, owner, body, shape_ok in conn.execute(_CAPTURE_FUNCTIONS, lookup):
+        marker = Marker.parse(comment)
+        # One of today's names is this view's to judge, whoever made it; a prefix match only when it says so
+        # (a view whose name shares the cut prefix has functions there too).
+        if name in names or (marker is not None and marker.owner == view.owner):
+            found_functions[str(name)] = capture.FoundFunction(marker, str(owner), str(body), bool(shape_ok))
+    triggers: dict[tuple[str, str], dict[str, capture.FoundTrigger]] = {}
+    parameters = {"prefix": capture.trigger_prefix(view), "schema": view.schema, "functions": list(found_functions)}
+    for schema, table, name, enabled, function in conn.execute(_CAPTURE_TRIGGERS, parameters):
+        triggers.setdefault((str(schema), str(table)), {})[str(name)] = capture.FoundTrigger(
+            bool(enabled), str(function)
+        )
     in_the_way = {
         (str(schema), str(table)): f"trigger {name} calls {function}"
         for schema, table, name, function in conn.execute(
@@ -402,13 +410,9 @@ def read_capture(conn: Connection, view: MaterializedView) -> capture.CaptureSta
     return capture.CaptureState(
         changes=changes.marker if changes else None,
         changes_exists=changes is not None,
-        function=Marker.parse(function[0]) if function else None,
-        function_exists=function is not None,
+        functions=found_functions,
         triggers=triggers,
         changes_owner=changes.owner if changes else "",
         changes_has_triggers=changes.has_triggers if changes else False,
-        function_owner=str(function[1]) if function else "",
-        function_body=str(function[2]) if function else "",
-        function_shape_ok=bool(function[3]) if function else False,
         triggers_in_the_way=in_the_way,
     )

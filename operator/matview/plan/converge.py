@@ -51,11 +51,11 @@ def converge_capture(view: MaterializedView, observed: Observed, reasons: list[s
     wanted = {source.relation: source for source in view.incremental.sources}
     names = capture.trigger_names(view)
     log_label = f"relation {view.schema}.{capture.changes_name(view)}"
-    function_label = f"function {view.schema}.{capture.function_name(view)}()"
     if state.changes_exists and not is_ours(view, observed, state.changes, state.changes_owner):
         raise UnmanagedObjectError(not_ours(log_label, state.changes, state.changes_owner))
-    if state.function_exists and not is_ours(view, observed, state.function, state.function_owner):
-        raise UnmanagedObjectError(not_ours(function_label, state.function, state.function_owner))
+    for name, function in sorted(state.functions.items()):
+        if not is_ours(view, observed, function.marker, function.owner):
+            raise UnmanagedObjectError(not_ours(f"function {view.schema}.{name}()", function.marker, function.owner))
     operator = observed.current_user
     log_current = (
         state.changes_exists
@@ -63,10 +63,7 @@ def converge_capture(view: MaterializedView, observed: Observed, reasons: list[s
         and state.changes.digest == capture.capture_digest(view)
         and state.changes_owner == operator
         and not state.changes_has_triggers
-        and state.function is not None
-        and state.function.digest == capture.capture_digest(view)
-        and state.function_owner == operator
-        and state.function_intact(view)
+        and state.functions_intact(view, operator)
     )
     existing = state.triggers
     if not log_current:
@@ -79,7 +76,7 @@ def converge_capture(view: MaterializedView, observed: Observed, reasons: list[s
                 "the change log or capture function was altered or is not owned by the operator's role: "
                 "change capture is re-installed"
             )
-        if state.changes_exists or state.function_exists or existing:
+        if state.changes_exists or state.functions or existing:
             steps += drop_capture_steps(view, observed, state)
         existing = {}
         steps.append(
@@ -93,14 +90,15 @@ def converge_capture(view: MaterializedView, observed: Observed, reasons: list[s
     repaired: list[str] = []
     for relation in sorted(wanted):
         found = existing.get(relation, {})
-        if set(found) == set(names.values()) and all(found.values()):
+        calls = capture.trigger_calls(view, relation)
+        if set(found) == set(names.values()) and all(t.enabled and t.function == calls[n] for n, t in found.items()):
             continue
         label = f"{relation[0]}.{relation[1]}"
         install += capture.drop_trigger_statements(*relation, list(found))
         install += capture.create_trigger_statements(view, *relation)
         if log_current:
             repaired.append(label)
-            reasons.append(f"capture triggers on {label} are missing or not enabled ALWAYS")
+            reasons.append(f"capture triggers on {label} are missing, not enabled ALWAYS or call the wrong function")
     if repaired or (install and observed.relation is not None) or (not log_current and observed.relation is not None):
         why = "capture was missing on " + ", ".join(repaired) if repaired else "change capture was installed"
         install.append(capture.request_full_rebuild(view, why))
@@ -195,8 +193,10 @@ def drop_capture_steps(view: MaterializedView, observed: Observed, state: captur
         statements += capture.drop_trigger_statements(schema, table, list(found))
     if state.changes_exists and not is_ours(view, observed, state.changes, state.changes_owner):
         state = replace(state, changes_exists=False)  # never ours to drop
-    if state.function_exists and not is_ours(view, observed, state.function, state.function_owner):
-        state = replace(state, function_exists=False)
+    state = replace(
+        state,
+        functions={name: f for name, f in state.functions.items() if is_ours(view, observed, f.marker, f.owner)},
+    )
     statements += capture.drop_log_statements(view, state)
     if not statements:
         return []

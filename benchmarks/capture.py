@@ -1,0 +1,231 @@
+"""What change capture costs a writer, per trigger body, measured side by side in one run (issue #23).
+
+Identical tables, each with another capture on it, written in turn by the same pgbench client: every
+pgbench "transaction" sends one autocommit statement to each table, so the machine's noise lands on all
+of them alike, and ``pgbench -r`` reports each statement's mean latency. The tables:
+
+- ``none``: no trigger (the baseline every ratio is against);
+- ``empty``: the statement triggers with transition tables, calling a function that returns at once;
+- ``const``: the same triggers inserting one constant log row (the floor of any capture that logs);
+- ``format5``: the capture the engine shipped before (one function for every source and operation,
+  branching on them, DISTINCT and UNION over the transition tables, HAVING count(*) > 0);
+- ``shipped``: what ``engine.apply`` installs today, for a real incremental view over that table.
+
+Then batch writes (one 100,000-row INSERT, one 10,000-row UPDATE) to each table in turn, medians of
+--rounds.
+
+    python benchmarks/capture.py [--dsn DSN] [--seconds 20] [--rounds 5] [--durable]
+
+Prints per-statement costs and ratios; no assertions (these machines are noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from _server import bench_database
+
+from matview.api.validation import validate_document
+from matview.plan import engine
+from matview.refresh import record_build
+
+ROWS = 200_000
+DRIVERS = 100_000
+REFERENCING = {
+    "INSERT": "REFERENCING NEW TABLE AS n",
+    "UPDATE": "REFERENCING NEW TABLE AS n OLD TABLE AS o",
+    "DELETE": "REFERENCING OLD TABLE AS o",
+}
+
+
+#: The rows each operation's capture reads from its transition tables.
+ROWS_OF = {
+    "INSERT": "SELECT driver_id FROM n",
+    "UPDATE": "SELECT driver_id FROM n UNION ALL SELECT driver_id FROM o",
+    "DELETE": "SELECT driver_id FROM o",
+}
+
+
+def _format5_body(table: str, _operation: str) -> str:
+    """The body the engine shipped until capture format 5 (one source), for comparison."""
+    insert = (
+        "INSERT INTO bench.{t}_log (driver_id) SELECT pg_catalog.array_agg(d.k) FROM (SELECT DISTINCT driver_id FROM "
+        "{rows}) AS d (k) HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0::pg_catalog.int8;"
+    )
+    return f"""
+BEGIN
+    IF TG_OP OPERATOR(pg_catalog.=) 'TRUNCATE'::pg_catalog.text THEN RETURN NULL; END IF;
+    IF TG_TABLE_SCHEMA OPERATOR(pg_catalog.=) 'bench'::pg_catalog.name
+       AND TG_TABLE_NAME OPERATOR(pg_catalog.=) '{table}'::pg_catalog.name THEN
+        IF TG_OP OPERATOR(pg_catalog.=) 'INSERT'::pg_catalog.text THEN
+            {insert.format(t=table, rows="n")}
+        ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE'::pg_catalog.text THEN
+            {insert.format(t=table, rows="o")}
+        ELSE
+            INSERT INTO bench.{table}_log (driver_id) SELECT pg_catalog.array_agg(d.k)
+            FROM (SELECT driver_id FROM n UNION SELECT driver_id FROM o) AS d (k)
+            HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0::pg_catalog.int8;
+        END IF;
+        RETURN NULL;
+    END IF;
+    RETURN NULL;
+END"""
+
+
+def _hand_made(conn: psycopg.Connection[Any], table: str, body: Callable[[str, str], str] | None) -> None:
+    """Statement triggers on bench.<table>, each calling a function of its own made by body(table, operation)
+    (None: no trigger at all)."""
+    if body is None:
+        return
+    conn.execute(
+        f"CREATE TABLE bench.{table}_log (driver_id int[], mv_changed_at timestamptz NOT NULL "
+        "DEFAULT clock_timestamp(), mv_full_rebuild text)"
+    )
+    for operation, referencing in REFERENCING.items():
+        function = f"bench.{table}_capture_{operation.lower()}"
+        conn.execute(
+            f"CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER "
+            f"AS $body${body(table, operation)}$body$"
+        )
+        conn.execute(
+            f"CREATE TRIGGER {table}_{operation.lower()} AFTER {operation} ON bench.{table} {referencing} "
+            f"FOR EACH STATEMENT EXECUTE FUNCTION {function}()"
+        )
+
+
+def _shipped(conn: psycopg.Connection[Any], table: str) -> None:
+    """An incremental view over bench.<table>, applied by the engine: its capture is what ships."""
+    document = {
+        "apiVersion": "matview.dev/v1alpha1",
+        "kind": "MaterializedView",
+        "metadata": {"name": f"{table}-view", "namespace": "bench"},
+        "spec": {
+            "schema": "bench",
+            "name": f"{table}_view",
+            "storage": "Table",
+            "query": f"SELECT driver_id, sum(v) AS v FROM bench.{table} GROUP BY driver_id",
+            "indexes": [{"columns": ["driver_id"], "unique": True}],
+            "incremental": {
+                "keyColumns": ["driver_id"],
+                "sources": [{"table": f"bench.{table}", "columns": ["driver_id"]}],
+            },
+            "refresh": {"interval": "1h"},
+        },
+    }
+    view = validate_document(document)
+    with psycopg.connect(conn.info.dsn, autocommit=True) as engine_conn:
+        if engine.apply(engine_conn, view).built:
+            record_build(engine_conn, view)
+
+
+VARIANTS: dict[str, Callable[[psycopg.Connection[Any], str], None]] = {
+    "none": lambda conn, table: _hand_made(conn, table, None),
+    "empty": lambda conn, table: _hand_made(conn, table, lambda _t, _o: "BEGIN RETURN NULL; END"),
+    "const": lambda conn, table: _hand_made(
+        conn, table, lambda t, _o: f"BEGIN INSERT INTO bench.{t}_log (driver_id) VALUES ('{{1}}'); RETURN NULL; END"
+    ),
+    "format5": lambda conn, table: _hand_made(conn, table, _format5_body),
+    "shipped": _shipped,
+}
+
+
+def setup(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA IF EXISTS bench CASCADE")
+        conn.execute("CREATE SCHEMA bench")
+        for name, install in VARIANTS.items():
+            conn.execute(f"CREATE TABLE bench.{name} (id int PRIMARY KEY, driver_id int NOT NULL, v int NOT NULL)")
+            conn.execute(
+                f"INSERT INTO bench.{name} SELECT g, g %% %s, 0 FROM generate_series(1, %s) g", (DRIVERS, ROWS)
+            )
+            conn.execute(f"CREATE INDEX ON bench.{name} (driver_id)")
+            install(conn, name)
+        conn.execute("VACUUM ANALYZE")
+
+
+def single_row_statements(dsn: str, seconds: float) -> dict[str, dict[str, float]]:
+    """Mean latency (ms) of a single-row UPDATE and INSERT on each table, in one pgbench run."""
+    pgbench = shutil.which("pgbench") or next(Path("/usr/lib/postgresql").glob("*/bin/pgbench"), None)
+    if pgbench is None:
+        raise SystemExit("pgbench not found: install Debian's postgresql package (.ci/run does)")
+    script = [f"\\set id random(1, {ROWS})", "\\set fresh random(1000000, 2000000000)"]
+    for name in VARIANTS:
+        script.append(f"UPDATE bench.{name} SET v = v + 1 WHERE id = :id;")
+        script.append(f"INSERT INTO bench.{name} VALUES (:fresh, :id % {DRIVERS}, 0) ON CONFLICT DO NOTHING;")
+    path = Path(tempfile.mkdtemp(prefix="matview-capture-")) / "writes.sql"
+    path.write_text("\n".join(script) + "\n")
+    run = subprocess.run(
+        [str(pgbench), "-n", "-M", "prepared", "-r", "-T", str(int(seconds)), "-f", str(path), dsn],
+        capture_output=True,
+        text=True,
+    )
+    if run.returncode != 0:
+        raise SystemExit(f"pgbench failed: {run.stderr.strip()}")
+    latencies: dict[str, dict[str, float]] = {name: {} for name in VARIANTS}
+    for line in run.stdout.splitlines():
+        # "<latency ms> <failures> <statement>", one line per statement of the script
+        parts = line.split()
+        table = next((word.removeprefix("bench.") for word in parts if word.startswith("bench.")), None)
+        if table in latencies and len(parts) > 2 and parts[2] in ("UPDATE", "INSERT"):
+            latencies[table][parts[2]] = float(parts[0])
+    return latencies
+
+
+def batches(dsn: str, rounds: int) -> dict[str, dict[str, float]]:
+    """Median seconds of one 100,000-row INSERT and one 10,000-row UPDATE on each table, tables in turn."""
+    times: dict[str, dict[str, list[float]]] = {name: {"INSERT": [], "UPDATE": []} for name in VARIANTS}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for _ in range(rounds):
+            for name in VARIANTS:
+                started = time.perf_counter()
+                conn.execute(
+                    f"INSERT INTO bench.{name} SELECT g, g %% %s, 0 FROM generate_series(2100000001, 2100100000) g",
+                    (DRIVERS,),
+                )
+                times[name]["INSERT"].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                conn.execute(f"UPDATE bench.{name} SET v = v + 1 WHERE id BETWEEN 1 AND 10000")
+                times[name]["UPDATE"].append(time.perf_counter() - started)
+                conn.execute(f"DELETE FROM bench.{name} WHERE id > 2100000000")
+            for name in VARIANTS:
+                conn.execute(f"VACUUM bench.{name}")
+    return {name: {op: statistics.median(values) for op, values in ops.items()} for name, ops in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dsn", help="a database to use (default: a private server)")
+    parser.add_argument("--seconds", type=float, default=20, help="length of the single-row pgbench run")
+    parser.add_argument("--rounds", type=int, default=5, help="batch rounds (medians)")
+    parser.add_argument("--durable", action="store_true", help="fsync and synchronous_commit on")
+    args = parser.parse_args()
+    with bench_database(args.dsn, durable=args.durable) as dsn:
+        setup(dsn)
+        single = single_row_statements(dsn, args.seconds)
+        batch = batches(dsn, args.rounds)
+    print(
+        f"{'capture':10s} {'1-row UPDATE':>20s} {'1-row INSERT':>20s} {'100k-row INSERT':>22s} {'10k-row UPDATE':>22s}"
+    )
+    for name in VARIANTS:
+        cells = []
+        for value, base, unit, scale in (
+            (single[name]["UPDATE"], single["none"]["UPDATE"], "ms", 1.0),
+            (single[name]["INSERT"], single["none"]["INSERT"], "ms", 1.0),
+            (batch[name]["INSERT"], batch["none"]["INSERT"], "ms", 1000.0),
+            (batch[name]["UPDATE"], batch["none"]["UPDATE"], "ms", 1000.0),
+        ):
+            cells.append(f"{value * scale:8.3f} {unit} {value / base - 1:+7.1%}")
+        print(f"{name:10s} {cells[0]:>20s} {cells[1]:>20s} {cells[2]:>22s} {cells[3]:>22s}")
+
+
+if __name__ == "__main__":
+    main()
