@@ -24,12 +24,15 @@ DURABLE_SETTINGS = {key: value for key, value in BENCH_SETTINGS.items() if key n
 
 
 @contextmanager
-def bench_database(dsn: str | None, durable: bool = False) -> Iterator[str]:
-    """Yield dsn, or start (and afterwards remove) a private server in a temporary directory."""
+def bench_database(dsn: str | None, durable: bool = False, logical: bool = False) -> Iterator[str]:
+    """Yield dsn, or start (and afterwards remove) a private server in a temporary directory (logical:
+    with wal_level = logical, for incremental.capture: LogicalDecoding)."""
     if dsn is not None:
         yield dsn
         return
     settings = DURABLE_SETTINGS if durable else BENCH_SETTINGS
+    if logical:
+        settings = {**settings, "wal_level": "logical"}
     server = LocalServer(Path(tempfile.mkdtemp(prefix="matview-bench-")) / "data", settings=settings)
     server.start()
     try:

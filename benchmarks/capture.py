@@ -9,10 +9,17 @@ of them alike, and ``pgbench -r`` reports each statement's mean latency. The tab
 - ``const``: the same triggers inserting one constant log row (the floor of any capture that logs);
 - ``format5``: the capture the engine shipped before (one function for every source and operation,
   branching on them, DISTINCT and UNION over the transition tables, HAVING count(*) > 0);
-- ``shipped``: what ``engine.apply`` installs today, for a real incremental view over that table.
+- ``shipped``: what ``engine.apply`` installs today, for a real incremental view over that table;
+- ``logical``: the same view with ``capture: LogicalDecoding`` (the table in a publication, a slot, and
+  ``REPLICA IDENTITY FULL``, since the view's key is not the table's primary key); nothing runs in the
+  writer's transaction, so what it costs is the larger WAL of FULL.
 
-Then batch writes (one 100,000-row INSERT, one 10,000-row UPDATE) to each table in turn, medians of
---rounds.
+The server runs with ``wal_level = logical`` for every table (the baseline included): what that level
+itself adds to the WAL is a server-wide cost, not measured here.
+
+Each pgbench transaction sends a single-row UPDATE, a single-row INSERT and a 100-row UPDATE to each
+table; it runs once with one client and once with --clients (8) concurrent ones. Then batch writes (one
+100,000-row INSERT, one 10,000-row UPDATE) to each table in turn, medians of --rounds.
 
     python benchmarks/capture.py [--dsn DSN] [--seconds 20] [--rounds 5] [--durable]
 
@@ -102,8 +109,10 @@ def _hand_made(conn: psycopg.Connection[Any], table: str, body: Callable[[str, s
         )
 
 
-def _shipped(conn: psycopg.Connection[Any], table: str) -> None:
+def _shipped(conn: psycopg.Connection[Any], table: str, capture: str = "Triggers") -> None:
     """An incremental view over bench.<table>, applied by the engine: its capture is what ships."""
+    if capture == "LogicalDecoding":
+        conn.execute(f"ALTER TABLE bench.{table} REPLICA IDENTITY FULL")
     document = {
         "apiVersion": "matview.dev/v1alpha1",
         "kind": "MaterializedView",
@@ -117,6 +126,7 @@ def _shipped(conn: psycopg.Connection[Any], table: str) -> None:
             "incremental": {
                 "keyColumns": ["driver_id"],
                 "sources": [{"table": f"bench.{table}", "columns": ["driver_id"]}],
+                "capture": capture,
             },
             "refresh": {"interval": "1h"},
         },
@@ -135,6 +145,7 @@ VARIANTS: dict[str, Callable[[psycopg.Connection[Any], str], None]] = {
     ),
     "format5": lambda conn, table: _hand_made(conn, table, _format5_body),
     "shipped": _shipped,
+    "logical": lambda conn, table: _shipped(conn, table, "LogicalDecoding"),
 }
 
 
@@ -152,8 +163,9 @@ def setup(dsn: str) -> None:
         conn.execute("VACUUM ANALYZE")
 
 
-def single_row_statements(dsn: str, seconds: float) -> dict[str, dict[str, float]]:
-    """Mean latency (ms) of a single-row UPDATE and INSERT on each table, in one pgbench run."""
+def single_row_statements(dsn: str, seconds: float, clients: int = 1) -> dict[str, dict[str, float]]:
+    """Mean latency (ms) of a single-row UPDATE and INSERT and a 100-row UPDATE on each table, in one pgbench
+    run of clients concurrent writers."""
     pgbench = shutil.which("pgbench") or next(Path("/usr/lib/postgresql").glob("*/bin/pgbench"), None)
     if pgbench is None:
         raise SystemExit("pgbench not found: install Debian's postgresql package (.ci/run does)")
@@ -161,10 +173,16 @@ def single_row_statements(dsn: str, seconds: float) -> dict[str, dict[str, float
     for name in VARIANTS:
         script.append(f"UPDATE bench.{name} SET v = v + 1 WHERE id = :id;")
         script.append(f"INSERT INTO bench.{name} VALUES (:fresh, :id % {DRIVERS}, 0) ON CONFLICT DO NOTHING;")
+        script.append(f"UPDATE bench.{name} SET v = v + 1 WHERE id BETWEEN :id AND :id + 99;")
     path = Path(tempfile.mkdtemp(prefix="matview-capture-")) / "writes.sql"
     path.write_text("\n".join(script) + "\n")
     run = subprocess.run(
-        [str(pgbench), "-n", "-M", "prepared", "-r", "-T", str(int(seconds)), "-f", str(path), dsn],
+        [
+            str(pgbench),
+            *("-n", "-M", "prepared", "-r", "-T", str(int(seconds)), "-f", str(path)),
+            *("-c", str(clients), "-j", str(min(clients, 2))),
+            dsn,
+        ],
         capture_output=True,
         text=True,
     )
@@ -176,7 +194,8 @@ def single_row_statements(dsn: str, seconds: float) -> dict[str, dict[str, float
         parts = line.split()
         table = next((word.removeprefix("bench.") for word in parts if word.startswith("bench.")), None)
         if table in latencies and len(parts) > 2 and parts[2] in ("UPDATE", "INSERT"):
-            latencies[table][parts[2]] = float(parts[0])
+            batch = "BETWEEN" in parts
+            latencies[table]["UPDATE100" if batch else parts[2]] = float(parts[0])
     return latencies
 
 
@@ -207,24 +226,29 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20, help="length of the single-row pgbench run")
     parser.add_argument("--rounds", type=int, default=5, help="batch rounds (medians)")
     parser.add_argument("--durable", action="store_true", help="fsync and synchronous_commit on")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent writers of the second pgbench run")
     args = parser.parse_args()
-    with bench_database(args.dsn, durable=args.durable) as dsn:
+    with bench_database(args.dsn, durable=args.durable, logical=True) as dsn:
         setup(dsn)
         single = single_row_statements(dsn, args.seconds)
+        concurrent = single_row_statements(dsn, args.seconds, args.clients)
         batch = batches(dsn, args.rounds)
-    print(
-        f"{'capture':10s} {'1-row UPDATE':>20s} {'1-row INSERT':>20s} {'100k-row INSERT':>22s} {'10k-row UPDATE':>22s}"
-    )
+    columns = [
+        ("1-row UPDATE", single, "UPDATE", 1.0),
+        ("1-row INSERT", single, "INSERT", 1.0),
+        ("100-row UPDATE", single, "UPDATE100", 1.0),
+        (f"1-row UPDATE x{args.clients}", concurrent, "UPDATE", 1.0),
+        (f"100-row UPDATE x{args.clients}", concurrent, "UPDATE100", 1.0),
+        ("100k-row INSERT", batch, "INSERT", 1000.0),
+        ("10k-row UPDATE", batch, "UPDATE", 1000.0),
+    ]
+    print(f"{'capture':10s} " + " ".join(f"{title:>22s}" for title, *_ in columns))
     for name in VARIANTS:
-        cells = []
-        for value, base, unit, scale in (
-            (single[name]["UPDATE"], single["none"]["UPDATE"], "ms", 1.0),
-            (single[name]["INSERT"], single["none"]["INSERT"], "ms", 1.0),
-            (batch[name]["INSERT"], batch["none"]["INSERT"], "ms", 1000.0),
-            (batch[name]["UPDATE"], batch["none"]["UPDATE"], "ms", 1000.0),
-        ):
-            cells.append(f"{value * scale:8.3f} {unit} {value / base - 1:+7.1%}")
-        print(f"{name:10s} {cells[0]:>20s} {cells[1]:>20s} {cells[2]:>22s} {cells[3]:>22s}")
+        cells = [
+            f"{measured[name][key] * scale:8.3f} ms {measured[name][key] / measured['none'][key] - 1:+7.1%}"
+            for _, measured, key, scale in columns
+        ]
+        print(f"{name:10s} " + " ".join(f"{cell:>22s}" for cell in cells))
 
 
 if __name__ == "__main__":

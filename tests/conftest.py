@@ -33,13 +33,25 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
+#: Every server the suite starts: fast (nothing here must survive a power cut), and able to decode logical
+#: replication (incremental.capture: LogicalDecoding).
+SERVER_SETTINGS = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "wal_level": "logical",
+    "max_replication_slots": "64",
+    "wal_writer_delay": "10ms",  # a LogicalDecoding drain waits for asynchronous commits to be flushed
+}
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[LocalServer]:
     base = Path(tempfile.mkdtemp(prefix="matview-test-pg-"))
     server = LocalServer(
         base / "data",
         bindir=find_bindir(prefer="system"),
-        settings={"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off", "max_connections": "200"},
+        settings={**SERVER_SETTINGS, "max_connections": "200"},
     )
     server.start()
     try:
@@ -67,6 +79,12 @@ def dsn(pg_server: LocalServer, shadow_log: hostile.ShadowLog) -> Iterator[str]:
         yield pg_server.dsn(name)
     finally:
         with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
+            # A database with a replication slot cannot be dropped; a test that failed may have left one, in use
+            # by a session that is ended first (waiting up to 10 s for it to go).
+            admin.execute("SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity WHERE datname = %s", (name,))
+            admin.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = %s", (name,)
+            )
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     called = shadow_log.take()
     if called:

@@ -38,6 +38,7 @@ def test_every_alert_is_tested_and_has_a_runbook_section() -> None:
         "MaterializedViewRefreshSlow",
         "MaterializedViewTargetLagMissed",
         "MaterializedViewIncrementalMismatch",
+        "MaterializedViewCaptureSlotRetainsWAL",
         "MatviewRefreshesCannotKeepUp",
         "MatviewOperatorDown",
     ]

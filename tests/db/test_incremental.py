@@ -23,7 +23,7 @@ from matview.api.spec import MaterializedView
 from matview.errors import SpecError, UnmanagedObjectError
 from matview.plan import capture, engine
 from matview.plan.observed import Connection
-from matview.refresh import record_build, refresh, verify
+from matview.refresh import RefreshState, apply_and_record, facts, policy, refresh, verify
 from tests.helpers import document, to_yaml, view
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,11 +60,8 @@ def matrix(conn: Connection) -> Connection:
 
 
 def apply(conn: Connection, mv: MaterializedView) -> engine.ApplyResult:
-    """Apply as the CLI and the operator do: a build counts as a refresh."""
-    result = engine.apply(conn, mv)
-    if result.built:
-        record_build(conn, mv)
-    return result
+    """Apply as the CLI and the operator do: a build counts as a refresh (and as a measured full rebuild)."""
+    return apply_and_record(conn, mv)
 
 
 def mismatches(conn: Connection, mv: MaterializedView) -> tuple[int, int]:
@@ -131,6 +128,38 @@ def test_many_changed_keys_rebuild_in_full_and_mode_incremental_does_not(matrix:
     result = refresh(matrix, forced)
     assert result.mode == "Incremental" and result.keys_applied == 60, result
     assert mismatches(matrix, mv) == (0, 0)
+
+
+def refresh_state(conn: Connection, mv: MaterializedView) -> RefreshState:
+    _, marker = facts.read_marker(conn, mv.schema, mv.name, mv.run_as_role)
+    assert marker is not None
+    return RefreshState.from_marker(marker.state)
+
+
+def test_auto_measures_both_ways_and_then_chooses_by_the_measurements(matrix: Connection) -> None:
+    mv = matrix_view()
+    apply(matrix, mv)
+    built = refresh_state(matrix, mv)
+    assert built.durations.get("Swap", 0) > 0, built  # the build is the first full rebuild measured
+    assert built.incremental_samples == ()
+    for modulus in (100, 30):  # 3 keys, then 10: two sizes, so a cost per key can be told from the fixed cost
+        matrix.execute(f"UPDATE public.drivers SET driver_name = driver_name || '!' WHERE driver_id % {modulus} = 0")
+        result = refresh(matrix, mv)
+        assert result.mode == "Incremental" and "the default fullRebuildRatio" in result.reason, result
+    samples = refresh_state(matrix, mv).incremental_samples
+    assert [keys for keys, _ in samples] == [3, 10] and all(seconds > 0 for _, seconds in samples), samples
+
+    matrix.execute("UPDATE public.drivers SET driver_name = driver_name || '!' WHERE driver_id % 50 = 0")
+    result = refresh(matrix, mv)
+    assert "predicted incremental" in result.reason and "a full rebuild" in result.reason, result
+    state = refresh_state(matrix, mv)
+    model = policy.CostModel.fit(samples)
+    assert model is not None
+    expected = "Swap" if model.seconds(6) > built.durations["Swap"] else "Incremental"
+    # The same numbers the decision had: it followed them (or re-measured the slower way, and said so).
+    assert result.mode == expected or "re-measuring" in result.reason, (result, model, built.durations)
+    assert mismatches(matrix, mv) == (0, 0)
+    assert len(state.incremental_samples) == 2 + (result.mode == "Incremental")
 
 
 def test_a_dropped_trigger_is_restored_by_apply_and_forces_a_full_rebuild(matrix: Connection) -> None:
@@ -362,12 +391,22 @@ def random_batch(conn: Connection, rng: random.Random, drivers: int, truncate: b
     return name
 
 
-def test_random_writes_incremental_always_equals_a_full_recompute(matrix: Connection) -> None:
+def captured_by(conn: Connection, capture_method: str) -> MaterializedView:
+    """The matrix view with this capture; for LogicalDecoding, sources whose primary key is not the view's key
+    log their whole old row (REPLICA IDENTITY FULL), so a key that moves is seen leaving."""
+    if capture_method == "LogicalDecoding":
+        for table in ("ops.leads", "ops.trips", "ops.claims", "ops.payments"):
+            conn.execute(f"ALTER TABLE {table} REPLICA IDENTITY FULL")
+    return matrix_view(incremental={"keyColumns": ["driver_id"], "sources": SOURCES, "capture": capture_method})
+
+
+@pytest.mark.parametrize("capture_method", ["Triggers", "LogicalDecoding"])
+def test_random_writes_incremental_always_equals_a_full_recompute(matrix: Connection, capture_method: str) -> None:
     """Thousands of random INSERT/UPDATE/DELETE/TRUNCATE batches; after every refresh, stored = computed."""
     seed = int(os.environ.get("MATVIEW_EQUIVALENCE_SEED", "20261128"))
     batches = int(os.environ.get("MATVIEW_EQUIVALENCE_BATCHES", "2000"))
     rng = random.Random(seed)
-    mv = matrix_view()
+    mv = captured_by(matrix, capture_method)
     apply(matrix, mv)
     modes: dict[str, int] = {}
     recent: list[str] = []
@@ -385,9 +424,10 @@ def test_random_writes_incremental_always_equals_a_full_recompute(matrix: Connec
     assert modes.get("Swap", 0) >= 1, modes  # the TRUNCATEs and the bulk updates
 
 
-def test_writes_during_refreshes_are_never_lost(matrix: Connection, dsn: str) -> None:
+@pytest.mark.parametrize("capture_method", ["Triggers", "LogicalDecoding"])
+def test_writes_during_refreshes_are_never_lost(matrix: Connection, dsn: str, capture_method: str) -> None:
     """A writer keeps committing while refreshes run: every change is applied by some refresh."""
-    mv = matrix_view()
+    mv = captured_by(matrix, capture_method)
     apply(matrix, mv)
     stop = threading.Event()
     written = [0]

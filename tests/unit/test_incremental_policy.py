@@ -10,6 +10,7 @@ import pytest
 from matview.api import sqltext
 from matview.api.spec import RefreshMode
 from matview.plan.marker import Marker
+from matview.plan.observed import DependentView
 from matview.refresh import Inspection, RefreshState, policy, schedule
 from tests.helpers import view
 
@@ -40,8 +41,20 @@ def inspection(
     oldest_seconds: float = 10,
     mv: Any = V,
     durations: dict[str, float] | None = None,
+    samples: tuple[tuple[int, float], ...] = (),
+    runs: int = 3,
+    swap_possible: bool = True,
+    measured_at: dict[str, int] | None = None,
 ) -> Inspection:
-    state = RefreshState(untracked_version=recorded_untracked, durations=durations or {}).to_marker()
+    state = RefreshState(
+        untracked_version=recorded_untracked,
+        durations=durations or {},
+        incremental_samples=samples,
+        runs=runs,
+        measured_at=measured_at
+        if measured_at is not None
+        else dict.fromkeys([*(durations or {}), *(["Incremental"] if samples else [])], runs),
+    ).to_marker()
     return Inspection(
         oid=1,
         ours=True,
@@ -51,12 +64,19 @@ def inspection(
         pending=policy.PendingChanges(keys, full, null_keys, NOW - dt.timedelta(seconds=oldest_seconds)),
         untracked_version=untracked,
         estimated_rows=rows,
+        dependents=()
+        if swap_possible
+        else (DependentView(1, "ops", "rollup", "m", 1, "", (), "owner", None, (), False),),
     )
 
 
 def test_a_few_changed_keys_run_incrementally() -> None:
     decision = policy.decide(V, inspection(keys=5), None, False, NOW)
-    assert decision == policy.Run(RefreshMode.INCREMENTAL, "5 changed key(s), 0.50% of the view")
+    assert decision == policy.Run(
+        RefreshMode.INCREMENTAL,
+        "5 changed key(s), 0.50% of the view, within the default fullRebuildRatio 10.0% "
+        "(this view has not measured a full rebuild yet)",
+    )
 
 
 @pytest.mark.parametrize(
@@ -67,7 +87,7 @@ def test_a_few_changed_keys_run_incrementally() -> None:
         ({"untracked": "u2"}, "not a declared source was written"),
         ({"untracked": None}, "foreign table"),
         ({"digest": "other"}, "another definition"),
-        ({"keys": 101}, "above fullRebuildRatio 10.0%"),
+        ({"keys": 101}, "above the default fullRebuildRatio 10.0%"),
     ],
 )
 def test_keys_that_cannot_be_trusted_or_cost_more_rebuild_in_full(changes: dict[str, Any], why: str) -> None:
@@ -152,3 +172,138 @@ def test_hostile_names_stay_names_in_the_rewrite() -> None:
     reparsed = sqltext.relations_read(result.query)
     assert ("ops", name) in reparsed and ("pg_temp", "matview_changed_keys") in reparsed
     assert sqltext.check_query(result.query.text).text == result.query.text  # one SELECT, names stayed quoted
+
+
+#: A view whose incremental refreshes cost 20 ms + 1 ms a key, and whose full rebuild takes 0.5 s.
+LINEAR = ((10, 0.03), (100, 0.12), (40, 0.06), (200, 0.22))
+MEASURED = {"Swap": 0.5}
+
+
+@pytest.mark.parametrize(("keys", "expected"), [(5, "Incremental"), (400, "Incremental"), (600, "Swap")])
+def test_auto_weighs_the_measured_full_rebuild_against_the_cost_per_key_it_fitted(keys: int, expected: str) -> None:
+    # 100,000 rows: 600 keys are 0.6% of the view, far under any ratio; only the measurements say rebuild.
+    decision = policy.decide(
+        V, inspection(keys=keys, rows=100_000, durations=MEASURED, samples=LINEAR), None, False, NOW
+    )
+    assert isinstance(decision, policy.Run) and decision.mode == expected, decision
+    predicted = 0.02 + 0.001 * keys
+    assert f"predicted incremental {predicted:.3f}s" in decision.reason, decision.reason
+    assert "20.0 ms + 1.000 ms a key, from 4 refreshes" in decision.reason
+    assert "a full rebuild 0.500s measured" in decision.reason
+    cheaper = "a full rebuild is cheaper" if expected == "Swap" else "incremental is cheaper"
+    assert cheaper in decision.reason
+
+
+def test_a_large_share_runs_incrementally_when_the_measurements_say_incremental_is_cheaper() -> None:
+    slow_rebuild = {"Swap": 60.0}
+    decision = policy.decide(
+        V, inspection(keys=500, rows=1000, durations=slow_rebuild, samples=LINEAR), None, False, NOW
+    )
+    assert isinstance(decision, policy.Run) and decision.mode == "Incremental", decision
+
+
+def test_fullrebuildratio_when_set_overrides_the_measurements() -> None:
+    pinned = view(
+        storage="Table",
+        query=V.query.text,
+        incremental={"keyColumns": ["grp"], "sources": SOURCES, "fullRebuildRatio": 0.5},
+        refresh={"interval": "1m"},
+    )
+    # The measurements say rebuild at 600 keys; the override says incremental up to 50% of the rows.
+    measured = inspection(mv=pinned, keys=600, rows=10_000, durations=MEASURED, samples=LINEAR)
+    decision = policy.decide(pinned, measured, None, False, NOW)
+    assert decision == policy.Run(
+        RefreshMode.INCREMENTAL, "600 changed key(s), 6.00% of the view, within fullRebuildRatio 50.0%"
+    )
+    over = policy.decide(
+        pinned, inspection(mv=pinned, keys=600, rows=1000, durations=MEASURED, samples=LINEAR), None, False, NOW
+    )
+    assert isinstance(over, policy.Run) and over.mode == "Swap" and "above fullRebuildRatio 50.0%" in over.reason
+
+
+def test_without_two_sizes_of_incremental_evidence_the_default_ratio_decides_and_says_why() -> None:
+    one_size = ((100, 0.12), (100, 0.13))
+    decision = policy.decide(V, inspection(keys=200, rows=1000, durations=MEASURED, samples=one_size), None, False, NOW)
+    assert isinstance(decision, policy.Run) and decision.mode == "Swap", decision
+    assert (
+        "above the default fullRebuildRatio 10.0% (this view has not measured incremental refreshes of two sizes"
+        in (decision.reason)
+    )
+
+
+def test_when_the_two_ways_are_close_auto_re_measures_the_slower_one_once_its_measurement_is_old() -> None:
+    # 300 keys: predicted 0.32 s against 0.5 s, within EXPLORE_RATIO.
+    def decided(runs: int, swap_measured_at: int, keys: int = 300) -> policy.Decision:
+        state = inspection(
+            keys=keys,
+            rows=100_000,
+            durations=MEASURED,
+            samples=LINEAR,
+            runs=runs,
+            measured_at={"Swap": swap_measured_at},
+        )
+        return policy.decide(V, state, None, False, NOW)
+
+    stale = decided(runs=30, swap_measured_at=30 - policy.EXPLORE_EVERY)
+    assert isinstance(stale, policy.Run) and stale.mode == "Swap" and "re-measuring" in stale.reason, stale
+    fresh = decided(runs=30, swap_measured_at=30 - policy.EXPLORE_EVERY + 1)
+    assert isinstance(fresh, policy.Run) and fresh.mode == "Incremental", fresh
+    far = decided(runs=30, swap_measured_at=0, keys=5)  # 25 ms against 0.5 s: not worth re-measuring
+    assert isinstance(far, policy.Run) and far.mode == "Incremental", far
+
+
+def test_a_measurement_records_when_it_was_made() -> None:
+    state = RefreshState(runs=4).after_success("Swap", 1.0, NOW, None)
+    assert state.measured_at == {"Swap": 4} and state.runs == 5
+    assert not state.measured_long_ago("Swap") and state.measured_long_ago("Incremental")
+    assert RefreshState.from_marker(state.to_marker()).measured_at == {"Swap": 4}
+    assert RefreshState.from_marker({"measuredAt": {"Swap": "x", "Full": True, "Incremental": 3}}).measured_at == {
+        "Incremental": 3
+    }
+
+
+def test_a_rebuild_that_cannot_swap_says_so_and_applies_the_keys() -> None:
+    blocked = inspection(keys=600, rows=100_000, durations=MEASURED, samples=LINEAR, swap_possible=False)
+    decision = policy.decide(V, blocked, None, False, NOW)
+    assert isinstance(decision, policy.Run) and decision.mode == "Incremental", decision
+    assert "a full rebuild is cheaper" in decision.reason and "so incremental" in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("samples", "fixed", "per_key"),
+    [
+        (LINEAR, 0.02, 0.001),
+        (((10, 0.5), (100, 0.4), (1000, 0.45)), 0.45, 0.0),  # noise: the cost does not grow with keys
+        (((10, 0.001), (1000, 2.0)), 0.0, 2.0 * 1000 / (1000**2 + 10**2) + 0.001 * 10 / (1000**2 + 10**2)),
+    ],
+)
+def test_the_cost_model_is_a_least_squares_line_with_both_parts_at_least_zero(
+    samples: tuple[tuple[int, float], ...], fixed: float, per_key: float
+) -> None:
+    model = policy.CostModel.fit(samples)
+    assert model is not None
+    assert model.fixed == pytest.approx(fixed, abs=1e-9) and model.per_key == pytest.approx(per_key, rel=1e-6)
+    assert policy.CostModel.fit(((5, 0.1),)) is None and policy.CostModel.fit(()) is None
+
+
+def test_a_success_keeps_the_latest_incremental_samples_and_a_marker_never_breaks_the_state() -> None:
+    state = RefreshState()
+    for keys in range(1, policy.INCREMENTAL_SAMPLES + 3):
+        state = state.after_success("Incremental", keys / 100, NOW, None, keys=keys)
+    state = state.after_success("Swap", 1.0, NOW, None)  # a rebuild adds no sample
+    kept = tuple((k, k / 100) for k in range(3, policy.INCREMENTAL_SAMPLES + 3))
+    assert state.incremental_samples == kept
+    assert RefreshState.from_marker(state.to_marker()).incremental_samples == kept
+    hostile: list[Any] = [
+        [1, 0.1],
+        "x",
+        [True, 1.0],
+        [2, float("nan")],
+        [3, -1],
+        [0, 0.1],
+        [4, "1"],
+        [5, 1e309],
+        [6, 2],
+    ]
+    assert RefreshState.from_marker({"incrementalSamples": hostile}).incremental_samples == ((1, 0.1), (6, 2.0))
+    assert RefreshState.from_marker({"incrementalSamples": {"a": 1}}).incremental_samples == ()

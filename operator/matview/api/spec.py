@@ -119,6 +119,15 @@ class KeySource:
         return (self.schema, self.table)
 
 
+class CaptureMethod(enum.StrEnum):
+    """How writes to an incremental view's sources reach its change log."""
+
+    TRIGGERS = "Triggers"
+    """Statement triggers, in the writer's own transaction (the default: no server setting needed)."""
+    LOGICAL_DECODING = "LogicalDecoding"
+    """A logical replication slot (pgoutput) and a publication of the sources, read by each refresh."""
+
+
 @dataclass(frozen=True)
 class IncrementalSpec:
     """Key-based incremental refresh: the view's rows are grouped by key_columns, and a row of a source
@@ -126,13 +135,15 @@ class IncrementalSpec:
 
     key_columns: tuple[str, ...]
     sources: tuple[KeySource, ...]
-    full_rebuild_ratio: float = 0.1
-    """Above this share of changed keys (of the view's rows) a full rebuild is cheaper; the CRD's default."""
+    full_rebuild_ratio: float | None = None
+    """An override: above this share of changed keys (of the view's rows) Auto rebuilds in full. None (the
+    default): Auto chooses from this view's measured durations (refresh.policy.choose_incremental)."""
     verify_interval_seconds: float | None = None
     """How often a refresh also compares the stored rows with a full recompute (None: never)."""
     rebuild_on_mismatch: bool = False
     live_view: bool = False
     """Keep ``<name>_live``: the stored rows plus the pending keys recomputed, fresh to the last commit."""
+    capture: CaptureMethod = CaptureMethod.TRIGGERS
 
     @property
     def digest(self) -> str:

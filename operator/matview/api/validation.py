@@ -26,6 +26,7 @@ from matview.api.durations import parse_duration
 from matview.api.schema import apply_schema, describe, openapi_schema
 from matview.api.spec import (
     MODES_BY_STORAGE,
+    CaptureMethod,
     Grant,
     IncrementalSpec,
     IndexSpec,
@@ -292,13 +293,23 @@ def _incremental(
         if any(s.relation == table for s in sources):
             errors.append(FieldError(f"{where}.table", f"{table[0]}.{table[1]} is listed twice"))
         sources.append(KeySource(table[0], table[1], columns))
+    method = CaptureMethod(raw.get("capture", CaptureMethod.TRIGGERS))
+    if method == CaptureMethod.LOGICAL_DECODING and raw.get("liveView"):
+        errors.append(
+            FieldError(
+                f"{path}.liveView",
+                "needs capture Triggers: the live view reads keys the moment their writes commit, and logical "
+                "decoding delivers them at the next refresh",
+            )
+        )
     return IncrementalSpec(
         key_columns=keys,
         sources=tuple(sources),
-        full_rebuild_ratio=float(raw.get("fullRebuildRatio", IncrementalSpec.full_rebuild_ratio)),
+        full_rebuild_ratio=None if raw.get("fullRebuildRatio") is None else float(raw["fullRebuildRatio"]),
         verify_interval_seconds=_duration(raw, "verifyInterval", path, errors),
         rebuild_on_mismatch=bool(raw.get("rebuildOnMismatch", False)),
         live_view=bool(raw.get("liveView", False)),
+        capture=method,
     )
 
 

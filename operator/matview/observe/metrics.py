@@ -61,6 +61,8 @@ class RecordedRefresh(Protocol):
     @property
     def keys_applied(self) -> int | None: ...
     @property
+    def slot_retained_wal_bytes(self) -> int | None: ...
+    @property
     def verification(self) -> _Verification | None: ...
 
 
@@ -162,6 +164,12 @@ class RefreshMetrics:
         self.keys_applied = Counter(
             "matview_incremental_keys_applied_total",
             "Changed keys applied by incremental refreshes.",
+            labels,
+            registry=self.registry,
+        )
+        self.slot_retained_wal = Gauge(
+            "matview_capture_slot_retained_wal_bytes",
+            "LogicalDecoding views: WAL the view's replication slot keeps on the server's disk, as of the last look.",
             labels,
             registry=self.registry,
         )
@@ -299,6 +307,8 @@ class RefreshMetrics:
             self.staleness.labels(namespace, name).set(result.staleness_seconds)
         if result.change_ratio is not None:
             self.change_ratio.labels(namespace, name).set(result.change_ratio)
+        if result.slot_retained_wal_bytes is not None:
+            self.slot_retained_wal.labels(namespace, name).set(result.slot_retained_wal_bytes)
         if result.keys_applied and result.result == Outcome.SUCCESS:
             self.keys_applied.labels(namespace, name).inc(result.keys_applied)
         verification = result.verification
@@ -353,6 +363,7 @@ class RefreshMetrics:
             self.target_lag,
             self.keys_applied,
             self.change_ratio,
+            self.slot_retained_wal,
             self.verify_mismatched_rows,
             self.verify_mismatches,
         ):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from psycopg import sql
 
 from matview.api import sqltext
-from matview.api.spec import MaterializedView, truncate_utf8
+from matview.api.spec import CaptureMethod, MaterializedView, truncate_utf8
 from matview.constants import MAX_IDENTIFIER_BYTES
 from matview.plan.marker import Marker
 
@@ -84,8 +84,10 @@ def function_name(view: MaterializedView, source_index: int | None, operation: s
 
 
 def functions(view: MaterializedView) -> dict[str, str]:
-    """Every capture function the view needs: name → PL/pgSQL body."""
-    assert view.incremental is not None
+    """Every capture function the view needs: name → PL/pgSQL body (none without spec.incremental, or when
+    logical decoding captures: observe still looks for those an earlier spec made)."""
+    if view.incremental is None or view.incremental.capture == CaptureMethod.LOGICAL_DECODING:
+        return {}
     wanted = {function_name(view, None, "TRUNCATE"): _truncate_body(view)}
     for index, source in enumerate(view.incremental.sources):
         for operation in ("INSERT", "UPDATE", "DELETE"):
@@ -127,7 +129,8 @@ CAPTURE_FORMAT_VERSION = "6"
 def capture_digest(view: MaterializedView) -> str:
     """Identifies the installed capture: the key declaration and the format."""
     assert view.incremental is not None
-    return f"{view.incremental.digest}.{CAPTURE_FORMAT_VERSION}"
+    method = ".ld" if view.incremental.capture == CaptureMethod.LOGICAL_DECODING else ""
+    return f"{view.incremental.digest}.{CAPTURE_FORMAT_VERSION}{method}"
 
 
 @dataclass(frozen=True)

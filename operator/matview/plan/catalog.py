@@ -9,6 +9,7 @@ without executing) to learn its result columns, which is how source drift is see
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import psycopg
@@ -17,7 +18,7 @@ from psycopg import sql
 from matview.api import sqltext
 from matview.api.spec import MaterializedView, Storage
 from matview.errors import MatviewError
-from matview.plan import capture, live
+from matview.plan import capture, decoding, live
 from matview.plan.describe import compile_error, describe_query_types, key_types
 from matview.plan.marker import Marker
 from matview.plan.observed import (
@@ -214,6 +215,7 @@ def observe(
             observed.dependents = read_dependents(conn, observed.relation.oid)
     if view.storage is Storage.TABLE or view.incremental is not None:
         observed.capture = read_capture(conn, view)
+        observed.decoding = read_decoding(conn, view)
         found = conn.execute(_RELATION, (view.schema, live.name(view))).fetchone()
         observed.live = _relation(found) if found else None
         observed.live_parts = read_live_parts(conn, view)
@@ -416,3 +418,77 @@ def read_capture(conn: Connection, view: MaterializedView) -> capture.CaptureSta
         changes_has_triggers=changes.has_triggers if changes else False,
         triggers_in_the_way=in_the_way,
     )
+
+
+_DECODING = sql.SQL("""
+SELECT pg_catalog.current_setting('wal_level'),
+       (SELECT r.rolsuper OR r.rolreplication FROM pg_catalog.pg_roles AS r WHERE r.rolname = current_user),
+       s.plugin, s.database = pg_catalog.current_database(), s.wal_status = 'lost', s.slot_name IS NOT NULL
+FROM (SELECT) AS one
+LEFT JOIN pg_catalog.pg_replication_slots AS s ON s.slot_name = %(slot)s::pg_catalog.name
+""")
+_PUBLICATION = sql.SQL("""
+SELECT pg_catalog.pg_get_userbyid(p.pubowner), pg_catalog.obj_description(p.oid, 'pg_publication'),
+       p.pubinsert AND p.pubupdate AND p.pubdelete AND p.pubtruncate AND NOT p.puballtables
+       AND NOT EXISTS (SELECT FROM pg_catalog.pg_publication_rel AS r WHERE r.prpubid = p.oid
+                       AND (pg_catalog.to_jsonb(r) ->> 'prqual' IS NOT NULL
+                            OR pg_catalog.to_jsonb(r) ->> 'prattrs' IS NOT NULL))
+       AND NOT EXISTS (SELECT FROM pg_catalog.pg_publication_namespace AS pn WHERE pn.pnpubid = p.oid),
+       ARRAY(SELECT pg_catalog.jsonb_build_array(n.nspname, c.relname)
+             FROM pg_catalog.pg_publication_rel AS r
+             JOIN pg_catalog.pg_class AS c ON c.oid = r.prrelid
+             JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+             WHERE r.prpubid = p.oid)
+FROM pg_catalog.pg_publication AS p WHERE p.pubname = %(publication)s
+""")
+_IDENTITIES = sql.SQL("""
+SELECT n.nspname, c.relname, c.relreplident,
+       ARRAY(SELECT a.attname::pg_catalog.text
+             FROM pg_catalog.pg_index AS i
+             JOIN pg_catalog.pg_attribute AS a ON a.attrelid = c.oid AND a.attnum = ANY (i.indkey)
+             WHERE i.indrelid = c.oid
+               AND CASE c.relreplident WHEN 'd' THEN i.indisprimary WHEN 'i' THEN i.indisreplident ELSE false END)
+FROM unnest(%(schemas)s::pg_catalog.text[], %(tables)s::pg_catalog.text[]) AS wanted (schema, name)
+JOIN pg_catalog.pg_namespace AS n ON n.nspname = wanted.schema
+JOIN pg_catalog.pg_class AS c ON c.relnamespace = n.oid AND c.relname = wanted.name
+""")
+
+
+def read_decoding(conn: Connection, view: MaterializedView) -> decoding.DecodingState:
+    """The server's wal_level, the view's slot and publication, and what its sources log of an old row.
+    (pg_publication_namespace exists from PostgreSQL 15; older servers fail this read with a clear error.)"""
+    row = conn.execute(_DECODING, {"slot": decoding.slot_name(view)}).fetchone()
+    assert row is not None
+    wal_level, can_replicate, plugin, database_ours, lost, slot_exists = row
+    state = decoding.DecodingState(
+        wal_level=str(wal_level),
+        can_replicate=bool(can_replicate),
+        slot_exists=bool(slot_exists),
+        slot_plugin=str(plugin or ""),
+        slot_database_ours=bool(database_ours),
+        slot_lost=bool(lost),
+    )
+    found = conn.execute(_PUBLICATION, {"publication": decoding.publication_name(view)}).fetchone()
+    if found is not None:
+        owner, comment, publishes_all, tables = found
+        state = replace(
+            state,
+            publication_exists=True,
+            publication_owner=str(owner),
+            publication_marker=Marker.parse(comment),
+            publication_publishes_all=bool(publishes_all),
+            publication_tables=frozenset((str(t[0]), str(t[1])) for t in tables),
+        )
+    if view.incremental is not None:
+        sources = view.incremental.sources
+        rows = conn.execute(
+            _IDENTITIES, {"schemas": [s.schema for s in sources], "tables": [s.table for s in sources]}
+        ).fetchall()
+        state = replace(
+            state,
+            identities={
+                (str(schema), str(table)): decoding.SourceIdentity(str(replident), tuple(str(c) for c in columns))
+                for schema, table, replident, columns in rows
+            },
+        )
+    return state

@@ -7,7 +7,7 @@ from __future__ import annotations
 from matview.api import sqltext
 from matview.api.spec import MaterializedView
 from matview.errors import FieldError, UnmanagedObjectError
-from matview.plan import capture
+from matview.plan import capture, decoding
 from matview.plan.observed import Observed, TableState
 from matview.plan.statements import is_ours, not_ours
 
@@ -46,6 +46,38 @@ def check_supporting(view: MaterializedView, observed: Observed) -> list[FieldEr
         for j, column in enumerate(index.columns):
             if column not in table.columns:
                 errors.append(FieldError(f"{path}.columns[{j}]", f"column {column!r} does not exist in {label}"))
+    return errors
+
+
+def check_decoding(view: MaterializedView, observed: Observed) -> list[FieldError]:
+    """LogicalDecoding: the server and the operator's role can decode, and no source can lose an old key.
+    Refused before anything changes, each with its fix."""
+    found = observed.decoding
+    if not decoding.uses_decoding(view) or found is None:
+        return []
+    assert view.incremental is not None
+    path = "spec.incremental.capture"
+    errors = []
+    if found.wal_level != "logical":
+        errors.append(
+            FieldError(
+                path,
+                f"LogicalDecoding needs wal_level = logical (the server has {found.wal_level!r}): "
+                "ALTER SYSTEM SET wal_level = logical, then restart the server; or use capture Triggers",
+            )
+        )
+    if not found.can_replicate:
+        errors.append(
+            FieldError(
+                path,
+                f"LogicalDecoding needs the operator's role {observed.current_user!r} to create and read "
+                f"replication slots: ALTER ROLE {observed.current_user} REPLICATION",
+            )
+        )
+    for i, source in enumerate(view.incremental.sources):
+        problem = decoding.identity_problem(view, i, found.identities.get(source.relation))
+        if problem:
+            errors.append(FieldError(f"spec.incremental.sources[{i}].table", problem))
     return errors
 
 

@@ -10,7 +10,7 @@ from psycopg import sql
 
 from matview.api.spec import IndexSpec, MaterializedView
 from matview.errors import UnmanagedObjectError
-from matview.plan import capture, live
+from matview.plan import capture, decoding, live
 from matview.plan.marker import Marker
 from matview.plan.observed import DependentView, IndexState, LivePart, Observed, RelationState
 from matview.plan.rebuild import grant_statements
@@ -43,7 +43,7 @@ def converge_capture(view: MaterializedView, observed: Observed, reasons: list[s
     if state is None:
         return []
     if view.incremental is None:
-        removal = drop_capture_steps(view, observed, state)
+        removal = drop_capture_steps(view, observed, state) + drop_decoding_steps(view, observed)
         if removal:
             reasons.append("change capture is no longer declared")
         return removal
@@ -88,6 +88,9 @@ def converge_capture(view: MaterializedView, observed: Observed, reasons: list[s
         )
     install: list[Statement] = []
     repaired: list[str] = []
+    steps += converge_decoding(view, observed, reasons)
+    if decoding.uses_decoding(view):
+        wanted = {}  # no trigger anywhere: the ones found are dropped below
     for relation in sorted(wanted):
         found = existing.get(relation, {})
         calls = capture.trigger_calls(view, relation)
@@ -106,7 +109,11 @@ def converge_capture(view: MaterializedView, observed: Observed, reasons: list[s
         steps.append(Step(f"install change capture on {len(install)} trigger statement(s)", tuple(install)))
     for relation, found in sorted(existing.items()):
         if relation not in wanted and found:
-            reasons.append(f"{relation[0]}.{relation[1]} is no longer a source")
+            reasons.append(
+                f"{relation[0]}.{relation[1]} is no longer a source"
+                if not decoding.uses_decoding(view)
+                else f"capture triggers on {relation[0]}.{relation[1]} are replaced by logical decoding"
+            )
             steps.append(
                 Step(
                     f"drop capture triggers on {relation[0]}.{relation[1]}",
@@ -114,6 +121,117 @@ def converge_capture(view: MaterializedView, observed: Observed, reasons: list[s
                 )
             )
     return steps
+
+
+def publication_is_ours(view: MaterializedView, observed: Observed) -> bool:
+    found = observed.decoding
+    return (
+        found is not None
+        and found.publication_exists
+        and found.publication_marker is not None
+        and found.publication_marker.kind == "publication"
+        and is_ours(view, observed, found.publication_marker, found.publication_owner)
+    )
+
+
+def check_slot_is_ours(view: MaterializedView, observed: Observed) -> None:
+    """A slot with our name that is not a pgoutput slot of this database was made by someone else: it is
+    never dropped or read (a slot has no owner to prove more)."""
+    found = observed.decoding
+    if (
+        found is not None
+        and found.slot_exists
+        and (found.slot_plugin != decoding.PLUGIN or not found.slot_database_ours)
+    ):
+        raise UnmanagedObjectError(
+            f"replication slot {decoding.slot_name(view)} exists with plugin {found.slot_plugin!r}"
+            + ("" if found.slot_database_ours else " in another database")
+            + ": it is not managed by this resource; drop it or rename it"
+        )
+
+
+def converge_decoding(
+    view: MaterializedView,
+    observed: Observed,
+    reasons: list[str],
+    force_new_slot: bool = False,
+    built: bool | None = None,
+    why: str = "",
+) -> list[Step]:
+    """The publication of the sources and the replication slot of a LogicalDecoding view, or their removal
+    when the view captures otherwise. A publication made again, or a slot made again (missing, or
+    invalidated by max_slot_wal_keep_size), missed changes: a full rebuild is requested (the caller places
+    these steps after the change log's). A drain that could not read the slot forces a new one (built: the
+    view's data exists; why: the rebuild's reason)."""
+    found = observed.decoding
+    if found is None:
+        return []
+    if not decoding.uses_decoding(view):
+        removal = drop_decoding_steps(view, observed)
+        if removal:
+            reasons.append("logical decoding is no longer the capture method")
+        return removal
+    assert view.incremental is not None
+    steps: list[Step] = []
+    wanted_tables = frozenset(s.relation for s in view.incremental.sources)
+    name = decoding.publication_name(view)
+    publication_current = (
+        publication_is_ours(view, observed)
+        and found.publication_marker is not None
+        and found.publication_marker.digest == decoding.decoding_digest(view)
+        and found.publication_tables == wanted_tables
+        and found.publication_publishes_all
+    )
+    if found.publication_exists and not publication_is_ours(view, observed):
+        raise UnmanagedObjectError(not_ours(f"publication {name}", found.publication_marker, found.publication_owner))
+    check_slot_is_ours(view, observed)
+    new_slot = force_new_slot or not found.slot_exists or found.slot_lost or not publication_current
+    if not publication_current:
+        reasons.append(
+            f"publication {name} "
+            + (
+                "publishes other tables or operations than the sources"
+                if found.publication_exists
+                else "does not exist"
+            )
+        )
+        made: list[Statement] = [decoding.drop_publication_statement(view)] if found.publication_exists else []
+        made += decoding.create_publication_statements(view)
+        steps.append(Step(f"publish the sources of {view.relation} ({name})", tuple(made)))
+    if new_slot:
+        slot = decoding.slot_name(view)
+        if found.slot_lost:
+            reasons.append(f"replication slot {slot} was invalidated (max_slot_wal_keep_size): its changes are lost")
+        elif not found.slot_exists:
+            reasons.append(f"replication slot {slot} does not exist")
+        made = [decoding.drop_slot_statement(view)] if found.slot_exists else []
+        # Not in a transaction: a logical slot is made outside one (it waits for running writers to finish).
+        steps.append(
+            Step(
+                f"create the logical replication slot {slot}",
+                (*made, decoding.create_slot_statement(view)),
+                transactional=False,
+            )
+        )
+        if observed.relation is not None if built is None else built:
+            why = why or f"replication slot {slot} was made again: changes before it are not in it"
+            steps.append(Step("request a full rebuild", (capture.request_full_rebuild(view, why),)))
+    return steps
+
+
+def drop_decoding_steps(view: MaterializedView, observed: Observed) -> list[Step]:
+    """Drop the slot and the publication, when they exist and are ours."""
+    found = observed.decoding
+    if found is None:
+        return []
+    statements: list[Statement] = []
+    if found.slot_exists and found.slot_plugin == decoding.PLUGIN and found.slot_database_ours:
+        statements.append(decoding.drop_slot_statement(view))
+    if publication_is_ours(view, observed):
+        statements.append(decoding.drop_publication_statement(view))
+    if not statements:
+        return []
+    return [Step(f"drop the logical decoding capture of {view.relation}", tuple(statements), transactional=False)]
 
 
 def _live_and_ours(view: MaterializedView, observed: Observed, marker: Marker | None, owner: str) -> bool:

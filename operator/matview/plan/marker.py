@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 from matview.constants import MARKER_KEY, MARKER_VALUE
 
-MarkerKind = Literal["view", "index", "supporting", "staging", "changes", "capture", "live"]
-MARKER_KINDS = ("view", "index", "supporting", "staging", "changes", "capture", "live")
+MarkerKind = Literal["view", "index", "supporting", "staging", "changes", "capture", "live", "publication"]
+MARKER_KINDS = ("view", "index", "supporting", "staging", "changes", "capture", "live", "publication")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 
 from matview.api import sqltext
-from matview.plan import capture
+from matview.plan import capture, decoding
 from matview.plan.marker import Marker
 
 Connection = psycopg.Connection[tuple[Any, ...]]
@@ -120,6 +120,8 @@ class Observed:
     """What the operator may do with spec.runAsRole (None when the spec names none)."""
     capture: capture.CaptureState | None = None
     """The view's change capture (observed for storage Table)."""
+    decoding: decoding.DecodingState | None = None
+    """The view's publication and replication slot (observed for storage Table)."""
     live: RelationState | None = None
     """What holds the live view's name (observed for storage Table), ours or not."""
     live_parts: list[LivePart] = field(default_factory=list)

@@ -20,7 +20,7 @@ from psycopg import sql
 from matview.api.spec import MaterializedView
 from matview.errors import DependentObjectsError, FieldError, SpecError, UnmanagedObjectError
 from matview.plan import capture
-from matview.plan.checks import check_incremental, check_names_free, check_supporting, source_drift
+from matview.plan.checks import check_decoding, check_incremental, check_names_free, check_supporting, source_drift
 from matview.plan.converge import (
     converge_capture,
     converge_live,
@@ -28,6 +28,7 @@ from matview.plan.converge import (
     converge_view,
     dependents_besides_live,
     drop_capture_steps,
+    drop_decoding_steps,
     drop_live_step,
     leftovers,
     live_is_ours,
@@ -80,6 +81,7 @@ def build_plan(view: MaterializedView, observed: Observed, policy: ApplyPolicy |
             errors.append(FieldError(f"spec.grants[{i}].role", f"role {grant.role!r} does not exist"))
     errors += check_supporting(view, observed)
     errors += check_incremental(view, observed)
+    errors += check_decoding(view, observed)
     access = observed.run_as_role
     if access is not None and access.usable and access.superuser and not policy.allow_superuser_run_as_role:
         errors.append(
@@ -163,6 +165,7 @@ def build_delete_plan(view: MaterializedView, observed: Observed) -> Plan:
     """Retain leaves the view's data as it is; Delete drops the view and the supporting indexes it created.
     Change capture goes either way: left behind, its triggers would fill a log nobody reads."""
     uncapture = drop_capture_steps(view, observed, observed.capture) if observed.capture is not None else []
+    uncapture += drop_decoding_steps(view, observed)
     if live_is_ours(view, observed):  # it reads the log and the table: it goes first, whatever the policy
         uncapture = [drop_live_step(view, observed), *uncapture]
     if view.deletion_policy == "Retain":

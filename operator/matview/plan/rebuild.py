@@ -16,7 +16,7 @@ from psycopg import sql
 from matview.api import sqltext
 from matview.api.spec import MaterializedView
 from matview.errors import DependentObjectsError
-from matview.plan import capture, versions
+from matview.plan import capture, decoding, versions
 from matview.plan.marker import Marker
 from matview.plan.observed import DependentView
 from matview.plan.statements import (
@@ -90,7 +90,9 @@ def create_step(view: MaterializedView) -> Step:
         runs_query=True,
         # Capture is installed first (so no write is missed); if the first build fails, nothing of it may stay
         # on a source table: triggers there would make every writer pay for a view that does not exist.
-        cleanup=tuple(capture.uninstall_statements(view)) if view.incremental is not None else (),
+        cleanup=(*capture.uninstall_statements(view), *decoding.uninstall_statements(view))
+        if view.incremental is not None
+        else (),
     )
 
 

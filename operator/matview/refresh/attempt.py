@@ -17,7 +17,7 @@ from matview import timestamps
 from matview.api.spec import MaterializedView, RefreshMode
 from matview.errors import MatviewError
 from matview.outcomes import NO_MODE, FailureReason, Outcome
-from matview.plan import capture, engine
+from matview.plan import capture, decoding, engine
 from matview.plan.engine import settings_for
 from matview.plan.executor import BusyError, Closing, ExecutionSettings, HeldLock, execute, view_lock
 from matview.plan.marker import Marker
@@ -32,7 +32,7 @@ from matview.plan.rebuild import (
     swap_steps,
 )
 from matview.plan.statements import Plan, Query, Step
-from matview.refresh import facts, policy, verify
+from matview.refresh import drain, facts, policy, verify
 from matview.refresh.facts import ViewSize, view_size
 from matview.refresh.policy import Inspection, RefreshState
 
@@ -73,6 +73,8 @@ class RefreshResult:
     """Skipped because another process held the view's lock: nothing was decided, try again soon."""
     verification: verify.Verification | None = None
     """Incremental views: the periodic comparison with a full recompute, when this refresh made one."""
+    slot_retained_wal_bytes: int | None = None
+    """LogicalDecoding views: the WAL the view's replication slot keeps, after this attempt's drain."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -108,17 +110,29 @@ def refresh(
     started, clock = dt.datetime.now(dt.UTC), time.monotonic()
     attempt: policy.Run | None = None
     fallback_from: RefreshMode | None = None
+    slot_bytes: dict[str, Any] = {}
 
     def finish(outcome: Outcome, reason: str, **extra: Any) -> RefreshResult:
         used = attempt.mode.value if attempt is not None else NO_MODE
         result = RefreshResult(
-            view.relation, used, outcome, reason, started, dt.datetime.now(dt.UTC), time.monotonic() - clock, **extra
+            view.relation,
+            used,
+            outcome,
+            reason,
+            started,
+            dt.datetime.now(dt.UTC),
+            time.monotonic() - clock,
+            **slot_bytes,
+            **extra,
         )
         _log(view, result)
         return result
 
     try:
         with view_lock(conn, view, then=facts.inspection_query(view)) as lock:
+            if decoding.uses_decoding(view) and lock.read_row is not None:
+                drained = drain.drain(conn, view, settings)  # the slot's changes into the log, then decide
+                slot_bytes = {"slot_retained_wal_bytes": drained.retained_wal_bytes}
             inspection = facts.inspected(conn, view, lock.read_row)
             decision = policy.decide(view, inspection, mode, force, started)
             incremental = _incremental_facts(view, inspection, started)
@@ -268,7 +282,12 @@ def _marker(
 ) -> Marker:
     """The view's marker after a success: the new state (measured duration, last success, sources seen)."""
     state = inspection.state.after_success(
-        mode, seconds, dt.datetime.now(dt.UTC), inspection.source_version, inspection.untracked_version
+        mode,
+        seconds,
+        dt.datetime.now(dt.UTC),
+        inspection.source_version,
+        inspection.untracked_version,
+        keys=inspection.pending.keys if inspection.pending is not None else None,
     )
     if verified_at is not None:
         state = dataclasses.replace(state, last_verified=verified_at)
@@ -294,20 +313,29 @@ def _record(
 def apply_and_record(conn: Connection, view: MaterializedView, policy: ApplyPolicy | None = None) -> engine.ApplyResult:
     """Apply the view; when that built its data (a create, a swap), count the build as a refresh: its state
     and the sources it saw go into the marker. Every caller that applies goes through here."""
+    clock = time.monotonic()
     result = engine.apply(conn, view, policy=policy)
     if result.built:
-        record_build(conn, view)
+        # An incremental view's build is the full rebuild Auto weighs its keys against: its first measurement.
+        seconds = time.monotonic() - clock if view.incremental is not None else None
+        record_build(conn, view, build_seconds=seconds)
     return result
 
 
-def record_build(conn: Connection, view: MaterializedView, when: dt.datetime | None = None) -> None:
-    """After apply built the view's data (create or swap), count it as a successful refresh."""
+def record_build(
+    conn: Connection, view: MaterializedView, when: dt.datetime | None = None, build_seconds: float | None = None
+) -> None:
+    """After apply built the view's data (create or swap), count it as a successful refresh (build_seconds,
+    when given, as a measured full rebuild)."""
     oid, marker = facts.read_marker(conn, view.schema, view.name, view.run_as_role)
     if oid is None or marker is None or marker.owner != view.owner:
         return
     untracked = facts.untracked_version(conn, view) if view.incremental is not None else None
+    state = RefreshState.from_marker(marker.state)
+    if build_seconds is not None:
+        state = state.measured(RefreshMode.SWAP, build_seconds)
     state = dataclasses.replace(
-        RefreshState.from_marker(marker.state),
+        state,
         last_success=when or dt.datetime.now(dt.UTC),
         source_version=facts.source_version(conn, view, oid),
         untracked_version=untracked,

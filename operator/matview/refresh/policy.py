@@ -30,6 +30,11 @@ EVIDENCE_WEIGHT = 0.5
 EXPLORE_EVERY = 10
 #: "Close": the slower mode is within this factor of the faster one.
 EXPLORE_RATIO = 2.0
+#: How many of the latest incremental refreshes, as (changed keys, seconds), Auto keeps to predict the next.
+INCREMENTAL_SAMPLES = 8
+#: Auto's share of changed keys above which it rebuilds in full while this view has not measured both ways
+#: (spec.incremental.fullRebuildRatio, when set, replaces the measured choice altogether).
+DEFAULT_FULL_REBUILD_RATIO = 0.1
 #: SQLSTATEs of CONCURRENTLY failures that a non-concurrent refresh fixes (not populated; no usable index).
 CONCURRENT_FALLBACK_SQLSTATES = frozenset({"0A000", "55000"})
 
@@ -47,6 +52,10 @@ class RefreshState:
     untracked_version: str | None = None
     """Fingerprint of the tables an incremental view reads that are not declared sources."""
     last_verified: dt.datetime | None = None
+    incremental_samples: tuple[tuple[int, float], ...] = ()
+    """The latest incremental refreshes as (changed keys, seconds), oldest first: Auto's cost per key."""
+    measured_at: dict[str, int] = field(default_factory=dict)
+    """Per mode, the value of runs when it was last measured: Auto re-measures only what has gone stale."""
 
     @classmethod
     def from_marker(cls, data: dict[str, Any]) -> RefreshState:
@@ -60,6 +69,10 @@ class RefreshState:
             runs=int(data.get("runs", 0)) if isinstance(data.get("runs", 0), int) else 0,
             untracked_version=data.get("untrackedVersion") if isinstance(data.get("untrackedVersion"), str) else None,
             last_verified=timestamps.parse(data.get("lastVerified")),
+            incremental_samples=_samples(data.get("incrementalSamples")),
+            measured_at={str(k): v for k, v in measured_at.items() if isinstance(v, int) and not isinstance(v, bool)}
+            if isinstance(measured_at := data.get("measuredAt"), dict)
+            else {},
         )
 
     def to_marker(self) -> dict[str, Any]:
@@ -75,21 +88,65 @@ class RefreshState:
             data["untrackedVersion"] = self.untracked_version
         if self.last_verified is not None:
             data["lastVerified"] = timestamps.rfc3339(self.last_verified)
+        if self.measured_at:
+            data["measuredAt"] = dict(sorted(self.measured_at.items()))
+        if self.incremental_samples:
+            data["incrementalSamples"] = [[keys, round(seconds, 5)] for keys, seconds in self.incremental_samples]
         return data
 
     def after_success(
-        self, mode: str, seconds: float, when: dt.datetime, version: str | None, untracked: str | None = None
+        self,
+        mode: str,
+        seconds: float,
+        when: dt.datetime,
+        version: str | None,
+        untracked: str | None = None,
+        keys: int | None = None,
     ) -> RefreshState:
-        previous = self.durations.get(mode)
-        average = seconds if previous is None else EVIDENCE_WEIGHT * seconds + (1 - EVIDENCE_WEIGHT) * previous
+        """The state after a successful refresh in mode that took seconds (an incremental one applied keys)."""
+        samples = self.incremental_samples
+        if mode == RefreshMode.INCREMENTAL and keys:
+            samples = (*samples, (keys, seconds))[-INCREMENTAL_SAMPLES:]
         return replace(
-            self,
+            self.measured(mode, seconds),
             last_success=when,
-            durations={**self.durations, mode: average},
             source_version=version,
             untracked_version=untracked,
             runs=self.runs + 1,
+            incremental_samples=samples,
         )
+
+    def measured(self, mode: str, seconds: float) -> RefreshState:
+        """The moving average of mode's duration with one more measurement."""
+        previous = self.durations.get(mode)
+        average = seconds if previous is None else EVIDENCE_WEIGHT * seconds + (1 - EVIDENCE_WEIGHT) * previous
+        return replace(
+            self, durations={**self.durations, mode: average}, measured_at={**self.measured_at, mode: self.runs}
+        )
+
+    def measured_long_ago(self, mode: str) -> bool:
+        """mode's last measurement is EXPLORE_EVERY refreshes old or more (or it was never measured)."""
+        return self.runs - self.measured_at.get(mode, -EXPLORE_EVERY) >= EXPLORE_EVERY
+
+
+def _samples(raw: Any) -> tuple[tuple[int, float], ...]:
+    """incrementalSamples from a marker, keeping only well-formed pairs (a marker is read back, never trusted)."""
+    if not isinstance(raw, list):
+        return ()
+    samples = []
+    for item in raw:
+        if (
+            isinstance(item, list)
+            and len(item) == 2
+            and isinstance(item[0], int)
+            and not isinstance(item[0], bool)
+            and isinstance(item[1], int | float)
+            and not isinstance(item[1], bool)
+            and item[0] > 0
+            and 0 <= item[1] < float("inf")
+        ):
+            samples.append((item[0], float(item[1])))
+    return tuple(samples[-INCREMENTAL_SAMPLES:])
 
 
 @dataclass(frozen=True)
@@ -210,8 +267,8 @@ def decide(
     return Run(mode, reason)
 
 
-def full_rebuild_reason(view: MaterializedView, inspection: Inspection, adaptive: bool) -> str:
-    """Why an incremental view must (or, adaptive, should) be rebuilt in full now; "" when keys suffice."""
+def full_rebuild_reason(view: MaterializedView, inspection: Inspection) -> str:
+    """Why an incremental view must be rebuilt in full now, whatever it costs; "" when its keys can be trusted."""
     assert view.incremental is not None
     pending = inspection.pending
     state = inspection.state
@@ -229,14 +286,80 @@ def full_rebuild_reason(view: MaterializedView, inspection: Inspection, adaptive
         return "the query reads a foreign table, whose writes cannot be tracked"
     if inspection.untracked_version != state.untracked_version:
         return "a table the query reads that is not a declared source was written (or no refresh recorded it yet)"
-    if adaptive and pending.keys:
-        ratio = change_ratio(pending.keys, inspection.estimated_rows)
-        if ratio > view.incremental.full_rebuild_ratio:
-            return (
-                f"Auto: {pending.keys} changed key(s) are {ratio:.1%} of the view, above fullRebuildRatio "
-                f"{view.incremental.full_rebuild_ratio:.1%}: a full rebuild is cheaper"
-            )
     return ""
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """An incremental refresh of k keys takes fixed + per_key · k seconds: fitted to this view's own samples."""
+
+    fixed: float
+    per_key: float
+    samples: int
+
+    def seconds(self, keys: int) -> float:
+        return self.fixed + self.per_key * keys
+
+    @classmethod
+    def fit(cls, samples: tuple[tuple[int, float], ...]) -> CostModel | None:
+        """Least squares with both parts ≥ 0; None until the samples hold two different key counts (one
+        count cannot tell the fixed cost from the cost per key)."""
+        if len({keys for keys, _ in samples}) < 2:
+            return None
+        n = len(samples)
+        mean_keys = sum(k for k, _ in samples) / n
+        mean_seconds = sum(s for _, s in samples) / n
+        spread = sum((k - mean_keys) ** 2 for k, _ in samples)
+        per_key = sum((k - mean_keys) * (s - mean_seconds) for k, s in samples) / spread
+        fixed = mean_seconds - per_key * mean_keys
+        if per_key < 0:  # noise on a view whose cost does not grow with keys
+            return cls(mean_seconds, 0.0, n)
+        if fixed < 0:  # refit through the origin
+            return cls(0.0, sum(k * s for k, s in samples) / sum(k * k for k, _ in samples), n)
+        return cls(fixed, per_key, n)
+
+
+def choose_incremental(view: MaterializedView, inspection: Inspection, keys: int) -> tuple[bool, str]:
+    """Auto, keys pending and all of them trusted: (rebuild in full?, why). From this view's measured
+    durations (the full rebuild's moving average against the incremental cost fitted to its latest
+    incremental refreshes), else fullRebuildRatio: the spec's override, or the default until both are measured.
+    When the two are close and the slower way was last measured EXPLORE_EVERY refreshes ago or more, this
+    refresh runs it, so neither measurement goes stale (a view grows; the cost per key changes with it)."""
+    assert view.incremental is not None
+    ratio = change_ratio(keys, inspection.estimated_rows)
+    share = f"{keys} changed key(s), {ratio:.2%} of the view"
+    state = inspection.state
+    model = CostModel.fit(state.incremental_samples)
+    full = state.durations.get(RefreshMode.SWAP)
+    override = view.incremental.full_rebuild_ratio
+    if override is not None or model is None or full is None:
+        limit = DEFAULT_FULL_REBUILD_RATIO if override is None else override
+        named = (
+            f"fullRebuildRatio {limit:.1%}"
+            if override is not None
+            else (
+                f"the default fullRebuildRatio {limit:.1%} (this view has not measured "
+                + ("a full rebuild" if full is None else "incremental refreshes of two sizes")
+                + " yet)"
+            )
+        )
+        if ratio > limit:
+            return True, f"Auto: {share}, above {named}: a full rebuild is cheaper"
+        return False, f"{share}, within {named}"
+    predicted = model.seconds(keys)
+    rebuild = predicted > full
+    fast, slow = min(predicted, full), max(predicted, full)
+    slower = RefreshMode.INCREMENTAL if rebuild else RefreshMode.SWAP
+    explore = state.measured_long_ago(slower) and slow <= fast * EXPLORE_RATIO
+    evidence = (
+        f"predicted incremental {predicted:.3f}s ({model.fixed * 1000:.1f} ms + {model.per_key * 1000:.3f} ms a key, "
+        f"from {model.samples} refreshes) vs a full rebuild {full:.3f}s measured"
+    )
+    if explore:
+        return not rebuild, f"Auto: {share}, re-measuring the slower way: {evidence}"
+    if rebuild:
+        return True, f"Auto: {share}, a full rebuild is cheaper: {evidence}"
+    return False, f"{share}, incremental is cheaper: {evidence}"
 
 
 def change_ratio(keys: int, rows: int | None) -> float:
@@ -254,7 +377,7 @@ def decide_incremental(
         return Run(RefreshMode.SWAP, "mode Swap requested")
     if wanted not in (RefreshMode.AUTO, RefreshMode.INCREMENTAL):
         return Refuse(f"mode {wanted} requested", f"mode {wanted} does not apply to storage {view.storage}")
-    full = full_rebuild_reason(view, inspection, adaptive=wanted == RefreshMode.AUTO)
+    full = full_rebuild_reason(view, inspection)
     if full:
         if not inspection.swap_possible:
             return Refuse(full, f"{view.relation} needs a full rebuild ({full}) but {inspection.swap_blocker}")
@@ -271,8 +394,15 @@ def decide_incremental(
                 f"{pending.keys} changed key(s), the oldest {age:.0f}s old: within targetLag until the next look",
                 data_current=False,
             )
-    ratio = change_ratio(pending.keys, inspection.estimated_rows)
-    return Run(RefreshMode.INCREMENTAL, f"{pending.keys} changed key(s), {ratio:.2%} of the view")
+    if wanted == RefreshMode.INCREMENTAL:
+        ratio = change_ratio(pending.keys, inspection.estimated_rows)
+        return Run(RefreshMode.INCREMENTAL, f"{pending.keys} changed key(s), {ratio:.2%} of the view")
+    rebuild, why = choose_incremental(view, inspection, pending.keys)
+    if not rebuild:
+        return Run(RefreshMode.INCREMENTAL, why)
+    if not inspection.swap_possible:
+        return Run(RefreshMode.INCREMENTAL, f"{why}; but {inspection.swap_blocker}, so incremental")
+    return Run(RefreshMode.SWAP, why)
 
 
 def verification_due(view: MaterializedView, state: RefreshState, now: dt.datetime) -> bool:

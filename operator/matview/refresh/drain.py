@@ -1,0 +1,145 @@
+"""Read a LogicalDecoding view's replication slot into its change log, before a refresh decides.
+
+Runs under the view's lock (a slot serves one reader at a time, and two drains would advance it past each
+other). Order is what makes it safe: the LSN to read up to is taken first; the changes up to it are
+peeked, not consumed, and their keys written to the change log in one transaction; only after that commits
+does the slot advance to the LSN. Killed between the commit and the advance, the next drain reads the same
+changes again and writes the same keys again, which a refresh recomputes to the same rows.
+
+Anything that makes the slot's changes unreadable (the slot missing or invalidated, the publication
+dropped or altered, a message this parser cannot read) ends the same way: the capture is made again by the
+same steps apply uses (plan/converge.converge_decoding, with a new slot) and a full rebuild is requested,
+so a lost change becomes a rebuild, never a stale row.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from matview.api.spec import MaterializedView
+from matview.errors import MatviewError
+from matview.plan import catalog, decoding
+from matview.plan.converge import converge_decoding
+from matview.plan.executor import ExecutionSettings, execute
+from matview.plan.observed import Connection, Observed
+from matview.plan.statements import Plan
+
+logger = logging.getLogger(__name__)
+
+#: Rows fetched from the peek at a time, and written to the log as one row: bounds the operator's memory
+#: whatever the size of a batch a writer committed.
+FETCH_ROWS = 10_000
+
+#: wal_writer_delay is 200 ms by default (at most 10 s): a drain waits about that long on a server with
+#: asynchronous commits, and not at all with synchronous ones.
+FLUSH_WAIT_SECONDS = 2.0
+FLUSH_POLL_SECONDS = 0.01
+
+_CURRENT_USER = sql.SQL("SELECT current_user")
+_SET_TIMEOUT = sql.SQL("SELECT pg_catalog.set_config('statement_timeout', %s, true)")
+
+
+@dataclass(frozen=True)
+class Drained:
+    keys: int = 0
+    """Keys written to the change log (one per changed row and side, before the claim deduplicates)."""
+    rebuild: str = ""
+    """Why a full rebuild was requested ("" when none)."""
+    retained_wal_bytes: int | None = None
+
+
+def drain(conn: Connection, view: MaterializedView, settings: ExecutionSettings) -> Drained:
+    """Move the slot's changes up to now into the change log (the caller holds the view's lock)."""
+    slot = decoding.slot_name(view)
+    _wait_for_flush(conn)
+    publication = decoding.publication_name(view)
+    row = conn.execute(decoding.SLOT_QUERY, {"slot": slot, "publication": publication}).fetchone()
+    assert row is not None
+    upto, wal_status, retained, publication_exists, tables = row
+    assert view.incremental is not None
+    if not publication_exists:
+        return _remake(conn, view, settings, f"publication {publication} does not exist")
+    if {(str(t[0]), str(t[1])) for t in tables} != {s.relation for s in view.incremental.sources}:
+        return _remake(conn, view, settings, f"publication {publication} publishes other tables than the sources")
+    if wal_status is None:
+        return _remake(conn, view, settings, f"replication slot {slot} is missing")
+    if wal_status == "lost":
+        return _remake(
+            conn,
+            view,
+            settings,
+            f"replication slot {slot} was invalidated (max_slot_wal_keep_size): its changes are lost",
+        )
+    keys = 0
+    try:
+        with conn.transaction():
+            conn.execute(_SET_TIMEOUT, (f"{int(settings.statement_timeout_seconds * 1000)}ms",))
+            decoder = decoding.Decoder(view)
+            reasons: list[str] = []
+            with conn.cursor(name="matview_drain") as cursor:
+                cursor.execute(
+                    decoding.PEEK_QUERY,
+                    {"slot": slot, "upto": upto, "publication": decoding.publication_option(view)},
+                )
+                while batch := cursor.fetchmany(FETCH_ROWS):
+                    changes = decoding.Changes()
+                    for (data,) in batch:
+                        decoder.feed(bytes(data), changes)
+                    if changes.keys:
+                        # A batch may start inside a transaction: its Begin (and commit time) came before.
+                        committed = changes.oldest_commit or decoder.commit_time or dt.datetime.now(dt.UTC)
+                        document = decoding.log_document(view, changes.keys, committed)
+                        conn.execute(decoding.insert_keys_statement(view), (document,))
+                        keys += len(changes.keys)
+                    reasons += changes.rebuild
+            for reason in sorted(set(reasons)):
+                conn.execute(decoding.request_rebuild_statement(view), (reason,))
+    except decoding.DecodeError as error:
+        return _remake(conn, view, settings, f"a change in replication slot {slot} could not be read ({error})")
+    except (psycopg.errors.UndefinedObject, psycopg.errors.ObjectNotInPrerequisiteState) as error:
+        # The publication was dropped (its name is looked up as of each change: a new one with the same name
+        # does not help this slot), or the slot was invalidated between the look and the read.
+        message = error.diag.message_primary or str(error)
+        return _remake(conn, view, settings, f"replication slot {slot} cannot be read: {message}")
+    conn.execute(decoding.ADVANCE_QUERY, {"slot": slot, "upto": upto})
+    return Drained(keys=keys, rebuild="; ".join(sorted(set(reasons))), retained_wal_bytes=_bytes(retained))
+
+
+def _wait_for_flush(conn: Connection) -> None:
+    """Until the WAL inserted before now is flushed, or FLUSH_WAIT_SECONDS (what is not flushed then is
+    read by the next drain)."""
+    row = conn.execute(decoding.FLUSHED_QUERY, {"target": "0/0"}).fetchone()
+    assert row is not None
+    target = row[0]
+    deadline = time.monotonic() + FLUSH_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        row = conn.execute(decoding.FLUSHED_QUERY, {"target": target}).fetchone()
+        if row is not None and row[1]:
+            return
+        time.sleep(FLUSH_POLL_SECONDS)
+
+
+def _remake(conn: Connection, view: MaterializedView, settings: ExecutionSettings, why: str) -> Drained:
+    """A new slot (and the publication made again where it is not as apply makes it), and a full rebuild."""
+    logger.warning("%s: %s; capture is made again and the view rebuilt in full", view.relation, why)
+    row = conn.execute(_CURRENT_USER).fetchone()
+    observed = Observed(current_user=str(row[0]) if row else "", decoding=catalog.read_decoding(conn, view))
+    steps = converge_decoding(view, observed, [], force_new_slot=True, built=True, why=why)
+    try:
+        execute(conn, Plan(view, tuple(steps), (why,), log_steps=False), settings)
+    except MatviewError:
+        logger.warning("%s: could not make its replication slot again", view.relation)
+        raise
+    query = {"slot": decoding.slot_name(view), "publication": decoding.publication_name(view)}
+    row = conn.execute(decoding.SLOT_QUERY, query).fetchone()
+    return Drained(rebuild=why, retained_wal_bytes=_bytes(row[2]) if row else None)
+
+
+def _bytes(value: object) -> int | None:
+    return int(value) if isinstance(value, int) else None

@@ -1,0 +1,300 @@
+"""incremental.capture: LogicalDecoding on the real server (wal_level=logical, tests/conftest.py): the
+publication and the slot apply makes, keys read from the WAL, what the engine repairs by itself (TRUNCATE,
+a lost slot, a tampered publication), a refresh killed between the log and the slot's advance, refusals
+before anything changes, look-alike objects in the way, and removal with either deletion policy.
+
+Every test here also runs with the hostile look-alikes of tests/hostile.py planted (the dsn fixture): the
+statements the drain sends are checked not to call them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from matview.api.spec import MaterializedView
+from matview.errors import SpecError, UnmanagedObjectError
+from matview.plan import capture, decoding, engine
+from matview.plan.observed import Connection
+from matview.refresh import refresh
+from tests.db.test_incremental import SCHEMA_SQL, SOURCES, apply, matrix_view, mismatches
+
+#: The sources whose key (driver_id) is not their primary key: UPDATEs must log the whole old row.
+NOT_KEYED_BY_DRIVER = ("ops.leads", "ops.trips", "ops.claims", "ops.payments")
+
+
+def decoding_view(**overrides: Any) -> MaterializedView:
+    incremental = {"keyColumns": ["driver_id"], "sources": SOURCES, "capture": "LogicalDecoding"}
+    return matrix_view(incremental=incremental, **overrides)
+
+
+@pytest.fixture
+def matrix(conn: Connection) -> Connection:
+    conn.execute(SCHEMA_SQL)
+    conn.execute("SELECT ops.load_driver_matrix(300)")
+    for table in NOT_KEYED_BY_DRIVER:
+        conn.execute(f"ALTER TABLE {table} REPLICA IDENTITY FULL")
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    return conn
+
+
+def slot(conn: Connection, mv: MaterializedView) -> tuple[str, str] | None:
+    """(confirmed_flush_lsn, wal_status) of the view's slot, None when it does not exist."""
+    row = conn.execute(
+        "SELECT confirmed_flush_lsn::text, wal_status FROM pg_replication_slots WHERE slot_name = %s",
+        (decoding.slot_name(mv),),
+    ).fetchone()
+    return (str(row[0]), str(row[1])) if row else None
+
+
+def published(conn: Connection, mv: MaterializedView) -> set[str]:
+    rows = conn.execute(
+        "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = %s",
+        (decoding.publication_name(mv),),
+    )
+    return {str(r[0]) for r in rows}
+
+
+def capture_triggers(conn: Connection, mv: MaterializedView) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_trigger WHERE tgname LIKE %s", (capture.trigger_prefix(mv) + "%",)
+    ).fetchone()
+    return int(row[0]) if row else -1
+
+
+def test_apply_publishes_the_sources_and_refreshes_apply_the_keys_read_from_the_wal(matrix: Connection) -> None:
+    mv = decoding_view()
+    apply(matrix, mv)
+    assert published(matrix, mv) == {s["table"] for s in SOURCES}
+    assert capture_triggers(matrix, mv) == 0  # writers run no trigger at all
+    before = slot(matrix, mv)
+    assert before is not None
+
+    matrix.execute("UPDATE ops.leads SET driver_id = 5000 WHERE driver_id = 13")  # a key moves: both keys
+    matrix.execute("INSERT INTO ops.trips (driver_id, trip_date) VALUES (7, '2026-02-01')")
+    matrix.execute("DELETE FROM ops.payments WHERE driver_id = 11")
+    matrix.execute("UPDATE public.drivers SET driver_name = 'x' WHERE driver_id = 3")
+    assert mismatches(matrix, mv) != (0, 0)
+    result = refresh(matrix, mv)
+    assert result.result == "success" and result.mode == "Incremental", result
+    assert result.keys_applied == 5, result  # 13, 5000, 7, 11, 3
+    assert result.slot_retained_wal_bytes is not None and result.slot_retained_wal_bytes >= 0
+    assert mismatches(matrix, mv) == (0, 0)
+    after = slot(matrix, mv)
+    assert after is not None and after[0] > before[0], (before, after)  # advanced past what it applied
+    assert refresh(matrix, mv).reason == "no changes pending"  # read once: the advance forgot them
+
+
+def test_a_batch_larger_than_one_fetch_is_read_in_bounded_pieces(matrix: Connection, monkeypatch: Any) -> None:
+    from matview.refresh import drain
+
+    monkeypatch.setattr(drain, "FETCH_ROWS", 7)  # many fetches, transactions split across them
+    mv = decoding_view()
+    apply(matrix, mv)
+    matrix.execute("UPDATE ops.trips SET trip_date = trip_date + 1 WHERE driver_id % 10 = 0")
+    with matrix.transaction():
+        for driver in (1, 2, 3):
+            matrix.execute("INSERT INTO ops.trips (driver_id, trip_date) VALUES (%s, '2026-03-01')", (driver,))
+    result = refresh(matrix, mv, "Incremental")
+    assert result.mode == "Incremental" and result.keys_applied == 33, result
+    assert mismatches(matrix, mv) == (0, 0)
+
+
+def test_a_source_whose_updates_could_lose_the_old_key_is_refused_before_any_change(matrix: Connection) -> None:
+    matrix.execute("ALTER TABLE ops.trips REPLICA IDENTITY DEFAULT")  # its key is trip_id, not driver_id
+    mv = decoding_view()
+    with pytest.raises(SpecError) as refused:
+        apply(matrix, mv)
+    message = str(refused.value)
+    assert "spec.incremental.sources[2].table" in message and "REPLICA IDENTITY FULL" in message, message
+    assert slot(matrix, mv) is None and published(matrix, mv) == set()
+    left = matrix.execute("SELECT to_regclass('ops.mx'), to_regclass('ops.mx_mv_changes')").fetchone()
+    assert left == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("sabotage", "why"),
+    [
+        ("TRUNCATE ops.payments", "TRUNCATE of ops.payments"),
+        ("SELECT pg_drop_replication_slot('{slot}')", "is missing"),
+        ("DROP PUBLICATION mx_mv_pub", "does not exist"),
+        ("ALTER PUBLICATION mx_mv_pub DROP TABLE ops.trips", "publishes other tables"),
+    ],
+)
+def test_what_makes_the_slot_unreadable_becomes_a_full_rebuild_and_capture_goes_on(
+    matrix: Connection, sabotage: str, why: str
+) -> None:
+    mv = decoding_view()
+    apply(matrix, mv)
+    matrix.execute(sabotage.format(slot=decoding.slot_name(mv)))
+    matrix.execute("INSERT INTO ops.trips (driver_id, trip_date) VALUES (21, '2026-02-02')")  # maybe unseen
+    result = refresh(matrix, mv)
+    assert result.result == "success" and result.mode == "Swap", result
+    assert why in result.reason, result.reason
+    assert mismatches(matrix, mv) == (0, 0)
+    assert published(matrix, mv) == {s["table"] for s in SOURCES} and slot(matrix, mv) is not None
+    matrix.execute("INSERT INTO ops.trips (driver_id, trip_date) VALUES (22, '2026-02-03')")
+    again = refresh(matrix, mv)
+    assert again.mode == "Incremental" and again.keys_applied == 1, again
+    assert mismatches(matrix, mv) == (0, 0)
+
+
+def test_a_slot_invalidated_by_max_slot_wal_keep_size_rebuilds_and_says_why(matrix: Connection) -> None:
+    mv = decoding_view()
+    apply(matrix, mv)
+    matrix.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+    matrix.execute("SELECT pg_reload_conf()")
+    try:
+        for _ in range(3):  # WAL beyond the keep size, then a checkpoint invalidates the slot
+            matrix.execute(
+                "INSERT INTO ops.trips (driver_id, trip_date) SELECT 5, '2026-02-04' FROM generate_series(1, 100)"
+            )
+            matrix.execute("SELECT pg_switch_wal()")
+        matrix.execute("CHECKPOINT")
+        state = slot(matrix, mv)
+        assert state is not None and state[1] == "lost", state
+    finally:
+        matrix.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+        matrix.execute("SELECT pg_reload_conf()")
+    result = refresh(matrix, mv)
+    assert result.mode == "Swap" and "max_slot_wal_keep_size" in result.reason, result
+    assert mismatches(matrix, mv) == (0, 0)
+    state = slot(matrix, mv)
+    assert state is not None and state[1] != "lost", state
+
+
+def test_killed_between_the_log_and_the_advance_a_refresh_loses_nothing(
+    matrix: Connection, dsn: str, monkeypatch: Any
+) -> None:
+    """The drain's connection dies exactly where the keys are committed to the log and the slot has not
+    advanced: the next refresh reads the same changes again, and applying a key twice is harmless."""
+    mv = decoding_view()
+    apply(matrix, mv)
+    matrix.execute("UPDATE ops.leads SET driver_id = 4000 WHERE driver_id = 17")
+    killed = sql.SQL("SELECT pg_catalog.pg_terminate_backend(pg_catalog.pg_backend_pid()), %(slot)s, %(upto)s")
+    monkeypatch.setattr(decoding, "ADVANCE_QUERY", killed)
+    with engine.connect(dsn) as victim:
+        result = refresh(victim, mv)
+    assert result.result == "failure" and result.failure_reason == "connection", result  # reported, not hidden
+    monkeypatch.undo()
+    logged = matrix.execute("SELECT count(*) FROM ops.mx_mv_changes").fetchone()
+    assert logged == (1,)  # the keys are in the log; the slot still holds them too
+    result = refresh(matrix, mv)
+    assert result.mode == "Incremental" and result.keys_applied == 2, result  # 17 and 4000, once each
+    assert mismatches(matrix, mv) == (0, 0)
+    assert refresh(matrix, mv).reason == "no changes pending"
+
+
+@pytest.mark.parametrize("policy", ["Delete", "Retain"])
+def test_delete_drops_the_slot_and_the_publication_with_either_policy(matrix: Connection, policy: str) -> None:
+    mv = decoding_view(deletionPolicy=policy)
+    apply(matrix, mv)
+    engine.delete(matrix, mv)
+    assert slot(matrix, mv) is None and published(matrix, mv) == set()
+    exists = matrix.execute("SELECT to_regclass('ops.mx') IS NOT NULL").fetchone()
+    assert exists == (policy == "Retain",)
+
+
+def test_switching_between_triggers_and_logical_decoding_replaces_the_capture(matrix: Connection) -> None:
+    triggers = matrix_view()
+    apply(matrix, triggers)
+    assert capture_triggers(matrix, triggers) == 4 * len(SOURCES)
+    decoded = decoding_view()
+    apply(matrix, decoded)
+    assert capture_triggers(matrix, decoded) == 0 and slot(matrix, decoded) is not None
+    functions = matrix.execute(
+        "SELECT count(*) FROM pg_proc WHERE proname LIKE %s", (capture.function_prefix(decoded) + "%",)
+    ).fetchone()
+    assert functions == (0,)
+    matrix.execute("INSERT INTO ops.trips (driver_id, trip_date) VALUES (30, '2026-02-05')")
+    result = refresh(matrix, decoded)
+    assert result.mode == "Swap" and "capture was installed" in result.reason, result  # the switch missed nothing
+    apply(matrix, triggers)
+    assert slot(matrix, triggers) is None and published(matrix, triggers) == set()
+    assert capture_triggers(matrix, triggers) == 4 * len(SOURCES)
+    assert mismatches(matrix, triggers) == (0, 0)
+
+
+def test_a_look_alike_publication_or_slot_is_never_adopted(matrix: Connection) -> None:
+    mv = decoding_view()
+    matrix.execute("CREATE ROLE mallory")
+    matrix.execute("GRANT CREATE ON DATABASE " + sql.Identifier(matrix.info.dbname).as_string(matrix) + " TO mallory")
+    matrix.execute("CREATE PUBLICATION mx_mv_pub FOR TABLE ops.trips")
+    matrix.execute("ALTER PUBLICATION mx_mv_pub OWNER TO mallory")
+    forged = decoding.marker(mv).to_comment()
+    matrix.execute(sql.SQL("COMMENT ON PUBLICATION mx_mv_pub IS {}").format(sql.Literal(forged)))
+    with pytest.raises(UnmanagedObjectError, match="publication mx_mv_pub"):
+        apply(matrix, mv)
+    assert slot(matrix, mv) is None  # refused before anything was made
+    matrix.execute("DROP PUBLICATION mx_mv_pub")
+    matrix.execute("SELECT pg_create_logical_replication_slot(%s, 'test_decoding')", (decoding.slot_name(mv),))
+    try:
+        with pytest.raises(UnmanagedObjectError, match="test_decoding"):
+            apply(matrix, mv)
+        assert slot(matrix, mv) is not None  # somebody's slot is left alone
+    finally:
+        matrix.execute("SELECT pg_drop_replication_slot(%s)", (decoding.slot_name(mv),))
+
+
+def test_keys_of_every_type_the_key_can_have_reach_the_log_typed(conn: Connection) -> None:
+    """pgoutput sends text; the log converts it through the key's own type (composite keys, text with
+    quotes and commas, timestamps, NULLs, which force a rebuild as with triggers)."""
+    conn.execute(
+        "CREATE SCHEMA ops; CREATE TABLE ops.items (id int PRIMARY KEY, region text, day date, v int);"
+        "ALTER TABLE ops.items REPLICA IDENTITY FULL;"
+        "INSERT INTO ops.items SELECT g, 'r' || (g % 3), date '2026-01-01' + g % 5, g FROM generate_series(1, 50) g"
+    )
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    mv = view_of_items()
+    apply(conn, mv)
+    conn.execute("""INSERT INTO ops.items VALUES (100, 'a "quoted", {braced} region', '2026-02-01', 1)""")
+    conn.execute("UPDATE ops.items SET day = day + 1 WHERE id = 7")
+    result = refresh(conn, mv, "Incremental")  # 3 of 15 rows: Auto would rebuild
+    assert result.mode == "Incremental" and result.keys_applied == 3, result
+    assert items_mismatches(conn) == 0
+    conn.execute("INSERT INTO ops.items VALUES (101, NULL, '2026-02-01', 1)")
+    result = refresh(conn, mv, "Incremental")
+    assert result.mode == "Swap" and "NULL" in result.reason, result
+    assert items_mismatches(conn) == 0
+
+
+def view_of_items() -> MaterializedView:
+    from tests.helpers import view
+
+    return view(
+        "items",
+        schema="ops",
+        name="by_region_day",
+        storage="Table",
+        query="SELECT region, day, sum(v) AS total FROM ops.items GROUP BY region, day",
+        incremental={
+            "keyColumns": ["region", "day"],
+            "sources": [{"table": "ops.items", "columns": ["region", "day"]}],
+            "capture": "LogicalDecoding",
+        },
+        refresh={"interval": "1m"},
+    )
+
+
+def items_mismatches(conn: Connection) -> int:
+    row = conn.execute(
+        "SELECT (SELECT count(*) FROM (SELECT * FROM ops.by_region_day EXCEPT ALL "
+        "SELECT region, day, sum(v) FROM ops.items GROUP BY region, day) a) + (SELECT count(*) FROM ("
+        "SELECT region, day, sum(v) FROM ops.items GROUP BY region, day EXCEPT ALL SELECT * FROM ops.by_region_day) b)"
+    ).fetchone()
+    return int(row[0]) if row else -1
+
+
+def test_writers_need_nothing_beyond_their_own_table(matrix: Connection, dsn: str) -> None:
+    mv = decoding_view()
+    apply(matrix, mv)
+    matrix.execute("CREATE ROLE writer LOGIN PASSWORD 'w'; GRANT USAGE ON SCHEMA ops TO writer")
+    matrix.execute("GRANT INSERT ON ops.trips TO writer")
+    writer_dsn = psycopg.conninfo.make_conninfo(dsn, user="writer", password="w")
+    with psycopg.connect(writer_dsn, autocommit=True) as writer:
+        writer.execute("INSERT INTO ops.trips (driver_id, trip_date) VALUES (9, '2026-02-01')")
+    result = refresh(matrix, mv)
+    assert result.mode == "Incremental" and result.keys_applied == 1, result
+    assert mismatches(matrix, mv) == (0, 0)
