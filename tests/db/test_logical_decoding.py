@@ -298,3 +298,19 @@ def test_writers_need_nothing_beyond_their_own_table(matrix: Connection, dsn: st
     result = refresh(matrix, mv)
     assert result.mode == "Incremental" and result.keys_applied == 1, result
     assert mismatches(matrix, mv) == (0, 0)
+
+
+def test_the_slot_advances_while_the_sources_are_quiet(matrix: Connection) -> None:
+    """Writes to other tables fill the WAL too: every refresh lets go of what the slot held, changes or not."""
+    mv = decoding_view()
+    apply(matrix, mv)
+    matrix.execute("CREATE TABLE public.elsewhere (v int)")
+    before = slot(matrix, mv)
+    for _ in range(3):
+        matrix.execute("INSERT INTO public.elsewhere SELECT g FROM generate_series(1, 1000) g")
+        result = refresh(matrix, mv)
+        assert result.reason == "no changes pending", result
+    after = slot(matrix, mv)
+    assert before is not None and after is not None
+    lsn = matrix.execute("SELECT %s::pg_lsn - %s::pg_lsn", (after[0], before[0])).fetchone()
+    assert lsn is not None and lsn[0] > 0, (before, after)
