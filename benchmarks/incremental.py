@@ -42,15 +42,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ["public.drivers", "ops.leads", "ops.trips", "ops.claims", "ops.payments"]
 
 
-def matrix_view(ratio: float | None = None, **refresh: str) -> MaterializedView:
-    return validate_document(matrix_document(ratio, **refresh))
+def matrix_view(ratio: float | None = None, capture: str = "Triggers", **refresh: str) -> MaterializedView:
+    return validate_document(matrix_document(ratio, capture, **refresh))
 
 
-def matrix_document(ratio: float | None = None, **refresh: str) -> dict[str, Any]:
+def matrix_document(ratio: float | None = None, capture: str = "Triggers", **refresh: str) -> dict[str, Any]:
     """The driver-matrix view; ratio, when given, overrides Auto's measured choice (fullRebuildRatio)."""
     incremental: dict[str, Any] = {
         "keyColumns": ["driver_id"],
         "sources": [{"table": t, "columns": ["driver_id"]} for t in SOURCES],
+        "capture": capture,
     }
     if ratio is not None:
         incremental["fullRebuildRatio"] = ratio
@@ -161,11 +162,21 @@ def main() -> None:
         help="fsync and synchronous_commit on (default off: the worst case for capture)",
     )
     parser.add_argument("--overhead-only", action="store_true", help="measure only the write overhead")
+    parser.add_argument(
+        "--capture",
+        choices=("Triggers", "LogicalDecoding"),
+        default="Triggers",
+        help="incremental.capture (LogicalDecoding: the sources get REPLICA IDENTITY FULL)",
+    )
     args = parser.parse_args()
 
-    with bench_database(args.dsn, args.durable) as dsn, engine.connect(dsn) as conn:
+    logical = args.capture == "LogicalDecoding"
+    with bench_database(args.dsn, args.durable, logical=logical) as dsn, engine.connect(dsn) as conn:
         load_workload(conn, args.drivers, analyze=True)  # as a live database is: the build plans well
-        view = matrix_view()
+        if logical:
+            for source in SOURCES[1:]:  # public.drivers is keyed by driver_id already
+                conn.execute(f"ALTER TABLE {source} REPLICA IDENTITY FULL")
+        view = matrix_view(capture=args.capture)
         apply_and_record(conn, view)  # the build is Auto's first measured full rebuild
         salt = 0
         rows = []
@@ -210,6 +221,9 @@ def main() -> None:
         if rows:
             table(header, rows)
             print()
+        if logical:
+            engine.delete(conn, view)  # the slot goes with it (and a private server's data directory after)
+            return
         overhead = write_overhead(conn, view, args.rounds)
         table(
             ("writes to ops.trips", "no capture s", "capture s", "overhead"),
