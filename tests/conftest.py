@@ -41,7 +41,6 @@ SERVER_SETTINGS = {
     "full_page_writes": "off",
     "wal_level": "logical",
     "max_replication_slots": "64",
-    "wal_writer_delay": "10ms",  # a LogicalDecoding drain waits for asynchronous commits to be flushed
 }
 
 

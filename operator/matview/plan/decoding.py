@@ -147,12 +147,14 @@ def drop_slot_statement(view: MaterializedView) -> sql.Composed:
 
 
 #: Decoding reads only WAL already flushed to disk. Under synchronous_commit = off a write that committed
-#: (and that a refresh's snapshot would see) may not be flushed yet: a drain first waits until the flush
-#: position passes the WAL inserted when it started (the WAL writer flushes every wal_writer_delay; with
-#: synchronous commits it already has), so every write committed before the refresh began is read.
-FLUSHED_QUERY = sql.SQL(
-    "SELECT pg_catalog.pg_current_wal_insert_lsn()::pg_catalog.text, "
-    "pg_catalog.pg_current_wal_flush_lsn() OPERATOR(pg_catalog.>=) %(target)s::pg_catalog.pg_lsn"
+#: (and that a refresh's snapshot would see) may not be flushed yet. A transaction that writes one WAL record
+#: (a transactional logical message, which any role may emit and pgoutput passes on only to a subscriber that
+#: asks for messages) and commits with synchronous_commit = local flushes the WAL up to its commit: every
+#: write committed before the drain began becomes readable at once, without waiting for the WAL writer and
+#: never for a standby.
+FLUSH_QUERY = sql.SQL(
+    "SELECT pg_catalog.set_config('synchronous_commit', 'local', true), "
+    "pg_catalog.pg_logical_emit_message(true, 'matview', '')"
 )
 #: The LSN a drain reads up to (the flushed WAL: changes committed later wait), the slot as it is now, and
 #: the tables the publication holds (one taken off by hand would silently stop publishing its writes).

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import time
 from dataclasses import dataclass
 
 import psycopg
@@ -36,11 +35,6 @@ logger = logging.getLogger(__name__)
 #: whatever the size of a batch a writer committed.
 FETCH_ROWS = 10_000
 
-#: wal_writer_delay is 200 ms by default (at most 10 s): a drain waits about that long on a server with
-#: asynchronous commits, and not at all with synchronous ones.
-FLUSH_WAIT_SECONDS = 2.0
-FLUSH_POLL_SECONDS = 0.01
-
 _CURRENT_USER = sql.SQL("SELECT current_user")
 _SET_TIMEOUT = sql.SQL("SELECT pg_catalog.set_config('statement_timeout', %s, true)")
 
@@ -57,7 +51,8 @@ class Drained:
 def drain(conn: Connection, view: MaterializedView, settings: ExecutionSettings) -> Drained:
     """Move the slot's changes up to now into the change log (the caller holds the view's lock)."""
     slot = decoding.slot_name(view)
-    _wait_for_flush(conn)
+    with conn.transaction():
+        conn.execute(decoding.FLUSH_QUERY)
     publication = decoding.publication_name(view)
     row = conn.execute(decoding.SLOT_QUERY, {"slot": slot, "publication": publication}).fetchone()
     assert row is not None
@@ -109,20 +104,6 @@ def drain(conn: Connection, view: MaterializedView, settings: ExecutionSettings)
         return _remake(conn, view, settings, f"replication slot {slot} cannot be read: {message}")
     conn.execute(decoding.ADVANCE_QUERY, {"slot": slot, "upto": upto})
     return Drained(keys=keys, rebuild="; ".join(sorted(set(reasons))), retained_wal_bytes=_bytes(retained))
-
-
-def _wait_for_flush(conn: Connection) -> None:
-    """Until the WAL inserted before now is flushed, or FLUSH_WAIT_SECONDS (what is not flushed then is
-    read by the next drain)."""
-    row = conn.execute(decoding.FLUSHED_QUERY, {"target": "0/0"}).fetchone()
-    assert row is not None
-    target = row[0]
-    deadline = time.monotonic() + FLUSH_WAIT_SECONDS
-    while time.monotonic() < deadline:
-        row = conn.execute(decoding.FLUSHED_QUERY, {"target": target}).fetchone()
-        if row is not None and row[1]:
-            return
-        time.sleep(FLUSH_POLL_SECONDS)
 
 
 def _remake(conn: Connection, view: MaterializedView, settings: ExecutionSettings, why: str) -> Drained:
