@@ -186,3 +186,18 @@ def test_names_are_what_slots_and_publications_accept() -> None:
     assert len(slot) <= 63 and slot.replace("_", "").isalnum() and slot == slot.lower()
     assert len(decoding.publication_name(long).encode()) <= 63
     assert decoding.publication_option(V) == '"totals_mv_pub"'
+
+
+def test_the_wal_a_slot_holds_is_a_series_of_its_view_removed_with_it() -> None:
+    from matview.observe.metrics import RefreshMetrics
+    from matview.outcomes import Outcome
+    from matview.refresh import RefreshResult
+
+    metrics = RefreshMetrics()
+    now = dt.datetime(2026, 12, 2, tzinfo=dt.UTC)
+    result = RefreshResult("ops.mx", "Incremental", Outcome.SUCCESS, "r", now, now, 0.1, slot_retained_wal_bytes=4096)
+    metrics.record("ops", "mx", result)
+    labels = {"namespace": "ops", "name": "mx"}
+    assert metrics.registry.get_sample_value("matview_capture_slot_retained_wal_bytes", labels) == 4096
+    metrics.forget("ops", "mx")
+    assert metrics.registry.get_sample_value("matview_capture_slot_retained_wal_bytes", labels) is None
