@@ -219,10 +219,11 @@ def test_switching_between_triggers_and_logical_decoding_replaces_the_capture(ma
 
 def test_a_look_alike_publication_or_slot_is_never_adopted(matrix: Connection) -> None:
     mv = decoding_view()
-    matrix.execute("CREATE ROLE mallory")
-    matrix.execute("GRANT CREATE ON DATABASE " + sql.Identifier(matrix.info.dbname).as_string(matrix) + " TO mallory")
+    mallory = sql.Identifier(f"mallory_{matrix.info.dbname}")  # roles are the cluster's: one per test database
+    matrix.execute(sql.SQL("CREATE ROLE {}").format(mallory))
+    matrix.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(sql.Identifier(matrix.info.dbname), mallory))
     matrix.execute("CREATE PUBLICATION mx_mv_pub FOR TABLE ops.trips")
-    matrix.execute("ALTER PUBLICATION mx_mv_pub OWNER TO mallory")
+    matrix.execute(sql.SQL("ALTER PUBLICATION mx_mv_pub OWNER TO {}").format(mallory))
     forged = decoding.marker(mv).to_comment()
     matrix.execute(sql.SQL("COMMENT ON PUBLICATION mx_mv_pub IS {}").format(sql.Literal(forged)))
     with pytest.raises(UnmanagedObjectError, match="publication mx_mv_pub"):
@@ -290,9 +291,12 @@ def items_mismatches(conn: Connection) -> int:
 def test_writers_need_nothing_beyond_their_own_table(matrix: Connection, dsn: str) -> None:
     mv = decoding_view()
     apply(matrix, mv)
-    matrix.execute("CREATE ROLE writer LOGIN PASSWORD 'w'; GRANT USAGE ON SCHEMA ops TO writer")
-    matrix.execute("GRANT INSERT ON ops.trips TO writer")
-    writer_dsn = psycopg.conninfo.make_conninfo(dsn, user="writer", password="w")
+    writer = f"writer_{matrix.info.dbname}"  # roles are the cluster's: one per test database
+    role = sql.Identifier(writer)
+    matrix.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'w'").format(role))
+    matrix.execute(sql.SQL("GRANT USAGE ON SCHEMA ops TO {}").format(role))
+    matrix.execute(sql.SQL("GRANT INSERT ON ops.trips TO {}").format(role))
+    writer_dsn = psycopg.conninfo.make_conninfo(dsn, user=writer, password="w")
     with psycopg.connect(writer_dsn, autocommit=True) as writer:
         writer.execute("INSERT INTO ops.trips (driver_id, trip_date) VALUES (9, '2026-02-01')")
     result = refresh(matrix, mv)
