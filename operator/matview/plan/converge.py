@@ -138,11 +138,7 @@ def check_slot_is_ours(view: MaterializedView, observed: Observed) -> None:
     """A slot with our name that is not a pgoutput slot of this database was made by someone else: it is
     never dropped or read (a slot has no owner to prove more)."""
     found = observed.decoding
-    if (
-        found is not None
-        and found.slot_exists
-        and (found.slot_plugin != decoding.PLUGIN or not found.slot_database_ours)
-    ):
+    if found is not None and found.slot_exists and not found.slot_is_ours:
         raise UnmanagedObjectError(
             f"replication slot {decoding.slot_name(view)} exists with plugin {found.slot_plugin!r}"
             + ("" if found.slot_database_ours else " in another database")
@@ -225,7 +221,7 @@ def drop_decoding_steps(view: MaterializedView, observed: Observed) -> list[Step
     if found is None:
         return []
     statements: list[Statement] = []
-    if found.slot_exists and found.slot_plugin == decoding.PLUGIN and found.slot_database_ours:
+    if found.slot_is_ours:
         statements.append(decoding.drop_slot_statement(view))
     if publication_is_ours(view, observed):
         statements.append(decoding.drop_publication_statement(view))

@@ -84,6 +84,12 @@ class DecodingState:
     publication_publishes_all: bool = False
     """Publishes INSERT, UPDATE, DELETE and TRUNCATE, of the tables only (no row filter, no column list)."""
     identities: dict[tuple[str, str], SourceIdentity] = field(default_factory=dict)
+    """Read only for a LogicalDecoding view (the refusals before apply need them)."""
+
+    @property
+    def slot_is_ours(self) -> bool:
+        """A slot has no owner to prove more: ours is a pgoutput slot of this database with our name."""
+        return self.slot_exists and self.slot_plugin == PLUGIN and self.slot_database_ours
 
 
 def identity_problem(view: MaterializedView, source_index: int, identity: SourceIdentity | None) -> str:

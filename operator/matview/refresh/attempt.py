@@ -131,8 +131,8 @@ def refresh(
     try:
         with view_lock(conn, view, then=facts.inspection_query(view)) as lock:
             if decoding.uses_decoding(view) and lock.read_row is not None:
-                drained = drain.drain(conn, view, settings)  # the slot's changes into the log, then decide
-                slot_bytes = {"slot_retained_wal_bytes": drained.retained_wal_bytes}
+                # The slot's changes into the log, then decide.
+                slot_bytes = {"slot_retained_wal_bytes": drain.drain(conn, view, settings)}
             inspection = facts.inspected(conn, view, lock.read_row)
             decision = policy.decide(view, inspection, mode, force, started)
             incremental = _incremental_facts(view, inspection, started)

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
 
 from matview.api.spec import MaterializedView
-from matview.errors import MatviewError
 from matview.plan import catalog, decoding
 from matview.plan.converge import converge_decoding
 from matview.plan.executor import ExecutionSettings, execute
@@ -36,20 +34,14 @@ logger = logging.getLogger(__name__)
 FETCH_ROWS = 10_000
 
 _CURRENT_USER = sql.SQL("SELECT current_user")
+# Not session.step_settings: that also widens search_path to spec.searchPath, which only the user's query may
+# see; every name the drain sends is schema-qualified and runs on the pinned pg_catalog, pg_temp.
 _SET_TIMEOUT = sql.SQL("SELECT pg_catalog.set_config('statement_timeout', %s, true)")
 
 
-@dataclass(frozen=True)
-class Drained:
-    keys: int = 0
-    """Keys written to the change log (one per changed row and side, before the claim deduplicates)."""
-    rebuild: str = ""
-    """Why a full rebuild was requested ("" when none)."""
-    retained_wal_bytes: int | None = None
-
-
-def drain(conn: Connection, view: MaterializedView, settings: ExecutionSettings) -> Drained:
-    """Move the slot's changes up to now into the change log (the caller holds the view's lock)."""
+def drain(conn: Connection, view: MaterializedView, settings: ExecutionSettings) -> int | None:
+    """Move the slot's changes up to now into the change log (the caller holds the view's lock); return the
+    WAL the slot still holds, in bytes."""
     slot = decoding.slot_name(view)
     with conn.transaction():
         conn.execute(decoding.FLUSH_QUERY)
@@ -71,7 +63,6 @@ def drain(conn: Connection, view: MaterializedView, settings: ExecutionSettings)
             settings,
             f"replication slot {slot} was invalidated (max_slot_wal_keep_size): its changes are lost",
         )
-    keys = 0
     try:
         with conn.transaction():
             conn.execute(_SET_TIMEOUT, (f"{int(settings.statement_timeout_seconds * 1000)}ms",))
@@ -91,7 +82,6 @@ def drain(conn: Connection, view: MaterializedView, settings: ExecutionSettings)
                         committed = changes.oldest_commit or decoder.commit_time or dt.datetime.now(dt.UTC)
                         document = decoding.log_document(view, changes.keys, committed)
                         conn.execute(decoding.insert_keys_statement(view), (document,))
-                        keys += len(changes.keys)
                     reasons += changes.rebuild
             for reason in sorted(set(reasons)):
                 conn.execute(decoding.request_rebuild_statement(view), (reason,))
@@ -103,23 +93,19 @@ def drain(conn: Connection, view: MaterializedView, settings: ExecutionSettings)
         message = error.diag.message_primary or str(error)
         return _remake(conn, view, settings, f"replication slot {slot} cannot be read: {message}")
     conn.execute(decoding.ADVANCE_QUERY, {"slot": slot, "upto": upto})
-    return Drained(keys=keys, rebuild="; ".join(sorted(set(reasons))), retained_wal_bytes=_bytes(retained))
+    return _bytes(retained)
 
 
-def _remake(conn: Connection, view: MaterializedView, settings: ExecutionSettings, why: str) -> Drained:
+def _remake(conn: Connection, view: MaterializedView, settings: ExecutionSettings, why: str) -> int | None:
     """A new slot (and the publication made again where it is not as apply makes it), and a full rebuild."""
     logger.warning("%s: %s; capture is made again and the view rebuilt in full", view.relation, why)
     row = conn.execute(_CURRENT_USER).fetchone()
     observed = Observed(current_user=str(row[0]) if row else "", decoding=catalog.read_decoding(conn, view))
     steps = converge_decoding(view, observed, [], force_new_slot=True, built=True, why=why)
-    try:
-        execute(conn, Plan(view, tuple(steps), (why,), log_steps=False), settings)
-    except MatviewError:
-        logger.warning("%s: could not make its replication slot again", view.relation)
-        raise
+    execute(conn, Plan(view, tuple(steps), (why,), log_steps=False), settings)  # a failure fails the refresh
     query = {"slot": decoding.slot_name(view), "publication": decoding.publication_name(view)}
     row = conn.execute(decoding.SLOT_QUERY, query).fetchone()
-    return Drained(rebuild=why, retained_wal_bytes=_bytes(row[2]) if row else None)
+    return _bytes(row[2]) if row else None
 
 
 def _bytes(value: object) -> int | None:
