@@ -307,6 +307,25 @@ def test_only_if_changed_skips_untouched_and_sees_every_kind_of_write(db: Connec
     assert total(db) == 0
 
 
+@pytest.mark.parametrize("storage", ["MaterializedView", "Table"])
+def test_only_if_changed_switched_on_later_refreshes_once_then_skips(db: Connection, dsn: str, storage: str) -> None:
+    """Without onlyIfChanged a refresh reads no fingerprints of the sources and records none; switched on, the
+    first refresh cannot know that nothing changed, so it runs, and the next skips until a write."""
+    mode = "Full" if storage == "MaterializedView" else "Swap"  # a table has no REFRESH
+    plain = mv(storage=storage, refresh={"mode": mode})
+    engine.apply(db, plain)
+    for _ in range(2):
+        assert refresh(db, plain).result == "success"
+    watching = mv(storage=storage, refresh={"mode": mode, "onlyIfChanged": True})
+    assert refresh(db, watching).result == "success", "nothing recorded what the sources looked like"
+    assert refresh(db, watching).result == "skipped"
+    with psycopg.connect(dsn, autocommit=True) as writer:
+        writer.execute("INSERT INTO ops.events VALUES (2000, 'k2', 5)")
+        flush_stats(writer)
+    assert refresh(db, watching).result == "success"
+    assert refresh(db, watching).result == "skipped"
+
+
 def test_upstream_refresh_counts_as_a_change_and_order_follows_dependencies(db: Connection) -> None:
     upstream = mv("upstream")
     downstream = view(

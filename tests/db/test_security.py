@@ -251,6 +251,40 @@ def test_a_look_alike_versions_table_is_refused_and_never_written(conn: Connecti
     assert conn.execute("SELECT to_regclass('reports.codes')").fetchone() == (None,)
 
 
+@pytest.mark.parametrize("planted", [LOCK_TABLE, VERSIONS_TABLE])
+def test_tables_the_schemas_owner_replaces_between_refreshes_are_never_written(
+    conn: Connection, roles: Roles, planted: str
+) -> None:
+    """The owner of a view's schema may drop the engine's lock or versions table after it was made and plant a
+    look-alike whose statement trigger runs as whoever writes to it (such triggers fire even for a write that
+    changes no row): the next refresh fails naming the planter, writes nothing there and fires nothing."""
+    attacker, operator = roles["attacker"], roles["operator"]
+    conn.execute(f"CREATE SCHEMA owned AUTHORIZATION {attacker}; GRANT USAGE, CREATE ON SCHEMA owned TO {operator}")
+    v = view("owned", "ops", schema="owned", query="SELECT id FROM app.t", refresh={"mode": "Full"})
+    with engine.connect(roles.login("operator")) as operator_conn:
+        apply_and_record(operator_conn, v)
+        assert refresh(operator_conn, v, "Full").result == "success"
+    with psycopg.connect(roles.login("attacker"), autocommit=True) as planter:
+        planter.execute(f"""
+            DROP TABLE owned.{planted};
+            CREATE TABLE owned.loot (who text);
+            GRANT INSERT ON owned.loot TO PUBLIC;
+            CREATE TABLE owned.{planted} (relation text PRIMARY KEY, pid int, backend_start timestamptz,
+                                          taken_at timestamptz DEFAULT now(), version bigint, changed_at timestamptz,
+                                          mode text);
+            GRANT ALL ON owned.{planted} TO PUBLIC;
+            CREATE FUNCTION owned.steal() RETURNS trigger LANGUAGE plpgsql AS
+                $$BEGIN INSERT INTO owned.loot VALUES (current_user); RETURN NULL; END$$;
+            CREATE TRIGGER steal BEFORE INSERT OR UPDATE OR DELETE ON owned.{planted}
+                FOR EACH STATEMENT EXECUTE FUNCTION owned.steal();
+        """)
+    with engine.connect(roles.login("operator")) as operator_conn:
+        result = refresh(operator_conn, v, "Full")
+    assert result.result == "failure" and attacker in (result.message or "") and planted in (result.message or "")
+    assert conn.execute("SELECT count(*) FROM owned.loot").fetchone() == (0,), "the planted trigger ran"
+    assert conn.execute(f"SELECT count(*) FROM owned.{planted}").fetchone() == (0,)
+
+
 def wait_until(condition: Callable[[], bool], seconds: float = 30) -> None:
     """Wait for the condition itself; the bound only stops a hang."""
     deadline = time.monotonic() + seconds

@@ -84,15 +84,21 @@ def lock_key(view: MaterializedView) -> str:
 
 #: The lock and versions tables of a schema: trusted when the operator's role (or a superuser) owns them and
 #: this role may use them; a look-alike made first by someone else is never written to.
-_SCHEMA_TABLES = sql.SQL("""
-SELECT c.relname::text,
-       c.relkind = 'r' AND (c.relowner = r.oid OR o.rolsuper)
-       AND has_table_privilege(c.oid, 'SELECT, INSERT, UPDATE, DELETE'),
-       o.rolname
+_TRUSTED = sql.SQL("""c.relkind = 'r' AND (c.relowner = r.oid OR o.rolsuper)
+       AND has_table_privilege(c.oid, 'SELECT, INSERT, UPDATE, DELETE')""")
+_SCHEMA_TABLES_FROM = sql.SQL("""
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_roles o ON o.oid = c.relowner
 JOIN pg_roles r ON r.rolname = current_user
-WHERE n.nspname = %s AND c.relname = ANY(%s)
-""")
+WHERE n.nspname = %s AND c.relname = ANY(%s)""")
+_SCHEMA_TABLES = sql.SQL("SELECT c.relname::text, {trusted}, o.rolname {source}").format(
+    trusted=_TRUSTED, source=_SCHEMA_TABLES_FROM
+)
+#: The same check as one statement that fails (division by zero) unless both tables are there and trusted: sent
+#: first in the lock's batch, it stops the take before it could write to a look-alike (a table's triggers and
+#: rules run even for a write that changes no row), so the usual case costs no round trip of its own.
+_BOTH_TRUSTED = sql.SQL("SELECT 1 / (count(*) FILTER (WHERE {trusted}) = 2)::int {source}").format(
+    trusted=_TRUSTED, source=_SCHEMA_TABLES_FROM
+)
 _CREATE_LOCK_TABLE = sql.SQL(
     # UNLOGGED: a lock is only worth anything while its holder's session lives, which no crash survives.
     "CREATE UNLOGGED TABLE IF NOT EXISTS {} (relation text PRIMARY KEY, pid int NOT NULL, "
@@ -172,6 +178,21 @@ class HeldLock:
                     conn.execute(statement, parameters)
 
 
+def _take(
+    conn: Connection, view: MaterializedView, table: sql.Identifier | None, key: str, then: Query | None, checked: bool
+) -> tuple[psycopg.Cursor[Any] | None, psycopg.Cursor[Any] | None]:
+    """Send the lock's take and then's read in one batch, after the tables' check unless checked already; no
+    table (the schema does not exist yet): only the read. The cursors of the take and of the read."""
+    if table is None:
+        return None, conn.execute(*then) if then is not None else None
+    with conn.pipeline():
+        if not checked:
+            conn.execute(_BOTH_TRUSTED, (view.schema, [LOCK_TABLE, versions.VERSIONS_TABLE]))
+        taken = conn.execute(_TAKE.format(table=table), {"key": key})
+        read = conn.execute(*then) if then is not None else None
+    return taken, read
+
+
 @contextlib.contextmanager
 def view_lock(conn: Connection, view: MaterializedView, then: Query | None = None) -> Iterator[HeldLock]:
     """Hold the view's lock for a whole apply, delete or refresh, or raise BusyError at once.
@@ -188,17 +209,15 @@ def view_lock(conn: Connection, view: MaterializedView, then: Query | None = Non
     row is the held lock's ``read_row``, discarded when the view is busy): one round trip instead of two.
     """
     key = lock_key(view)
-    table = _lock_table(conn, view)
-    read_row = None
-    if table is not None:
-        with conn.pipeline():
-            taken = conn.execute(_TAKE.format(table=table), {"key": key})
-            read = conn.execute(*then) if then is not None else None
-        if taken.fetchone() is None:
-            raise BusyError(f"{view.relation}: another process is applying or refreshing this view right now")
-        read_row = read.fetchone() if read is not None else None
-    elif then is not None:
-        read_row = conn.execute(*then).fetchone()
+    table: sql.Identifier | None = sql.Identifier(view.schema, LOCK_TABLE)
+    try:
+        taken, read = _take(conn, view, table, key, then, checked=False)
+    except psycopg.errors.DivisionByZero:  # not there yet, or not ours: create them, or say whose they are
+        table = _lock_table(conn, view)
+        taken, read = _take(conn, view, table, key, then, checked=True)
+    if taken is not None and taken.fetchone() is None:
+        raise BusyError(f"{view.relation}: another process is applying or refreshing this view right now")
+    read_row = read.fetchone() if read is not None else None
     held = HeldLock(table, key, read_row)
     try:
         yield held

@@ -34,13 +34,13 @@ from matview.plan.upstream import (
 from matview.refresh import schedule
 from matview.refresh.policy import Inspection, PendingChanges, RefreshState
 
-#: The view, the copies a crashed Swap may have left beside it (staging, retired), the fingerprint facts of
-#: what it reads (through views) and whether any view reads it, in one read.
+#: The view, the copies a crashed Swap may have left beside it (staging, retired), whether any view reads it,
+#: and (``{upstream_facts}``) the fingerprint facts of what it reads through views, in one read.
 _VIEW = sql.SQL("""
 WITH RECURSIVE target AS (
     SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE n.nspname = %(schema)s AND c.relname = %(name)s AND c.relkind = %(relkind)s
-), {upstream}
+){upstream}
 SELECT c.oid, c.relispopulated, obj_description(c.oid, 'pg_class'),
        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique AND i.indisvalid
                                         AND i.indpred IS NULL AND i.indexprs IS NULL),
@@ -55,11 +55,26 @@ SELECT c.oid, c.relispopulated, obj_description(c.oid, 'pg_class'),
        {upstream_facts},
        {dependents}
 FROM target JOIN pg_class c ON c.oid = target.oid
-""").format(
-    upstream=upstream_cte(sql.SQL("(SELECT target.oid FROM target)")),
+""")
+_VIEW_AND_SOURCES = _VIEW.format(
+    upstream=sql.Composed([sql.SQL(", "), upstream_cte(sql.SQL("(SELECT target.oid FROM target)"))]),
     upstream_facts=RELATION_FACTS_JSON,
     dependents=dependents_exist(sql.SQL("c.oid")),
 )
+#: Without the fingerprints: walking what the view reads (recursively, through views) is most of the read's
+#: cost, and only onlyIfChanged looks at the result.
+_VIEW_ALONE = _VIEW.format(
+    upstream=sql.SQL(""), upstream_facts=sql.SQL("NULL::pg_catalog.json"), dependents=dependents_exist(sql.SQL("c.oid"))
+)
+
+
+def reads_fingerprints(view: MaterializedView) -> bool:
+    """Whether the inspection reads the fingerprints of what the view reads through views: only onlyIfChanged
+    decides from them (a table, which has no rewrite rule, resolves its query's relations apart, and only when
+    onlyIfChanged or its incremental log needs them). Without them the state records no source version, so
+    switching onlyIfChanged on refreshes once before it ever skips."""
+    return view.refresh.only_if_changed and view.storage is Storage.MATERIALIZED_VIEW
+
 
 _SIZES_AND_VERSION = sql.SQL(
     "SELECT c.relispopulated, c.reltuples::bigint, pg_table_size(c.oid), pg_indexes_size(c.oid), "
@@ -79,7 +94,7 @@ _MARKER = sql.SQL(
 
 def inspection_query(view: MaterializedView) -> Query:
     """The one read behind ``inspect`` (the refresh sends it with the lock's take, in one round trip)."""
-    return _VIEW, {
+    return _VIEW_AND_SOURCES if reads_fingerprints(view) else _VIEW_ALONE, {
         "role": view.run_as_role,
         "copies": [staging_name(view), retired_name(view)],
         "schema": view.schema,
@@ -113,11 +128,13 @@ def inspected(conn: Connection, view: MaterializedView, row: tuple[Any, ...] | N
     untracked = None
     rows = None
     relations: list[UpstreamRelation] = []
+    version = None
     if view.storage is Storage.TABLE:
-        key_catalog = resolve_relations(conn, view)  # a table has no rewrite rule: follow the query by name
-        relations = _query_relations(conn, key_catalog)
-        version = _fingerprint(relations)
-    else:
+        if view.incremental is not None or view.refresh.only_if_changed:
+            key_catalog = resolve_relations(conn, view)  # a table has no rewrite rule: follow the query by name
+            relations = _query_relations(conn, key_catalog)
+            version = _fingerprint(relations)
+    elif reads_fingerprints(view):
         version = _fingerprint(facts_from_rows(upstream or []))
     if view.incremental is not None and key_catalog is not None:
         pending = pending_changes(conn, view)
