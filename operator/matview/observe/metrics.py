@@ -231,7 +231,9 @@ class RefreshMetrics:
             buckets=LAG_BUCKETS,
             registry=self.registry,
         )
-        self._known: set[tuple[str, str]] = set()
+        self._known: dict[tuple[str, str], tuple[float, float, float | None]] = {}
+        """Per view with series: the settings its gauges show (period, timeout, target lag)."""
+        self._scheduler_shown: tuple[int, int, int, int, int] | None = None
         self._lock = threading.Lock()
 
     def track(
@@ -241,9 +243,21 @@ class RefreshMetrics:
         the expected time between refreshes (refresh.schedule.expected_period_seconds), which the staleness
         alert divides by."""
         namespace, name = view.namespace, view.resource_name
+        key = (namespace, name)
+        incremental = view.incremental is not None
+        shown = (period_seconds or 0.0, view.refresh.timeout_seconds, view.refresh.target_lag_seconds or 0.0)
         with self._lock:
-            first = (namespace, name) not in self._known
-            self._known.add((namespace, name))
+            first = key not in self._known
+            # Called again after every refresh: the gauges and the demand sum (over all views) change only with
+            # the view's settings, so they are set only then.
+            changed = self._known.get(key) != shown
+            self._known[key] = shown
+            if changed:
+                if period_seconds:
+                    self._periods[key] = period_seconds
+                else:
+                    self._periods.pop(key, None)
+                self._update_demand()
         if first:
             for mode in MODES:
                 for result in RESULTS:
@@ -253,22 +267,17 @@ class RefreshMetrics:
                 self.failures.labels(namespace, name, reason)
             self.in_progress.labels(namespace, name).set(0)
             self.last_success.labels(namespace, name).set(last_success_timestamp or 0)
+            if incremental:
+                self.keys_applied.labels(namespace, name)
+                self.verify_mismatches.labels(namespace, name)
         elif last_success_timestamp:
             gauge = self.last_success.labels(namespace, name)
             gauge.set(max(last_success_timestamp, _value(gauge)))
-        self.interval.labels(namespace, name).set(period_seconds or 0)
-        with self._lock:
-            if period_seconds:
-                self._periods[(namespace, name)] = period_seconds
-            else:
-                self._periods.pop((namespace, name), None)
-            self._update_demand()
-        self.timeout.labels(namespace, name).set(view.refresh.timeout_seconds)
-        if view.incremental is not None:
-            self.target_lag.labels(namespace, name).set(view.refresh.target_lag_seconds or 0)
-            if first:
-                self.keys_applied.labels(namespace, name)
-                self.verify_mismatches.labels(namespace, name)
+        if changed:
+            self.interval.labels(namespace, name).set(shown[0])
+            self.timeout.labels(namespace, name).set(shown[1])
+            if incremental:
+                self.target_lag.labels(namespace, name).set(shown[2])
 
     def started(self, namespace: str, name: str) -> None:
         self.in_progress.labels(namespace, name).set(1)
@@ -323,6 +332,11 @@ class RefreshMetrics:
         self.demand.set(math.fsum(1 / period for period in self._periods.values()))
 
     def scheduler(self, scheduled: int, running: int, waiting: int, lanes: tuple[int, int] = (0, 0)) -> None:
+        """The scheduler's gauges, set when one changed (the loop reports after every wake-up)."""
+        shown = (scheduled, running, waiting, *lanes)
+        if shown == self._scheduler_shown:
+            return
+        self._scheduler_shown = shown
         self.scheduled.set(scheduled)
         self.running.set(running)
         self.queue_depth.set(waiting)
@@ -343,7 +357,7 @@ class RefreshMetrics:
     def forget(self, namespace: str, name: str) -> None:
         """Remove every series of a deleted resource."""
         with self._lock:
-            self._known.discard((namespace, name))
+            self._known.pop((namespace, name), None)
             if self._periods.pop((namespace, name), None) is not None:
                 self._update_demand()
         for metric in (

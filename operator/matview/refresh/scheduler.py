@@ -214,8 +214,10 @@ class Scheduler:
         while True:
             until = self.step()
             self._wake.clear()
+            # asyncio.timeout, not wait_for: this runs after every refresh, and wait_for makes a task each time.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, until - self.clock()))
+                async with asyncio.timeout(max(0.0, until - self.clock())):
+                    await self._wake.wait()
 
     async def stop(self, grace_seconds: float = 20.0) -> None:
         """Cancel all work in flight (statements are cancelled server-side) and wait for it to end."""
