@@ -381,3 +381,32 @@ def test_only_create_and_swap_count_as_building_the_data(base: Connection) -> No
     indexed = engine.apply(base, more)
     assert indexed.changed and not indexed.built  # a new index is not fresh data: the schedule must not move
     assert engine.apply(base, matrix(query=QUERY.replace("count(*)", "count(*) + 0"))).built
+
+
+def test_first_applies_in_a_new_schema_at_once_all_succeed(conn: Connection, dsn: str) -> None:
+    """The first apply in a schema creates its lock and versions tables; several at the same moment race to
+    create them (CREATE TABLE IF NOT EXISTS can still fail on the table's row type, or its name, made by the
+    other): every one of them must succeed. Found by the operator's test of a hostile neighbour."""
+    conn.execute("CREATE TABLE public.numbers AS SELECT g AS n FROM generate_series(1, 10) g")
+    failures: list[BaseException] = []
+    for round_ in range(8):
+        schema = f"fresh{round_}"
+        conn.execute(f"CREATE SCHEMA {schema}")
+        query = "SELECT n FROM public.numbers"
+        views = [view(f"v{i}", "ops", schema=schema, name=f"v{i}", query=query) for i in range(4)]
+        start = threading.Barrier(len(views))
+
+        def apply(v: MaterializedView, start: threading.Barrier = start) -> None:
+            with engine.connect(dsn) as own:
+                start.wait()
+                try:
+                    engine.apply(own, v)
+                except BaseException as exc:  # collected: the assertion below names them all
+                    failures.append(exc)
+
+        threads = [threading.Thread(target=apply, args=(v,)) for v in views]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert failures == []

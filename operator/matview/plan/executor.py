@@ -146,8 +146,13 @@ def _lock_table(conn: Connection, view: MaterializedView) -> sql.Identifier | No
                 f"and version tables ({LOCK_TABLE}, {versions.VERSIONS_TABLE}; or a DBA creates them: see "
                 "docs/operations.md, Locking)"
             ) from exc
-        except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
-            continue  # another process created them at the same moment
+        except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable, psycopg.errors.DuplicateObject):
+            continue  # another process created them (or their row type) at the same moment
+        except psycopg.errors.InternalError_ as exc:
+            # Two processes that both found them made already GRANT on the same row of pg_class at once.
+            if exc.diag.message_primary != "tuple concurrently updated":
+                raise
+            continue
     return sql.Identifier(view.schema, LOCK_TABLE)
 
 
@@ -179,15 +184,14 @@ class HeldLock:
 
 
 def _take(
-    conn: Connection, view: MaterializedView, table: sql.Identifier | None, key: str, then: Query | None, checked: bool
+    conn: Connection, view: MaterializedView, table: sql.Identifier | None, key: str, then: Query | None
 ) -> tuple[psycopg.Cursor[Any] | None, psycopg.Cursor[Any] | None]:
-    """Send the lock's take and then's read in one batch, after the tables' check unless checked already; no
-    table (the schema does not exist yet): only the read. The cursors of the take and of the read."""
+    """Send the tables' check, the lock's take and then's read in one batch; no table (the schema does not exist
+    yet): only the read. The cursors of the take and of the read."""
     if table is None:
         return None, conn.execute(*then) if then is not None else None
     with conn.pipeline():
-        if not checked:
-            conn.execute(_BOTH_TRUSTED, (view.schema, [LOCK_TABLE, versions.VERSIONS_TABLE]))
+        conn.execute(_BOTH_TRUSTED, (view.schema, [LOCK_TABLE, versions.VERSIONS_TABLE]))
         taken = conn.execute(_TAKE.format(table=table), {"key": key})
         read = conn.execute(*then) if then is not None else None
     return taken, read
@@ -211,10 +215,10 @@ def view_lock(conn: Connection, view: MaterializedView, then: Query | None = Non
     key = lock_key(view)
     table: sql.Identifier | None = sql.Identifier(view.schema, LOCK_TABLE)
     try:
-        taken, read = _take(conn, view, table, key, then, checked=False)
+        taken, read = _take(conn, view, table, key, then)
     except psycopg.errors.DivisionByZero:  # not there yet, or not ours: create them, or say whose they are
         table = _lock_table(conn, view)
-        taken, read = _take(conn, view, table, key, then, checked=True)
+        taken, read = _take(conn, view, table, key, then)  # checked again: whatever happened meanwhile
     if taken is not None and taken.fetchone() is None:
         raise BusyError(f"{view.relation}: another process is applying or refreshing this view right now")
     read_row = read.fetchone() if read is not None else None
