@@ -42,6 +42,11 @@ def test_incremental_target_lag_follows_edits() -> None:
     assert shown(metrics, metrics.target_lag) == 300
     metrics.track(view("a", **spec, refresh={"targetLag": "1m"}), 60)
     assert shown(metrics, metrics.target_lag) == 60
+    # Made incremental with every gauge's value unchanged: its target-lag series appears all the same.
+    metrics.track(view("b", query="SELECT id FROM ops.t"), 60)
+    assert shown(metrics, metrics.target_lag, "b") is None
+    metrics.track(view("b", **spec), 60)
+    assert shown(metrics, metrics.target_lag, "b") == 0
 
 
 def test_scheduler_gauges_follow_every_change() -> None:

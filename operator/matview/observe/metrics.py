@@ -243,8 +243,8 @@ class RefreshMetrics:
             buckets=LAG_BUCKETS,
             registry=self.registry,
         )
-        self._known: dict[tuple[str, str], tuple[float, float, float | None]] = {}
-        """Per view with series: the settings its gauges show (period, timeout, target lag)."""
+        self._known: dict[tuple[str, str], tuple[bool, float, float, float]] = {}
+        """Per view with series: the settings its gauges show (incremental, period, timeout, target lag)."""
         self._scheduler_shown: tuple[int, int, int, int, int] | None = None
         self._lock = threading.Lock()
 
@@ -257,7 +257,12 @@ class RefreshMetrics:
         namespace, name = view.namespace, view.resource_name
         key = (namespace, name)
         incremental = view.incremental is not None
-        shown = (period_seconds or 0.0, view.refresh.timeout_seconds, view.refresh.target_lag_seconds or 0.0)
+        period, timeout, target_lag = (
+            period_seconds or 0.0,
+            view.refresh.timeout_seconds,
+            view.refresh.target_lag_seconds,
+        )
+        shown = (incremental, period, timeout, target_lag or 0.0)
         with self._lock:
             first = key not in self._known
             # Called again after every refresh: the gauges and the demand sum (over all views) change only with
@@ -286,10 +291,10 @@ class RefreshMetrics:
             gauge = self.last_success.labels(namespace, name)
             gauge.set(max(last_success_timestamp, _value(gauge)))
         if changed:
-            self.interval.labels(namespace, name).set(shown[0])
-            self.timeout.labels(namespace, name).set(shown[1])
+            self.interval.labels(namespace, name).set(period)
+            self.timeout.labels(namespace, name).set(timeout)
             if incremental:
-                self.target_lag.labels(namespace, name).set(shown[2])
+                self.target_lag.labels(namespace, name).set(target_lag or 0.0)
 
     def started(self, namespace: str, name: str) -> None:
         self.in_progress.labels(namespace, name).set(1)

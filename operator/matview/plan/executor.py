@@ -149,7 +149,7 @@ def _lock_table(conn: Connection, view: MaterializedView) -> sql.Identifier | No
         except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable, psycopg.errors.DuplicateObject):
             continue  # another process created them (or their row type) at the same moment
         except psycopg.errors.InternalError_ as exc:
-            # Two processes that both found them made already GRANT on the same row of pg_class at once.
+            # Two sessions that each found the tables already made both GRANT on the same pg_class row.
             if exc.diag.message_primary != "tuple concurrently updated":
                 raise
             continue
