@@ -54,6 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(signum, stop.set)
         await FileFeeder(dsn, paths, refresher).run(stop)
 
+    _hand_over_promptly()
     try:
         asyncio.run(main_loop())
     finally:
@@ -98,6 +99,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
     operator_main.use(config)
+    _hand_over_promptly()
 
     namespaces = args.namespace or []
     if not namespaces and not args.all_namespaces:
@@ -112,3 +114,10 @@ def cmd_operator(args: argparse.Namespace) -> int:
         )
     )
     return EXIT_OK
+
+
+def _hand_over_promptly() -> None:
+    """A long-running process's refresh threads get the interpreter's lock back soon after each round trip."""
+    from matview.refresh.settings import SWITCH_INTERVAL_SECONDS
+
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)

@@ -13,6 +13,14 @@ Lane = Literal["refresh", "apply", "check"]
 """Work of one kind, with its own threads, connection pool and per-database cap (see ``refresher``)."""
 LANES: tuple[Lane, ...] = ("refresh", "apply", "check")
 
+SWITCH_INTERVAL_SECONDS = 0.001
+"""How long a thread busy in Python may keep the interpreter's lock from one that waits for it (CPython's
+``sys.setswitchinterval``; its default is 5 ms), in the long-running processes (``matview run`` and the
+operator). A refresh gives up the lock at each of its round trips to the database and waits to take it back
+when the answer comes; at 5 ms, while kopf handled watch events or a /metrics scrape formatted its series, a
+15 ms refresh took 100 ms and more although the process used well under one core
+(``benchmarks/gil_handoff.py`` measures it, per interval)."""
+
 
 @dataclass(frozen=True)
 class RunnerSettings:
