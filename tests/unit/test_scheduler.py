@@ -4,6 +4,7 @@ Kubernetes, no sleeping. Both feeders (the operator's watch, ``matview run``'s f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import itertools
 from collections.abc import Callable
@@ -437,3 +438,44 @@ async def test_the_demand_gauge_follows_the_schedules_it_is_told_of(world: Any) 
     scheduler.put(manual.owner, manual)
     await run_until(scheduler, clock, 10)
     assert demand._value.get() == pytest.approx(0)
+
+
+async def test_the_loop_sleeps_while_every_check_slot_is_taken_and_wakes_when_one_ends(world: Any) -> None:
+    """An overdue drift check with no free slot is not work to wake for: before, the loop turned once per
+    event-loop turn until a slot freed (a busy loop through each burst of overdue checks)."""
+    scheduler, feeder, clock = world(applies=False, max_concurrent_drift_checks=1, drift_check_seconds=1.0)
+    gate = asyncio.Event()
+    checked: list[str] = []
+
+    async def held_check(key: str, view: MaterializedView, *, drift_check: bool) -> Applied:
+        checked.append(key)
+        await gate.wait()
+        return Applied(Outcome.SUCCESS)
+
+    feeder.apply = held_check  # type: ignore[method-assign]
+    for name in ("a", "b"):
+        v = hourly(name)
+        scheduler.put(v.owner, v, ready=True, last_success=clock.at())
+    clock.now = T0 + 1.0  # both first checks are overdue; one slot
+    steps = 0
+    step = scheduler.step
+
+    def counted_step() -> float:
+        nonlocal steps
+        steps += 1
+        return step()
+
+    scheduler.step = counted_step  # type: ignore[method-assign]
+    loop = asyncio.create_task(scheduler.run())
+    try:
+        await until_true(lambda: len(checked) == 1)
+        for _ in range(200):
+            await asyncio.sleep(0)
+        assert len(checked) == 1
+        assert steps <= 3, f"the loop turned {steps} times while the only check slot was taken"
+        gate.set()
+        await until_true(lambda: len(checked) == 2)  # the ended check woke the loop
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop

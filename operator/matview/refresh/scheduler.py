@@ -199,7 +199,15 @@ class Scheduler:
                     self._check_due.set(key, now + self.settings.busy_retry_seconds)
                     continue
                 self._start(key, self._check, self._checks)
-        upcoming = [t for t in (self._refresh_due.next_at(), self._check_due.next_at()) if t is not None]
+        # With every check slot taken, an overdue check is not a reason to wake: the check that ends wakes the
+        # loop (``_start``). Counting it made the loop spin, one turn per event-loop turn, through each
+        # burst of overdue drift checks (after a mass creation or a restart), holding the interpreter lock.
+        checks_may_start = len(self._checks) < self.settings.max_concurrent_drift_checks
+        upcoming = [
+            t
+            for t in (self._refresh_due.next_at(), self._check_due.next_at() if checks_may_start else None)
+            if t is not None
+        ]
         self._sleep_until = min([now + MAX_SLEEP_SECONDS, *upcoming])
         self.refresher.metrics.scheduler(
             scheduled=len(self._refresh_due),
