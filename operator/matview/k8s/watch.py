@@ -50,18 +50,6 @@ def view_key(body: Mapping[str, Any]) -> str:
     return f"{metadata.get('namespace', '')}/{metadata.get('name', '')}"
 
 
-def is_reconciled(body: Mapping[str, Any]) -> bool:
-    """Ready for the current generation: only then does the view exist as the spec says, to be refreshed."""
-    found = body.get("status") or {}
-    ready = conditions.get_condition(found.get("conditions"), conditions.ConditionType.READY)
-    generation = (body.get("metadata") or {}).get("generation")
-    return bool(
-        ready
-        and ready.get("status") == conditions.ConditionStatus.TRUE
-        and (generation is None or found.get("observedGeneration") == generation)
-    )
-
-
 def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
     """A plain copy of what the feeder needs from an object (managedFields, often the largest part, left out)."""
     plain = {key: copy.deepcopy(value) for key, value in body.items() if key != "metadata"}
@@ -109,7 +97,7 @@ class WatchFeeder:
         self.scheduler.put(
             key,
             view,
-            ready=is_reconciled(plain),
+            ready=reconcile.is_reconciled(plain),
             last_success=parse_time(found.get("lastSuccessfulRefreshTime")),
             request=_request(plain),
             handled_request=found.get("lastHandledRefreshRequest"),
