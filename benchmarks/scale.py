@@ -124,22 +124,45 @@ def process_usage(pid: int) -> tuple[float, float]:
     return rss_kib / 1024, (int(fields[11]) + int(fields[12])) / ticks
 
 
+def memory_by_owner(process: subprocess.Popen[bytes], target: Path, views: int) -> dict[str, object]:
+    """What the traced operator holds, by owner (MiB, and KiB per view of this run's views)."""
+    process.send_signal(signal.SIGUSR2)
+    deadline = time.monotonic() + 600
+    while not target.exists() and time.monotonic() < deadline:
+        time.sleep(1)
+    found = json.loads(target.read_text())
+    rss_mib = process_usage(process.pid)[0]
+    return {
+        "rss_mib": round(rss_mib, 1),
+        "traced_mib": round(found["traced_bytes"] / 2**20, 1),
+        "tracing_overhead_mib": round(found["tracing_overhead_bytes"] / 2**20, 1),
+        "by_owner": {
+            owner: {"mib": round(size / 2**20, 1), "kib_per_view": round(size / 1024 / views, 1)}
+            for owner, size in found["by_owner_bytes"].items()
+            if size >= 2**20 / 2
+        },
+    }
+
+
 @contextmanager
 def operator(
-    plane: ControlPlane, workdir: Path, shard: tuple[int, int] = (0, 1)
+    plane: ControlPlane, workdir: Path, shard: tuple[int, int] = (0, 1), memory_report: Path | None = None
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """memory_report: run it under tracemalloc (benchmarks/_traced_operator.py), which writes there on SIGUSR2."""
     kubeconfig = plane.kubeconfig(operator_token(plane), workdir / f"operator-{time.time_ns()}.kubeconfig")
     metrics = free_port()
     log = (workdir / f"operator-{shard[0]}-{time.time_ns()}.log").open("wb")
+    program = (str(ROOT / "benchmarks" / "_traced_operator.py"),) if memory_report else ("-m", "matview.cli")
+    traced = {"MATVIEW_MEMORY_REPORT": str(memory_report)} if memory_report else {}
     process = subprocess.Popen(
         [
-            *(sys.executable, "-m", "matview.cli", "operator", "--namespace", NAMESPACE),
+            *(sys.executable, *program, "operator", "--namespace", NAMESPACE),
             *("--metrics-port", str(metrics), "--liveness", f"http://127.0.0.1:{free_port()}/healthz"),
             *("--shard-index", str(shard[0]), "--shard-count", str(shard[1])),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+        env={**os.environ, "KUBECONFIG": str(kubeconfig), **traced},
         cwd=ROOT,
     )
     try:
@@ -214,6 +237,12 @@ def main() -> None:
     parser.add_argument("--steady-minutes", type=float, default=6.0)
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--dsn", help="an existing server (default: a private one in a temp dir)")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="run the operator under tracemalloc and report what it holds by owner at the end of the window "
+        "(tracing costs CPU: the other figures of such a run are not comparable)",
+    )
     args = parser.parse_args()
     low, high = (int(x) for x in args.interval_range.split("-"))
     built = binaries.build(lambda line: print(line, file=sys.stderr))
@@ -228,7 +257,11 @@ def main() -> None:
         create_views(plane, dsn, args.views, low, high)
         report["create_seconds"] = round(time.monotonic() - t0, 1)
         started = time.monotonic()
-        operators = [stack.enter_context(operator(plane, workdir, (i, args.shards))) for i in range(args.shards)]
+        memory_report = workdir / "memory.json" if args.memory else None
+        operators = [
+            stack.enter_context(operator(plane, workdir, (i, args.shards), memory_report if i == 0 else None))
+            for i in range(args.shards)
+        ]
         while (ready := ready_count(plane))[0] < args.views:
             if time.monotonic() - started > 1800:
                 break
@@ -337,6 +370,8 @@ def main() -> None:
             )
             report["views_scheduled_by_no_shard"] = args.views - len(union)
             report["views_per_shard"] = [len(shard) for shard in scheduled_by]
+        if memory_report is not None:
+            report["memory"] = memory_by_owner(operators[0][0], memory_report, args.views)
         # Restart: SIGTERM, then a new process; how long until every view is scheduled again?
         process, _ = operators[0]
         stopping = time.monotonic()
