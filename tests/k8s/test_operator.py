@@ -12,7 +12,7 @@ import pytest
 from matview.constants import GROUP, PLURAL, VERSION
 from matview.k8s import kube, reconcile
 from matview.k8s.conditions import Status
-from matview.k8s.watch import WatchFeeder
+from matview.k8s.watch import WatchFeeder, view_key
 from tests.k8s.conftest import NAMESPACE, Cluster, eventually, settle
 
 QUERY = "SELECT region, sum(amount) AS total FROM public.sales GROUP BY region"
@@ -261,6 +261,28 @@ async def test_a_creation_handled_again_is_not_applied_again(
     )
     await eventually(lambda: index_count(dsn) == 2, "a new generation, applied")
     assert applies > applied
+
+
+async def test_a_view_is_refreshed_before_the_watch_brings_back_its_ready_status(
+    cluster: Cluster, operator: Any, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a mass creation kopf's watch ran tens of seconds behind, and the scheduler learned that a view was
+    Ready (so refreshable) only from it: first refreshes started that late. The handler that makes it Ready
+    tells the scheduler itself. Here the watch brings the feeder the view's first event and nothing after it."""
+    seen: set[str] = set()
+    observe = WatchFeeder.observe
+
+    async def first_event_only(self: WatchFeeder, event_type: str | None, body: Any) -> None:
+        if view_key(body) not in seen:
+            seen.add(view_key(body))
+            await observe(self, event_type, body)
+
+    monkeypatch.setattr(WatchFeeder, "observe", first_event_only)
+    setup_sales(dsn)
+    await cluster.put_secret("db", {"uri": dsn})
+    await cluster.create_view("sales-by-region", spec(refresh={"interval": "1s"}))
+    await eventually(lambda: cluster.condition("sales-by-region", "Ready"), "Ready")
+    await eventually(lambda: refresh_runs(dsn) >= 2, "refreshes every second")
 
 
 async def test_deletion_policies(cluster: Cluster, operator: Any, dsn: str) -> None:

@@ -92,7 +92,9 @@ async def watch_handler(type: str | None, body: kopf.Body, memo: kopf.Memo, **_:
 @kopf.on.create(GROUP, VERSION, PLURAL, when=_mine)
 @kopf.on.update(GROUP, VERSION, PLURAL, when=_mine)
 async def reconcile_handler(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-    await reconcile.apply_spec(memo.context, body, logger)
+    written = await reconcile.apply_spec(memo.context, body, logger)
+    if written is not None:
+        await memo.feeder.reconciled(written)
 
 
 # Registered on every shard: kopf removes its finalizer from objects that no deletion handler matches,

@@ -119,7 +119,9 @@ def is_reconciled(body: Mapping[str, Any]) -> bool:
     )
 
 
-async def apply_spec(ctx: OperatorContext, body: Mapping[str, Any], logger: logging.Logger | Any) -> None:
+async def apply_spec(
+    ctx: OperatorContext, body: Mapping[str, Any], logger: logging.Logger | Any
+) -> dict[str, Any] | None:
     """The create/update handlers: reconcile a spec not applied yet.
 
     kopf also calls them for a generation already applied: when it waited longer than its consistency
@@ -127,11 +129,13 @@ async def apply_spec(ctx: OperatorContext, body: Mapping[str, Any], logger: logg
     every view once more after its creation), and for edits of labels or annotations alone (a manual refresh
     request). The status then says Ready for this generation, which only a reconcile of this very spec
     writes, so the database matched it; the scheduler's drift checks go on verifying it. Re-applying would
-    repeat every catalog read and status write of the creation, in the lane that new views wait for."""
+    repeat every catalog read and status write of the creation, in the lane that new views wait for.
+
+    Returns the object as the reconcile wrote it (None when there was nothing to do)."""
     if is_reconciled(body):
         logger.debug("generation %s is applied already", (body.get("metadata") or {}).get("generation"))
-        return
-    await reconcile(ctx, body, logger)
+        return None
+    return await reconcile(ctx, body, logger)
 
 
 async def _outcome(
@@ -204,9 +208,11 @@ async def _outcome(
 
 async def reconcile(
     ctx: OperatorContext, body: Mapping[str, Any], logger: logging.Logger | Any, lane: Lane = "apply"
-) -> None:
+) -> dict[str, Any] | None:
     """The body of the create/update handlers and of the scheduler's drift checks (which pass the object
-    as last seen by the watch, and run in the refresher's check lane)."""
+    as last seen by the watch, and run in the refresher's check lane). Returns the object with the status as
+    written (None if it is gone or the API could not be reached), so that the caller need not wait for the
+    watch to bring it back; raises kopf.TemporaryError when the reconcile should run again."""
     metadata = body.get("metadata", {})
     namespace, name = metadata.get("namespace", ""), metadata.get("name", "")
     generation = metadata.get("generation")
@@ -218,7 +224,9 @@ async def reconcile(
         # keeps what it says and no event is posted; the reconcile simply runs again shortly.
         raise kopf.TemporaryError(outcome.message, delay=outcome.retry_after)
     now = dt.datetime.now(dt.UTC)
-    await kube.patch_status(namespace, name, lambda status: status_after(status, outcome, generation, now), known=body)
+    written = await kube.patch_status(
+        namespace, name, lambda status: status_after(status, outcome, generation, now), known=body
+    )
     changed = (
         previous is None
         or previous.get("reason") != outcome.reason
@@ -232,3 +240,4 @@ async def reconcile(
         logger.debug(outcome.message)
     if outcome.retry_after is not None:
         raise kopf.TemporaryError(f"{outcome.reason}: {outcome.message}", delay=outcome.retry_after)
+    return written

@@ -78,6 +78,15 @@ class WatchFeeder:
     async def observe(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         """A watch event (kopf's on.event): remember the object and tell the scheduler."""
         self._handler_context = contextvars.copy_context()
+        await self._take(event_type, body)
+
+    async def reconciled(self, written: Mapping[str, Any]) -> None:
+        """The object as kopf's create/update handler wrote its status: the scheduler learns that the view is
+        Ready now, not when the watch brings the write back (after a mass creation it runs tens of seconds
+        behind, and views were first refreshed that late)."""
+        await self._take(None, written)
+
+    async def _take(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         key = view_key(body)
         if event_type == "DELETED" or (body.get("metadata") or {}).get("deletionTimestamp"):
             self._bodies.pop(key, None)
@@ -134,9 +143,11 @@ class WatchFeeder:
             return Applied(Outcome.SUCCESS)
         try:
             lane: Lane = "check" if drift_check else "apply"
-            await self._in_handler_context(reconcile.reconcile(self.ctx, body, logger, lane))
+            written = await self._in_handler_context(reconcile.reconcile(self.ctx, body, logger, lane))
         except kopf.TemporaryError as exc:  # reported in status by the reconcile; check again sooner
             return Applied(Outcome.FAILURE, message=str(exc), retry_seconds=float(exc.delay or 0) or None)
+        if written is not None:
+            self._adopt(key, written)  # the next status write then starts from this version, not a conflict
         return Applied(Outcome.SUCCESS)
 
     async def reads(self, key: str, view: MaterializedView) -> frozenset[Relation]:
@@ -190,8 +201,13 @@ class WatchFeeder:
             return
         namespace, name = key.split("/", 1)
         written = await kube.patch_status(namespace, name, change, known=body)
+        if written is not None:
+            self._adopt(key, written)
+
+    def _adopt(self, key: str, written: Mapping[str, Any]) -> None:
+        """Hold the object as this process wrote it, unless the watch brought a newer one meanwhile."""
         current = self._bodies.get(key)
-        if written is not None and current is not None and not _older(_version(written), _version(current)):
+        if current is not None and not _older(_version(written), _version(current)):
             self._bodies[key] = snapshot(written)
 
     # --- kopf's context ----------------------------------------------------------------------------
