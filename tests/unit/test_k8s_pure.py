@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 
 import pytest
 
+from matview.constants import REFRESH_REQUESTED_ANNOTATION
 from matview.k8s import conditions
 from matview.k8s.credentials import CredentialsError, dsn_from_secret, redact
 from matview.k8s.reconcile import Outcome, moved_relation, status_after
+from matview.k8s.watch import snapshot
 
 T0 = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
 
@@ -132,3 +135,49 @@ async def test_a_round_without_credentials_could_not_start_and_backs_off_in_the_
         assert await feeder.refresh(no_secret.owner, no_secret, manual=False, due_at=None) is None
     finally:
         context.refresher.close()
+
+
+def test_the_feeders_copy_keeps_what_it_reads_and_drops_copies_of_the_spec() -> None:
+    """The feeder holds a copy of every view between events: kubectl's and kopf's annotations (each a copy of
+    the spec, with a query of up to 100 KiB) and managedFields are not kept; what it reads is."""
+    query = "SELECT " + ", ".join(f"{i} AS c{i}" for i in range(5_000))
+    spec = {"query": query, "database": {"secretRef": {"name": "db"}}}
+    body = {
+        "apiVersion": "matview.dev/v1alpha1",
+        "kind": "MaterializedView",
+        "metadata": {
+            "name": "v",
+            "namespace": "ns",
+            "uid": "u-1",
+            "generation": 3,
+            "resourceVersion": "42",
+            "labels": {"team": "a"},
+            "annotations": {
+                "kubectl.kubernetes.io/last-applied-configuration": json.dumps({"spec": spec}),
+                "matview.dev/last-handled-configuration": json.dumps({"spec": spec}),
+                REFRESH_REQUESTED_ANNOTATION: "2026-12-03T10:00:00Z",
+            },
+            "managedFields": [{"manager": "kubectl", "fieldsV1": {"f:spec": {"f:query": {}}}}],
+        },
+        "spec": spec,
+        "status": {"observedGeneration": 3, "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+    kept = snapshot(body)
+    assert kept["metadata"]["annotations"] == {REFRESH_REQUESTED_ANNOTATION: "2026-12-03T10:00:00Z"}
+    assert "managedFields" not in kept["metadata"]
+    assert {
+        k: kept["metadata"][k] for k in ("name", "namespace", "uid", "generation", "resourceVersion", "labels")
+    } == {
+        "name": "v",
+        "namespace": "ns",
+        "uid": "u-1",
+        "generation": 3,
+        "resourceVersion": "42",
+        "labels": {"team": "a"},
+    }
+    assert kept["spec"] == spec and kept["status"] == body["status"]
+    assert len(json.dumps(kept)) < len(json.dumps(body)) / 2
+    kept["status"]["conditions"].append({"type": "Refreshed"})
+    assert len(body["status"]["conditions"]) == 1  # a copy: the watch's object is not touched
+    del body["metadata"]["annotations"][REFRESH_REQUESTED_ANNOTATION]
+    assert "annotations" not in snapshot(body)["metadata"]

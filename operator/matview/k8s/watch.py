@@ -50,11 +50,24 @@ def view_key(body: Mapping[str, Any]) -> str:
     return f"{metadata.get('namespace', '')}/{metadata.get('name', '')}"
 
 
+#: The only annotation the feeder reads; the others are left out of its copies.
+KEPT_ANNOTATIONS = frozenset({REFRESH_REQUESTED_ANNOTATION})
+
+
 def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A plain copy of what the feeder needs from an object (managedFields, often the largest part, left out)."""
+    """A plain copy of what the feeder needs from an object, held per view until its next event. Left out:
+    managedFields (often the largest part) and annotations the feeder does not read: kubectl's
+    last-applied-configuration and kopf's last-handled-configuration are each a copy of the spec (a query of
+    up to 100 KiB)."""
     plain = {key: copy.deepcopy(value) for key, value in body.items() if key != "metadata"}
-    metadata = dict(body.get("metadata") or {})
-    metadata.pop("managedFields", None)
+    metadata = {key: value for key, value in (body.get("metadata") or {}).items() if key != "managedFields"}
+    annotations = metadata.get("annotations")
+    if isinstance(annotations, Mapping):
+        kept = {key: value for key, value in annotations.items() if key in KEPT_ANNOTATIONS}
+        if kept:
+            metadata["annotations"] = kept
+        else:
+            metadata.pop("annotations")
     plain["metadata"] = copy.deepcopy(metadata)
     return plain
 
