@@ -124,23 +124,27 @@ def process_usage(pid: int) -> tuple[float, float]:
     return rss_kib / 1024, (int(fields[11]) + int(fields[12])) / ticks
 
 
-def memory_by_owner(process: subprocess.Popen[bytes], target: Path, views: int) -> dict[str, object]:
-    """What the traced operator holds, by owner (MiB, and KiB per view of this run's views)."""
+def memory_by_structure(
+    process: subprocess.Popen[bytes], target: Path, views: int, idle_mib: float
+) -> dict[str, object]:
+    """What the operator's per-view structures hold (benchmarks/_sized_operator.py), in MiB and KiB per view,
+    and the rest of its RSS above an idle operator's."""
+    rss_mib = process_usage(process.pid)[0]
     process.send_signal(signal.SIGUSR2)
     deadline = time.monotonic() + 600
     while not target.exists() and time.monotonic() < deadline:
         time.sleep(1)
     found = json.loads(target.read_text())
-    rss_mib = process_usage(process.pid)[0]
+    sized = found["by_structure_bytes"]
+    rest_mib = rss_mib - idle_mib - sum(sized.values()) / 2**20
     return {
         "rss_mib": round(rss_mib, 1),
-        "traced_mib": round(found["traced_bytes"] / 2**20, 1),
-        "tracing_overhead_mib": round(found["tracing_overhead_bytes"] / 2**20, 1),
-        "by_owner": {
-            owner: {"mib": round(size / 2**20, 1), "kib_per_view": round(size / 1024 / views, 1)}
-            for owner, size in found["by_owner_bytes"].items()
-            if size >= 2**20 / 2
+        "idle_operator_mib": round(idle_mib, 1),
+        "by_structure": {
+            name: {"mib": round(size / 2**20, 1), "kib_per_view": round(size / 1024 / views, 1)}
+            for name, size in {**sized, "rest above idle (kopf, clients, allocator)": rest_mib * 2**20}.items()
         },
+        "gc_objects_by_type": found["gc_objects_by_type"],
     }
 
 
@@ -148,11 +152,11 @@ def memory_by_owner(process: subprocess.Popen[bytes], target: Path, views: int) 
 def operator(
     plane: ControlPlane, workdir: Path, shard: tuple[int, int] = (0, 1), memory_report: Path | None = None
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """memory_report: run it under tracemalloc (benchmarks/_traced_operator.py), which writes there on SIGUSR2."""
+    """memory_report: run it as benchmarks/_sized_operator.py, which sizes its structures there on SIGUSR2."""
     kubeconfig = plane.kubeconfig(operator_token(plane), workdir / f"operator-{time.time_ns()}.kubeconfig")
     metrics = free_port()
     log = (workdir / f"operator-{shard[0]}-{time.time_ns()}.log").open("wb")
-    program = (str(ROOT / "benchmarks" / "_traced_operator.py"),) if memory_report else ("-m", "matview.cli")
+    program = (str(ROOT / "benchmarks" / "_sized_operator.py"),) if memory_report else ("-m", "matview.cli")
     traced = {"MATVIEW_MEMORY_REPORT": str(memory_report)} if memory_report else {}
     process = subprocess.Popen(
         [
@@ -240,8 +244,8 @@ def main() -> None:
     parser.add_argument(
         "--memory",
         action="store_true",
-        help="run the operator under tracemalloc and report what it holds by owner at the end of the window "
-        "(tracing costs CPU: the other figures of such a run are not comparable)",
+        help="at the end of the window, size what the operator's per-view structures hold (kopf's own state, "
+        "the clients and the allocator are the rest of the RSS above an idle operator)",
     )
     args = parser.parse_args()
     low, high = (int(x) for x in args.interval_range.split("-"))
@@ -371,7 +375,7 @@ def main() -> None:
             report["views_scheduled_by_no_shard"] = args.views - len(union)
             report["views_per_shard"] = [len(shard) for shard in scheduled_by]
         if memory_report is not None:
-            report["memory"] = memory_by_owner(operators[0][0], memory_report, args.views)
+            report["memory"] = memory_by_structure(operators[0][0], memory_report, args.views, baseline_mib)
         # Restart: SIGTERM, then a new process; how long until every view is scheduled again?
         process, _ = operators[0]
         stopping = time.monotonic()

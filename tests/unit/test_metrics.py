@@ -12,6 +12,10 @@ def shown(metrics: RefreshMetrics, gauge: Gauge, name: str = "a") -> float | Non
     return metrics.registry.get_sample_value(gauge._name, {"namespace": "ops", "name": name})
 
 
+def demand(metrics: RefreshMetrics) -> float | None:
+    return metrics.registry.get_sample_value("matview_refresh_demand_per_second")
+
+
 def test_track_follows_edits_and_a_view_tracked_again_after_forget() -> None:
     metrics = RefreshMetrics()
     hourly = view("a", refresh={"interval": "1h", "timeout": "5m"})
@@ -22,12 +26,12 @@ def test_track_follows_edits_and_a_view_tracked_again_after_forget() -> None:
     edited = view("a", refresh={"interval": "30s", "timeout": "1m"})
     metrics.track(edited, 30)
     assert (shown(metrics, metrics.interval), shown(metrics, metrics.timeout)) == (30, 60)
-    assert metrics.demand._value.get() == 1 / 30
+    assert demand(metrics) == 1 / 30
     metrics.forget("ops", "a")
-    assert shown(metrics, metrics.interval) is None and metrics.demand._value.get() == 0
+    assert shown(metrics, metrics.interval) is None and demand(metrics) == 0
     metrics.track(edited, 30)  # the same settings as before forget: its series come back all the same
     assert (shown(metrics, metrics.interval), shown(metrics, metrics.timeout)) == (30, 60)
-    assert metrics.demand._value.get() == 1 / 30
+    assert demand(metrics) == 1 / 30
 
 
 def test_incremental_target_lag_follows_edits() -> None:
