@@ -21,6 +21,13 @@ when the answer comes; at 5 ms, while kopf handled watch events or a /metrics sc
 15 ms refresh took 100 ms and more although the process used well under one core
 (``benchmarks/gil_handoff.py`` measures it, per interval)."""
 
+MALLOC_ARENAS = 2
+"""glibc's malloc arenas in the long-running processes (``mallopt(M_ARENA_MAX)``; glibc's default is eight per
+core). Each thread that allocates while another holds an arena gets one of its own, and memory freed in one is
+not reused by the others: the lanes' and the Kubernetes client's threads each parse and drop objects, and the
+operator's RSS grew far beyond what its structures hold. An explicit ``MALLOC_ARENA_MAX`` in the environment
+wins."""
+
 
 @dataclass(frozen=True)
 class RunnerSettings:
