@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from prometheus_client import Gauge, generate_latest
+from prometheus_client import generate_latest
 
 from matview.observe.metrics import RefreshMetrics
+from matview.observe.series import Family
 from tests.helpers import view
 
 
-def shown(metrics: RefreshMetrics, gauge: Gauge, name: str = "a") -> float | None:
-    return metrics.registry.get_sample_value(gauge._name, {"namespace": "ops", "name": name})
+def shown(metrics: RefreshMetrics, gauge: Family, name: str = "a") -> float | None:
+    return metrics.registry.get_sample_value(gauge.name, {"namespace": "ops", "name": name})
 
 
 def demand(metrics: RefreshMetrics) -> float | None:

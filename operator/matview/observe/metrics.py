@@ -16,7 +16,6 @@ from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
-    Counter,
     Gauge,
     Histogram,
     disable_created_metrics,
@@ -25,6 +24,7 @@ from prometheus_client import (
 
 from matview.api.spec import MaterializedView, RefreshMode
 from matview.constants import DEFAULT_METRICS_PORT
+from matview.observe.series import Families
 from matview.outcomes import NO_MODE, FailureReason, Outcome
 
 # No ``_created`` sample beside every counter and histogram: Prometheus does not read them, and with a score of
@@ -96,112 +96,112 @@ class RefreshMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         labels = ["namespace", "name"]
-        self.duration = Histogram(
+        # Per view: plain numbers, collected at scrape time (see ``series``).
+        per_view = Families(self.registry)
+        self.duration = per_view.add(
+            "histogram",
             "matview_refresh_duration_seconds",
             "Duration of refreshes, by mode used.",
             [*labels, "mode"],
-            buckets=DURATION_BUCKETS,
-            registry=self.registry,
+            DURATION_BUCKETS,
         )
-        self.refreshes = Counter(
+        self.refreshes = per_view.add(
+            "counter",
             "matview_refreshes_total",
             "Refresh attempts, by mode used and result.",
             [*labels, "mode", "result"],
-            registry=self.registry,
         )
-        self.failures = Counter(
+        self.failures = per_view.add(
+            "counter",
             "matview_refresh_failures_total",
             "Failed refreshes, by reason.",
             [*labels, "reason"],
-            registry=self.registry,
         )
-        self.last_success = Gauge(
+        self.last_success = per_view.add(
+            "gauge",
             "matview_last_refresh_success_timestamp_seconds",
             "Unix time of the last successful refresh (0 = never).",
             labels,
-            registry=self.registry,
         )
-        self.last_duration = Gauge(
-            "matview_last_refresh_duration_seconds", "Duration of the last refresh.", labels, registry=self.registry
+        self.last_duration = per_view.add(
+            "gauge", "matview_last_refresh_duration_seconds", "Duration of the last refresh.", labels
         )
-        self.interval = Gauge(
+        self.interval = per_view.add(
+            "gauge",
             "matview_refresh_interval_seconds",
             "Expected time between refreshes, from the spec (0 = on demand only).",
             labels,
-            registry=self.registry,
         )
-        self.timeout = Gauge(
+        self.timeout = per_view.add(
+            "gauge",
             "matview_refresh_timeout_seconds",
             "The statement timeout of a refresh, from the spec (the slow-refresh alert compares with it).",
             labels,
-            registry=self.registry,
         )
-        self.in_progress = Gauge(
-            "matview_refresh_in_progress", "1 while a refresh of the view runs.", labels, registry=self.registry
+        self.in_progress = per_view.add(
+            "gauge", "matview_refresh_in_progress", "1 while a refresh of the view runs.", labels
         )
-        self.populated = Gauge(
-            "matview_populated", "1 when the materialized view holds data.", labels, registry=self.registry
-        )
-        self.data_version = Gauge(
+        self.populated = per_view.add("gauge", "matview_populated", "1 when the materialized view holds data.", labels)
+        self.data_version = per_view.add(
+            "gauge",
             "matview_data_version",
             "The view's data version: bumped, with one NOTIFY, by every refresh that made new data live.",
             labels,
-            registry=self.registry,
         )
-        self.rows = Gauge(
+        self.rows = per_view.add(
+            "gauge",
             "matview_rows",
             "Rows in the materialized view (planner estimate, pg_class.reltuples).",
             labels,
-            registry=self.registry,
         )
-        self.size = Gauge(
+        self.size = per_view.add(
+            "gauge",
             "matview_size_bytes",
             "On-disk size of the materialized view.",
             [*labels, "component"],
-            registry=self.registry,
         )
         # Incremental views.
-        self.staleness = Gauge(
+        self.staleness = per_view.add(
+            "gauge",
             "matview_staleness_seconds",
             "Incremental views: age of the oldest change not yet applied (0 when none), as of the last look.",
             labels,
-            registry=self.registry,
         )
-        self.target_lag = Gauge(
+        self.target_lag = per_view.add(
+            "gauge",
             "matview_target_lag_seconds",
             "Incremental views: spec.refresh.targetLag (0 when none).",
             labels,
-            registry=self.registry,
         )
-        self.keys_applied = Counter(
+        self.keys_applied = per_view.add(
+            "counter",
             "matview_incremental_keys_applied_total",
             "Changed keys applied by incremental refreshes.",
             labels,
-            registry=self.registry,
         )
-        self.slot_retained_wal = Gauge(
+        self.slot_retained_wal = per_view.add(
+            "gauge",
             "matview_capture_slot_retained_wal_bytes",
             "LogicalDecoding views: WAL the view's replication slot keeps on the server's disk, as of the last look.",
             labels,
-            registry=self.registry,
         )
-        self.change_ratio = Gauge(
+        self.change_ratio = per_view.add(
+            "gauge",
             "matview_incremental_change_ratio",
             "Pending changed keys as a share of the view's rows, when the last refresh decided its mode.",
             labels,
-            registry=self.registry,
         )
-        self.verify_mismatched_rows = Gauge(
+        self.verify_mismatched_rows = per_view.add(
+            "gauge",
             "matview_verify_mismatched_rows",
             "Rows that differed from a full recompute at the last verification (extra plus missing).",
             labels,
-            registry=self.registry,
         )
-        self.verify_mismatches = Counter(
+        self.verify_mismatches = per_view.add(
+            "counter",
             "matview_verify_mismatches_total",
             "Verifications that found stored rows differing from a full recompute.",
             labels,
-            registry=self.registry,
         )
         # The process itself (no per-view labels): is the scheduler keeping up?
         self.scheduled = Gauge(
@@ -289,7 +289,7 @@ class RefreshMetrics:
                 self.verify_mismatches.labels(namespace, name)
         elif last_success_timestamp:
             gauge = self.last_success.labels(namespace, name)
-            gauge.set(max(last_success_timestamp, _value(gauge)))
+            gauge.set(max(last_success_timestamp, gauge.get()))
         if changed:
             self.interval.labels(namespace, name).set(period)
             self.timeout.labels(namespace, name).set(timeout)
@@ -404,7 +404,3 @@ class RefreshMetrics:
     def serve(self, port: int = DEFAULT_PORT, address: str = "0.0.0.0") -> None:  # noqa: S104 - scraped in-cluster
         """Serve /metrics over HTTP in a background thread."""
         start_http_server(port, addr=address, registry=self.registry)
-
-
-def _value(gauge: Gauge) -> float:
-    return float(gauge._value.get())
