@@ -483,6 +483,35 @@ async def test_two_slow_views_do_not_starve_a_third_and_its_wait_shows_in_the_qu
     assert max(waiting_seen) >= 1, "the fast view waited for a lane, and the queue depth showed it"
 
 
+async def test_work_cancelled_while_queued_never_runs(dsn: str) -> None:
+    """A drift check cancelled while it waited for a thread (its view was deleted meanwhile) must not run once
+    a thread frees up: it re-created the view after the deletion had dropped it."""
+    refresher = Refresher(RefreshMetrics(), RunnerSettings(max_concurrent_drift_checks=1))
+    started, release = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def long_check(conn: Connection) -> None:
+        started.set()
+        release.wait(60)
+
+    busy = asyncio.create_task(refresher._in_thread(dsn, long_check, "check"))  # the lane's only thread
+    try:
+        await asyncio.to_thread(started.wait, 60)
+        queued = asyncio.create_task(refresher._in_thread(dsn, lambda conn: ran.append("queued"), "check"))
+        await asyncio.sleep(0)  # submitted to the executor, behind the busy thread
+        queued.cancel()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        await busy
+        await refresher._in_thread(dsn, lambda conn: ran.append("after"), "check")  # the thread is free again
+        assert ran == ["after"]
+    finally:
+        release.set()
+        await asyncio.gather(busy, return_exceptions=True)
+        refresher.close()
+
+
 async def test_a_creation_never_waits_behind_drift_checks(dsn: str) -> None:
     """Drift checks have a lane of their own: with every check slot of the database taken and another check
     queued, an apply (a creation) runs at once."""

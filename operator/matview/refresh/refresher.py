@@ -136,16 +136,22 @@ class Refresher:
     async def _in_thread(self, dsn: str, work: Callable[[Connection], Any], lane: Lane) -> Any:
         """work(conn) in a thread of lane with a pooled connection of lane (the caller holds the lane's cap)."""
         holder: dict[str, Connection] = {}
+        cancelled = threading.Event()
 
         def in_thread() -> Any:
             with self.pool(dsn, lane).connection() as conn:
                 holder["conn"] = conn
+                # Cancelled before its first statement (queued for a thread or a connection): never start. A
+                # drift check cancelled because its view was deleted re-created the view after the deletion.
+                if cancelled.is_set():
+                    raise asyncio.CancelledError
                 return work(conn)
 
         future = asyncio.get_running_loop().run_in_executor(self._executors[lane], in_thread)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
+            cancelled.set()  # before reading holder: the thread either sees the flag or is seen and cancelled
             conn = holder.get("conn")
             if conn is not None:
                 with contextlib.suppress(Exception):
