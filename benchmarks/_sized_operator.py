@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import sys
-import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import FrameType, FunctionType, ModuleType
@@ -83,9 +82,7 @@ def report(_signum: int, _frame: FrameType | None) -> None:
 
 
 def main() -> int:
-    # Sized in the main thread, between the event loop's steps, while nothing mutates what is walked.
-    signal.signal(signal.SIGUSR2, report)
-    assert threading.current_thread() is threading.main_thread()
+    signal.signal(signal.SIGUSR2, report)  # runs in the main thread, between two steps of the event loop
     from matview import cli
 
     return cli.main(sys.argv[1:])

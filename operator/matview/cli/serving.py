@@ -56,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(signum, stop.set)
         await FileFeeder(dsn, paths, refresher).run(stop)
 
-    _hand_over_promptly()
+    _tune_long_running_process()
     try:
         asyncio.run(main_loop())
     finally:
@@ -101,7 +101,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
     operator_main.use(config)
-    _hand_over_promptly()
+    _tune_long_running_process()
 
     namespaces = args.namespace or []
     if not namespaces and not args.all_namespaces:
@@ -118,7 +118,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _hand_over_promptly() -> None:
+def _tune_long_running_process() -> None:
     """A long-running process's refresh threads get the interpreter's lock back soon after each round trip, and
     share few malloc arenas."""
     from matview.refresh.settings import MALLOC_ARENAS, SWITCH_INTERVAL_SECONDS

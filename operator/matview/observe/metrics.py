@@ -96,8 +96,8 @@ class RefreshMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         labels = ["namespace", "name"]
-        # Per view: plain numbers, collected at scrape time (see ``series``).
-        per_view = Families(self.registry)
+        # Per view: plain numbers, collected at scrape time (see ``series``); ``forget`` removes them all.
+        per_view = self._per_view = Families(self.registry)
         self.duration = per_view.add(
             "histogram",
             "matview_refresh_duration_seconds",
@@ -378,28 +378,8 @@ class RefreshMetrics:
         with self._lock:
             self._known.pop((namespace, name), None)
             self._periods.pop((namespace, name), None)
-        for metric in (
-            self.duration,
-            self.refreshes,
-            self.failures,
-            self.last_success,
-            self.last_duration,
-            self.interval,
-            self.timeout,
-            self.in_progress,
-            self.populated,
-            self.rows,
-            self.data_version,
-            self.size,
-            self.staleness,
-            self.target_lag,
-            self.keys_applied,
-            self.change_ratio,
-            self.slot_retained_wal,
-            self.verify_mismatched_rows,
-            self.verify_mismatches,
-        ):
-            metric.remove_by_labels({"namespace": namespace, "name": name})
+        for family in self._per_view.families:
+            family.remove_by_labels({"namespace": namespace, "name": name})
 
     def serve(self, port: int = DEFAULT_PORT, address: str = "0.0.0.0") -> None:  # noqa: S104 - scraped in-cluster
         """Serve /metrics over HTTP in a background thread."""

@@ -45,10 +45,14 @@ class Family:
         key = tuple(str(value) for value in values)
         with self._lock:
             if self.kind == "histogram":
-                self._histograms.setdefault(key, [0.0] * (len(self.buckets) + 1))
+                self._histograms.setdefault(key, self.empty_histogram())
             else:
                 self._values.setdefault(key, 0.0)
         return Series(self, key)
+
+    def empty_histogram(self) -> list[float]:
+        """A histogram series at zero: each bucket's count, then the sum."""
+        return [0.0] * (len(self.buckets) + 1)
 
     def remove_by_labels(self, labels: dict[str, str]) -> None:
         """Remove every series whose labels include these."""
@@ -58,24 +62,16 @@ class Family:
                 for key in [key for key in store if all(key[at] == value for at, value in positions)]:
                     del store[key]
 
-    def value(self, *values: str) -> float | None:
-        with self._lock:
-            return self._values.get(tuple(values))
-
     def collect(self) -> Metric:
         with self._lock:
             values = list(self._values.items())
             histograms = [(key, list(counts)) for key, counts in self._histograms.items()]
-        if self.kind == "counter":
-            counter = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        if self.kind != "histogram":
+            kind = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
+            family = kind(self.name, self.documentation, labels=self.labelnames)
             for key, value in values:
-                counter.add_metric(key, value)
-            return counter
-        if self.kind == "gauge":
-            gauge = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
-            for key, value in values:
-                gauge.add_metric(key, value)
-            return gauge
+                family.add_metric(key, value)
+            return family
         histogram = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         for key, counts in histograms:
             cumulative, buckets = 0.0, []
@@ -112,7 +108,7 @@ class Series:
         family = self.family
         at = bisect.bisect_left(family.buckets, value)  # the first bound >= value: buckets are "le"
         with family._lock:
-            counts = family._histograms.setdefault(self.key, [0.0] * (len(family.buckets) + 1))
+            counts = family._histograms.setdefault(self.key, family.empty_histogram())
             counts[at] += 1
             counts[-1] += value
 
