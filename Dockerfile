@@ -19,7 +19,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     HOME=/tmp
 COPY --from=build /wheels /wheels
+# Without extras: the embedded PostgreSQL (pgserver) is the demo's, never the operator's. The kubernetes
+# client ships a second, asyncio copy of itself (kubernetes/aio, 68 MB) that nothing here imports.
 RUN pip install --no-cache-dir --no-index --find-links=/wheels "matview-operator==${VERSION}" \
+    && python -c "import kubernetes, pathlib, shutil; shutil.rmtree(pathlib.Path(kubernetes.__file__).parent / 'aio')" \
     && rm -rf /wheels \
     && useradd --system --uid 10001 --user-group --home-dir /nonexistent --shell /usr/sbin/nologin matview
 USER 10001:10001

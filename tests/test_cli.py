@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from tests.db.catalog_helpers import index_names, is_matview, relations
 from tests.helpers import document, to_yaml
@@ -117,6 +118,26 @@ def test_no_database_configured_uses_the_embedded_server(tmp_path: Path) -> None
     cleaned = matview("embedded-clean", cwd=tmp_path)
     assert cleaned.returncode == 0 and f"removed {data} (" in cleaned.stdout
     assert not data.exists()
+
+
+def test_no_postgresql_binaries_anywhere_names_the_extra_that_brings_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """pgserver is an extra (the operator's image leaves it out): a machine with neither it nor Debian's
+    server, asked for the embedded one, gets the install command, not a traceback."""
+    from matview.cli import main
+    from matview.embedded import localpg
+
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("MATVIEW_PG_BINDIR", raising=False)
+    monkeypatch.setattr(localpg, "_debian_bindir", lambda: None)
+    monkeypatch.setattr(localpg, "_pgserver_bindir", lambda: None)
+    example = str(ROOT / "examples/quickstart.yaml")
+    for argv in (["apply", example], ["demo", "--once"]):
+        assert main([*argv, "--embedded-dir", str(tmp_path / ".matview")]) == 1, argv
+        err = capsys.readouterr().err
+        assert "pip install 'matview-operator[embedded]'" in err, err
+    assert not (tmp_path / ".matview").exists()
 
 
 def test_the_dsn_can_come_from_a_file_so_it_stays_off_the_process_list(dsn: str, tmp_path: Path) -> None:

@@ -49,5 +49,9 @@ class DependentObjectsError(MatviewError):
     """Other objects depend on the view in a way the engine will not silently break."""
 
 
+class NoPostgresBinariesError(MatviewError):
+    """An embedded server was asked for on a machine with no PostgreSQL binaries to start it with."""
+
+
 class ApplyError(MatviewError):
     """The database refused a step; the message says which and why."""

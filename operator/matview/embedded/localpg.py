@@ -1,8 +1,8 @@
 """A private PostgreSQL server in a local directory, for newcomers and for the test suite.
 
 Binaries come from ``MATVIEW_PG_BINDIR``, Debian's ``postgresql`` package, or the
-ones the ``pgserver`` wheel ships (always installed with this package), so a laptop
-with no database still gets one. As root, initdb refuses to run: the server then
+ones the ``pgserver`` wheel ships (the ``embedded`` extra, which the README's demo command installs), so a
+laptop with no database still gets one. As root, initdb refuses to run: the server then
 runs as an unprivileged system user (``postgres`` when it exists, else one we add).
 """
 
@@ -18,6 +18,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from matview.errors import NoPostgresBinariesError
 
 _DEBIAN_ROOT = Path("/usr/lib/postgresql")
 _FALLBACK_USER = "matview-pg"
@@ -52,9 +54,9 @@ def find_bindir(prefer: str = "system") -> Path:
         found = finder()
         if found is not None:
             return found
-    raise RuntimeError(
-        "no PostgreSQL binaries found: install Debian's postgresql package or the pgserver "
-        "wheel (pip install pgserver), or set MATVIEW_PG_BINDIR"
+    raise NoPostgresBinariesError(
+        "no PostgreSQL binaries found: install the embedded extra (pip install 'matview-operator[embedded]'), "
+        "or Debian's postgresql package, or set MATVIEW_PG_BINDIR"
     )
 
 

@@ -29,7 +29,15 @@ started=$SECONDS
 made="$(buildah "${store[@]}" inspect --type image --format '{{index .OCIv1.Config.Labels "matview.dev/base-recipe"}}' "$base" 2>/dev/null || true)"
 if [[ "$made" != "$recipe" ]]; then
     echo "image/build.sh: making $base from Debian bookworm packages (mmdebstrap)" >&2
-    mmdebstrap --quiet --variant=minbase --include=python3,python3-pip,passwd bookworm "$work/minbase.tar" >&2
+    # Slimmed as Debian's -slim images (the official python:3.11-slim's base) are: no documentation,
+    # manual pages or translations, so the image's size measures the Dockerfile's layers and not these.
+    slim=()
+    for path in '/usr/share/doc/*' '/usr/share/man/*' '/usr/share/info/*' '/usr/share/locale/*' \
+        '/usr/share/groff/*' '/usr/share/lintian/*' '/usr/share/linda/*'; do
+        slim+=("--dpkgopt=path-exclude=$path")
+    done
+    mmdebstrap --quiet --variant=minbase "${slim[@]}" --include=python3,python3-pip,passwd bookworm \
+        "$work/minbase.tar" >&2
     podman "${store[@]}" import --quiet "$work/minbase.tar" localhost/matview-debian-minbase:bookworm >&2
     cp /etc/ssl/certs/ca-certificates.crt "$work/"
     buildah "${store[@]}" bud --quiet --isolation chroot --pull-never --layers=false \
