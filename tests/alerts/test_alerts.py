@@ -40,6 +40,7 @@ def test_every_alert_is_tested_and_has_a_runbook_section() -> None:
         "MaterializedViewIncrementalMismatch",
         "MaterializedViewCaptureSlotRetainsWAL",
         "MatviewRefreshesCannotKeepUp",
+        "MatviewOperatorNearMemoryLimit",
         "MatviewOperatorDown",
     ]
     tests = (ROOT / "tests/alerts/alerts.test.yaml").read_text()

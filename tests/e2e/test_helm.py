@@ -81,6 +81,24 @@ def test_the_default_install_matches_the_kustomize_one(helm: Path) -> None:
     assert not [d for d in documents if d["kind"] == "RoleBinding"], "Secrets are bound nowhere by default"
 
 
+def test_memory_is_sized_for_the_views_per_replica_as_the_docs_say(helm: Path) -> None:
+    """sizing.views sets the memory request and limit from the measured per-view cost; docs/operations.md's
+    table is what the chart renders, row for row. Without it the resources stay as written."""
+    import re
+
+    def resources(*values: str) -> dict[str, Any]:
+        deployment = next(d for d in render(helm, *values) if d["kind"] == "Deployment")
+        found: dict[str, Any] = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]
+        return found
+
+    assert resources() == {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
+    table = re.findall(r"^\| ([\d,]+) \| (\d+Mi) \| (\d+Mi) \|$", (ROOT / "docs/operations.md").read_text(), re.M)
+    assert len(table) >= 3, "docs/operations.md has no sizing table"
+    for views, request, limit in table:
+        sized = resources(f"sizing.views={views.replace(',', '')}")
+        assert sized == {"requests": {"cpu": "50m", "memory": request}, "limits": {"memory": limit}}, views
+
+
 def test_watched_namespaces_get_role_bindings_and_secrets_access(helm: Path) -> None:
     documents = render(helm, "watchNamespaces={team-a,team-b}")
     bindings = sorted(

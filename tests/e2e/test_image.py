@@ -134,6 +134,30 @@ def test_help_and_validate_as_a_non_root_user_on_a_read_only_root(podman: list[s
     assert wrote.stdout.split() == ["10001", "refused"], wrote.stdout + wrote.stderr
 
 
+def test_the_container_memory_limit_and_headroom_are_exported(podman: list[str]) -> None:
+    """The Deployment's memory limit, as the process inside sees it (cgroup v1 or v2, whichever the host has)."""
+    probe = (
+        "from prometheus_client import generate_latest; from matview.observe.metrics import RefreshMetrics; "
+        "print(generate_latest(RefreshMetrics().registry).decode())"
+    )
+    limited = subprocess.run(
+        [*podman, "run", *run_flags(), "--memory=300m", "--entrypoint=python", IMAGE, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert limited.returncode == 0, limited.stderr
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in limited.stdout.splitlines()
+        if line.startswith("matview_memory_")
+    }
+    assert values["matview_memory_limit_bytes"] == 300 * 1024 * 1024, limited.stdout
+    assert 0 < values["matview_memory_working_set_bytes"] < values["matview_memory_limit_bytes"]
+    headroom = values["matview_memory_limit_bytes"] - values["matview_memory_working_set_bytes"]
+    assert abs(values["matview_memory_headroom_bytes"] - headroom) < 16 * 1024 * 1024  # read a moment apart
+
+
 @pytest.fixture
 def container(podman: list[str]) -> Iterator[str]:
     name = f"matview-e2e-{time.time_ns()}"

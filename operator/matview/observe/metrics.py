@@ -24,6 +24,7 @@ from prometheus_client import (
 
 from matview.api.spec import MaterializedView, RefreshMode
 from matview.constants import DEFAULT_METRICS_PORT
+from matview.observe.memory import MemoryWatch
 from matview.observe.series import Families
 from matview.outcomes import NO_MODE, FailureReason, Outcome
 
@@ -244,6 +245,7 @@ class RefreshMetrics:
             buckets=LAG_BUCKETS,
             registry=self.registry,
         )
+        self._memory_gauges(MemoryWatch())
         self._known: dict[tuple[str, str], tuple[bool, float, float, float]] = {}
         """Per view with series: the settings its gauges show (incremental, period, timeout, target lag)."""
         self._scheduler_shown: tuple[int, int, int, int, int] | None = None
@@ -372,6 +374,35 @@ class RefreshMetrics:
             asked = loop.time() + period_seconds
             await asyncio.sleep(period_seconds)
             self.loop_lag.observe(max(0.0, loop.time() - asked))
+
+    def _memory_gauges(self, memory: MemoryWatch) -> None:
+        """The process's memory as its container's OOM killer sees it, read at each scrape; the limit and the
+        headroom exist only where a limit does (the MatviewOperatorNearMemoryLimit alert compares them)."""
+        working_set = Gauge(
+            "matview_memory_working_set_bytes",
+            "Memory of this process's container that the kernel cannot reclaim (usage less inactive file cache, "
+            "as the kubelet counts it); the process's resident set where no memory limit applies.",
+            registry=self.registry,
+        )
+        working_set.set_function(lambda: float(memory.working_set_bytes() or math.nan))
+        limit = memory.limit_bytes()
+        if limit is None:
+            return
+        Gauge(
+            "matview_memory_limit_bytes",
+            "The memory limit of this process's container (cgroup); past it the process is killed.",
+            registry=self.registry,
+        ).set_function(lambda: float(memory.limit_bytes() or math.nan))
+
+        def headroom() -> float:
+            now_limit, used = memory.limit_bytes(), memory.working_set_bytes()
+            return math.nan if now_limit is None or used is None else float(now_limit - used)
+
+        Gauge(
+            "matview_memory_headroom_bytes",
+            "The memory limit less the working set: what this process may still grow before it is killed.",
+            registry=self.registry,
+        ).set_function(headroom)
 
     def forget(self, namespace: str, name: str) -> None:
         """Remove every series of a deleted resource."""
