@@ -37,8 +37,8 @@ request; the limit is a third more, rounded up to 64 MiB.
 {{- if gt $views 0 -}}
 {{- $expected := add 100 (div (add (mul $views 80) 1023) 1024) -}}
 {{- $limit := mul (div (add (div (mul $expected 4) 3) 63) 64) 64 -}}
-{{- $_ := set $resources "requests" (merge (dict "memory" (printf "%dMi" $expected)) (omit ($resources.requests | default dict) "memory")) -}}
-{{- $_ := set $resources "limits" (merge (dict "memory" (printf "%dMi" $limit)) (omit ($resources.limits | default dict) "memory")) -}}
+{{- $_ := set $resources "requests" (merge (dict "memory" (printf "%dMi" $expected)) ($resources.requests | default dict)) -}}
+{{- $_ := set $resources "limits" (merge (dict "memory" (printf "%dMi" $limit)) ($resources.limits | default dict)) -}}
 {{- end -}}
 {{- toYaml $resources -}}
 {{- end -}}

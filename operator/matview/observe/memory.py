@@ -68,7 +68,9 @@ def find_memory_files(root: Path = Path("/")) -> MemoryFiles | None:
     own = _read(root / "proc/self/cgroup") or ""
     candidates: list[MemoryFiles] = []
     for line in own.splitlines():
-        _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
+        if line.count(":") < 2:
+            continue  # not "hierarchy:controllers:path"
+        _, controllers, path = line.split(":", 2)
         relative = path.lstrip("/")
         if controllers == "":  # the v2 unified hierarchy
             candidates += [MemoryFiles(mounts / relative, True), MemoryFiles(mounts, True)]
