@@ -20,7 +20,7 @@ from matview.api.spec import MaterializedView, Storage
 from matview.errors import MatviewError
 from matview.plan import capture, decoding, live
 from matview.plan.describe import compile_error, describe_query_types, key_types
-from matview.plan.marker import Marker
+from matview.plan.marker import Marker, comment_of
 from matview.plan.observed import (
     Connection,
     DependentView,
@@ -35,17 +35,17 @@ from matview.plan.session import become_query_role, pin_name_resolution
 from matview.plan.upstream import resolve_relations
 
 _RELATION = sql.SQL("""
-SELECT c.oid, n.nspname, c.relname, c.relkind, obj_description(c.oid, 'pg_class'), c.relispopulated,
-       coalesce(array_agg(a.attname ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
+SELECT c.oid, n.nspname, c.relname, c.relkind, {comment}, c.relispopulated,
+       coalesce(array_agg(a.attname ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{{}}'),
        coalesce(array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum) FILTER (WHERE a.attnum > 0),
-                '{}'),
+                '{{}}'),
        pg_get_userbyid(c.relowner), c.relhastriggers
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
 WHERE n.nspname = %s AND c.relname = %s
 GROUP BY c.oid, n.nspname
-""")
+""").format(comment=comment_of(sql.SQL("c.oid")))
 
 _FUNCTIONS_NAMED = sql.SQL("""
 SELECT pg_get_userbyid(p.proowner), obj_description(p.oid, 'pg_proc')
@@ -54,12 +54,12 @@ WHERE n.nspname = %s AND p.proname = %s
 """)
 
 _INDEXES_ON = sql.SQL("""
-SELECT n.nspname, c.relname, i.indrelid, obj_description(c.oid, 'pg_class'), i.indisvalid
+SELECT n.nspname, c.relname, i.indrelid, {comment}, i.indisvalid
 FROM pg_index i
 JOIN pg_class c ON c.oid = i.indexrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE i.indrelid = %s
-""")
+""").format(comment=comment_of(sql.SQL("c.oid")))
 
 _OUR_OBJECTS = sql.SQL("""
 SELECT c.oid, n.nspname, c.relname, c.relkind, d.description, c.relispopulated, coalesce(i.indrelid, 0),

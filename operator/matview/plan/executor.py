@@ -249,6 +249,10 @@ def _run_step(
     closing: Closing | None = None,
     started: float = 0.0,
 ) -> None:
+    if step.restricted_user_sql:
+        session.step_starts(conn)
+    else:
+        session.exposed(conn)  # the user's SQL may run here as itself (a build, an index expression)
     if not step.transactional:
         session.step_settings(
             conn, view, settings.statement_timeout_seconds, settings.lock_timeout_seconds, local=False
@@ -286,11 +290,16 @@ def _run_step(
         if closing is not None:
             for statement, parameters in closing.statements(time.monotonic() - started):
                 conn.execute(statement, parameters)
+            if step.restricted_user_sql:
+                for statement in session.IN_BAND_CLEANUP:
+                    conn.execute(statement)
             read = conn.execute(*closing.read)
             # Its statements go with the COMMIT in one batch: the pipeline's exit syncs them.
         else:
             pipeline.sync()
     if closing is not None:
+        if step.restricted_user_sql:
+            session.cleaned_in_band(conn)
         closing.on_commit(read.fetchone() if read is not None else None)
 
 

@@ -16,7 +16,20 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from psycopg import sql
+
 from matview.constants import MARKER_KEY, MARKER_VALUE
+
+
+def comment_of(oid: sql.Composable) -> sql.Composed:
+    """The comment (where a marker lives) of the relation whose oid is the expression oid, for a catalog read.
+    Read from pg_description directly: ``obj_description`` is a SQL function, planned again at every call,
+    which made it a third of the cost of the read every refresh starts with."""
+    return sql.SQL(
+        "(SELECT d.description FROM pg_catalog.pg_description d "
+        "WHERE d.objoid = {oid} AND d.classoid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.objsubid = 0)"
+    ).format(oid=oid)
+
 
 MarkerKind = Literal["view", "index", "supporting", "staging", "changes", "capture", "live", "publication"]
 MARKER_KINDS = ("view", "index", "supporting", "staging", "changes", "capture", "live", "publication")

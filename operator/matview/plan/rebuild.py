@@ -208,6 +208,7 @@ def refresh_in_place_step(view: MaterializedView, mode: str) -> Step:
         ),
         takes_exclusive_lock=True,
         makes_data_live=True,
+        restricted_user_sql=True,
     )
 
 

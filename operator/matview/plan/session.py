@@ -14,6 +14,8 @@ It is set with a statement rather than the ``options`` startup parameter, which 
 
 from __future__ import annotations
 
+import weakref
+
 import psycopg
 from psycopg import sql
 
@@ -67,6 +69,40 @@ _RESET = sql.SQL(
 _RESETS = {with_check: _RESET.format(configure=_PIN_AND_CHECK if with_check else _PIN) for with_check in (True, False)}
 
 
+#: What a refresh's last transaction runs instead of the reset, when the user's SQL ran only inside REFRESH
+#: MATERIALIZED VIEW since the connection was last reset (``Step.restricted_user_sql``). REFRESH runs the query as
+#: a security-restricted operation: PostgreSQL refuses SET ROLE and SESSION AUTHORIZATION, PREPARE,
+#: DEALLOCATE, LISTEN, temporary tables and WITH HOLD cursors there, and undoes the settings it changed (tested
+#: in tests/db/test_session.py). What it can leave is session advisory locks and sequence state: cleared here.
+IN_BAND_CLEANUP = (
+    sql.SQL("SELECT pg_catalog.pg_advisory_unlock_all()"),
+    sql.SQL("DISCARD SEQUENCES"),
+)
+
+#: Connections on which the user's SQL may have run outside a restricted operation since their last reset.
+_exposed: weakref.WeakSet[Connection] = weakref.WeakSet()
+#: Connections whose last transaction ran IN_BAND_CLEANUP, with nothing sent since by a step.
+_cleaned: weakref.WeakSet[Connection] = weakref.WeakSet()
+
+
+def exposed(conn: Connection) -> None:
+    """The user's SQL may run on conn outside a restricted operation: its next reset is a full one."""
+    _exposed.add(conn)
+    _cleaned.discard(conn)
+
+
+def step_starts(conn: Connection) -> None:
+    """A step whose user SQL is restricted starts: the session is clean again only once its closing commits."""
+    _cleaned.discard(conn)
+
+
+def cleaned_in_band(conn: Connection) -> None:
+    """A transaction that ended with IN_BAND_CLEANUP committed: unless the user's SQL ran unrestricted since the
+    last reset, the pool's reset has nothing left to do (one round trip and eight statements less a refresh)."""
+    if conn not in _exposed:
+        _cleaned.add(conn)
+
+
 def _prepared_here(conn: Connection) -> int | None:
     """How many statements psycopg believes it has prepared on this connection (None if it cannot say)."""
     names = getattr(getattr(conn, "_prepared", None), "_names", None)
@@ -82,7 +118,11 @@ def reset(conn: Connection) -> None:
     function), which would make psycopg's own prepared statements fail for the next view on this
     connection. _RESET clears all of it but the prepared statements; when those are not exactly psycopg's,
     DISCARD ALL clears them too (psycopg sees it and forgets its own). A connection that cannot be reset is
-    discarded by the pool."""
+    discarded by the pool. Nothing to do after a refresh that cleaned its session in band (cleaned_in_band)."""
+    if conn in _cleaned:
+        _cleaned.discard(conn)
+        return
+    _exposed.discard(conn)
     cursor = conn.execute(_RESETS[conn.info.server_version >= 140000], prepare=False)
     row = None
     while True:
@@ -145,6 +185,7 @@ def connect(dsn: str, connect_timeout: int = 10) -> Connection:
 def pin_name_resolution(conn: Connection, view: MaterializedView, local: bool) -> None:
     """Compile user SQL under sqltext.pinned_search_path, never the session's default search_path
     (the executor for every step, observe for describing the query)."""
+    exposed(conn)
     conn.execute(
         sql.SQL("SELECT set_config('search_path', %s, %s)"), (sqltext.pinned_search_path(view.search_path), local)
     )
@@ -152,5 +193,6 @@ def pin_name_resolution(conn: Connection, view: MaterializedView, local: bool) -
 
 def become_query_role(conn: Connection, view: MaterializedView) -> None:
     """Inside a transaction: act as spec.runAsRole until it ends (nothing when the spec names none)."""
+    exposed(conn)
     if view.run_as_role is not None:
         conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(view.run_as_role)))

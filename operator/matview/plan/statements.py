@@ -64,6 +64,9 @@ class Step:
     """Readers see freshly computed data once this step commits (create, swap): it counts as a refresh."""
     runs_query: bool = False
     """Builds the view from the user's query: runs as spec.runAsRole when set (the new relation is its)."""
+    restricted_user_sql: bool = False
+    """The user's SQL runs only inside REFRESH MATERIALIZED VIEW (a security-restricted operation): a closing
+    of this step cleans the session in band and spares the pool's reset (session.IN_BAND_CLEANUP)."""
     repeatable_read: bool = False
     """Every statement of the step reads one snapshot (claiming changes and computing from them)."""
     drops_change_log: bool = False

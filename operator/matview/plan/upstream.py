@@ -12,6 +12,7 @@ from psycopg import sql
 from matview.api import sqltext
 from matview.api.spec import MaterializedView
 from matview.errors import MatviewError
+from matview.plan.marker import comment_of
 from matview.plan.observed import Connection, UpstreamRelation
 from matview.plan.session import pin_name_resolution
 
@@ -23,7 +24,7 @@ from matview.plan.session import pin_name_resolution
 _FACT_COLUMNS = sql.SQL("""
 c.oid, c.nspname, c.relname, c.relkind, c.relfilenode, pg_stat_get_tuples_inserted(c.oid),
 pg_stat_get_tuples_updated(c.oid), pg_stat_get_tuples_deleted(c.oid),
-CASE WHEN c.relkind = 'm' THEN obj_description(c.oid, 'pg_class') END""")
+CASE WHEN c.relkind = 'm' THEN {comment} END""").format(comment=comment_of(sql.SQL("c.oid")))
 _FACT_SOURCE = sql.SQL("""
 FROM relations, LATERAL (SELECT c.oid, n.nspname, c.relname, c.relkind, c.relfilenode
                          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace

@@ -19,7 +19,7 @@ from matview.api.spec import MaterializedView, Storage
 from matview.plan import capture, versions
 from matview.plan.catalog import dependents_exist, read_dependents
 from matview.plan.checks import query_tables
-from matview.plan.marker import Marker
+from matview.plan.marker import Marker, comment_of
 from matview.plan.observed import Connection, UpstreamRelation
 from matview.plan.statements import Query, retired_name, staging_name
 from matview.plan.upstream import (
@@ -41,13 +41,13 @@ WITH RECURSIVE target AS (
     SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE n.nspname = %(schema)s AND c.relname = %(name)s AND c.relkind = %(relkind)s
 ){upstream}
-SELECT c.oid, c.relispopulated, obj_description(c.oid, 'pg_class'),
+SELECT c.oid, c.relispopulated, {view_comment},
        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique AND i.indisvalid
                                         AND i.indpred IS NULL AND i.indexprs IS NULL),
        coalesce((SELECT array_agg(ic.relname::text ORDER BY ic.relname)
                  FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid WHERE i.indrelid = c.oid), '{{}}'),
        pg_get_userbyid(c.relowner) IN (current_user, %(role)s),
-       coalesce((SELECT array_agg(ARRAY[l.relname::text, l.relkind::text, obj_description(l.oid, 'pg_class')]
+       coalesce((SELECT array_agg(ARRAY[l.relname::text, l.relkind::text, {copy_comment}]
                                   ORDER BY array_position(%(copies)s, l.relname::text))
                  FROM pg_class l
                  WHERE l.relnamespace = c.relnamespace AND l.relname = ANY(%(copies)s)
@@ -56,15 +56,20 @@ SELECT c.oid, c.relispopulated, obj_description(c.oid, 'pg_class'),
        {dependents}
 FROM target JOIN pg_class c ON c.oid = target.oid
 """)
+_COMMENTS = {"view_comment": comment_of(sql.SQL("c.oid")), "copy_comment": comment_of(sql.SQL("l.oid"))}
 _VIEW_AND_SOURCES = _VIEW.format(
     upstream=sql.Composed([sql.SQL(", "), upstream_cte(sql.SQL("(SELECT target.oid FROM target)"))]),
     upstream_facts=RELATION_FACTS_JSON,
     dependents=dependents_exist(sql.SQL("c.oid")),
+    **_COMMENTS,
 )
 #: Without the fingerprints: walking what the view reads (recursively, through views) is most of the read's
 #: cost, and only onlyIfChanged looks at the result.
 _VIEW_ALONE = _VIEW.format(
-    upstream=sql.SQL(""), upstream_facts=sql.SQL("NULL::pg_catalog.json"), dependents=dependents_exist(sql.SQL("c.oid"))
+    upstream=sql.SQL(""),
+    upstream_facts=sql.SQL("NULL::pg_catalog.json"),
+    dependents=dependents_exist(sql.SQL("c.oid")),
+    **_COMMENTS,
 )
 
 
@@ -87,9 +92,9 @@ _SIZES_AND_NO_VERSION = sql.SQL(
 )
 
 _MARKER = sql.SQL(
-    "SELECT c.oid, obj_description(c.oid, 'pg_class'), pg_get_userbyid(c.relowner) IN (current_user, %s) "
+    "SELECT c.oid, {comment}, pg_get_userbyid(c.relowner) IN (current_user, %s) "
     "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s"
-)
+).format(comment=comment_of(sql.SQL("c.oid")))
 
 
 def inspection_query(view: MaterializedView) -> Query:
