@@ -360,12 +360,27 @@ def _inject(
         keys_table = ".".join(quote_identifier(part) for part in keys_relation)
         keys = f"IN (SELECT {', '.join(quote_identifier(c) for c in key_columns)} FROM {keys_table})"
 
-    def key_filter(name: RelationName, columns: tuple[str, ...]) -> Any:
-        left = ", ".join(quote_identifier(c) for c in columns)
-        template = f"SELECT * FROM {quote_identifier(name[0])}.{quote_identifier(name[1])} WHERE ({left}) {keys}"
-        return _parse(template)[0].stmt
+    # A source or a view read several times (the driver matrix reads one table 12 times) is parsed and rewritten
+    # once: the tree is only printed afterwards, so one subtree may stand in several places.
+    filters: dict[tuple[RelationName, bool], Any] = {}
+    rewritten_views: dict[tuple[CheckedSQL, int], Any] = {}
+
+    def key_filter(name: RelationName, columns: tuple[str, ...], inherit: bool) -> Any:
+        if (name, inherit) not in filters:
+            left = ", ".join(quote_identifier(c) for c in columns)
+            template = f"SELECT * FROM {quote_identifier(name[0])}.{quote_identifier(name[1])} WHERE ({left}) {keys}"
+            subquery = _parse(template)[0].stmt
+            if not inherit:  # ONLY: keep it inside the wrapper
+                subquery.fromClause[0].inh = False
+            filters[(name, inherit)] = subquery
+        return filters[(name, inherit)]
 
     def rewrite(text: CheckedSQL, depth: int) -> Any:
+        if (text, depth) not in rewritten_views:
+            rewritten_views[(text, depth)] = rewrite_once(text, depth)
+        return rewritten_views[(text, depth)]
+
+    def rewrite_once(text: CheckedSQL, depth: int) -> Any:
         if depth > 32:
             raise ValueError("views nest more than 32 levels deep on the way to a declared source")
         statement = _parse(text.text)[0].stmt
@@ -381,9 +396,7 @@ def _inject(
                 alias = node.alias or ast.Alias(aliasname=str(node.relname))
                 if resolved.name in sources:
                     filtered.add(resolved.name)
-                    subquery = key_filter(resolved.name, sources[resolved.name])
-                    if not node.inh:  # ONLY: keep it inside the wrapper
-                        subquery.fromClause[0].inh = False
+                    subquery = key_filter(resolved.name, sources[resolved.name], bool(node.inh))
                     return ast.RangeSubselect(lateral=False, subquery=subquery, alias=alias)
                 if resolved.definition is not None and _reads_source(resolved.name, catalog, sources, set()):
                     inlined.append(resolved.name)
