@@ -14,7 +14,7 @@
    Target: at least half the bare rate. Between them, the engine's refresh called by two plain threads (no
    scheduler, event loop, pool or metrics), which splits the gap into the engine's part and the runner's.
 
-    python benchmarks/overhead.py [--dsn DSN] [--repeat 200] [--views 100] [--seconds 20]
+    python benchmarks/overhead.py [--dsn DSN] [--repeat 200] [--views 400] [--seconds 20]
 
 Prints tables; no assertions (these machines are noisy): read the ratios.
 """
