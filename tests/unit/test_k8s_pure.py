@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import base64
+import copy
 import datetime as dt
+import gc
 import json
+import tracemalloc
+from typing import Any
 
 import pytest
 
@@ -173,3 +177,72 @@ def test_the_feeders_copy_keeps_what_it_reads_and_drops_copies_of_the_spec() -> 
     assert len(body["status"]["conditions"]) == 1  # a copy: the watch's object is not touched
     del body["metadata"]["annotations"][REFRESH_REQUESTED_ANNOTATION]
     assert "annotations" not in snapshot(body)["metadata"]
+
+
+def decoded_view(index: int) -> dict[str, Any]:
+    """A view as the watch delivers it: decoded from JSON on its own (so nothing is shared with another), with
+    the status the operator writes."""
+    when = f"2026-12-03T12:{index % 60:02d}:{index % 59:02d}Z"
+    condition_rows = [
+        ("Ready", "True", "Refreshed", "the view is up to date"),
+        ("Progressing", "False", "Idle", "nothing to do"),
+        ("Degraded", "False", "AsExpected", "no failure"),
+    ]
+    return json.loads(
+        json.dumps(
+            {
+                "apiVersion": "matview.dev/v1alpha1",
+                "kind": "MaterializedView",
+                "metadata": {
+                    "name": f"view-{index:05d}",
+                    "namespace": "scale",
+                    "uid": f"0b1c2d3e-{index:04x}-4a5b-8c9d-0e1f2a3b4c5d",
+                    "resourceVersion": str(100_000 + index),
+                    "generation": 1,
+                    "finalizers": ["matview.dev/cleanup"],
+                },
+                "spec": {
+                    "schema": "scale",
+                    "name": f"view_{index:05d}",
+                    "query": f"SELECT id, v FROM scale.src WHERE id % 1000 = {index % 1000}",
+                    "indexes": [{"columns": ["id"], "unique": True}],
+                    "refresh": {"interval": f"{60 + index % 240}s", "mode": "Auto"},
+                },
+                "status": {
+                    "observedGeneration": 1,
+                    "rows": 100,
+                    "lastRefresh": {"startTime": when, "mode": "Concurrent", "result": "success"},
+                    "nextRefreshTime": when,
+                    "conditions": [
+                        {"type": t, "status": s, "reason": r, "message": m, "lastTransitionTime": when}
+                        for t, s, r, m in condition_rows
+                    ],
+                },
+            }
+        )
+    )
+
+
+def held_bytes(copy_of: Any, views: int = 1_000) -> float:
+    """Bytes per view that copies of freshly decoded views keep once the decoded objects are gone."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [copy_of(decoded_view(index)) for index in range(views)]
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(kept) == views
+    return held / views
+
+
+def test_the_feeders_copies_share_field_names_and_short_strings() -> None:
+    """#24: at 10,000 views the feeder's copies were 87 MiB, mostly field names and values that every view
+    repeats; shared, a copy keeps about half of what a deep copy does (measured 9.3 -> 5.1 KB)."""
+    first, second = snapshot(decoded_view(1)), snapshot(decoded_view(2))
+    assert first == decoded_view(1)
+    assert next(iter(first["status"]["conditions"][0])) is next(iter(second["status"]["conditions"][0]))
+    assert first["status"]["conditions"][0]["reason"] is second["status"]["conditions"][0]["reason"]
+    assert held_bytes(snapshot) < 0.7 * held_bytes(copy.deepcopy)

@@ -21,6 +21,7 @@ import dataclasses
 import datetime as dt
 import functools
 import logging
+import sys
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar, cast
@@ -54,12 +55,29 @@ def view_key(body: Mapping[str, Any]) -> str:
 KEPT_ANNOTATIONS = frozenset({REFRESH_REQUESTED_ANNOTATION})
 
 
+#: Strings up to this length are shared between the copies (interned): field names, condition types and reasons,
+#: modes, results, namespaces. A JSON decoder makes a new string for each of them in every object it reads.
+SHARED_STRING_CHARS = 64
+
+
+def _compact(value: Any) -> Any:
+    """A deep copy of decoded JSON in which dict keys and short strings are shared by every copy: 9.3 -> 5.1 KB
+    per view for a typical object with its status (tests/unit/test_k8s_pure.py measures it)."""
+    if isinstance(value, Mapping):
+        return {sys.intern(str(k)) if isinstance(k, str) else k: _compact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_compact(v) for v in value]
+    if isinstance(value, str) and len(value) <= SHARED_STRING_CHARS:
+        return sys.intern(str(value))
+    return copy.deepcopy(value)
+
+
 def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
     """A plain copy of what the feeder needs from an object, held per view until its next event. Left out:
     managedFields (often the largest part) and annotations the feeder does not read: kubectl's
     last-applied-configuration and kopf's last-handled-configuration are each a copy of the spec (a query of
-    up to 100 KiB)."""
-    plain = {key: copy.deepcopy(value) for key, value in body.items() if key != "metadata"}
+    up to 100 KiB). Short strings are shared between the copies (_compact)."""
+    plain = {sys.intern(str(key)): _compact(value) for key, value in body.items() if key != "metadata"}
     metadata = {key: value for key, value in (body.get("metadata") or {}).items() if key != "managedFields"}
     annotations = metadata.get("annotations")
     if isinstance(annotations, Mapping):
@@ -68,7 +86,7 @@ def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
             metadata["annotations"] = kept
         else:
             metadata.pop("annotations")
-    plain["metadata"] = copy.deepcopy(metadata)
+    plain["metadata"] = _compact(metadata)
     return plain
 
 
