@@ -294,7 +294,8 @@ def wait_until(condition: Callable[[], bool], seconds: float = 30) -> None:
 
 
 async def test_pooled_sessions_are_reset_and_stay_usable(conn: Connection, dsn: str) -> None:
-    """A query may take an advisory lock or change settings; the pool resets the session (DISCARD ALL) and
+    """A query may take an advisory lock or change settings; the session is reset (in the refresh's own last
+    transaction for a REFRESH-only attempt, see tests/db/test_session.py; else by the pool) and
     every later use of it still works (psycopg's prepared statements would not survive: the pool does not
     prepare)."""
     conn.execute("CREATE SCHEMA ops")
@@ -314,7 +315,7 @@ async def test_pooled_sessions_are_reset_and_stay_usable(conn: Connection, dsn: 
         assert conn.execute("SELECT grabbed FROM ops.grabber").fetchone() == (True,), "the query did take it"
 
         def released() -> bool:
-            # psycopg_pool resets a returned connection on a worker thread, after refresh() has returned.
+            # A full reset runs on psycopg_pool's worker thread, after refresh() has returned.
             held = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 42").fetchone()
             return held == (0,)
 

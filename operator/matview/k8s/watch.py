@@ -62,7 +62,8 @@ SHARED_STRING_CHARS = 64
 
 def _compact(value: Any) -> Any:
     """A deep copy of decoded JSON in which dict keys and short strings are shared by every copy: 9.3 -> 5.1 KB
-    per view for a typical object with its status (tests/unit/test_k8s_pure.py measures it)."""
+    per view for a typical object with its status (tests/unit/test_k8s_pure.py checks it keeps under 0.7 of
+    what a deep copy keeps)."""
     if isinstance(value, Mapping):
         return {sys.intern(str(k)) if isinstance(k, str) else k: _compact(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
