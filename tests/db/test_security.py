@@ -9,12 +9,14 @@ then apply, Swap and Concurrent refreshes must never call it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg_pool import ConnectionPool
 
 from matview.api.spec import MaterializedView
 from matview.errors import ApplyError, SpecError, UnmanagedObjectError
@@ -327,6 +329,18 @@ async def test_pooled_sessions_are_reset_and_stay_usable(conn: Connection, dsn: 
         refresher.close()
 
 
+def prepared_statements_per_connection(pool: ConnectionPool[Connection], from_sql: bool) -> list[int]:
+    """Count the prepared statements (from SQL's PREPARE, or else psycopg's own) on every connection of pool,
+    held all at once: the pool can hand out any of them, and only those a refresh ran on hold its statements."""
+    with contextlib.ExitStack() as stack:
+        connections = [stack.enter_context(pool.connection()) for _ in range(pool.max_size)]
+        counts = [
+            c.execute("SELECT count(*) FROM pg_prepared_statements WHERE from_sql = %s", [from_sql]).fetchone()
+            for c in connections
+        ]
+    return [count[0] for count in counts if count is not None]
+
+
 async def test_a_query_that_prepares_or_deallocates_statements_does_not_disturb_other_views(
     conn: Connection, dsn: str
 ) -> None:
@@ -377,9 +391,8 @@ async def test_a_query_that_prepares_or_deallocates_statements_does_not_disturb_
             await refresher.run_sync(dsn, lambda c, each=each: apply_and_record(c, each))
         await refresh_victims()
         pool = refresher.pool(dsn)
-        with pool.connection() as pooled:
-            prepared = pooled.execute("SELECT count(*) FROM pg_prepared_statements WHERE NOT from_sql").fetchone()
-        assert prepared is not None and prepared[0] > 0, "the refresh lane's catalog reads are not prepared"
+        prepared = prepared_statements_per_connection(pool, from_sql=False)
+        assert max(prepared) > 0, f"the refresh lane's catalog reads are not prepared: {prepared}"
         for each in hostile:
             conn.execute("INSERT INTO ops.events VALUES ('c')")
             outcome = await refresher.refresh(dsn, each)
@@ -389,9 +402,8 @@ async def test_a_query_that_prepares_or_deallocates_statements_does_not_disturb_
             await refresh_victims()  # old ones, and a new one whose statements get prepared afresh
         assert all(r.result == "success" for r in results), [r.message for r in results if r.message]
         assert len(results) == 8 * (2 + 3 + 4)
-        with pool.connection() as pooled:
-            squatted = pooled.execute("SELECT count(*) FROM pg_prepared_statements WHERE from_sql").fetchone()
-        assert squatted == (0,)
+        squatted = prepared_statements_per_connection(pool, from_sql=True)
+        assert squatted == [0] * pool.max_size, squatted
     finally:
         refresher.close()
 
