@@ -12,6 +12,7 @@ operations = st.lists(
         st.tuples(st.just("set"), st.integers(0, 20), st.floats(0, 100, allow_nan=False)),
         st.tuples(st.just("discard"), st.integers(0, 20), st.just(0.0)),
         st.tuples(st.just("pop"), st.just(0), st.floats(0, 100, allow_nan=False)),
+        st.tuples(st.just("count"), st.just(0), st.floats(0, 100, allow_nan=False)),
     ),
     max_size=300,
 )
@@ -29,6 +30,8 @@ def test_the_heap_behaves_like_a_dict_of_due_times(ops: list[tuple[str, int, flo
         elif op == "discard":
             queue.discard(key)
             model.pop(key, None)
+        elif op == "count":
+            assert queue.count_due(value) == sum(1 for due in model.values() if due <= value)
         else:
             expected = {k for k, due in model.items() if due <= value}
             taken = queue.pop_due(value)

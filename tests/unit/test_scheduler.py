@@ -483,3 +483,40 @@ async def test_the_loop_sleeps_while_every_check_slot_is_taken_and_wakes_when_on
         loop.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await loop
+
+
+async def test_a_database_behind_keeps_its_overdue_views_queued_in_order_and_holds_up_no_other(world: Any) -> None:
+    """A due refresh becomes a task only while its database has room (two per slot of its lane's ceiling):
+    10,000 views once parked ~6,500 tasks waiting for two lanes. The rest wait in the database's due-queue,
+    start in due order as room frees, and count in the queue depth; a view on another Secret starts at once."""
+    scheduler, feeder, clock = world(applies=False, max_concurrent_per_database=2)
+    gate = asyncio.Event()
+    behind = [view(f"s{i}", refresh={"interval": "1h"}, database={"secretRef": {"name": "slow"}}) for i in range(10)]
+    for i, v in enumerate(behind):
+        feeder.gates[v.owner] = gate
+        scheduler.put(v.owner, v, ready=True, last_success=clock.at() - dt.timedelta(hours=2, seconds=100 * i))
+    due_order = sorted((v.owner for v in behind), key=lambda key: feeder.scheduled_at[key] or clock.at())
+    assert all((feeder.scheduled_at[v.owner] or clock.at()) < clock.at() for v in behind), "all overdue"
+    metrics = scheduler.refresher.metrics
+    loop = asyncio.create_task(scheduler.run())
+    try:
+        await until_true(lambda: len(feeder.running) == 4)
+        for _ in range(100):
+            await asyncio.sleep(0)
+        assert len(feeder.running) == 4 and scheduler.in_flight() == 4, "no more tasks than the room"
+        assert [c.key for c in feeder.calls] == due_order[:4]
+        assert (metrics.scheduled._value.get(), metrics.queue_depth._value.get()) == (6, 6)
+
+        other = view("other", refresh={"interval": "1h"}, database={"secretRef": {"name": "fast"}})
+        scheduler.put(other.owner, other, ready=True)
+        await until_true(lambda: any(c.key == other.owner for c in feeder.calls))
+        assert len(feeder.running) == 4, "the other database's refresh ran beside the stuck ones"
+
+        gate.set()
+        await until_true(lambda: len(feeder.reports) == 11 and scheduler.in_flight() == 0)
+        assert [c.key for c in feeder.calls if c.key != other.owner] == due_order
+        assert not scheduler._refreshing, "each ended task gave its room back"
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop

@@ -66,6 +66,19 @@ class DueQueue(Generic[K]):
             taken.append(key)
         return taken
 
+    def count_due(self, now: float) -> int:
+        """How many keys are due at or before now, without taking them out (walks only the heap's due part)."""
+        count, pending = 0, [0] if self._heap else []
+        while pending:
+            index = pending.pop()
+            due, sequence, key = self._heap[index]
+            if due > now:  # a heap: nothing below is due either
+                continue
+            if self._live.get(key) == (due, sequence):
+                count += 1
+            pending.extend(child for child in (2 * index + 1, 2 * index + 2) if child < len(self._heap))
+        return count
+
     def compact(self) -> None:
         """Rebuild the heap from the live entries only."""
         self._heap = [(due, sequence, key) for key, (due, sequence) in self._live.items()]

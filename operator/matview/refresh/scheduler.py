@@ -1,10 +1,13 @@
 """The one scheduler: when each view is applied, refreshed and checked for drift, in every process.
 
 Two feeders tell it which views exist: the operator's watch (``k8s/watch.py``) and ``matview run``'s files
-(``cli/files.py``), through ``put`` and ``forget``. One loop on two due-queues (refreshes; applies and
-drift checks) starts what is due, so a process holds a dict entry and at most two heap entries per view,
-never a task or a timer each. The rules are ``schedule``'s pure functions and are the same for both
-feeders:
+(``cli/files.py``), through ``put`` and ``forget``. One loop on due-queues (refreshes, one queue per database;
+applies and drift checks) starts what is due, so a process holds a dict entry and at most two heap entries
+per view, never a task or a timer each. A due refresh becomes a task only while its database has room for
+it (``STARTED_PER_LANE_SLOT`` per slot of its lane's ceiling): when the lanes fall behind, the overdue
+views wait as heap entries, not as thousands of parked tasks (10,000 views parked ~6,500 of them).
+
+The rules are ``schedule``'s pure functions and are the same for both feeders:
 
 - the next run counts from the last success, so a restarted process neither refreshes early nor skips;
 - a failure backs off, doubling from ``retry_seconds`` up to the view's period; a round that failed
@@ -31,7 +34,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from matview.api.spec import MaterializedView
+from matview.api.spec import MaterializedView, SecretRef
 from matview.outcomes import Outcome
 from matview.refresh import schedule
 from matview.refresh.feeding import Applied, Relation, Report, Sink, Work
@@ -42,6 +45,19 @@ logger = logging.getLogger(__name__)
 
 #: The loop wakes at least this often even when nothing is due (a safety net; puts and ends wake it sooner).
 MAX_SLEEP_SECONDS = 5.0
+
+#: Refreshes started per slot of a database's lane ceiling: one runs in the slot while the next waits for it
+#: (resolving its credentials, waiting for its upstream), so the lane never idles between two refreshes and
+#: its growth still sees who waits; anything beyond stays in the due-queue, in due order, costing no task.
+STARTED_PER_LANE_SLOT = 2
+
+Database = tuple[str, SecretRef | None]
+"""Views that share a Secret (in one namespace) share a database: the refresher's lanes are per connection
+string, which only the feeder resolves; views of the CLI (no Secret) share one per namespace."""
+
+
+def database_of(view: MaterializedView) -> Database:
+    return (view.namespace, view.secret_ref)
 
 
 @dataclasses.dataclass
@@ -63,6 +79,8 @@ class _Slot:
     """What the view reads (None: not known yet)."""
     checked: bool = False
     """An apply or drift check has succeeded once: later checks keep their phase."""
+    due_in: Database | None = None
+    """The database whose refresh due-queue holds the view (None: not queued)."""
 
 
 class Scheduler:
@@ -76,9 +94,12 @@ class Scheduler:
         self.clock = clock
         self._slots: dict[str, _Slot] = {}
         self._stored_as: dict[Relation, set[str]] = {}
-        self._refresh_due: DueQueue[str] = DueQueue()
+        self._refresh_due: dict[Database, DueQueue[str]] = {}
         self._check_due: DueQueue[str] = DueQueue()
         self._refreshes: set[asyncio.Task[None]] = set()
+        self._refreshing: dict[Database, int] = {}
+        """Refresh tasks started per database and not ended (running, or waiting for a lane slot)."""
+        self._overdue_count, self._overdue_counted_at = 0, float("-inf")
         self._checks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._sleep_until = 0.0
@@ -120,9 +141,9 @@ class Scheduler:
     def forget(self, key: str) -> None:
         """The view is gone (deleted, or in no file): stop; its work in flight is cancelled."""
         slot = self._slots.pop(key, None)
-        self._refresh_due.discard(key)
         self._check_due.discard(key)
         if slot is not None:
+            self._unqueue_refresh(key, slot)
             self._index(key, slot.view, None)
             if slot.task is not None:
                 slot.task.cancel()
@@ -147,7 +168,7 @@ class Scheduler:
             return
         view = slot.view
         if view is None:  # an invalid spec: the feeder reports it; a fix comes as a put
-            self._refresh_due.discard(key)
+            self._unqueue_refresh(key, slot)
             self._check_due.discard(key)
             return
         now = self._now()
@@ -156,7 +177,7 @@ class Scheduler:
             view, schedule.expected_period_seconds(view, now), last.timestamp() if last else None
         )
         if not slot.ready:
-            self._refresh_due.discard(key)
+            self._unqueue_refresh(key, slot)
             slot.due_at = None
             if self.work.applies:
                 hold = schedule.held_until(slot.track)
@@ -167,7 +188,7 @@ class Scheduler:
             return
         due = schedule.next_attempt(view, slot.track, now, slot.request)
         slot.due_at = due.timestamp() if due is not None else None
-        self._set(self._refresh_due, key, slot.due_at)
+        self._queue_refresh(key, slot, view, slot.due_at)
         if key not in self._check_due:
             self._set(self._check_due, key, self._first_check_at(key))
         self.sink.scheduled(key, view, due, now)
@@ -181,14 +202,55 @@ class Scheduler:
         if due is not None and due < self._sleep_until:
             self._wake.set()
 
+    def _queue_refresh(self, key: str, slot: _Slot, view: MaterializedView, due: float | None) -> None:
+        database = database_of(view)
+        if slot.due_in != database:  # first queued, or its Secret changed
+            self._unqueue_refresh(key, slot)
+        if due is None:
+            self._unqueue_refresh(key, slot)
+            return
+        queue = self._refresh_due.get(database)
+        if queue is None:
+            queue = self._refresh_due[database] = DueQueue()
+        slot.due_in = database
+        self._set(queue, key, due)
+
+    def _unqueue_refresh(self, key: str, slot: _Slot) -> None:
+        database, slot.due_in = slot.due_in, None
+        queue = self._refresh_due.get(database) if database is not None else None
+        if queue is not None:
+            queue.discard(key)
+            if not queue:
+                del self._refresh_due[database]  # type: ignore[arg-type]
+
+    def _refresh_room(self, database: Database) -> int:
+        ceiling = self.settings.max_concurrent_per_database * STARTED_PER_LANE_SLOT
+        return ceiling - self._refreshing.get(database, 0)
+
+    def scheduled(self) -> int:
+        """Views waiting in a due-queue for their next refresh (due or not)."""
+        return sum(len(queue) for queue in self._refresh_due.values())
+
     # --- the loop ----------------------------------------------------------------------------------
 
     def step(self) -> float:
         """Start everything due now; return when to look again (clock seconds)."""
         now = self.clock()
-        for key in self._refresh_due.pop_due(now):
-            if self._startable(key):
-                self._start(key, self._refresh, self._refreshes)
+        refreshes_may_start: list[DueQueue[str]] = []
+        for database, queue in list(self._refresh_due.items()):
+            room = self._refresh_room(database)
+            if room <= 0:
+                continue
+            for key in queue.pop_due(now, limit=room):
+                slot = self._slots.get(key)
+                if slot is not None:
+                    slot.due_in = None
+                if self._startable(key):
+                    self._start_refresh(key, database)
+            if not queue:
+                del self._refresh_due[database]
+            elif self._refresh_room(database) > 0:
+                refreshes_may_start.append(queue)
         free = self.settings.max_concurrent_drift_checks - len(self._checks)
         if free > 0:
             for key in self._check_due.pop_due(now, limit=free):
@@ -202,17 +264,22 @@ class Scheduler:
         # With every check slot taken, an overdue check is not a reason to wake: the check that ends wakes the
         # loop (``_start``). Counting it made the loop spin, one turn per event-loop turn, through each
         # burst of overdue drift checks (after a mass creation or a restart), holding the interpreter lock.
+        # The same holds for a database whose refreshes fill its room: the one that ends wakes the loop.
         checks_may_start = len(self._checks) < self.settings.max_concurrent_drift_checks
         upcoming = [
             t
-            for t in (self._refresh_due.next_at(), self._check_due.next_at() if checks_may_start else None)
+            for t in (
+                *(queue.next_at() for queue in refreshes_may_start),
+                self._check_due.next_at() if checks_may_start else None,
+            )
             if t is not None
         ]
         self._sleep_until = min([now + MAX_SLEEP_SECONDS, *upcoming])
+        scheduled = self.scheduled()
         self.refresher.metrics.scheduler(
-            scheduled=len(self._refresh_due),
+            scheduled=scheduled,
             running=len(self._refreshes),
-            waiting=self.refresher.waiting(),
+            waiting=self.refresher.waiting() + self._overdue(now),
             lanes=self.refresher.refresh_lanes(),
         )
         return self._sleep_until
@@ -243,6 +310,26 @@ class Scheduler:
     def in_flight(self) -> int:
         return len(self._refreshes) + len(self._checks)
 
+    def _overdue(self, now: float) -> int:
+        """Refreshes due but left in a full database's queue (they count in the queue depth, as waiting).
+        Counted at most once a second: the loop turns after every refresh, and a backlog can be thousands."""
+        if now - self._overdue_counted_at >= 1.0 or now < self._overdue_counted_at:
+            full = [queue for database, queue in self._refresh_due.items() if self._refresh_room(database) <= 0]
+            self._overdue_count = sum(queue.count_due(now) for queue in full)
+            self._overdue_counted_at = now
+        return self._overdue_count
+
+    def _start_refresh(self, key: str, database: Database) -> None:
+        self._refreshing[database] = self._refreshing.get(database, 0) + 1
+        self._start(key, self._refresh, self._refreshes, ended=lambda: self._refresh_ended(database))
+
+    def _refresh_ended(self, database: Database) -> None:
+        left = self._refreshing[database] - 1
+        if left:
+            self._refreshing[database] = left
+        else:
+            del self._refreshing[database]
+
     def _startable(self, key: str) -> bool:
         slot = self._slots.get(key)
         return slot is not None and slot.task is None and slot.ready and slot.view is not None
@@ -252,12 +339,16 @@ class Scheduler:
         key: str,
         body: Callable[[str, _Slot], Coroutine[Any, Any, None]],
         tasks: set[asyncio.Task[None]],
+        ended: Callable[[], None] | None = None,
     ) -> None:
         slot = self._slots[key]
         task = slot.task = asyncio.create_task(self._finish(key, slot, body(key, slot)))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
-        task.add_done_callback(lambda _: self._wake.set())  # a check slot is free, or a put came in meanwhile
+        if ended is not None:
+            task.add_done_callback(lambda _: ended())
+        # A check slot or a database's room is free, or a put came in meanwhile.
+        task.add_done_callback(lambda _: self._wake.set())
 
     async def _finish(self, key: str, slot: _Slot, work: Coroutine[Any, Any, None]) -> None:
         try:
