@@ -16,6 +16,8 @@ PLURAL: Final = "materializedviews"
 
 FINALIZER: Final = f"{PREFIX}/finalizer"
 REFRESH_REQUESTED_ANNOTATION: Final = f"{PREFIX}/refresh-requested-at"
+#: The label that places a view in one of the shards' buckets (see ``k8s.sharding``).
+BUCKET_LABEL: Final = f"{PREFIX}/bucket"
 
 #: The key of the JSON object written as COMMENT on every object we create.
 MARKER_KEY: Final = "managedBy"

@@ -168,9 +168,9 @@ def bind_secrets(plane: ControlPlane, ns: str) -> None:
 
 
 def start_operator(
-    control_plane: ControlPlane, workdir: Path, watched: str = "e2e-operator"
+    control_plane: ControlPlane, workdir: Path, watched: str = "e2e-operator", shard: tuple[int, int] = (0, 1)
 ) -> tuple[subprocess.Popen[str], int]:
-    """`matview operator` as its ServiceAccount, watching one namespace, with fast retries."""
+    """`matview operator` as its ServiceAccount, watching one namespace, with fast retries (shard: index, count)."""
     kubeconfig = control_plane.kubeconfig(
         operator_token(control_plane), workdir / f"operator-{time.time_ns()}.kubeconfig"
     )
@@ -195,6 +195,7 @@ def start_operator(
             str(metrics),
             "--liveness",
             f"http://127.0.0.1:{free_port()}/healthz",
+            *("--shard-index", str(shard[0]), "--shard-count", str(shard[1])),
         ],
         # A file, not a pipe: nobody reads a pipe while the test runs, and once its buffer is full every
         # thread of the operator that logs would block (seen during the apiserver outage test).

@@ -100,13 +100,12 @@ def cmd_operator(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    operator_main.use(config)
-    _tune_long_running_process()
-
     namespaces = args.namespace or []
     if not namespaces and not args.all_namespaces:
         print("error: pass --all-namespaces or one or more --namespace NS", file=sys.stderr)
         return EXIT_INVALID
+    operator_main.use(dataclasses.replace(config, namespaces=() if args.all_namespaces else tuple(namespaces)))
+    _tune_long_running_process()
     asyncio.run(
         kopf.operator(
             clusterwide=args.all_namespaces,

@@ -36,6 +36,8 @@ class OperatorConfig:
     """This replica's shard (see ``shard_count``)."""
     shard_count: int = 1
     """Replicas that split the views between them by a stable hash of namespace/name (1: no sharding)."""
+    namespaces: tuple[str, ...] = ()
+    """The namespaces watched (empty: every namespace)."""
     allow_superuser_run_as_role: bool = False
     """Accept a spec.runAsRole that is a superuser (refused by default)."""
     peering: str | None = None

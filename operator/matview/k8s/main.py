@@ -13,7 +13,7 @@ from typing import Any
 import kopf
 
 from matview.constants import GROUP, PLURAL, VERSION
-from matview.k8s import deletion, reconcile, sharding
+from matview.k8s import deletion, labeler, reconcile, sharding
 from matview.k8s.context import OperatorConfig, OperatorContext
 from matview.k8s.settings import config_from_environment, configure
 from matview.k8s.watch import WatchFeeder
@@ -48,14 +48,20 @@ logging.getLogger("kopf.objects").addFilter(_QuietWatchHandler())
 
 def _mine(meta: kopf.Meta, **_: Any) -> bool:
     """This replica's share of the views (all of them unless sharded)."""
-    config = _settings()
-    return sharding.owns(config.shard_index, config.shard_count, meta.namespace or "", meta.name or "")
+    return _owns(_settings(), meta.namespace or "", meta.name or "")
+
+
+def _owns(config: OperatorConfig, namespace: str, name: str) -> bool:
+    return sharding.owns(config.shard_index, config.shard_count, namespace, name)
 
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     config = _settings()
     configure(settings, config.peering)
+    selection = sharding.selector(config.shard_index, config.shard_count)
+    if selection is not None:  # the apiserver sends this replica its own views only
+        settings.watching.label_selectors[GROUP, PLURAL] = selection
     context = OperatorContext(config=config)
     if config.metrics_port:
         context.metrics.serve(config.metrics_port)
@@ -65,6 +71,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
     memo.context = context
     memo.feeder = WatchFeeder(context)
     memo.tasks = [asyncio.create_task(memo.feeder.run()), asyncio.create_task(context.metrics.watch_event_loop())]
+    if selection is not None:
+        labels = labeler.Labeler(lambda namespace, name: _owns(config, namespace, name), config.namespaces)
+        memo.tasks.append(asyncio.create_task(labels.run()))
 
 
 @kopf.on.cleanup()
@@ -84,6 +93,19 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.event(GROUP, VERSION, PLURAL, when=_mine)
 async def watch_handler(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await memo.feeder.observe(type, body)
+
+
+def _mislabelled(meta: kopf.Meta, **_: Any) -> bool:
+    sharded = _settings().shard_count > 1
+    return sharded and sharding.mislabelled(meta.labels, meta.namespace or "", meta.name or "")
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL, when=_mislabelled)
+async def relabel_handler(type: str | None, body: kopf.Body, **_: Any) -> None:
+    """A bucket label edited by hand put the view in this replica's selection: put the label back, so that its
+    own shard sees it (and this one's watch lets it go)."""
+    if type != "DELETED":
+        await labeler.label(body)
 
 
 # No on.resume: after a restart kopf still runs on.update for specs edited meanwhile and resumes retries,
