@@ -136,6 +136,7 @@ _PLURALS = {
     "MaterializedView": "materializedviews",
     "RoleBinding": "rolebindings",
     "Deployment": "deployments",
+    "StatefulSet": "statefulsets",
     "Service": "services",
 }
 

@@ -355,8 +355,33 @@ def dry_run(control_plane: ControlPlane, document: dict[str, Any], label: str) -
 def test_every_core_manifest_passes_server_side_dry_run(control_plane: ControlPlane) -> None:
     import yaml
 
-    for path in sorted((ROOT / "manifests/core").glob("*.yaml")):
+    for path in [*sorted((ROOT / "manifests/core").glob("*.yaml")), ROOT / "manifests/sharded/statefulset.yaml"]:
         if path.name == "kustomization.yaml":
             continue
         for document in yaml.safe_load_all(path.read_text()):
             dry_run(control_plane, document, path.name)
+
+
+def test_the_sharded_install_is_the_core_one_with_a_statefulset_of_shards() -> None:
+    """manifests/sharded: the core install, its Deployment deleted and a StatefulSet put in its place, whose pod
+    is the Deployment's but for the shard count (equal to its replicas) and the index from the pod-index label."""
+    import yaml
+
+    overlay = yaml.safe_load((ROOT / "manifests/sharded/kustomization.yaml").read_text())
+    assert overlay["resources"] == ["../core", "statefulset.yaml"]
+    deleted = yaml.safe_load(overlay["patches"][0]["patch"])
+    deployment = yaml.safe_load((ROOT / "manifests/core/deployment.yaml").read_text())
+    assert deleted["$patch"] == "delete" and deleted["kind"] == deployment["kind"] == "Deployment"
+    assert deleted["metadata"] == {k: deployment["metadata"][k] for k in ("name", "namespace")}
+    shards = yaml.safe_load((ROOT / "manifests/sharded/statefulset.yaml").read_text())
+    pod, plain = shards["spec"]["template"], deployment["spec"]["template"]
+    container, expected = pod["spec"]["containers"][0], plain["spec"]["containers"][0]
+    count = container["args"][container["args"].index("--shard-count") + 1]
+    assert int(count) == shards["spec"]["replicas"] > 1, "one pod per shard"
+    assert container["args"][-4:] == ["--shard-count", count, "--shard-index", "$(MATVIEW_SHARD_INDEX)"]
+    assert container["args"][:-4] == expected["args"] and container["env"][:-1] == expected["env"]
+    index = container["env"][-1]
+    assert index["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+    same = {k: v for k, v in container.items() if k not in ("args", "env")}
+    assert same == {k: v for k, v in expected.items() if k not in ("args", "env")}
+    assert pod["metadata"] == plain["metadata"] and shards["spec"]["selector"] == deployment["spec"]["selector"]

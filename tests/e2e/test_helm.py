@@ -149,7 +149,35 @@ def test_monitoring_renders_the_tested_alert_rules(helm: Path) -> None:
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
 
 
-@pytest.mark.parametrize("values", [(), ("watchNamespaces={helm-a,helm-b}",)])
+def test_shards_render_a_statefulset_whose_pods_take_their_index(helm: Path) -> None:
+    """shards > 1: one pod per shard, each told the count and its index (the pod-index label, through the
+    downward API into the arguments), the memory sized per pod; the same pod as the Deployment otherwise."""
+    plain = next(d for d in render(helm) if d["kind"] == "Deployment")
+    documents = render(helm, "shards=4", "sizing.views=2500")
+    assert "Deployment" not in kinds(documents)
+    workload = next(d for d in documents if d["kind"] == "StatefulSet")
+    assert workload["spec"]["replicas"] == 4 and workload["spec"]["podManagementPolicy"] == "Parallel"
+    service = next(d for d in documents if d["kind"] == "Service")
+    assert workload["spec"]["serviceName"] == service["metadata"]["name"]
+    container = workload["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][-4:] == ["--shard-count", "4", "--shard-index", "$(MATVIEW_SHARD_INDEX)"]
+    index = next(e for e in container["env"] if e["name"] == "MATVIEW_SHARD_INDEX")
+    assert index["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+    assert container["resources"]["limits"]["memory"] == "448Mi"  # 2,500 views per pod
+    expected = plain["spec"]["template"]["spec"]["containers"][0]
+    same = {k: v for k, v in container.items() if k not in ("args", "env", "resources")}
+    assert same == {k: v for k, v in expected.items() if k not in ("args", "env", "resources")}
+    assert container["args"][:-4] == expected["args"] and container["env"][:-1] == expected["env"]
+    refused = subprocess.run(
+        [str(helm), "template", "mv", str(CHART), "--set", "shards=4", "--set", "replicaCount=2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode != 0 and "shards and replicaCount" in refused.stderr, refused.stderr
+
+
+@pytest.mark.parametrize("values", [(), ("watchNamespaces={helm-a,helm-b}",), ("shards=3",)])
 def test_rendered_objects_pass_server_side_dry_run(
     control_plane: ControlPlane, helm: Path, values: tuple[str, ...]
 ) -> None:
