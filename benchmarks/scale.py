@@ -6,8 +6,10 @@ are Ready, then from that moment (so the burst after creation counts) refresh st
 event-loop lag (from the operator's own histograms), the views not refreshed at all in the window, apiserver
 requests per view-hour and per refresh (from kube-apiserver's apiserver_request_total, less this
 script's own requests), then restarts the operator and reports the SIGTERM time and how long until
-every view is scheduled again. With --shards 2, two operators split the views and the script checks
-that every view was refreshed by exactly one of them. No assertions: read the numbers.
+every view is scheduled again. With --shards N, N operators split the views (each watching only its
+buckets), the RSS is reported per replica too, and the script checks that every view was scheduled by
+exactly one of them; --reshard-to M then replaces them with M shards (as a StatefulSet rollout does) and
+checks it again. No assertions: read the numbers.
 
     python benchmarks/scale.py --views 3000 --steady-minutes 6
 
@@ -234,12 +236,88 @@ def create_views(plane: ControlPlane, dsn: str, count: int, low: int, high: int)
         list(pool.map(one, range(count)))
 
 
+def scheduled_names(port: int) -> set[str] | None:
+    """The views one operator schedules (each has its interval series from its first scheduling on)."""
+    try:
+        samples = scrape(f"http://127.0.0.1:{port}/metrics")
+    except OSError:
+        return None
+    return {labels["name"] for m, labels, _ in samples if m == "matview_refresh_interval_seconds"}
+
+
+def reshard(
+    plane: ControlPlane, workdir: Path, old: list[tuple[subprocess.Popen[bytes], int]], count: int, views: int
+) -> dict[str, object]:
+    """Start `count` new shards, then stop the old ones (a StatefulSet's new pods and old overlap the same
+    way); until every view is scheduled by exactly one new shard: how long, and how many were twice or missing."""
+    started = time.monotonic()
+    with ExitStack() as stack:
+        new = [stack.enter_context(operator(plane, workdir, (i, count))) for i in range(count)]
+        for process, _ in old:
+            process.send_signal(signal.SIGTERM)
+        for process, _ in old:
+            process.wait(120)
+        twice = missing = views
+        while time.monotonic() - started < 900:
+            time.sleep(2)
+            seen = [scheduled_names(port) for _, port in new]
+            if any(names is None for names in seen):
+                continue
+            union = set().union(*seen)  # type: ignore[arg-type]
+            twice = sum(1 for name in union if sum(name in names for names in seen if names) > 1)
+            missing = views - len(union)
+            if twice == 0 and missing == 0:
+                break
+        return {
+            "to_shards": count,
+            "all_scheduled_once_s": round(time.monotonic() - started, 1),
+            "views_scheduled_by_two_shards": twice,
+            "views_scheduled_by_no_shard": missing,
+            "rss_mib_per_replica": [round(process_usage(p.pid)[0], 1) for p, _ in new],
+        }
+
+
+def restart(
+    plane: ControlPlane,
+    workdir: Path,
+    operators: list[tuple[subprocess.Popen[bytes], int]],
+    views: int,
+    shards: int,
+    stack: ExitStack,
+) -> dict[str, object]:
+    """SIGTERM the first operator; unsharded, start a new one: how long until every view is scheduled again?"""
+    report: dict[str, object] = {}
+    process, _ = operators[0]
+    stopping = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    process.wait(120)
+    report["sigterm_to_exit_s"] = round(time.monotonic() - stopping, 1)
+    if shards == 1:
+        restarted = time.monotonic()
+        _, port = stack.enter_context(operator(plane, workdir))
+        scheduled = 0.0
+        while time.monotonic() - restarted < 600:
+            time.sleep(1)
+            try:
+                samples = scrape(f"http://127.0.0.1:{port}/metrics")
+            except OSError:
+                continue
+            # Scheduled (waiting in the heap) or running now: every view the new process knows to refresh.
+            scheduled = sum(v for m, _, v in samples if m in ("matview_scheduled_views", "matview_refreshes_running"))
+            if scheduled >= views:
+                break
+        report["restart_all_scheduled_s"] = round(time.monotonic() - restarted, 1)
+        report["restart_scheduled"] = int(scheduled)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--views", type=int, default=1000)
     parser.add_argument("--interval-range", default="60-300", help="refresh intervals, seconds, spread over this range")
     parser.add_argument("--steady-minutes", type=float, default=6.0)
     parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument("--reshard-to", type=int, default=0, help="after the window, replace the shards with this many")
     parser.add_argument("--dsn", help="an existing server (default: a private one in a temp dir)")
     parser.add_argument(
         "--memory",
@@ -284,13 +362,16 @@ def main() -> None:
 
         before = snapshot()
         rss_samples: list[float] = []
+        rss_per_replica: list[float] = [0.0] * len(operators)
         # Per 30 s slice of the window: when the late starts happened (a burst after creation, or all along).
         slices: list[dict[str, object]] = []
         previous = merged_histogram(before["metrics"], "matview_refresh_start_lateness_seconds")  # type: ignore[arg-type]
         deadline = time.monotonic() + args.steady_minutes * 60
         while time.monotonic() < deadline:
             time.sleep(10)
-            rss_samples.append(sum(process_usage(p.pid)[0] for p, _ in operators))
+            each = [process_usage(p.pid)[0] for p, _ in operators]
+            rss_samples.append(sum(each))
+            rss_per_replica = [max(a, b) for a, b in zip(rss_per_replica, each, strict=True)]
             if len(rss_samples) % 3 == 0:
                 metrics = [scrape(f"http://127.0.0.1:{port}/metrics") for _, port in operators]
                 current = merged_histogram(metrics, "matview_refresh_start_lateness_seconds")
@@ -341,6 +422,7 @@ def main() -> None:
         view_hours = args.views * seconds / 3600
         report.update(
             rss_mib=round(max(rss_samples), 1),
+            rss_mib_per_replica=[round(r, 1) for r in rss_per_replica],
             rss_kib_per_view=round((max(rss_samples) - baseline_mib * args.shards) * 1024 / args.views, 1),
             cpu_percent_of_one_core=round(100 * cpu / seconds, 1),
             steady_seconds=round(seconds),
@@ -376,30 +458,10 @@ def main() -> None:
             report["views_per_shard"] = [len(shard) for shard in scheduled_by]
         if memory_report is not None:
             report["memory"] = memory_by_structure(operators[0][0], memory_report, args.views, baseline_mib)
-        # Restart: SIGTERM, then a new process; how long until every view is scheduled again?
-        process, _ = operators[0]
-        stopping = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        process.wait(120)
-        report["sigterm_to_exit_s"] = round(time.monotonic() - stopping, 1)
-        if args.shards == 1:
-            restarted = time.monotonic()
-            _, port = stack.enter_context(operator(plane, workdir))
-            scheduled = 0.0
-            while time.monotonic() - restarted < 600:
-                time.sleep(1)
-                try:
-                    samples = scrape(f"http://127.0.0.1:{port}/metrics")
-                except OSError:
-                    continue
-                # Scheduled (waiting in the heap) or running now: every view the new process knows to refresh.
-                scheduled = sum(
-                    v for m, _, v in samples if m in ("matview_scheduled_views", "matview_refreshes_running")
-                )
-                if scheduled >= args.views:
-                    break
-            report["restart_all_scheduled_s"] = round(time.monotonic() - restarted, 1)
-            report["restart_scheduled"] = int(scheduled)
+        if args.reshard_to > 1:
+            report["reshard"] = reshard(plane, workdir, operators, args.reshard_to, args.views)
+        else:
+            report.update(restart(plane, workdir, operators, args.views, args.shards, stack))
     print(json.dumps(report, indent=2, ensure_ascii=False))
 
 
