@@ -11,6 +11,7 @@ from prometheus_client import generate_latest
 
 from matview.observe import memory
 from matview.observe.metrics import RefreshMetrics
+from tests.conftest import skip_or_fail
 
 
 def tree(root: Path, files: dict[str, str]) -> Path:
@@ -91,3 +92,30 @@ def test_the_gauges_exist_only_as_far_as_a_limit_does() -> None:
     assert "matview_memory_working_set_bytes " in exposition
     assert ("matview_memory_limit_bytes " in exposition) == (here.limit_bytes() is not None)
     assert ("matview_memory_headroom_bytes " in exposition) == (here.limit_bytes() is not None)
+
+
+def test_trimming_hands_back_what_a_burst_freed_between_what_it_kept() -> None:
+    """glibc keeps freed pages that lie between live allocations; malloc_trim returns them to the kernel. Here a
+    burst of 20,000 large buffers interleaved with small ones that stay, as a mass creation leaves it."""
+    import ctypes
+    import os
+
+    try:
+        ctypes.CDLL(None).gnu_get_libc_version  # noqa: B018
+    except AttributeError:
+        skip_or_fail("the C library is not glibc: there is no malloc_trim to call")
+
+    def resident_mib() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    burst, kept = [], []
+    for _ in range(20_000):
+        burst.append(bytearray(20_000))
+        kept.append(bytearray(600))
+    peak = resident_mib()
+    del burst
+    held = resident_mib()
+    assert held > peak - 100, "glibc handed most of it back by itself: nothing here to measure"
+    assert memory.trim_freed_memory()
+    assert resident_mib() < held - 250, (peak, held, resident_mib())  # the burst was ~381 MiB
+    del kept

@@ -20,6 +20,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import signal
 
     from matview.cli.files import FileFeeder, yaml_files
+    from matview.observe import memory
     from matview.observe.metrics import RefreshMetrics
     from matview.refresh.refresher import Refresher
     from matview.refresh.settings import RunnerSettings
@@ -54,7 +55,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await FileFeeder(dsn, paths, refresher).run(stop)
+        trimming = asyncio.create_task(memory.keep_trimming())
+        try:
+            await FileFeeder(dsn, paths, refresher).run(stop)
+        finally:
+            trimming.cancel()
 
     _tune_long_running_process()
     try:

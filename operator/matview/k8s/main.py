@@ -17,6 +17,7 @@ from matview.k8s import deletion, labeler, reconcile, sharding
 from matview.k8s.context import OperatorConfig, OperatorContext
 from matview.k8s.settings import config_from_environment, configure
 from matview.k8s.watch import WatchFeeder
+from matview.observe import memory
 
 _config: OperatorConfig | None = None
 
@@ -70,7 +71,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
         logger.info("shard %d of %d", config.shard_index, config.shard_count)
     memo.context = context
     memo.feeder = WatchFeeder(context)
-    memo.tasks = [asyncio.create_task(memo.feeder.run()), asyncio.create_task(context.metrics.watch_event_loop())]
+    memo.tasks = [
+        asyncio.create_task(memo.feeder.run()),
+        asyncio.create_task(context.metrics.watch_event_loop()),
+        asyncio.create_task(memory.keep_trimming()),
+    ]
     if selection is not None:
         labels = labeler.Labeler(lambda namespace, name: _owns(config, namespace, name), config.namespaces)
         memo.tasks.append(asyncio.create_task(labels.run()))

@@ -10,10 +10,15 @@ cgroup v2 (``memory.max``) and v1 (``memory.limit_in_bytes``) are both read, fro
 (``/proc/self/cgroup``) or the namespace's root. No limit (``max``, or v1's "unlimited" sentinel), or no
 cgroup at all (not Linux): ``limit_bytes`` is None and the working set is the process's own RSS (an
 unlimited cgroup may hold much else, a laptop's whole session).
+
+``keep_trimming`` hands the pages glibc keeps free back to the kernel now and then, so that the working set
+follows what the process holds rather than its highest burst.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,3 +107,30 @@ class MemoryWatch:
     def working_set_bytes(self) -> int | None:
         measured = self._files.working_set_bytes() if self._files is not None else None
         return measured if measured is not None else resident_bytes(self._root)
+
+
+#: How often a long-running process hands the memory its C library holds free back to the kernel.
+TRIM_EVERY_SECONDS = 60.0
+
+
+def trim_freed_memory() -> bool:
+    """Ask glibc to return the free pages of its heaps to the kernel (malloc_trim); False elsewhere.
+
+    glibc keeps what a burst freed (a mass creation decodes and validates thousands of objects at once) for
+    the next allocation, in pages spread over its heaps, so the resident set, and the container's working set
+    the OOM killer goes by, stay at the burst's peak for the life of the process."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only: musl and others lack it
+        malloc_trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(malloc_trim(0))
+
+
+async def keep_trimming(period_seconds: float = TRIM_EVERY_SECONDS) -> None:
+    """trim_freed_memory every period, in a thread (it walks the heaps), until cancelled."""
+    while True:
+        await asyncio.sleep(period_seconds)
+        await asyncio.to_thread(trim_freed_memory)
