@@ -14,11 +14,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import kubernetes
 import psycopg
+import pytest
 
 from matview.constants import BUCKET_LABEL
-from matview.k8s import sharding
-from tests.e2e.conftest import ControlPlane
+from matview.k8s import kube, labeler, sharding
+from tests.e2e.conftest import ControlPlane, operator_token
 from tests.e2e.test_e2e import MV_PATH, bind_secrets, condition, mv, namespace, start_operator, stop_operator, wait_for
 
 NAMESPACE = "e2e-shards"
@@ -118,3 +120,33 @@ def test_shards_select_their_own_views_on_the_apiserver(control_plane: ControlPl
     finally:
         logs = [stop_operator(process) for process, _ in shards]
     assert not any("Traceback" in log for log in logs), "\n".join(logs)[-5000:]
+
+
+def test_the_labeler_pages_through_the_unlabelled_views_and_labels_only_its_own(
+    control_plane: ControlPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The list before each watch goes a page at a time (a first sharded start over 10,000 views decoded them
+    all at once in every replica), with the operator's own token: each shard labels the views it owns."""
+    ns = namespace(control_plane, "e2e-labeler")
+    names = [f"paged-{i}" for i in range(7)]
+    for name in names:
+        status, body = control_plane.request("POST", MV_PATH.format(ns=ns), mv(name, ns))
+        assert status == 201, body
+    monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig(operator_token(control_plane), tmp_path / "kc")))
+    monkeypatch.setattr(labeler, "LIST_PAGE", 2)
+    kube.reset()
+    try:
+        owned = {name for name in names if sharding.shard_of(ns, name, 2) == 0}
+        assert 0 < len(owned) < len(names)
+        shard = labeler.Labeler(lambda namespace, name: namespace == ns and name in owned, (ns,))
+        api = kubernetes.client.CustomObjectsApi(kube._api_client())
+        since = shard._label_listed(api, ns)
+        assert since.isdigit(), "a resourceVersion to watch from"
+        assert shard.labelled == len(owned)
+        for name in names:
+            status, body = control_plane.request("GET", MV_PATH.format(ns=ns) + f"/{name}")
+            found = (body["metadata"].get("labels") or {}).get(BUCKET_LABEL)
+            assert found == (sharding.label_value(ns, name) if name in owned else None), name
+        assert shard._label_listed(api, ns) and shard.labelled == len(owned), "the second shard's views are left"
+    finally:
+        kube.reset()

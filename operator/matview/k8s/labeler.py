@@ -30,6 +30,8 @@ from matview.k8s import kube, sharding
 logger = logging.getLogger(__name__)
 
 UNLABELLED = f"!{BUCKET_LABEL}"
+#: Views per page of the list that precedes each watch.
+LIST_PAGE = 500
 #: A watch ends after this many seconds on the server; the loop lists again and watches on.
 WATCH_SECONDS = 60
 #: After an error, wait this long (doubling up to the most) before listing again.
@@ -138,12 +140,29 @@ class Labeler:
         return api.list_cluster_custom_object, (GROUP, VERSION, PLURAL)
 
     def _label_listed(self, api: Any, namespace: str | None) -> str:
-        """Label the unlabelled views listed now; the list's resourceVersion, to watch from."""
+        """Label the unlabelled views listed now, a page at a time (a first start over 10,000 views built before
+        sharding would otherwise decode them all at once); the list's resourceVersion, to watch from."""
         lister, args = self._lister(api, namespace)
-        listing = cast(dict[str, Any], lister(*args, label_selector=UNLABELLED, _request_timeout=kube.REQUEST_TIMEOUT))
-        for item in listing.get("items") or []:
-            self._label(api, item)
-        return str((listing.get("metadata") or {}).get("resourceVersion") or "")
+        page_after: str | None = None
+        while True:
+            listing = cast(
+                dict[str, Any],
+                lister(
+                    *args,
+                    label_selector=UNLABELLED,
+                    limit=LIST_PAGE,
+                    **({"_continue": page_after} if page_after else {}),
+                    _request_timeout=kube.REQUEST_TIMEOUT,
+                ),
+            )
+            for item in listing.get("items") or []:
+                if self._stop.is_set():
+                    return ""
+                self._label(api, item)
+            metadata = listing.get("metadata") or {}
+            page_after = metadata.get("continue")
+            if not page_after:
+                return str(metadata.get("resourceVersion") or "")
 
     def _label_watched(self, api: Any, namespace: str | None, since: str) -> None:
         lister, args = self._lister(api, namespace)
