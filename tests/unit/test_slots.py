@@ -48,6 +48,31 @@ async def test_a_waiter_gets_a_new_slot_once_it_has_waited_long_enough_and_not_b
     assert third.done() and lane.limit == 3 and lane.busy == 3
 
 
+async def test_a_refresh_overdue_in_the_scheduler_counts_its_wait_from_when_it_was_due() -> None:
+    """The scheduler keeps overdue refreshes in its due-queue, not at the lane (#24), so few wait here and each
+    briefly: at 10,000 views the lanes stayed at 2 of 4 while 6,000 refreshes were overdue. A waiter that says
+    since when it waits earns its slot by that; one that says a future time counts from now."""
+    clock = Clock()
+    lane = slots(clock)
+    await lane.acquire()
+    await lane.acquire()
+    overdue = asyncio.create_task(lane.acquire(waiting_since=clock.now - 30))
+    await settle()
+    lane.check()
+    await settle()
+    assert overdue.done() and lane.limit == 3, "due 30 s ago: the lane grows at once"
+    early = asyncio.create_task(lane.acquire(waiting_since=clock.now + 30))
+    await settle()
+    clock.now += 0.5
+    lane.check()
+    await settle()
+    assert not early.done() and lane.limit == 3
+    clock.now += 0.5
+    lane.check()
+    await settle()
+    assert early.done() and lane.limit == 4
+
+
 async def test_a_long_queue_opens_one_slot_per_check_and_never_passes_the_ceiling() -> None:
     clock = Clock()
     lane = slots(clock, floor=1, ceiling=3)

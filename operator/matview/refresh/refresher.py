@@ -21,6 +21,7 @@ import contextlib
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -172,7 +173,9 @@ class Refresher:
         the schedule wanted it, so that start lateness counts the wait for a slot too."""
         started = dt.datetime.now(dt.UTC)
         cap = self._cap(dsn, "refresh")
-        await cap.acquire()
+        # Overdue since due_at: the lane grows for the wait in the scheduler's due-queue as for its own.
+        overdue = max(0.0, started.timestamp() - due_at) if due_at is not None else 0.0
+        await cap.acquire(waiting_since=time.monotonic() - overdue)
         try:
             if due_at is not None:
                 self.metrics.lateness(max(0.0, dt.datetime.now(dt.UTC).timestamp() - due_at))

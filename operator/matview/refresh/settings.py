@@ -37,7 +37,8 @@ class RunnerSettings:
     """The most refreshes that may run at once against one database (its refresh lane's ceiling)."""
     base_concurrent_per_database: int = 2
     """The refresh slots a database starts with (fewer when the ceiling is lower). While a due refresh has
-    waited ``lane_grow_after_seconds`` for a slot, the lane grows by one, up to the ceiling; after
+    waited ``lane_grow_after_seconds`` for a slot (counted from when it was due: the scheduler keeps overdue
+    refreshes in its due-queue), the lane grows by one, up to the ceiling; after
     ``lane_shrink_after_seconds`` with nobody waiting it gives one back (see ``slots``)."""
     lane_grow_after_seconds: float = 1.0
     lane_shrink_after_seconds: float = 60.0

@@ -44,12 +44,15 @@ class Slots:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self) -> None:
+    async def acquire(self, waiting_since: float | None = None) -> None:
+        """Take a slot, in the order of arrival. waiting_since (this clock): when the work began to wait, if
+        before now: a due refresh the scheduler kept in its due-queue has waited there, and counts it."""
         if self.busy < self.limit and not self._waiters:
             self.busy += 1
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (self._clock(), future)
+        now = self._clock()
+        entry = (min(now, waiting_since) if waiting_since is not None else now, future)
         self._waiters.append(entry)
         self._arm()
         try:
