@@ -126,11 +126,15 @@ def test_the_labeler_pages_through_the_unlabelled_views_and_labels_only_its_own(
     control_plane: ControlPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The list before each watch goes a page at a time (a first sharded start over 10,000 views decoded them
-    all at once in every replica), with the operator's own token: each shard labels the views it owns."""
+    all at once in every replica), with the operator's own token: each shard labels the views it owns,
+    unlabelled or labelled with something that is no bucket."""
     ns = namespace(control_plane, "e2e-labeler")
     names = [f"paged-{i}" for i in range(7)]
-    for name in names:
-        status, body = control_plane.request("POST", MV_PATH.format(ns=ns), mv(name, ns))
+    for index, name in enumerate(names):
+        document = mv(name, ns)
+        if index % 3 == 1:  # a label that names no bucket leaves a view in no shard's selection too
+            document["metadata"]["labels"] = {BUCKET_LABEL: "not-a-bucket" if index == 1 else "1024"}
+        status, body = control_plane.request("POST", MV_PATH.format(ns=ns), document)
         assert status == 201, body
     monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig(operator_token(control_plane), tmp_path / "kc")))
     monkeypatch.setattr(labeler, "LIST_PAGE", 2)
@@ -138,6 +142,7 @@ def test_the_labeler_pages_through_the_unlabelled_views_and_labels_only_its_own(
     try:
         owned = {name for name in names if sharding.shard_of(ns, name, 2) == 0}
         assert 0 < len(owned) < len(names)
+        assert any(index % 3 == 1 for index, name in enumerate(names) if name in owned), "a bad label to put right"
         shard = labeler.Labeler(lambda namespace, name: namespace == ns and name in owned, (ns,))
         api = kubernetes.client.CustomObjectsApi(kube._api_client())
         since = shard._label_listed(api, ns)
@@ -146,7 +151,10 @@ def test_the_labeler_pages_through_the_unlabelled_views_and_labels_only_its_own(
         for name in names:
             status, body = control_plane.request("GET", MV_PATH.format(ns=ns) + f"/{name}")
             found = (body["metadata"].get("labels") or {}).get(BUCKET_LABEL)
-            assert found == (sharding.label_value(ns, name) if name in owned else None), name
+            if name in owned:
+                assert found == sharding.label_value(ns, name), name
+            else:
+                assert found in (None, "not-a-bucket", "1024"), name
         assert shard._label_listed(api, ns) and shard.labelled == len(owned), "the second shard's views are left"
     finally:
         kube.reset()

@@ -14,7 +14,7 @@ import pytest
 from kopf.testing import KopfRunner
 
 from matview.constants import BUCKET_LABEL, PLURAL
-from matview.k8s import main, sharding
+from matview.k8s import labeler, main, sharding
 from matview.k8s.settings import config_from_environment
 from tests.k8s.conftest import NAMESPACE, Cluster, eventually, settle
 from tests.k8s.test_operator import spec
@@ -76,4 +76,4 @@ async def test_a_shard_watches_its_buckets_and_labels_only_the_views_it_owns(clu
     other = await cluster.get_view(theirs)
     assert other is not None and BUCKET_LABEL not in (other["metadata"].get("labels") or {}), "its owner labels it"
     assert selectors(cluster, "kopf/") == {sharding.selector(INDEX, COUNT)}, "kopf's watch selects the buckets"
-    assert selectors(cluster, "OpenAPI-Generator/") == {f"!{BUCKET_LABEL}"}, "the labeler asks for unlabelled views"
+    assert selectors(cluster, "OpenAPI-Generator/") == {labeler.UNLABELLED}, "the labeler asks for unlabelled views"

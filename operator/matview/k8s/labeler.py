@@ -1,8 +1,9 @@
 """Writes each view's bucket label, so that shards select their views on the apiserver.
 
 A shard's watch asks only for its buckets (``sharding.selector``). A view nobody has labelled yet (just
-created, or from before labels existed) is in no shard's selection, so every shard also watches the
-unlabelled views alone (``!matview.dev/bucket``: few, and each only for a moment) and labels those it owns
+created, or from before labels existed, or labelled by hand with something that is no bucket) is in no
+shard's selection, so every shard also watches those alone (``matview.dev/bucket notin (0,…,1023)``, which
+also selects views without the label: few, and each only for a moment) and labels those it owns
 with their bucket: one PATCH per view, by its owner (a rollout from one replica to n labels every view once,
 not n times). The value is a pure function of namespace/name, so two replicas of different counts racing
 in a rollout write the same thing. A label changed by hand is put back by the shard
@@ -29,7 +30,8 @@ from matview.k8s import kube, sharding
 
 logger = logging.getLogger(__name__)
 
-UNLABELLED = f"!{BUCKET_LABEL}"
+#: Views without a bucket label, or with one that names no bucket ("notin" selects both): in no shard's selection.
+UNLABELLED = f"{BUCKET_LABEL} notin ({','.join(str(bucket) for bucket in range(sharding.BUCKETS))})"
 #: Views per page of the list that precedes each watch.
 LIST_PAGE = 500
 #: A watch ends after this many seconds on the server; the loop lists again and watches on.

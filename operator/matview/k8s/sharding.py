@@ -78,7 +78,8 @@ def label_value(namespace: str, name: str) -> str:
 
 
 def mislabelled(labels: object, namespace: str, name: str) -> bool:
-    """The view carries a bucket label other than its own (written by hand, or by anything but us)."""
+    """The view carries a bucket label other than its own (written by hand, or by anything but us). One that
+    names another bucket is seen, and put back, by that bucket's shard; one that names none, by the labelers."""
     if not isinstance(labels, Mapping) or BUCKET_LABEL not in labels:
         return False
     return bool(labels[BUCKET_LABEL] != label_value(namespace, name))
