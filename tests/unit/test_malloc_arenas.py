@@ -9,13 +9,13 @@ import sys
 
 import pytest
 
-from matview.cli.serving import limit_malloc_arenas
+from matview.observe.memory import limit_malloc_arenas
 
 # Eight threads alive at once, each allocating (a block above pymalloc's small-object limit, below the mmap
 # threshold: from an arena); then glibc's own account of its heaps, one per arena.
 PROBE = """
 import ctypes, sys, threading
-from matview.cli.serving import limit_malloc_arenas
+from matview.observe.memory import limit_malloc_arenas
 if sys.argv[1] == "capped":
     assert limit_malloc_arenas(2)
 barrier = threading.Barrier(8)

@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -125,26 +123,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
 def _tune_long_running_process() -> None:
     """A long-running process's refresh threads get the interpreter's lock back soon after each round trip, and
     share few malloc arenas."""
+    from matview.observe import memory
     from matview.refresh.settings import MALLOC_ARENAS, SWITCH_INTERVAL_SECONDS
 
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
-    limit_malloc_arenas(MALLOC_ARENAS)
-
-
-#: glibc's mallopt parameter for the most arenas.
-M_ARENA_MAX = -8
-
-
-def limit_malloc_arenas(arenas: int) -> bool:
-    """Cap glibc's malloc arenas (before the worker threads start); False where the C library is not glibc or
-    MALLOC_ARENA_MAX is set (the operator's own choice wins)."""
-    if os.environ.get("MALLOC_ARENA_MAX"):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 - glibc only: musl and others lack it
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_ARENA_MAX, arenas))
+    memory.limit_malloc_arenas(MALLOC_ARENAS)

@@ -22,6 +22,7 @@ import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 #: cgroup v1 reports "no limit" as the largest page-aligned signed 64-bit number; anything above a petabyte is
 #: treated as unlimited.
@@ -113,20 +114,39 @@ class MemoryWatch:
 TRIM_EVERY_SECONDS = 60.0
 
 
+#: glibc's mallopt parameter for the most arenas.
+M_ARENA_MAX = -8
+
+
+def _glibc(name: str, *argtypes: Any) -> Any:
+    """glibc's function name (returning an int), or None where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only: musl and others lack it
+        function = getattr(libc, name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = list(argtypes), ctypes.c_int
+    return function
+
+
+def limit_malloc_arenas(arenas: int) -> bool:
+    """Cap glibc's malloc arenas (before the worker threads start); False where the C library is not glibc or
+    MALLOC_ARENA_MAX is set (the operator's own choice wins)."""
+    mallopt = _glibc("mallopt", ctypes.c_int, ctypes.c_int)
+    if os.environ.get("MALLOC_ARENA_MAX") or mallopt is None:
+        return False
+    return bool(mallopt(M_ARENA_MAX, arenas))
+
+
 def trim_freed_memory() -> bool:
     """Ask glibc to return the free pages of its heaps to the kernel (malloc_trim); False elsewhere.
 
     glibc keeps what a burst freed (a mass creation decodes and validates thousands of objects at once) for
     the next allocation, in pages spread over its heaps, so the resident set, and the container's working set
     the OOM killer goes by, stay at the burst's peak for the life of the process."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 - glibc only: musl and others lack it
-        malloc_trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return False
-    malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return bool(malloc_trim(0))
+    malloc_trim = _glibc("malloc_trim", ctypes.c_size_t)
+    return malloc_trim is not None and bool(malloc_trim(0))
 
 
 async def keep_trimming(period_seconds: float = TRIM_EVERY_SECONDS) -> None:
