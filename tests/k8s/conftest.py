@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -185,13 +186,11 @@ async def settle(server: kmock.KubernetesEmulator, quiet: float = 0.7, limit: fl
             return
 
 
-@pytest.fixture
-async def operator(cluster: Cluster, dsn: str) -> AsyncIterator[KopfRunner]:
-    """`kopf run -m matview.k8s.main` in a background thread with its own event loop (kopf's KopfRunner).
-
-    It depends on dsn only so that it stops before the test database is dropped. Entering and leaving
-    happen off the event loop, which must keep serving the mock API meanwhile.
-    """
+@contextlib.asynccontextmanager
+async def running_operator(cluster: Cluster) -> AsyncIterator[KopfRunner]:
+    """`kopf run -m matview.k8s.main` in a background thread with its own event loop (kopf's KopfRunner),
+    stopped once the mock API has been quiet a moment. Entering and leaving happen off the event loop, which
+    must keep serving the mock API meanwhile."""
     runner = KopfRunner(
         ["run", "--standalone", "--namespace", NAMESPACE, "-m", "matview.k8s.main"],
         registry=kopf.get_default_registry(),
@@ -205,3 +204,11 @@ async def operator(cluster: Cluster, dsn: str) -> AsyncIterator[KopfRunner]:
         await settle(cluster.server)
         await asyncio.to_thread(runner.__exit__, None, None, None)
     assert runner.exception is None, f"{runner.exception!r}\n{runner.output[-4000:]}"
+
+
+@pytest.fixture
+async def operator(cluster: Cluster, dsn: str) -> AsyncIterator[KopfRunner]:
+    """The operator against the mock API. It depends on dsn only so that it stops before the test database
+    is dropped."""
+    async with running_operator(cluster) as runner:
+        yield runner

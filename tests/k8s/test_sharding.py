@@ -4,19 +4,17 @@ does not implement selectors): tests/e2e/test_sharding.py runs shards on the rea
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
-import kopf
 import pytest
 from kopf.testing import KopfRunner
 
 from matview.constants import BUCKET_LABEL, PLURAL
 from matview.k8s import labeler, main, sharding
 from matview.k8s.settings import config_from_environment
-from tests.k8s.conftest import NAMESPACE, Cluster, eventually, settle
+from tests.k8s.conftest import NAMESPACE, Cluster, eventually, running_operator, settle
 from tests.k8s.test_operator import spec
 
 INDEX, COUNT = 1, 2
@@ -25,22 +23,11 @@ INDEX, COUNT = 1, 2
 @pytest.fixture
 async def shard(cluster: Cluster, dsn: str) -> AsyncIterator[KopfRunner]:
     main.use(dataclasses.replace(config_from_environment(), shard_index=INDEX, shard_count=COUNT))
-    runner = KopfRunner(
-        ["run", "--standalone", "--namespace", NAMESPACE, "-m", "matview.k8s.main"],
-        registry=kopf.get_default_registry(),
-        timeout=60,
-        reraise=False,
-    )
     try:
-        await asyncio.to_thread(runner.__enter__)
-        try:
+        async with running_operator(cluster) as runner:
             yield runner
-        finally:
-            await settle(cluster.server)
-            await asyncio.to_thread(runner.__exit__, None, None, None)
     finally:
         main._config = None  # the next operator reads its settings again
-    assert runner.exception is None, f"{runner.exception!r}\n{runner.output[-4000:]}"
 
 
 def named(owner: int) -> str:
