@@ -183,7 +183,12 @@ def operator(
 
 
 def ready_count(plane: ControlPlane) -> tuple[int, int]:
-    status, body = plane.request("GET", MV.format(ns=NAMESPACE))
+    """Views Ready, and views listed; (0, 0) when the apiserver did not answer in time (a list of 10,000 views
+    under four operators' load timed out once and ended the run: the caller polls again)."""
+    try:
+        status, body = plane.request("GET", MV.format(ns=NAMESPACE))
+    except (TimeoutError, OSError):
+        return 0, 0
     items = body.get("items", []) if status == 200 else []
     ready = 0
     for item in items:
