@@ -14,12 +14,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import kubernetes
 import psycopg
 import pytest
 
 from matview.constants import BUCKET_LABEL
-from matview.k8s import kube, labeler, sharding
+from matview.k8s import sharding
 from tests.e2e.conftest import ControlPlane, operator_token
 from tests.e2e.test_e2e import MV_PATH, bind_secrets, condition, mv, namespace, start_operator, stop_operator, wait_for
 
@@ -128,6 +127,12 @@ def test_the_labeler_pages_through_the_unlabelled_views_and_labels_only_its_own(
     """The list before each watch goes a page at a time (a first sharded start over 10,000 views decoded them
     all at once in every replica), with the operator's own token: each shard labels the views it owns,
     unlabelled or labelled with something that is no bucket."""
+    # Imported here, not at collection: the kubernetes package reads KUBECONFIG once, when first imported,
+    # and tests/k8s/conftest.py (collected after this module) sets it for kopf's own login.
+    import kubernetes
+
+    from matview.k8s import kube, labeler
+
     ns = namespace(control_plane, "e2e-labeler")
     names = [f"paged-{i}" for i in range(7)]
     for index, name in enumerate(names):
