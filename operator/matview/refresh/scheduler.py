@@ -204,10 +204,9 @@ class Scheduler:
 
     def _queue_refresh(self, key: str, slot: _Slot, view: MaterializedView, due: float | None) -> None:
         database = database_of(view)
-        if slot.due_in != database:  # first queued, or its Secret changed
+        if due is None or slot.due_in != database:  # nothing due, first queued, or its Secret changed
             self._unqueue_refresh(key, slot)
         if due is None:
-            self._unqueue_refresh(key, slot)
             return
         queue = self._refresh_due.get(database)
         if queue is None:
@@ -275,9 +274,8 @@ class Scheduler:
             if t is not None
         ]
         self._sleep_until = min([now + MAX_SLEEP_SECONDS, *upcoming])
-        scheduled = self.scheduled()
         self.refresher.metrics.scheduler(
-            scheduled=scheduled,
+            scheduled=self.scheduled(),
             running=len(self._refreshes),
             waiting=self.refresher.waiting() + self._overdue(now),
             lanes=self.refresher.refresh_lanes(),
