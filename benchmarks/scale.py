@@ -247,7 +247,18 @@ def scheduled_names(port: int) -> set[str] | None:
         samples = scrape(f"http://127.0.0.1:{port}/metrics")
     except OSError:
         return None
+    return scheduled_in(samples)
+
+
+def scheduled_in(samples: list[tuple[str, dict[str, str], float]]) -> set[str]:
+    """The views of one operator's /metrics samples: a view has its interval series from its first scheduling."""
     return {labels["name"] for m, labels, _ in samples if m == "matview_refresh_interval_seconds"}
+
+
+def split(seen: list[set[str]], views: int) -> tuple[int, int]:
+    """Views scheduled by two shards or more, and views scheduled by none."""
+    union = set().union(*seen)
+    return sum(1 for name in union if sum(name in names for names in seen) > 1), views - len(union)
 
 
 def reshard(
@@ -268,9 +279,7 @@ def reshard(
             seen = [scheduled_names(port) for _, port in new]
             if any(names is None for names in seen):
                 continue
-            union = set().union(*seen)  # type: ignore[arg-type]
-            twice = sum(1 for name in union if sum(name in names for names in seen if names) > 1)
-            missing = views - len(union)
+            twice, missing = split(seen, views)  # type: ignore[arg-type]
             if twice == 0 and missing == 0:
                 break
         return {
@@ -450,16 +459,10 @@ def main() -> None:
             apiserver_requests_per_refresh=round(total_requests / max(refreshes, 1), 2),
         )
         if args.shards > 1:
-            # Every view a shard schedules has its series (created when it is first scheduled).
-            scheduled_by = [
-                {labels["name"] for m, labels, _ in metrics if m == "matview_refresh_interval_seconds"}
-                for metrics in after["metrics"]  # type: ignore[attr-defined]
-            ]
-            union = set().union(*scheduled_by)
-            report["views_scheduled_by_two_shards"] = sum(
-                1 for name in union if sum(name in shard for shard in scheduled_by) > 1
-            )
-            report["views_scheduled_by_no_shard"] = args.views - len(union)
+            scheduled_by = [scheduled_in(metrics) for metrics in after["metrics"]]  # type: ignore[attr-defined]
+            twice, missing = split(scheduled_by, args.views)
+            report["views_scheduled_by_two_shards"] = twice
+            report["views_scheduled_by_no_shard"] = missing
             report["views_per_shard"] = [len(shard) for shard in scheduled_by]
         if memory_report is not None:
             report["memory"] = memory_by_structure(operators[0][0], memory_report, args.views, baseline_mib)
