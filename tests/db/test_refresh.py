@@ -500,6 +500,11 @@ async def test_work_cancelled_while_queued_never_runs(dsn: str) -> None:
         queued = asyncio.create_task(refresher._in_thread(dsn, lambda conn: ran.append("queued"), "check"))
         await asyncio.sleep(0)  # submitted to the executor, behind the busy thread
         queued.cancel()
+        # cancel() queues the task's wake-up on the loop; one turn delivers the CancelledError, which sets the
+        # flag the thread checks. Releasing the busy thread before that turn let the queued work start first
+        # (a CI failure: ['queued', 'after']), a race of the test, not of the refresher: work already started
+        # is cancelled on the server, which this lambda never reaches.
+        await asyncio.sleep(0)
         release.set()
         with pytest.raises(asyncio.CancelledError):
             await queued
