@@ -3,9 +3,15 @@
 prometheus_client makes every labelled series an object of its own: the metric wrapper with its name, help
 and label lists, and a value with a lock for each number (a histogram: one per bucket). A view has about
 sixty such numbers, so at 3,000 views the series held 82 MiB, 28 KiB per view, the largest of the operator's
-per-view structures (``benchmarks/scale.py --memory``). Here a family keeps one dict from label values to a
-float (a histogram: a list of bucket counts and the sum) under one lock, and builds the exposition's metric
-families only when scraped. The exposition is the same as prometheus_client's for the same series.
+per-view structures (``benchmarks/scale.py --memory``). A dict from label values to a float per family brought
+that to 4.5 KiB per view: still a key tuple, a dict slot and a float object for each of about forty series.
+
+Here every view is one row: a single ``array('d')`` of raw doubles holding all of its series of all families
+(a histogram's cell is its bucket counts and its sum), found by the row's labels (namespace, name). The other
+labels' values (mode, result, reason, component: small fixed sets) each get a column, at a fixed offset in
+every row, the first time any view uses them; the first words of a row are the bits saying which columns exist
+for it. About 0.8 KiB per view. The families' metric objects are built only when scraped, and the exposition is
+the same as prometheus_client's for the same series.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+from array import array
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
@@ -22,58 +29,156 @@ from prometheus_client.utils import floatToGoString
 
 Kind = Literal["counter", "gauge", "histogram"]
 
+#: The labels that pick a row: every per-view family starts with them.
+ROW_LABELS = ("namespace", "name")
+
+#: The words at the start of a row whose bits say which columns the row has (52 a word, so each stays an
+#: integer a double holds exactly): at most this many times 52 label combinations over all families. The label
+#: values beyond the row's come from small fixed sets (modes, results, reasons), about 45 combinations today.
+MASK_WORDS = 3
+_BITS_PER_WORD = 52
+MAX_COLUMNS = MASK_WORDS * _BITS_PER_WORD
+
+
+class Families:
+    """The per-view families of one registry: their numbers, one row per view, and their collection."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.families: list[Family] = []
+        self._rows: dict[tuple[str, ...], array[float]] = {}
+        self._columns: dict[tuple[Family, tuple[str, ...]], int] = {}
+        self._offsets: list[int] = []
+        """Per column: where its cell starts in a row."""
+        self._width = MASK_WORDS
+        """The cells' end in a row with every column: the next column starts here."""
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def add(
+        self, kind: Kind, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float] = ()
+    ) -> Family:
+        if tuple(labelnames[: len(ROW_LABELS)]) != ROW_LABELS:
+            raise ValueError(f"{name}: a per-view family's labels start with {', '.join(ROW_LABELS)}")
+        family = Family(self, kind, name, documentation, labelnames, buckets)
+        self.families.append(family)
+        return family
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.families:
+            yield family.collect()
+
+    # --- the storage, under self._lock ----------------------------------------------------------------------
+
+    def _column(self, family: Family, values: tuple[str, ...]) -> int:
+        column = self._columns.get((family, values))
+        if column is None:
+            if len(self._offsets) >= MAX_COLUMNS:
+                raise ValueError(
+                    f"{family.name}: more than {MAX_COLUMNS} label combinations beyond {', '.join(ROW_LABELS)}: "
+                    "those labels must take values from small fixed sets"
+                )
+            column = self._columns[(family, values)] = len(self._offsets)
+            self._offsets.append(self._width)
+            self._width += family.cell
+        return column
+
+    def _cell(self, row_key: tuple[str, ...], column: int, cell: int) -> tuple[array[float], int]:
+        """The row and the offset of column's cell in it, the column created (at zero) if the row lacks it."""
+        row = self._rows.get(row_key)
+        if row is None:
+            row = self._rows[row_key] = array("d", bytes(8 * MASK_WORDS))
+        start = self._offsets[column]
+        if len(row) < start + cell:
+            row.frombytes(bytes(8 * (start + cell - len(row))))
+        if not self._has(row, column):
+            word, bit = divmod(column, _BITS_PER_WORD)
+            row[word] = float(int(row[word]) | 1 << bit)
+            for at in range(start, start + cell):
+                row[at] = 0.0
+        return row, start
+
+    @staticmethod
+    def _has(row: array[float], column: int) -> bool:
+        word, bit = divmod(column, _BITS_PER_WORD)
+        return bool(int(row[word]) >> bit & 1)
+
+    def _remove(self, family: Family, match: dict[int, str]) -> None:
+        """Remove family's series whose label values at these positions match."""
+        row_match = {at: value for at, value in match.items() if at < len(ROW_LABELS)}
+        column_match = {at - len(ROW_LABELS): value for at, value in match.items() if at >= len(ROW_LABELS)}
+        columns = [
+            column
+            for (owner, values), column in self._columns.items()
+            if owner is family and all(values[at] == value for at, value in column_match.items())
+        ]
+        for row_key in [key for key in self._rows if all(key[at] == value for at, value in row_match.items())]:
+            row = self._rows[row_key]
+            for column in columns:
+                word, bit = divmod(column, _BITS_PER_WORD)
+                row[word] = float(int(row[word]) & ~(1 << bit))
+            if not any(row[:MASK_WORDS]):
+                del self._rows[row_key]
+
+    def _present(self, family: Family) -> list[tuple[tuple[str, ...], list[float]]]:
+        """Family's series now: label values and the cell's numbers."""
+        columns = [(values, column) for (owner, values), column in self._columns.items() if owner is family]
+        found = []
+        for row_key, row in self._rows.items():
+            for values, column in columns:
+                if self._has(row, column):
+                    start = self._offsets[column]
+                    found.append(((*row_key, *values), row[start : start + family.cell].tolist()))
+        return found
+
 
 class Family:
     """One metric's series by label values. ``labels(...)`` gives a handle to one series, as in
     prometheus_client; the series exists from the first ``labels`` call (at zero) until removed."""
 
     def __init__(
-        self, kind: Kind, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float] = ()
+        self,
+        store: Families,
+        kind: Kind,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float] = (),
     ) -> None:
+        self._store = store
         self.kind, self.name, self.documentation = kind, name, documentation
         self.labelnames = tuple(labelnames)
         self.buckets = (*sorted(buckets), math.inf) if kind == "histogram" else ()
+        self.cell = len(self.buckets) + 1 if kind == "histogram" else 1
+        """Numbers a series holds: one, or a histogram's count in each bucket (not cumulative) and its sum."""
         self._bucket_labels = [floatToGoString(bound) for bound in self.buckets]  # type: ignore[no-untyped-call]
-        self._values: dict[tuple[str, ...], float] = {}
-        self._histograms: dict[tuple[str, ...], list[float]] = {}
-        """Per series: the count in each bucket (not cumulative), then the sum."""
-        self._lock = threading.Lock()
 
     def labels(self, *values: str) -> Series:
         if len(values) != len(self.labelnames):
             raise ValueError(f"{self.name}: {len(self.labelnames)} label values expected, got {len(values)}")
         key = tuple(str(value) for value in values)
-        with self._lock:
-            if self.kind == "histogram":
-                self._histograms.setdefault(key, self.empty_histogram())
-            else:
-                self._values.setdefault(key, 0.0)
-        return Series(self, key)
-
-    def empty_histogram(self) -> list[float]:
-        """A histogram series at zero: each bucket's count, then the sum."""
-        return [0.0] * (len(self.buckets) + 1)
+        store = self._store
+        with store._lock:
+            column = store._column(self, key[len(ROW_LABELS) :])
+            store._cell(key[: len(ROW_LABELS)], column, self.cell)
+        return Series(self, key[: len(ROW_LABELS)], column)
 
     def remove_by_labels(self, labels: dict[str, str]) -> None:
         """Remove every series whose labels include these."""
-        positions = [(self.labelnames.index(name), value) for name, value in labels.items()]
-        with self._lock:
-            for store in (self._values, self._histograms):
-                for key in [key for key in store if all(key[at] == value for at, value in positions)]:
-                    del store[key]
+        match = {self.labelnames.index(name): value for name, value in labels.items()}
+        with self._store._lock:
+            self._store._remove(self, match)
 
     def collect(self) -> Metric:
-        with self._lock:
-            values = list(self._values.items())
-            histograms = [(key, list(counts)) for key, counts in self._histograms.items()]
+        with self._store._lock:
+            present = self._store._present(self)
         if self.kind != "histogram":
             kind = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
             family = kind(self.name, self.documentation, labels=self.labelnames)
-            for key, value in values:
+            for key, (value,) in present:
                 family.add_metric(key, value)
             return family
         histogram = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for key, counts in histograms:
+        for key, counts in present:
             cumulative, buckets = 0.0, []
             for label, count in zip(self._bucket_labels, counts, strict=False):
                 cumulative += count
@@ -83,50 +188,40 @@ class Family:
 
 
 class Series:
-    """One series of a family (a short-lived handle: the number lives in the family)."""
+    """One series of a family (a short-lived handle: the numbers live in the family's rows). A series removed
+    since the handle was taken comes back (at zero) when the handle changes it."""
 
-    __slots__ = ("family", "key")
+    __slots__ = ("column", "family", "row_key")
 
-    def __init__(self, family: Family, key: tuple[str, ...]) -> None:
-        self.family, self.key = family, key
+    def __init__(self, family: Family, row_key: tuple[str, ...], column: int) -> None:
+        self.family, self.row_key, self.column = family, row_key, column
 
     def inc(self, amount: float = 1.0) -> None:
         if amount < 0:
             raise ValueError(f"{self.family.name}: counters only go up")
-        with self.family._lock:
-            self.family._values[self.key] = self.family._values.get(self.key, 0.0) + amount
+        store = self.family._store
+        with store._lock:
+            row, at = store._cell(self.row_key, self.column, self.family.cell)
+            row[at] += amount
 
     def set(self, value: float) -> None:
-        with self.family._lock:
-            self.family._values[self.key] = float(value)
+        store = self.family._store
+        with store._lock:
+            row, at = store._cell(self.row_key, self.column, self.family.cell)
+            row[at] = float(value)
 
     def get(self) -> float:
-        with self.family._lock:
-            return self.family._values.get(self.key, 0.0)
+        store = self.family._store
+        with store._lock:
+            row = store._rows.get(self.row_key)
+            if row is None or not store._has(row, self.column):
+                return 0.0
+            return row[store._offsets[self.column]]
 
     def observe(self, value: float) -> None:
         family = self.family
-        at = bisect.bisect_left(family.buckets, value)  # the first bound >= value: buckets are "le"
-        with family._lock:
-            counts = family._histograms.setdefault(self.key, family.empty_histogram())
-            counts[at] += 1
-            counts[-1] += value
-
-
-class Families:
-    """The families of one registry, collected at scrape time."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.families: list[Family] = []
-        registry.register(self)
-
-    def add(
-        self, kind: Kind, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float] = ()
-    ) -> Family:
-        family = Family(kind, name, documentation, labelnames, buckets)
-        self.families.append(family)
-        return family
-
-    def collect(self) -> Iterator[Metric]:
-        for family in self.families:
-            yield family.collect()
+        bucket = bisect.bisect_left(family.buckets, value)  # the first bound >= value: buckets are "le"
+        with family._store._lock:
+            row, at = family._store._cell(self.row_key, self.column, family.cell)
+            row[at + bucket] += 1
+            row[at + family.cell - 1] += value
