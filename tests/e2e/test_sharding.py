@@ -149,7 +149,7 @@ def test_the_labeler_pages_through_the_unlabelled_views_and_labels_only_its_own(
         assert 0 < len(owned) < len(names)
         assert any(index % 3 == 1 for index, name in enumerate(names) if name in owned), "a bad label to put right"
         shard = labeler.Labeler(lambda namespace, name: namespace == ns and name in owned, (ns,))
-        api = kubernetes.client.CustomObjectsApi(kube._api_client())
+        api = kubernetes.client.CustomObjectsApi(kube.api_client())
         since = shard._label_listed(api, ns)
         assert since.isdigit(), "a resourceVersion to watch from"
         assert shard.labelled == len(owned)

@@ -37,7 +37,9 @@ REQUEST_TIMEOUT = (10, 30)
 
 
 @functools.cache
-def _api_client() -> Any:
+def api_client() -> Any:
+    """The Kubernetes client's configured ApiClient, one per process (in the cluster: its service account; else
+    $KUBECONFIG), for the calls the operator makes beside kopf's."""
     try:
         kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
     except kubernetes.config.ConfigException:
@@ -47,7 +49,7 @@ def _api_client() -> Any:
 
 def reset() -> None:
     """Forget the loaded configuration and what was read with it (tests point the operator at another server)."""
-    _api_client.cache_clear()
+    api_client.cache_clear()
     _LAST_SECRETS.clear()
 
 
@@ -57,7 +59,7 @@ class SecretForbiddenError(Exception):
 
 def _read_secret(namespace: str, name: str) -> dict[str, str] | None:
     try:
-        secret = kubernetes.client.CoreV1Api(_api_client()).read_namespaced_secret(
+        secret = kubernetes.client.CoreV1Api(api_client()).read_namespaced_secret(
             name, namespace, _request_timeout=REQUEST_TIMEOUT
         )
     except ApiException as exc:
@@ -110,7 +112,7 @@ async def read_secret(
 
 
 def _read_view(namespace: str, name: str) -> dict[str, Any] | None:
-    api = kubernetes.client.CustomObjectsApi(_api_client())
+    api = kubernetes.client.CustomObjectsApi(api_client())
     try:
         found = cast(
             dict[str, Any],
@@ -150,7 +152,7 @@ def _patch_status(
     attempts: int = 5,
     sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any] | None:
-    api = kubernetes.client.CustomObjectsApi(_api_client())
+    api = kubernetes.client.CustomObjectsApi(api_client())
     current = known
     for attempt in range(attempts):
         if current is None:

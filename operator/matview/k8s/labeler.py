@@ -56,7 +56,7 @@ def patch_for(body: Mapping[str, Any]) -> dict[str, Any] | None:
 async def label(body: Mapping[str, Any]) -> None:
     """Give one object its bucket label, if it lacks it (a failure is logged: the next event tries again)."""
     try:
-        await asyncio.to_thread(_label, kubernetes.client.CustomObjectsApi(kube._api_client()), body)
+        await asyncio.to_thread(_label, kubernetes.client.CustomObjectsApi(kube.api_client()), body)
     except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
         logger.warning("cannot label a view with its bucket: %s", exc)
 
@@ -115,9 +115,10 @@ class Labeler:
 
     def _loop(self, namespace: str | None) -> None:
         """List and label, watch and label, again; never ends but by stop (an error waits, then lists again)."""
-        api = kubernetes.client.CustomObjectsApi(kube._api_client())
+        api = kubernetes.client.CustomObjectsApi(kube.api_client())
         backoff = ERROR_BACKOFF_SECONDS
         where = f"namespace {namespace!r}" if namespace else "the cluster"
+        told_forbidden = False
         while not self._stop.is_set():
             try:
                 since = self._label_listed(api, namespace)
@@ -127,7 +128,20 @@ class Labeler:
             except ApiException as exc:
                 if exc.status == 410:  # the list's version is too old to watch from: list again
                     continue
-                logger.warning("cannot label the views of %s: %s %s", where, exc.status, exc.reason)
+                if exc.status == 403 and namespace is None:
+                    # `kopf run -m matview.k8s.main` gives the labeler no namespaces (kopf keeps its own): said
+                    # once, with the fix, then retried at the longest backoff rather than logged every time.
+                    if not told_forbidden:
+                        told_forbidden = True
+                        logger.error(
+                            "cannot label the views: listing them across the cluster is forbidden (%s). Start the "
+                            "operator with `matview operator --namespace NS` (as the chart does) so that it lists "
+                            "only the namespaces it watches, or allow it to list materializedviews cluster-wide",
+                            exc.reason,
+                        )
+                    backoff = MAX_ERROR_BACKOFF_SECONDS
+                else:
+                    logger.warning("cannot label the views of %s: %s %s", where, exc.status, exc.reason)
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 logger.warning("cannot reach the Kubernetes API to label the views of %s: %s", where, exc)
             except Exception:  # a thread that dies would leave new views in no shard: log and go on
