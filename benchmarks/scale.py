@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import http.client
 import json
 import os
 import re
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -183,19 +185,27 @@ def operator(
 
 
 def ready_count(plane: ControlPlane) -> tuple[int, int]:
-    """Views Ready, and views listed; (0, 0) when the apiserver did not answer in time (a list of 10,000 views
-    under four operators' load timed out once and ended the run: the caller polls again)."""
-    try:
-        status, body = plane.request("GET", MV.format(ns=NAMESPACE))
-    except (TimeoutError, OSError):
-        return 0, 0
-    items = body.get("items", []) if status == 200 else []
-    ready = 0
-    for item in items:
-        for condition in (item.get("status") or {}).get("conditions", []):
-            if condition["type"] == "Ready" and condition["status"] == "True":
-                ready += 1
-    return ready, len(items)
+    """Views Ready, and views listed, read in pages of 500; (0, 0) when the apiserver did not answer whole (a list
+    of all 10,000 views at once under four operators' load timed out once, and once was cut off mid-body, each
+    ending the run): the caller polls again."""
+    ready = listed = 0
+    after = ""
+    while True:
+        page = f"{MV.format(ns=NAMESPACE)}?limit=500" + (f"&continue={urllib.parse.quote(after)}" if after else "")
+        try:
+            status, body = plane.request("GET", page)
+        except (TimeoutError, OSError, http.client.HTTPException):
+            return 0, 0
+        if status != 200:  # a continue token expired (410) or an overloaded apiserver: poll again
+            return 0, 0
+        for item in body.get("items", []):
+            listed += 1
+            for condition in (item.get("status") or {}).get("conditions", []):
+                if condition["type"] == "Ready" and condition["status"] == "True":
+                    ready += 1
+        after = (body.get("metadata") or {}).get("continue") or ""
+        if not after:
+            return ready, listed
 
 
 def create_views(plane: ControlPlane, dsn: str, count: int, low: int, high: int) -> None:
