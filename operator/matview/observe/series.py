@@ -91,8 +91,7 @@ class Families:
         if len(row) < start + cell:
             row.frombytes(bytes(8 * (start + cell - len(row))))
         if not self._has(row, column):
-            word, bit = divmod(column, _BITS_PER_WORD)
-            row[word] = float(int(row[word]) | 1 << bit)
+            self._mark(row, column, present=True)
             for at in range(start, start + cell):
                 row[at] = 0.0
         return row, start
@@ -101,6 +100,12 @@ class Families:
     def _has(row: array[float], column: int) -> bool:
         word, bit = divmod(column, _BITS_PER_WORD)
         return bool(int(row[word]) >> bit & 1)
+
+    @staticmethod
+    def _mark(row: array[float], column: int, present: bool) -> None:
+        word, bit = divmod(column, _BITS_PER_WORD)
+        mask = int(row[word])
+        row[word] = float(mask | 1 << bit if present else mask & ~(1 << bit))
 
     def _remove(self, family: Family, match: dict[int, str]) -> None:
         """Remove family's series whose label values at these positions match."""
@@ -114,8 +119,7 @@ class Families:
         for row_key in [key for key in self._rows if all(key[at] == value for at, value in row_match.items())]:
             row = self._rows[row_key]
             for column in columns:
-                word, bit = divmod(column, _BITS_PER_WORD)
-                row[word] = float(int(row[word]) & ~(1 << bit))
+                self._mark(row, column, present=False)
             if not any(row[:MASK_WORDS]):
                 del self._rows[row_key]
 
