@@ -69,16 +69,19 @@ async def test_a_shard_watches_its_buckets_and_labels_only_the_views_it_owns(clu
     assert selectors(cluster, "OpenAPI-Generator/") == {labeler.UNLABELLED}, "the labeler asks for unlabelled views"
 
 
-def labeler_requests(cluster: Cluster, watch: bool) -> list[Any]:
-    """The labeler's lists (watch False) or watches of MaterializedViews, in order."""
-    return [
-        request
-        for request in cluster.server
-        if request.resource is not None
+def from_labeler(request: Any, watch: bool) -> bool:
+    """Whether request is one of the labeler's lists (watch False) or watches of MaterializedViews."""
+    return (
+        request.resource is not None
         and request.resource.plural == PLURAL
         and request.params.get("labelSelector") == labeler.UNLABELLED
         and (str(request.params.get("watch", "")).lower() == "true") == watch
-    ]
+    )
+
+
+def labeler_requests(cluster: Cluster, watch: bool) -> list[Any]:
+    """The labeler's lists or watches so far, in order."""
+    return [request for request in cluster.server if from_labeler(request, watch)]
 
 
 async def test_the_labeler_lists_again_after_refused_lists_and_an_expired_watch(
@@ -93,8 +96,8 @@ async def test_the_labeler_lists_again_after_refused_lists_and_an_expired_watch(
     def serve(faults: list[kmock.Response]) -> Callable[[], kmock.Response | StopIteration]:
         return lambda: faults.pop(0) if faults else StopIteration()
 
-    cluster.server[lambda request: request in labeler_requests(cluster, watch=False)].override << serve(list_faults)
-    cluster.server[lambda request: request in labeler_requests(cluster, watch=True)].override << serve(watch_faults)
+    cluster.server[lambda request: from_labeler(request, watch=False)].override << serve(list_faults)
+    cluster.server[lambda request: from_labeler(request, watch=True)].override << serve(watch_faults)
     await cluster.create_view("before", spec())
     labels = labeler.Labeler(lambda namespace, name: True, (NAMESPACE,))
     running = asyncio.create_task(labels.run())
@@ -133,9 +136,7 @@ async def test_a_labeler_forbidden_to_list_the_cluster_says_how_to_fix_it_once(
     """`kopf run -m matview.k8s.main` gives the labeler no namespaces, so it lists the whole cluster; under
     namespaced RBAC that is a 403 at every retry. It says so once, naming the fix, and keeps retrying."""
     monkeypatch.setattr(labeler, "MAX_ERROR_BACKOFF_SECONDS", 0.1)
-    cluster.server[lambda request: request in labeler_requests(cluster, watch=False)].override << (
-        lambda: kmock.Response(status=403)
-    )
+    cluster.server[lambda request: from_labeler(request, watch=False)].override << (lambda: kmock.Response(status=403))
     labels = labeler.Labeler(lambda namespace, name: True)
     running = asyncio.create_task(labels.run())
     try:
