@@ -7,8 +7,10 @@ the drain's own backend at that exact point)."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
+import psycopg
 import pytest
 
 from matview.plan import engine
@@ -75,3 +77,51 @@ def test_changes_committed_before_a_server_stop_or_crash_are_applied_after_it(wo
             assert result.keys_applied, result
             assert differences(conn) == 0, f"keys lost after a {stop} stop (round {round_number})"
     assert reported == 0  # a stop between refreshes is no refresh's failure
+
+
+def test_a_change_flushed_but_not_yet_visible_is_applied_once_it_is(world: World) -> None:
+    """A commit waiting for a synchronous standby is in the flushed WAL (a drain decodes it) but not yet
+    visible (a refresh's snapshot does not see it). The slot must not pass it until it is: otherwise its key is
+    recomputed without it, consumed, and never read again."""
+    scenario = world("decoding-invisible", settings={"wal_level": "logical"})
+    with scenario.admin() as admin:
+        admin.execute("ALTER TABLE app.events REPLICA IDENTITY FULL")
+        admin.execute("ALTER SYSTEM SET synchronous_standby_names = 'ghost'")  # a standby that never answers
+        admin.execute("SELECT pg_reload_conf()")
+    # Our own sessions commit without the standby; the writer's does not.
+    local = psycopg.conninfo.make_conninfo(scenario.server.dsn(), options="-c synchronous_commit=local")
+    scenario.wait(lambda: _setting(scenario.server.dsn(), "synchronous_standby_names") == "ghost", "the reload")
+    mv = decoding_view()
+    with engine.connect(local) as conn:
+        apply_and_record(conn, mv)
+        writer = psycopg.connect(scenario.server.dsn(), autocommit=True)
+        pid = writer.info.backend_pid
+        waiting = threading.Thread(
+            target=lambda: writer.execute("INSERT INTO app.events VALUES (900001, 'held', 5)"), daemon=True
+        )
+        waiting.start()
+        scenario.wait(lambda: _wait_event(conn, pid) == "SyncRep", "the writer to wait for the standby")
+
+        first = refresh(conn, mv, "Incremental")  # decodes the commit; the row is not visible yet
+        assert first.result == "success", first
+        assert conn.execute("SELECT count(*) FROM app.totals WHERE kind = 'held'").fetchone() == (0,)
+
+        conn.execute("SELECT pg_cancel_backend(%s)", (pid,))  # ends the wait: the commit becomes visible
+        waiting.join(timeout=30)
+        assert not waiting.is_alive()
+        writer.close()
+        second = refresh(conn, mv, "Incremental")
+        assert second.result == "success" and second.mode == "Incremental", second
+        assert conn.execute("SELECT n, total FROM app.totals WHERE kind = 'held'").fetchone() == (1, 5)
+        assert differences(conn) == 0
+
+
+def _setting(dsn: str, name: str) -> str:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT current_setting(%s)", (name,)).fetchone()
+        return str(row[0]) if row else ""
+
+
+def _wait_event(conn: engine.Connection, pid: int) -> str | None:
+    row = conn.execute("SELECT wait_event FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+    return str(row[0]) if row and row[0] is not None else None

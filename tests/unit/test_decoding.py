@@ -201,3 +201,49 @@ def test_the_wal_a_slot_holds_is_a_series_of_its_view_removed_with_it() -> None:
     assert metrics.registry.get_sample_value("matview_capture_slot_retained_wal_bytes", labels) == 4096
     metrics.forget("ops", "mx")
     assert metrics.registry.get_sample_value("matview_capture_slot_retained_wal_bytes", labels) is None
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "xid", "sees"),
+    [
+        ("100:105:100,103", 99, True),  # committed before the oldest running one
+        ("100:105:100,103", 101, True),
+        ("100:105:100,103", 103, False),  # running when the snapshot was taken
+        ("100:105:100,103", 105, False),  # at xmax: not yet completed
+        ("100:105:", 4000, False),
+        # Across a wraparound: xid8 values of epoch 1, pgoutput's 32-bit ids (signed on the wire).
+        (f"{2**32 + 2**32 - 10}:{2**32 + 2**32 + 5}:{2**32 + 2**32 - 3}", 2**32 - 20, True),
+        (f"{2**32 + 2**32 - 10}:{2**32 + 2**32 + 5}:{2**32 + 2**32 - 3}", -3, False),
+        (f"{2**32 + 2**32 - 10}:{2**32 + 2**32 + 5}:{2**32 + 2**32 - 3}", 2, True),
+        (f"{2**32 + 2**32 - 10}:{2**32 + 2**32 + 5}:{2**32 + 2**32 - 3}", 5, False),
+    ],
+)
+def test_a_snapshot_tells_which_committed_transactions_it_sees(snapshot: str, xid: int, sees: bool) -> None:
+    assert decoding.Snapshot.parse(snapshot).sees(xid) is sees
+
+
+def test_the_slot_stops_at_the_first_unseen_transaction_that_changed_a_source() -> None:
+    decoder, changes = decoding.Decoder(V, decoding.Snapshot.parse("10:20:12,15")), decoding.Changes()
+    insert = b"I" + struct.pack(">i", 101) + b"N" + tuple_data("1", "7", "2026-01-01")
+    commit = b"C" + struct.pack(">bqqq", 0, 1, 2, 3)
+    transactions = [  # (commit LSN, xid, changes a source)
+        (5000, 11, True),  # seen
+        (6000, 12, False),  # unseen, but changed nothing of the view's
+        (7000, 15, True),  # unseen: the slot stops here
+        (8000, 21, True),  # unseen too, later
+    ]
+    for lsn, xid, changes_source in transactions:
+        decoder.feed(b"B" + struct.pack(">qqi", lsn, 0, xid), changes)
+        decoder.feed(TRIPS, changes)
+        if changes_source:
+            decoder.feed(insert, changes)
+        decoder.feed(commit, changes)
+    assert changes.unseen_commit_lsn == 7000
+    assert len(changes.keys) == 3  # every key is logged, seen or not: applying one twice is harmless
+    assert decode(begin(1), TRIPS, insert, commit).unseen_commit_lsn is None  # no snapshot given
+
+
+def test_lsns_read_and_print_as_pg_lsn_does() -> None:
+    assert decoding.lsn_value("16/B374D848") == 0x16B374D848
+    assert decoding.lsn_text(0x16B374D848) == "16/B374D848"
+    assert decoding.lsn_text(decoding.lsn_value("0/0")) == "0/0"

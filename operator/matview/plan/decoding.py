@@ -7,7 +7,9 @@ same change log the triggers fill, so the claim, the key-filtered recompute and 
 
 No change is lost or applied to the wrong effect: the keys up to an LSN are written to the log and
 committed before the slot advances to that LSN, so a crash between the two reads them again, and a key
-applied twice is recomputed twice to the same rows.
+applied twice is recomputed twice to the same rows. The slot never passes a transaction the refresh cannot
+see yet (its commit flushed but not visible, as one waiting for a synchronous standby is): its keys are
+read again by the next drain, once it is.
 
 This module names the objects, says what observe reads about them, writes the statements that make,
 repair and drop them, and parses pgoutput's documented message format (protocol version 1). The I/O is
@@ -164,8 +166,10 @@ FLUSH_QUERY = sql.SQL(
 )
 #: The LSN a drain reads up to (the flushed WAL: changes committed later wait), the slot as it is now, and
 #: the tables the publication holds (one taken off by hand would silently stop publishing its writes).
+#: The snapshot comes first: a transaction it does not see holds the slot back (Snapshot.sees).
 SLOT_QUERY = sql.SQL(
-    "SELECT pg_catalog.pg_current_wal_flush_lsn()::pg_catalog.text, s.wal_status, "
+    "SELECT pg_catalog.pg_current_snapshot()::pg_catalog.text, "
+    "pg_catalog.pg_current_wal_flush_lsn()::pg_catalog.text, s.wal_status, "
     "(pg_catalog.pg_current_wal_lsn() OPERATOR(pg_catalog.-) s.restart_lsn)::pg_catalog.int8, "
     "EXISTS (SELECT FROM pg_catalog.pg_publication AS p WHERE p.pubname OPERATOR(pg_catalog.=) %(publication)s), "
     "ARRAY(SELECT pg_catalog.jsonb_build_array(t.schemaname, t.tablename) FROM pg_catalog.pg_publication_tables AS t "
@@ -183,6 +187,39 @@ PEEK_QUERY = sql.SQL(
 ADVANCE_QUERY = sql.SQL(
     "SELECT pg_catalog.pg_replication_slot_advance(%(slot)s::pg_catalog.name, %(upto)s::pg_catalog.pg_lsn)"
 )
+
+
+def lsn_text(lsn: int) -> str:
+    """An LSN as pg_lsn's text form."""
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def lsn_value(text: str) -> int:
+    high, _, low = text.partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """pg_current_snapshot() as text (xmin:xmax:xip,...), asked whether it sees a committed transaction by
+    the 32-bit id pgoutput gives. A drain takes it before reading: a transaction it does not see may still be
+    invisible to the refresh that follows, whereas one it sees is seen by every later snapshot."""
+
+    xmax: int
+    in_progress: frozenset[int]
+
+    @classmethod
+    def parse(cls, text: str) -> Snapshot:
+        _, xmax, xip = text.split(":")
+        return cls(int(xmax) & 0xFFFFFFFF, frozenset(int(x) & 0xFFFFFFFF for x in xip.split(",") if x))
+
+    def sees(self, xid: int) -> bool:
+        """For a transaction known to have committed: not at or past xmax (modulo 2^32, as PostgreSQL
+        compares recent ids), and not still running when the snapshot was taken."""
+        xid &= 0xFFFFFFFF  # pgoutput's Int32 is read signed
+        if (xid - self.xmax) & 0xFFFFFFFF < 0x80000000:
+            return False
+        return xid not in self.in_progress
 
 
 def publication_option(view: MaterializedView) -> str:
@@ -224,17 +261,23 @@ class Changes:
     keys: list[tuple[str | None, ...]] = field(default_factory=list)
     rebuild: list[str] = field(default_factory=list)
     oldest_commit: dt.datetime | None = None
+    unseen_commit_lsn: int | None = None
+    """The commit LSN of the first transaction here that changed a source and that the drain's snapshot does
+    not see: the slot may advance up to it, not past it."""
 
 
 class Decoder:
     """Reads pgoutput messages in order, keeping the relation descriptions they announce."""
 
-    def __init__(self, view: MaterializedView) -> None:
+    def __init__(self, view: MaterializedView, snapshot: Snapshot | None = None) -> None:
         assert view.incremental is not None
         self.sources = {s.relation: s.columns for s in view.incremental.sources}
         self.relations: dict[int, tuple[tuple[str, str], tuple[int, ...] | None]] = {}
         """oid → (schema, table), the key columns' positions (None: not a source, or a key column missing)."""
         self.commit_time: dt.datetime | None = None
+        self.snapshot = snapshot
+        self._unseen_lsn: int | None = None
+        """The current transaction's commit LSN when the snapshot does not see it."""
 
     def feed(self, message: bytes, into: Changes) -> None:
         try:
@@ -246,8 +289,10 @@ class Decoder:
         reader = _Reader(message)
         kind = reader.byte()
         if kind == b"B":
-            reader.int64()
+            commit_lsn = reader.int64()
             micros = reader.int64()
+            xid = reader.int32()
+            self._unseen_lsn = None if self.snapshot is None or self.snapshot.sees(xid) else commit_lsn
             self.commit_time = _EPOCH_2000 + dt.timedelta(microseconds=micros)
             if into.oldest_commit is None or self.commit_time < into.oldest_commit:
                 into.oldest_commit = self.commit_time
@@ -277,6 +322,7 @@ class Decoder:
             for _ in range(count):
                 relation = self.relations.get(reader.int32())
                 if relation is not None:
+                    self._changed(into)
                     into.rebuild.append(f"TRUNCATE of {relation[0][0]}.{relation[0][1]}")
         elif kind in (b"C", b"O", b"Y", b"M"):
             pass  # commit, origin, type, logical message: nothing about keys
@@ -313,6 +359,7 @@ class Decoder:
         name, positions = relation
         if name not in self.sources:
             return  # added to the publication by hand: not a source (apply repairs the publication)
+        self._changed(into)
         if positions is None:
             into.rebuild.append(f"a change of {name[0]}.{name[1]} without its key columns")
             return
@@ -321,6 +368,13 @@ class Decoder:
             into.rebuild.append(f"a key of {name[0]}.{name[1]} too large to reach the WAL (TOASTed, unchanged)")
             return
         into.keys.append(key)
+
+    def _changed(self, into: Changes) -> None:
+        """The current transaction changed a source: if the snapshot does not see it, the slot stops at it."""
+        if self._unseen_lsn is not None and (
+            into.unseen_commit_lsn is None or self._unseen_lsn < into.unseen_commit_lsn
+        ):
+            into.unseen_commit_lsn = self._unseen_lsn
 
 
 _UNCHANGED: Any = object()

@@ -48,7 +48,7 @@ def drain(conn: Connection, view: MaterializedView, settings: ExecutionSettings)
     publication = decoding.publication_name(view)
     row = conn.execute(decoding.SLOT_QUERY, {"slot": slot, "publication": publication}).fetchone()
     assert row is not None
-    upto, wal_status, retained, publication_exists, tables = row
+    snapshot, upto, wal_status, retained, publication_exists, tables = row
     assert view.incremental is not None
     if not publication_exists:
         return _remake(conn, view, settings, f"publication {publication} does not exist")
@@ -66,8 +66,9 @@ def drain(conn: Connection, view: MaterializedView, settings: ExecutionSettings)
     try:
         with conn.transaction():
             conn.execute(_SET_TIMEOUT, (f"{int(settings.statement_timeout_seconds * 1000)}ms",))
-            decoder = decoding.Decoder(view)
+            decoder = decoding.Decoder(view, decoding.Snapshot.parse(snapshot))
             reasons: list[str] = []
+            advance_to = decoding.lsn_value(upto)
             with conn.cursor(name="matview_drain") as cursor:
                 cursor.execute(
                     decoding.PEEK_QUERY,
@@ -83,6 +84,8 @@ def drain(conn: Connection, view: MaterializedView, settings: ExecutionSettings)
                         document = decoding.log_document(view, changes.keys, committed)
                         conn.execute(decoding.insert_keys_statement(view), (document,))
                     reasons += changes.rebuild
+                    if changes.unseen_commit_lsn is not None:
+                        advance_to = min(advance_to, changes.unseen_commit_lsn)
             for reason in sorted(set(reasons)):
                 conn.execute(decoding.request_rebuild_statement(view), (reason,))
     except decoding.DecodeError as error:
@@ -92,7 +95,10 @@ def drain(conn: Connection, view: MaterializedView, settings: ExecutionSettings)
         # does not help this slot), or the slot was invalidated between the look and the read.
         message = error.diag.message_primary or str(error)
         return _remake(conn, view, settings, f"replication slot {slot} cannot be read: {message}")
-    conn.execute(decoding.ADVANCE_QUERY, {"slot": slot, "upto": upto})
+    if advance_to < decoding.lsn_value(upto):
+        # Its keys are in the log already; the refresh will not see its rows, so the next drain reads it again.
+        logger.info("%s: slot held at %s for a commit not yet visible", view.relation, decoding.lsn_text(advance_to))
+    conn.execute(decoding.ADVANCE_QUERY, {"slot": slot, "upto": decoding.lsn_text(advance_to)})
     return _bytes(retained)
 
 
@@ -105,7 +111,7 @@ def _remake(conn: Connection, view: MaterializedView, settings: ExecutionSetting
     execute(conn, Plan(view, tuple(steps), (why,), log_steps=False), settings)  # a failure fails the refresh
     query = {"slot": decoding.slot_name(view), "publication": decoding.publication_name(view)}
     row = conn.execute(decoding.SLOT_QUERY, query).fetchone()
-    return _bytes(row[2]) if row else None
+    return _bytes(row[3]) if row else None
 
 
 def _bytes(value: object) -> int | None:
