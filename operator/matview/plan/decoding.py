@@ -164,6 +164,19 @@ FLUSH_QUERY = sql.SQL(
     "SELECT pg_catalog.set_config('synchronous_commit', 'local', true), "
     "pg_catalog.pg_logical_emit_message(true, 'matview', '')"
 )
+#: PostgreSQL moves a slot's restart_lsn (where the next read starts) only to a running-transactions record
+#: the slot has passed, and writes one by itself every 15 s or at a checkpoint: until then each drain decodes
+#: again everything since the last one, a rebuild's whole WAL included. From PostgreSQL 16 a role allowed to
+#: run pg_log_standby_snapshot() writes one just before the LSN a drain reads up to, so the advance can move
+#: restart_lsn there and the next drain reads only what is new.
+#: A role without EXECUTE (the default: superusers only) skips it and keeps the 15 s pace. The check is a query
+#: of its own: PostgreSQL checks EXECUTE on every function a statement names before it runs, even one a CASE
+#: would not reach.
+LOG_SNAPSHOT_MIN_VERSION = 160000
+MAY_LOG_SNAPSHOT_QUERY = sql.SQL(
+    "SELECT pg_catalog.has_function_privilege('pg_catalog.pg_log_standby_snapshot()', 'EXECUTE')"
+)
+LOG_SNAPSHOT_QUERY = sql.SQL("SELECT pg_catalog.pg_log_standby_snapshot()")
 #: The LSN a drain reads up to (the flushed WAL: changes committed later wait), the slot as it is now, and
 #: the tables the publication holds (one taken off by hand would silently stop publishing its writes).
 #: The snapshot comes first: a transaction it does not see holds the slot back (Snapshot.sees).

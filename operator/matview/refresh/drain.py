@@ -44,6 +44,10 @@ def drain(conn: Connection, view: MaterializedView, settings: ExecutionSettings)
     WAL the slot still holds, in bytes."""
     slot = decoding.slot_name(view)
     with conn.transaction():
+        if conn.info.server_version >= decoding.LOG_SNAPSHOT_MIN_VERSION:
+            allowed = conn.execute(decoding.MAY_LOG_SNAPSHOT_QUERY).fetchone()
+            if allowed is not None and allowed[0]:
+                conn.execute(decoding.LOG_SNAPSHOT_QUERY)
         conn.execute(decoding.FLUSH_QUERY)
     publication = decoding.publication_name(view)
     row = conn.execute(decoding.SLOT_QUERY, {"slot": slot, "publication": publication}).fetchone()
