@@ -541,3 +541,33 @@ async def test_a_creation_never_waits_behind_drift_checks(dsn: str) -> None:
         release.set()
         await asyncio.gather(checking, queued, return_exceptions=True)
         refresher.close()
+
+
+async def test_a_first_refresh_never_waits_behind_applies_to_learn_what_it_reads(db: Connection, dsn: str) -> None:
+    """Before a view's first refresh the scheduler asks what it reads (to refresh upstream views first). That
+    question is part of the refresh: with every apply slot of the database taken (kopf creating thousands of
+    views), it is answered at once, not after the applies (3,000 views once waited three minutes for it)."""
+    from matview.cli.files import FileFeeder
+
+    totals = mv("totals")
+    engine.apply(db, totals)
+    refresher = Refresher(RefreshMetrics(), RunnerSettings(max_concurrent_applies_per_database=1))
+    feeder = FileFeeder(dsn, [], refresher)
+    started, release = threading.Event(), threading.Event()
+
+    def long_apply(conn: Connection) -> None:
+        started.set()
+        release.wait(60)
+
+    applying = asyncio.create_task(refresher.run_sync(dsn, long_apply, "apply"))
+    queued = asyncio.create_task(refresher.run_sync(dsn, lambda conn: "second apply", "apply"))
+    try:
+        await asyncio.to_thread(started.wait, 60)
+        async with asyncio.timeout(30):  # bounds a hang: behind the applies this would wait for their minute
+            found = await feeder.reads(totals.owner, totals)
+        assert ("ops", "events") in found, found
+        assert not queued.done(), "the second apply still waits for the apply lane"
+    finally:
+        release.set()
+        await asyncio.gather(applying, queued, return_exceptions=True)
+        refresher.close()

@@ -178,8 +178,7 @@ class FileFeeder:
         return applied
 
     async def reads(self, key: str, view: MaterializedView) -> frozenset[Relation]:
-        found: frozenset[Relation] = await self.refresher.run_sync(self.dsn, lambda conn: facts.reads(conn, view))
-        return found
+        return await self.refresher.reads(self.dsn, view)
 
     # --- Sink --------------------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from matview.k8s.context import OperatorContext
 from matview.k8s.credentials import CredentialsError, redact
 from matview.k8s.resource import parse_time, resolve_dsn, validated
 from matview.outcomes import FailureReason, Outcome
-from matview.refresh import RefreshResult, facts
+from matview.refresh import RefreshResult
 from matview.refresh.feeding import Applied, Relation, Report
 from matview.refresh.scheduler import Scheduler
 from matview.refresh.settings import Lane
@@ -184,8 +184,7 @@ class WatchFeeder:
 
     async def reads(self, key: str, view: MaterializedView) -> frozenset[Relation]:
         dsn = await resolve_dsn(view, self.ctx.config.secret_max_age_seconds)
-        found: frozenset[Relation] = await self.ctx.refresher.run_sync(dsn, lambda conn: facts.reads(conn, view))
-        return found
+        return await self.ctx.refresher.reads(dsn, view)
 
     # --- Sink --------------------------------------------------------------------------------------
 
