@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from matview.refresh import Inspection, RefreshResult, refresh, schedule
 from matview.refresh import facts as refresh_facts
 from matview.refresh.facts import dependency_order
 from matview.refresh.refresher import Refresher
-from matview.refresh.settings import RunnerSettings
+from matview.refresh.settings import Lane, RunnerSettings
 from tests.db.catalog_helpers import relations
 from tests.helpers import document, to_yaml, view
 
@@ -523,24 +525,34 @@ async def test_a_creation_never_waits_behind_drift_checks(dsn: str) -> None:
     refresher = Refresher(
         RefreshMetrics(), RunnerSettings(max_concurrent_applies_per_database=1, max_concurrent_checks_per_database=1)
     )
+    try:
+        async with lane_held(refresher, dsn, "check") as queued:
+            async with asyncio.timeout(30):  # bounds a hang: behind the checks this would wait for their minute
+                created = await refresher.run_sync(dsn, lambda conn: conn.execute("SELECT 'created'").fetchone())
+            assert created == ("created",)
+            assert not queued.done(), "the second check still waits for the check lane"
+    finally:
+        refresher.close()
+
+
+@contextlib.asynccontextmanager
+async def lane_held(refresher: Refresher, dsn: str, lane: Lane) -> AsyncIterator[asyncio.Task[Any]]:
+    """Every slot of lane (capped at 1) taken by work that waits for the block's end, and a second piece of work
+    queued behind it (yielded, to show it still waits)."""
     started, release = threading.Event(), threading.Event()
 
-    def long_check(conn: Connection) -> None:
+    def long_work(conn: Connection) -> None:
         started.set()
         release.wait(60)
 
-    checking = asyncio.create_task(refresher.run_sync(dsn, long_check, "check"))
-    queued = asyncio.create_task(refresher.run_sync(dsn, lambda conn: "second check", "check"))
+    holding = asyncio.create_task(refresher.run_sync(dsn, long_work, lane))
+    queued = asyncio.create_task(refresher.run_sync(dsn, lambda conn: "second", lane))
     try:
         await asyncio.to_thread(started.wait, 60)
-        async with asyncio.timeout(30):  # bounds a hang: behind the checks this would wait for their minute
-            created = await refresher.run_sync(dsn, lambda conn: conn.execute("SELECT 'created'").fetchone())
-        assert created == ("created",)
-        assert not queued.done(), "the second check still waits for the check lane"
+        yield queued
     finally:
         release.set()
-        await asyncio.gather(checking, queued, return_exceptions=True)
-        refresher.close()
+        await asyncio.gather(holding, queued, return_exceptions=True)
 
 
 async def test_a_first_refresh_never_waits_behind_applies_to_learn_what_it_reads(db: Connection, dsn: str) -> None:
@@ -553,21 +565,11 @@ async def test_a_first_refresh_never_waits_behind_applies_to_learn_what_it_reads
     engine.apply(db, totals)
     refresher = Refresher(RefreshMetrics(), RunnerSettings(max_concurrent_applies_per_database=1))
     feeder = FileFeeder(dsn, [], refresher)
-    started, release = threading.Event(), threading.Event()
-
-    def long_apply(conn: Connection) -> None:
-        started.set()
-        release.wait(60)
-
-    applying = asyncio.create_task(refresher.run_sync(dsn, long_apply, "apply"))
-    queued = asyncio.create_task(refresher.run_sync(dsn, lambda conn: "second apply", "apply"))
     try:
-        await asyncio.to_thread(started.wait, 60)
-        async with asyncio.timeout(30):  # bounds a hang: behind the applies this would wait for their minute
-            found = await feeder.reads(totals.owner, totals)
-        assert ("ops", "events") in found, found
-        assert not queued.done(), "the second apply still waits for the apply lane"
+        async with lane_held(refresher, dsn, "apply") as queued:
+            async with asyncio.timeout(30):  # bounds a hang: behind the applies this would wait for their minute
+                found = await feeder.reads(totals.owner, totals)
+            assert ("ops", "events") in found, found
+            assert not queued.done(), "the second apply still waits for the apply lane"
     finally:
-        release.set()
-        await asyncio.gather(applying, queued, return_exceptions=True)
         refresher.close()
