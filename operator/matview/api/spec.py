@@ -45,6 +45,45 @@ class Storage(enum.StrEnum):
         return "r" if self is Storage.TABLE else "m"
 
 
+class PartitionBy(enum.StrEnum):
+    """How a partitioned view's rows are split."""
+
+    RANGE = "Range"
+    """By a date or timestamp column, one partition per period (a week, a day, a month)."""
+    LIST = "List"
+    """By a column's values, one partition per value."""
+
+
+class PartitionPeriod(enum.StrEnum):
+    """The span of one range partition; its value is the unit date_trunc aligns the bounds to."""
+
+    DAY = "Day"
+    WEEK = "Week"
+    MONTH = "Month"
+
+    @property
+    def unit(self) -> str:
+        """date_trunc's unit: weeks start on Monday (ISO), months on their first day."""
+        return self.value.lower()
+
+
+@dataclass(frozen=True)
+class PartitioningSpec:
+    """A partitioned view (storage Table): which column splits its rows and how."""
+
+    column: str
+    by: PartitionBy
+    period: PartitionPeriod | None = None
+    """Range only: the span of one partition."""
+    ahead: int = 0
+    """Range only: empty partitions made beyond the newest period of the data (or the current one)."""
+
+    @property
+    def shape(self) -> list[object]:
+        """What the stored relation is built from: a change rebuilds the view."""
+        return [self.column, self.by.value, self.period.value if self.period else None]
+
+
 #: The modes each storage kind can run (Auto chooses among them).
 MODES_BY_STORAGE = {
     Storage.MATERIALIZED_VIEW: frozenset(
@@ -186,6 +225,12 @@ class MaterializedView:
     """The role that builds and owns the view (SET ROLE), so the query runs with that role's rights."""
     storage: Storage = Storage.MATERIALIZED_VIEW
     incremental: IncrementalSpec | None = None
+    partitioning: PartitioningSpec | None = None
+
+    @property
+    def relkind(self) -> str:
+        """pg_class.relkind of the stored relation: a partitioned table is 'p'."""
+        return "p" if self.partitioning is not None else self.storage.relkind
 
     @property
     def definition_digest(self) -> str:
@@ -197,6 +242,8 @@ class MaterializedView:
         shape: list[object] = [self.query.text, list(self.search_path), self.run_as_role]
         if self.storage is not Storage.MATERIALIZED_VIEW:
             shape.append(self.storage.value)
+        if self.partitioning is not None:
+            shape.append(self.partitioning.shape)
         return hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:16]
 
     @property

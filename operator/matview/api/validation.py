@@ -32,6 +32,9 @@ from matview.api.spec import (
     IndexSpec,
     KeySource,
     MaterializedView,
+    PartitionBy,
+    PartitioningSpec,
+    PartitionPeriod,
     RefreshMode,
     RefreshSpec,
     SecretRef,
@@ -218,6 +221,7 @@ def validate_document(document: Any, source: str = "") -> MaterializedView:
     refresh = _refresh(spec.get("refresh", {}), indexes, errors)
     storage = Storage(spec["storage"]) if spec.get("storage") in set(Storage) else Storage.MATERIALIZED_VIEW
     incremental = _incremental(spec.get("incremental"), storage, refresh, errors)
+    partitioning = _partitioning(spec.get("partitioning"), storage, indexes, errors)
 
     grants = []
     for i, raw in enumerate(spec.get("grants", [])):
@@ -252,6 +256,7 @@ def validate_document(document: Any, source: str = "") -> MaterializedView:
         run_as_role=run_as_role,
         storage=storage,
         incremental=incremental,
+        partitioning=partitioning,
     )
 
 
@@ -311,6 +316,37 @@ def _incremental(
         live_view=bool(raw.get("liveView", False)),
         capture=method,
     )
+
+
+def _partitioning(
+    raw: dict[str, Any] | None, storage: Storage, indexes: list[IndexSpec], errors: list[FieldError]
+) -> PartitioningSpec | None:
+    """spec.partitioning, its CEL rules, and what PostgreSQL requires of a partitioned table's unique indexes."""
+    if raw is None:
+        return None
+    path = "spec.partitioning"
+    if storage is not Storage.TABLE:
+        errors.append(FieldError(path, "needs storage Table (a materialized view cannot be partitioned)"))
+    column = raw.get("column", "")
+    check_identifier(column, f"{path}.column", errors)
+    by = PartitionBy(raw["by"]) if raw.get("by") in set(PartitionBy) else PartitionBy.LIST
+    period = PartitionPeriod(raw["period"]) if raw.get("period") in set(PartitionPeriod) else None
+    if by is PartitionBy.RANGE and period is None:
+        errors.append(FieldError(f"{path}.period", "is required with by Range (Day, Week or Month)"))
+    if by is PartitionBy.LIST:
+        for key in ("period", "ahead"):
+            if key in raw:
+                errors.append(FieldError(f"{path}.{key}", "applies only to by Range"))
+    for i, index in enumerate(indexes):
+        if index.unique and column not in index.columns:
+            errors.append(
+                FieldError(
+                    f"spec.indexes[{i}].columns",
+                    f"a unique index of a partitioned view must include the partition column {column!r} "
+                    "(PostgreSQL enforces uniqueness within each partition only); add it to the columns",
+                )
+            )
+    return PartitioningSpec(column=column, by=by, period=period, ahead=int(raw.get("ahead", 0)))
 
 
 #: Schemas that are always on the pinned search_path, in a fixed place (see matview.plan.executor).

@@ -211,7 +211,7 @@ def observe(
         for grantee, privilege in conn.execute(_GRANTS, (observed.relation.oid,)):
             key = str(grantee)
             observed.grants[key] = observed.grants.get(key, frozenset()) | {str(privilege)}
-        if observed.relation.relkind in ("m", "r"):
+        if observed.relation.relkind in ("m", "r", "p"):
             observed.dependents = read_dependents(conn, observed.relation.oid)
     if view.storage is Storage.TABLE or view.incremental is not None:
         observed.capture = read_capture(conn, view)
@@ -226,7 +226,7 @@ def observe(
         marker = Marker.parse(comment)
         if marker is None or marker.owner != view.owner:
             continue
-        if marker.kind == "staging" and relkind in ("m", "r"):
+        if marker.kind == "staging" and relkind in ("m", "r", "p"):
             observed.staging.append(
                 RelationState(
                     int(oid),

@@ -5,7 +5,7 @@ by something else), each with the field to fix."""
 from __future__ import annotations
 
 from matview.api import sqltext
-from matview.api.spec import MaterializedView
+from matview.api.spec import MaterializedView, PartitionBy
 from matview.errors import FieldError, UnmanagedObjectError
 from matview.plan import capture, decoding
 from matview.plan.observed import Observed, TableState
@@ -234,3 +234,27 @@ def source_drift(current: tuple[tuple[str, str], ...], wanted: tuple[tuple[str, 
     parts += [f"-{n}" for n, _ in current if n not in after]
     parts += [f"{n} {before[n]} -> {after[n]}" for n, _ in wanted if n in before and before[n] != after[n]]
     return ", ".join(parts) or "column order changed"
+
+
+#: What a range partition's column may be: its bounds are dates, which these compare with.
+RANGE_COLUMN_TYPES = frozenset({"date", "timestamp without time zone", "timestamp with time zone"})
+
+
+def partition_column_errors(view: MaterializedView, column_types: dict[str, str]) -> list[FieldError]:
+    """spec.partitioning.column against the query's result: it must be there, and a date for a range."""
+    spec = view.partitioning
+    if spec is None:
+        return []
+    path = "spec.partitioning.column"
+    found = column_types.get(spec.column)
+    if found is None:
+        return [FieldError(path, f"column {spec.column!r} is not in the query's result")]
+    if spec.by is PartitionBy.RANGE and found not in RANGE_COLUMN_TYPES:
+        return [
+            FieldError(
+                path,
+                f"column {spec.column!r} is of type {found}; by Range needs date, timestamp or timestamptz "
+                "(use by List for other types)",
+            )
+        ]
+    return []

@@ -327,23 +327,28 @@ def index_steps(
     existing: IndexState | None,
     reasons: list[str],
     label: str,
+    concurrently: bool = True,
 ) -> list[Step]:
+    """Create, repair or replace one index. ``concurrently`` False (a partitioned table, which PostgreSQL
+    cannot index CONCURRENTLY): each build is a transaction of its own, in which writes wait and reads go on."""
     final = view.index_name(index)
     marker = index_marker(view, index)
     target = relation_id(schema, final)
-    create = create_index_sql(view, index, final, table, concurrently=True)
-    drop_final = sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(target)
+    create = create_index_sql(view, index, final, table, concurrently=concurrently)
+    drop = sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}") if concurrently else sql.SQL("DROP INDEX IF EXISTS {}")
+    drop_final = drop.format(target)
+    how = "(CONCURRENTLY)" if concurrently else "(writes wait)"
     if existing is None:
         reasons.append(f"{label} {final} is missing")
         return [
-            Step(f"create {label} {final} (CONCURRENTLY)", (create,), transactional=False, cleanup=(drop_final,)),
+            Step(f"create {label} {final} {how}", (create,), transactional=not concurrently, cleanup=(drop_final,)),
             Step(f"mark {label} {final}", (comment_sql("index", target, marker),)),
         ]
     if not existing.valid:
         reasons.append(f"{label} {final} is INVALID (an earlier build failed)")
         return [
-            Step(f"drop invalid {label} {final}", (drop_final,), transactional=False),
-            Step(f"create {label} {final} (CONCURRENTLY)", (create,), transactional=False, cleanup=(drop_final,)),
+            Step(f"drop invalid {label} {final}", (drop_final,), transactional=not concurrently),
+            Step(f"create {label} {final} {how}", (create,), transactional=not concurrently, cleanup=(drop_final,)),
             Step(f"mark {label} {final}", (comment_sql("index", target, marker),)),
         ]
     if existing.marker is not None and existing.marker.digest != marker.digest:
@@ -352,10 +357,10 @@ def index_steps(
         temporary_id = relation_id(schema, temporary)
         return [
             Step(
-                f"build the changed {label} {final} beside the old one (CONCURRENTLY)",
-                (create_index_sql(view, index, temporary, table, concurrently=True),),
-                transactional=False,
-                cleanup=(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(temporary_id),),
+                f"build the changed {label} {final} beside the old one {how}",
+                (create_index_sql(view, index, temporary, table, concurrently=concurrently),),
+                transactional=not concurrently,
+                cleanup=(drop.format(temporary_id),),
             ),
             Step(
                 f"replace {label} {final}",
@@ -379,16 +384,20 @@ def converge_view(view: MaterializedView, observed: Observed, reasons: list[str]
         existing = observed.indexes.get(name)
         if existing is not None and existing.marker is None:
             raise UnmanagedObjectError(not_ours(f"index {view.schema}.{name}", None))
-        steps += index_steps(view, index, table, view.schema, existing, reasons, "index")
+        steps += index_steps(view, index, table, view.schema, existing, reasons, "index", view.relkind != "p")
     wanted = {view.index_name(i) for i in view.indexes}
     for name, state in sorted(observed.indexes.items()):
         if name not in wanted and state.marker is not None and state.marker.owner == view.owner:
             reasons.append(f"index {name} is no longer in the spec")
+            concurrently = view.relkind != "p"
+            drop = (
+                sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}") if concurrently else sql.SQL("DROP INDEX IF EXISTS {}")
+            )
             steps.append(
                 Step(
-                    f"drop index {name} (CONCURRENTLY)",
-                    (sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(relation_id(view.schema, name)),),
-                    transactional=False,
+                    f"drop index {name}" + (" (CONCURRENTLY)" if concurrently else ""),
+                    (drop.format(relation_id(view.schema, name)),),
+                    transactional=not concurrently,
                 )
             )
     grant_statements: list[Statement] = []

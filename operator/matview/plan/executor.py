@@ -26,7 +26,7 @@ from matview.errors import ApplyError, MatviewError, UnmanagedObjectError
 from matview.plan import session, versions
 from matview.plan.observed import Connection
 from matview.plan.session import become_query_role
-from matview.plan.statements import Plan, Query, Step
+from matview.plan.statements import FromRows, Plan, Query, Step, StepItem
 
 logger = logging.getLogger(__name__)
 
@@ -241,6 +241,15 @@ class Closing:
     on_commit: Callable[[tuple[Any, ...] | None], None]
 
 
+def _run_item(conn: Connection, item: StepItem) -> None:
+    if isinstance(item, FromRows):
+        rows = conn.execute(*item.query).fetchall()  # in a pipeline, fetching syncs what was sent before
+        for statement in item.then(rows):
+            conn.execute(statement)
+    else:
+        conn.execute(item)
+
+
 def _run_step(
     conn: Connection,
     step: Step,
@@ -258,8 +267,8 @@ def _run_step(
             conn, view, settings.statement_timeout_seconds, settings.lock_timeout_seconds, local=False
         )
         try:
-            for statement in step.statements:
-                conn.execute(statement)
+            for item in step.statements:
+                _run_item(conn, item)
         finally:
             with contextlib.suppress(psycopg.Error):
                 session.restore(conn)
@@ -275,8 +284,8 @@ def _run_step(
         session.step_settings(conn, view, settings.statement_timeout_seconds, settings.lock_timeout_seconds, local=True)
         if step.runs_query:
             become_query_role(conn, view)
-        for statement in step.statements:
-            conn.execute(statement)
+        for item in step.statements:
+            _run_item(conn, item)
         read = None
         if closing is not None:
             pipeline.sync()  # the step's work is done: how long it took goes into the closing statements

@@ -31,8 +31,8 @@ def comment_of(oid: sql.Composable) -> sql.Composed:
     ).format(oid=oid)
 
 
-MarkerKind = Literal["view", "index", "supporting", "staging", "changes", "capture", "live", "publication"]
-MARKER_KINDS = ("view", "index", "supporting", "staging", "changes", "capture", "live", "publication")
+MarkerKind = Literal["view", "index", "supporting", "staging", "changes", "capture", "live", "publication", "partition"]
+MARKER_KINDS = ("view", "index", "supporting", "staging", "changes", "capture", "live", "publication", "partition")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,14 @@ from psycopg import sql
 from matview.api.spec import MaterializedView
 from matview.errors import DependentObjectsError, FieldError, SpecError, UnmanagedObjectError
 from matview.plan import capture
-from matview.plan.checks import check_decoding, check_incremental, check_names_free, check_supporting, source_drift
+from matview.plan.checks import (
+    check_decoding,
+    check_incremental,
+    check_names_free,
+    check_supporting,
+    partition_column_errors,
+    source_drift,
+)
 from matview.plan.converge import (
     converge_capture,
     converge_live,
@@ -73,6 +80,7 @@ def build_plan(view: MaterializedView, observed: Observed, policy: ApplyPolicy |
                     errors.append(
                         FieldError(f"spec.indexes[{i}].columns[{j}]", f"column {column!r} is not in the query's result")
                     )
+        errors += partition_column_errors(view, dict(query_columns))
         duplicates = sorted({c for c, _ in query_columns if [n for n, _ in query_columns].count(c) > 1})
         if duplicates:
             errors.append(FieldError("spec.query", "result has duplicate column names: " + ", ".join(duplicates)))

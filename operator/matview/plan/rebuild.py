@@ -16,7 +16,7 @@ from psycopg import sql
 from matview.api import sqltext
 from matview.api.spec import MaterializedView
 from matview.errors import DependentObjectsError
-from matview.plan import capture, decoding, versions
+from matview.plan import capture, decoding, partitions, versions
 from matview.plan.marker import Marker
 from matview.plan.observed import DependentView
 from matview.plan.statements import (
@@ -24,6 +24,7 @@ from matview.plan.statements import (
     RELATION_KEYWORDS,
     Statement,
     Step,
+    StepItem,
     comment_sql,
     create_index_sql,
     grant_sql,
@@ -57,18 +58,30 @@ def build_statements(
     name: str,
     index_name: dict[str, str],
     marker: Marker,
-) -> list[Statement]:
+) -> list[StepItem]:
     target = relation_id(view.schema, name)
-    statements: list[Statement] = [
-        sql.SQL("CREATE {} {} AS {} WITH DATA").format(
-            RELATION_KEYWORDS[view.storage.relkind], target, sqltext.embed(view.query)
-        ),
-    ]
+    statements: list[StepItem]
+    if view.partitioning is not None:
+        statements = list(partitions.build_statements(view, name, sqltext.embed(view.query)))
+    else:
+        statements = [
+            sql.SQL("CREATE {} {} AS {} WITH DATA").format(
+                RELATION_KEYWORDS[view.relkind], target, sqltext.embed(view.query)
+            ),
+        ]
     for index in view.indexes:
         final = view.index_name(index)
         statements.append(create_index_sql(view, index, index_name[final], target, concurrently=False))
         statements.append(comment_sql("index", relation_id(view.schema, index_name[final]), index_marker(view, index)))
-    statements.append(comment_sql("view", target, marker, view.storage.relkind))
+    if view.partitioning is not None:
+        statements.append(
+            partitions.renames(
+                view,
+                f"name the indexes of {view.schema}.{name}'s partitions after its indexes",
+                [({name: name}, {temporary: temporary for temporary in index_name.values()})],
+            )
+        )
+    statements.append(comment_sql("view", target, marker, view.relkind))
     # A new relation has no statistics; without them the first queries on it plan blind.
     statements.append(sql.SQL("ANALYZE {}").format(target))
     return statements
@@ -121,10 +134,10 @@ def swap_steps(
         )
     staging = staging_name(view)
     retired = retired_name(view)
-    new_kind = RELATION_KEYWORDS[view.storage.relkind]
-    old_kind = RELATION_KEYWORDS[old_relkind or view.storage.relkind]
+    new_kind = RELATION_KEYWORDS[view.relkind]
+    old_kind = RELATION_KEYWORDS[old_relkind or view.relkind]
     index_names = {view.index_name(i): staging_index_name(view.index_name(i)) for i in view.indexes}
-    claim: list[Statement] = list(capture.claim_for_swap(view)) if view.incremental is not None else []
+    claim: list[StepItem] = list(capture.claim_for_swap(view)) if view.incremental is not None else []
     build = Step(
         f"build the new copy {view.schema}.{staging} with its indexes (readers keep the old one)",
         tuple(
@@ -135,10 +148,19 @@ def swap_steps(
         repeatable_read=bool(claim),
     )
     target = relation_id(view.schema, view.name)
-    swap: list[Statement] = [
+    swap: list[StepItem] = [
         sql.SQL("DROP VIEW {}").format(relation_id(d.schema, d.name))
         for d in sorted(dependents, key=lambda d: -d.depth)
     ]
+    if view.partitioning is not None or old_relkind == "p":
+        old_names = {name: retired_index_name(name) for name in old_indexes}
+        swap.append(
+            partitions.renames(
+                view,
+                f"name the partitions of {view.schema}.{staging} and of the copy it replaces after their new parents",
+                [({view.name: retired}, old_names), ({staging: view.name}, {v: k for k, v in index_names.items()})],
+            )
+        )
     for name in sorted(old_indexes):
         swap.append(
             sql.SQL("ALTER INDEX {} RENAME TO {}").format(
@@ -151,7 +173,7 @@ def swap_steps(
             "view",
             relation_id(view.schema, retired),
             Marker(view.owner, "staging", "retired"),
-            old_relkind or view.storage.relkind,
+            old_relkind or view.relkind,
         )
     )
     swap.append(
@@ -163,7 +185,7 @@ def swap_steps(
         swap.append(
             sql.SQL("ALTER INDEX {} RENAME TO {}").format(relation_id(view.schema, temporary), sql.Identifier(final))
         )
-    swap.append(comment_sql("view", target, replace(view_markers(view), state=state or {}), view.storage.relkind))
+    swap.append(comment_sql("view", target, replace(view_markers(view), state=state or {}), view.relkind))
     if view.incremental is not None:
         swap.append(capture.swap_committed(view))
     swap += grant_statements(view, target)
@@ -214,7 +236,7 @@ def refresh_in_place_step(view: MaterializedView, mode: str) -> Step:
 
 def record_state_statement(view: MaterializedView, marker: Marker) -> Statement:
     """The view's marker with its refresh state, written (a refresh ends its own transaction with it)."""
-    return comment_sql("view", relation_id(view.schema, view.name), marker, view.storage.relkind)
+    return comment_sql("view", relation_id(view.schema, view.name), marker, view.relkind)
 
 
 def record_state_step(view: MaterializedView, marker: Marker) -> Step:

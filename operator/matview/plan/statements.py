@@ -9,7 +9,7 @@ sql.SQL to a literal).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,26 @@ Statement = sql.Composed | sql.SQL
 """A complete statement, as the executor runs it."""
 Query = tuple[Statement, Sequence[Any] | Mapping[str, Any] | None]
 """A statement with its parameters (values always travel as parameters where PostgreSQL accepts them)."""
+
+
+@dataclass(frozen=True)
+class FromRows:
+    """Statements that depend on rows the step itself has just made (the partitions a build's data needs):
+    the executor runs ``query`` where this item stands in its step, then the statements ``then`` gives for
+    the rows it read, in the same transaction. Both come from pure planning functions; only values come
+    from the database, and they enter the statements as literals or through ``sql.Identifier``."""
+
+    summary: str
+    query: Query
+    then: Callable[[list[tuple[Any, ...]]], Sequence[Statement]]
+
+    def as_string(self, context: Any = None) -> str:
+        """How ``matview plan`` shows it: what it makes, and the read that decides how many."""
+        return f"-- {self.summary}, as read by: {self.query[0].as_string(context)}"
+
+
+StepItem = Statement | FromRows
+"""What a step runs: a statement, or statements decided by what the step has made so far."""
 
 METHODS = {
     "btree": sql.SQL("btree"),
@@ -54,7 +74,7 @@ class Step:
     """One unit of execution: its statements run in one transaction unless ``transactional`` is False."""
 
     description: str
-    statements: tuple[Statement, ...]
+    statements: tuple[StepItem, ...]
     transactional: bool = True
     takes_exclusive_lock: bool = False
     """Waits for ACCESS EXCLUSIVE on a relation readers use: run with lock_timeout and retries."""
@@ -151,7 +171,7 @@ def create_index_sql(
 
 
 #: The SQL keyword of each relkind the engine creates for a view's rows.
-RELATION_KEYWORDS = {"m": sql.SQL("MATERIALIZED VIEW"), "r": sql.SQL("TABLE")}
+RELATION_KEYWORDS = {"m": sql.SQL("MATERIALIZED VIEW"), "r": sql.SQL("TABLE"), "p": sql.SQL("TABLE")}
 
 
 def comment_sql(kind: str, target: sql.Identifier, marker: Marker, relkind: str = "m") -> sql.Composed:

@@ -104,7 +104,7 @@ def inspection_query(view: MaterializedView) -> Query:
         "copies": [staging_name(view), retired_name(view)],
         "schema": view.schema,
         "name": view.name,
-        "relkind": view.storage.relkind,
+        "relkind": view.relkind,
     }
 
 
