@@ -68,6 +68,21 @@ class PartitionPeriod(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class PartitionSource:
+    """A table the query reads whose rows only reach the view's rows of the same period: a row with ``column``
+    in a period makes (or changes) only view rows whose partition column is in that period. A partition's
+    rebuild reads only that period of it."""
+
+    schema: str
+    table: str
+    column: str
+
+    @property
+    def relation(self) -> tuple[str, str]:
+        return (self.schema, self.table)
+
+
+@dataclass(frozen=True)
 class PartitioningSpec:
     """A partitioned view (storage Table): which column splits its rows and how."""
 
@@ -77,6 +92,8 @@ class PartitioningSpec:
     """Range only: the span of one partition."""
     ahead: int = 0
     """Range only: empty partitions made beyond the newest period of the data (or the current one)."""
+    sources: tuple[PartitionSource, ...] = ()
+    """Range only: with them, a full refresh rebuilds a partition at a time, each reading its period of them."""
 
     @property
     def shape(self) -> list[object]:

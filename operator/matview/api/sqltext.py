@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -352,23 +353,62 @@ def _inject(
     key_columns: tuple[str, ...],
     keys_relation: tuple[str, ...] | None,
 ) -> KeyFilterResult:
-    filtered: set[RelationName] = set()
-    inlined: list[RelationName] = []
     if keys_relation is None:
         keys = "= (" + ", ".join(f"${position}" for position in range(1, len(key_columns) + 1)) + ")"
     else:
         keys_table = ".".join(quote_identifier(part) for part in keys_relation)
         keys = f"IN (SELECT {', '.join(quote_identifier(c) for c in key_columns)} FROM {keys_table})"
+    predicates = {
+        name: f"({', '.join(quote_identifier(c) for c in columns)}) {keys}" for name, columns in sources.items()
+    }
+    return _filter_reads(query, catalog, predicates)
+
+
+def period_predicate(column: str, lower: str, upper: str) -> str:
+    """A source's rows of one period (``lower`` <= column < ``upper``): text for ``inject_source_filters``. The
+    bounds are the engine's own date literals (``partitions.bound_literal``), checked here to be nothing else."""
+    for bound in (lower, upper):
+        if not _BOUND.fullmatch(bound):
+            raise ValueError(f"not a period bound: {bound!r}")
+    left = quote_identifier(column)
+    return f"({left} OPERATOR(pg_catalog.>=) '{lower}' AND {left} OPERATOR(pg_catalog.<) '{upper}')"
+
+
+_BOUND = re.compile(r"\d{4}-\d{2}-\d{2} 00:00:00\+00")
+
+
+def inject_source_filters(
+    query: CheckedSQL, catalog: dict[Reference, ResolvedRelation], predicates: dict[RelationName, str]
+) -> KeyFilterResult:
+    """The query with every read of a table in ``predicates`` filtered by its predicate (``period_predicate``'s
+    text: the engine's own), inlining views on the way as the key filters do."""
+    return PARSER.run(lambda: _filter_reads_cached(query, tuple(catalog.items()), tuple(sorted(predicates.items()))))
+
+
+@functools.lru_cache(maxsize=256)
+def _filter_reads_cached(
+    query: CheckedSQL,
+    catalog: tuple[tuple[Reference, ResolvedRelation], ...],
+    predicates: tuple[tuple[RelationName, str], ...],
+) -> KeyFilterResult:
+    return _filter_reads(query, dict(catalog), dict(predicates))
+
+
+def _filter_reads(
+    query: CheckedSQL, catalog: dict[Reference, ResolvedRelation], predicates: dict[RelationName, str]
+) -> KeyFilterResult:
+    filtered: set[RelationName] = set()
+    inlined: list[RelationName] = []
+    sources = predicates
 
     # A source or a view read several times (the driver matrix reads one table 12 times) is parsed and rewritten
     # once: the tree is only printed afterwards, so one subtree may stand in several places.
     filters: dict[tuple[RelationName, bool], Any] = {}
     rewritten_views: dict[tuple[CheckedSQL, int], Any] = {}
 
-    def key_filter(name: RelationName, columns: tuple[str, ...], inherit: bool) -> Any:
+    def key_filter(name: RelationName, predicate: str, inherit: bool) -> Any:
         if (name, inherit) not in filters:
-            left = ", ".join(quote_identifier(c) for c in columns)
-            template = f"SELECT * FROM {quote_identifier(name[0])}.{quote_identifier(name[1])} WHERE ({left}) {keys}"
+            template = f"SELECT * FROM {quote_identifier(name[0])}.{quote_identifier(name[1])} WHERE {predicate}"
             subquery = _parse(template)[0].stmt
             if not inherit:  # ONLY: keep it inside the wrapper
                 subquery.fromClause[0].inh = False

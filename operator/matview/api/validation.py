@@ -35,6 +35,7 @@ from matview.api.spec import (
     PartitionBy,
     PartitioningSpec,
     PartitionPeriod,
+    PartitionSource,
     RefreshMode,
     RefreshSpec,
     SecretRef,
@@ -334,9 +335,22 @@ def _partitioning(
     if by is PartitionBy.RANGE and period is None:
         errors.append(FieldError(f"{path}.period", "is required with by Range (Day, Week or Month)"))
     if by is PartitionBy.LIST:
-        for key in ("period", "ahead"):
+        for key in ("period", "ahead", "sources"):
             if key in raw:
                 errors.append(FieldError(f"{path}.{key}", "applies only to by Range"))
+    sources: list[PartitionSource] = []
+    for i, source in enumerate(raw.get("sources", [])):
+        where = f"{path}.sources[{i}]"
+        table = _checked(sqltext.parse_qualified_name, source.get("table", ""), f"{where}.table", errors)
+        source_column = source.get("column", "")
+        check_identifier(source_column, f"{where}.column", errors)
+        if table is None:
+            continue
+        check_identifier(table[0], f"{where}.table", errors)
+        check_identifier(table[1], f"{where}.table", errors)
+        if any(s.relation == table for s in sources):
+            errors.append(FieldError(f"{where}.table", f"{table[0]}.{table[1]} is listed twice"))
+        sources.append(PartitionSource(table[0], table[1], source_column))
     for i, index in enumerate(indexes):
         if index.unique and column not in index.columns:
             errors.append(
@@ -346,7 +360,7 @@ def _partitioning(
                     "(PostgreSQL enforces uniqueness within each partition only); add it to the columns",
                 )
             )
-    return PartitioningSpec(column=column, by=by, period=period, ahead=int(raw.get("ahead", 0)))
+    return PartitioningSpec(column=column, by=by, period=period, ahead=int(raw.get("ahead", 0)), sources=tuple(sources))
 
 
 #: Schemas that are always on the pinned search_path, in a fixed place (see matview.plan.executor).

@@ -260,6 +260,7 @@ def observe(
 
     tables = [(index.table_schema, index.table) for index in view.supporting_indexes]
     tables += [source.relation for source in view.incremental.sources] if view.incremental else []
+    tables += [source.relation for source in view.partitioning.sources] if view.partitioning else []
     for table_key in tables:
         if table_key not in observed.tables:
             found = conn.execute(
@@ -291,7 +292,7 @@ def observe(
         observed.run_as_role = role_access(conn, view.run_as_role)
         if not observed.run_as_role.usable:
             return observed  # the planner reports the role; describing the query as it would only fail
-    if view.incremental is not None:
+    if view.incremental is not None or (view.partitioning is not None and view.partitioning.sources):
         try:
             observed.key_catalog = resolve_relations(conn, view)
         except (psycopg.Error, MatviewError, ValueError) as exc:

@@ -240,6 +240,36 @@ def source_drift(current: tuple[tuple[str, str], ...], wanted: tuple[tuple[str, 
 RANGE_COLUMN_TYPES = frozenset({"date", "timestamp without time zone", "timestamp with time zone"})
 
 
+def check_partition_sources(view: MaterializedView, observed: Observed) -> list[FieldError]:
+    """spec.partitioning.sources: tables the query reads, with a date or timestamp column of that name."""
+    if view.partitioning is None or not view.partitioning.sources:
+        return []
+    errors = []
+    if observed.key_catalog_error is not None and view.incremental is None:
+        errors.append(FieldError("spec.query", f"cannot follow the query to its sources: {observed.key_catalog_error}"))
+    read = query_tables(observed.key_catalog) if observed.key_catalog is not None else None
+    for i, source in enumerate(view.partitioning.sources):
+        where = f"spec.partitioning.sources[{i}]"
+        label = f"{source.schema}.{source.table}"
+        table = observed.tables.get(source.relation)
+        if table is None:
+            errors.append(FieldError(f"{where}.table", f"table {label} does not exist"))
+            continue
+        if read is not None and source.relation not in read:
+            errors.append(FieldError(f"{where}.table", f"the query does not read {label}"))
+        types = dict(zip(table.columns, (t for _, _, t in table.column_types), strict=False))
+        if source.column not in types:
+            errors.append(FieldError(f"{where}.column", f"{label} has no column {source.column!r}"))
+        elif types[source.column] not in RANGE_COLUMN_TYPES:
+            errors.append(
+                FieldError(
+                    f"{where}.column",
+                    f"{label}.{source.column} is of type {types[source.column]}; it must be a date or timestamp",
+                )
+            )
+    return errors
+
+
 def partition_column_errors(view: MaterializedView, column_types: dict[str, str]) -> list[FieldError]:
     """spec.partitioning.column against the query's result: it must be there, and a date for a range."""
     spec = view.partitioning

@@ -19,13 +19,29 @@ from __future__ import annotations
 import datetime
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from psycopg import sql
 
+from matview import timestamps
+from matview.api import sqltext
 from matview.api.spec import MaterializedView, PartitionBy, PartitioningSpec, PartitionPeriod, truncate_utf8
 from matview.constants import MAX_IDENTIFIER_BYTES
-from matview.plan.statements import FromRows, Statement, relation_id
+from matview.plan.marker import Marker
+from matview.plan.statements import (
+    FromRows,
+    Statement,
+    Step,
+    StepItem,
+    comment_sql,
+    create_index_sql,
+    relation_id,
+    retired_index_name,
+    retired_name,
+    staging_index_name,
+    staging_name,
+)
 
 #: At most this many partitions come from the data (the newest ranges, the first list values); rows of any
 #: other go to the DEFAULT partition. PostgreSQL plans slower with thousands of partitions, and the data
@@ -192,9 +208,10 @@ def partition_statements(view: MaterializedView, target_name: str, row: Sequence
 def range_starts(
     spec: PartitioningSpec, starts: Sequence[datetime.date], current: datetime.date | None
 ) -> list[datetime.date]:
-    """The data's range starts, then ``ahead`` more after the later of its newest and the current period."""
+    """The data's range starts and the current period's, then ``ahead`` more after the newest of them (the
+    current period and those ahead are where new rows will go)."""
     assert spec.period is not None
-    chosen = sorted(set(starts))
+    chosen = sorted({*starts, *([current] if current is not None and EARLIEST <= current < LATEST else [])})
     newest = max([*chosen, *([current] if current is not None else [])], default=None)
     if newest is not None and EARLIEST <= newest < LATEST:
         lower = newest
@@ -211,14 +228,15 @@ Renaming = tuple[dict[str, str], dict[str, str]]
 """Parents' new names: ({table: new table name}, {partitioned index: its new name})."""
 
 
-def renames(view: MaterializedView, summary: str, steps: Sequence[Renaming]) -> FromRows:
+def renames(view: MaterializedView, summary: str, steps: Sequence[Renaming], only: str | None = None) -> FromRows:
     """Name partitions and their indexes after their parents' (new) names: ``<table>_<label>`` and
     ``<index>_<label>``. ``steps`` run in order, each freeing the names the next takes (the old copy's
-    partitions go to the retired names before the new copy's take the view's)."""
+    partitions go to the retired names before the new copy's take the view's). ``only``: that label's."""
     parents = sorted({old for tables, _ in steps for old in tables})
 
     def then(rows: list[tuple[Any, ...]]) -> list[Statement]:
         statements: list[Statement] = []
+        rows = [row for row in rows if only is None or str(row[1])[-LABEL_LENGTH:] == only]
         for tables, indexes in steps:
             for parent, child, parent_index, child_index in rows:
                 label = str(child)[-LABEL_LENGTH:]
@@ -243,3 +261,297 @@ def renames(view: MaterializedView, summary: str, steps: Sequence[Renaming]) -> 
         return statements
 
     return FromRows(summary, (_PARTITIONS_OF, {"schema": view.schema, "parents": parents}), then)
+
+
+# --- Rebuilding a partition at a time -------------------------------------------------------------------------
+#
+# A refresh that rebuilds a range-partitioned view in full never builds the whole view beside itself: each
+# partition's rows are built apart (the query filtered on the partition's range, which PostgreSQL pushes into
+# the query where it can), indexed, and given a CHECK constraint that proves the range; then one short
+# transaction detaches the old partition and attaches the new one (the constraint spares ATTACH its scan), and
+# the old one is dropped. Each partition commits on its own: peak extra disk is one partition, and readers of
+# the view wait only for the attach. A rebuilt partition's marker records when its rebuild began: one that is
+# newer than the view's last successful refresh was rebuilt by a rebuild that did not finish, and the next
+# one resumes after it.
+
+
+@dataclass(frozen=True)
+class PartitionFound:
+    """A partition of the view, as the refresh read it: its name, and when a rebuild of this definition
+    made it (None when unknown, or made by someone else or for another definition)."""
+
+    name: str
+    built: datetime.datetime | None = None
+
+
+def rebuilds_by_partition(view: MaterializedView) -> bool:
+    """Whether a full refresh of view rebuilds a partition at a time: a range-partitioned view with declared
+    partition sources (without them each partition's build would run the whole query again, however little
+    of it PostgreSQL can push the period into) and without change capture (an incremental view's claim of its
+    changes spans one transaction, so it still swaps in full)."""
+    return (
+        view.partitioning is not None
+        and view.partitioning.by is PartitionBy.RANGE
+        and bool(view.partitioning.sources)
+        and view.incremental is None
+    )
+
+
+def partition_marker(view: MaterializedView, built: datetime.datetime) -> Marker:
+    """To the microsecond: compared with the last success, which is to the second (see ``rebuild_steps``)."""
+    return Marker(
+        view.owner, "partition", view.definition_digest, {"built": built.astimezone(datetime.UTC).isoformat()}
+    )
+
+
+def built_at(view: MaterializedView, marker: Marker | None) -> datetime.datetime | None:
+    """When a rebuild of the view's current definition made the partition with this marker (None: unknown)."""
+    if marker is None or marker.kind != "partition" or marker.owner != view.owner:
+        return None
+    if marker.digest != view.definition_digest:
+        return None
+    return timestamps.parse(marker.state.get("built"))
+
+
+def range_start(label: str) -> datetime.date | None:
+    """The first day of a range partition's label (None: not a range label)."""
+    if len(label) != LABEL_LENGTH or not label.startswith("p") or not label[1:].isdigit():
+        return None
+    try:
+        return datetime.datetime.strptime(label[1:], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def period_of(day: datetime.date, period: PartitionPeriod) -> datetime.date:
+    """The first day of the period holding day (weeks start on Monday, as date_trunc's)."""
+    if period is PartitionPeriod.DAY:
+        return day
+    if period is PartitionPeriod.WEEK:
+        return day - datetime.timedelta(days=day.weekday())
+    return day.replace(day=1)
+
+
+def rebuild_leftover_names(
+    view: MaterializedView, found: Sequence[PartitionFound], now: datetime.datetime
+) -> list[str]:
+    """The names a per-partition rebuild builds beside the view or retires to: what a crash may have left."""
+    labels = [DEFAULT_LABEL, *(range_label(day) for day in _ranges(view, found, now))]
+    return sorted(
+        {partition_name(parent, label) for label in labels for parent in (staging_name(view), retired_name(view))}
+    )
+
+
+def _ranges(view: MaterializedView, found: Sequence[PartitionFound], now: datetime.datetime) -> list[datetime.date]:
+    """Every range the view has, and the ones it should have by now: up to ``ahead`` periods past the current
+    one, from the newest it has (at most MAX_PARTITIONS)."""
+    spec = view.partitioning
+    assert spec is not None and spec.period is not None
+    have = sorted({day for f in found if (day := range_start(f.name[-LABEL_LENGTH:])) is not None})
+    current = period_of(now.astimezone(datetime.UTC).date(), spec.period)
+    wanted = list(have)
+    if have and current < LATEST:
+        day = next_period(have[-1], spec.period)
+        last = current
+        for _ in range(spec.ahead):
+            if next_period(last, spec.period) >= LATEST:
+                break
+            last = next_period(last, spec.period)
+        while day <= last and len(wanted) < MAX_PARTITIONS:
+            wanted.append(day)
+            day = next_period(day, spec.period)
+    return wanted
+
+
+def rebuild_steps(
+    view: MaterializedView,
+    found: Sequence[PartitionFound],
+    since: datetime.datetime | None,
+    now: datetime.datetime,
+    catalog: dict[sqltext.Reference, sqltext.ResolvedRelation],
+) -> list[Step]:
+    """Rebuild the view a partition at a time: the DEFAULT partition first (its rows are the query's rows in no
+    range, including the ranges about to be made), then the partitions the current period and ``ahead`` call
+    for, made empty, then every range newest first. A partition rebuilt after ``since`` (the last success) by
+    a rebuild that did not finish is not rebuilt again."""
+    spec = view.partitioning
+    assert spec is not None and spec.period is not None
+    ranges = _ranges(view, found, now)
+    existing = {f.name[-LABEL_LENGTH:]: f for f in found if f.name == partition_name(view.name, f.name[-LABEL_LENGTH:])}
+    new = [day for day in ranges if range_label(day) not in existing]
+
+    def fresh(label: str) -> bool:
+        # The last success is written to the second, cut down: a rebuild that began within a second of it may
+        # have been that success itself, and is redone.
+        built = existing[label].built if label in existing else None
+        return since is not None and built is not None and built >= since + datetime.timedelta(seconds=1)
+
+    steps: list[Step] = []
+    if not fresh(DEFAULT_LABEL):
+        # Its rows are those in no period, whatever the sources hold: filtering a source to "no period" could
+        # make rows of its own (the other side of an outer join, once the source's rows are gone): the whole
+        # query, once.
+        outside = _outside(view, _spans(view, ranges))
+        steps += _partition_steps(view, DEFAULT_LABEL, view.query, outside, None, now, DEFAULT_LABEL in existing)
+    if new:
+        target = relation_id(view.schema, view.name)
+        steps.append(
+            Step(
+                f"make {len(new)} partition(s) of {view.relation} for the periods to come",
+                tuple(
+                    sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})").format(
+                        relation_id(view.schema, partition_name(view.name, range_label(day))),
+                        target,
+                        sql.Literal(bound_literal(day)),
+                        sql.Literal(bound_literal(next_period(day, spec.period))),
+                    )
+                    for day in new
+                ),
+                takes_exclusive_lock=True,
+            )
+        )
+    for day in sorted(ranges, reverse=True):
+        label = range_label(day)
+        if label in existing and fresh(label):
+            continue
+        upper = next_period(day, spec.period)
+        query = _sliced_query(view, catalog, (day, upper))
+        steps += _partition_steps(view, label, query, _within(view, [(day, upper)]), (day, upper), now, True)
+    return steps
+
+
+def _within(view: MaterializedView, spans: Sequence[tuple[datetime.date, datetime.date]]) -> sql.Composable:
+    assert view.partitioning is not None
+    column = sql.Identifier(view.partitioning.column)
+    return sql.SQL(" OR ").join(
+        sql.SQL("({col} OPERATOR(pg_catalog.>=) {lo} AND {col} OPERATOR(pg_catalog.<) {hi})").format(
+            col=column, lo=sql.Literal(bound_literal(lo)), hi=sql.Literal(bound_literal(hi))
+        )
+        for lo, hi in spans
+    )
+
+
+def _spans(view: MaterializedView, ranges: Sequence[datetime.date]) -> list[tuple[datetime.date, datetime.date]]:
+    """The ranges as [lower, upper) spans, contiguous ones merged."""
+    spec = view.partitioning
+    assert spec is not None and spec.period is not None
+    spans: list[tuple[datetime.date, datetime.date]] = []
+    for day in sorted(ranges):
+        upper = next_period(day, spec.period)
+        if spans and spans[-1][1] == day:
+            spans[-1] = (spans[-1][0], upper)
+        else:
+            spans.append((day, upper))
+    return spans
+
+
+def _sliced_query(
+    view: MaterializedView,
+    catalog: dict[sqltext.Reference, sqltext.ResolvedRelation],
+    period: tuple[datetime.date, datetime.date],
+) -> sqltext.CheckedSQL:
+    """The query reading only one period of each partition source: the partition's slice, not the whole."""
+    assert view.partitioning is not None
+    lower, upper = bound_literal(period[0]), bound_literal(period[1])
+    predicates = {
+        source.relation: sqltext.period_predicate(source.column, lower, upper) for source in view.partitioning.sources
+    }
+    return sqltext.inject_source_filters(view.query, catalog, predicates).query
+
+
+def _outside(view: MaterializedView, spans: Sequence[tuple[datetime.date, datetime.date]]) -> sql.Composable:
+    """The DEFAULT partition's rows: no value, or a value in none of the spans."""
+    spec = view.partitioning
+    assert spec is not None
+    if not spans:
+        return sql.SQL("true")
+    return sql.SQL("{} IS NULL OR NOT ({})").format(sql.Identifier(spec.column), _within(view, spans))
+
+
+def _partition_steps(
+    view: MaterializedView,
+    label: str,
+    query: sqltext.CheckedSQL,
+    rows: sql.Composable,
+    bounds: tuple[datetime.date, datetime.date] | None,
+    now: datetime.datetime,
+    exists: bool,
+) -> list[Step]:
+    """Build one partition's rows apart, then swap it in for the old one (if there is one), then drop the
+    old one."""
+    schema, parent = view.schema, relation_id(view.schema, view.name)
+    stage_name = partition_name(staging_name(view), label)
+    final_name = partition_name(view.name, label)
+    retired = partition_name(retired_name(view), label)
+    stage, final = relation_id(schema, stage_name), relation_id(schema, final_name)
+    check = sql.Identifier("matview_partition_bound")
+    build: list[StepItem] = [
+        sql.SQL("CREATE TABLE {} AS SELECT * FROM ({}) AS q WHERE {} WITH DATA").format(
+            stage, sqltext.embed(query), rows
+        )
+    ]
+    if bounds is not None:  # proves the range to ATTACH, which then skips its scan under the lock
+        build.append(
+            sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL AND ({}))").format(
+                stage, check, sql.Identifier(view.partitioning.column if view.partitioning else ""), rows
+            )
+        )
+    index_renames: list[Statement] = []
+    for index in view.indexes:
+        final_index = view.index_name(index)
+        staged = partition_name(staging_index_name(final_index), label)
+        build.append(create_index_sql(view, index, staged, stage, concurrently=False))
+        index_renames.append(
+            sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+                relation_id(schema, staged), sql.Identifier(partition_name(final_index, label))
+            )
+        )
+    build.append(comment_sql("view", stage, Marker(view.owner, "staging", "partition"), "r"))
+    build.append(sql.SQL("ANALYZE {}").format(stage))
+    attach = (
+        sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})").format(
+            parent, stage, sql.Literal(bound_literal(bounds[0])), sql.Literal(bound_literal(bounds[1]))
+        )
+        if bounds is not None
+        else sql.SQL("ALTER TABLE {} ATTACH PARTITION {} DEFAULT").format(parent, stage)
+    )
+    retired_indexes = {view.index_name(i): retired_index_name(view.index_name(i)) for i in view.indexes}
+    # The parent first: readers lock it before its partitions, and a swap that took the partition first (its
+    # rename) would deadlock with them.
+    swap: list[StepItem] = [sql.SQL("LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE").format(parent)]
+    if exists:
+        swap += [
+            renames(
+                view,
+                f"retire the partition {final_name} and its indexes",
+                [({view.name: retired_name(view)}, retired_indexes)],
+                only=label,
+            ),
+            sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(parent, relation_id(schema, retired)),
+            comment_sql("view", relation_id(schema, retired), Marker(view.owner, "staging", "retired"), "r"),
+        ]
+    swap += [
+        attach,
+        sql.SQL("ALTER TABLE {} RENAME TO {}").format(stage, sql.Identifier(final_name)),
+        *index_renames,
+        comment_sql("view", final, partition_marker(view, now), "r"),
+    ]
+    if bounds is not None:
+        swap.append(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(final, check))
+    return [
+        Step(
+            f"build partition {final_name} of {view.relation} apart",
+            tuple(build),
+            runs_query=True,
+            cleanup=(sql.SQL("DROP TABLE IF EXISTS {}").format(stage),),
+        ),
+        Step(
+            f"swap the rebuilt partition {final_name} in",
+            tuple(swap),
+            takes_exclusive_lock=True,
+        ),
+        Step(
+            f"drop the retired partition {retired}",
+            (sql.SQL("DROP TABLE IF EXISTS {}").format(relation_id(schema, retired)),),
+        ),
+    ]

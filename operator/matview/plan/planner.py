@@ -24,6 +24,7 @@ from matview.plan.checks import (
     check_decoding,
     check_incremental,
     check_names_free,
+    check_partition_sources,
     check_supporting,
     partition_column_errors,
     source_drift,
@@ -90,6 +91,7 @@ def build_plan(view: MaterializedView, observed: Observed, policy: ApplyPolicy |
     errors += check_supporting(view, observed)
     errors += check_incremental(view, observed)
     errors += check_decoding(view, observed)
+    errors += check_partition_sources(view, observed)
     access = observed.run_as_role
     if access is not None and access.usable and access.superuser and not policy.allow_superuser_run_as_role:
         errors.append(

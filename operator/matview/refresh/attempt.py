@@ -14,10 +14,11 @@ from typing import Any
 import psycopg
 
 from matview import timestamps
+from matview.api import sqltext
 from matview.api.spec import MaterializedView, RefreshMode
 from matview.errors import MatviewError
 from matview.outcomes import NO_MODE, FailureReason, Outcome
-from matview.plan import capture, decoding, engine
+from matview.plan import capture, decoding, engine, partitions
 from matview.plan.engine import settings_for
 from matview.plan.executor import BusyError, Closing, ExecutionSettings, HeldLock, execute, view_lock
 from matview.plan.marker import Marker
@@ -32,6 +33,7 @@ from matview.plan.rebuild import (
     swap_steps,
 )
 from matview.plan.statements import Plan, Query, Step
+from matview.plan.upstream import resolve_relations
 from matview.refresh import drain, facts, policy, verify
 from matview.refresh.facts import ViewSize, view_size
 from matview.refresh.policy import Inspection, RefreshState
@@ -221,9 +223,15 @@ def _incremental_facts(view: MaterializedView, inspection: Inspection, now: dt.d
     }
 
 
-def _steps(view: MaterializedView, inspection: Inspection, mode: RefreshMode) -> list[Step]:
+def _steps(
+    view: MaterializedView, inspection: Inspection, mode: RefreshMode, by_partition: _ByPartition | None = None
+) -> list[Step]:
     # Under the lock nobody else is building: a copy of ours still there was left by a crash; drop it first.
     cleanup = [drop_leftover_step(view.schema, name, relkind) for name, relkind in inspection.leftovers]
+    if mode == RefreshMode.SWAP and by_partition is not None:
+        found, leftovers, now, catalog = by_partition
+        cleanup += [drop_leftover_step(view.schema, name, "r") for name in leftovers]
+        return cleanup + partitions.rebuild_steps(view, found, inspection.state.last_success, now, catalog)
     if mode == RefreshMode.SWAP:
         state = inspection.marker.state if inspection.marker else {}
         return cleanup + swap_steps(view, list(inspection.dependents), state=state, old_indexes=inspection.indexes)
@@ -232,6 +240,13 @@ def _steps(view: MaterializedView, inspection: Inspection, mode: RefreshMode) ->
         filtered = capture.key_filtered_query(view, inspection.key_catalog).query
         return [*cleanup, incremental_step(view, filtered, inspection.pending.keys)]
     return [*cleanup, refresh_in_place_step(view, mode)]
+
+
+_ByPartition = tuple[
+    list[partitions.PartitionFound], list[str], dt.datetime, dict[sqltext.Reference, sqltext.ResolvedRelation]
+]
+"""A per-partition rebuild's facts: the view's partitions, the leftovers to drop first, its start, and what the
+query's names resolve to (to filter the partition sources)."""
 
 
 class _Closed:
@@ -266,7 +281,20 @@ def _run(
 ) -> float:
     """Execute one mode's steps (ending with the closing, when given); return how long they took."""
     clock = time.monotonic()
-    plan = Plan(view, tuple(_steps(view, inspection, mode)), (f"refresh ({mode})",), log_steps=False)
+    by_partition = None
+    if (
+        mode == RefreshMode.SWAP
+        and partitions.rebuilds_by_partition(view)
+        and inspection.oid is not None
+        and inspection.marker is not None
+        and inspection.marker.digest == view.definition_digest  # else the whole view is rebuilt as declared now
+    ):
+        now = dt.datetime.now(dt.UTC)
+        catalog = inspection.key_catalog or resolve_relations(conn, view)
+        by_partition = (*facts.partitions_to_rebuild(conn, view, inspection.oid, now), now, catalog)
+    steps = tuple(_steps(view, inspection, mode, by_partition))
+    # A rebuild a partition at a time logs each step: its progress, and where an interrupted one stopped.
+    plan = Plan(view, steps, (f"refresh ({mode})",), log_steps=by_partition is not None)
     execute(conn, plan, settings, closed.closing(mode) if closed is not None else None)
     if closed is not None and closed.seconds is not None:
         return closed.seconds

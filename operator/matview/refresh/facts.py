@@ -6,6 +6,7 @@ ones the refresh then acts on.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from psycopg import sql
 
 from matview.api import sqltext
 from matview.api.spec import MaterializedView, Storage
-from matview.plan import capture, versions
+from matview.plan import capture, partitions, versions
 from matview.plan.catalog import dependents_exist, read_dependents
 from matview.plan.checks import query_tables
 from matview.plan.marker import Marker, comment_of
@@ -95,6 +96,39 @@ _MARKER = sql.SQL(
     "SELECT c.oid, {comment}, pg_get_userbyid(c.relowner) IN (current_user, %s) "
     "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s"
 ).format(comment=comment_of(sql.SQL("c.oid")))
+
+
+_PARTITIONS = sql.SQL("""
+SELECT child.relname::pg_catalog.text, {comment},
+       pg_catalog.pg_get_userbyid(child.relowner) OPERATOR(pg_catalog.=) ANY(ARRAY[current_user, %(role)s])
+FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class child ON child.oid OPERATOR(pg_catalog.=) i.inhrelid
+WHERE i.inhparent OPERATOR(pg_catalog.=) %(oid)s""").format(comment=comment_of(sql.SQL("child.oid")))
+_NAMED_TABLES = sql.SQL("""
+SELECT c.relname::pg_catalog.text, {comment}
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+WHERE n.nspname OPERATOR(pg_catalog.=) %(schema)s AND c.relname OPERATOR(pg_catalog.=) ANY(%(names)s)
+  AND c.relkind OPERATOR(pg_catalog.=) 'r'
+  AND pg_catalog.pg_get_userbyid(c.relowner) OPERATOR(pg_catalog.=) ANY(ARRAY[current_user, %(role)s])""").format(
+    comment=comment_of(sql.SQL("c.oid"))
+)
+
+
+def partitions_to_rebuild(
+    conn: Connection, view: MaterializedView, oid: int, now: dt.datetime
+) -> tuple[list[partitions.PartitionFound], list[str]]:
+    """A partitioned view's partitions (with when a rebuild made each, from markers of trusted owners) and
+    the tables of ours an interrupted per-partition rebuild left beside it (to drop before it starts again)."""
+    found = [
+        partitions.PartitionFound(str(name), partitions.built_at(view, Marker.parse(comment)) if trusted else None)
+        for name, comment, trusted in conn.execute(_PARTITIONS, {"role": view.run_as_role, "oid": oid})
+    ]
+    names = partitions.rebuild_leftover_names(view, found, now)
+    leftovers = []
+    for name, comment in conn.execute(_NAMED_TABLES, {"schema": view.schema, "names": names, "role": view.run_as_role}):
+        marker = Marker.parse(comment)
+        if marker is not None and marker.owner == view.owner and marker.kind == "staging":
+            leftovers.append(str(name))
+    return found, leftovers
 
 
 def inspection_query(view: MaterializedView) -> Query:
