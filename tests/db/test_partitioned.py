@@ -23,7 +23,7 @@ from matview.errors import SpecError
 from matview.plan import engine, partitions
 from matview.plan.executor import ExecutionSettings
 from matview.plan.observed import Connection
-from matview.refresh import apply_and_record, facts, refresh
+from matview.refresh import apply_and_record, facts, refresh, verify
 from tests.db.test_incremental import SCHEMA_SQL, SOURCES, mismatches
 from tests.helpers import view
 
@@ -476,3 +476,106 @@ def test_a_period_predicate_takes_only_the_engines_own_bounds() -> None:
     for bad in ("2026-01-05' OR true --", "2026-01-05", "now()"):
         with pytest.raises(ValueError, match="not a period bound"):
             sqltext.period_predicate("d", bad, good)
+
+
+def kept_mismatches(conn: Connection, mv: MaterializedView, cutoff: datetime.date) -> tuple[int, int]:
+    """mismatches, against the query's rows the retention window keeps."""
+    stored = f"SELECT * FROM {mv.schema}.{mv.name}"
+    computed = f"SELECT * FROM ({mv.query.text}) q WHERE q.week_start IS NULL OR q.week_start >= '{cutoff}'"
+    extra = conn.execute(f"SELECT count(*) FROM ({stored} EXCEPT ALL {computed}) d").fetchone()
+    missing = conn.execute(f"SELECT count(*) FROM ({computed} EXCEPT ALL {stored}) d").fetchone()
+    assert extra is not None and missing is not None
+    return int(extra[0]), int(missing[0])
+
+
+def window_start(conn: Connection, mv: MaterializedView, before: datetime.date, after: datetime.date) -> datetime.date:
+    """The first week the view keeps: its oldest range partition's, which is the cutoff as of the refresh
+    (computed before or after it: a refresh may straddle the start of a week)."""
+    weeks = [
+        partitions.range_start(name[-9:])
+        for name in partitions_of(conn, mv.schema, mv.name)
+        if not name.endswith("default")
+    ]
+    oldest = min(w for w in weeks if w is not None)
+    assert oldest in (before, after), (oldest, before, after)
+    return oldest
+
+
+def test_retention_retires_old_partitions_after_a_refresh_and_never_rebuilds_them(matrix: Connection) -> None:
+    mv = weekly_view(partitioning={**WEEKLY, "retain": "8w"})
+    apply_and_record(matrix, mv)
+    oldest_built = min(partitions_of(matrix, "ops", "weekly"))
+    before = partitions.retention_cutoff(mv, datetime.datetime.now(datetime.UTC))
+    result = refresh(matrix, mv)
+    after = partitions.retention_cutoff(mv, datetime.datetime.now(datetime.UTC))
+    assert result.result == "success" and result.mode == "Swap", result
+    assert before is not None and after is not None
+    cutoff = window_start(matrix, mv, before, after)
+    assert oldest_built not in partitions_of(matrix, "ops", "weekly")
+    assert kept_mismatches(matrix, mv, cutoff) == (0, 0)
+    old = matrix.execute("SELECT count(*) FROM ops.weekly WHERE week_start < %s", (cutoff,)).fetchone()
+    assert old == (0,)
+    assert ours_left_beside(matrix, "weekly") == []
+
+
+def test_incremental_refresh_after_retention_puts_no_retired_row_back(matrix: Connection) -> None:
+    mv = weekly_view(
+        partitioning={**{k: v for k, v in WEEKLY.items() if k != "sources"}, "retain": "8w"},
+        incremental={"keyColumns": ["driver_id"], "sources": SOURCES},
+        indexes=[{"columns": ["driver_id"]}],
+    )
+    apply_and_record(matrix, mv)
+    before = partitions.retention_cutoff(mv, datetime.datetime.now(datetime.UTC))
+    quiet = refresh(matrix, mv)  # nothing to apply: the window still moves on
+    after = partitions.retention_cutoff(mv, datetime.datetime.now(datetime.UTC))
+    assert quiet.result == "skipped" and quiet.reason == "no changes pending", quiet
+    assert before is not None and after is not None
+    cutoff = window_start(matrix, mv, before, after)
+    assert kept_mismatches(matrix, mv, cutoff) == (0, 0)
+    files = dict(
+        matrix.execute(
+            "SELECT c.relname, c.relfilenode FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = 'ops.weekly'::regclass"
+        ).fetchall()
+    )
+    # Changes to drivers whose rows lie before the window, and one moving a driver out of it.
+    old = matrix.execute(
+        "SELECT min(driver_id), max(driver_id) FROM ops.v_payments_driver_matrix_cabinet WHERE week_start < %s",
+        (cutoff,),
+    ).fetchone()
+    kept_driver = matrix.execute("SELECT min(driver_id) FROM ops.weekly WHERE week_start IS NOT NULL").fetchone()
+    assert old is not None and kept_driver is not None
+    matrix.execute("UPDATE ops.claims SET status = 'rejected' WHERE driver_id IN (%s, %s)", old)
+    matrix.execute(
+        "UPDATE ops.leads SET lead_date = %s WHERE driver_id = %s",
+        (cutoff - datetime.timedelta(days=1), kept_driver[0]),
+    )
+    result = refresh(matrix, mv)
+    assert result.result == "success" and result.mode == "Incremental", result
+    assert matrix.execute("SELECT count(*) FROM ops.weekly WHERE week_start < %s", (cutoff,)).fetchone() == (0,)
+    assert kept_mismatches(matrix, mv, cutoff) == (0, 0)
+    verification = verify.compare(matrix, mv, ExecutionSettings())
+    assert verification.matches, verification
+    # Retention rewrote nothing: the partitions it kept are the files they were.
+    after_files = dict(
+        matrix.execute(
+            "SELECT c.relname, c.relfilenode FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = 'ops.weekly'::regclass"
+        ).fetchall()
+    )
+    assert after_files == files
+
+
+@pytest.mark.parametrize(
+    ("partitioning", "field"),
+    [
+        ({"column": "origin_tag", "by": "List", "retain": "8w"}, "spec.partitioning.retain"),
+        ({**WEEKLY, "retain": "0w"}, "spec.partitioning.retain"),
+        ({**WEEKLY, "retain": "8 weeks; DROP TABLE x"}, "spec.partitioning.retain"),
+        ({"column": "origin_tag", "by": "List", "sources": WEEKLY["sources"]}, "spec.partitioning.sources"),
+    ],
+)
+def test_retention_and_sources_apply_only_to_valid_range_declarations(partitioning: dict[str, Any], field: str) -> None:
+    with pytest.raises(SpecError) as raised:
+        weekly_view(partitioning=partitioning)
+    assert f"{field}: " in str(raised.value), raised.value

@@ -83,6 +83,19 @@ class PartitionSource:
 
 
 @dataclass(frozen=True)
+class Retention:
+    """How much of a range-partitioned view is kept: the current period and what lies ``count`` days, weeks
+    or months before it (``26w``); partitions wholly older are detached and dropped after each refresh."""
+
+    count: int
+    unit: Literal["d", "w", "mo"]
+
+    @property
+    def text(self) -> str:
+        return f"{self.count}{self.unit}"
+
+
+@dataclass(frozen=True)
 class PartitioningSpec:
     """A partitioned view (storage Table): which column splits its rows and how."""
 
@@ -94,6 +107,8 @@ class PartitioningSpec:
     """Range only: empty partitions made beyond the newest period of the data (or the current one)."""
     sources: tuple[PartitionSource, ...] = ()
     """Range only: with them, a full refresh rebuilds a partition at a time, each reading its period of them."""
+    retain: Retention | None = None
+    """Range only: the window kept; older partitions are retired after a refresh (None: all are kept)."""
 
     @property
     def shape(self) -> list[object]:

@@ -38,6 +38,7 @@ from matview.api.spec import (
     PartitionSource,
     RefreshMode,
     RefreshSpec,
+    Retention,
     SecretRef,
     Storage,
     SupportingIndexSpec,
@@ -335,7 +336,7 @@ def _partitioning(
     if by is PartitionBy.RANGE and period is None:
         errors.append(FieldError(f"{path}.period", "is required with by Range (Day, Week or Month)"))
     if by is PartitionBy.LIST:
-        for key in ("period", "ahead", "sources"):
+        for key in ("period", "ahead", "sources", "retain"):
             if key in raw:
                 errors.append(FieldError(f"{path}.{key}", "applies only to by Range"))
     sources: list[PartitionSource] = []
@@ -360,7 +361,26 @@ def _partitioning(
                     "(PostgreSQL enforces uniqueness within each partition only); add it to the columns",
                 )
             )
-    return PartitioningSpec(column=column, by=by, period=period, ahead=int(raw.get("ahead", 0)), sources=tuple(sources))
+    retain = None
+    if isinstance(raw.get("retain"), str):
+        matched = _RETAIN.fullmatch(raw["retain"])
+        if matched is None:
+            errors.append(
+                FieldError(f"{path}.retain", f"{describe(raw['retain'])} is not a window such as 26w, 180d or 12mo")
+            )
+        else:
+            retain = Retention(int(matched.group(1)), matched.group(2))  # type: ignore[arg-type]
+    return PartitioningSpec(
+        column=column,
+        by=by,
+        period=period,
+        ahead=int(raw.get("ahead", 0)),
+        sources=tuple(sources),
+        retain=retain,
+    )
+
+
+_RETAIN = re.compile(r"([1-9][0-9]{0,3})(d|w|mo)")
 
 
 #: Schemas that are always on the pinned search_path, in a fixed place (see matview.plan.executor).

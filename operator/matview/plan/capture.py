@@ -408,9 +408,16 @@ def has_null_keys(view: MaterializedView) -> sql.Composed:
     )
 
 
-def incremental_statements(view: MaterializedView, filtered_query: sqltext.CheckedSQL) -> list[sql.Composed]:
+#: A filter that keeps every row (what ``keep`` is when nothing is left out).
+EVERY_ROW = sql.SQL("true")
+
+
+def incremental_statements(
+    view: MaterializedView, filtered_query: sqltext.CheckedSQL, keep: sql.Composable = EVERY_ROW
+) -> list[sql.Composed]:
     """One transaction (REPEATABLE READ: every statement sees the same snapshot): claim the changed keys
-    the snapshot shows, delete their rows, insert them recomputed by the key-filtered query.
+    the snapshot shows, delete their rows, insert them recomputed by the key-filtered query (those ``keep``
+    holds for, on the alias ``q``: a partitioned view's retention window).
 
     Only rows with a complete key and no full-rebuild request are claimed: a TRUNCATE or a NULL key that
     commits after the decision stays in the log and makes the next refresh a full one."""
@@ -428,7 +435,7 @@ def incremental_statements(view: MaterializedView, filtered_query: sqltext.Check
         sql.SQL("CREATE UNIQUE INDEX ON {} ({})").format(temporary, key_list(keys)),
         sql.SQL("ANALYZE {}").format(temporary),
         sql.SQL("DELETE FROM {} AS t WHERE ({}) {}").format(target, key_list(keys, "t"), in_keys),
-        sql.SQL("INSERT INTO {} SELECT * FROM ({}) AS q WHERE ({}) {}").format(
-            target, sqltext.embed(filtered_query), key_list(keys, "q"), in_keys
+        sql.SQL("INSERT INTO {} SELECT * FROM ({}) AS q WHERE ({}) {} AND {}").format(
+            target, sqltext.embed(filtered_query), key_list(keys, "q"), in_keys, keep
         ),
     ]

@@ -28,6 +28,7 @@ from matview import timestamps
 from matview.api import sqltext
 from matview.api.spec import MaterializedView, PartitionBy, PartitioningSpec, PartitionPeriod, truncate_utf8
 from matview.constants import MAX_IDENTIFIER_BYTES
+from matview.plan.capture import EVERY_ROW
 from matview.plan.marker import Marker
 from matview.plan.statements import (
     FromRows,
@@ -376,7 +377,8 @@ def rebuild_steps(
     a rebuild that did not finish is not rebuilt again."""
     spec = view.partitioning
     assert spec is not None and spec.period is not None
-    ranges = _ranges(view, found, now)
+    cutoff = retention_cutoff(view, now)
+    ranges = [day for day in _ranges(view, found, now) if cutoff is None or next_period(day, spec.period) > cutoff]
     existing = {f.name[-LABEL_LENGTH:]: f for f in found if f.name == partition_name(view.name, f.name[-LABEL_LENGTH:])}
     new = [day for day in ranges if range_label(day) not in existing]
 
@@ -391,7 +393,7 @@ def rebuild_steps(
         # Its rows are those in no period, whatever the sources hold: filtering a source to "no period" could
         # make rows of its own (the other side of an outer join, once the source's rows are gone): the whole
         # query, once.
-        outside = _outside(view, _spans(view, ranges))
+        outside = sql.SQL("({}) AND {}").format(_outside(view, _spans(view, ranges)), kept(view, cutoff))
         steps += _partition_steps(view, DEFAULT_LABEL, view.query, outside, None, now, DEFAULT_LABEL in existing)
     if new:
         target = relation_id(view.schema, view.name)
@@ -464,7 +466,7 @@ def _outside(view: MaterializedView, spans: Sequence[tuple[datetime.date, dateti
     spec = view.partitioning
     assert spec is not None
     if not spans:
-        return sql.SQL("true")
+        return EVERY_ROW
     return sql.SQL("{} IS NULL OR NOT ({})").format(sql.Identifier(spec.column), _within(view, spans))
 
 
@@ -555,3 +557,71 @@ def _partition_steps(
             (sql.SQL("DROP TABLE IF EXISTS {}").format(relation_id(schema, retired)),),
         ),
     ]
+
+
+# --- Retention ------------------------------------------------------------------------------------------------
+
+
+def retention_cutoff(view: MaterializedView, now: datetime.datetime) -> datetime.date | None:
+    """The first day kept: the current period's start, less the window, back to a period's start (None: the
+    view keeps everything). A partition that ends on or before it is retired; a row before it is never
+    stored again."""
+    spec = view.partitioning
+    if spec is None or spec.retain is None or spec.period is None:
+        return None
+    current = period_of(now.astimezone(datetime.UTC).date(), spec.period)
+    count, unit = spec.retain.count, spec.retain.unit
+    if unit == "d":
+        back = current - datetime.timedelta(days=count)
+    elif unit == "w":
+        back = current - datetime.timedelta(weeks=count)
+    else:
+        months = current.year * 12 + current.month - 1 - count
+        back = datetime.date(months // 12, months % 12 + 1, 1) if months >= 12 else EARLIEST
+    return max(period_of(back, spec.period), EARLIEST)
+
+
+def kept(view: MaterializedView, cutoff: datetime.date | None, alias: str | None = None) -> sql.Composable:
+    """The rows retention keeps: no value, or a value on or after the cutoff (``true`` without retention)."""
+    if cutoff is None or view.partitioning is None:
+        return EVERY_ROW
+    column = sql.Identifier(alias, view.partitioning.column) if alias else sql.Identifier(view.partitioning.column)
+    return sql.SQL("({col} IS NULL OR {col} OPERATOR(pg_catalog.>=) {cutoff})").format(
+        col=column, cutoff=sql.Literal(bound_literal(cutoff))
+    )
+
+
+def retire_step(view: MaterializedView, cutoff: datetime.date) -> Step:
+    """Detach and drop the partitions that end on or before the cutoff: no row is rewritten, and the view is
+    locked (briefly: a detach without a scan, then unlinking files) only when there is one to retire."""
+    spec = view.partitioning
+    assert spec is not None and spec.period is not None
+    period = spec.period
+    parent = relation_id(view.schema, view.name)
+
+    def then(rows: list[tuple[Any, ...]]) -> list[Statement]:
+        retired = []
+        for child in sorted({str(row[1]) for row in rows if row[0] == view.name}):
+            label = child[-LABEL_LENGTH:]
+            start = range_start(label)
+            if child == partition_name(view.name, label) and start is not None and next_period(start, period) <= cutoff:
+                retired.append(relation_id(view.schema, child))
+        if not retired:
+            return []
+        statements: list[Statement] = [sql.SQL("LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE").format(parent)]
+        for child_id in retired:
+            statements.append(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(parent, child_id))
+            statements.append(sql.SQL("DROP TABLE {}").format(child_id))
+        return statements
+
+    return Step(
+        f"retire the partitions of {view.relation} before {cutoff} (retain {spec.retain.text if spec.retain else ''})",
+        (
+            FromRows(
+                f"detach and drop the partitions that end by {cutoff}",
+                (_PARTITIONS_OF, {"schema": view.schema, "parents": [view.name]}),
+                then,
+            ),
+        ),
+        takes_exclusive_lock=True,
+    )

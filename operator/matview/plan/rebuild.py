@@ -17,6 +17,7 @@ from matview.api import sqltext
 from matview.api.spec import MaterializedView
 from matview.errors import DependentObjectsError
 from matview.plan import capture, decoding, partitions, versions
+from matview.plan.capture import EVERY_ROW
 from matview.plan.marker import Marker
 from matview.plan.observed import DependentView
 from matview.plan.statements import (
@@ -247,11 +248,17 @@ def record_state_step(view: MaterializedView, marker: Marker) -> Step:
     )
 
 
-def incremental_step(view: MaterializedView, filtered_query: sqltext.CheckedSQL, keys: int) -> Step:
-    """Apply the changed keys in one transaction: readers see all of it at commit, or none of it."""
+def incremental_step(
+    view: MaterializedView, filtered_query: sqltext.CheckedSQL, keys: int, keep: sql.Composable = EVERY_ROW
+) -> Step:
+    """Apply the changed keys in one transaction: readers see all of it at commit, or none of it. Only rows
+    ``keep`` holds for are inserted (a partitioned view's retention window: a retired row never comes back)."""
     return Step(
         f"apply {keys} changed key(s) to {view.relation}",
-        (*capture.incremental_statements(view, filtered_query), *versions.bump_statements(view, "Incremental", True)),
+        (
+            *capture.incremental_statements(view, filtered_query, keep),
+            *versions.bump_statements(view, "Incremental", True),
+        ),
         makes_data_live=True,
         runs_query=True,
         repeatable_read=True,

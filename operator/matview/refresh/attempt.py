@@ -139,6 +139,7 @@ def refresh(
             decision = policy.decide(view, inspection, mode, force, started)
             incremental = _incremental_facts(view, inspection, started)
             if isinstance(decision, policy.Skip):
+                _retire_when_skipped(conn, view, inspection, settings)
                 return finish(Outcome.SKIPPED, decision.reason, data_current=decision.data_current, **incremental)
             if isinstance(decision, policy.Refuse):
                 wanted = RefreshMode(mode or view.refresh.mode)
@@ -211,6 +212,18 @@ def refresh(
     )
 
 
+def _retire_when_skipped(
+    conn: Connection, view: MaterializedView, inspection: Inspection, settings: ExecutionSettings
+) -> None:
+    """A quiet view's retention window moves on too: when a refresh has nothing to do, the partitions that
+    left the window still go (one catalog read when none has)."""
+    cutoff = partitions.retention_cutoff(view, dt.datetime.now(dt.UTC))
+    if cutoff is None or not inspection.ours:
+        return
+    plan = Plan(view, (partitions.retire_step(view, cutoff),), ("retention",), log_steps=False)
+    execute(conn, plan, settings)
+
+
 def _incremental_facts(view: MaterializedView, inspection: Inspection, now: dt.datetime) -> dict[str, Any]:
     """The incremental fields of a result, as the decision saw them (empty for other views)."""
     if view.incremental is None or inspection.pending is None:
@@ -224,29 +237,36 @@ def _incremental_facts(view: MaterializedView, inspection: Inspection, now: dt.d
 
 
 def _steps(
-    view: MaterializedView, inspection: Inspection, mode: RefreshMode, by_partition: _ByPartition | None = None
+    view: MaterializedView,
+    inspection: Inspection,
+    mode: RefreshMode,
+    now: dt.datetime,
+    by_partition: _ByPartition | None = None,
 ) -> list[Step]:
     # Under the lock nobody else is building: a copy of ours still there was left by a crash; drop it first.
     cleanup = [drop_leftover_step(view.schema, name, relkind) for name, relkind in inspection.leftovers]
+    cutoff = partitions.retention_cutoff(view, now)
+    # After the refresh, in its last transaction's place: partitions past the retention window go.
+    retire = [partitions.retire_step(view, cutoff)] if cutoff is not None else []
     if mode == RefreshMode.SWAP and by_partition is not None:
-        found, leftovers, now, catalog = by_partition
+        found, leftovers, catalog = by_partition
         cleanup += [drop_leftover_step(view.schema, name, "r") for name in leftovers]
-        return cleanup + partitions.rebuild_steps(view, found, inspection.state.last_success, now, catalog)
+        return cleanup + partitions.rebuild_steps(view, found, inspection.state.last_success, now, catalog) + retire
     if mode == RefreshMode.SWAP:
         state = inspection.marker.state if inspection.marker else {}
-        return cleanup + swap_steps(view, list(inspection.dependents), state=state, old_indexes=inspection.indexes)
+        swap = swap_steps(view, list(inspection.dependents), state=state, old_indexes=inspection.indexes)
+        return cleanup + swap + retire
     if mode == RefreshMode.INCREMENTAL:
         assert inspection.key_catalog is not None and inspection.pending is not None
         filtered = capture.key_filtered_query(view, inspection.key_catalog).query
-        return [*cleanup, incremental_step(view, filtered, inspection.pending.keys)]
-    return [*cleanup, refresh_in_place_step(view, mode)]
+        keep = partitions.kept(view, cutoff, "q")
+        return [*cleanup, incremental_step(view, filtered, inspection.pending.keys, keep), *retire]
+    return [*cleanup, refresh_in_place_step(view, mode), *retire]
 
 
-_ByPartition = tuple[
-    list[partitions.PartitionFound], list[str], dt.datetime, dict[sqltext.Reference, sqltext.ResolvedRelation]
-]
-"""A per-partition rebuild's facts: the view's partitions, the leftovers to drop first, its start, and what the
-query's names resolve to (to filter the partition sources)."""
+_ByPartition = tuple[list[partitions.PartitionFound], list[str], dict[sqltext.Reference, sqltext.ResolvedRelation]]
+"""A per-partition rebuild's facts: the view's partitions, the leftovers to drop first, and what the query's
+names resolve to (to filter the partition sources)."""
 
 
 class _Closed:
@@ -281,6 +301,7 @@ def _run(
 ) -> float:
     """Execute one mode's steps (ending with the closing, when given); return how long they took."""
     clock = time.monotonic()
+    now = dt.datetime.now(dt.UTC)
     by_partition = None
     if (
         mode == RefreshMode.SWAP
@@ -289,10 +310,9 @@ def _run(
         and inspection.marker is not None
         and inspection.marker.digest == view.definition_digest  # else the whole view is rebuilt as declared now
     ):
-        now = dt.datetime.now(dt.UTC)
         catalog = inspection.key_catalog or resolve_relations(conn, view)
-        by_partition = (*facts.partitions_to_rebuild(conn, view, inspection.oid, now), now, catalog)
-    steps = tuple(_steps(view, inspection, mode, by_partition))
+        by_partition = (*facts.partitions_to_rebuild(conn, view, inspection.oid, now), catalog)
+    steps = tuple(_steps(view, inspection, mode, now, by_partition))
     # A rebuild a partition at a time logs each step: its progress, and where an interrupted one stopped.
     plan = Plan(view, steps, (f"refresh ({mode})",), log_steps=by_partition is not None)
     execute(conn, plan, settings, closed.closing(mode) if closed is not None else None)

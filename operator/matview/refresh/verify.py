@@ -10,6 +10,7 @@ refresh's timeout.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from psycopg import sql
 
 from matview.api import sqltext
 from matview.api.spec import MaterializedView
-from matview.plan import capture, session
+from matview.plan import capture, partitions, session
 from matview.plan.describe import filtered_query_error
 from matview.plan.executor import ExecutionSettings
 from matview.plan.observed import Connection
@@ -64,10 +65,11 @@ class Verification:
 _COMPARE = sql.SQL("""
 WITH pending AS MATERIALIZED (SELECT DISTINCT {claimable_keys}),
 stored AS MATERIALIZED (
-    SELECT * FROM {target} AS s WHERE NOT EXISTS (SELECT 1 FROM pending AS p WHERE {stored_match})
+    SELECT * FROM {target} AS s WHERE NOT EXISTS (SELECT 1 FROM pending AS p WHERE {stored_match}) AND {stored_kept}
 ),
 computed AS MATERIALIZED (
     SELECT * FROM ({query}) AS c WHERE NOT EXISTS (SELECT 1 FROM pending AS p WHERE {computed_match})
+                                 AND {computed_kept}
 )
 SELECT (SELECT count(*) FROM (SELECT * FROM stored EXCEPT ALL SELECT * FROM computed) AS d),
        (SELECT count(*) FROM (SELECT * FROM computed EXCEPT ALL SELECT * FROM stored) AS d),
@@ -95,12 +97,16 @@ def compare(conn: Connection, view: MaterializedView, settings: ExecutionSetting
     if unusable is not None:
         return Verification(view.relation, inconclusive=f"cannot verify: incremental refreshes cannot run ({unusable})")
     keys = view.incremental.key_columns
+    cutoff = partitions.retention_cutoff(view, dt.datetime.now(dt.UTC))
     statement = _COMPARE.format(
         claimable_keys=capture.claimable_keys(view),
         target=sql.Identifier(view.schema, view.name),
         stored_match=_match(keys, "s"),
         query=sqltext.embed(view.query),
         computed_match=_match(keys, "c"),
+        # A partitioned view keeps only its retention window: rows before it are neither stored nor expected.
+        stored_kept=partitions.kept(view, cutoff, "s"),
+        computed_kept=partitions.kept(view, cutoff, "c"),
         log=capture.changes_id(view),
         full=sql.Identifier(capture.FULL_REBUILD),
         null_keys=capture.has_null_keys(view),

@@ -1,0 +1,221 @@
+"""A weekly-partitioned view against the same view unpartitioned, on the driver-matrix workload, in one run.
+
+Both are storage Table views of the same query. The partitioned one is split by ``week_start`` (52 weekly
+partitions: the benchmark spreads the leads over 364 days) and declares ``ops.leads.lead_date`` as its
+partition source, so a full refresh rebuilds it a partition at a time. Printed side by side:
+
+- a full rebuild: the whole unpartitioned view (build-and-swap) vs every partition one at a time;
+- one partition's rebuild (its build, swap and drop), against the full rebuild of either;
+- the peak extra disk of each full rebuild (pg_database_size sampled every 20 ms, less the size before),
+  against the largest partition;
+- the longest wait of a reader looking one driver up by index throughout each rebuild;
+- retention of the 4 oldest weeks: DETACH and DROP of their partitions vs DELETE of the same rows (and the
+  VACUUM that gives their space back) from the unpartitioned table.
+
+    python benchmarks/partitioned.py --drivers 200000
+
+Prints ratios; no assertions (these machines are noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from _server import bench_database
+from incremental import load_workload
+from refresh_modes import Reader
+
+from matview.api.spec import MaterializedView
+from matview.api.validation import validate_document
+from matview.plan import engine, partitions
+from matview.plan.executor import execute
+from matview.plan.statements import Plan
+from matview.plan.upstream import resolve_relations
+from matview.refresh import apply_and_record, facts, refresh
+
+ROOT = Path(__file__).resolve().parents[1]
+LOOKUP = "SELECT funnel_status FROM ops.{name} WHERE driver_id = 4242"
+
+
+def document(name: str, partitioned: bool) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "schema": "ops",
+        "name": name,
+        "storage": "Table",
+        "query": "SELECT * FROM ops.v_payments_driver_matrix_cabinet",
+        "indexes": [{"columns": ["driver_id"]}, {"columns": ["funnel_status"]}],
+        "refresh": {"timeout": "2h", "mode": "Swap"},
+    }
+    if partitioned:
+        spec["partitioning"] = {
+            "column": "week_start",
+            "by": "Range",
+            "period": "Week",
+            "sources": [{"table": "ops.leads", "column": "lead_date"}],
+        }
+    return {
+        "apiVersion": "matview.dev/v1alpha1",
+        "kind": "MaterializedView",
+        "metadata": {"name": name.replace("_", "-"), "namespace": "bench"},
+        "spec": spec,
+    }
+
+
+class DiskPeak:
+    """Samples the database's size while a rebuild runs; the peak above the size before it."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.before = self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _size(self, conn: psycopg.Connection[Any]) -> int:
+        row = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+        return int(row[0]) if row else 0
+
+    def _run(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self._size(conn))
+                time.sleep(0.02)
+
+    def __enter__(self) -> DiskPeak:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            self.before = self.peak = self._size(conn)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.before
+
+
+def full_rebuild(conn: engine.Connection, dsn: str, view: MaterializedView) -> tuple[float, int, float]:
+    """(seconds, peak extra bytes, longest reader wait) of one full refresh."""
+    with DiskPeak(dsn) as disk, Reader(dsn, LOOKUP.format(name=view.name)) as reader:
+        result = refresh(conn, view, "Swap")
+    assert result.result == "success", result
+    return result.duration_seconds, disk.extra, reader.longest
+
+
+def one_partition(conn: engine.Connection, dsn: str, view: MaterializedView, week: dt.date) -> tuple[float, float]:
+    """(seconds, longest reader wait) of rebuilding the partition of one week: its build, swap and drop."""
+    now = dt.datetime.now(dt.UTC)
+    oid = facts.inspect(conn, view).oid
+    assert oid is not None
+    found, _ = facts.partitions_to_rebuild(conn, view, oid, now)
+    steps = partitions.rebuild_steps(view, found, None, now, resolve_relations(conn, view))
+    name = partitions.partition_name(view.name, partitions.range_label(week))
+    mine = tuple(s for s in steps if name in s.description or f"_mv_retired_{name[-9:]}" in s.description)
+    assert len(mine) == 3, [s.description for s in steps]
+    with Reader(dsn, LOOKUP.format(name=view.name)) as reader:
+        started = time.perf_counter()
+        execute(conn, Plan(view, mine, log_steps=False), engine.settings_for(view))
+        seconds = time.perf_counter() - started
+    return seconds, reader.longest
+
+
+def largest_partition(conn: engine.Connection, name: str) -> int:
+    row = conn.execute(
+        "SELECT max(pg_total_relation_size(i.inhrelid)) FROM pg_inherits i WHERE i.inhparent = %s::regclass",
+        (f"ops.{name}",),
+    ).fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def retention(conn: engine.Connection, weeks: list[dt.date]) -> tuple[float, float, int]:
+    """(seconds to detach and drop the partitions of weeks, seconds to DELETE the same rows from the
+    unpartitioned view and VACUUM it, rows those weeks held)."""
+    row = conn.execute(
+        "SELECT count(*) FROM ops.plain WHERE week_start >= %s AND week_start < %s",
+        (weeks[0], weeks[-1] + dt.timedelta(days=7)),
+    ).fetchone()
+    rows = int(row[0]) if row else 0
+    started = time.perf_counter()
+    for week in weeks:
+        name = partitions.partition_name("weekly", partitions.range_label(week))
+        conn.execute(f'ALTER TABLE ops.weekly DETACH PARTITION ops."{name}"')
+        conn.execute(f'DROP TABLE ops."{name}"')
+    dropped = time.perf_counter() - started
+    started = time.perf_counter()
+    conn.execute(
+        "DELETE FROM ops.plain WHERE week_start >= %s AND week_start < %s",
+        (weeks[0], weeks[-1] + dt.timedelta(days=7)),
+    )
+    conn.execute("VACUUM ops.plain")
+    deleted = time.perf_counter() - started
+    return dropped, deleted, rows
+
+
+def mib(size: int) -> str:
+    return f"{size / 2**20:,.1f} MiB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--drivers", type=int, default=200_000)
+    parser.add_argument("--dsn", help="an existing database (default: a private server)")
+    args = parser.parse_args()
+    with bench_database(args.dsn) as dsn, engine.connect(dsn) as conn:
+        load_workload(conn, args.drivers)
+        # 52 weeks of leads: the partitions a year of weekly reporting would have.
+        conn.execute("UPDATE ops.leads SET lead_date = date '2026-01-05' + (driver_id % 364)::int")
+        conn.execute("CREATE INDEX ON ops.leads (lead_date)")
+        conn.execute("ANALYZE")
+        plain = validate_document(document("plain", False))
+        weekly = validate_document(document("weekly", True))
+        started = time.perf_counter()
+        apply_and_record(conn, plain)
+        print(f"built the unpartitioned view in {time.perf_counter() - started:.1f}s")
+        started = time.perf_counter()
+        apply_and_record(conn, weekly)
+        print(f"built the partitioned view in {time.perf_counter() - started:.1f}s")
+        count = conn.execute("SELECT count(*) - 1 FROM pg_inherits WHERE inhparent = 'ops.weekly'::regclass")
+        row = count.fetchone()
+        print(f"{row[0] if row else '?'} weekly partitions and a DEFAULT one")
+
+        plain_full, plain_disk, plain_wait = full_rebuild(conn, dsn, plain)
+        weekly_full, weekly_disk, weekly_wait = full_rebuild(conn, dsn, weekly)
+        week = dt.date(2026, 6, 1)
+        one, one_wait = one_partition(conn, dsn, weekly, week)
+        largest = largest_partition(conn, "weekly")
+        whole = conn.execute("SELECT pg_total_relation_size('ops.plain')").fetchone()
+        dropped, deleted, rows = retention(conn, [dt.date(2026, 1, 5) + dt.timedelta(days=7 * i) for i in range(4)])
+
+    print()
+    print("| | unpartitioned | weekly partitions | ratio | target |")
+    print("|---|---|---|---|---|")
+    ratio = weekly_full / plain_full
+    print(f"| full rebuild | {plain_full:.2f} s | {weekly_full:.2f} s (one at a time) | x{ratio:.2f} | - |")
+    print(
+        f"| one partition's rebuild (week of {week}) | - | {one:.3f} s | x{one / plain_full:.3f} of the unpartitioned "
+        f"full rebuild, x{one / weekly_full:.3f} of the partitioned one | <= x0.1 |"
+    )
+    print(
+        f"| peak extra disk of a full rebuild | {mib(plain_disk)} (the view is {mib(int(whole[0]) if whole else 0)}) "
+        f"| {mib(weekly_disk)} (largest partition {mib(largest)}) | {weekly_disk / max(largest, 1):.2f} partitions "
+        f"| <= 2 partitions |"
+    )
+    print(
+        f"| longest reader wait (full rebuild) | {plain_wait * 1000:.1f} ms | {weekly_wait * 1000:.1f} ms "
+        f"(one partition: {one_wait * 1000:.1f} ms) | - | <= 50 ms |"
+    )
+    print(
+        f"| 4 oldest weeks retired ({rows:,} rows) | DELETE + VACUUM {deleted:.3f} s | DETACH + DROP {dropped:.3f} s "
+        f"| x{dropped / deleted:.3f} | - |"
+    )
+
+
+if __name__ == "__main__":
+    main()
