@@ -35,6 +35,8 @@ from tests.db.test_incremental import SCHEMA_SQL, SOURCES, mismatches, random_ba
 from tests.db.test_pages import walk
 from tests.helpers import document, to_yaml, view
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 @pytest.fixture
 def matrix(conn: Connection) -> Connection:
@@ -692,3 +694,25 @@ def test_a_rebuild_killed_between_partitions_resumes_with_nothing_lost(
     assert all(second[name] is not None for name in second)
     assert ours_left_beside(matrix, "weekly") == []
     assert mismatches(matrix, mv) == (0, 0)
+
+
+def test_the_weekly_example_plans_applies_and_refreshes_through_the_cli(matrix: Connection) -> None:
+    example = str(ROOT / "examples/driver-matrix-weekly.yaml")
+
+    def matview(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "matview.cli", *args, example, "--dsn", matrix.info.dsn],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    plan = matview("plan")
+    assert plan.returncode == 0, plan.stderr
+    assert "PARTITION BY RANGE" in plan.stdout and "-- one partition per week of week_start" in plan.stdout
+    assert matview("apply").returncode == 0
+    refreshed = matview("refresh")
+    assert refreshed.returncode == 0, refreshed.stdout + refreshed.stderr
+    found = partitions_of(matrix, "ops", "driver_matrix_weekly")
+    assert len(found) > 3 and "driver_matrix_weekly_p_default" in found
+    assert all(b is not None for b in partition_built(matrix, "ops", "driver_matrix_weekly").values())
