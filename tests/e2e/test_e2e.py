@@ -74,6 +74,26 @@ def condition(plane: ControlPlane, ns: str, name: str, type_: str) -> dict[str, 
         ("interval past the scheduler's range", {"refresh": {"interval": "99999999999h"}}, "spec.refresh"),
         ("lockTimeout too short", {"refresh": {"lockTimeout": "1ms"}}, "between 10ms and 596h"),
         ("Secret name with a path", {"database": {"secretRef": {"name": "../kube-system/x"}}}, "should match"),
+        (
+            "partitioning a materialized view",
+            {"partitioning": {"column": "day", "by": "List"}},
+            "spec.partitioning needs storage Table",
+        ),
+        (
+            "a range without its period",
+            {"storage": "Table", "partitioning": {"column": "day", "by": "Range"}},
+            "period is required with by Range",
+        ),
+        (
+            "retention of a list",
+            {"storage": "Table", "partitioning": {"column": "day", "by": "List", "retain": "26w"}},
+            "apply only to Range",
+        ),
+        (
+            "a malformed retention window",
+            {"storage": "Table", "partitioning": {"column": "day", "by": "Range", "period": "Week", "retain": "1y"}},
+            "should match",
+        ),
     ],
 )
 def test_the_apiserver_refuses_invalid_resources(
