@@ -32,7 +32,7 @@ from _server import bench_database
 from incremental import load_workload
 from refresh_modes import Reader
 
-from matview.api.spec import MaterializedView
+from matview.api.spec import MaterializedView, PartitionPeriod
 from matview.api.validation import validate_document
 from matview.plan import engine, partitions
 from matview.plan.executor import execute
@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LOOKUP = "SELECT funnel_status FROM ops.{name} WHERE driver_id = 4242"
 
 
-def document(name: str, partitioned: bool) -> dict[str, Any]:
+def document(name: str, partitioned: bool, retain: str | None = None) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "schema": "ops",
         "name": name,
@@ -59,6 +59,7 @@ def document(name: str, partitioned: bool) -> dict[str, Any]:
             "by": "Range",
             "period": "Week",
             "sources": [{"table": "ops.leads", "column": "lead_date"}],
+            **({"retain": retain} if retain else {}),
         }
     return {
         "apiVersion": "matview.dev/v1alpha1",
@@ -135,7 +136,7 @@ def largest_partition(conn: engine.Connection, name: str) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
 
-def retention(conn: engine.Connection, weekly: MaterializedView, weeks: list[dt.date]) -> tuple[float, float, int]:
+def retention(conn: engine.Connection, weeks: list[dt.date]) -> tuple[float, float, int]:
     """(seconds of the retention step retiring the partitions of weeks, seconds to DELETE the same rows from
     the unpartitioned view and VACUUM it, rows those weeks held)."""
     row = conn.execute(
@@ -143,9 +144,16 @@ def retention(conn: engine.Connection, weekly: MaterializedView, weeks: list[dt.
         (weeks[0], weeks[-1] + dt.timedelta(days=7)),
     ).fetchone()
     rows = int(row[0]) if row else 0
-    cutoff = weeks[-1] + dt.timedelta(days=7)
+    # The view with a window that, as of a fixed day, leaves out exactly these weeks: weeks back from that
+    # day's week to the week after them.
+    today = dt.datetime(2026, 12, 4, 12, tzinfo=dt.UTC)
+    window = (partitions.period_of(today.date(), PartitionPeriod.WEEK) - (weeks[-1] + dt.timedelta(days=7))).days // 7
+    retained = validate_document(document("weekly", True, retain=f"{window}w"))
+    assert partitions.retention_cutoff(retained, today) == weeks[-1] + dt.timedelta(days=7)
+    step = partitions.maintenance_step(retained, today)
+    assert step is not None
     started = time.perf_counter()
-    execute(conn, Plan(weekly, (partitions.retire_step(weekly, cutoff),), log_steps=False), engine.settings_for(weekly))
+    execute(conn, Plan(retained, (step,), log_steps=False), engine.settings_for(retained))
     dropped = time.perf_counter() - started
     left = {partitions.partition_name("weekly", partitions.range_label(week)) for week in weeks}
     remaining = conn.execute(
@@ -198,7 +206,7 @@ def main() -> None:
         largest = largest_partition(conn, "weekly")
         whole = conn.execute("SELECT pg_total_relation_size('ops.plain')").fetchone()
         oldest = [dt.date(2026, 1, 5) + dt.timedelta(days=7 * i) for i in range(4)]
-        dropped, deleted, rows = retention(conn, weekly, oldest)
+        dropped, deleted, rows = retention(conn, oldest)
 
     print()
     print("| | unpartitioned | weekly partitions | ratio | target |")

@@ -716,3 +716,69 @@ def test_the_weekly_example_plans_applies_and_refreshes_through_the_cli(matrix: 
     found = partitions_of(matrix, "ops", "driver_matrix_weekly")
     assert len(found) > 3 and "driver_matrix_weekly_p_default" in found
     assert all(b is not None for b in partition_built(matrix, "ops", "driver_matrix_weekly").values())
+
+
+def test_the_periods_to_come_get_partitions_after_every_refresh_unless_their_rows_sit_in_default(
+    matrix: Connection,
+) -> None:
+    mv = weekly_view(
+        partitioning={k: v for k, v in WEEKLY.items() if k != "sources"},
+        incremental={"keyColumns": ["driver_id"], "sources": SOURCES},
+    )
+    apply_and_record(matrix, mv)
+    coming = [
+        partitions.partition_name("weekly", partitions.range_label(d))
+        for d in partitions.periods_to_come(mv, datetime.datetime.now(datetime.UTC))
+    ]
+    for name in coming:  # as if these weeks had come since the build
+        matrix.execute(f"ALTER TABLE ops.weekly DETACH PARTITION ops.{name}")
+        matrix.execute(f"DROP TABLE ops.{name}")
+    quiet = refresh(matrix, mv)
+    assert quiet.result == "skipped", quiet
+    later = [
+        partitions.partition_name("weekly", partitions.range_label(d))
+        for d in partitions.periods_to_come(mv, datetime.datetime.now(datetime.UTC))
+    ]
+    found = set(partitions_of(matrix, "ops", "weekly"))
+    assert set(coming) <= found or set(later) <= found  # made again, though nothing was applied (in either week)
+
+    first = coming[0]
+    matrix.execute(f"ALTER TABLE ops.weekly DETACH PARTITION ops.{first}")
+    matrix.execute(f"DROP TABLE ops.{first}")
+    week = partitions.range_start(first[-9:])
+    matrix.execute("UPDATE ops.leads SET lead_date = %s WHERE driver_id = 7", (week,))  # its row goes to DEFAULT
+    result = refresh(matrix, mv)
+    assert result.result == "success" and result.mode == "Incremental", result
+    assert first not in partitions_of(matrix, "ops", "weekly")  # not made over the rows already in DEFAULT
+    in_default = matrix.execute("SELECT count(*) FROM ops.weekly_p_default WHERE driver_id = 7").fetchone()
+    assert in_default == (1,)
+    assert mismatches(matrix, mv) == (0, 0)
+
+
+def test_a_partition_swap_chosen_to_end_a_deadlock_is_retried(matrix: Connection, dsn: str) -> None:
+    """A session holding one partition that then reads the whole view, while the swap of that partition holds
+    the view and waits for the partition: a deadlock, whose victim is the swap (it waited first). The swap's
+    transaction rolled back whole, so it is tried again, and the refresh succeeds."""
+    mv = weekly_view()
+    apply_and_record(matrix, mv)
+    newest = max(n for n in partitions_of(matrix, "ops", "weekly") if n != "weekly_p_default")
+    with psycopg.connect(dsn) as other:
+        other.execute(f"LOCK TABLE ops.{newest} IN ACCESS SHARE MODE")  # newest: the first range rebuilt
+        results: list[Any] = []
+        refreshing = threading.Thread(target=lambda: results.append(refresh(matrix, mv)))
+        refreshing.start()
+        try:
+            # The swap holds the view and waits for the partition the other session holds...
+            while other.execute(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = %s::regclass", (f"ops.{newest}",)
+            ).fetchone() != (1,):
+                time.sleep(0.02)
+            # ...which now waits for the view: whoever waited first is chosen to end the deadlock, the swap.
+            other.execute("SELECT count(*) FROM ops.weekly").fetchone()
+            other.commit()
+        finally:
+            refreshing.join()
+    [result] = results
+    assert result.result == "success", result
+    assert mismatches(matrix, mv) == (0, 0)
+    assert ours_left_beside(matrix, "weekly") == []

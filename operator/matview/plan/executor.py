@@ -48,19 +48,23 @@ class ExecutionSettings:
 def run_with_lock_retries(
     operation: Callable[[], None], settings: ExecutionSettings, what: str, sleep: Callable[[float], None] = time.sleep
 ) -> None:
-    """Run operation; when it fails for a lock timeout, wait and try again a bounded number of times."""
+    """Run operation; when it fails for a lock timeout, or as the victim of a deadlock (a reader or autovacuum
+    holding a table the step's exclusive lock needs while it waits for one the step holds: the transaction
+    was rolled back whole), wait and try again a bounded number of times."""
     delay = settings.backoff_seconds
     for attempt in range(1, settings.lock_retries + 1):
         try:
             operation()
             return
-        except psycopg.errors.LockNotAvailable:
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected) as error:
             if attempt == settings.lock_retries:
                 raise
             logger.info(
-                "%s: lock not granted within %.1fs (attempt %d/%d); retrying",
+                "%s: %s (attempt %d/%d); retrying",
                 what,
-                settings.lock_timeout_seconds,
+                "chosen to end a deadlock"
+                if isinstance(error, psycopg.errors.DeadlockDetected)
+                else f"lock not granted within {settings.lock_timeout_seconds:.1f}s",
                 attempt,
                 settings.lock_retries,
             )

@@ -238,7 +238,17 @@ def renames(view: MaterializedView, summary: str, steps: Sequence[Renaming], onl
     def then(rows: list[tuple[Any, ...]]) -> list[Statement]:
         statements: list[Statement] = []
         rows = [row for row in rows if only is None or str(row[1])[-LABEL_LENGTH:] == only]
+        # Tables before their indexes, as autovacuum takes them: holding an index while waiting for its table
+        # (which autovacuum holds while it waits for the index) would deadlock.
         for tables, indexes in steps:
+            for parent, child in sorted({(row[0], row[1]) for row in rows}):
+                label = str(child)[-LABEL_LENGTH:]
+                if parent in tables and child == partition_name(parent, label) and tables[parent] != parent:
+                    statements.append(
+                        sql.SQL("ALTER TABLE {} RENAME TO {}").format(
+                            relation_id(view.schema, child), sql.Identifier(partition_name(tables[parent], label))
+                        )
+                    )
             for parent, child, parent_index, child_index in rows:
                 label = str(child)[-LABEL_LENGTH:]
                 if parent not in tables or child != partition_name(parent, label):
@@ -251,14 +261,6 @@ def renames(view: MaterializedView, summary: str, steps: Sequence[Renaming], onl
                                 relation_id(view.schema, child_index), sql.Identifier(wanted)
                             )
                         )
-            for parent, child in sorted({(row[0], row[1]) for row in rows}):
-                label = str(child)[-LABEL_LENGTH:]
-                if parent in tables and child == partition_name(parent, label) and tables[parent] != parent:
-                    statements.append(
-                        sql.SQL("ALTER TABLE {} RENAME TO {}").format(
-                            relation_id(view.schema, child), sql.Identifier(partition_name(tables[parent], label))
-                        )
-                    )
         return statements
 
     return FromRows(summary, (_PARTITIONS_OF, {"schema": view.schema, "parents": parents}), then)
@@ -521,6 +523,10 @@ def _partition_steps(
     # The parent first: readers lock it before its partitions, and a swap that took the partition first (its
     # rename) would deadlock with them.
     swap: list[StepItem] = [sql.SQL("LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE").format(parent)]
+    # Then the two partitions, before any of their indexes (see ``renames``).
+    if exists:
+        swap.append(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(final))
+    swap.append(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(stage))
     if exists:
         swap += [
             renames(
@@ -591,35 +597,105 @@ def kept(view: MaterializedView, cutoff: datetime.date | None, alias: str | None
     )
 
 
-def retire_step(view: MaterializedView, cutoff: datetime.date) -> Step:
-    """Detach and drop the partitions that end on or before the cutoff: no row is rewritten, and the view is
-    locked (briefly: a detach without a scan, then unlinking files) only when there is one to retire."""
+#: A range view's partitions (the first query of a maintenance read).
+_PARTITION_NAMES = sql.SQL("""
+SELECT 'partition', child.relname::pg_catalog.text
+FROM pg_catalog.pg_inherits i
+JOIN pg_catalog.pg_class parent ON parent.oid OPERATOR(pg_catalog.=) i.inhparent
+JOIN pg_catalog.pg_class child ON child.oid OPERATOR(pg_catalog.=) i.inhrelid
+JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) parent.relnamespace
+WHERE n.nspname OPERATOR(pg_catalog.=) %(schema)s AND parent.relname OPERATOR(pg_catalog.=) %(name)s""")
+#: A period to come whose partition is missing and whose rows already sit in the DEFAULT partition (the
+#: partition cannot be made over them: they stay there until the view is rebuilt).
+_OCCUPIED = sql.SQL("""
+UNION ALL SELECT 'occupied', {label} WHERE pg_catalog.to_regclass({qualified}) IS NULL AND EXISTS (
+    SELECT 1 FROM {default} AS d WHERE d.{column} OPERATOR(pg_catalog.>=) {lower}
+                                   AND d.{column} OPERATOR(pg_catalog.<) {upper})""")
+
+
+def periods_to_come(view: MaterializedView, now: datetime.datetime) -> list[datetime.date]:
+    """The current period and ``ahead`` more: where new rows go, so they must have partitions."""
     spec = view.partitioning
     assert spec is not None and spec.period is not None
+    day = period_of(now.astimezone(datetime.UTC).date(), spec.period)
+    days = [day]
+    for _ in range(spec.ahead):
+        day = next_period(day, spec.period)
+        if day >= LATEST:
+            break
+        days.append(day)
+    return days
+
+
+def maintenance_step(view: MaterializedView, now: datetime.datetime) -> Step | None:
+    """After every refresh of a range-partitioned view (one with nothing to apply too): make the partitions of
+    the current period and ``ahead`` more that are missing (an incremental view is not rebuilt, and a new week
+    must not pile up in the DEFAULT partition), and detach and drop those that left the retention window. No
+    row is rewritten; the view is locked (briefly: no scan but the DEFAULT partition's check for the new
+    periods' rows, then unlinking files) only when there is something to do. None for other views."""
+    spec = view.partitioning
+    if spec is None or spec.period is None or spec.by is not PartitionBy.RANGE:
+        return None
     period = spec.period
+    cutoff = retention_cutoff(view, now)
+    coming = [day for day in periods_to_come(view, now) if cutoff is None or next_period(day, period) > cutoff]
     parent = relation_id(view.schema, view.name)
+    default = relation_id(view.schema, partition_name(view.name, DEFAULT_LABEL))
+    column = sql.Identifier(spec.column)
+    read: list[sql.Composable] = [_PARTITION_NAMES]
+    for day in coming:
+        name = partition_name(view.name, range_label(day))
+        read.append(
+            _OCCUPIED.format(
+                label=sql.Literal(range_label(day)),
+                qualified=sql.Literal(".".join(sqltext.quote_identifier(part) for part in (view.schema, name))),
+                default=default,
+                column=column,
+                lower=sql.Literal(bound_literal(day)),
+                upper=sql.Literal(bound_literal(next_period(day, period))),
+            )
+        )
 
     def then(rows: list[tuple[Any, ...]]) -> list[Statement]:
-        retired = []
-        for child in sorted({str(row[1]) for row in rows if row[0] == view.name}):
+        have = {str(name) for kind, name in rows if kind == "partition"}
+        occupied = {str(label) for kind, label in rows if kind == "occupied"}
+        if partition_name(view.name, DEFAULT_LABEL) not in have:
+            return []  # not a partitioned view of ours as the engine builds it: nothing to maintain
+        statements: list[Statement] = []
+        for day in coming:
+            label = range_label(day)
+            if partition_name(view.name, label) not in have and label not in occupied:
+                statements.append(
+                    sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})").format(
+                        relation_id(view.schema, partition_name(view.name, label)),
+                        parent,
+                        sql.Literal(bound_literal(day)),
+                        sql.Literal(bound_literal(next_period(day, period))),
+                    )
+                )
+        for child in sorted(have):
             label = child[-LABEL_LENGTH:]
             start = range_start(label)
-            if child == partition_name(view.name, label) and start is not None and next_period(start, period) <= cutoff:
-                retired.append(relation_id(view.schema, child))
-        if not retired:
+            if (
+                cutoff is not None
+                and child == partition_name(view.name, label)
+                and start is not None
+                and next_period(start, period) <= cutoff
+            ):
+                child_id = relation_id(view.schema, child)
+                statements.append(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(parent, child_id))
+                statements.append(sql.SQL("DROP TABLE {}").format(child_id))
+        if not statements:
             return []
-        statements: list[Statement] = [sql.SQL("LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE").format(parent)]
-        for child_id in retired:
-            statements.append(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(parent, child_id))
-            statements.append(sql.SQL("DROP TABLE {}").format(child_id))
-        return statements
+        return [sql.SQL("LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE").format(parent), *statements]
 
+    retention = f", retire those before {cutoff} (retain {spec.retain.text})" if cutoff and spec.retain else ""
     return Step(
-        f"retire the partitions of {view.relation} before {cutoff} (retain {spec.retain.text if spec.retain else ''})",
+        f"keep the partitions of {view.relation}: make the periods to come{retention}",
         (
             FromRows(
-                f"detach and drop the partitions that end by {cutoff}",
-                (_PARTITIONS_OF, {"schema": view.schema, "parents": [view.name]}),
+                f"partitions for {', '.join(str(day) for day in coming)}{retention}",
+                (sql.Composed(read), {"schema": view.schema, "name": view.name}),
                 then,
             ),
         ),

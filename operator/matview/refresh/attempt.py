@@ -139,7 +139,7 @@ def refresh(
             decision = policy.decide(view, inspection, mode, force, started)
             incremental = _incremental_facts(view, inspection, started)
             if isinstance(decision, policy.Skip):
-                _retire_when_skipped(conn, view, inspection, settings)
+                _maintain_when_skipped(conn, view, inspection, settings)
                 return finish(Outcome.SKIPPED, decision.reason, data_current=decision.data_current, **incremental)
             if isinstance(decision, policy.Refuse):
                 wanted = RefreshMode(mode or view.refresh.mode)
@@ -212,16 +212,15 @@ def refresh(
     )
 
 
-def _retire_when_skipped(
+def _maintain_when_skipped(
     conn: Connection, view: MaterializedView, inspection: Inspection, settings: ExecutionSettings
 ) -> None:
-    """A quiet view's retention window moves on too: when a refresh has nothing to do, the partitions that
-    left the window still go (one catalog read when none has)."""
-    cutoff = partitions.retention_cutoff(view, dt.datetime.now(dt.UTC))
-    if cutoff is None or not inspection.ours:
+    """A quiet view's periods move on too: when a refresh has nothing to do, the periods to come still get
+    their partitions and those that left the retention window still go (one read when nothing is due)."""
+    step = partitions.maintenance_step(view, dt.datetime.now(dt.UTC))
+    if step is None or not inspection.ours:
         return
-    plan = Plan(view, (partitions.retire_step(view, cutoff),), ("retention",), log_steps=False)
-    execute(conn, plan, settings)
+    execute(conn, Plan(view, (step,), ("partition maintenance",), log_steps=False), settings)
 
 
 def _incremental_facts(view: MaterializedView, inspection: Inspection, now: dt.datetime) -> dict[str, Any]:
@@ -246,8 +245,10 @@ def _steps(
     # Under the lock nobody else is building: a copy of ours still there was left by a crash; drop it first.
     cleanup = [drop_leftover_step(view.schema, name, relkind) for name, relkind in inspection.leftovers]
     cutoff = partitions.retention_cutoff(view, now)
-    # After the refresh, in its last transaction's place: partitions past the retention window go.
-    retire = [partitions.retire_step(view, cutoff)] if cutoff is not None else []
+    # After the refresh, in its last transaction's place: the periods to come get partitions, and those past
+    # the retention window go.
+    maintenance = partitions.maintenance_step(view, now)
+    retire = [maintenance] if maintenance is not None else []
     if mode == RefreshMode.SWAP and by_partition is not None:
         found, leftovers, catalog = by_partition
         cleanup += [drop_leftover_step(view.schema, name, "r") for name in leftovers]
