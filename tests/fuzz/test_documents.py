@@ -33,7 +33,7 @@ from matview.errors import SpecError
 ROOT = Path(__file__).resolve().parents[2]
 SEED_TEXTS = [
     (ROOT / "examples" / name).read_text()
-    for name in ("quickstart.yaml", "driver-matrix.yaml", "driver-matrix-incremental.yaml")
+    for name in ("quickstart.yaml", "driver-matrix.yaml", "driver-matrix-incremental.yaml", "driver-matrix-weekly.yaml")
 ]
 SEEDS = [yaml.safe_load(text) for text in SEED_TEXTS]
 #: The examples set neither searchPath nor runAsRole; one seed does, so mutations reach those fields too.

@@ -282,3 +282,29 @@ def test_each_refresh_default_is_the_crds() -> None:
         RefreshSpec.timeout_seconds,
         RefreshSpec.lock_timeout_seconds,
     )
+
+
+@pytest.mark.parametrize(
+    ("partitioning", "field"),
+    [
+        ("week_start", "spec.partitioning"),
+        ({"column": "w", "by": "Hash"}, "spec.partitioning.by"),
+        ({"column": "w", "by": "Range", "period": "Fortnight"}, "spec.partitioning.period"),
+        ({"column": "w", "by": "Range", "period": "Week", "ahead": -1}, "spec.partitioning.ahead"),
+        ({"column": "w", "by": "Range", "period": "Week", "ahead": 10**40}, "spec.partitioning.ahead"),
+        ({"column": "w", "by": "Range", "period": "Week", "retain": 26}, "spec.partitioning.retain"),
+        ({"column": "w", "by": "Range", "period": "Week", "sources": {"table": "a.b"}}, "spec.partitioning.sources"),
+        ({"column": "w", "by": "Range", "period": "Week", "sources": [{"table": "a.b"}]}, "spec.partitioning.sources"),
+        (
+            {"column": "w", "by": "Range", "period": "Week", "sources": [{"table": "a.b; DROP", "column": "d"}]},
+            "spec.partitioning.sources[0].table",
+        ),
+        ({"column": "x" * 64, "by": "List"}, "spec.partitioning.column"),
+        ({"column": "", "by": "List"}, "spec.partitioning.column"),
+    ],
+)
+def test_a_bad_partitioning_is_refused_naming_the_field(partitioning: Any, field: str) -> None:
+    body = document("w", storage="Table", query="SELECT current_date AS w", partitioning=partitioning)
+    with pytest.raises(SpecError) as raised:
+        validate_document(body)
+    assert field in str(raised.value), raised.value
