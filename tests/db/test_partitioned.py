@@ -27,6 +27,7 @@ from matview.api import sqltext
 from matview.api.spec import MaterializedView
 from matview.constants import APPLICATION_NAME
 from matview.errors import SpecError
+from matview.observe.metrics import RefreshMetrics
 from matview.plan import engine, partitions
 from matview.plan.executor import ExecutionSettings
 from matview.plan.observed import Connection
@@ -376,6 +377,15 @@ def test_a_full_refresh_rebuilds_a_range_partitioned_view_a_partition_at_a_time(
     result = refresh(matrix, mv)
     assert result.result == "success" and result.mode == "Swap", result
     assert mismatches(matrix, mv) == (0, 0)
+    assert result.partitions is not None
+    assert set(result.partitions.rebuilt) == set(partitions_of(matrix, "ops", "weekly"))
+    assert f"rebuilt {len(result.partitions.rebuilt)} partition(s) one at a time" in result.reason
+    metrics = RefreshMetrics()
+    metrics.record("ops", "weekly", result)
+    rebuilt = metrics.registry.get_sample_value(
+        "matview_partitions_rebuilt_total", {"namespace": "ops", "name": "weekly"}
+    )
+    assert rebuilt == len(result.partitions.rebuilt)
     # The parent was never replaced (a dependent view or a reader's plan keeps it), every partition was.
     assert matrix.execute("SELECT 'ops.weekly'::regclass::oid").fetchone() == parent_oid
     built = partition_built(matrix, "ops", "weekly")
@@ -405,6 +415,8 @@ def test_a_rebuild_interrupted_between_partitions_resumes_where_it_stopped(matri
         assert ours_left_beside(matrix, "weekly") == [f"weekly_mv_staging_{blocked[-9:]}"]  # built, not swapped in
     result = refresh(matrix, mv)
     assert result.result == "success", result
+    assert result.partitions is not None and set(result.partitions.resumed) == done, result.partitions
+    assert f"{len(done)} more rebuilt already by a rebuild that stopped" in result.reason
     second = partition_built(matrix, "ops", "weekly")
     assert {n: second[n] for n in done} == {n: first[n] for n in done}  # not rebuilt again
     assert all(second[w] is not None and second[w] != first[next(iter(done))] for w in weeks if w <= blocked)
@@ -522,6 +534,14 @@ def test_retention_retires_old_partitions_after_a_refresh_and_never_rebuilds_the
     assert before is not None and after is not None
     cutoff = window_start(matrix, mv, before, after)
     assert oldest_built not in partitions_of(matrix, "ops", "weekly")
+    assert result.partitions is not None and oldest_built in result.partitions.retired
+    assert f"retired {oldest_built}" in result.reason
+    metrics = RefreshMetrics()
+    metrics.record("ops", "weekly", result)
+    retired = metrics.registry.get_sample_value(
+        "matview_partitions_retired_total", {"namespace": "ops", "name": "weekly"}
+    )
+    assert retired == len(result.partitions.retired)
     assert kept_mismatches(matrix, mv, cutoff) == (0, 0)
     old = matrix.execute("SELECT count(*) FROM ops.weekly WHERE week_start < %s", (cutoff,)).fetchone()
     assert old == (0,)
@@ -539,6 +559,7 @@ def test_incremental_refresh_after_retention_puts_no_retired_row_back(matrix: Co
     quiet = refresh(matrix, mv)  # nothing to apply: the window still moves on
     after = partitions.retention_cutoff(mv, datetime.datetime.now(datetime.UTC))
     assert quiet.result == "skipped" and quiet.reason == "no changes pending", quiet
+    assert quiet.partitions is not None and quiet.partitions.retired and "retired " in quiet.message, quiet
     assert before is not None and after is not None
     cutoff = window_start(matrix, mv, before, after)
     assert kept_mismatches(matrix, mv, cutoff) == (0, 0)

@@ -41,6 +41,13 @@ class _Verification(Protocol):
     def mismatched_rows(self) -> int: ...
 
 
+class _PartitionWork(Protocol):
+    @property
+    def rebuilt(self) -> list[str]: ...
+    @property
+    def retired(self) -> list[str]: ...
+
+
 class RecordedRefresh(Protocol):
     """What the metrics read of a refresh attempt (matview.refresh.RefreshResult has it): the metrics
     depend on the shape, not on the refresh engine."""
@@ -77,6 +84,8 @@ class RecordedRefresh(Protocol):
     def slot_retained_wal_bytes(self) -> int | None: ...
     @property
     def verification(self) -> _Verification | None: ...
+    @property
+    def partitions(self) -> _PartitionWork | None: ...
 
 
 DEFAULT_PORT = DEFAULT_METRICS_PORT
@@ -172,6 +181,18 @@ class RefreshMetrics:
             "gauge",
             "matview_target_lag_seconds",
             "Incremental views: spec.refresh.targetLag (0 when none).",
+            labels,
+        )
+        self.partitions_rebuilt = per_view.add(
+            "counter",
+            "matview_partitions_rebuilt_total",
+            "Partitioned views: partitions rebuilt one at a time by full refreshes.",
+            labels,
+        )
+        self.partitions_retired = per_view.add(
+            "counter",
+            "matview_partitions_retired_total",
+            "Partitioned views: partitions detached and dropped for leaving spec.partitioning.retain's window.",
             labels,
         )
         self.keys_applied = per_view.add(
@@ -307,6 +328,7 @@ class RefreshMetrics:
     def record(self, namespace: str, name: str, result: RecordedRefresh) -> None:
         """Count one attempt and update the gauges from its outcome."""
         self._record_incremental(namespace, name, result)
+        self._record_partitions(namespace, name, result)
         if result.result == Outcome.SKIPPED:
             self.refreshes.labels(namespace, name, NO_MODE, Outcome.SKIPPED).inc()
             if result.data_current:  # verified unchanged: the data is as fresh as a refresh would make it
@@ -329,6 +351,15 @@ class RefreshMetrics:
             self.size.labels(namespace, name, "table").set(result.table_bytes)
         if result.index_bytes is not None:
             self.size.labels(namespace, name, "indexes").set(result.index_bytes)
+
+    def _record_partitions(self, namespace: str, name: str, result: RecordedRefresh) -> None:
+        work = result.partitions
+        if work is None or result.result == Outcome.FAILURE:
+            return
+        if work.rebuilt and result.result == Outcome.SUCCESS:
+            self.partitions_rebuilt.labels(namespace, name).inc(len(work.rebuilt))
+        if work.retired:  # a skipped refresh retires too
+            self.partitions_retired.labels(namespace, name).inc(len(work.retired))
 
     def _record_incremental(self, namespace: str, name: str, result: RecordedRefresh) -> None:
         if result.staleness_seconds is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from psycopg import sql
@@ -278,6 +278,39 @@ def renames(view: MaterializedView, summary: str, steps: Sequence[Renaming], onl
 # one resumes after it.
 
 
+@dataclass
+class PartitionWork:
+    """What a refresh did to a partitioned view's partitions, filled in as its steps are planned and run (the
+    result, the status message and the metrics report it)."""
+
+    rebuilt: list[str] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)
+    """Partitions a rebuild that did not finish had rebuilt already: not rebuilt again."""
+    made: list[str] = field(default_factory=list)
+    retired: list[str] = field(default_factory=list)
+
+    @property
+    def summary(self) -> str:
+        """ "" when nothing was done to a partition."""
+        parts = []
+        if self.rebuilt:
+            parts.append(f"rebuilt {len(self.rebuilt)} partition(s) one at a time")
+        if self.resumed:
+            parts.append(f"{len(self.resumed)} more rebuilt already by a rebuild that stopped")
+        if self.made:
+            parts.append("made " + ", ".join(self.made))
+        if self.retired:
+            parts.append("retired " + ", ".join(self.retired))
+        return "; ".join(parts)
+
+    def clear(self) -> None:
+        for done in (self.rebuilt, self.resumed, self.made, self.retired):
+            done.clear()
+
+    def as_dict(self) -> dict[str, object]:
+        return {"rebuilt": len(self.rebuilt), "resumed": len(self.resumed), "made": self.made, "retired": self.retired}
+
+
 @dataclass(frozen=True)
 class PartitionFound:
     """A partition of the view, as the refresh read it: its name, and when a rebuild of this definition
@@ -372,6 +405,7 @@ def rebuild_steps(
     since: datetime.datetime | None,
     now: datetime.datetime,
     catalog: dict[sqltext.Reference, sqltext.ResolvedRelation],
+    work: PartitionWork | None = None,
 ) -> list[Step]:
     """Rebuild the view a partition at a time: the DEFAULT partition first (its rows are the query's rows in no
     range, including the ranges about to be made), then the partitions the current period and ``ahead`` call
@@ -390,7 +424,9 @@ def rebuild_steps(
         built = existing[label].built if label in existing else None
         return since is not None and built is not None and built >= since + datetime.timedelta(seconds=1)
 
+    work = work if work is not None else PartitionWork()
     steps: list[Step] = []
+    (work.resumed if fresh(DEFAULT_LABEL) else work.rebuilt).append(partition_name(view.name, DEFAULT_LABEL))
     if not fresh(DEFAULT_LABEL):
         # Its rows are those in no period, whatever the sources hold: filtering a source to "no period" could
         # make rows of its own (the other side of an outer join, once the source's rows are gone): the whole
@@ -417,7 +453,9 @@ def rebuild_steps(
     for day in sorted(ranges, reverse=True):
         label = range_label(day)
         if label in existing and fresh(label):
+            work.resumed.append(partition_name(view.name, label))
             continue
+        work.rebuilt.append(partition_name(view.name, label))
         upper = next_period(day, spec.period)
         query = _sliced_query(view, catalog, (day, upper))
         steps += _partition_steps(view, label, query, _within(view, [(day, upper)]), (day, upper), now, True)
@@ -627,7 +665,7 @@ def periods_to_come(view: MaterializedView, now: datetime.datetime) -> list[date
     return days
 
 
-def maintenance_step(view: MaterializedView, now: datetime.datetime) -> Step | None:
+def maintenance_step(view: MaterializedView, now: datetime.datetime, work: PartitionWork | None = None) -> Step | None:
     """After every refresh of a range-partitioned view (one with nothing to apply too): make the partitions of
     the current period and ``ahead`` more that are missing (an incremental view is not rebuilt, and a new week
     must not pile up in the DEFAULT partition), and detach and drop those that left the retention window. No
@@ -665,6 +703,8 @@ def maintenance_step(view: MaterializedView, now: datetime.datetime) -> Step | N
         for day in coming:
             label = range_label(day)
             if partition_name(view.name, label) not in have and label not in occupied:
+                if work is not None:
+                    work.made.append(partition_name(view.name, label))
                 statements.append(
                     sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})").format(
                         relation_id(view.schema, partition_name(view.name, label)),
@@ -683,6 +723,8 @@ def maintenance_step(view: MaterializedView, now: datetime.datetime) -> Step | N
                 and next_period(start, period) <= cutoff
             ):
                 child_id = relation_id(view.schema, child)
+                if work is not None:
+                    work.retired.append(child)
                 statements.append(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(parent, child_id))
                 statements.append(sql.SQL("DROP TABLE {}").format(child_id))
         if not statements:

@@ -77,6 +77,8 @@ class RefreshResult:
     """Incremental views: the periodic comparison with a full recompute, when this refresh made one."""
     slot_retained_wal_bytes: int | None = None
     """LogicalDecoding views: the WAL the view's replication slot keeps, after this attempt's drain."""
+    partitions: partitions.PartitionWork | None = None
+    """Partitioned views: the partitions this refresh rebuilt, made and retired (None for other views)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -97,6 +99,7 @@ class RefreshResult:
             **({"keysApplied": self.keys_applied} if self.keys_applied is not None else {}),
             **({"changeRatio": round(self.change_ratio, 6)} if self.change_ratio is not None else {}),
             **({"verification": self.verification.as_dict()} if self.verification is not None else {}),
+            **({"partitions": self.partitions.as_dict()} if self.partitions is not None else {}),
         }
 
 
@@ -113,6 +116,7 @@ def refresh(
     attempt: policy.Run | None = None
     fallback_from: RefreshMode | None = None
     slot_bytes: dict[str, Any] = {}
+    work = partitions.PartitionWork() if view.partitioning is not None else None
 
     def finish(outcome: Outcome, reason: str, **extra: Any) -> RefreshResult:
         used = attempt.mode.value if attempt is not None else NO_MODE
@@ -139,8 +143,15 @@ def refresh(
             decision = policy.decide(view, inspection, mode, force, started)
             incremental = _incremental_facts(view, inspection, started)
             if isinstance(decision, policy.Skip):
-                _maintain_when_skipped(conn, view, inspection, settings)
-                return finish(Outcome.SKIPPED, decision.reason, data_current=decision.data_current, **incremental)
+                _maintain_when_skipped(conn, view, inspection, settings, work)
+                return finish(
+                    Outcome.SKIPPED,
+                    decision.reason,
+                    data_current=decision.data_current,
+                    message=work.summary if work is not None else "",
+                    partitions=work,
+                    **incremental,
+                )
             if isinstance(decision, policy.Refuse):
                 wanted = RefreshMode(mode or view.refresh.mode)
                 if wanted != RefreshMode.AUTO:
@@ -158,14 +169,14 @@ def refresh(
             )
             closed = None if verifying else _Closed(view, inspection, lock)
             try:
-                seconds = _run(conn, view, inspection, attempt.mode, settings, closed)
+                seconds = _run(conn, view, inspection, attempt.mode, settings, closed, work)
             except MatviewError as error:
                 again = policy.fallback(view, inspection, mode, attempt.mode, error)
                 if again is None:
                     raise
                 logger.warning("%s: %s", view.relation, again.reason)
                 fallback_from, attempt = attempt.mode, again
-                seconds = _run(conn, view, inspection, attempt.mode, settings, closed)
+                seconds = _run(conn, view, inspection, attempt.mode, settings, closed, work)
             if closed is not None:
                 size = closed.size
             else:
@@ -175,7 +186,7 @@ def refresh(
                 if rebuild is not None and inspection.swap_possible:
                     logger.warning("%s: %s", view.relation, rebuild.reason)
                     fallback_from, attempt = attempt.mode, rebuild
-                    seconds = _run(conn, view, inspection, attempt.mode, settings)
+                    seconds = _run(conn, view, inspection, attempt.mode, settings, work=work)
                 _record(conn, view, inspection, attempt.mode, seconds, settings, verified_at)
                 size = view_size(conn, view)
             if incremental:
@@ -198,9 +209,11 @@ def refresh(
             failure_reason=policy.classify(error),
             fallback_from=fallback_from,
         )
+    done_to_partitions = work.summary if work is not None else ""
     return finish(
         Outcome.SUCCESS,
-        attempt.reason,
+        f"{attempt.reason}; {done_to_partitions}" if done_to_partitions else attempt.reason,
+        partitions=work,
         fallback_from=fallback_from,
         data_current=True,
         populated=size.populated,
@@ -213,11 +226,15 @@ def refresh(
 
 
 def _maintain_when_skipped(
-    conn: Connection, view: MaterializedView, inspection: Inspection, settings: ExecutionSettings
+    conn: Connection,
+    view: MaterializedView,
+    inspection: Inspection,
+    settings: ExecutionSettings,
+    work: partitions.PartitionWork | None,
 ) -> None:
     """A quiet view's periods move on too: when a refresh has nothing to do, the periods to come still get
     their partitions and those that left the retention window still go (one read when nothing is due)."""
-    step = partitions.maintenance_step(view, dt.datetime.now(dt.UTC))
+    step = partitions.maintenance_step(view, dt.datetime.now(dt.UTC), work)
     if step is None or not inspection.ours:
         return
     execute(conn, Plan(view, (step,), ("partition maintenance",), log_steps=False), settings)
@@ -241,18 +258,20 @@ def _steps(
     mode: RefreshMode,
     now: dt.datetime,
     by_partition: _ByPartition | None = None,
+    work: partitions.PartitionWork | None = None,
 ) -> list[Step]:
     # Under the lock nobody else is building: a copy of ours still there was left by a crash; drop it first.
     cleanup = [drop_leftover_step(view.schema, name, relkind) for name, relkind in inspection.leftovers]
     cutoff = partitions.retention_cutoff(view, now)
     # After the refresh, in its last transaction's place: the periods to come get partitions, and those past
     # the retention window go.
-    maintenance = partitions.maintenance_step(view, now)
+    maintenance = partitions.maintenance_step(view, now, work)
     retire = [maintenance] if maintenance is not None else []
     if mode == RefreshMode.SWAP and by_partition is not None:
         found, leftovers, catalog = by_partition
         cleanup += [drop_leftover_step(view.schema, name, "r") for name in leftovers]
-        return cleanup + partitions.rebuild_steps(view, found, inspection.state.last_success, now, catalog) + retire
+        rebuild = partitions.rebuild_steps(view, found, inspection.state.last_success, now, catalog, work)
+        return cleanup + rebuild + retire
     if mode == RefreshMode.SWAP:
         state = inspection.marker.state if inspection.marker else {}
         swap = swap_steps(view, list(inspection.dependents), state=state, old_indexes=inspection.indexes)
@@ -299,8 +318,10 @@ def _run(
     mode: RefreshMode,
     settings: ExecutionSettings,
     closed: _Closed | None = None,
+    work: partitions.PartitionWork | None = None,
 ) -> float:
-    """Execute one mode's steps (ending with the closing, when given); return how long they took."""
+    """Execute one mode's steps (ending with the closing, when given); return how long they took. What they
+    do to a partitioned view's partitions goes into ``work``."""
     clock = time.monotonic()
     now = dt.datetime.now(dt.UTC)
     by_partition = None
@@ -313,7 +334,9 @@ def _run(
     ):
         catalog = inspection.key_catalog or resolve_relations(conn, view)
         by_partition = (*facts.partitions_to_rebuild(conn, view, inspection.oid, now), catalog)
-    steps = tuple(_steps(view, inspection, mode, now, by_partition))
+    if work is not None:  # a fallback plans again: only what the last plan did counts
+        work.clear()
+    steps = tuple(_steps(view, inspection, mode, now, by_partition, work))
     # A rebuild a partition at a time logs each step: its progress, and where an interrupted one stopped.
     plan = Plan(view, steps, (f"refresh ({mode})",), log_steps=by_partition is not None)
     execute(conn, plan, settings, closed.closing(mode) if closed is not None else None)
