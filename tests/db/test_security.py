@@ -427,3 +427,43 @@ async def test_settings_a_query_changes_do_not_outlive_it(conn: Connection, dsn:
         assert settings[0] != "64kB"
     finally:
         refresher.close()
+
+
+def test_a_partitioned_view_is_built_rebuilt_and_retired_as_its_role(conn: Connection, roles: Roles) -> None:
+    """Each partition's build runs the query as spec.runAsRole (its rights, not the operator's), the tables it
+    makes are that role's, and a look-alike planted in public is never called by any of it."""
+    team = roles["team"]
+    conn.execute(f"""
+        CREATE TABLE app.events (id int, at date NOT NULL, code varchar NOT NULL);
+        INSERT INTO app.events SELECT g, current_date - 7 * (g % 10), 'c' || g FROM generate_series(1, 200) g;
+        GRANT SELECT ON app.events TO {roles["operator"]}, {team};
+    """)
+    plant_the_attack(roles)
+    v = report(
+        query="SELECT id, at, upper(code) AS c FROM app.events",
+        storage="Table",
+        runAsRole=team,
+        indexes=[{"columns": ["id", "at"], "unique": True}],
+        partitioning={
+            "column": "at",
+            "by": "Range",
+            "period": "Week",
+            "retain": "4w",
+            "sources": [{"table": "app.events", "column": "at"}],
+        },
+    )
+    with engine.connect(roles.login("operator")) as operator:
+        apply_and_record(operator, v)
+        result = refresh(operator, v, "Swap")
+    assert result.result == "success", result
+    assert result.partitions is not None and result.partitions.rebuilt and result.partitions.retired, result
+    owners = conn.execute(
+        "SELECT DISTINCT pg_get_userbyid(c.relowner) FROM pg_class c WHERE c.oid = 'reports.codes'::regclass "
+        "OR c.oid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = 'reports.codes'::regclass)"
+    ).fetchall()
+    assert owners == [(team,)]
+    assert loot(conn) == 0
+    conn.execute(f"REVOKE SELECT ON app.events FROM {team}")
+    with engine.connect(roles.login("operator")) as operator:
+        failed = refresh(operator, v, "Swap")
+    assert (failed.result, failed.failure_reason) == ("failure", "permission"), failed
