@@ -24,7 +24,7 @@ from matview.errors import SpecError, UnmanagedObjectError
 from matview.plan import capture, engine
 from matview.plan.observed import Connection
 from matview.refresh import RefreshState, apply_and_record, facts, policy, refresh, verify
-from tests.helpers import document, to_yaml, view
+from tests.helpers import cli_on, document, to_yaml, view
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_SQL = (ROOT / "sql/examples/driver_matrix/schema.sql").read_text()
@@ -615,16 +615,7 @@ def test_an_incremental_refresh_killed_mid_way_loses_nothing(matrix: Connection,
 
 
 def test_the_incremental_example_applies_refreshes_and_verifies_through_the_cli(matrix: Connection) -> None:
-    example = str(ROOT / "examples/driver-matrix-incremental.yaml")
-    dsn = matrix.info.dsn
-
-    def matview(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "matview.cli", *args, example, "--dsn", dsn],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+    matview = cli_on(str(ROOT / "examples/driver-matrix-incremental.yaml"), matrix.info.dsn)
 
     plan = matview("plan")
     assert plan.returncode == 0, plan.stderr

@@ -31,10 +31,10 @@ from matview.observe.metrics import RefreshMetrics
 from matview.plan import engine, partitions
 from matview.plan.executor import ExecutionSettings
 from matview.plan.observed import Connection
-from matview.refresh import apply_and_record, facts, refresh, verify
+from matview.refresh import RefreshResult, apply_and_record, facts, refresh, verify
 from tests.db.test_incremental import SCHEMA_SQL, SOURCES, mismatches, random_batch
 from tests.db.test_pages import walk
-from tests.helpers import document, to_yaml, view
+from tests.helpers import cli_on, document, to_yaml, view
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -349,6 +349,13 @@ def partition_built(conn: Connection, schema: str, name: str) -> dict[str, str |
     return {str(n): (json.loads(c).get("state", {}).get("built") if c else None) for n, c in rows}
 
 
+def counted(result: RefreshResult, counter: str) -> float | None:
+    """What a counter of the view reads once the refresh is recorded in fresh metrics."""
+    metrics = RefreshMetrics()
+    metrics.record("ops", "weekly", result)
+    return metrics.registry.get_sample_value(counter, {"namespace": "ops", "name": "weekly"})
+
+
 def past_the_last_success(conn: Connection) -> None:
     """Wait until a rebuild would begin a whole second after the last success the marker records (to the
     second): one that begins within it may have been that success, and a resumed rebuild redoes it."""
@@ -380,12 +387,7 @@ def test_a_full_refresh_rebuilds_a_range_partitioned_view_a_partition_at_a_time(
     assert result.partitions is not None
     assert set(result.partitions.rebuilt) == set(partitions_of(matrix, "ops", "weekly"))
     assert f"rebuilt {len(result.partitions.rebuilt)} partition(s) one at a time" in result.reason
-    metrics = RefreshMetrics()
-    metrics.record("ops", "weekly", result)
-    rebuilt = metrics.registry.get_sample_value(
-        "matview_partitions_rebuilt_total", {"namespace": "ops", "name": "weekly"}
-    )
-    assert rebuilt == len(result.partitions.rebuilt)
+    assert counted(result, "matview_partitions_rebuilt_total") == len(result.partitions.rebuilt)
     # The parent was never replaced (a dependent view or a reader's plan keeps it), every partition was.
     assert matrix.execute("SELECT 'ops.weekly'::regclass::oid").fetchone() == parent_oid
     built = partition_built(matrix, "ops", "weekly")
@@ -536,12 +538,7 @@ def test_retention_retires_old_partitions_after_a_refresh_and_never_rebuilds_the
     assert oldest_built not in partitions_of(matrix, "ops", "weekly")
     assert result.partitions is not None and oldest_built in result.partitions.retired
     assert f"retired {oldest_built}" in result.reason
-    metrics = RefreshMetrics()
-    metrics.record("ops", "weekly", result)
-    retired = metrics.registry.get_sample_value(
-        "matview_partitions_retired_total", {"namespace": "ops", "name": "weekly"}
-    )
-    assert retired == len(result.partitions.retired)
+    assert counted(result, "matview_partitions_retired_total") == len(result.partitions.retired)
     assert kept_mismatches(matrix, mv, cutoff) == (0, 0)
     old = matrix.execute("SELECT count(*) FROM ops.weekly WHERE week_start < %s", (cutoff,)).fetchone()
     assert old == (0,)
@@ -718,15 +715,7 @@ def test_a_rebuild_killed_between_partitions_resumes_with_nothing_lost(
 
 
 def test_the_weekly_example_plans_applies_and_refreshes_through_the_cli(matrix: Connection) -> None:
-    example = str(ROOT / "examples/driver-matrix-weekly.yaml")
-
-    def matview(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "matview.cli", *args, example, "--dsn", matrix.info.dsn],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+    matview = cli_on(str(ROOT / "examples/driver-matrix-weekly.yaml"), matrix.info.dsn)
 
     plan = matview("plan")
     assert plan.returncode == 0, plan.stderr

@@ -287,19 +287,14 @@ def _incremental(
     sources: list[KeySource] = []
     for i, source in enumerate(raw.get("sources", [])):
         where = f"{path}.sources[{i}]"
-        table = _checked(sqltext.parse_qualified_name, source.get("table", ""), f"{where}.table", errors)
         columns = tuple(source.get("columns", []))
         for j, column in enumerate(columns):
             check_identifier(column, f"{where}.columns[{j}]", errors)
         if len(columns) != len(keys):
             errors.append(FieldError(f"{where}.columns", f"names {len(columns)} column(s); keyColumns has {len(keys)}"))
-        if table is None:
-            continue
-        check_identifier(table[0], f"{where}.table", errors)
-        check_identifier(table[1], f"{where}.table", errors)
-        if any(s.relation == table for s in sources):
-            errors.append(FieldError(f"{where}.table", f"{table[0]}.{table[1]} is listed twice"))
-        sources.append(KeySource(table[0], table[1], columns))
+        table = _source_table(source, where, [s.relation for s in sources], errors)
+        if table is not None:
+            sources.append(KeySource(table[0], table[1], columns))
     method = CaptureMethod(raw.get("capture", CaptureMethod.TRIGGERS))
     if method == CaptureMethod.LOGICAL_DECODING and raw.get("liveView"):
         errors.append(
@@ -318,6 +313,21 @@ def _incremental(
         live_view=bool(raw.get("liveView", False)),
         capture=method,
     )
+
+
+def _source_table(
+    source: dict[str, Any], where: str, listed: list[tuple[str, str]], errors: list[FieldError]
+) -> tuple[str, str] | None:
+    """A declared source's ``table`` (schema.table, both valid names, not listed before), or None."""
+    table = _checked(sqltext.parse_qualified_name, source.get("table", ""), f"{where}.table", errors)
+    if table is None:
+        return None
+    check_identifier(table[0], f"{where}.table", errors)
+    check_identifier(table[1], f"{where}.table", errors)
+    if table in listed:
+        errors.append(FieldError(f"{where}.table", f"{table[0]}.{table[1]} is listed twice"))
+        return None
+    return (table[0], table[1])
 
 
 def _partitioning(
@@ -342,16 +352,11 @@ def _partitioning(
     sources: list[PartitionSource] = []
     for i, source in enumerate(raw.get("sources", [])):
         where = f"{path}.sources[{i}]"
-        table = _checked(sqltext.parse_qualified_name, source.get("table", ""), f"{where}.table", errors)
         source_column = source.get("column", "")
         check_identifier(source_column, f"{where}.column", errors)
-        if table is None:
-            continue
-        check_identifier(table[0], f"{where}.table", errors)
-        check_identifier(table[1], f"{where}.table", errors)
-        if any(s.relation == table for s in sources):
-            errors.append(FieldError(f"{where}.table", f"{table[0]}.{table[1]} is listed twice"))
-        sources.append(PartitionSource(table[0], table[1], source_column))
+        table = _source_table(source, where, [s.relation for s in sources], errors)
+        if table is not None:
+            sources.append(PartitionSource(table[0], table[1], source_column))
     for i, index in enumerate(indexes):
         if index.unique and column not in index.columns:
             errors.append(
