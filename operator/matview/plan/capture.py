@@ -372,6 +372,21 @@ def claim_for_swap(view: MaterializedView) -> list[sql.Composed]:
     ]
 
 
+def claim_for_partitions(view: MaterializedView) -> list[sql.Composed]:
+    """The first transaction of a rebuild a partition at a time: forget every change (each partition is
+    built afterwards, so every one includes them) and leave SWAP_PENDING until the last partition is in.
+    A rebuild that resumes one that stopped (SWAP_PENDING still there) forgets nothing: the partitions the
+    first one finished were built before the changes since, which stay in the log for the next incremental
+    refresh."""
+    log = changes_id(view)
+    return [
+        sql.SQL("DELETE FROM {} WHERE NOT EXISTS (SELECT 1 FROM {} AS p WHERE p.{} = {})").format(
+            log, log, sql.Identifier(FULL_REBUILD), sql.Literal(SWAP_PENDING)
+        ),
+        request_full_rebuild(view, SWAP_PENDING),
+    ]
+
+
 def swap_committed(view: MaterializedView) -> sql.Composed:
     return sql.SQL("DELETE FROM {} WHERE {} = {}").format(
         changes_id(view), sql.Identifier(FULL_REBUILD), sql.Literal(SWAP_PENDING)

@@ -257,6 +257,14 @@ def check_partition_sources(view: MaterializedView, observed: Observed) -> list[
             continue
         if read is not None and source.relation not in read:
             errors.append(FieldError(f"{where}.table", f"the query does not read {label}"))
+        if view.incremental is not None and source.relation not in {s.relation for s in view.incremental.sources}:
+            errors.append(
+                FieldError(
+                    f"{where}.table",
+                    f"{label} must also be one of spec.incremental.sources: a partition of an incremental view is "
+                    "rebuilt from the keys of its period's rows, which that declaration maps",
+                )
+            )
         types = dict(zip(table.columns, (t for _, _, t in table.column_types), strict=False))
         if source.column not in types:
             errors.append(FieldError(f"{where}.column", f"{label} has no column {source.column!r}"))

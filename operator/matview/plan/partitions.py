@@ -28,7 +28,8 @@ from matview import timestamps
 from matview.api import sqltext
 from matview.api.spec import MaterializedView, PartitionBy, PartitioningSpec, PartitionPeriod, truncate_utf8
 from matview.constants import MAX_IDENTIFIER_BYTES
-from matview.plan.capture import EVERY_ROW
+from matview.plan import capture
+from matview.plan.capture import EVERY_ROW, claim_for_partitions, swap_committed
 from matview.plan.marker import Marker
 from matview.plan.statements import (
     FromRows,
@@ -323,13 +324,9 @@ class PartitionFound:
 def rebuilds_by_partition(view: MaterializedView) -> bool:
     """Whether a full refresh of view rebuilds a partition at a time: a range-partitioned view with declared
     partition sources (without them each partition's build would run the whole query again, however little
-    of it PostgreSQL can push the period into) and without change capture (an incremental view's claim of its
-    changes spans one transaction, so it still swaps in full)."""
+    of it PostgreSQL can push the period into)."""
     return (
-        view.partitioning is not None
-        and view.partitioning.by is PartitionBy.RANGE
-        and bool(view.partitioning.sources)
-        and view.incremental is None
+        view.partitioning is not None and view.partitioning.by is PartitionBy.RANGE and bool(view.partitioning.sources)
     )
 
 
@@ -426,6 +423,9 @@ def rebuild_steps(
 
     work = work if work is not None else PartitionWork()
     steps: list[Step] = []
+    if view.incremental is not None:
+        # Every partition is built after this commits, so each includes the changes it forgets.
+        steps.append(Step(f"claim the changes of {view.relation} for its rebuild", tuple(claim_for_partitions(view))))
     (work.resumed if fresh(DEFAULT_LABEL) else work.rebuilt).append(partition_name(view.name, DEFAULT_LABEL))
     if not fresh(DEFAULT_LABEL):
         # Its rows are those in no period, whatever the sources hold: filtering a source to "no period" could
@@ -457,14 +457,27 @@ def rebuild_steps(
             continue
         work.rebuilt.append(partition_name(view.name, label))
         upper = next_period(day, spec.period)
-        query = _sliced_query(view, catalog, (day, upper))
-        steps += _partition_steps(view, label, query, _within(view, [(day, upper)]), (day, upper), now, True)
+        if view.incremental is not None:
+            # The keys with a source row in the period, and the query filtered on them as an incremental refresh
+            # filters it: every row of those keys, whatever else of theirs lies in other periods, then the
+            # period's. (Slicing each read of the source instead would hide a key's rows of other periods from
+            # what the query computes over all of them.)
+            query = capture.key_filtered_query(view, catalog).query
+            prelude = _period_keys(view, (day, upper))
+        else:
+            query, prelude = _sliced_query(view, catalog, (day, upper)), []
+        steps += _partition_steps(view, label, query, _within(view, [(day, upper)]), (day, upper), now, True, prelude)
+    if view.incremental is not None:
+        steps.append(Step(f"the rebuild of {view.relation} is complete", (swap_committed(view),)))
     return steps
 
 
 def _within(view: MaterializedView, spans: Sequence[tuple[datetime.date, datetime.date]]) -> sql.Composable:
     assert view.partitioning is not None
-    column = sql.Identifier(view.partitioning.column)
+    return _within_column(sql.Identifier(view.partitioning.column), spans)
+
+
+def _within_column(column: sql.Identifier, spans: Sequence[tuple[datetime.date, datetime.date]]) -> sql.Composable:
     return sql.SQL(" OR ").join(
         sql.SQL("({col} OPERATOR(pg_catalog.>=) {lo} AND {col} OPERATOR(pg_catalog.<) {hi})").format(
             col=column, lo=sql.Literal(bound_literal(lo)), hi=sql.Literal(bound_literal(hi))
@@ -501,6 +514,33 @@ def _sliced_query(
     return sqltext.inject_source_filters(view.query, catalog, predicates).query
 
 
+def _period_keys(view: MaterializedView, period: tuple[datetime.date, datetime.date]) -> list[Statement]:
+    """The temporary table of keys a key-filtered query reads, filled with the keys of the partition sources'
+    rows in the period (each is an incremental source too: its columns that give the key are declared)."""
+    assert view.incremental is not None and view.partitioning is not None
+    keys = view.incremental.key_columns
+    columns = {source.relation: source.columns for source in view.incremental.sources}
+    selects = [
+        sql.SQL("SELECT {} FROM {} AS s WHERE {}").format(
+            sql.SQL(", ").join(
+                sql.SQL("{} AS {}").format(sql.Identifier("s", c), sql.Identifier(k))
+                for c, k in zip(columns[source.relation], keys, strict=True)
+            ),
+            relation_id(*source.relation),
+            _within_column(sql.Identifier("s", source.column), [period]),
+        )
+        for source in view.partitioning.sources
+    ]
+    temporary = sql.Identifier(*sqltext.CHANGED_KEYS_TABLE)
+    return [
+        sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT DISTINCT * FROM ({}) AS k").format(
+            sql.Identifier(sqltext.CHANGED_KEYS_TABLE[1]), sql.SQL(" UNION ALL ").join(selects)
+        ),
+        sql.SQL("CREATE UNIQUE INDEX ON {} ({})").format(temporary, capture.key_list(keys)),
+        sql.SQL("ANALYZE {}").format(temporary),
+    ]
+
+
 def _outside(view: MaterializedView, spans: Sequence[tuple[datetime.date, datetime.date]]) -> sql.Composable:
     """The DEFAULT partition's rows: no value, or a value in none of the spans."""
     spec = view.partitioning
@@ -518,6 +558,7 @@ def _partition_steps(
     bounds: tuple[datetime.date, datetime.date] | None,
     now: datetime.datetime,
     exists: bool,
+    prelude: Sequence[Statement] = (),
 ) -> list[Step]:
     """Build one partition's rows apart, then swap it in for the old one (if there is one), then drop the
     old one."""
@@ -528,9 +569,10 @@ def _partition_steps(
     stage, final = relation_id(schema, stage_name), relation_id(schema, final_name)
     check = sql.Identifier("matview_partition_bound")
     build: list[StepItem] = [
+        *prelude,
         sql.SQL("CREATE TABLE {} AS SELECT * FROM ({}) AS q WHERE {} WITH DATA").format(
             stage, sqltext.embed(query), rows
-        )
+        ),
     ]
     if bounds is not None:  # proves the range to ATTACH, which then skips its scan under the lock
         build.append(
