@@ -224,13 +224,15 @@ def test_incremental_refresh_of_a_partitioned_view_routes_rows_to_their_weeks(ma
     [
         ({"column": "nope", "by": "List"}, "spec.partitioning.column", "not in the query's result"),
         ({"column": "driver_id", "by": "Range", "period": "Week"}, "spec.partitioning.column", "of type bigint"),
+        ({"column": "doc", "by": "List"}, "spec.partitioning.column", "of type json, which has no default btree"),
     ],
 )
 def test_a_bad_partition_column_is_refused_naming_the_field_and_nothing_is_made(
     matrix: Connection, partitioning: dict[str, Any], field: str, words: str
 ) -> None:
+    query = "SELECT *, '{}'::json AS doc FROM ops.v_payments_driver_matrix_cabinet"
     with pytest.raises(SpecError) as raised:
-        engine.apply(matrix, weekly_view(partitioning=partitioning))
+        engine.apply(matrix, weekly_view(query=query, partitioning=partitioning))
     assert field in str(raised.value) and words in str(raised.value), raised.value
     made = matrix.execute("SELECT count(*) FROM pg_class WHERE relname LIKE 'weekly%'").fetchone()
     assert made == (0,)

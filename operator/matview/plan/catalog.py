@@ -305,6 +305,9 @@ def observe(
             observed.query_columns, types = describe_query_types(conn, view.query)
         if view.incremental is not None:
             observed.key_types = key_types(conn, view.incremental.key_columns, observed.query_columns, types)
+        if view.partitioning is not None:
+            column = view.partitioning.column
+            observed.partition_key = key_types(conn, (column,), observed.query_columns, types).get(column)
     except psycopg.Error as exc:
         message = (exc.diag.message_primary or str(exc)).strip()
         observed.query_error = sqltext.explain_unresolved(message, exc.sqlstate, view.search_path)

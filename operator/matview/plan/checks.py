@@ -8,7 +8,7 @@ from matview.api import sqltext
 from matview.api.spec import MaterializedView, PartitionBy
 from matview.errors import FieldError, UnmanagedObjectError
 from matview.plan import capture, decoding
-from matview.plan.observed import Observed, TableState
+from matview.plan.observed import KeyType, Observed, TableState
 from matview.plan.statements import is_ours, not_ours
 
 
@@ -278,8 +278,11 @@ def check_partition_sources(view: MaterializedView, observed: Observed) -> list[
     return errors
 
 
-def partition_column_errors(view: MaterializedView, column_types: dict[str, str]) -> list[FieldError]:
-    """spec.partitioning.column against the query's result: it must be there, and a date for a range."""
+def partition_column_errors(
+    view: MaterializedView, column_types: dict[str, str], key: KeyType | None = None
+) -> list[FieldError]:
+    """spec.partitioning.column against the query's result: it must be there, a date for a range, and of a
+    type PostgreSQL can partition by (default btree and hash operator classes)."""
     spec = view.partitioning
     if spec is None:
         return []
@@ -287,6 +290,12 @@ def partition_column_errors(view: MaterializedView, column_types: dict[str, str]
     found = column_types.get(spec.column)
     if found is None:
         return [FieldError(path, f"column {spec.column!r} is not in the query's result")]
+    if key is not None and not key.hashable:
+        return [
+            FieldError(
+                path, f"column {spec.column!r} is of type {found}, which has no default btree and hash operator class"
+            )
+        ]
     if spec.by is PartitionBy.RANGE and found not in RANGE_COLUMN_TYPES:
         return [
             FieldError(

@@ -127,6 +127,8 @@ class Observed:
     live_parts: list[LivePart] = field(default_factory=list)
     """What holds the names of the live view's function and row shape."""
     key_types: dict[str, KeyType] = field(default_factory=dict)
+    partition_key: KeyType | None = None
+    """The type of spec.partitioning.column as the query produces it (None: not partitioned, or not known)."""
     """The query's result columns that are declared keys (spec.incremental), by name."""
     key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation] | None = None
     """What each relation the query reads resolves to, through plain views (spec.incremental)."""

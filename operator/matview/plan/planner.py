@@ -81,7 +81,7 @@ def build_plan(view: MaterializedView, observed: Observed, policy: ApplyPolicy |
                     errors.append(
                         FieldError(f"spec.indexes[{i}].columns[{j}]", f"column {column!r} is not in the query's result")
                     )
-        errors += partition_column_errors(view, dict(query_columns))
+        errors += partition_column_errors(view, dict(query_columns), observed.partition_key)
         duplicates = sorted({c for c, _ in query_columns if [n for n, _ in query_columns].count(c) > 1})
         if duplicates:
             errors.append(FieldError("spec.query", "result has duplicate column names: " + ", ".join(duplicates)))
