@@ -837,3 +837,16 @@ def test_a_partition_source_of_an_incremental_view_must_be_one_of_its_key_source
     assert "spec.partitioning.sources[0].table: ops.leads must also be one of spec.incremental.sources" in str(
         raised.value
     )
+
+
+def test_deleting_a_partitioned_view_with_policy_delete_drops_every_partition_and_retain_keeps_them(
+    matrix: Connection,
+) -> None:
+    kept = weekly_view(deletionPolicy="Retain")
+    apply_and_record(matrix, kept)
+    engine.delete(matrix, kept)
+    assert len(partitions_of(matrix, "ops", "weekly")) > 3
+    gone = weekly_view(deletionPolicy="Delete")
+    engine.delete(matrix, gone)
+    left = matrix.execute("SELECT count(*) FROM pg_class WHERE relname LIKE 'weekly%' AND relkind IN ('r', 'p')")
+    assert left.fetchone() == (0,)
