@@ -399,14 +399,13 @@ def _filter_reads(
 ) -> KeyFilterResult:
     filtered: set[RelationName] = set()
     inlined: list[RelationName] = []
-    sources = predicates
 
     # A source or a view read several times (the driver matrix reads one table 12 times) is parsed and rewritten
     # once: the tree is only printed afterwards, so one subtree may stand in several places.
     filters: dict[tuple[RelationName, bool], Any] = {}
     rewritten_views: dict[tuple[CheckedSQL, int], Any] = {}
 
-    def key_filter(name: RelationName, predicate: str, inherit: bool) -> Any:
+    def source_filter(name: RelationName, predicate: str, inherit: bool) -> Any:
         if (name, inherit) not in filters:
             template = f"SELECT * FROM {quote_identifier(name[0])}.{quote_identifier(name[1])} WHERE {predicate}"
             subquery = _parse(template)[0].stmt
@@ -434,11 +433,11 @@ def _filter_reads(
                 if resolved is None:
                     return None
                 alias = node.alias or ast.Alias(aliasname=str(node.relname))
-                if resolved.name in sources:
+                if resolved.name in predicates:
                     filtered.add(resolved.name)
-                    subquery = key_filter(resolved.name, sources[resolved.name], bool(node.inh))
+                    subquery = source_filter(resolved.name, predicates[resolved.name], bool(node.inh))
                     return ast.RangeSubselect(lateral=False, subquery=subquery, alias=alias)
-                if resolved.definition is not None and _reads_source(resolved.name, catalog, sources, set()):
+                if resolved.definition is not None and _reads_source(resolved.name, catalog, predicates, set()):
                     inlined.append(resolved.name)
                     return ast.RangeSubselect(
                         lateral=False, subquery=rewrite(resolved.definition, depth + 1), alias=alias

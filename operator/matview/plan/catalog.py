@@ -303,11 +303,12 @@ def observe(
             pin_name_resolution(conn, view, local=True)
             become_query_role(conn, view)
             observed.query_columns, types = describe_query_types(conn, view.query)
-        if view.incremental is not None:
-            observed.key_types = key_types(conn, view.incremental.key_columns, observed.query_columns, types)
-        if view.partitioning is not None:
-            column = view.partitioning.column
-            observed.partition_key = key_types(conn, (column,), observed.query_columns, types).get(column)
+        keys = view.incremental.key_columns if view.incremental is not None else ()
+        partition = (view.partitioning.column,) if view.partitioning is not None else ()
+        if keys or partition:  # one read for both: what the claim and what the partitioning compare
+            typed = key_types(conn, (*keys, *partition), observed.query_columns, types)
+            observed.key_types = {name: typed[name] for name in keys if name in typed}
+            observed.partition_key = typed.get(partition[0]) if partition else None
     except psycopg.Error as exc:
         message = (exc.diag.message_primary or str(exc)).strip()
         observed.query_error = sqltext.explain_unresolved(message, exc.sqlstate, view.search_path)

@@ -319,6 +319,11 @@ def drop_capture_steps(view: MaterializedView, observed: Observed, state: captur
     ]
 
 
+def _drop_index(concurrently: bool) -> sql.SQL:
+    """DROP INDEX, CONCURRENTLY unless on a partitioned table (which PostgreSQL cannot drop from that way)."""
+    return sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}") if concurrently else sql.SQL("DROP INDEX IF EXISTS {}")
+
+
 def index_steps(
     view: MaterializedView,
     index: IndexSpec,
@@ -335,7 +340,7 @@ def index_steps(
     marker = index_marker(view, index)
     target = relation_id(schema, final)
     create = create_index_sql(view, index, final, table, concurrently=concurrently)
-    drop = sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}") if concurrently else sql.SQL("DROP INDEX IF EXISTS {}")
+    drop = _drop_index(concurrently)
     drop_final = drop.format(target)
     how = "(CONCURRENTLY)" if concurrently else "(writes wait)"
     if existing is None:
@@ -390,13 +395,10 @@ def converge_view(view: MaterializedView, observed: Observed, reasons: list[str]
         if name not in wanted and state.marker is not None and state.marker.owner == view.owner:
             reasons.append(f"index {name} is no longer in the spec")
             concurrently = view.relkind != "p"
-            drop = (
-                sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}") if concurrently else sql.SQL("DROP INDEX IF EXISTS {}")
-            )
             steps.append(
                 Step(
                     f"drop index {name}" + (" (CONCURRENTLY)" if concurrently else ""),
-                    (drop.format(relation_id(view.schema, name)),),
+                    (_drop_index(concurrently).format(relation_id(view.schema, name)),),
                     transactional=not concurrently,
                 )
             )

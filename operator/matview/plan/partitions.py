@@ -112,6 +112,34 @@ def bound_literal(day: datetime.date) -> str:
     return f"{day.isoformat()} 00:00:00+00"
 
 
+def _range_bounds(lower: datetime.date, period: PartitionPeriod) -> sql.Composed:
+    """``FOR VALUES FROM (…) TO (…)`` of the range partition starting at lower."""
+    return sql.SQL("FOR VALUES FROM ({}) TO ({})").format(
+        sql.Literal(bound_literal(lower)), sql.Literal(bound_literal(next_period(lower, period)))
+    )
+
+
+def _range_partition_sql(schema: str, parent: str, lower: datetime.date, period: PartitionPeriod) -> sql.Composed:
+    """Make the range partition of ``parent`` starting at lower, named after it."""
+    return sql.SQL("CREATE TABLE {} PARTITION OF {} {}").format(
+        relation_id(schema, partition_name(parent, range_label(lower))),
+        relation_id(schema, parent),
+        _range_bounds(lower, period),
+    )
+
+
+def _lock_view(parent: sql.Identifier) -> sql.Composed:
+    """The view alone, not its partitions: readers lock it before its partitions, so whoever changes which
+    partitions it has takes it first."""
+    return sql.SQL("LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE").format(parent)
+
+
+def _label_of(parent: str, child: str) -> str | None:
+    """The label of child when it is a partition of parent as this engine names them (None: another name)."""
+    label = child[-LABEL_LENGTH:]
+    return label if child == partition_name(parent, label) else None
+
+
 def range_label(lower: datetime.date) -> str:
     return "p" + lower.strftime("%Y%m%d")
 
@@ -129,7 +157,7 @@ def next_period(lower: datetime.date, period: PartitionPeriod) -> datetime.date:
     return (lower.replace(day=1) + datetime.timedelta(days=32)).replace(day=1)
 
 
-def build_statements(view: MaterializedView, target_name: str, query: sql.Composable) -> list[Statement | FromRows]:
+def build_statements(view: MaterializedView, target_name: str, query: sql.Composable) -> list[StepItem]:
     """Build the partitioned table ``target_name`` from ``query`` (the view's query, embedded by the caller
     through the one door): rows into a flat unlogged table, the partitioned table of its shape with a DEFAULT
     partition and the partitions its rows need, the rows routed in, the flat table dropped."""
@@ -197,12 +225,7 @@ def partition_statements(view: MaterializedView, target_name: str, row: Sequence
     assert spec.period is not None
     current, starts = (row[0], list(row[1])) if row else (None, [])
     return [
-        sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})").format(
-            relation_id(view.schema, partition_name(target_name, range_label(lower))),
-            target,
-            sql.Literal(bound_literal(lower)),
-            sql.Literal(bound_literal(next_period(lower, spec.period))),
-        )
+        _range_partition_sql(view.schema, target_name, lower, spec.period)
         for lower in range_starts(spec, starts, current)
     ]
 
@@ -243,16 +266,16 @@ def renames(view: MaterializedView, summary: str, steps: Sequence[Renaming], onl
         # (which autovacuum holds while it waits for the index) would deadlock.
         for tables, indexes in steps:
             for parent, child in sorted({(row[0], row[1]) for row in rows}):
-                label = str(child)[-LABEL_LENGTH:]
-                if parent in tables and child == partition_name(parent, label) and tables[parent] != parent:
+                label = _label_of(parent, child)
+                if parent in tables and label is not None and tables[parent] != parent:
                     statements.append(
                         sql.SQL("ALTER TABLE {} RENAME TO {}").format(
                             relation_id(view.schema, child), sql.Identifier(partition_name(tables[parent], label))
                         )
                     )
             for parent, child, parent_index, child_index in rows:
-                label = str(child)[-LABEL_LENGTH:]
-                if parent not in tables or child != partition_name(parent, label):
+                label = _label_of(parent, child)
+                if parent not in tables or label is None:
                     continue  # not a partition this engine named: left as it is
                 if child_index is not None and parent_index in indexes:
                     wanted = partition_name(indexes[parent_index], label)
@@ -356,6 +379,11 @@ def range_start(label: str) -> datetime.date | None:
         return None
 
 
+def _current_period(now: datetime.datetime, period: PartitionPeriod) -> datetime.date:
+    """The first day of the period now is in, in UTC (as the partitions' bounds are)."""
+    return period_of(now.astimezone(datetime.UTC).date(), period)
+
+
 def period_of(day: datetime.date, period: PartitionPeriod) -> datetime.date:
     """The first day of the period holding day (weeks start on Monday, as date_trunc's)."""
     if period is PartitionPeriod.DAY:
@@ -381,15 +409,11 @@ def _ranges(view: MaterializedView, found: Sequence[PartitionFound], now: dateti
     spec = view.partitioning
     assert spec is not None and spec.period is not None
     have = sorted({day for f in found if (day := range_start(f.name[-LABEL_LENGTH:])) is not None})
-    current = period_of(now.astimezone(datetime.UTC).date(), spec.period)
+    current = _current_period(now, spec.period)
     wanted = list(have)
     if have and current < LATEST:
         day = next_period(have[-1], spec.period)
-        last = current
-        for _ in range(spec.ahead):
-            if next_period(last, spec.period) >= LATEST:
-                break
-            last = next_period(last, spec.period)
+        last = periods_to_come(view, now)[-1]
         while day <= last and len(wanted) < MAX_PARTITIONS:
             wanted.append(day)
             day = next_period(day, spec.period)
@@ -412,7 +436,7 @@ def rebuild_steps(
     assert spec is not None and spec.period is not None
     cutoff = retention_cutoff(view, now)
     ranges = [day for day in _ranges(view, found, now) if cutoff is None or next_period(day, spec.period) > cutoff]
-    existing = {f.name[-LABEL_LENGTH:]: f for f in found if f.name == partition_name(view.name, f.name[-LABEL_LENGTH:])}
+    existing = {label: f for f in found if (label := _label_of(view.name, f.name)) is not None}
     new = [day for day in ranges if range_label(day) not in existing]
 
     def fresh(label: str) -> bool:
@@ -434,19 +458,10 @@ def rebuild_steps(
         outside = sql.SQL("({}) AND {}").format(_outside(view, _spans(view, ranges)), kept(view, cutoff))
         steps += _partition_steps(view, DEFAULT_LABEL, view.query, outside, None, now, DEFAULT_LABEL in existing)
     if new:
-        target = relation_id(view.schema, view.name)
         steps.append(
             Step(
                 f"make {len(new)} partition(s) of {view.relation} for the periods to come",
-                tuple(
-                    sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})").format(
-                        relation_id(view.schema, partition_name(view.name, range_label(day))),
-                        target,
-                        sql.Literal(bound_literal(day)),
-                        sql.Literal(bound_literal(next_period(day, spec.period))),
-                    )
-                    for day in new
-                ),
+                tuple(_range_partition_sql(view.schema, view.name, day, spec.period) for day in new),
                 takes_exclusive_lock=True,
             )
         )
@@ -562,6 +577,8 @@ def _partition_steps(
 ) -> list[Step]:
     """Build one partition's rows apart, then swap it in for the old one (if there is one), then drop the
     old one."""
+    assert view.partitioning is not None
+    column, period = view.partitioning.column, view.partitioning.period
     schema, parent = view.schema, relation_id(view.schema, view.name)
     stage_name = partition_name(staging_name(view), label)
     final_name = partition_name(view.name, label)
@@ -577,7 +594,7 @@ def _partition_steps(
     if bounds is not None:  # proves the range to ATTACH, which then skips its scan under the lock
         build.append(
             sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL AND ({}))").format(
-                stage, check, sql.Identifier(view.partitioning.column if view.partitioning else ""), rows
+                stage, check, sql.Identifier(column), rows
             )
         )
     index_renames: list[Statement] = []
@@ -593,16 +610,13 @@ def _partition_steps(
     build.append(comment_sql("view", stage, Marker(view.owner, "staging", "partition"), "r"))
     build.append(sql.SQL("ANALYZE {}").format(stage))
     attach = (
-        sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})").format(
-            parent, stage, sql.Literal(bound_literal(bounds[0])), sql.Literal(bound_literal(bounds[1]))
-        )
-        if bounds is not None
+        sql.SQL("ALTER TABLE {} ATTACH PARTITION {} {}").format(parent, stage, _range_bounds(bounds[0], period))
+        if bounds is not None and period is not None
         else sql.SQL("ALTER TABLE {} ATTACH PARTITION {} DEFAULT").format(parent, stage)
     )
     retired_indexes = {view.index_name(i): retired_index_name(view.index_name(i)) for i in view.indexes}
-    # The parent first: readers lock it before its partitions, and a swap that took the partition first (its
-    # rename) would deadlock with them.
-    swap: list[StepItem] = [sql.SQL("LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE").format(parent)]
+    # The parent first: a swap that took the partition first (its rename) would deadlock with readers.
+    swap: list[StepItem] = [_lock_view(parent)]
     # Then the two partitions, before any of their indexes (see ``renames``).
     if exists:
         swap.append(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(final))
@@ -655,7 +669,7 @@ def retention_cutoff(view: MaterializedView, now: datetime.datetime) -> datetime
     spec = view.partitioning
     if spec is None or spec.retain is None or spec.period is None:
         return None
-    current = period_of(now.astimezone(datetime.UTC).date(), spec.period)
+    current = _current_period(now, spec.period)
     count, unit = spec.retain.count, spec.retain.unit
     if unit == "d":
         back = current - datetime.timedelta(days=count)
@@ -697,7 +711,7 @@ def periods_to_come(view: MaterializedView, now: datetime.datetime) -> list[date
     """The current period and ``ahead`` more: where new rows go, so they must have partitions."""
     spec = view.partitioning
     assert spec is not None and spec.period is not None
-    day = period_of(now.astimezone(datetime.UTC).date(), spec.period)
+    day = _current_period(now, spec.period)
     days = [day]
     for _ in range(spec.ahead):
         day = next_period(day, spec.period)
@@ -747,31 +761,17 @@ def maintenance_step(view: MaterializedView, now: datetime.datetime, work: Parti
             if partition_name(view.name, label) not in have and label not in occupied:
                 if work is not None:
                     work.made.append(partition_name(view.name, label))
-                statements.append(
-                    sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})").format(
-                        relation_id(view.schema, partition_name(view.name, label)),
-                        parent,
-                        sql.Literal(bound_literal(day)),
-                        sql.Literal(bound_literal(next_period(day, period))),
-                    )
-                )
+                statements.append(_range_partition_sql(view.schema, view.name, day, period))
         for child in sorted(have):
-            label = child[-LABEL_LENGTH:]
-            start = range_start(label)
-            if (
-                cutoff is not None
-                and child == partition_name(view.name, label)
-                and start is not None
-                and next_period(start, period) <= cutoff
-            ):
+            ours = _label_of(view.name, child)
+            start = range_start(ours) if ours is not None else None
+            if cutoff is not None and start is not None and next_period(start, period) <= cutoff:
                 child_id = relation_id(view.schema, child)
                 if work is not None:
                     work.retired.append(child)
                 statements.append(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(parent, child_id))
                 statements.append(sql.SQL("DROP TABLE {}").format(child_id))
-        if not statements:
-            return []
-        return [sql.SQL("LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE").format(parent), *statements]
+        return [_lock_view(parent), *statements] if statements else []
 
     retention = f", retire those before {cutoff} (retain {spec.retain.text})" if cutoff and spec.retain else ""
     return Step(
