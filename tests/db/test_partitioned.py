@@ -351,11 +351,11 @@ def partition_built(conn: Connection, schema: str, name: str) -> dict[str, str |
     return {str(n): (json.loads(c).get("state", {}).get("built") if c else None) for n, c in rows}
 
 
-def counted(result: RefreshResult, counter: str) -> float | None:
+def counted(result: RefreshResult, counter: str, **labels: str) -> float | None:
     """What a counter of the view reads once the refresh is recorded in fresh metrics."""
     metrics = RefreshMetrics()
     metrics.record("ops", "weekly", result)
-    return metrics.registry.get_sample_value(counter, {"namespace": "ops", "name": "weekly"})
+    return metrics.registry.get_sample_value(counter, {"namespace": "ops", "name": "weekly", **labels})
 
 
 def past_the_last_success(conn: Connection) -> None:
@@ -389,7 +389,7 @@ def test_a_full_refresh_rebuilds_a_range_partitioned_view_a_partition_at_a_time(
     assert result.partitions is not None
     assert set(result.partitions.rebuilt) == set(partitions_of(matrix, "ops", "weekly"))
     assert f"rebuilt {len(result.partitions.rebuilt)} partition(s) one at a time" in result.reason
-    assert counted(result, "matview_partitions_rebuilt_total") == len(result.partitions.rebuilt)
+    assert counted(result, "matview_partitions_rebuilt_total", scope="all") == len(result.partitions.rebuilt)
     # The parent was never replaced (a dependent view or a reader's plan keeps it), every partition was.
     assert matrix.execute("SELECT 'ops.weekly'::regclass::oid").fetchone() == parent_oid
     built = partition_built(matrix, "ops", "weekly")
@@ -850,3 +850,131 @@ def test_deleting_a_partitioned_view_with_policy_delete_drops_every_partition_an
     engine.delete(matrix, gone)
     left = matrix.execute("SELECT count(*) FROM pg_class WHERE relname LIKE 'weekly%' AND relkind IN ('r', 'p')")
     assert left.fetchone() == (0,)
+
+
+# --- Auto rebuilds only the partitions the changed keys touch --------------------------------------------------
+
+#: An incremental weekly view whose Auto always prefers a rebuild: any change is above its fullRebuildRatio.
+REBUILDS = {"keyColumns": ["driver_id"], "sources": SOURCES, "fullRebuildRatio": 0.000001}
+
+
+def partition_oids(conn: Connection) -> dict[str, int]:
+    rows = conn.execute(
+        "SELECT c.relname, c.oid FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = 'ops.weekly'::regclass"
+    ).fetchall()
+    return {str(name): int(oid) for name, oid in rows}
+
+
+def partitions_holding(conn: Connection, drivers: list[int]) -> set[str]:
+    """The partitions of ops.weekly holding a row of these drivers."""
+    rows = conn.execute(
+        "SELECT DISTINCT c.relname FROM ops.weekly w JOIN pg_class c ON c.oid = w.tableoid WHERE w.driver_id = ANY(%s)",
+        (drivers,),
+    ).fetchall()
+    return {str(r[0]) for r in rows}
+
+
+def week_partitions_with_rows(conn: Connection) -> list[str]:
+    """The range partitions holding rows, oldest first."""
+    names = partitions_of(conn, "ops", "weekly")
+    return sorted(n for n in names if n != "weekly_p_default" and rows_in(conn, "ops", n))
+
+
+def swap_measured(conn: Connection, mv: MaterializedView) -> float | None:
+    return facts.inspect(conn, mv).state.durations.get("Swap")
+
+
+def test_auto_rebuilds_only_the_partitions_the_changed_keys_touch(matrix: Connection) -> None:
+    mv = weekly_view(incremental=REBUILDS)
+    apply_and_record(matrix, mv)
+    weeks = week_partitions_with_rows(matrix)
+    assert len(weeks) >= 6, weeks
+    newest, older = weeks[-1], weeks[1]
+    # Drivers of the newest week get a changed claim (their rows stay where they are); one lead of an older
+    # week moves two weeks on (its driver's row leaves one partition for another).
+    changed = [int(r[0]) for r in matrix.execute(f"SELECT DISTINCT driver_id FROM ops.{newest} LIMIT 3")]
+    moved_row = matrix.execute(f"SELECT driver_id FROM ops.{older} LIMIT 1").fetchone()
+    assert changed and moved_row is not None
+    moved = int(moved_row[0])
+    before = partitions_holding(matrix, [*changed, moved])
+    oids = partition_oids(matrix)
+    measured = swap_measured(matrix, mv)
+    matrix.execute("UPDATE ops.claims SET status = 'rejected' WHERE driver_id = ANY(%s)", (changed,))
+    matrix.execute("UPDATE ops.leads SET lead_date = lead_date + 14 WHERE driver_id = %s", (moved,))
+    assert mismatches(matrix, mv) != (0, 0)
+
+    result = refresh(matrix, mv)
+
+    assert result.result == "success" and result.mode == "Swap", result
+    assert mismatches(matrix, mv) == (0, 0)
+    touched = before | partitions_holding(matrix, [*changed, moved])
+    assert result.partitions is not None and result.partitions.scope == partitions.REBUILT_TOUCHED, result
+    assert set(result.partitions.rebuilt) == touched, (result.partitions.rebuilt, touched)
+    assert len(touched) < len(oids) - 3, touched  # a few of many
+    after = partition_oids(matrix)
+    assert {n for n in oids if after.get(n) != oids[n]} == touched  # every other partition is the same table
+    untouched = len(oids) - len(touched)
+    assert f"rebuilt only the {len(touched)} partition(s) the changed keys touch" in result.reason, result.reason
+    assert f"{untouched} left as they were" in result.reason and newest in result.reason, result.reason
+    assert result.as_dict()["partitions"]["scope"] == "touched"
+    assert counted(result, "matview_partitions_rebuilt_total", scope="touched") == len(touched)
+    assert matrix.execute("SELECT count(*) FROM ops.weekly_mv_changes").fetchone() == (0,)
+    # What a rebuild of some partitions took says nothing of what rebuilding them all costs.
+    assert swap_measured(matrix, mv) == measured
+    assert ours_left_beside(matrix, "weekly") == []
+
+
+@pytest.mark.parametrize("case", ["a row into a week without a partition", "mode Swap requested"])
+def test_a_change_that_reaches_the_default_partition_or_a_requested_swap_rebuilds_every_partition(
+    matrix: Connection, case: str
+) -> None:
+    mv = weekly_view(incremental=REBUILDS)
+    apply_and_record(matrix, mv)
+    measured = swap_measured(matrix, mv)
+    driver = matrix.execute(f"SELECT driver_id FROM ops.{week_partitions_with_rows(matrix)[-1]} LIMIT 1").fetchone()
+    assert driver is not None
+    if case == "mode Swap requested":
+        matrix.execute("UPDATE ops.claims SET status = 'rejected' WHERE driver_id = %s", driver)
+        result = refresh(matrix, mv, "Swap")
+    else:  # years before the data: no partition, its rows go to DEFAULT, which only the whole query rebuilds
+        matrix.execute("UPDATE ops.leads SET lead_date = DATE '2001-01-03' WHERE driver_id = %s", driver)
+        result = refresh(matrix, mv)
+    assert result.result == "success" and result.mode == "Swap", result
+    assert result.partitions is not None and result.partitions.scope == partitions.REBUILT_ALL, result
+    assert set(result.partitions.rebuilt) == set(partitions_of(matrix, "ops", "weekly"))
+    assert mismatches(matrix, mv) == (0, 0)
+    assert matrix.execute("SELECT count(*) FROM ops.weekly_mv_changes").fetchone() == (0,)
+    assert swap_measured(matrix, mv) != measured  # a whole rebuild is measured
+
+
+def test_a_rebuild_of_the_touched_partitions_that_stops_midway_is_finished_with_nothing_lost(
+    matrix: Connection, dsn: str
+) -> None:
+    mv = weekly_view(incremental=REBUILDS)
+    apply_and_record(matrix, mv)
+    past_the_last_success(matrix)
+    weeks = week_partitions_with_rows(matrix)
+    drivers = [
+        int(row[0])
+        for week in (weeks[-1], weeks[-3], weeks[-5])
+        for row in matrix.execute(f"SELECT driver_id FROM ops.{week} LIMIT 2")
+    ]
+    matrix.execute("UPDATE ops.claims SET status = 'rejected' WHERE driver_id = ANY(%s)", (drivers,))
+    touched = sorted(partitions_holding(matrix, drivers))
+    assert len(touched) >= 3, touched
+    blocked = touched[0]  # rebuilt newest first: the oldest touched one goes last
+    with psycopg.connect(dsn, autocommit=False) as reader:
+        reader.execute(f"LOCK TABLE ops.{blocked} IN ACCESS SHARE MODE")
+        failed = refresh(matrix, mv, settings=ExecutionSettings(lock_timeout_seconds=0.2, lock_retries=1))
+    assert failed.result == "failure" and f"swap the rebuilt partition {blocked} in" in failed.message, failed
+    first = partition_built(matrix, "ops", "weekly")
+    assert {n for n, b in first.items() if b is not None} == set(touched[1:])
+    # The changes it claimed are in the partitions it finished, or wait for the rest: it is finished whole.
+    finished = refresh(matrix, mv)
+    assert finished.result == "success" and finished.mode == "Swap", finished
+    assert "a build-and-swap did not complete" in finished.reason, finished.reason
+    assert finished.partitions is not None and set(finished.partitions.resumed) == set(touched[1:])
+    assert mismatches(matrix, mv) == (0, 0)
+    assert ours_left_beside(matrix, "weekly") == []
+    assert matrix.execute("SELECT count(*) FROM ops.weekly_mv_changes").fetchone() == (0,)

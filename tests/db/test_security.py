@@ -467,3 +467,53 @@ def test_a_partitioned_view_is_built_rebuilt_and_retired_as_its_role(conn: Conne
     with engine.connect(roles.login("operator")) as operator:
         failed = refresh(operator, v, "Swap")
     assert (failed.result, failed.failure_reason) == ("failure", "permission"), failed
+
+
+def test_the_claim_of_a_rebuild_of_touched_partitions_reads_as_the_views_role_and_a_refusal_loses_nothing(
+    conn: Connection, roles: Roles
+) -> None:
+    """Auto rebuilding only the partitions an incremental view's changes touch first reads where the changed
+    keys' rows lie, in the sources: as spec.runAsRole, never with the operator's rights (here the operator
+    owns the source and the team may no longer read it). Refused, it changes nothing: the changes stay in the
+    log, and the rebuild that follows once the team may read again applies every one."""
+    operator, team = roles["operator"], roles["team"]
+    conn.execute(f"""
+        CREATE TABLE app.events (id int PRIMARY KEY, at date NOT NULL, code varchar NOT NULL);
+        INSERT INTO app.events SELECT g, current_date - 7 * (g % 10), 'c' || g FROM generate_series(1, 200) g;
+        ALTER TABLE app.events OWNER TO {operator};
+        GRANT SELECT ON app.events TO {team};
+    """)
+    plant_the_attack(roles)
+    v = report(
+        query="SELECT id, at, upper(code) AS c FROM app.events",
+        storage="Table",
+        runAsRole=team,
+        indexes=[{"columns": ["id", "at"], "unique": True}],
+        incremental={
+            "keyColumns": ["id"],
+            "sources": [{"table": "app.events", "columns": ["id"]}],
+            "fullRebuildRatio": 0.000001,
+        },
+        partitioning={
+            "column": "at",
+            "by": "Range",
+            "period": "Week",
+            "sources": [{"table": "app.events", "column": "at"}],
+        },
+    )
+    with engine.connect(roles.login("operator")) as operator_conn:
+        apply_and_record(operator_conn, v)
+        operator_conn.execute("UPDATE app.events SET code = 'changed' WHERE id IN (10, 20, 30)")
+        conn.execute(f"REVOKE SELECT ON app.events FROM {team}")
+        refused = refresh(operator_conn, v)
+        assert (refused.result, refused.failure_reason) == ("failure", "permission"), refused
+        assert "find the partitions they touch" in refused.message, refused.message
+        logged = conn.execute("SELECT count(*) FROM reports.codes_mv_changes").fetchone()
+        assert logged is not None and logged[0] > 0  # not claimed
+        conn.execute(f"GRANT SELECT ON app.events TO {team}")
+        result = refresh(operator_conn, v)
+    assert result.result == "success" and result.partitions is not None, result
+    assert result.partitions.scope == "touched" and len(result.partitions.rebuilt) == 1, result.partitions
+    assert conn.execute("SELECT count(*) FROM reports.codes WHERE c = 'CHANGED'").fetchone() == (3,)
+    assert conn.execute("SELECT count(*) FROM reports.codes_mv_changes").fetchone() == (0,)
+    assert loot(conn) == 0

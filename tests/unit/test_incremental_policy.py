@@ -246,6 +246,7 @@ def test_when_the_two_ways_are_close_auto_re_measures_the_slower_one_once_its_me
 
     stale = decided(runs=30, swap_measured_at=30 - policy.EXPLORE_EVERY)
     assert isinstance(stale, policy.Run) and stale.mode == "Swap" and "re-measuring" in stale.reason, stale
+    assert not stale.touched_only  # what it re-measures is a whole rebuild: it must be one
     fresh = decided(runs=30, swap_measured_at=30 - policy.EXPLORE_EVERY + 1)
     assert isinstance(fresh, policy.Run) and fresh.mode == "Incremental", fresh
     far = decided(runs=30, swap_measured_at=0, keys=5)  # 25 ms against 0.5 s: not worth re-measuring
@@ -307,3 +308,18 @@ def test_a_success_keeps_the_latest_incremental_samples_and_a_marker_never_break
     ]
     assert RefreshState.from_marker({"incrementalSamples": hostile}).incremental_samples == ((1, 0.1), (6, 2.0))
     assert RefreshState.from_marker({"incrementalSamples": {"a": 1}}).incremental_samples == ()
+
+
+def test_only_a_rebuild_auto_chose_over_trusted_keys_may_rebuild_only_the_partitions_they_touch() -> None:
+    cheaper = policy.decide(V, inspection(keys=600, rows=100_000, durations=MEASURED, samples=LINEAR), None, False, NOW)
+    assert isinstance(cheaper, policy.Run) and cheaper.mode == "Swap" and cheaper.touched_only, cheaper
+    truncated = policy.decide(V, inspection(keys=600, full=("TRUNCATE ops.items",)), None, False, NOW)
+    assert isinstance(truncated, policy.Run) and truncated.mode == "Swap" and not truncated.touched_only
+    requested = policy.decide(V, inspection(keys=600), "Swap", False, NOW)
+    assert isinstance(requested, policy.Run) and requested.mode == "Swap" and not requested.touched_only
+
+
+def test_a_refresh_that_is_not_measured_leaves_its_modes_average_alone() -> None:
+    state = RefreshState(durations={"Swap": 2.0}, runs=4)
+    assert state.after_success("Swap", 0.1, NOW, None, measured=False).durations == {"Swap": 2.0}
+    assert state.after_success("Swap", 0.1, NOW, None).durations["Swap"] < 2.0

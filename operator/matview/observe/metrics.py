@@ -46,6 +46,8 @@ class _PartitionWork(Protocol):
     def rebuilt(self) -> list[str]: ...
     @property
     def retired(self) -> list[str]: ...
+    @property
+    def scope(self) -> str: ...
 
 
 class RecordedRefresh(Protocol):
@@ -186,8 +188,9 @@ class RefreshMetrics:
         self.partitions_rebuilt = per_view.add(
             "counter",
             "matview_partitions_rebuilt_total",
-            "Partitioned views: partitions rebuilt one at a time by full refreshes.",
-            labels,
+            "Partitioned views: partitions rebuilt one at a time, by a full rebuild (scope all) or by one of only the "
+            "partitions the changed keys touch (scope touched).",
+            [*labels, "scope"],
         )
         self.partitions_retired = per_view.add(
             "counter",
@@ -357,7 +360,7 @@ class RefreshMetrics:
         if work is None or result.result == Outcome.FAILURE:
             return
         if work.rebuilt and result.result == Outcome.SUCCESS:
-            self.partitions_rebuilt.labels(namespace, name).inc(len(work.rebuilt))
+            self.partitions_rebuilt.labels(namespace, name, work.scope).inc(len(work.rebuilt))
         if work.retired:  # a skipped refresh retires too
             self.partitions_retired.labels(namespace, name).inc(len(work.retired))
 

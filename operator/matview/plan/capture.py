@@ -423,6 +423,30 @@ def has_null_keys(view: MaterializedView) -> sql.Composed:
     )
 
 
+def claim_keys_statements(view: MaterializedView) -> list[sql.Composed]:
+    """Claim the changed keys the transaction's snapshot shows (REPEATABLE READ): into the temporary
+    CHANGED_KEYS_TABLE (dropped at commit), out of the log. Only rows with a complete key and no full-rebuild
+    request are claimed: a TRUNCATE or a NULL key stays in the log and makes the next refresh a full one."""
+    assert view.incremental is not None
+    temporary = sql.Identifier(*sqltext.CHANGED_KEYS_TABLE)
+    return [
+        sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT DISTINCT {}").format(
+            sql.Identifier(sqltext.CHANGED_KEYS_TABLE[1]), claimable_keys(view)
+        ),
+        sql.SQL("DELETE FROM {} AS l WHERE {}").format(changes_id(view), claimable(view)),
+        # A unique index turns each of the many key checks in the filtered query into one probe.
+        sql.SQL("CREATE UNIQUE INDEX ON {} ({})").format(temporary, key_list(view.incremental.key_columns)),
+        sql.SQL("ANALYZE {}").format(temporary),
+    ]
+
+
+def in_claimed_keys(view: MaterializedView) -> sql.Composed:
+    """``IN (SELECT <keys> FROM <claimed keys>)``: after a row's key columns, the key is one claimed."""
+    assert view.incremental is not None
+    temporary = sql.Identifier(*sqltext.CHANGED_KEYS_TABLE)
+    return sql.SQL("IN (SELECT {} FROM {})").format(key_list(view.incremental.key_columns), temporary)
+
+
 #: A filter that keeps every row (what ``keep`` is when nothing is left out).
 EVERY_ROW = sql.SQL("true")
 
@@ -438,17 +462,10 @@ def incremental_statements(
     commits after the decision stays in the log and makes the next refresh a full one."""
     assert view.incremental is not None
     keys = view.incremental.key_columns
-    temporary = sql.Identifier(*sqltext.CHANGED_KEYS_TABLE)
     target = sql.Identifier(view.schema, view.name)
-    in_keys = sql.SQL("IN (SELECT {} FROM {})").format(key_list(keys), temporary)
+    in_keys = in_claimed_keys(view)
     return [
-        sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT DISTINCT {}").format(
-            sql.Identifier(sqltext.CHANGED_KEYS_TABLE[1]), claimable_keys(view)
-        ),
-        sql.SQL("DELETE FROM {} AS l WHERE {}").format(changes_id(view), claimable(view)),
-        # A unique index turns each of the many key checks in the filtered query into one probe.
-        sql.SQL("CREATE UNIQUE INDEX ON {} ({})").format(temporary, key_list(keys)),
-        sql.SQL("ANALYZE {}").format(temporary),
+        *claim_keys_statements(view),
         sql.SQL("DELETE FROM {} AS t WHERE ({}) {}").format(target, key_list(keys, "t"), in_keys),
         sql.SQL("INSERT INTO {} SELECT * FROM ({}) AS q WHERE ({}) {} AND {}").format(
             target, sqltext.embed(filtered_query), key_list(keys, "q"), in_keys, keep

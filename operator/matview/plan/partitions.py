@@ -302,6 +302,14 @@ def renames(view: MaterializedView, summary: str, steps: Sequence[Renaming], onl
 # one resumes after it.
 
 
+#: What a rebuild of a partitioned view took (the metric's ``scope`` label): every partition, or only those
+#: its changed keys touch.
+REBUILT_ALL = "all"
+REBUILT_TOUCHED = "touched"
+#: At most this many partition names in a status message.
+SUMMARY_NAMES = 8
+
+
 @dataclass
 class PartitionWork:
     """What a refresh did to a partitioned view's partitions, filled in as its steps are planned and run (the
@@ -312,12 +320,23 @@ class PartitionWork:
     """Partitions a rebuild that did not finish had rebuilt already: not rebuilt again."""
     made: list[str] = field(default_factory=list)
     retired: list[str] = field(default_factory=list)
+    scope: str = REBUILT_ALL
+    """Which partitions a rebuild took: REBUILT_ALL, or REBUILT_TOUCHED (those the changed keys touch)."""
+    untouched: int = 0
+    """A rebuild of the touched partitions: how many it left as they were."""
 
     @property
     def summary(self) -> str:
         """ "" when nothing was done to a partition."""
         parts = []
-        if self.rebuilt:
+        if self.scope == REBUILT_TOUCHED:
+            named = ", ".join(self.rebuilt[:SUMMARY_NAMES]) + (", …" if len(self.rebuilt) > SUMMARY_NAMES else "")
+            parts.append(
+                f"rebuilt only the {len(self.rebuilt)} partition(s) the changed keys touch"
+                + (f" ({named})" if self.rebuilt else "")
+                + f", {self.untouched} left as they were"
+            )
+        elif self.rebuilt:
             parts.append(f"rebuilt {len(self.rebuilt)} partition(s) one at a time")
         if self.resumed:
             parts.append(f"{len(self.resumed)} more rebuilt already by a rebuild that stopped")
@@ -330,9 +349,16 @@ class PartitionWork:
     def clear(self) -> None:
         for done in (self.rebuilt, self.resumed, self.made, self.retired):
             done.clear()
+        self.scope, self.untouched = REBUILT_ALL, 0
 
     def as_dict(self) -> dict[str, object]:
-        return {"rebuilt": len(self.rebuilt), "resumed": len(self.resumed), "made": self.made, "retired": self.retired}
+        return {
+            "rebuilt": len(self.rebuilt),
+            "resumed": len(self.resumed),
+            "made": self.made,
+            "retired": self.retired,
+            **({"scope": self.scope, "rebuiltNames": self.rebuilt} if self.scope == REBUILT_TOUCHED else {}),
+        }
 
 
 @dataclass(frozen=True)
@@ -471,19 +497,159 @@ def rebuild_steps(
             work.resumed.append(partition_name(view.name, label))
             continue
         work.rebuilt.append(partition_name(view.name, label))
-        upper = next_period(day, spec.period)
-        if view.incremental is not None:
-            # The keys with a source row in the period, and the query filtered on them as an incremental refresh
-            # filters it: every row of those keys, whatever else of theirs lies in other periods, then the
-            # period's. (Slicing each read of the source instead would hide a key's rows of other periods from
-            # what the query computes over all of them.)
-            query = capture.key_filtered_query(view, catalog).query
-            prelude = _period_keys(view, (day, upper))
-        else:
-            query, prelude = _sliced_query(view, catalog, (day, upper)), []
-        steps += _partition_steps(view, label, query, _within(view, [(day, upper)]), (day, upper), now, True, prelude)
+        steps += _range_rebuild_steps(view, day, now, catalog)
     if view.incremental is not None:
         steps.append(Step(f"the rebuild of {view.relation} is complete", (swap_committed(view),)))
+    return steps
+
+
+def _range_rebuild_steps(
+    view: MaterializedView,
+    day: datetime.date,
+    now: datetime.datetime,
+    catalog: dict[sqltext.Reference, sqltext.ResolvedRelation],
+) -> list[Step]:
+    """Rebuild the existing range partition starting at day: build it apart, swap it in, drop the old one."""
+    assert view.partitioning is not None and view.partitioning.period is not None
+    upper = next_period(day, view.partitioning.period)
+    if view.incremental is not None:
+        # The keys with a source row in the period, and the query filtered on them as an incremental refresh
+        # filters it: every row of those keys, whatever else of theirs lies in other periods, then the
+        # period's. (Slicing each read of the source instead would hide a key's rows of other periods from
+        # what the query computes over all of them.)
+        query = capture.key_filtered_query(view, catalog).query
+        prelude = _period_keys(view, (day, upper))
+    else:
+        query, prelude = _sliced_query(view, catalog, (day, upper)), []
+    return _partition_steps(
+        view, range_label(day), query, _within(view, [(day, upper)]), (day, upper), now, True, prelude
+    )
+
+
+# --- Rebuilding only the partitions the changes touch ---------------------------------------------------------
+#
+# When Auto rebuilds an incremental view because its changed keys are too many to apply one by one, the log
+# still says which keys changed, and the declared partition sources say where a key's rows go: a key's rows
+# lie in the periods of its partition sources' rows. So only the partitions that held a changed key's rows
+# (the view's own rows say which) or will hold them (its sources' rows say which) are rebuilt; every other
+# partition holds no row of a changed key and stays as it is. The keys are claimed and their periods read in
+# one transaction (one snapshot: a change committed after it stays in the log for the next refresh), which
+# leaves SWAP_PENDING in the log as a full rebuild's claim does: a rebuild that stops midway is resumed as a
+# whole one. A changed key with a row in no range partition (the DEFAULT partition's rows, or a period
+# without a partition) makes it a whole rebuild: the DEFAULT partition is built from the whole query.
+
+_TOUCHED = sql.SQL("""
+SELECT DISTINCT CASE WHEN inside THEN CAST(b AS pg_catalog.date) END, inside
+FROM (SELECT b, (b OPERATOR(pg_catalog.>=) CAST(%(earliest)s AS pg_catalog.timestamp)
+                 AND b OPERATOR(pg_catalog.<) CAST(%(latest)s AS pg_catalog.timestamp)) IS TRUE AS inside
+      FROM ({periods}) AS touched (b)) AS bounded""")
+_PERIOD_OF_ROWS = sql.SQL(
+    "SELECT pg_catalog.date_trunc(%(unit)s, CAST({column} AS pg_catalog.timestamp)) FROM {table} AS {alias} "
+    "WHERE ({keys}) {claimed}"
+)
+
+
+@dataclass
+class TouchedPeriods:
+    """What the claim of a rebuild of the touched partitions read: each period a claimed key's rows were or
+    will be in (None: a row in no period the engine can name, which only the DEFAULT partition holds)."""
+
+    periods: list[datetime.date | None] | None = None
+    """None until the claim has run."""
+
+
+def claim_touched_step(view: MaterializedView, touched: TouchedPeriods) -> Step:
+    """Claim the changed keys (out of the log, SWAP_PENDING in) and read the periods their rows are in, the
+    view's (where they were) and the partition sources' (where they will be), into ``touched``. Run as the
+    view's builder: it reads the sources as the query would."""
+    spec, incremental = view.partitioning, view.incremental
+    assert spec is not None and spec.period is not None and incremental is not None
+    keys = incremental.key_columns
+    columns = {source.relation: source.columns for source in incremental.sources}
+    claimed = capture.in_claimed_keys(view)
+    reads = [
+        _PERIOD_OF_ROWS.format(
+            column=sql.Identifier("s", source.column),
+            table=relation_id(*source.relation),
+            alias=sql.Identifier("s"),
+            keys=sql.SQL(", ").join(sql.Identifier("s", c) for c in columns[source.relation]),
+            claimed=claimed,
+        )
+        for source in spec.sources
+    ]
+    reads.append(
+        _PERIOD_OF_ROWS.format(
+            column=sql.Identifier("v", spec.column),
+            table=relation_id(view.schema, view.name),
+            alias=sql.Identifier("v"),
+            keys=capture.key_list(keys, "v"),
+            claimed=claimed,
+        )
+    )
+    parameters = {"unit": spec.period.unit, "earliest": EARLIEST.isoformat(), "latest": LATEST.isoformat()}
+
+    def then(rows: list[tuple[Any, ...]]) -> list[Statement]:
+        touched.periods = [day if inside else None for day, inside in rows]
+        return []
+
+    return Step(
+        f"claim the changes of {view.relation} and find the partitions they touch",
+        (
+            UTC,  # periods of a timestamptz are UTC's, as the partitions' bounds are
+            *capture.claim_keys_statements(view),
+            capture.request_full_rebuild(view, capture.SWAP_PENDING),
+            FromRows(
+                "the periods of the changed keys' rows",
+                (_TOUCHED.format(periods=sql.SQL(" UNION ALL ").join(reads)), parameters),
+                then,
+            ),
+        ),
+        runs_query=True,
+        repeatable_read=True,
+    )
+
+
+def touched_ranges(
+    view: MaterializedView,
+    found: Sequence[PartitionFound],
+    periods: Sequence[datetime.date | None],
+    now: datetime.datetime,
+) -> list[datetime.date] | None:
+    """The range partitions to rebuild for the touched periods (those retention keeps), or None when a
+    touched row lies in no range partition of the view (a whole rebuild is needed)."""
+    spec = view.partitioning
+    assert spec is not None and spec.period is not None
+    cutoff = retention_cutoff(view, now)
+    existing = {label for f in found if (label := _label_of(view.name, f.name)) is not None}
+    days: set[datetime.date] = set()
+    for day in periods:
+        if day is None:
+            return None
+        if cutoff is not None and next_period(day, spec.period) <= cutoff:
+            continue  # retired: none of its rows is stored again
+        if range_label(day) not in existing:
+            return None  # its rows go to the DEFAULT partition
+        days.add(day)
+    return sorted(days)
+
+
+def touched_rebuild_steps(
+    view: MaterializedView,
+    found: Sequence[PartitionFound],
+    days: Sequence[datetime.date],
+    now: datetime.datetime,
+    catalog: dict[sqltext.Reference, sqltext.ResolvedRelation],
+    work: PartitionWork | None = None,
+) -> list[Step]:
+    """Rebuild the range partitions starting on ``days`` (after ``claim_touched_step``), newest first."""
+    work = work if work is not None else PartitionWork()
+    work.scope = REBUILT_TOUCHED
+    work.untouched = len([f for f in found if _label_of(view.name, f.name) is not None]) - len(days)
+    steps: list[Step] = []
+    for day in sorted(days, reverse=True):
+        work.rebuilt.append(partition_name(view.name, range_label(day)))
+        steps += _range_rebuild_steps(view, day, now, catalog)
+    steps.append(Step(f"the rebuild of {view.relation}'s touched partitions is complete", (swap_committed(view),)))
     return steps
 
 

@@ -169,7 +169,7 @@ def refresh(
             )
             closed = None if verifying else _Closed(view, inspection, lock)
             try:
-                seconds = _run(conn, view, inspection, attempt.mode, settings, closed, work)
+                seconds = _run(conn, view, inspection, attempt.mode, settings, closed, work, attempt.touched_only)
             except MatviewError as error:
                 again = policy.fallback(view, inspection, mode, attempt.mode, error)
                 if again is None:
@@ -259,6 +259,7 @@ def _steps(
     now: dt.datetime,
     by_partition: _ByPartition | None = None,
     work: partitions.PartitionWork | None = None,
+    touched: list[dt.date] | None = None,
 ) -> list[Step]:
     # Under the lock nobody else is building: a copy of ours still there was left by a crash; drop it first.
     cleanup = [drop_leftover_step(view.schema, name, relkind) for name, relkind in inspection.leftovers]
@@ -270,6 +271,8 @@ def _steps(
     if mode == RefreshMode.SWAP and by_partition is not None:
         found, leftovers, catalog = by_partition
         cleanup += [drop_leftover_step(view.schema, name, "r") for name in leftovers]
+        if touched is not None:
+            return cleanup + partitions.touched_rebuild_steps(view, found, touched, now, catalog, work) + retire
         rebuild = partitions.rebuild_steps(view, found, inspection.state.last_success, now, catalog, work)
         return cleanup + rebuild + retire
     if mode == RefreshMode.SWAP:
@@ -297,11 +300,13 @@ class _Closed:
         self.view, self.inspection, self.lock = view, inspection, lock
         self.seconds: float | None = None
         self.size = ViewSize()
+        self.measured = True
+        """False for a refresh whose duration says nothing of its mode's (a rebuild of some partitions)."""
 
     def closing(self, mode: RefreshMode) -> Closing:
         def statements(seconds: float) -> list[Query]:
             self.seconds = seconds
-            marker = _marker(self.view, self.inspection, mode, seconds)
+            marker = _marker(self.view, self.inspection, mode, seconds, measured=self.measured)
             return [(record_state_statement(self.view, marker), None), *self.lock.release_query()]
 
         def committed(row: tuple[Any, ...] | None) -> None:
@@ -319,9 +324,10 @@ def _run(
     settings: ExecutionSettings,
     closed: _Closed | None = None,
     work: partitions.PartitionWork | None = None,
+    touched_only: bool = False,
 ) -> float:
     """Execute one mode's steps (ending with the closing, when given); return how long they took. What they
-    do to a partitioned view's partitions goes into ``work``."""
+    do to a partitioned view's partitions goes into ``work``. ``touched_only``: see policy.Run."""
     clock = time.monotonic()
     now = dt.datetime.now(dt.UTC)
     by_partition = None
@@ -336,7 +342,12 @@ def _run(
         by_partition = (*facts.partitions_to_rebuild(conn, view, inspection.oid, now), catalog)
     if work is not None:  # a fallback plans again: only what the last plan did counts
         work.clear()
-    steps = tuple(_steps(view, inspection, mode, now, by_partition, work))
+    touched = None
+    if by_partition is not None and touched_only and view.incremental is not None:
+        touched = _claim_touched(conn, view, by_partition[0], now, settings)
+        if closed is not None:
+            closed.measured = touched is None  # some partitions are not what a full rebuild costs
+    steps = tuple(_steps(view, inspection, mode, now, by_partition, work, touched))
     # A rebuild a partition at a time logs each step: its progress, and where an interrupted one stopped.
     plan = Plan(view, steps, (f"refresh ({mode})",), log_steps=by_partition is not None)
     execute(conn, plan, settings, closed.closing(mode) if closed is not None else None)
@@ -345,14 +356,32 @@ def _run(
     return time.monotonic() - clock
 
 
+def _claim_touched(
+    conn: Connection,
+    view: MaterializedView,
+    found: list[partitions.PartitionFound],
+    now: dt.datetime,
+    settings: ExecutionSettings,
+) -> list[dt.date] | None:
+    """Claim the changed keys of a partitioned incremental view and return the range partitions they touch
+    (None: a whole rebuild is needed; the claim is then one, as a full rebuild's is)."""
+    touched = partitions.TouchedPeriods()
+    plan = Plan(view, (partitions.claim_touched_step(view, touched),), ("rebuild the touched partitions",))
+    execute(conn, dataclasses.replace(plan, log_steps=False), settings)
+    assert touched.periods is not None
+    return partitions.touched_ranges(view, found, touched.periods, now)
+
+
 def _marker(
     view: MaterializedView,
     inspection: Inspection,
     mode: RefreshMode,
     seconds: float,
     verified_at: dt.datetime | None = None,
+    measured: bool = True,
 ) -> Marker:
-    """The view's marker after a success: the new state (measured duration, last success, sources seen)."""
+    """The view's marker after a success: the new state (measured duration unless not ``measured``, last
+    success, sources seen)."""
     state = inspection.state.after_success(
         mode,
         seconds,
@@ -360,6 +389,7 @@ def _marker(
         inspection.source_version,
         inspection.untracked_version,
         keys=inspection.pending.keys if inspection.pending is not None else None,
+        measured=measured,
     )
     if verified_at is not None:
         state = dataclasses.replace(state, last_verified=verified_at)

@@ -102,13 +102,15 @@ class RefreshState:
         version: str | None,
         untracked: str | None = None,
         keys: int | None = None,
+        measured: bool = True,
     ) -> RefreshState:
-        """The state after a successful refresh in mode that took seconds (an incremental one applied keys)."""
+        """The state after a successful refresh in mode that took seconds (an incremental one applied keys;
+        not ``measured``: its duration is not its mode's usual work, and is not averaged in)."""
         samples = self.incremental_samples
         if mode == RefreshMode.INCREMENTAL and keys:
             samples = (*samples, (keys, seconds))[-INCREMENTAL_SAMPLES:]
         return replace(
-            self.measured(mode, seconds),
+            self.measured(mode, seconds) if measured else self,
             last_success=when,
             source_version=version,
             untracked_version=untracked,
@@ -216,6 +218,9 @@ class Run:
 
     mode: RefreshMode
     reason: str
+    touched_only: bool = False
+    """A rebuild Auto chose over keys it trusts, for cost: a partitioned view whose partition sources say where
+    those keys' rows lie rebuilds only the partitions they touch (partitions.claim_touched_step)."""
 
 
 @dataclass(frozen=True)
@@ -319,8 +324,8 @@ class CostModel:
         return cls(fixed, per_key, n)
 
 
-def choose_incremental(view: MaterializedView, inspection: Inspection, keys: int) -> tuple[bool, str]:
-    """Auto, keys pending and all of them trusted: (rebuild in full?, why). From this view's measured
+def choose_incremental(view: MaterializedView, inspection: Inspection, keys: int) -> tuple[bool, str, bool]:
+    """Auto, keys pending and all of them trusted: (rebuild in full?, why, re-measuring?). From this view's measured
     durations (the full rebuild's moving average against the incremental cost fitted to its latest
     incremental refreshes), else fullRebuildRatio: the spec's override, or the default until both are measured.
     When the two are close and the slower way was last measured EXPLORE_EVERY refreshes ago or more, this
@@ -344,8 +349,8 @@ def choose_incremental(view: MaterializedView, inspection: Inspection, keys: int
             )
         )
         if ratio > limit:
-            return True, f"Auto: {share}, above {named}: a full rebuild is cheaper"
-        return False, f"{share}, within {named}"
+            return True, f"Auto: {share}, above {named}: a full rebuild is cheaper", False
+        return False, f"{share}, within {named}", False
     predicted = model.seconds(keys)
     rebuild = predicted > full
     fast, slow = min(predicted, full), max(predicted, full)
@@ -356,10 +361,10 @@ def choose_incremental(view: MaterializedView, inspection: Inspection, keys: int
         f"from {model.samples} refreshes) vs a full rebuild {full:.3f}s measured"
     )
     if explore:
-        return not rebuild, f"Auto: {share}, re-measuring the slower way: {evidence}"
+        return not rebuild, f"Auto: {share}, re-measuring the slower way: {evidence}", True
     if rebuild:
-        return True, f"Auto: {share}, a full rebuild is cheaper: {evidence}"
-    return False, f"{share}, incremental is cheaper: {evidence}"
+        return True, f"Auto: {share}, a full rebuild is cheaper: {evidence}", False
+    return False, f"{share}, incremental is cheaper: {evidence}", False
 
 
 def change_ratio(keys: int, rows: int | None) -> float:
@@ -397,12 +402,13 @@ def decide_incremental(
     if wanted == RefreshMode.INCREMENTAL:
         ratio = change_ratio(pending.keys, inspection.estimated_rows)
         return Run(RefreshMode.INCREMENTAL, f"{pending.keys} changed key(s), {ratio:.2%} of the view")
-    rebuild, why = choose_incremental(view, inspection, pending.keys)
+    rebuild, why, measuring = choose_incremental(view, inspection, pending.keys)
     if not rebuild:
         return Run(RefreshMode.INCREMENTAL, why)
     if not inspection.swap_possible:
         return Run(RefreshMode.INCREMENTAL, f"{why}; but {inspection.swap_blocker}, so incremental")
-    return Run(RefreshMode.SWAP, why)
+    # A rebuild that re-measures the full rebuild must be one.
+    return Run(RefreshMode.SWAP, why, touched_only=not measuring)
 
 
 def verification_due(view: MaterializedView, state: RefreshState, now: dt.datetime) -> bool:
