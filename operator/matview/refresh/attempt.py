@@ -366,8 +366,10 @@ def _claim_touched(
     """Claim the changed keys of a partitioned incremental view and return the range partitions they touch
     (None: a whole rebuild is needed; the claim is then one, as a full rebuild's is)."""
     touched = partitions.TouchedPeriods()
-    plan = Plan(view, (partitions.claim_touched_step(view, touched),), ("rebuild the touched partitions",))
-    execute(conn, dataclasses.replace(plan, log_steps=False), settings)
+    plan = Plan(
+        view, (partitions.claim_touched_step(view, touched),), ("rebuild the touched partitions",), log_steps=False
+    )
+    execute(conn, plan, settings)
     assert touched.periods is not None
     return partitions.touched_ranges(view, found, touched.periods, now)
 
