@@ -978,3 +978,41 @@ def test_a_rebuild_of_the_touched_partitions_that_stops_midway_is_finished_with_
     assert mismatches(matrix, mv) == (0, 0)
     assert ours_left_beside(matrix, "weekly") == []
     assert matrix.execute("SELECT count(*) FROM ops.weekly_mv_changes").fetchone() == (0,)
+
+
+def test_a_rebuild_a_partition_at_a_time_tells_its_progress_as_each_partition_is_swapped_in(
+    matrix: Connection,
+) -> None:
+    mv = weekly_view()
+    apply_and_record(matrix, mv)
+    told: list[partitions.RebuildProgress] = []
+    in_place: list[bool] = []
+
+    def progress(step: partitions.RebuildProgress) -> None:
+        told.append(step)
+        # Told once the partition's swap has committed: another session already reads the new one.
+        built = partition_built(matrix, "ops", "weekly")
+        in_place.append(built.get(step.last) is not None)
+
+    result = refresh(matrix, mv, progress=progress)
+    assert result.result == "success" and result.partitions is not None, result
+    rebuilt = result.partitions.rebuilt
+    assert [step.last for step in told] == rebuilt  # in the order they were rebuilt: DEFAULT, then newest first
+    assert [step.rebuilt for step in told] == list(range(1, len(rebuilt) + 1))
+    assert {step.to_rebuild for step in told} == {len(rebuilt)} and all(in_place), (told, in_place)
+    assert len({step.started_at for step in told}) == 1
+
+    told.clear()
+    assert refresh(matrix, mv, "Swap", progress=progress).result == "success"
+    incremental = weekly_view(incremental=REBUILDS)
+    apply_and_record(matrix, incremental)
+    assert refresh(matrix, incremental).result == "success"  # the rebuild a newly installed capture asks for
+    told.clear()
+    driver = matrix.execute(f"SELECT driver_id FROM ops.{week_partitions_with_rows(matrix)[-1]} LIMIT 1").fetchone()
+    matrix.execute("UPDATE ops.claims SET status = 'rejected' WHERE driver_id = %s", driver)
+    touched = refresh(matrix, incremental, progress=progress)
+    assert touched.partitions is not None and touched.partitions.scope == partitions.REBUILT_TOUCHED, touched
+    assert [step.last for step in told] == touched.partitions.rebuilt
+    assert {step.to_rebuild for step in told} == {len(touched.partitions.rebuilt)}
+    assert refresh(matrix, incremental, progress=progress).result == "skipped"  # nothing to tell
+    assert [step.last for step in told] == touched.partitions.rebuilt

@@ -502,3 +502,61 @@ async def test_a_status_write_answered_429_or_503_is_retried(cluster: Cluster) -
     assert written is not None and written["status"]["relation"] == "public.sales_by_region"
     stored = await cluster.get_view("sales-by-region")
     assert stored is not None and stored["status"]["relation"] == "public.sales_by_region"
+
+
+async def test_a_rebuild_a_partition_at_a_time_shows_its_progress_in_status_until_it_ends(
+    cluster: Cluster, operator: Any, dsn: str
+) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE public.events (id int PRIMARY KEY, at date NOT NULL, v int);"
+            "INSERT INTO public.events SELECT g, date '2026-01-05' + (g % 6) * 7, g FROM generate_series(1, 60) g"
+        )
+    await cluster.put_secret("db", {"uri": dsn})
+    await cluster.create_view(
+        "weekly-events",
+        {
+            "query": "SELECT id, at, v FROM public.events",
+            "storage": "Table",
+            "indexes": [{"columns": ["id", "at"], "unique": True}],
+            "partitioning": {
+                "column": "at",
+                "by": "Range",
+                "period": "Week",
+                "sources": [{"table": "public.events", "column": "at"}],
+            },
+            "refresh": {"interval": "1h"},
+            "database": {"secretRef": {"name": "db"}},
+            "deletionPolicy": "Delete",
+        },
+    )
+    await eventually(lambda: cluster.condition("weekly-events", "Ready"), "Ready")
+    await settle(cluster.server, quiet=1.0)
+
+    async def status() -> dict[str, Any]:
+        return ((await cluster.get_view("weekly-events")) or {}).get("status") or {}
+
+    async def in_progress() -> dict[str, Any] | None:
+        progress: dict[str, Any] | None = (await status()).get("refreshProgress")
+        return progress
+
+    # The oldest week is rebuilt last: a long read of it holds the rebuild before its swap, the others done.
+    with psycopg.connect(dsn) as reader:
+        reader.execute("LOCK TABLE public.weekly_events_p20260105 IN ACCESS SHARE MODE")
+        await cluster.patch_view(
+            "weekly-events", {"metadata": {"annotations": {"matview.dev/refresh-requested-at": "2026-12-04T10:00:00Z"}}}
+        )
+        progress = await eventually(in_progress, "the rebuild's progress in status")
+        assert 1 <= progress["partitionsRebuilt"] < progress["partitionsToRebuild"], progress
+        assert progress["lastPartition"].startswith("weekly_events_p"), progress
+        assert "partition(s) one at a time" in progress["message"], progress
+    # The read ends, the rebuild goes on, and its end takes the progress away.
+
+    async def ended() -> dict[str, Any] | None:
+        found = await status()
+        return found if found.get("lastHandledRefreshRequest") == "2026-12-04T10:00:00Z" else None
+
+    final = await eventually(ended, "the refresh's result in status")
+    assert final["lastRefresh"]["result"] == "success", final
+    assert "refreshProgress" not in final, final
+    assert f"rebuilt {progress['partitionsToRebuild']} partition(s) one at a time" in final["lastRefresh"]["message"]

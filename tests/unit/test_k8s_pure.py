@@ -13,10 +13,14 @@ from typing import Any
 import pytest
 
 from matview.constants import REFRESH_REQUESTED_ANNOTATION
-from matview.k8s import conditions
+from matview.k8s import conditions, status
 from matview.k8s.credentials import CredentialsError, dsn_from_secret, redact
 from matview.k8s.reconcile import Outcome, moved_relation, status_after
 from matview.k8s.watch import snapshot
+from matview.outcomes import Outcome as RefreshOutcome
+from matview.plan.partitions import RebuildProgress
+from matview.refresh import RefreshResult
+from tests.helpers import view
 
 T0 = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
 
@@ -129,7 +133,6 @@ async def test_a_round_without_credentials_could_not_start_and_backs_off_in_the_
     one scheduler backs off as after a failed refresh (tests/unit/test_scheduler.py, "could not start")."""
     from matview.k8s.context import OperatorConfig, OperatorContext
     from matview.k8s.watch import WatchFeeder
-    from tests.helpers import view
 
     context = OperatorContext(config=OperatorConfig(retry_seconds=10, metrics_port=0))
     try:
@@ -246,3 +249,20 @@ def test_the_feeders_copies_share_field_names_and_short_strings() -> None:
     assert next(iter(first["status"]["conditions"][0])) is next(iter(second["status"]["conditions"][0]))
     assert first["status"]["conditions"][0]["reason"] is second["status"]["conditions"][0]["reason"]
     assert held_bytes(snapshot) < 0.7 * held_bytes(copy.deepcopy)
+
+
+def test_a_rebuilds_progress_is_in_status_until_the_refresh_ends() -> None:
+    started = dt.datetime(2026, 12, 4, 10, 0, tzinfo=dt.UTC)
+    during = status.progress_status(RebuildProgress(started, 12, 53, "weekly_p20261130"), {"rows": 5})
+    assert during["rows"] == 5
+    assert during["refreshProgress"] == {
+        "startTime": "2026-12-04T10:00:00Z",
+        "partitionsRebuilt": 12,
+        "partitionsToRebuild": 53,
+        "lastPartition": "weekly_p20261130",
+        "message": "rebuilt 12 of 53 partition(s) one at a time, the last weekly_p20261130",
+    }
+    for outcome in (RefreshOutcome.SUCCESS, RefreshOutcome.FAILURE):
+        result = RefreshResult("public.weekly", "Swap", outcome, "why", started, started, 1.0)
+        after = status.refresh_status(copy.deepcopy(during), view("weekly"), result, None, None)
+        assert "refreshProgress" not in after and after["rows"] == 5, after

@@ -88,6 +88,14 @@ class LastRefresh(TypedDict):
     message: str
 
 
+class RefreshProgress(TypedDict):
+    startTime: str
+    partitionsRebuilt: int
+    partitionsToRebuild: int
+    lastPartition: str
+    message: str
+
+
 class Status(TypedDict, total=False):
     """The status subresource, as crds/ declares it (every field optional: a new object has none)."""
 
@@ -95,6 +103,7 @@ class Status(TypedDict, total=False):
     conditions: list[Condition]
     relation: str
     lastRefresh: LastRefresh
+    refreshProgress: RefreshProgress
     lastSuccessfulRefreshTime: str
     nextRefreshTime: str
     lastHandledRefreshRequest: str

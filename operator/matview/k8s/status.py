@@ -11,6 +11,7 @@ import datetime as dt
 from matview.api.spec import MaterializedView
 from matview.k8s import conditions
 from matview.outcomes import Outcome
+from matview.plan.partitions import RebuildProgress
 from matview.refresh import RefreshResult
 
 
@@ -22,6 +23,7 @@ def refresh_status(
     next_due: dt.datetime | None,
 ) -> conditions.Status:
     """Pure: status after one refresh."""
+    status.pop("refreshProgress", None)  # the refresh it tracked has ended
     if result.result == Outcome.SKIPPED and view.refresh.target_lag_seconds is not None:
         # A target-lag view looks every few seconds and mostly finds nothing to do: recording each look
         # would PATCH its status every few seconds. Only Fresh (with a stable message) may change.
@@ -112,4 +114,17 @@ def next_refresh_status(text: str | None, status: conditions.Status) -> conditio
         status.pop("nextRefreshTime", None)
     else:
         status["nextRefreshTime"] = text
+    return status
+
+
+def progress_status(progress: RebuildProgress, status: conditions.Status) -> conditions.Status:
+    """Pure: status while a partitioned view is rebuilt a partition at a time (the refresh's end removes it)."""
+    status["refreshProgress"] = {
+        "startTime": conditions.timestamp(progress.started_at),
+        "partitionsRebuilt": progress.rebuilt,
+        "partitionsToRebuild": progress.to_rebuild,
+        "lastPartition": progress.last,
+        "message": f"rebuilt {progress.rebuilt} of {progress.to_rebuild} partition(s) one at a time, "
+        f"the last {progress.last}",
+    }
     return status

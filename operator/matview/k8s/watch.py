@@ -15,6 +15,7 @@ resourceVersion; a conflict falls back to read-and-retry) and posts an Event for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import copy
 import dataclasses
@@ -36,6 +37,7 @@ from matview.k8s.context import OperatorContext
 from matview.k8s.credentials import CredentialsError, redact
 from matview.k8s.resource import parse_time, resolve_dsn, validated
 from matview.outcomes import FailureReason, Outcome
+from matview.plan.partitions import RebuildProgress
 from matview.refresh import RefreshResult
 from matview.refresh.feeding import Applied, Relation, Report
 from matview.refresh.scheduler import Scheduler
@@ -50,6 +52,10 @@ def view_key(body: Mapping[str, Any]) -> str:
     metadata = body.get("metadata") or {}
     return f"{metadata.get('namespace', '')}/{metadata.get('name', '')}"
 
+
+#: While a partitioned view is rebuilt a partition at a time, status.refreshProgress is written when the first
+#: partition is in, then at most this often.
+PROGRESS_WRITE_SECONDS = 10.0
 
 #: The only annotation the feeder reads; the others are left out of its copies.
 KEPT_ANNOTATIONS = frozenset({REFRESH_REQUESTED_ANNOTATION})
@@ -102,6 +108,8 @@ class WatchFeeder:
         self.scheduler = Scheduler(ctx.refresher, self, self, clock or time.time)
         self._bodies: dict[str, dict[str, Any]] = {}
         self._status_writes: set[asyncio.Task[Any]] = set()
+        self._progress_writes: dict[str, tuple[float, asyncio.Task[Any]]] = {}
+        """Per view, the last progress write of its running refresh: when it began, and its task."""
         self._handler_context: contextvars.Context | None = None
         """A handler's context, in which kopf can post Events: reconciles and Events run in copies of it."""
 
@@ -164,7 +172,12 @@ class WatchFeeder:
             dsn = await resolve_dsn(view, self.ctx.config.secret_max_age_seconds)
         except CredentialsError:
             return None  # the reconcile handlers report it in Ready; the scheduler backs off
-        result = await self.ctx.refresher.refresh(dsn, view, force=manual, due_at=due_at)
+        loop = asyncio.get_running_loop()
+
+        def progress(step: RebuildProgress) -> None:  # in the refresh's thread
+            loop.call_soon_threadsafe(self._progressed, key, step)
+
+        result = await self.ctx.refresher.refresh(dsn, view, force=manual, due_at=due_at, progress=progress)
         if result.failure_reason == FailureReason.CONNECTION and view.secret_ref is not None:
             kube.forget_secret(view.namespace, view.secret_ref.name)  # perhaps a rotated password: read it again
         return dataclasses.replace(result, message=redact(result.message, dsn)) if result.message else result
@@ -204,7 +217,25 @@ class WatchFeeder:
             self._status_writes.add(task)
             task.add_done_callback(self._status_writes.discard)
 
+    def _progressed(self, key: str, step: RebuildProgress) -> None:
+        """A partition of a running rebuild is in: write how far it got, the first time and then at most every
+        PROGRESS_WRITE_SECONDS (a rebuild of a thousand small partitions must not PATCH a thousand times)."""
+        last = self._progress_writes.get(key)
+        now = time.monotonic()
+        if last is not None and (now - last[0] < PROGRESS_WRITE_SECONDS or not last[1].done()):
+            return
+        task = asyncio.create_task(
+            self._in_handler_context(self._write_status(key, functools.partial(status.progress_status, step)))
+        )
+        self._progress_writes[key] = (now, task)
+        self._status_writes.add(task)
+        task.add_done_callback(self._status_writes.discard)
+
     async def refreshed(self, key: str, view: MaterializedView, result: RefreshResult, report: Report) -> None:
+        progressed = self._progress_writes.pop(key, None)
+        if progressed is not None:  # its write must not land after the result's, which removes it
+            with contextlib.suppress(Exception):
+                await progressed[1]
         body = self._bodies.get(key)
         if body is None:
             return

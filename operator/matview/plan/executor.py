@@ -316,9 +316,16 @@ def _run_step(
         closing.on_commit(read.fetchone() if read is not None else None)
 
 
-def execute(conn: Connection, plan: Plan, settings: ExecutionSettings, closing: Closing | None = None) -> list[str]:
+def execute(
+    conn: Connection,
+    plan: Plan,
+    settings: ExecutionSettings,
+    closing: Closing | None = None,
+    completed: Callable[[str], None] | None = None,
+) -> list[str]:
     """Run every step in order; return the descriptions of the steps done. With a closing, the last step's
-    transaction ends with it. Raises ApplyError on failure."""
+    transaction ends with it. Raises ApplyError on failure. ``completed`` is told what each step that
+    ``completes`` something put in place, once it has committed (a failure of its own is only logged)."""
     done: list[str] = []
     started = time.monotonic()
     for index, step in enumerate(plan.steps):
@@ -345,4 +352,9 @@ def execute(conn: Connection, plan: Plan, settings: ExecutionSettings, closing: 
                 + (f" (done before it: {'; '.join(done)})" if done else "")
             ) from exc
         done.append(step.description)
+        if completed is not None and step.completes is not None:
+            try:
+                completed(step.completes)
+            except Exception:
+                logger.exception("%s: reporting progress failed", plan.view.relation)
     return done

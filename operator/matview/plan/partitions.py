@@ -362,6 +362,20 @@ class PartitionWork:
 
 
 @dataclass(frozen=True)
+class RebuildProgress:
+    """How far a rebuild a partition at a time has got, told as each partition is swapped in (a long rebuild
+    is hours of partitions: the status says where it is)."""
+
+    started_at: datetime.datetime
+    rebuilt: int
+    """Partitions swapped in so far by this refresh."""
+    to_rebuild: int
+    """Partitions this refresh rebuilds (those a stopped rebuild had done already not counted)."""
+    last: str
+    """The partition swapped in last."""
+
+
+@dataclass(frozen=True)
 class PartitionFound:
     """A partition of the view, as the refresh read it: its name, and when a rebuild of this definition
     made it (None when unknown, or made by someone else or for another definition)."""
@@ -817,6 +831,7 @@ def _partition_steps(
             f"swap the rebuilt partition {final_name} in",
             tuple(swap),
             takes_exclusive_lock=True,
+            completes=final_name,
         ),
         Step(
             f"drop the retired partition {retired}",

@@ -91,6 +91,8 @@ class Step:
     """Every statement of the step reads one snapshot (claiming changes and computing from them)."""
     drops_change_log: bool = False
     """Removes the change log (re-installed or no longer declared): what reads it must go first."""
+    completes: str | None = None
+    """A part of the view this step's commit puts in place (a rebuilt partition): reported as progress."""
 
 
 @dataclass(frozen=True)

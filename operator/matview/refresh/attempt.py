@@ -8,6 +8,7 @@ import dataclasses
 import datetime as dt
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,8 +110,10 @@ def refresh(
     mode: str | None = None,
     settings: ExecutionSettings | None = None,
     force: bool = False,
+    progress: Callable[[partitions.RebuildProgress], None] | None = None,
 ) -> RefreshResult:
-    """Refresh view once. Never raises for a refresh that failed: the result says how and why."""
+    """Refresh view once. Never raises for a refresh that failed: the result says how and why. ``progress``
+    is told, in this thread, each time a rebuild a partition at a time has swapped a partition in."""
     settings = settings or settings_for(view)
     started, clock = dt.datetime.now(dt.UTC), time.monotonic()
     attempt: policy.Run | None = None
@@ -169,14 +172,16 @@ def refresh(
             )
             closed = None if verifying else _Closed(view, inspection, lock)
             try:
-                seconds = _run(conn, view, inspection, attempt.mode, settings, closed, work, attempt.touched_only)
+                seconds = _run(
+                    conn, view, inspection, attempt.mode, settings, closed, work, attempt.touched_only, progress
+                )
             except MatviewError as error:
                 again = policy.fallback(view, inspection, mode, attempt.mode, error)
                 if again is None:
                     raise
                 logger.warning("%s: %s", view.relation, again.reason)
                 fallback_from, attempt = attempt.mode, again
-                seconds = _run(conn, view, inspection, attempt.mode, settings, closed, work)
+                seconds = _run(conn, view, inspection, attempt.mode, settings, closed, work, progress=progress)
             if closed is not None:
                 size = closed.size
             else:
@@ -186,7 +191,7 @@ def refresh(
                 if rebuild is not None and inspection.swap_possible:
                     logger.warning("%s: %s", view.relation, rebuild.reason)
                     fallback_from, attempt = attempt.mode, rebuild
-                    seconds = _run(conn, view, inspection, attempt.mode, settings, work=work)
+                    seconds = _run(conn, view, inspection, attempt.mode, settings, work=work, progress=progress)
                 _record(conn, view, inspection, attempt.mode, seconds, settings, verified_at)
                 size = view_size(conn, view)
             if incremental:
@@ -325,6 +330,7 @@ def _run(
     closed: _Closed | None = None,
     work: partitions.PartitionWork | None = None,
     touched_only: bool = False,
+    progress: Callable[[partitions.RebuildProgress], None] | None = None,
 ) -> float:
     """Execute one mode's steps (ending with the closing, when given); return how long they took. What they
     do to a partitioned view's partitions goes into ``work``. ``touched_only``: see policy.Run."""
@@ -350,10 +356,25 @@ def _run(
     steps = tuple(_steps(view, inspection, mode, now, by_partition, work, touched))
     # A rebuild a partition at a time logs each step: its progress, and where an interrupted one stopped.
     plan = Plan(view, steps, (f"refresh ({mode})",), log_steps=by_partition is not None)
-    execute(conn, plan, settings, closed.closing(mode) if closed is not None else None)
+    execute(conn, plan, settings, closed.closing(mode) if closed is not None else None, _progress(work, progress))
     if closed is not None and closed.seconds is not None:
         return closed.seconds
     return time.monotonic() - clock
+
+
+def _progress(
+    work: partitions.PartitionWork | None, progress: Callable[[partitions.RebuildProgress], None] | None
+) -> Callable[[str], None] | None:
+    """What the executor tells as each rebuilt partition is swapped in, as progress against those planned."""
+    if work is None or progress is None or not work.rebuilt:
+        return None
+    started, to_rebuild, swapped = dt.datetime.now(dt.UTC), len(work.rebuilt), []
+
+    def completed(partition: str) -> None:
+        swapped.append(partition)
+        progress(partitions.RebuildProgress(started, len(swapped), to_rebuild, partition))
+
+    return completed
 
 
 def _claim_touched(

@@ -34,6 +34,7 @@ from matview.observe.metrics import RefreshMetrics
 from matview.outcomes import NO_MODE, Outcome
 from matview.plan import session
 from matview.plan.observed import Connection
+from matview.plan.partitions import RebuildProgress
 from matview.refresh import RefreshResult, classify, facts, refresh
 from matview.refresh.feeding import Relation
 from matview.refresh.settings import LANES, Lane, RunnerSettings
@@ -176,9 +177,11 @@ class Refresher:
         mode: str | None = None,
         force: bool = False,
         due_at: float | None = None,
+        progress: Callable[[RebuildProgress], None] | None = None,
     ) -> RefreshResult:
         """One refresh, waiting for a slot under the database's cap. due_at (seconds since the epoch): when
-        the schedule wanted it, so that start lateness counts the wait for a slot too."""
+        the schedule wanted it, so that start lateness counts the wait for a slot too. progress: see
+        ``matview.refresh.refresh`` (it is called in the refresh's thread)."""
         started = dt.datetime.now(dt.UTC)
         cap = self._cap(dsn, "refresh")
         # Overdue since due_at: the lane grows for the wait in the scheduler's due-queue as for its own.
@@ -190,7 +193,7 @@ class Refresher:
             self.metrics.started(view.namespace, view.resource_name)
             try:
                 result: RefreshResult = await self._in_thread(
-                    dsn, lambda conn: refresh(conn, view, mode, force=force), "refresh"
+                    dsn, lambda conn: refresh(conn, view, mode, force=force, progress=progress), "refresh"
                 )
             except Exception as exc:
                 result = failure_result(view, "could not get a database connection", exc, started)
