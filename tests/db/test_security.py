@@ -429,17 +429,16 @@ async def test_settings_a_query_changes_do_not_outlive_it(conn: Connection, dsn:
         refresher.close()
 
 
-def test_a_partitioned_view_is_built_rebuilt_and_retired_as_its_role(conn: Connection, roles: Roles) -> None:
-    """Each partition's build runs the query as spec.runAsRole (its rights, not the operator's), the tables it
-    makes are that role's, and a look-alike planted in public is never called by any of it."""
-    team = roles["team"]
-    conn.execute(f"""
-        CREATE TABLE app.events (id int, at date NOT NULL, code varchar NOT NULL);
-        INSERT INTO app.events SELECT g, current_date - 7 * (g % 10), 'c' || g FROM generate_series(1, 200) g;
-        GRANT SELECT ON app.events TO {roles["operator"]}, {team};
-    """)
-    plant_the_attack(roles)
-    v = report(
+#: Events of ten weeks, ending this week (the partitioned views below read them).
+EVENTS = """
+    CREATE TABLE app.events (id int PRIMARY KEY, at date NOT NULL, code varchar NOT NULL);
+    INSERT INTO app.events SELECT g, current_date - 7 * (g % 10), 'c' || g FROM generate_series(1, 200) g;
+"""
+
+
+def weekly_events(team: str, partitioning: dict[str, Any] | None = None, **spec: Any) -> MaterializedView:
+    """A view of app.events as the team, split by week, with the events as its partition source."""
+    return report(
         query="SELECT id, at, upper(code) AS c FROM app.events",
         storage="Table",
         runAsRole=team,
@@ -448,10 +447,20 @@ def test_a_partitioned_view_is_built_rebuilt_and_retired_as_its_role(conn: Conne
             "column": "at",
             "by": "Range",
             "period": "Week",
-            "retain": "4w",
             "sources": [{"table": "app.events", "column": "at"}],
+            **(partitioning or {}),
         },
+        **spec,
     )
+
+
+def test_a_partitioned_view_is_built_rebuilt_and_retired_as_its_role(conn: Connection, roles: Roles) -> None:
+    """Each partition's build runs the query as spec.runAsRole (its rights, not the operator's), the tables it
+    makes are that role's, and a look-alike planted in public is never called by any of it."""
+    team = roles["team"]
+    conn.execute(EVENTS + f"GRANT SELECT ON app.events TO {roles['operator']}, {team};")
+    plant_the_attack(roles)
+    v = weekly_events(team, {"retain": "4w"})
     with engine.connect(roles.login("operator")) as operator:
         apply_and_record(operator, v)
         result = refresh(operator, v, "Swap")
@@ -477,28 +486,14 @@ def test_the_claim_of_a_rebuild_of_touched_partitions_reads_as_the_views_role_an
     owns the source and the team may no longer read it). Refused, it changes nothing: the changes stay in the
     log, and the rebuild that follows once the team may read again applies every one."""
     operator, team = roles["operator"], roles["team"]
-    conn.execute(f"""
-        CREATE TABLE app.events (id int PRIMARY KEY, at date NOT NULL, code varchar NOT NULL);
-        INSERT INTO app.events SELECT g, current_date - 7 * (g % 10), 'c' || g FROM generate_series(1, 200) g;
-        ALTER TABLE app.events OWNER TO {operator};
-        GRANT SELECT ON app.events TO {team};
-    """)
+    conn.execute(EVENTS + f"ALTER TABLE app.events OWNER TO {operator}; GRANT SELECT ON app.events TO {team};")
     plant_the_attack(roles)
-    v = report(
-        query="SELECT id, at, upper(code) AS c FROM app.events",
-        storage="Table",
-        runAsRole=team,
-        indexes=[{"columns": ["id", "at"], "unique": True}],
+    v = weekly_events(
+        team,
         incremental={
             "keyColumns": ["id"],
             "sources": [{"table": "app.events", "columns": ["id"]}],
             "fullRebuildRatio": 0.000001,
-        },
-        partitioning={
-            "column": "at",
-            "by": "Range",
-            "period": "Week",
-            "sources": [{"table": "app.events", "column": "at"}],
         },
     )
     with engine.connect(roles.login("operator")) as operator_conn:
