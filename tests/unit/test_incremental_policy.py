@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from typing import Any
 
 import pytest
@@ -323,3 +324,28 @@ def test_a_refresh_that_is_not_measured_leaves_its_modes_average_alone() -> None
     state = RefreshState(durations={"Swap": 2.0}, runs=4)
     assert state.after_success("Swap", 0.1, NOW, None, measured=False).durations == {"Swap": 2.0}
     assert state.after_success("Swap", 0.1, NOW, None).durations["Swap"] < 2.0
+
+
+def test_a_query_sliced_once_gives_each_period_the_rewrite_made_for_that_period() -> None:
+    """period_slices rewrites the query once with stand-ins for the bounds; each period's text is what a
+    rewrite for that period makes, a literal of the user's that looks like a stand-in stays as written, and
+    only the engine's own bounds go in."""
+    query = sqltext.check_query(
+        "SELECT l.driver_id, l.lead_date, 'matview-period-from-0123' AS tag FROM ops.leads l "
+        "JOIN (SELECT driver_id FROM ops.leads WHERE origin_tag = 'web') w USING (driver_id)"
+    )
+    catalog: dict[sqltext.Reference, sqltext.ResolvedRelation] = {
+        ("ops", "leads"): sqltext.ResolvedRelation(("ops", "leads"), "r")
+    }
+    slices = sqltext.period_slices(query, catalog, {("ops", "leads"): "lead_date"})
+    weeks = [f"{day} 00:00:00+00" for day in ("2025-12-29", "2026-01-05", "2026-01-12")]
+    for lower, upper in itertools.pairwise(weeks):
+        each = sqltext.inject_source_filters(
+            query, catalog, {("ops", "leads"): sqltext.period_predicate("lead_date", lower, upper)}
+        )
+        sliced = slices.query(lower, upper)
+        assert sliced.text == each.query.text, (sliced.text, each.query.text)
+        assert sliced.text.count(f"'{lower}'") == 2 and "'matview-period-from-0123' AS tag" in sliced.text
+    for bad in ("2026-01-05' OR true --", "now()"):
+        with pytest.raises(ValueError, match="not a period bound"):
+            slices.query(bad, "2026-01-12 00:00:00+00")

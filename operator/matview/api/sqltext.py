@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -367,14 +368,65 @@ def _inject(
 def period_predicate(column: str, lower: str, upper: str) -> str:
     """A source's rows of one period (``lower`` <= column < ``upper``): text for ``inject_source_filters``. The
     bounds are the engine's own date literals (``partitions.bound_literal``), checked here to be nothing else."""
-    for bound in (lower, upper):
-        if not _BOUND.fullmatch(bound):
-            raise ValueError(f"not a period bound: {bound!r}")
+    _check_bounds(lower, upper)
+    return _period_text(column, lower, upper)
+
+
+def _period_text(column: str, lower: str, upper: str) -> str:
     left = quote_identifier(column)
     return f"({left} OPERATOR(pg_catalog.>=) '{lower}' AND {left} OPERATOR(pg_catalog.<) '{upper}')"
 
 
+def _check_bounds(*bounds: str) -> None:
+    for bound in bounds:
+        if not _BOUND.fullmatch(bound):
+            raise ValueError(f"not a period bound: {bound!r}")
+
+
 _BOUND = re.compile(r"\d{4}-\d{2}-\d{2} 00:00:00\+00")
+#: Stand-ins for a period's bounds in a query rewritten once for every period (``period_slices``): string
+#: constants no user's SQL holds (a nonce drawn when the process starts), replaced by each period's bounds.
+_SLICE_NONCE = secrets.token_hex(12)
+_SLICE_LOWER = f"'matview-period-from-{_SLICE_NONCE}'"
+_SLICE_UPPER = f"'matview-period-to-{_SLICE_NONCE}'"
+
+
+@dataclass(frozen=True)
+class PeriodSlices:
+    """The query rewritten once with every read of the partition sources filtered to a period whose bounds are
+    stand-ins: each period's query is that text with its bounds put in, instead of a parse and print of the
+    whole query per period (43 ms each for the driver matrix, with the interpreter held: a rebuild of 53
+    partitions spent 2.3 s of it)."""
+
+    template: str
+
+    def query(self, lower: str, upper: str) -> CheckedSQL:
+        _check_bounds(lower, upper)
+        text = self.template.replace(_SLICE_LOWER, f"'{lower}'").replace(_SLICE_UPPER, f"'{upper}'")
+        return CheckedSQL(text, "query", _TOKEN)
+
+
+def period_slices(
+    query: CheckedSQL, catalog: dict[Reference, ResolvedRelation], columns: dict[RelationName, str]
+) -> PeriodSlices:
+    """The query sliced by period at its reads of the tables in ``columns`` (each filtered on its column), ready
+    to take any period's bounds (``PeriodSlices.query``); the same text ``inject_source_filters`` makes with
+    ``period_predicate``s."""
+    return PARSER.run(lambda: _period_slices_cached(query, tuple(catalog.items()), tuple(sorted(columns.items()))))
+
+
+@functools.lru_cache(maxsize=64)
+def _period_slices_cached(
+    query: CheckedSQL,
+    catalog: tuple[tuple[Reference, ResolvedRelation], ...],
+    columns: tuple[tuple[RelationName, str], ...],
+) -> PeriodSlices:
+    stand_ins = {name: _period_text(column, _SLICE_LOWER[1:-1], _SLICE_UPPER[1:-1]) for name, column in columns}
+    text = _filter_reads(query, dict(catalog), stand_ins).query.text
+    # Every occurrence of the nonce must be one of the stand-ins the rewrite put in, printed as written.
+    if text.count(_SLICE_NONCE) != text.count(_SLICE_LOWER) + text.count(_SLICE_UPPER):
+        raise ValueError("the query cannot be sliced by period")
+    return PeriodSlices(text)
 
 
 def inject_source_filters(

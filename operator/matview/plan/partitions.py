@@ -702,11 +702,8 @@ def _sliced_query(
 ) -> sqltext.CheckedSQL:
     """The query reading only one period of each partition source: the partition's slice, not the whole."""
     assert view.partitioning is not None
-    lower, upper = bound_literal(period[0]), bound_literal(period[1])
-    predicates = {
-        source.relation: sqltext.period_predicate(source.column, lower, upper) for source in view.partitioning.sources
-    }
-    return sqltext.inject_source_filters(view.query, catalog, predicates).query
+    columns = {source.relation: source.column for source in view.partitioning.sources}
+    return sqltext.period_slices(view.query, catalog, columns).query(bound_literal(period[0]), bound_literal(period[1]))
 
 
 def _period_keys(view: MaterializedView, period: tuple[datetime.date, datetime.date]) -> list[Statement]:
