@@ -173,6 +173,8 @@ class Scenario:
     reader: Reader | None = None
     expected_sql: str = EXPECTED
     """The full recompute the view must equal (a scenario that edits the query changes it)."""
+    actual_sql: str = ACTUAL
+    """The view's rows, in the order of expected_sql."""
 
     # -- lifecycle --------------------------------------------------------------------------------------
     template: Path | None = None
@@ -332,7 +334,7 @@ class Scenario:
         try:
             with self.admin() as conn:
                 expected = conn.execute(self.expected_sql).fetchall()
-                return conn.execute(ACTUAL).fetchall() == expected
+                return conn.execute(self.actual_sql).fetchall() == expected
         except psycopg.Error:
             return False
 
@@ -341,7 +343,7 @@ class Scenario:
         with self.admin() as conn:
             expected = set(conn.execute(self.expected_sql).fetchall())
             try:
-                actual = set(conn.execute(ACTUAL).fetchall())
+                actual = set(conn.execute(self.actual_sql).fetchall())
             except psycopg.Error:
                 return len(expected)
         return len(expected - actual)
@@ -356,11 +358,13 @@ class Scenario:
         raise AssertionError(f"{self.name}: gave up waiting for {what} after {seconds:.0f}s\n{self.logs()}")
 
     def refreshing(self) -> bool:
-        """A refresh of the view is running in the server (it is inside app.pause)."""
+        """A refresh of the view is running in the server (it is inside app.pause): a materialized view's, or
+        the build of a table (a partition's)."""
         with contextlib.suppress(psycopg.Error), self.admin() as conn:
             row = conn.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'matview-operator' "
-                "AND state = 'active' AND query ~* '(refresh materialized view|create materialized view)'"
+                "AND state = 'active' "
+                "AND query ~* '(refresh materialized view|create materialized view|create table [^ ]+ as select)'"
             ).fetchone()
             return bool(row and row[0])
         return False
