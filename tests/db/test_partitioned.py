@@ -1026,3 +1026,51 @@ def test_a_rebuild_a_partition_at_a_time_tells_its_progress_as_each_partition_is
     assert {step.to_rebuild for step in told} == {len(touched.partitions.rebuilt)}
     assert refresh(matrix, incremental, progress=progress).result == "skipped"  # nothing to tell
     assert [step.last for step in told] == touched.partitions.rebuilt
+
+
+MOVE_A_LEAD = """
+UPDATE ops.leads SET lead_date = lead_date + CASE WHEN lead_date < span.middle THEN 7 ELSE -7 END
+FROM (SELECT min(lead_date) + (max(lead_date) - min(lead_date)) / 2 AS middle FROM ops.leads) AS span
+WHERE driver_id = %s"""
+
+
+def test_writes_during_rebuilds_of_the_touched_partitions_are_never_lost(matrix: Connection, dsn: str) -> None:
+    """A writer keeps committing (claims changing, leads moving a week on or back, payments deleted) while
+    Auto rebuilds the partitions each refresh's changes touch: a change committed after a claim stays in the
+    log for the next refresh, whichever partitions it touches."""
+    mv = weekly_view(incremental=REBUILDS)
+    apply_and_record(matrix, mv)
+    stop = threading.Event()
+    written = [0]
+
+    def write() -> None:
+        rng = random.Random(11)
+        with psycopg.connect(dsn, autocommit=True) as writer:
+            while not stop.is_set():
+                driver, change = rng.randint(1, 300), rng.randrange(3)
+                if change == 0:
+                    status = rng.choice(["approved", "rejected"])
+                    writer.execute("UPDATE ops.claims SET status = %s WHERE driver_id = %s", (status, driver))
+                elif change == 1:  # a week on or back, inside the weeks the leads span (each has its partition)
+                    writer.execute(MOVE_A_LEAD, (driver,))
+                else:
+                    writer.execute("DELETE FROM ops.payments WHERE driver_id = %s", (driver,))
+                written[0] += 1
+                time.sleep(0.005)  # a writer, not a flood: a claim of every key each time rebuilds every week
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    touched = refreshes = 0
+    try:
+        while touched < 5:  # each with writes committing before, during and after its claim
+            result = refresh(matrix, mv)
+            assert result.result in ("success", "skipped"), result
+            touched += bool(result.partitions is not None and result.partitions.scope == partitions.REBUILT_TOUCHED)
+            refreshes += 1
+            assert refreshes < 200, "Auto never rebuilt only the touched partitions"
+    finally:
+        stop.set()
+        thread.join()
+    refresh(matrix, mv)
+    assert written[0] > 50, written
+    assert mismatches(matrix, mv) == (0, 0)
