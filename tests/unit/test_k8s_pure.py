@@ -8,9 +8,12 @@ import datetime as dt
 import gc
 import json
 import tracemalloc
+import typing
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from matview.constants import REFRESH_REQUESTED_ANNOTATION
 from matview.k8s import conditions, status
@@ -21,6 +24,8 @@ from matview.outcomes import Outcome as RefreshOutcome
 from matview.plan.partitions import RebuildProgress
 from matview.refresh import RefreshResult
 from tests.helpers import view
+
+ROOT = Path(__file__).resolve().parents[2]
 
 T0 = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
 
@@ -266,3 +271,13 @@ def test_a_rebuilds_progress_is_in_status_until_the_refresh_ends() -> None:
         result = RefreshResult("public.weekly", "Swap", outcome, "why", started, started, 1.0)
         after = status.refresh_status(copy.deepcopy(during), view("weekly"), result, None, None)
         assert "refreshProgress" not in after and after["rows"] == 5, after
+
+
+def test_the_status_the_operator_writes_is_the_status_the_crd_declares() -> None:
+    """A real apiserver prunes status fields its schema does not declare: every field of the Status type (and of
+    its objects) must be in crds/, and every field there must be one the operator can write."""
+    crd = yaml.safe_load((ROOT / "crds" / "matview.dev_materializedviews.yaml").read_text())
+    declared = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    assert set(typing.get_type_hints(conditions.Status)) == set(declared)
+    for field, shape in (("lastRefresh", conditions.LastRefresh), ("refreshProgress", conditions.RefreshProgress)):
+        assert set(typing.get_type_hints(shape)) == set(declared[field]["properties"]), field

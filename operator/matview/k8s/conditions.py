@@ -89,6 +89,8 @@ class LastRefresh(TypedDict):
 
 
 class RefreshProgress(TypedDict):
+    """status.refreshProgress: how far a rebuild a partition at a time has got, while it runs."""
+
     startTime: str
     partitionsRebuilt: int
     partitionsToRebuild: int
