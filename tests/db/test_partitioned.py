@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import random
 import signal
@@ -1074,3 +1075,23 @@ def test_writes_during_rebuilds_of_the_touched_partitions_are_never_lost(matrix:
     refresh(matrix, mv)
     assert written[0] > 50, written
     assert mismatches(matrix, mv) == (0, 0)
+
+
+def test_a_skipped_refresh_reads_the_partitions_once_a_period(
+    matrix: Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A target-lag view looks every few seconds and mostly finds nothing to do: its maintenance read runs on
+    the first look, and again only once the periods to come or the retention window move."""
+    incremental = {"keyColumns": ["driver_id"], "sources": SOURCES}
+    mv = weekly_view(partitioning={**WEEKLY, "retain": "26w"}, incremental=incremental)
+    apply_and_record(matrix, mv)
+    caplog.set_level(logging.DEBUG, logger="matview.plan.executor")
+    for _ in range(4):
+        assert refresh(matrix, mv).result == "skipped"
+    reads = [r for r in caplog.records if "keep the partitions of ops.weekly" in r.getMessage()]
+    assert len(reads) == 1, [r.getMessage() for r in caplog.records]
+    changed = weekly_view(partitioning={**WEEKLY, "retain": "27w"}, incremental=incremental)
+    engine.apply(matrix, changed)
+    caplog.clear()
+    assert refresh(matrix, changed).result in ("skipped", "success")
+    assert any("keep the partitions of ops.weekly" in r.getMessage() for r in caplog.records)  # a new window

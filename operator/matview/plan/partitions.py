@@ -899,6 +899,16 @@ def periods_to_come(view: MaterializedView, now: datetime.datetime) -> list[date
     return days
 
 
+def maintenance_due(view: MaterializedView, now: datetime.datetime) -> tuple[object, ...] | None:
+    """What decides what maintenance does besides the catalog: the definition, the periods to come and the
+    retention cutoff (None for a view without maintenance). Once a maintenance found the catalog as these
+    ask, the next has nothing to do until they change, unless someone changed the partitions by hand."""
+    spec = view.partitioning
+    if spec is None or spec.period is None or spec.by is not PartitionBy.RANGE:
+        return None
+    return (view.definition_digest, tuple(periods_to_come(view, now)), retention_cutoff(view, now))
+
+
 def maintenance_step(view: MaterializedView, now: datetime.datetime, work: PartitionWork | None = None) -> Step | None:
     """After every refresh of a range-partitioned view (one with nothing to apply too): make the partitions of
     the current period and ``ahead`` more that are missing (an incremental view is not rebuilt, and a new week

@@ -4,9 +4,11 @@ Also what counts a build as a refresh (``apply_and_record``, ``record_build``)."
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime as dt
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -230,6 +232,15 @@ def refresh(
     )
 
 
+#: Per view (and database), what its last maintenance after a skipped refresh was due for
+#: (partitions.maintenance_due): a target-lag view looks every few seconds, and reads its partitions again only
+#: once a period has moved on (a refresh that runs maintains them anyway). Bounded: views come and go for as
+#: long as the process lives.
+_MAINTAINED: collections.OrderedDict[tuple[object, ...], tuple[object, ...]] = collections.OrderedDict()
+_MAINTAINED_LOCK = threading.Lock()  # refresh lanes are threads
+MAINTAINED_VIEWS = 16384
+
+
 def _maintain_when_skipped(
     conn: Connection,
     view: MaterializedView,
@@ -238,11 +249,22 @@ def _maintain_when_skipped(
     work: partitions.PartitionWork | None,
 ) -> None:
     """A quiet view's periods move on too: when a refresh has nothing to do, the periods to come still get
-    their partitions and those that left the retention window still go (one read when nothing is due)."""
-    step = partitions.maintenance_step(view, dt.datetime.now(dt.UTC), work)
-    if step is None or not inspection.ours:
+    their partitions and those that left the retention window still go (one read when a period has moved on
+    since the last time, none otherwise)."""
+    now = dt.datetime.now(dt.UTC)
+    due = partitions.maintenance_due(view, now)
+    key = (conn.info.host, conn.info.port, conn.info.dbname, view.relation, view.owner)
+    step = partitions.maintenance_step(view, now, work)
+    with _MAINTAINED_LOCK:
+        done = _MAINTAINED.get(key) == due
+    if step is None or due is None or not inspection.ours or done:
         return
     execute(conn, Plan(view, (step,), ("partition maintenance",), log_steps=False), settings)
+    with _MAINTAINED_LOCK:
+        _MAINTAINED[key] = due
+        _MAINTAINED.move_to_end(key)
+        while len(_MAINTAINED) > MAINTAINED_VIEWS:
+            _MAINTAINED.popitem(last=False)
 
 
 def _incremental_facts(view: MaterializedView, inspection: Inspection, now: dt.datetime) -> dict[str, Any]:
