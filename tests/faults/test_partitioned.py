@@ -6,14 +6,13 @@ leave no staging or retired partition behind, and be resumed by itself.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from tests.faults.harness import NAME, NAMESPACE, Scenario
-from tests.faults.test_standalone import RECOVERY_BOUND, orphan_gone, verdict
+from tests.faults.harness import Scenario, spec
+from tests.faults.test_standalone import RECOVERY_BOUND, killed_and_restarted, verdict
 
 World = Callable[..., Scenario]
 pytestmark = pytest.mark.timeout(240)
@@ -39,24 +38,18 @@ LEFT_BESIDE = "SELECT count(*) FROM pg_class WHERE relname ~ '_mv_(staging|retir
 
 
 def weekly_spec() -> dict[str, Any]:
-    return {
-        "apiVersion": "matview.dev/v1alpha1",
-        "kind": "MaterializedView",
-        "metadata": {"name": NAME, "namespace": NAMESPACE},
-        "spec": {
-            "schema": "app",
-            "query": WEEKLY_QUERY,
-            "storage": "Table",
-            "indexes": [{"columns": ["kind", "week"], "unique": True}],
-            "partitioning": {
-                "column": "week",
-                "by": "Range",
-                "period": "Week",
-                "sources": [{"table": "app.events", "column": "at"}],
-            },
-            "refresh": {"interval": "3s", "timeout": "60s", "lockTimeout": "1s"},
+    document = spec(query=WEEKLY_QUERY)
+    document["spec"].update(
+        storage="Table",
+        indexes=[{"columns": ["kind", "week"], "unique": True}],
+        partitioning={
+            "column": "week",
+            "by": "Range",
+            "period": "Week",
+            "sources": [{"table": "app.events", "column": "at"}],
         },
-    }
+    )
+    return document
 
 
 def weekly(world: World, name: str) -> Scenario:
@@ -112,11 +105,7 @@ def test_runner_killed_between_two_partitions_and_restarted_at_once(world: World
     w.wait(lambda: rebuilt(w) >= before + 2, "two partitions rebuilt", 60)
     w.set_slow(20)  # the partition being built now, or the next, waits far longer than the check interval
     w.wait(w.refreshing, "a partition's build in flight", 30)
-    w.kill_runner(w.runners[-1][0])
-    killed = time.monotonic()
-    w.start_runner()
-    w.wait(orphan_gone(w), "the dead client's build to stop", 15)
-    orphan_seconds = time.monotonic() - killed
+    orphan_seconds = killed_and_restarted(w)
     w.set_slow(0)
     w.recover(RECOVERY_BOUND)
     with w.admin() as conn:

@@ -83,16 +83,22 @@ def orphan_gone(w: Scenario) -> Callable[[], bool]:
     return lambda: not w.refreshing()
 
 
+def killed_and_restarted(w: Scenario) -> float:
+    """SIGKILL the runner, start another at once, and wait for the dead client's statement to stop in the
+    server; how long that took."""
+    w.kill_runner(w.runners[-1][0])
+    killed = time.monotonic()
+    w.start_runner()
+    w.wait(orphan_gone(w), "the dead client's build to stop", 15)
+    return time.monotonic() - killed
+
+
 def test_runner_killed_mid_swap_and_restarted_at_once(world: World) -> None:
     w = running(world("runner SIGKILLed mid Swap", mode="Swap"))
     w.set_slow(20)  # far longer than the check interval: only the dead-client check can end it early
     w.add_rows()
     w.wait(w.refreshing, "a Swap build in flight", 30)
-    w.kill_runner(w.runners[-1][0])
-    killed = time.monotonic()
-    w.start_runner()
-    w.wait(orphan_gone(w), "the dead client's build to stop", 15)
-    orphan_seconds = time.monotonic() - killed
+    orphan_seconds = killed_and_restarted(w)
     w.set_slow(0)
     w.recover(RECOVERY_BOUND)
     verdict(w, w.report(orphan_seconds=round(orphan_seconds, 1)), injected_failures=False)
@@ -104,9 +110,7 @@ def test_runner_killed_mid_build_and_swap_and_restarted_at_once(world: World) ->
     w.set_slow(20)
     w.write_spec(spec("Swap", query=QUERY.replace("AS guard", "AS guard, max(amount) AS top")))
     w.wait(w.refreshing, "the build of the edited query", 30)
-    w.kill_runner(w.runners[-1][0])
-    w.start_runner()
-    w.wait(orphan_gone(w), "the dead client's build to stop", 15)
+    killed_and_restarted(w)
     w.set_slow(0)
     w.recover(RECOVERY_BOUND)
 
