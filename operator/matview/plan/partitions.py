@@ -492,11 +492,7 @@ def rebuild_steps(
         steps.append(Step(f"claim the changes of {view.relation} for its rebuild", tuple(claim_for_partitions(view))))
     (work.resumed if fresh(DEFAULT_LABEL) else work.rebuilt).append(partition_name(view.name, DEFAULT_LABEL))
     if not fresh(DEFAULT_LABEL):
-        # Its rows are those in no period, whatever the sources hold: filtering a source to "no period" could
-        # make rows of its own (the other side of an outer join, once the source's rows are gone): the whole
-        # query, once.
-        outside = sql.SQL("({}) AND {}").format(_outside(view, _spans(view, ranges)), kept(view, cutoff))
-        steps += _partition_steps(view, DEFAULT_LABEL, view.query, outside, None, now, DEFAULT_LABEL in existing)
+        steps += _default_rebuild_steps(view, ranges, cutoff, now, DEFAULT_LABEL in existing)
     if new:
         steps.append(
             Step(
@@ -515,6 +511,20 @@ def rebuild_steps(
     if view.incremental is not None:
         steps.append(Step(f"the rebuild of {view.relation} is complete", (swap_committed(view),)))
     return steps
+
+
+def _default_rebuild_steps(
+    view: MaterializedView,
+    ranges: Sequence[datetime.date],
+    cutoff: datetime.date | None,
+    now: datetime.datetime,
+    exists: bool,
+) -> list[Step]:
+    """Rebuild the DEFAULT partition: the rows in none of the ``ranges`` (and inside the retention window).
+    They are the rows in no period, whatever the sources hold: filtering a source to "no period" could make
+    rows of its own (the other side of an outer join, once the source's rows are gone): the whole query, once."""
+    outside = sql.SQL("({}) AND {}").format(_outside(view, _spans(view, ranges)), kept(view, cutoff))
+    return _partition_steps(view, DEFAULT_LABEL, view.query, outside, None, now, exists)
 
 
 def _range_rebuild_steps(
@@ -628,41 +638,57 @@ def touched_ranges(
     found: Sequence[PartitionFound],
     periods: Sequence[datetime.date | None],
     now: datetime.datetime,
-) -> list[datetime.date] | None:
-    """The range partitions to rebuild for the touched periods (those retention keeps), or None when a
-    touched row lies in no range partition of the view (a whole rebuild is needed)."""
+) -> tuple[list[datetime.date], bool]:
+    """The range partitions to rebuild for the touched periods (those retention keeps), and whether the DEFAULT
+    partition is touched too (a row with no period, or in a period without a partition)."""
     spec = view.partitioning
     assert spec is not None and spec.period is not None
     cutoff = retention_cutoff(view, now)
     existing = {label for f in found if (label := _label_of(view.name, f.name)) is not None}
     days: set[datetime.date] = set()
+    default = False
     for day in periods:
-        if day is None:
-            return None
-        if cutoff is not None and next_period(day, spec.period) <= cutoff:
+        if day is not None and cutoff is not None and next_period(day, spec.period) <= cutoff:
             continue  # retired: none of its rows is stored again
-        if range_label(day) not in existing:
-            return None  # its rows go to the DEFAULT partition
-        days.add(day)
-    return sorted(days)
+        if day is None or range_label(day) not in existing:
+            default = True  # its rows are the DEFAULT partition's
+        else:
+            days.add(day)
+    return sorted(days), default
 
 
 def touched_rebuild_steps(
     view: MaterializedView,
     found: Sequence[PartitionFound],
-    days: Sequence[datetime.date],
+    touched: tuple[Sequence[datetime.date], bool],
     now: datetime.datetime,
     catalog: dict[sqltext.Reference, sqltext.ResolvedRelation],
     work: PartitionWork | None = None,
 ) -> list[Step]:
-    """Rebuild the range partitions starting on ``days`` (after ``claim_touched_step``), newest first."""
+    """Rebuild what ``touched_ranges`` found (after ``claim_touched_step``): the DEFAULT partition when touched
+    (from the whole query, as a full rebuild does), then the range partitions, newest first."""
+    spec = view.partitioning
+    assert spec is not None and spec.period is not None
+    days, default = touched
     work = work if work is not None else PartitionWork()
     work.scope = REBUILT_TOUCHED
-    work.untouched = len([f for f in found if _label_of(view.name, f.name) is not None]) - len(days)
+    labels = [label for f in found if (label := _label_of(view.name, f.name)) is not None]
     steps: list[Step] = []
+    if default:
+        cutoff = retention_cutoff(view, now)
+        # The DEFAULT partition holds what no existing range partition does: its rows exclude those ranges only
+        # (a period to come without its partition yet keeps its rows there until maintenance can make it).
+        ranges = [
+            day
+            for label in labels
+            if (day := range_start(label)) is not None and (cutoff is None or next_period(day, spec.period) > cutoff)
+        ]
+        work.rebuilt.append(partition_name(view.name, DEFAULT_LABEL))
+        steps += _default_rebuild_steps(view, ranges, cutoff, now, DEFAULT_LABEL in labels)
     for day in sorted(days, reverse=True):
         work.rebuilt.append(partition_name(view.name, range_label(day)))
         steps += _range_rebuild_steps(view, day, now, catalog)
+    work.untouched = len(labels) - len(work.rebuilt)
     steps.append(Step(f"the rebuild of {view.relation}'s touched partitions is complete", (swap_committed(view),)))
     return steps
 

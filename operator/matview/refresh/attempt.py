@@ -286,7 +286,7 @@ def _steps(
     now: dt.datetime,
     by_partition: _ByPartition | None = None,
     work: partitions.PartitionWork | None = None,
-    touched: list[dt.date] | None = None,
+    touched: tuple[list[dt.date], bool] | None = None,
 ) -> list[Step]:
     # Under the lock nobody else is building: a copy of ours still there was left by a crash; drop it first.
     cleanup = [drop_leftover_step(view.schema, name, relkind) for name, relkind in inspection.leftovers]
@@ -374,7 +374,7 @@ def _run(
     if by_partition is not None and touched_only and view.incremental is not None:
         touched = _claim_touched(conn, view, by_partition[0], now, settings)
         if closed is not None:
-            closed.measured = touched is None  # some partitions are not what a full rebuild costs
+            closed.measured = False  # some partitions are not what a full rebuild costs
     steps = tuple(_steps(view, inspection, mode, now, by_partition, work, touched))
     # A rebuild a partition at a time logs each step: its progress, and where an interrupted one stopped.
     plan = Plan(view, steps, (f"refresh ({mode})",), log_steps=by_partition is not None)
@@ -405,9 +405,9 @@ def _claim_touched(
     found: list[partitions.PartitionFound],
     now: dt.datetime,
     settings: ExecutionSettings,
-) -> list[dt.date] | None:
-    """Claim the changed keys of a partitioned incremental view and return the range partitions they touch
-    (None: a whole rebuild is needed; the claim is then one, as a full rebuild's is)."""
+) -> tuple[list[dt.date], bool]:
+    """Claim the changed keys of a partitioned incremental view and return the range partitions they touch,
+    and whether they touch the DEFAULT partition too."""
     touched = partitions.TouchedPeriods()
     plan = Plan(
         view, (partitions.claim_touched_step(view, touched),), ("rebuild the touched partitions",), log_steps=False
