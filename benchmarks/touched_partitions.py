@@ -10,8 +10,9 @@ time refreshed a different way:
 - **all**: every partition rebuilt one at a time (mode Swap).
 
 Shapes of change: new trips for every driver whose lead is in the newest week, or in the newest four
-(recent activity, the usual case), and 1% of all drivers spread over every week (the worst case for the
-touched partitions: all of them are).
+(recent activity, the usual case), the newest week's with one lead moved years back (its rows go to the DEFAULT
+partition, which is rebuilt from the whole query), and 1% of all drivers spread over every week (the
+worst case for the touched partitions: all of them are).
 
     python benchmarks/touched_partitions.py --drivers 200000
 
@@ -71,6 +72,13 @@ def recent(weeks: int) -> Callable[[engine.Connection, int], int]:
     return make
 
 
+def recent_and_one_into_default(conn: engine.Connection, salt: int) -> int:
+    """The newest week's trips, and one lead moved years back, to a week without a partition (its rows go to the
+    DEFAULT partition)."""
+    conn.execute("UPDATE ops.leads SET lead_date = date '2001-01-03' WHERE driver_id = %s", (1000 + salt,))
+    return recent(1)(conn, salt)
+
+
 def spread(conn: engine.Connection, salt: int) -> int:
     """A new trip for 1% of the drivers, every week alike."""
     cursor = conn.execute(
@@ -96,6 +104,7 @@ def main() -> None:
     shapes: list[tuple[str, Callable[[engine.Connection, int], int]]] = [
         ("newest week", recent(1)),
         ("newest 4 weeks", recent(4)),
+        ("newest week, and one lead into DEFAULT", recent_and_one_into_default),
         ("1% of drivers, every week", spread),
     ]
     rows = []
