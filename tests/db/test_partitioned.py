@@ -33,6 +33,7 @@ from matview.plan import engine, partitions
 from matview.plan.executor import ExecutionSettings
 from matview.plan.observed import Connection
 from matview.refresh import RefreshResult, apply_and_record, facts, refresh, verify
+from matview.refresh.refresher import Refresher
 from tests.db.test_incremental import SCHEMA_SQL, SOURCES, mismatches, random_batch
 from tests.db.test_pages import walk
 from tests.helpers import cli_on, document, to_yaml, view
@@ -1114,3 +1115,32 @@ def test_a_skipped_refresh_reads_the_partitions_once_a_period(
     caplog.clear()
     assert refresh(matrix, changed).result in ("skipped", "success")
     assert any("keep the partitions of ops.weekly" in r.getMessage() for r in caplog.records)  # a new window
+
+
+async def test_the_partitions_a_running_rebuild_has_left_are_a_gauge_back_to_zero_at_its_end(
+    matrix: Connection, dsn: str
+) -> None:
+    """Through the runner's Refresher, as `matview run` and the operator refresh: while a rebuild a partition
+    at a time runs, matview_partitions_rebuild_remaining counts down; its end puts it back to 0."""
+    mv = weekly_view()
+    apply_and_record(matrix, mv)
+    metrics = RefreshMetrics()
+    refresher = Refresher(metrics)
+    labels = {"namespace": mv.namespace, "name": mv.resource_name}
+    seen: list[tuple[int, float | None]] = []
+
+    def progress(step: partitions.RebuildProgress) -> None:
+        seen.append((step.to_rebuild - step.rebuilt, metrics.registry.get_sample_value(REMAINING, labels)))
+
+    try:
+        result = await refresher.refresh(dsn, mv, "Swap", progress=progress)
+    finally:
+        refresher.close()
+    assert result.result == "success" and result.partitions is not None, result
+    rebuilt = len(result.partitions.rebuilt)
+    assert [left for left, _ in seen] == list(range(rebuilt - 1, -1, -1))
+    assert all(gauge == left for left, gauge in seen), seen
+    assert metrics.registry.get_sample_value(REMAINING, labels) == 0
+
+
+REMAINING = "matview_partitions_rebuild_remaining"

@@ -192,6 +192,13 @@ class RefreshMetrics:
             "partitions the changed keys touch (scope touched).",
             [*labels, "scope"],
         )
+        self.partitions_remaining = per_view.add(
+            "gauge",
+            "matview_partitions_rebuild_remaining",
+            "Partitioned views: partitions a running rebuild a partition at a time has still to swap in (0 when "
+            "none runs).",
+            labels,
+        )
         self.partitions_retired = per_view.add(
             "counter",
             "matview_partitions_retired_total",
@@ -327,6 +334,10 @@ class RefreshMetrics:
 
     def finished(self, namespace: str, name: str) -> None:
         self.in_progress.labels(namespace, name).set(0)
+
+    def rebuild_remaining(self, namespace: str, name: str, partitions: int) -> None:
+        """A running rebuild a partition at a time has this many partitions still to swap in."""
+        self.partitions_remaining.labels(namespace, name).set(partitions)
 
     def record(self, namespace: str, name: str, result: RecordedRefresh) -> None:
         """Count one attempt and update the gauges from its outcome."""

@@ -191,14 +191,24 @@ class Refresher:
             if due_at is not None:
                 self.metrics.lateness(max(0.0, dt.datetime.now(dt.UTC).timestamp() - due_at))
             self.metrics.started(view.namespace, view.resource_name)
+            rebuilding: list[bool] = []
+
+            def told(step: RebuildProgress) -> None:  # in the refresh's thread
+                rebuilding.append(True)
+                self.metrics.rebuild_remaining(view.namespace, view.resource_name, step.to_rebuild - step.rebuilt)
+                if progress is not None:
+                    progress(step)
+
             try:
                 result: RefreshResult = await self._in_thread(
-                    dsn, lambda conn: refresh(conn, view, mode, force=force, progress=progress), "refresh"
+                    dsn, lambda conn: refresh(conn, view, mode, force=force, progress=told), "refresh"
                 )
             except Exception as exc:
                 result = failure_result(view, "could not get a database connection", exc, started)
             finally:
                 self.metrics.finished(view.namespace, view.resource_name)
+                if rebuilding:  # a rebuild that stopped midway has nothing left running either
+                    self.metrics.rebuild_remaining(view.namespace, view.resource_name, 0)
         finally:
             cap.release()
         self.metrics.record(view.namespace, view.resource_name, result)
