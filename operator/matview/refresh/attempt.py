@@ -254,10 +254,12 @@ def _maintain_when_skipped(
     now = dt.datetime.now(dt.UTC)
     due = partitions.maintenance_due(view, now)
     key = (conn.info.host, conn.info.port, conn.info.dbname, view.relation, view.owner)
-    step = partitions.maintenance_step(view, now, work)
     with _MAINTAINED_LOCK:
         done = _MAINTAINED.get(key) == due
-    if step is None or due is None or not inspection.ours or done:
+    if due is None or not inspection.ours or done:
+        return
+    step = partitions.maintenance_step(view, now, work)
+    if step is None:
         return
     execute(conn, Plan(view, (step,), ("partition maintenance",), log_steps=False), settings)
     with _MAINTAINED_LOCK:
