@@ -18,8 +18,9 @@ from psycopg import sql
 
 from matview.embedded.localpg import LocalServer, find_bindir
 from matview.plan import decoding, engine
+from matview.plan.executor import ExecutionSettings
 from matview.plan.observed import Connection
-from matview.refresh import refresh
+from matview.refresh import drain, refresh
 from tests import hostile
 from tests.conftest import SERVER_SETTINGS, skip_or_fail
 from tests.db.test_incremental import SCHEMA_SQL, apply, mismatches
@@ -109,6 +110,37 @@ def test_a_role_not_allowed_to_log_a_snapshot_drains_as_before(matrix16: Connect
             assert drainer.execute(decoding.MAY_LOG_SNAPSHOT_QUERY).fetchone() == (True,)
             logged = drainer.execute(decoding.LOG_SNAPSHOT_QUERY).fetchone()
             assert logged is not None and logged[0] is not None, logged
+    finally:
+        matrix16.execute(sql.SQL("DROP OWNED BY {}").format(role))
+        matrix16.execute(sql.SQL("DROP ROLE {}").format(role))
+
+
+def test_a_drain_goes_on_without_the_snapshot_when_its_role_loses_execute_on_it(
+    matrix16: Connection, pg16: LocalServer
+) -> None:
+    """The drain asks once per connection whether it may log a snapshot; revoked since, the call fails and the
+    drain sends the rest without it, losing no key."""
+    mv = decoding_view()
+    apply(matrix16, mv)
+    role = sql.Identifier("drainer")
+    matrix16.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(role))
+    matrix16.execute(sql.SQL("CREATE ROLE {} LOGIN REPLICATION").format(role))
+    snapshot_function = sql.SQL("FUNCTION pg_catalog.pg_log_standby_snapshot()")
+    try:
+        matrix16.execute(sql.SQL("GRANT USAGE ON SCHEMA ops TO {}").format(role))
+        matrix16.execute(sql.SQL("GRANT INSERT ON ops.mx_mv_changes TO {}").format(role))
+        matrix16.execute(sql.SQL("GRANT EXECUTE ON {} TO {}").format(snapshot_function, role))
+        with engine.connect(pg16.dsn("matrix", user="drainer")) as drainer:
+            matrix16.execute("INSERT INTO ops.trips (driver_id, trip_date) VALUES (9, '2026-02-01')")
+            drain.drain(drainer, mv, ExecutionSettings())
+            matrix16.execute(sql.SQL("REVOKE EXECUTE ON {} FROM {}").format(snapshot_function, role))
+            matrix16.execute("INSERT INTO ops.trips (driver_id, trip_date) VALUES (10, '2026-02-01')")
+            drain.drain(drainer, mv, ExecutionSettings())
+        logged = matrix16.execute("SELECT DISTINCT k FROM ops.mx_mv_changes, unnest(driver_id) AS k ORDER BY 1").fetchall()
+        assert logged == [(9,), (10,)], logged
+        result = refresh(matrix16, mv)
+        assert (result.mode, result.keys_applied) == ("Incremental", 2), result
+        assert mismatches(matrix16, mv) == (0, 0)
     finally:
         matrix16.execute(sql.SQL("DROP OWNED BY {}").format(role))
         matrix16.execute(sql.SQL("DROP ROLE {}").format(role))

@@ -121,6 +121,13 @@ def test_a_source_whose_updates_could_lose_the_old_key_is_refused_before_any_cha
         ("SELECT pg_drop_replication_slot('{slot}')", "is missing"),
         ("DROP PUBLICATION mx_mv_pub", "does not exist"),
         ("ALTER PUBLICATION mx_mv_pub DROP TABLE ops.trips", "publishes other tables"),
+        # Still the same tables, but some writes no longer reach the slot: an UPDATE's, or those the filter drops.
+        ("ALTER PUBLICATION mx_mv_pub SET (publish = 'insert')", "no longer publishes every change"),
+        (
+            "ALTER PUBLICATION mx_mv_pub DROP TABLE ops.trips; "
+            "ALTER PUBLICATION mx_mv_pub ADD TABLE ops.trips WHERE (driver_id > 1000)",
+            "no longer publishes every change",
+        ),
     ],
 )
 def test_what_makes_the_slot_unreadable_becomes_a_full_rebuild_and_capture_goes_on(

@@ -432,20 +432,10 @@ SELECT pg_catalog.current_setting('wal_level'),
 FROM (SELECT) AS one
 LEFT JOIN pg_catalog.pg_replication_slots AS s ON s.slot_name = %(slot)s::pg_catalog.name
 """)
-_PUBLICATION = sql.SQL("""
-SELECT pg_catalog.pg_get_userbyid(p.pubowner), pg_catalog.obj_description(p.oid, 'pg_publication'),
-       p.pubinsert AND p.pubupdate AND p.pubdelete AND p.pubtruncate AND NOT p.puballtables
-       AND NOT EXISTS (SELECT FROM pg_catalog.pg_publication_rel AS r WHERE r.prpubid = p.oid
-                       AND (pg_catalog.to_jsonb(r) ->> 'prqual' IS NOT NULL
-                            OR pg_catalog.to_jsonb(r) ->> 'prattrs' IS NOT NULL))
-       AND NOT EXISTS (SELECT FROM pg_catalog.pg_publication_namespace AS pn WHERE pn.pnpubid = p.oid),
-       ARRAY(SELECT pg_catalog.jsonb_build_array(n.nspname, c.relname)
-             FROM pg_catalog.pg_publication_rel AS r
-             JOIN pg_catalog.pg_class AS c ON c.oid = r.prrelid
-             JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
-             WHERE r.prpubid = p.oid)
-FROM pg_catalog.pg_publication AS p WHERE p.pubname = %(publication)s
-""")
+_PUBLICATION = sql.SQL(
+    "SELECT pg_catalog.pg_get_userbyid(p.pubowner), pg_catalog.obj_description(p.oid, 'pg_publication'), {}, {} "
+    "FROM pg_catalog.pg_publication AS p WHERE p.pubname = %(publication)s"
+).format(decoding.PUBLISHES_EVERY_CHANGE, decoding.PUBLISHED_TABLES)
 _IDENTITIES = sql.SQL("""
 SELECT n.nspname, c.relname, c.relreplident,
        ARRAY(SELECT a.attname::pg_catalog.text

@@ -177,21 +177,43 @@ MAY_LOG_SNAPSHOT_QUERY = sql.SQL(
     "SELECT pg_catalog.has_function_privilege('pg_catalog.pg_log_standby_snapshot()', 'EXECUTE')"
 )
 LOG_SNAPSHOT_QUERY = sql.SQL("SELECT pg_catalog.pg_log_standby_snapshot()")
+#: The publication as apply makes it (alias p for pg_catalog.pg_publication): INSERT, UPDATE, DELETE and
+#: TRUNCATE of the tables it lists, whole rows: no row filter, no column list, no schema, not FOR ALL TABLES.
+#: Anything less loses changes of the sources silently. (prqual and prattrs exist from PostgreSQL 15: read
+#: through to_jsonb so the query stays valid on older servers.)
+PUBLISHES_EVERY_CHANGE = sql.SQL(
+    "p.pubinsert AND p.pubupdate AND p.pubdelete AND p.pubtruncate AND NOT p.puballtables "
+    "AND NOT EXISTS (SELECT FROM pg_catalog.pg_publication_rel AS r WHERE r.prpubid OPERATOR(pg_catalog.=) p.oid "
+    "AND (pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.->>) 'prqual' IS NOT NULL "
+    "OR pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.->>) 'prattrs' IS NOT NULL)) "
+    "AND NOT EXISTS (SELECT FROM pg_catalog.pg_publication_namespace AS pn "
+    "WHERE pn.pnpubid OPERATOR(pg_catalog.=) p.oid)"
+)
+#: The tables publication p lists, as [schema, table] pairs.
+PUBLISHED_TABLES = sql.SQL(
+    "ARRAY(SELECT pg_catalog.jsonb_build_array(n.nspname, c.relname) FROM pg_catalog.pg_publication_rel AS r "
+    "JOIN pg_catalog.pg_class AS c ON c.oid OPERATOR(pg_catalog.=) r.prrelid "
+    "JOIN pg_catalog.pg_namespace AS n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace "
+    "WHERE r.prpubid OPERATOR(pg_catalog.=) p.oid)"
+)
 #: The LSN a drain reads up to (the flushed WAL: changes committed later wait), the slot as it is now, and
-#: the tables the publication holds (one taken off by hand would silently stop publishing its writes).
-#: The snapshot comes first: a transaction it does not see holds the slot back (Snapshot.sees).
+#: the publication (one changed by hand would silently stop publishing some writes: drain checks it is
+#: still as apply made it). The snapshot comes first: a transaction it does not see holds the slot back
+#: (Snapshot.sees). Read from the catalogs and pg_get_replication_slots() rather than the pg_replication_slots
+#: and pg_publication_tables views: the refresh before it made a temporary table, which resets the session's
+#: cached plans, so this is planned again at every drain, and planning the views cost about a millisecond.
 SLOT_QUERY = sql.SQL(
     "SELECT pg_catalog.pg_current_snapshot()::pg_catalog.text, "
     "pg_catalog.pg_current_wal_flush_lsn()::pg_catalog.text, s.wal_status, "
     "(pg_catalog.pg_current_wal_lsn() OPERATOR(pg_catalog.-) s.restart_lsn)::pg_catalog.int8, "
-    "EXISTS (SELECT FROM pg_catalog.pg_publication AS p WHERE p.pubname OPERATOR(pg_catalog.=) %(publication)s), "
-    "ARRAY(SELECT pg_catalog.jsonb_build_array(t.schemaname, t.tablename) FROM pg_catalog.pg_publication_tables AS t "
-    "WHERE t.pubname OPERATOR(pg_catalog.=) %(publication)s) "
-    "FROM (SELECT) AS one LEFT JOIN pg_catalog.pg_replication_slots AS s "
+    "p.oid IS NOT NULL, COALESCE({publishes}, false), {tables} "
+    "FROM (SELECT) AS one LEFT JOIN pg_catalog.pg_get_replication_slots() AS s "
     "ON s.slot_name OPERATOR(pg_catalog.=) %(slot)s::pg_catalog.name "
     "AND s.plugin OPERATOR(pg_catalog.=) 'pgoutput'::pg_catalog.name "
-    "AND s.database OPERATOR(pg_catalog.=) pg_catalog.current_database()"
-)
+    "AND s.datoid OPERATOR(pg_catalog.=) (SELECT d.oid FROM pg_catalog.pg_database AS d "
+    "WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()) "
+    "LEFT JOIN pg_catalog.pg_publication AS p ON p.pubname OPERATOR(pg_catalog.=) %(publication)s::pg_catalog.name"
+).format(publishes=PUBLISHES_EVERY_CHANGE, tables=PUBLISHED_TABLES)
 PEEK_QUERY = sql.SQL(
     "SELECT c.data FROM pg_catalog.pg_logical_slot_peek_binary_changes("
     "%(slot)s::pg_catalog.name, %(upto)s::pg_catalog.pg_lsn, NULL::pg_catalog.int4, "

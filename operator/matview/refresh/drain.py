@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import weakref
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -37,27 +39,41 @@ _CURRENT_USER = sql.SQL("SELECT current_user")
 # Not session.step_settings: that also widens search_path to spec.searchPath, which only the user's query may
 # see; every name the drain sends is schema-qualified and runs on the pinned pg_catalog, pg_temp.
 _SET_TIMEOUT = sql.SQL("SELECT pg_catalog.set_config('statement_timeout', %s, true)")
+# A cursor of the transaction (gone at its end), declared and read with plain statements so that the
+# declaration and the first rows travel in one round trip with the rest of the pipeline.
+_CURSOR = sql.Identifier("matview_drain")
+_DECLARE = sql.SQL("DECLARE {} NO SCROLL CURSOR FOR ").format(_CURSOR)
+_FETCH = sql.SQL("FETCH FORWARD {} FROM {}").format(sql.Literal(FETCH_ROWS), _CURSOR)
+
+#: Whether each connection's role may run pg_log_standby_snapshot() (decoding.MAY_LOG_SNAPSHOT_QUERY),
+#: asked once per connection: the answer decides what the drain's first round trip sends.
+_MAY_LOG_SNAPSHOT: weakref.WeakKeyDictionary[Connection, bool] = weakref.WeakKeyDictionary()
 
 
 def drain(conn: Connection, view: MaterializedView, settings: ExecutionSettings) -> int | None:
     """Move the slot's changes up to now into the change log (the caller holds the view's lock); return the
-    WAL the slot still holds, in bytes."""
+    WAL the slot still holds, in bytes.
+
+    Three round trips when the changes fit one fetch: the flush and the look at the slot; the peek's first
+    rows; the keys, their commit and the slot's advance. Pipelined statements stop at the first error, so the
+    advance never runs unless the keys' commit did."""
     slot = decoding.slot_name(view)
-    with conn.transaction():
-        if conn.info.server_version >= decoding.LOG_SNAPSHOT_MIN_VERSION:
-            allowed = conn.execute(decoding.MAY_LOG_SNAPSHOT_QUERY).fetchone()
-            if allowed is not None and allowed[0]:
-                conn.execute(decoding.LOG_SNAPSHOT_QUERY)
-        conn.execute(decoding.FLUSH_QUERY)
     publication = decoding.publication_name(view)
-    row = conn.execute(decoding.SLOT_QUERY, {"slot": slot, "publication": publication}).fetchone()
-    assert row is not None
-    snapshot, upto, wal_status, retained, publication_exists, tables = row
+    row = _flush_and_look(conn, slot, publication)
+    snapshot, upto, wal_status, retained, publication_exists, publishes_every_change, tables = row
     assert view.incremental is not None
     if not publication_exists:
         return _remake(conn, view, settings, f"publication {publication} does not exist")
     if {(str(t[0]), str(t[1])) for t in tables} != {s.relation for s in view.incremental.sources}:
         return _remake(conn, view, settings, f"publication {publication} publishes other tables than the sources")
+    if not publishes_every_change:
+        return _remake(
+            conn,
+            view,
+            settings,
+            f"publication {publication} no longer publishes every change of the sources "
+            "(its operations, a row filter or a column list were changed)",
+        )
     if wal_status is None:
         return _remake(conn, view, settings, f"replication slot {slot} is missing")
     if wal_status == "lost":
@@ -67,18 +83,17 @@ def drain(conn: Connection, view: MaterializedView, settings: ExecutionSettings)
             settings,
             f"replication slot {slot} was invalidated (max_slot_wal_keep_size): its changes are lost",
         )
+    decoder = decoding.Decoder(view, decoding.Snapshot.parse(snapshot))
+    reasons: list[str] = []
+    advance_to = decoding.lsn_value(upto)
     try:
-        with conn.transaction():
-            conn.execute(_SET_TIMEOUT, (f"{int(settings.statement_timeout_seconds * 1000)}ms",))
-            decoder = decoding.Decoder(view, decoding.Snapshot.parse(snapshot))
-            reasons: list[str] = []
-            advance_to = decoding.lsn_value(upto)
-            with conn.cursor(name="matview_drain") as cursor:
-                cursor.execute(
-                    decoding.PEEK_QUERY,
-                    {"slot": slot, "upto": upto, "publication": decoding.publication_option(view)},
-                )
-                while batch := cursor.fetchmany(FETCH_ROWS):
+        with conn.pipeline():
+            with conn.transaction():
+                conn.execute(_SET_TIMEOUT, (f"{int(settings.statement_timeout_seconds * 1000)}ms",))
+                peek = {"slot": slot, "upto": upto, "publication": decoding.publication_option(view)}
+                conn.execute(_DECLARE + decoding.PEEK_QUERY, peek)
+                while True:
+                    batch = conn.execute(_FETCH).fetchall()
                     changes = decoding.Changes()
                     for (data,) in batch:
                         decoder.feed(bytes(data), changes)
@@ -90,20 +105,52 @@ def drain(conn: Connection, view: MaterializedView, settings: ExecutionSettings)
                     reasons += changes.rebuild
                     if changes.unseen_commit_lsn is not None:
                         advance_to = min(advance_to, changes.unseen_commit_lsn)
-            for reason in sorted(set(reasons)):
-                conn.execute(decoding.request_rebuild_statement(view), (reason,))
+                    if len(batch) < FETCH_ROWS:
+                        break
+                for reason in sorted(set(reasons)):
+                    conn.execute(decoding.request_rebuild_statement(view), (reason,))
+            if advance_to < decoding.lsn_value(upto):
+                # Its keys are in the log already; the refresh will not see its rows, so the next drain reads it
+                # again.
+                logger.info(
+                    "%s: slot held at %s for a commit not yet visible", view.relation, decoding.lsn_text(advance_to)
+                )
+            conn.execute(decoding.ADVANCE_QUERY, {"slot": slot, "upto": decoding.lsn_text(advance_to)})
     except decoding.DecodeError as error:
         return _remake(conn, view, settings, f"a change in replication slot {slot} could not be read ({error})")
     except (psycopg.errors.UndefinedObject, psycopg.errors.ObjectNotInPrerequisiteState) as error:
         # The publication was dropped (its name is looked up as of each change: a new one with the same name
-        # does not help this slot), or the slot was invalidated between the look and the read.
+        # does not help this slot), or the slot was invalidated or dropped since the look.
         message = error.diag.message_primary or str(error)
         return _remake(conn, view, settings, f"replication slot {slot} cannot be read: {message}")
-    if advance_to < decoding.lsn_value(upto):
-        # Its keys are in the log already; the refresh will not see its rows, so the next drain reads it again.
-        logger.info("%s: slot held at %s for a commit not yet visible", view.relation, decoding.lsn_text(advance_to))
-    conn.execute(decoding.ADVANCE_QUERY, {"slot": slot, "upto": decoding.lsn_text(advance_to)})
     return _bytes(retained)
+
+
+def _flush_and_look(conn: Connection, slot: str, publication: str) -> tuple[Any, ...]:
+    """Make every committed write readable (and, where the role may, let the slot restart after it), then
+    read the slot and the publication: one round trip once the connection's role is known."""
+    may_log_snapshot = _MAY_LOG_SNAPSHOT.get(conn)
+    if may_log_snapshot is None:
+        may_log_snapshot = False
+        if conn.info.server_version >= decoding.LOG_SNAPSHOT_MIN_VERSION:
+            allowed = conn.execute(decoding.MAY_LOG_SNAPSHOT_QUERY).fetchone()
+            may_log_snapshot = allowed is not None and bool(allowed[0])
+        _MAY_LOG_SNAPSHOT[conn] = may_log_snapshot
+    try:
+        with conn.pipeline():
+            with conn.transaction():
+                if may_log_snapshot:
+                    conn.execute(decoding.LOG_SNAPSHOT_QUERY)
+                conn.execute(decoding.FLUSH_QUERY)
+            row = conn.execute(decoding.SLOT_QUERY, {"slot": slot, "publication": publication}).fetchone()
+    except psycopg.errors.InsufficientPrivilege:
+        if not may_log_snapshot:
+            raise
+        # EXECUTE was revoked since this connection asked: drain without it from now on.
+        _MAY_LOG_SNAPSHOT[conn] = False
+        return _flush_and_look(conn, slot, publication)
+    assert row is not None
+    return tuple(row)
 
 
 def _remake(conn: Connection, view: MaterializedView, settings: ExecutionSettings, why: str) -> int | None:
