@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "operator" / "matview"
-SHARED = {"constants", "errors", "outcomes", "timestamps"}
+SHARED = {"constants", "errors", "lru", "outcomes", "timestamps"}
 #: What each place may import from matview, besides the shared vocabulary above and itself.
 ALLOWED = {
     "api": set(),

@@ -5,10 +5,12 @@ resolves to, for the incremental key filter."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from psycopg import sql
 
+from matview import lru
 from matview.api import sqltext
 from matview.api.spec import MaterializedView
 from matview.errors import MatviewError
@@ -106,17 +108,84 @@ _RESOLVE = sql.SQL(
     "SELECT c.oid, n.nspname, c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
     "WHERE c.oid = to_regclass(%s)"
 )
+_READ_AS_CATALOG = sql.SQL("SELECT set_config('search_path', 'pg_catalog', true)")
+_VIEW_DEFINITION = sql.SQL("SELECT pg_get_viewdef(%s::oid)")
+#: What every name a resolution looked up resolves to now (NULLs for none), in the order given.
+_NAMES_NOW = sql.SQL(
+    "SELECT c.oid, n.nspname, c.relname, c.relkind "
+    "FROM pg_catalog.unnest(%(names)s::pg_catalog.text[]) WITH ORDINALITY AS w (name, position) "
+    "LEFT JOIN pg_catalog.pg_class AS c ON c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(w.name) "
+    "LEFT JOIN pg_catalog.pg_namespace AS n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace "
+    "ORDER BY w.position"
+)
+#: What every view a resolution read is defined as now, in the order given.
+_DEFINITIONS_NOW = sql.SQL(
+    "SELECT pg_catalog.pg_get_viewdef(v.oid) "
+    "FROM pg_catalog.unnest(%(oids)s::pg_catalog.oid[]) WITH ORDINALITY AS v (oid, position) ORDER BY v.position"
+)
 
 #: The most relations one query may reach through views before incremental refresh gives up on it.
 MAX_RESOLVED_RELATIONS = 256
 
 
-def resolve_relations(conn: Connection, view: MaterializedView) -> dict[sqltext.Reference, sqltext.ResolvedRelation]:
-    """What every relation the query reads is, following plain views down to tables (for key filters).
+@dataclass(frozen=True)
+class Resolution:
+    """What the names a query reads resolve to, and the catalog facts it was made of: every name looked up
+    with what it resolved to, and every view read with its definition. The same facts give the same
+    resolution, so checking them again (one round trip) proves a remembered one current."""
 
-    Names resolve as the build resolves them (pinned search_path); view definitions are read back with
+    relations: dict[sqltext.Reference, sqltext.ResolvedRelation]
+    oids: dict[sqltext.RelationName, int]
+    names: tuple[str, ...]
+    resolved: tuple[tuple[Any, ...], ...]
+    """Per name: (oid, schema, name, relkind), or four NULLs when it resolves to nothing (a CTE's name)."""
+    views: tuple[int, ...]
+    definitions: tuple[str | None, ...]
+
+
+#: Resolutions by database and query: a refresh of a Table view resolves its query every time (a plain view
+#: it reads may have been redefined by hand since), which took a round trip per name and per view and a
+#: parse of each view's definition, about a fifth of a small incremental refresh.
+_RESOLUTIONS: lru.Memo[tuple[object, ...], Resolution] = lru.Memo(4096)
+
+
+def resolve_relations(conn: Connection, view: MaterializedView) -> dict[sqltext.Reference, sqltext.ResolvedRelation]:
+    """What every relation the query reads is, following plain views down to tables (for key filters)."""
+    return resolution(conn, view).relations
+
+
+def resolution(conn: Connection, view: MaterializedView) -> Resolution:
+    """resolve_relations with the oids of the relations found: the one remembered for this query when the
+    catalog still says what it was made of, else resolved again."""
+    key = (conn.info.host, conn.info.port, conn.info.dbname, view.query, view.search_path)
+    remembered = _RESOLUTIONS.get(key)
+    if remembered is not None and _still_holds(conn, view, remembered):
+        return remembered
+    found = _resolve(conn, view)
+    _RESOLUTIONS.put(key, found)
+    return found
+
+
+def _still_holds(conn: Connection, view: MaterializedView, remembered: Resolution) -> bool:
+    with conn.pipeline(), conn.transaction():
+        pin_name_resolution(conn, view, local=True)
+        names = conn.execute(_NAMES_NOW, {"names": list(remembered.names)})
+        conn.execute(_READ_AS_CATALOG)
+        definitions = conn.execute(_DEFINITIONS_NOW, {"oids": list(remembered.views)})
+        resolved_now = tuple(tuple(row) for row in names.fetchall())
+        definitions_now = tuple(row[0] for row in definitions.fetchall())
+    return resolved_now == remembered.resolved and definitions_now == remembered.definitions
+
+
+def _resolve(conn: Connection, view: MaterializedView) -> Resolution:
+    """Names resolve as the build resolves them (pinned search_path); view definitions are read back with
     only pg_catalog on the search path, so every name in them comes back qualified."""
     found: dict[sqltext.Reference, sqltext.ResolvedRelation] = {}
+    oids: dict[sqltext.RelationName, int] = {}
+    names: list[str] = []
+    resolved_rows: list[tuple[Any, ...]] = []
+    views: list[int] = []
+    definitions: list[str | None] = []
     pending = [view.query]
     with conn.transaction():
         pin_name_resolution(conn, view, local=True)
@@ -129,14 +198,18 @@ def resolve_relations(conn: Connection, view: MaterializedView) -> dict[sqltext.
                 schema, name = reference
                 quoted = (sqltext.quote_identifier(schema) + "." if schema else "") + sqltext.quote_identifier(name)
                 row = conn.execute(_RESOLVE, (quoted,)).fetchone()
+                names.append(quoted)
+                resolved_rows.append(tuple(row) if row is not None else (None, None, None, None))
                 if row is None:
                     continue
                 oid, resolved_schema, resolved_name, relkind = row
                 definition = None
                 if relkind == "v":
-                    conn.execute(sql.SQL("SELECT set_config('search_path', 'pg_catalog', true)"))
-                    text = conn.execute(sql.SQL("SELECT pg_get_viewdef(%s::oid)"), (oid,)).fetchone()
+                    conn.execute(_READ_AS_CATALOG)
+                    text = conn.execute(_VIEW_DEFINITION, (oid,)).fetchone()
                     pin_name_resolution(conn, view, local=True)
+                    views.append(int(oid))
+                    definitions.append(text[0] if text else None)
                     definition = sqltext.check_view_definition(str(text[0]) if text else "")
                     pending.append(definition)
                 resolved = sqltext.ResolvedRelation(
@@ -144,4 +217,5 @@ def resolve_relations(conn: Connection, view: MaterializedView) -> dict[sqltext.
                 )
                 found[reference] = resolved
                 found.setdefault(resolved.name, resolved)
-    return found
+                oids[resolved.name] = int(oid)
+    return Resolution(found, oids, tuple(names), tuple(resolved_rows), tuple(views), tuple(definitions))

@@ -4,11 +4,9 @@ Also what counts a build as a refresh (``apply_and_record``, ``record_build``)."
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import datetime as dt
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from matview import timestamps
+from matview import lru, timestamps
 from matview.api import sqltext
 from matview.api.spec import MaterializedView, RefreshMode
 from matview.errors import MatviewError
@@ -236,9 +234,7 @@ def refresh(
 #: (partitions.maintenance_due): a target-lag view looks every few seconds, and reads its partitions again only
 #: once a period has moved on (a refresh that runs maintains them anyway). Bounded: views come and go for as
 #: long as the process lives.
-_MAINTAINED: collections.OrderedDict[tuple[object, ...], tuple[object, ...]] = collections.OrderedDict()
-_MAINTAINED_LOCK = threading.Lock()  # refresh lanes are threads
-MAINTAINED_VIEWS = 16384
+_MAINTAINED: lru.Memo[tuple[object, ...], tuple[object, ...]] = lru.Memo(16384)
 
 
 def _maintain_when_skipped(
@@ -254,19 +250,14 @@ def _maintain_when_skipped(
     now = dt.datetime.now(dt.UTC)
     due = partitions.maintenance_due(view, now)
     key = (conn.info.host, conn.info.port, conn.info.dbname, view.relation, view.owner)
-    with _MAINTAINED_LOCK:
-        done = _MAINTAINED.get(key) == due
+    done = _MAINTAINED.get(key) == due
     if due is None or not inspection.ours or done:
         return
     step = partitions.maintenance_step(view, now, work)
     if step is None:
         return
     execute(conn, Plan(view, (step,), ("partition maintenance",), log_steps=False), settings)
-    with _MAINTAINED_LOCK:
-        _MAINTAINED[key] = due
-        _MAINTAINED.move_to_end(key)
-        while len(_MAINTAINED) > MAINTAINED_VIEWS:
-            _MAINTAINED.popitem(last=False)
+    _MAINTAINED.put(key, due)
 
 
 def _incremental_facts(view: MaterializedView, inspection: Inspection, now: dt.datetime) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from matview.api import sqltext
 from matview.api.spec import MaterializedView, Storage
 from matview.plan import capture, partitions, versions
 from matview.plan.catalog import dependents_exist, read_dependents
@@ -25,10 +24,11 @@ from matview.plan.observed import Connection, UpstreamRelation
 from matview.plan.statements import Query, retired_name, staging_name
 from matview.plan.upstream import (
     RELATION_FACTS_JSON,
+    Resolution,
     facts_from_rows,
     relation_fingerprints,
     relation_oid,
-    resolve_relations,
+    resolution,
     upstream_cte,
     upstream_relations,
 )
@@ -170,8 +170,9 @@ def inspected(conn: Connection, view: MaterializedView, row: tuple[Any, ...] | N
     version = None
     if view.storage is Storage.TABLE:
         if view.incremental is not None or view.refresh.only_if_changed:
-            key_catalog = resolve_relations(conn, view)  # a table has no rewrite rule: follow the query by name
-            relations = _query_relations(conn, key_catalog)
+            resolved = resolution(conn, view)  # a table has no rewrite rule: follow the query by name
+            key_catalog = resolved.relations
+            relations = _query_relations(conn, resolved)
             version = _fingerprint(relations)
     elif reads_fingerprints(view):
         version = _fingerprint(facts_from_rows(upstream or []))
@@ -206,7 +207,7 @@ def _untracked(view: MaterializedView, relations: list[UpstreamRelation]) -> str
 
 def untracked_version(conn: Connection, view: MaterializedView) -> str | None:
     """_untracked, read from the catalog (after a build)."""
-    return _untracked(view, _query_relations(conn, resolve_relations(conn, view)))
+    return _untracked(view, _query_relations(conn, resolution(conn, view)))
 
 
 def _fingerprint(relations: list[UpstreamRelation]) -> str | None:
@@ -215,10 +216,8 @@ def _fingerprint(relations: list[UpstreamRelation]) -> str | None:
     return hashlib.sha256(repr([r.fingerprint for r in relations]).encode()).hexdigest()[:24]
 
 
-def _query_relations(
-    conn: Connection, key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation]
-) -> list[UpstreamRelation]:
-    oids = [oid for name in sorted(query_tables(key_catalog)) if (oid := relation_oid(conn, *name)) is not None]
+def _query_relations(conn: Connection, resolved: Resolution) -> list[UpstreamRelation]:
+    oids = [resolved.oids[name] for name in sorted(query_tables(resolved.relations)) if name in resolved.oids]
     return relation_fingerprints(conn, oids)
 
 
@@ -230,7 +229,7 @@ def source_version(conn: Connection, view: MaterializedView, oid: int) -> str | 
     (storage Table) has no rewrite rule to follow, so its query's relations are resolved by name.
     """
     if view.storage is Storage.TABLE:
-        return _fingerprint(_query_relations(conn, resolve_relations(conn, view)))
+        return _fingerprint(_query_relations(conn, resolution(conn, view)))
     return _fingerprint(upstream_relations(conn, oid))
 
 

@@ -1,0 +1,93 @@
+"""What a Table view's query reads, resolved against the real catalog (plan/upstream.resolution): a
+resolution is remembered, and used again only while the catalog still says what it was made of. A view
+redefined by hand, a name shadowed in an earlier schema of spec.searchPath, a table renamed or dropped:
+the next refresh resolves again and an incremental refresh acts on what the catalog says now."""
+
+from __future__ import annotations
+
+import pytest
+
+from matview.api.spec import MaterializedView
+from matview.plan import upstream
+from matview.plan.observed import Connection
+from matview.refresh import apply_and_record, refresh
+from tests.helpers import view
+
+pytestmark = pytest.mark.db
+
+SCHEMA = """
+CREATE SCHEMA early; CREATE SCHEMA late;
+CREATE TABLE late.events (id int PRIMARY KEY, account int NOT NULL, amount int NOT NULL);
+INSERT INTO late.events SELECT g, g % 10, g FROM generate_series(1, 100) g;
+CREATE VIEW late.totals AS SELECT account, sum(amount) AS total FROM late.events GROUP BY account;
+"""
+
+
+def totals_view() -> MaterializedView:
+    return view(
+        "totals",
+        schema="late",
+        name="totals_mv",
+        storage="Table",
+        query="SELECT account, total FROM totals",
+        searchPath=["early", "late"],
+        indexes=[{"columns": ["account"], "unique": True}],
+        incremental={"keyColumns": ["account"], "sources": [{"table": "late.events", "columns": ["account"]}]},
+    )
+
+
+@pytest.fixture
+def totals(conn: Connection) -> Connection:
+    conn.execute(SCHEMA)
+    return conn
+
+
+def stored(conn: Connection, account: int) -> int | None:
+    row = conn.execute("SELECT total FROM late.totals_mv WHERE account = %s", (account,)).fetchone()
+    return int(row[0]) if row else None
+
+
+def test_a_resolution_is_used_again_while_nothing_it_was_made_of_changed(totals: Connection) -> None:
+    mv = totals_view()
+    first = upstream.resolution(totals, mv)
+    assert upstream.resolution(totals, mv) is first
+    assert first.relations[(None, "totals")].definition is not None
+    assert set(first.oids) == {("late", "totals"), ("late", "events")}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        # The definition the key filter inlines is not the one the catalog holds any more.
+        "CREATE OR REPLACE VIEW late.totals AS "
+        "SELECT account, sum(amount) * 2 AS total FROM late.events GROUP BY account",
+        # The query's unqualified name now finds a relation in an earlier schema of spec.searchPath.
+        "CREATE VIEW early.totals AS SELECT account, sum(amount) * 3 AS total FROM late.events GROUP BY account",
+    ],
+)
+def test_a_change_by_hand_to_what_the_query_reads_is_what_the_next_refresh_acts_on(
+    totals: Connection, change: str
+) -> None:
+    mv = totals_view()
+    apply_and_record(totals, mv)
+    refresh(totals, mv, "Incremental")
+    remembered = upstream.resolution(totals, mv)
+    totals.execute(change)
+    totals.execute("UPDATE late.events SET amount = amount + 1 WHERE id = 3")
+    result = refresh(totals, mv, "Incremental")
+    assert (result.result, result.keys_applied) == ("success", 1), result
+    totals.execute("SET search_path = early, late")
+    try:
+        computed = totals.execute("SELECT total FROM totals WHERE account = 3").fetchone()
+    finally:
+        totals.execute("RESET search_path")
+    assert computed is not None and stored(totals, 3) == computed[0]
+    assert upstream.resolution(totals, mv) is not remembered
+
+
+def test_a_renamed_table_is_resolved_again(totals: Connection) -> None:
+    mv = totals_view()
+    remembered = upstream.resolution(totals, mv)
+    totals.execute("ALTER TABLE late.events RENAME TO happenings")
+    now = upstream.resolution(totals, mv)
+    assert now is not remembered and set(now.oids) == {("late", "totals"), ("late", "happenings")}
