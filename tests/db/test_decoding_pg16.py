@@ -136,7 +136,8 @@ def test_a_drain_goes_on_without_the_snapshot_when_its_role_loses_execute_on_it(
             matrix16.execute(sql.SQL("REVOKE EXECUTE ON {} FROM {}").format(snapshot_function, role))
             matrix16.execute("INSERT INTO ops.trips (driver_id, trip_date) VALUES (10, '2026-02-01')")
             drain.drain(drainer, mv, ExecutionSettings())
-        logged = matrix16.execute("SELECT DISTINCT k FROM ops.mx_mv_changes, unnest(driver_id) AS k ORDER BY 1").fetchall()
+        keys = "SELECT DISTINCT k FROM ops.mx_mv_changes, unnest(driver_id) AS k ORDER BY 1"
+        logged = matrix16.execute(keys).fetchall()
         assert logged == [(9,), (10,)], logged
         result = refresh(matrix16, mv)
         assert (result.mode, result.keys_applied) == ("Incremental", 2), result
