@@ -29,6 +29,7 @@ import functools
 import hashlib
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -245,6 +246,10 @@ class ResolvedRelation:
     """A plain view's definition (read back from the catalog with every name qualified)."""
 
 
+KeyCatalog = Mapping[Reference, ResolvedRelation]
+"""What every name a query reads resolves to. Read-only: one resolution serves many refreshes."""
+
+
 def quote_identifier(name: str) -> str:
     """PostgreSQL's double-quoting of one name (for text that pglast parses back, never sent as is)."""
     return '"' + name.replace('"', '""') + '"'
@@ -301,7 +306,7 @@ class KeyFilterResult:
 
 def inject_key_filters(
     query: CheckedSQL,
-    catalog: dict[Reference, ResolvedRelation],
+    catalog: KeyCatalog,
     sources: dict[RelationName, tuple[str, ...]],
     key_columns: tuple[str, ...],
     keys_table: tuple[str, ...] | None = CHANGED_KEYS_TABLE,
@@ -330,9 +335,7 @@ def _inject_cached(
     return PARSER.run(lambda: _inject(query, dict(catalog), dict(sources), key_columns, keys_table))
 
 
-def _reads_source(
-    name: RelationName, catalog: dict[Reference, ResolvedRelation], sources: dict[RelationName, Any], seen: set[Any]
-) -> bool:
+def _reads_source(name: RelationName, catalog: KeyCatalog, sources: dict[RelationName, Any], seen: set[Any]) -> bool:
     if name in sources:
         return True
     if name in seen:
@@ -349,7 +352,7 @@ def _reads_source(
 
 def _inject(
     query: CheckedSQL,
-    catalog: dict[Reference, ResolvedRelation],
+    catalog: KeyCatalog,
     sources: dict[RelationName, tuple[str, ...]],
     key_columns: tuple[str, ...],
     keys_relation: tuple[str, ...] | None,
@@ -406,9 +409,7 @@ class PeriodSlices:
         return CheckedSQL(text, "query", _TOKEN)
 
 
-def period_slices(
-    query: CheckedSQL, catalog: dict[Reference, ResolvedRelation], columns: dict[RelationName, str]
-) -> PeriodSlices:
+def period_slices(query: CheckedSQL, catalog: KeyCatalog, columns: dict[RelationName, str]) -> PeriodSlices:
     """The query sliced by period at its reads of the tables in ``columns`` (each filtered on its column), ready
     to take any period's bounds (``PeriodSlices.query``); the same text ``inject_source_filters`` makes with
     ``period_predicate``s."""
@@ -430,7 +431,7 @@ def _period_slices_cached(
 
 
 def inject_source_filters(
-    query: CheckedSQL, catalog: dict[Reference, ResolvedRelation], predicates: dict[RelationName, str]
+    query: CheckedSQL, catalog: KeyCatalog, predicates: dict[RelationName, str]
 ) -> KeyFilterResult:
     """The query with every read of a table in ``predicates`` filtered by its predicate (``period_predicate``'s
     text: the engine's own), inlining views on the way as the key filters do."""
@@ -446,9 +447,7 @@ def _filter_reads_cached(
     return _filter_reads(query, dict(catalog), dict(predicates))
 
 
-def _filter_reads(
-    query: CheckedSQL, catalog: dict[Reference, ResolvedRelation], predicates: dict[RelationName, str]
-) -> KeyFilterResult:
+def _filter_reads(query: CheckedSQL, catalog: KeyCatalog, predicates: dict[RelationName, str]) -> KeyFilterResult:
     filtered: set[RelationName] = set()
     inlined: list[RelationName] = []
 

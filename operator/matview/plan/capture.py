@@ -46,7 +46,7 @@ _NEW_ROWS, _OLD_ROWS = "matview_new_rows", "matview_old_rows"
 
 def key_filtered_query(
     view: MaterializedView,
-    key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation],
+    key_catalog: sqltext.KeyCatalog,
     keys_table: tuple[str, ...] | None = sqltext.CHANGED_KEYS_TABLE,
 ) -> sqltext.KeyFilterResult:
     """The query an incremental refresh runs: every read of a declared source filtered on the changed keys

@@ -81,7 +81,7 @@ def check_decoding(view: MaterializedView, observed: Observed) -> list[FieldErro
     return errors
 
 
-def query_tables(key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation]) -> set[tuple[str, str]]:
+def query_tables(key_catalog: sqltext.KeyCatalog) -> set[tuple[str, str]]:
     """Every relation holding data the query reads, through plain views (tables, MVs, foreign tables)."""
     return {r.name for r in key_catalog.values() if r.relkind != "v"}
 

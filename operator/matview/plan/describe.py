@@ -79,9 +79,7 @@ def filtered_query_error(conn: Connection, view: MaterializedView) -> str | None
         return str(exc).strip()
 
 
-def compile_error(
-    conn: Connection, view: MaterializedView, key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation]
-) -> str | None:
+def compile_error(conn: Connection, view: MaterializedView, key_catalog: sqltext.KeyCatalog) -> str | None:
     """Compile the query an incremental refresh runs, as the refresh compiles it (with the changed-keys table
     it reads), and say why it fails: a query that compiles only unfiltered would fail every refresh."""
     assert view.incremental is not None

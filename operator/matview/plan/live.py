@@ -123,9 +123,7 @@ _PARAMETERS = (
 )
 
 
-def function_body(
-    view: MaterializedView, key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation]
-) -> sql.Composed:
+def function_body(view: MaterializedView, key_catalog: sqltext.KeyCatalog) -> sql.Composed:
     """PL/pgSQL: the query for the one key given, or the whole query when the key is NULL. Columns win over
     the function's own names (FOUND), so a query reading a column called that still reads the column."""
     assert view.incremental is not None
@@ -179,7 +177,7 @@ def query(view: MaterializedView, columns: tuple[str, ...]) -> sql.Composed:
 
 def create_statements(
     view: MaterializedView,
-    key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation],
+    key_catalog: sqltext.KeyCatalog,
     columns: tuple[str, ...],
 ) -> list[sql.Composed]:
     """(Re)create the row shape, the function and the view, with their markers; the function runs for the

@@ -130,7 +130,7 @@ class Observed:
     partition_key: KeyType | None = None
     """The type of spec.partitioning.column as the query produces it (None: not partitioned, or not known)."""
     """The query's result columns that are declared keys (spec.incremental), by name."""
-    key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation] | None = None
+    key_catalog: sqltext.KeyCatalog | None = None
     """What each relation the query reads resolves to, through plain views (spec.incremental)."""
     key_catalog_error: str | None = None
     search_path_creators: dict[str, tuple[str, ...]] = field(default_factory=dict)

@@ -465,7 +465,7 @@ def rebuild_steps(
     found: Sequence[PartitionFound],
     since: datetime.datetime | None,
     now: datetime.datetime,
-    catalog: dict[sqltext.Reference, sqltext.ResolvedRelation],
+    catalog: sqltext.KeyCatalog,
     work: PartitionWork | None = None,
 ) -> list[Step]:
     """Rebuild the view a partition at a time: the DEFAULT partition first (its rows are the query's rows in no
@@ -531,7 +531,7 @@ def _range_rebuild_steps(
     view: MaterializedView,
     day: datetime.date,
     now: datetime.datetime,
-    catalog: dict[sqltext.Reference, sqltext.ResolvedRelation],
+    catalog: sqltext.KeyCatalog,
 ) -> list[Step]:
     """Rebuild the existing range partition starting at day: build it apart, swap it in, drop the old one."""
     assert view.partitioning is not None and view.partitioning.period is not None
@@ -662,7 +662,7 @@ def touched_rebuild_steps(
     found: Sequence[PartitionFound],
     touched: tuple[Sequence[datetime.date], bool],
     now: datetime.datetime,
-    catalog: dict[sqltext.Reference, sqltext.ResolvedRelation],
+    catalog: sqltext.KeyCatalog,
     work: PartitionWork | None = None,
 ) -> list[Step]:
     """Rebuild what ``touched_ranges`` found (after ``claim_touched_step``): the DEFAULT partition when touched
@@ -723,7 +723,7 @@ def _spans(view: MaterializedView, ranges: Sequence[datetime.date]) -> list[tupl
 
 def _sliced_query(
     view: MaterializedView,
-    catalog: dict[sqltext.Reference, sqltext.ResolvedRelation],
+    catalog: sqltext.KeyCatalog,
     period: tuple[datetime.date, datetime.date],
 ) -> sqltext.CheckedSQL:
     """The query reading only one period of each partition source: the partition's slice, not the whole."""

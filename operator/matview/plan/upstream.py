@@ -4,7 +4,8 @@ resolves to, for the incremental key filter."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import types
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,8 +135,8 @@ class Resolution:
     with what it resolved to, and every view read with its definition. The same facts give the same
     resolution, so checking them again (one round trip) proves a remembered one current."""
 
-    relations: dict[sqltext.Reference, sqltext.ResolvedRelation]
-    oids: dict[sqltext.RelationName, int]
+    relations: sqltext.KeyCatalog
+    oids: Mapping[sqltext.RelationName, int]
     names: tuple[str, ...]
     resolved: tuple[tuple[Any, ...], ...]
     """Per name: (oid, schema, name, relkind), or four NULLs when it resolves to nothing (a CTE's name)."""
@@ -149,7 +150,7 @@ class Resolution:
 _RESOLUTIONS: lru.Memo[tuple[object, ...], Resolution] = lru.Memo(4096)
 
 
-def resolve_relations(conn: Connection, view: MaterializedView) -> dict[sqltext.Reference, sqltext.ResolvedRelation]:
+def resolve_relations(conn: Connection, view: MaterializedView) -> sqltext.KeyCatalog:
     """What every relation the query reads is, following plain views down to tables (for key filters)."""
     return resolution(conn, view).relations
 
@@ -218,4 +219,11 @@ def _resolve(conn: Connection, view: MaterializedView) -> Resolution:
                 found[reference] = resolved
                 found.setdefault(resolved.name, resolved)
                 oids[resolved.name] = int(oid)
-    return Resolution(found, oids, tuple(names), tuple(resolved_rows), tuple(views), tuple(definitions))
+    return Resolution(
+        types.MappingProxyType(found),
+        types.MappingProxyType(oids),
+        tuple(names),
+        tuple(resolved_rows),
+        tuple(views),
+        tuple(definitions),
+    )

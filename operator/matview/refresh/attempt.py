@@ -307,7 +307,7 @@ def _steps(
     return [*cleanup, refresh_in_place_step(view, mode), *retire]
 
 
-_ByPartition = tuple[list[partitions.PartitionFound], list[str], dict[sqltext.Reference, sqltext.ResolvedRelation]]
+_ByPartition = tuple[list[partitions.PartitionFound], list[str], sqltext.KeyCatalog]
 """A per-partition rebuild's facts: the view's partitions, the leftovers to drop first, and what the query's
 names resolve to (to filter the partition sources)."""
 

@@ -184,7 +184,7 @@ class Inspection:
     """Fingerprint of the tables the view reads now (None when unknowable: a foreign table)."""
     leftovers: tuple[tuple[str, str], ...] = ()
     """(name, relkind) of staging or retired copies of ours that an interrupted build or swap left behind."""
-    key_catalog: dict[sqltext.Reference, sqltext.ResolvedRelation] | None = None
+    key_catalog: sqltext.KeyCatalog | None = None
     """What the query's relations resolve to (incremental views: the key-filter rewrite needs it)."""
     pending: PendingChanges | None = None
     """The change log (incremental views; None when it does not exist)."""
