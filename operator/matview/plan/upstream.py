@@ -173,6 +173,7 @@ def _still_holds(conn: Connection, view: MaterializedView, remembered: Resolutio
         names = conn.execute(_NAMES_NOW, {"names": list(remembered.names)})
         conn.execute(_READ_AS_CATALOG)
         definitions = conn.execute(_DEFINITIONS_NOW, {"oids": list(remembered.views)})
+        pin_name_resolution(conn, view, local=True)  # as _resolve leaves it, should a caller's transaction go on
         resolved_now = tuple(tuple(row) for row in names.fetchall())
         definitions_now = tuple(row[0] for row in definitions.fetchall())
     return resolved_now == remembered.resolved and definitions_now == remembered.definitions
