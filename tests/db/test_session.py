@@ -4,8 +4,11 @@ checked here on the server the suite runs, so a server that relaxed it would fai
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import psycopg
 import pytest
+from psycopg import pq
 
 from matview.plan import engine, session
 from matview.plan.observed import Connection
@@ -87,3 +90,80 @@ def test_a_step_that_runs_the_query_as_itself_makes_the_next_reset_a_full_one(co
         lane.execute("SET work_mem = '64kB'")  # stands for what a build left that only the reset clears
         session.reset(lane)
         assert lane.execute("SELECT current_setting('work_mem')").fetchone() != ("64kB",)
+
+
+class _RoundTrips:
+    """Counts the round trips a connection makes: the Sync messages libpq sends (one per batch, or per
+    statement outside a pipeline as psycopg sends them: a simple Query counts as one too)."""
+
+    def __init__(self, conn: Connection, path: Path) -> None:
+        self._conn, self._path = conn, path
+
+    def __enter__(self) -> _RoundTrips:
+        self._file = self._path.open("w")
+        self._conn.pgconn.trace(self._file.fileno())
+        self._conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._conn.pgconn.untrace()
+        self._file.close()
+
+    def count(self) -> int:
+        sent = [line.split("\t") for line in self._path.read_text().splitlines()]
+        return sum(1 for fields in sent if fields[0] == "F" and fields[2].strip() in ("Sync", "Query"))
+
+
+def test_a_batched_transaction_commits_in_one_round_trip(conn: Connection, tmp_path: Path) -> None:
+    conn.execute("CREATE SCHEMA ops; CREATE TABLE ops.kept (n int)")
+    with _RoundTrips(conn, tmp_path / "trace") as trips, session.one_batch(conn), session.transaction_in_batch(conn):
+        conn.execute("INSERT INTO ops.kept VALUES (1)")
+        conn.execute("INSERT INTO ops.kept VALUES (2)")
+    assert trips.count() == 1
+    assert conn.info.transaction_status == pq.TransactionStatus.IDLE
+    assert conn.execute("SELECT count(*) FROM ops.kept").fetchone() == (2,)
+
+
+def test_a_batched_transaction_that_fails_keeps_nothing_and_leaves_no_transaction(conn: Connection) -> None:
+    """A statement's error skips the rest (COMMIT included) and is rolled back; so is an exception the block
+    raises after sending statements; and statements after the transaction in the batch do not run."""
+    conn.execute("CREATE SCHEMA ops; CREATE TABLE ops.kept (n int PRIMARY KEY)")
+    with pytest.raises(psycopg.errors.UniqueViolation), session.one_batch(conn):
+        with session.transaction_in_batch(conn):
+            conn.execute("INSERT INTO ops.kept VALUES (1)")
+            conn.execute("INSERT INTO ops.kept VALUES (1)")
+            conn.execute("INSERT INTO ops.kept VALUES (2)")
+        conn.execute("INSERT INTO ops.kept VALUES (3)")
+    assert conn.info.transaction_status == pq.TransactionStatus.IDLE
+    with pytest.raises(ZeroDivisionError), session.one_batch(conn), session.transaction_in_batch(conn):
+        conn.execute("INSERT INTO ops.kept VALUES (4)")
+        conn.execute("SELECT 1").fetchone()  # synced: the INSERT ran, inside the open transaction
+        _ = 1 / 0
+    assert conn.info.transaction_status == pq.TransactionStatus.IDLE
+    assert conn.execute("SELECT count(*) FROM ops.kept").fetchone() == (0,)
+
+
+def test_a_batched_transaction_refuses_to_start_inside_another(conn: Connection) -> None:
+    """Its BEGIN would only warn there, and its COMMIT would end the caller's transaction."""
+    refused = pytest.raises(psycopg.ProgrammingError, match="already open")
+    with conn.transaction(), refused, session.one_batch(conn), session.transaction_in_batch(conn):
+        pass
+
+
+@pytest.mark.parametrize(("mode", "trips"), [("Concurrent", 3), ("Full", 3), ("Swap", 5)])
+def test_a_refresh_makes_few_round_trips(conn: Connection, dsn: str, tmp_path: Path, mode: str, trips: int) -> None:
+    """A warm refresh: the lock with the inspection's read, the refresh transaction (its duration read, then the
+    closing with its COMMIT); a Swap's build and swap transactions add one each. psycopg's own transaction()
+    in a pipeline synced on each side of every block: 6 round trips for a Concurrent refresh, 16 for a Swap."""
+    conn.execute("CREATE SCHEMA ops; CREATE TABLE ops.src AS SELECT g AS id FROM generate_series(1, 10) g")
+    counted = view(
+        "counted", "ops", schema="ops", query="SELECT id FROM ops.src", indexes=[{"columns": ["id"], "unique": True}]
+    )
+    with engine.connect(dsn) as lane:
+        engine.apply(lane, counted)
+        session.reset(lane)
+        for _ in range(2):  # warm: Auto's evidence and the marker's state as a lane has them
+            assert refresh(lane, counted, mode).result == "success"
+        with _RoundTrips(lane, tmp_path / "trace") as counter:
+            assert refresh(lane, counted, mode).result == "success"
+    assert counter.count() == trips

@@ -279,10 +279,9 @@ def _run_step(
         if closing is not None:  # CONCURRENTLY steps cannot share a transaction: the closing gets its own
             _run_step(conn, Step("record the result", ()), settings, view, closing, started)
         return
-    # Pipelined: the step's statements go to the server together and their results come back at the sync.
-    # An error at the sync leaves the transaction by ROLLBACK as before; syncing inside the transaction
-    # keeps psycopg from logging an aborted pipeline.
-    with conn.pipeline() as pipeline, conn.transaction():
+    # One batch: BEGIN, the step's statements and COMMIT go to the server together and their results come
+    # back at the sync (a closing adds one sync, for the step's duration). An error rolls the transaction back.
+    with session.one_batch(conn) as pipeline, session.transaction_in_batch(conn):
         if step.repeatable_read:  # must come before the first query of the transaction
             conn.execute(sql.SQL("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
         session.step_settings(conn, view, settings.statement_timeout_seconds, settings.lock_timeout_seconds, local=True)
@@ -308,8 +307,6 @@ def _run_step(
                     conn.execute(statement)
             read = conn.execute(*closing.read)
             # Its statements go with the COMMIT in one batch: the pipeline's exit syncs them.
-        else:
-            pipeline.sync()
     if closing is not None:
         if step.restricted_user_sql:
             session.cleaned_in_band(conn)

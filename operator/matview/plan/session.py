@@ -14,10 +14,13 @@ It is set with a statement rather than the ``options`` startup parameter, which 
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 
 import psycopg
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 
 from matview.api import sqltext
 from matview.api.spec import MaterializedView
@@ -157,6 +160,41 @@ def step_settings(
             local,
         ),
     )
+
+
+_BEGIN, _COMMIT, _ROLLBACK = sql.SQL("BEGIN"), sql.SQL("COMMIT"), sql.SQL("ROLLBACK")
+
+
+@contextlib.contextmanager
+def one_batch(conn: Connection) -> Iterator[psycopg.Pipeline]:
+    """A pipeline for statements that go to the server together, with the transactions of
+    ``transaction_in_batch``: one round trip, plus one for each sync or fetch the block asks for. Whatever
+    error ends it, it leaves no transaction open: one it left failed, or open because the block raised
+    before its COMMIT, is rolled back before the error goes on."""
+    try:
+        with conn.pipeline() as pipeline:
+            yield pipeline
+    except BaseException:
+        if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+            with contextlib.suppress(psycopg.Error):
+                conn.execute(_ROLLBACK, prepare=False)
+        raise
+
+
+@contextlib.contextmanager
+def transaction_in_batch(conn: Connection) -> Iterator[None]:
+    """Inside ``one_batch``: a transaction whose BEGIN and COMMIT are statements of the batch.
+
+    psycopg's ``transaction()`` inside a pipeline opens a nested pipeline on each side of the block and each
+    syncs: a transaction of three statements took three round trips, and a Swap's three transactions fifteen
+    (traced). Here an error skips the rest of the batch, COMMIT included, and ``one_batch`` rolls back. Only
+    where no transaction is open, and the block must not open a ``transaction()`` of its own: the server is
+    in this one before psycopg can see it."""
+    if conn.info.transaction_status != TransactionStatus.IDLE:
+        raise psycopg.ProgrammingError("transaction_in_batch: a transaction is already open on this connection")
+    conn.execute(_BEGIN, prepare=False)
+    yield
+    conn.execute(_COMMIT, prepare=False)
 
 
 def restore(conn: Connection) -> None:

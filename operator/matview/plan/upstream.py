@@ -15,6 +15,7 @@ from matview import lru
 from matview.api import sqltext
 from matview.api.spec import MaterializedView
 from matview.errors import MatviewError
+from matview.plan import session
 from matview.plan.marker import comment_of
 from matview.plan.observed import Connection, UpstreamRelation
 from matview.plan.session import pin_name_resolution
@@ -168,14 +169,13 @@ def resolution(conn: Connection, view: MaterializedView) -> Resolution:
 
 
 def _still_holds(conn: Connection, view: MaterializedView, remembered: Resolution) -> bool:
-    with conn.pipeline(), conn.transaction():
+    with session.one_batch(conn), session.transaction_in_batch(conn):
         pin_name_resolution(conn, view, local=True)
         names = conn.execute(_NAMES_NOW, {"names": list(remembered.names)})
         conn.execute(_READ_AS_CATALOG)
         definitions = conn.execute(_DEFINITIONS_NOW, {"oids": list(remembered.views)})
-        pin_name_resolution(conn, view, local=True)  # as _resolve leaves it, should a caller's transaction go on
-        resolved_now = tuple(tuple(row) for row in names.fetchall())
-        definitions_now = tuple(row[0] for row in definitions.fetchall())
+    resolved_now = tuple(tuple(row) for row in names.fetchall())  # fetched after the batch: one round trip
+    definitions_now = tuple(row[0] for row in definitions.fetchall())
     return resolved_now == remembered.resolved and definitions_now == remembered.definitions
 
 

@@ -23,7 +23,7 @@ import psycopg
 from psycopg import sql
 
 from matview.api.spec import MaterializedView
-from matview.plan import catalog, decoding
+from matview.plan import catalog, decoding, session
 from matview.plan.converge import converge_decoding
 from matview.plan.executor import ExecutionSettings, execute
 from matview.plan.observed import Connection, Observed
@@ -87,8 +87,8 @@ def drain(conn: Connection, view: MaterializedView, settings: ExecutionSettings)
     reasons: list[str] = []
     advance_to = decoding.lsn_value(upto)
     try:
-        with conn.pipeline():
-            with conn.transaction():
+        with session.one_batch(conn):
+            with session.transaction_in_batch(conn):
                 conn.execute(_SET_TIMEOUT, (f"{int(settings.statement_timeout_seconds * 1000)}ms",))
                 peek = {"slot": slot, "upto": upto, "publication": decoding.publication_option(view)}
                 conn.execute(_DECLARE + decoding.PEEK_QUERY, peek)
@@ -137,8 +137,8 @@ def _flush_and_look(conn: Connection, slot: str, publication: str) -> tuple[Any,
             may_log_snapshot = allowed is not None and bool(allowed[0])
         _MAY_LOG_SNAPSHOT[conn] = may_log_snapshot
     try:
-        with conn.pipeline():
-            with conn.transaction():
+        with session.one_batch(conn):
+            with session.transaction_in_batch(conn):
                 if may_log_snapshot:
                     conn.execute(decoding.LOG_SNAPSHOT_QUERY)
                 conn.execute(decoding.FLUSH_QUERY)
