@@ -6,9 +6,12 @@ import copy
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import psycopg
 import yaml
+from psycopg import pq
 
 from matview.api.spec import MaterializedView
 from matview.api.validation import validate_document
@@ -45,3 +48,25 @@ def cli_on(file: str, dsn: str) -> Callable[..., subprocess.CompletedProcess[str
         )
 
     return matview
+
+
+class RoundTrips:
+    """Counts the round trips a connection makes: the Sync messages libpq sends (one per batch, or per
+    statement outside a pipeline as psycopg sends them: a simple Query counts as one too)."""
+
+    def __init__(self, conn: psycopg.Connection[Any], path: Path) -> None:
+        self._conn, self._path = conn, path
+
+    def __enter__(self) -> RoundTrips:
+        self._file = self._path.open("w")
+        self._conn.pgconn.trace(self._file.fileno())
+        self._conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._conn.pgconn.untrace()
+        self._file.close()
+
+    def count(self) -> int:
+        sent = [line.split("\t") for line in self._path.read_text().splitlines()]
+        return sum(1 for fields in sent if fields[0] == "F" and fields[2].strip() in ("Sync", "Query"))

@@ -13,7 +13,7 @@ from psycopg import pq
 from matview.plan import engine, session
 from matview.plan.observed import Connection
 from matview.refresh import refresh
-from tests.helpers import view
+from tests.helpers import RoundTrips, view
 
 #: What a query may try from inside REFRESH, each of which would outlive it in a pooled session.
 SESSION_CHANGES = {
@@ -92,31 +92,9 @@ def test_a_step_that_runs_the_query_as_itself_makes_the_next_reset_a_full_one(co
         assert lane.execute("SELECT current_setting('work_mem')").fetchone() != ("64kB",)
 
 
-class _RoundTrips:
-    """Counts the round trips a connection makes: the Sync messages libpq sends (one per batch, or per
-    statement outside a pipeline as psycopg sends them: a simple Query counts as one too)."""
-
-    def __init__(self, conn: Connection, path: Path) -> None:
-        self._conn, self._path = conn, path
-
-    def __enter__(self) -> _RoundTrips:
-        self._file = self._path.open("w")
-        self._conn.pgconn.trace(self._file.fileno())
-        self._conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._conn.pgconn.untrace()
-        self._file.close()
-
-    def count(self) -> int:
-        sent = [line.split("\t") for line in self._path.read_text().splitlines()]
-        return sum(1 for fields in sent if fields[0] == "F" and fields[2].strip() in ("Sync", "Query"))
-
-
 def test_a_batched_transaction_commits_in_one_round_trip(conn: Connection, tmp_path: Path) -> None:
     conn.execute("CREATE SCHEMA ops; CREATE TABLE ops.kept (n int)")
-    with _RoundTrips(conn, tmp_path / "trace") as trips, session.one_batch(conn), session.transaction_in_batch(conn):
+    with RoundTrips(conn, tmp_path / "trace") as trips, session.one_batch(conn), session.transaction_in_batch(conn):
         conn.execute("INSERT INTO ops.kept VALUES (1)")
         conn.execute("INSERT INTO ops.kept VALUES (2)")
     assert trips.count() == 1
@@ -164,6 +142,6 @@ def test_a_refresh_makes_few_round_trips(conn: Connection, dsn: str, tmp_path: P
         session.reset(lane)
         for _ in range(2):  # warm: Auto's evidence and the marker's state as a lane has them
             assert refresh(lane, counted, mode).result == "success"
-        with _RoundTrips(lane, tmp_path / "trace") as counter:
+        with RoundTrips(lane, tmp_path / "trace") as counter:
             assert refresh(lane, counted, mode).result == "success"
     assert counter.count() == trips

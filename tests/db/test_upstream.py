@@ -5,13 +5,15 @@ the next refresh resolves again and an incremental refresh acts on what the cata
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from matview.api.spec import MaterializedView
 from matview.plan import upstream
 from matview.plan.observed import Connection
 from matview.refresh import apply_and_record, refresh
-from tests.helpers import view
+from tests.helpers import RoundTrips, view
 
 pytestmark = pytest.mark.db
 
@@ -91,3 +93,21 @@ def test_a_renamed_table_is_resolved_again(totals: Connection) -> None:
     totals.execute("ALTER TABLE late.events RENAME TO happenings")
     now = upstream.resolution(totals, mv)
     assert now is not remembered and set(now.oids) == {("late", "totals"), ("late", "happenings")}
+
+
+def test_a_warm_incremental_refresh_reads_its_table_facts_in_the_proofs_round_trip(
+    totals: Connection, tmp_path: Path
+) -> None:
+    """The fingerprints of what the query reads, the pending changes and the row estimate ride in the batch
+    that proves the remembered resolution: five round trips in all (the lock with the inspection; the proof
+    with the table's facts; the refresh; its closing; the changes it left), eleven before."""
+    mv = totals_view()
+    apply_and_record(totals, mv)
+    for amount in range(3):  # warm: the resolution remembered, the statements prepared
+        totals.execute("UPDATE late.events SET amount = amount + %s WHERE id = 3", (amount,))
+        assert refresh(totals, mv, "Incremental").result == "success"
+    totals.execute("UPDATE late.events SET amount = amount + 1 WHERE id = 4")
+    with RoundTrips(totals, tmp_path / "trace") as trips:
+        result = refresh(totals, mv, "Incremental")
+    assert (result.result, result.keys_applied) == ("success", 1), result
+    assert trips.count() == 5

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from psycopg import sql
 
 from matview import lru
@@ -80,7 +81,12 @@ WITH relations AS (
 
 def relation_fingerprints(conn: Connection, oids: list[int]) -> list[UpstreamRelation]:
     """The same facts as upstream_relations, for relations already known by oid (and their partitions)."""
-    return facts_from_rows(conn.execute(_KNOWN_RELATIONS, {"oids": oids}).fetchall())
+    return facts_from_rows(conn.execute(*fingerprints_query(oids)).fetchall())
+
+
+def fingerprints_query(oids: list[int]) -> tuple[sql.Composed, dict[str, Any]]:
+    """The read behind relation_fingerprints (facts_from_rows of its rows), for a caller's batch."""
+    return _KNOWN_RELATIONS, {"oids": oids}
 
 
 def upstream_relations(conn: Connection, oid: int) -> list[UpstreamRelation]:
@@ -159,24 +165,55 @@ def resolve_relations(conn: Connection, view: MaterializedView) -> sqltext.KeyCa
 def resolution(conn: Connection, view: MaterializedView) -> Resolution:
     """resolve_relations with the oids of the relations found: the one remembered for this query when the
     catalog still says what it was made of, else resolved again."""
-    key = (conn.info.host, conn.info.port, conn.info.dbname, view.query, view.search_path)
-    remembered = _RESOLUTIONS.get(key)
-    if remembered is not None and _still_holds(conn, view, remembered):
-        return remembered
+    remembered = remembered_resolution(conn, view)
+    if remembered is not None:
+        with session.one_batch(conn):
+            proof = send_proof(conn, view, remembered)
+        if proof.holds():
+            return remembered
+    return resolve_again(conn, view)
+
+
+def _memo_key(conn: Connection, view: MaterializedView) -> tuple[object, ...]:
+    return (conn.info.host, conn.info.port, conn.info.dbname, view.query, view.search_path)
+
+
+def remembered_resolution(conn: Connection, view: MaterializedView) -> Resolution | None:
+    """The resolution last made for this query on this database, not yet proven current (send_proof)."""
+    return _RESOLUTIONS.get(_memo_key(conn, view))
+
+
+def resolve_again(conn: Connection, view: MaterializedView) -> Resolution:
+    """Resolve the query's names from the catalog, and remember what they resolved to."""
     found = _resolve(conn, view)
-    _RESOLUTIONS.put(key, found)
+    _RESOLUTIONS.put(_memo_key(conn, view), found)
     return found
 
 
-def _still_holds(conn: Connection, view: MaterializedView, remembered: Resolution) -> bool:
-    with session.one_batch(conn), session.transaction_in_batch(conn):
+@dataclass(frozen=True)
+class Proof:
+    """The reads that prove a remembered resolution current, sent in a batch (``holds`` once it is synced)."""
+
+    remembered: Resolution
+    names: psycopg.Cursor[Any]
+    definitions: psycopg.Cursor[Any]
+
+    def holds(self) -> bool:
+        """The catalog still says what the remembered resolution was made of."""
+        resolved_now = tuple(tuple(row) for row in self.names.fetchall())
+        definitions_now = tuple(row[0] for row in self.definitions.fetchall())
+        return resolved_now == self.remembered.resolved and definitions_now == self.remembered.definitions
+
+
+def send_proof(conn: Connection, view: MaterializedView, remembered: Resolution) -> Proof:
+    """Inside ``session.one_batch``: its own transaction (the names resolve as the build resolves them), so that
+    a caller's reads can ride in the same round trip after it."""
+    with session.transaction_in_batch(conn):
         pin_name_resolution(conn, view, local=True)
         names = conn.execute(_NAMES_NOW, {"names": list(remembered.names)})
         conn.execute(_READ_AS_CATALOG)
         definitions = conn.execute(_DEFINITIONS_NOW, {"oids": list(remembered.views)})
-    resolved_now = tuple(tuple(row) for row in names.fetchall())  # fetched after the batch: one round trip
-    definitions_now = tuple(row[0] for row in definitions.fetchall())
-    return resolved_now == remembered.resolved and definitions_now == remembered.definitions
+    return Proof(remembered, names, definitions)
 
 
 def _resolve(conn: Connection, view: MaterializedView) -> Resolution:

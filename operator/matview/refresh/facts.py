@@ -16,7 +16,7 @@ import psycopg
 from psycopg import sql
 
 from matview.api.spec import MaterializedView, Storage
-from matview.plan import capture, partitions, versions
+from matview.plan import capture, partitions, session, upstream, versions
 from matview.plan.catalog import dependents_exist, read_dependents
 from matview.plan.checks import query_tables
 from matview.plan.marker import Marker, comment_of
@@ -135,7 +135,8 @@ def inspection_query(view: MaterializedView) -> Query:
     """The one read behind ``inspect`` (the refresh sends it with the lock's take, in one round trip)."""
     return _VIEW_AND_SOURCES if reads_fingerprints(view) else _VIEW_ALONE, {
         "role": view.run_as_role,
-        "copies": [staging_name(view), retired_name(view)],
+        # An incremental view's change log is read with the copies: whether it exists (and is ours).
+        "copies": [staging_name(view), retired_name(view), *([capture.changes_name(view)] if view.incremental else [])],
         "schema": view.schema,
         "name": view.name,
         "relkind": view.relkind,
@@ -158,28 +159,28 @@ def inspected(conn: Connection, view: MaterializedView, row: tuple[Any, ...] | N
     # (the copies were read only where their owner is one).
     marker = Marker.parse(comment) if trusted_owner else None
     leftovers = []
+    log_seen = False
     for name, relkind, copy_comment in copies:
         found = Marker.parse(copy_comment)
-        if found is not None and found.owner == view.owner and found.kind == "staging":
+        if view.incremental is not None and name == capture.changes_name(view):
+            log_seen = True
+        elif found is not None and found.owner == view.owner and found.kind == "staging":
             leftovers.append((str(name), str(relkind)))
     key_catalog = None
     pending = None
     untracked = None
     rows = None
-    relations: list[UpstreamRelation] = []
     version = None
     if view.storage is Storage.TABLE:
         if view.incremental is not None or view.refresh.only_if_changed:
-            resolved = resolution(conn, view)  # a table has no rewrite rule: follow the query by name
-            key_catalog = resolved.relations
-            relations = _query_relations(conn, resolved)
-            version = _fingerprint(relations)
+            table = _table_facts(conn, view, log_seen)
+            key_catalog = table.resolved.relations
+            version = _fingerprint(table.relations)
+            if view.incremental is not None:
+                pending, rows = table.pending, table.rows
+                untracked = _untracked(view, table.relations)
     elif reads_fingerprints(view):
         version = _fingerprint(facts_from_rows(upstream or []))
-    if view.incremental is not None and key_catalog is not None:
-        pending = pending_changes(conn, view)
-        untracked = _untracked(view, relations)
-        rows = view_size(conn, view).rows
     return Inspection(
         oid=int(oid),
         ours=marker is not None and marker.owner == view.owner and marker.kind == "view",
@@ -195,6 +196,46 @@ def inspected(conn: Connection, view: MaterializedView, row: tuple[Any, ...] | N
         untracked_version=untracked,
         estimated_rows=rows,
     )
+
+
+@dataclass(frozen=True)
+class _TableFacts:
+    resolved: Resolution
+    relations: list[UpstreamRelation]
+    """Fingerprint facts of the tables the query reads."""
+    pending: PendingChanges | None = None
+    rows: int | None = None
+
+
+def _table_facts(conn: Connection, view: MaterializedView, log_seen: bool) -> _TableFacts:
+    """A Table's query resolved (it has no rewrite rule: the query is followed by name), the fingerprints of
+    what it reads and, for an incremental view, its pending changes and estimated rows. When the remembered
+    resolution still holds, all of it is one round trip: the reads for the remembered relations go in the
+    proof's batch (and are thrown away when it fails)."""
+    incremental = view.incremental is not None
+    remembered = upstream.remembered_resolution(conn, view)
+    if remembered is not None:
+        with session.one_batch(conn):
+            proof = upstream.send_proof(conn, view, remembered)
+            known = conn.execute(*upstream.fingerprints_query(_query_oids(remembered)))
+            size = conn.execute(*size_query(view)) if incremental else None
+            pending = conn.execute(*_pending_query(view)) if incremental and log_seen else None
+        if proof.holds():
+            return _TableFacts(
+                remembered,
+                facts_from_rows(known.fetchall()),
+                _pending_from(pending.fetchone()) if pending is not None else _pending_if(conn, view),
+                size_from_row(size.fetchone()).rows if size is not None else None,
+            )
+    resolved = upstream.resolve_again(conn, view)
+    relations = _query_relations(conn, resolved)
+    if not incremental:
+        return _TableFacts(resolved, relations)
+    return _TableFacts(resolved, relations, pending_changes(conn, view), view_size(conn, view).rows)
+
+
+def _pending_if(conn: Connection, view: MaterializedView) -> PendingChanges | None:
+    return pending_changes(conn, view) if view.incremental is not None else None
 
 
 def _untracked(view: MaterializedView, relations: list[UpstreamRelation]) -> str | None:
@@ -217,8 +258,11 @@ def _fingerprint(relations: list[UpstreamRelation]) -> str | None:
 
 
 def _query_relations(conn: Connection, resolved: Resolution) -> list[UpstreamRelation]:
-    oids = [resolved.oids[name] for name in sorted(query_tables(resolved.relations)) if name in resolved.oids]
-    return relation_fingerprints(conn, oids)
+    return relation_fingerprints(conn, _query_oids(resolved))
+
+
+def _query_oids(resolved: Resolution) -> list[int]:
+    return [resolved.oids[name] for name in sorted(query_tables(resolved.relations)) if name in resolved.oids]
 
 
 def source_version(conn: Connection, view: MaterializedView, oid: int) -> str | None:
@@ -247,18 +291,25 @@ MAX_COUNTED_KEYS = 10_000_000
 
 def pending_changes(conn: Connection, view: MaterializedView) -> PendingChanges | None:
     """What the change log holds now (None when it does not exist: capture is not installed)."""
+    try:
+        return _pending_from(conn.execute(*_pending_query(view)).fetchone())
+    except psycopg.errors.UndefinedTable:
+        return None
+
+
+def _pending_query(view: MaterializedView) -> Query:
     assert view.incremental is not None
-    full = sql.Identifier(capture.FULL_REBUILD)
     query = _PENDING.format(
         claimable_keys=capture.claimable_keys(view),
         log=capture.changes_id(view),
-        full=full,
+        full=sql.Identifier(capture.FULL_REBUILD),
         null_keys=capture.has_null_keys(view),
         changed_at=sql.Identifier(capture.CHANGED_AT),
     )
-    if relation_oid(conn, view.schema, capture.changes_name(view)) is None:
-        return None
-    row = conn.execute(query, {"cap": MAX_COUNTED_KEYS}).fetchone()
+    return query, {"cap": MAX_COUNTED_KEYS}
+
+
+def _pending_from(row: tuple[Any, ...] | None) -> PendingChanges | None:
     if row is None:
         return None
     count, reasons, null_keys, oldest = row
