@@ -51,8 +51,9 @@ def cli_on(file: str, dsn: str) -> Callable[..., subprocess.CompletedProcess[str
 
 
 class RoundTrips:
-    """Counts the round trips a connection makes: the Sync messages libpq sends (one per batch, or per
-    statement outside a pipeline as psycopg sends them: a simple Query counts as one too)."""
+    """Counts the round trips a connection makes, from libpq's trace of the messages it sends: each Sync (the
+    end of a batch, or of a statement outside a pipeline), each simple Query, and each Flush that does not
+    follow a Sync (a fetch inside a pipeline asks for the results so far without ending the batch)."""
 
     def __init__(self, conn: psycopg.Connection[Any], path: Path) -> None:
         self._conn, self._path = conn, path
@@ -68,5 +69,11 @@ class RoundTrips:
         self._file.close()
 
     def count(self) -> int:
-        sent = [line.split("\t") for line in self._path.read_text().splitlines()]
-        return sum(1 for fields in sent if fields[0] == "F" and fields[2].strip() in ("Sync", "Query"))
+        sent = [
+            fields[2].strip() for line in self._path.read_text().splitlines() if (fields := line.split("\t"))[0] == "F"
+        ]
+        return sum(
+            1
+            for position, message in enumerate(sent)
+            if message in ("Sync", "Query") or (message == "Flush" and (position == 0 or sent[position - 1] != "Sync"))
+        )

@@ -100,7 +100,7 @@ def test_a_warm_incremental_refresh_reads_its_table_facts_in_the_proofs_round_tr
 ) -> None:
     """The fingerprints of what the query reads, the pending changes and the row estimate ride in the batch
     that proves the remembered resolution: five round trips in all (the lock with the inspection; the proof
-    with the table's facts; the refresh; its closing; the changes it left), eleven before."""
+    with the table's facts; the refresh; its closing; the changes it left), 17 at 9cebc33."""
     mv = totals_view()
     apply_and_record(totals, mv)
     for amount in range(3):  # warm: the resolution remembered, the statements prepared
