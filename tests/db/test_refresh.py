@@ -519,6 +519,30 @@ async def test_work_cancelled_while_queued_never_runs(dsn: str) -> None:
         refresher.close()
 
 
+async def test_work_cancelled_while_waiting_for_a_connection_does_not_wait_out_the_pool() -> None:
+    """The database is down: the work waits for a pooled connection (up to the pool's 10 s). Cancelled (a
+    SIGTERM, a deleted view), it ends at once and never runs; closing the refresher ends the thread's wait. It
+    used to wait the pool's timeout out: `matview run` took 8.5 s to exit on SIGTERM with its database down."""
+    refresher = Refresher(RefreshMetrics())
+    down = f"host=127.0.0.1 port={free_port()} dbname=none user=none connect_timeout=2"
+    ran: list[str] = []
+    pool = refresher.pool(down, "apply")
+
+    task = asyncio.create_task(refresher._in_thread(down, lambda conn: ran.append("ran"), "apply"))
+    try:
+        async with asyncio.timeout(30):  # bounds a hang only: it waits for the thread to ask the pool
+            while not pool.get_stats().get("requests_waiting"):
+                await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The pool counts a wait that timed out as a request error: none yet, so the task did not wait it out.
+        assert pool.get_stats().get("requests_errors", 0) == 0, pool.get_stats()
+    finally:
+        refresher.close()
+    assert ran == []
+
+
 async def test_a_creation_never_waits_behind_drift_checks(dsn: str) -> None:
     """Drift checks have a lane of their own: with every check slot of the database taken and another check
     queued, an apply (a creation) runs at once."""

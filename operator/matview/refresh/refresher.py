@@ -156,9 +156,13 @@ class Refresher:
         except asyncio.CancelledError:
             cancelled.set()  # before reading holder: the thread either sees the flag or is seen and cancelled
             conn = holder.get("conn")
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    conn.cancel_safe(timeout=5)
+            if conn is None:
+                # Still waiting for a thread or a connection: it will never start. Not waited for: with the database
+                # down, the pool's wait lasts its whole timeout (SIGTERM took 8.5 s to exit); closing the pool ends it.
+                future.add_done_callback(_retrieve)
+                raise
+            with contextlib.suppress(Exception):
+                conn.cancel_safe(timeout=5)
             with contextlib.suppress(Exception):
                 await future
             raise
@@ -217,6 +221,12 @@ class Refresher:
     def record_failure(self, view: MaterializedView, reason: str, error: BaseException, started: dt.datetime) -> None:
         """Count a failure outside a refresh (an apply), so failure alerts see it."""
         self.metrics.record(view.namespace, view.resource_name, failure_result(view, reason, error, started))
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Read the outcome of work nobody awaits any more (asyncio would log it as never retrieved)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def failure_result(view: MaterializedView, reason: str, error: BaseException, started: dt.datetime) -> RefreshResult:
