@@ -221,21 +221,17 @@ def _table_facts(conn: Connection, view: MaterializedView, log_seen: bool) -> _T
             size = conn.execute(*size_query(view)) if incremental else None
             pending = conn.execute(*_pending_query(view)) if incremental and log_seen else None
         if proof.holds():
-            return _TableFacts(
-                remembered,
-                facts_from_rows(known.fetchall()),
-                _pending_from(pending.fetchone()) if pending is not None else _pending_if(conn, view),
-                size_from_row(size.fetchone()).rows if size is not None else None,
-            )
+            if pending is not None:
+                found = _pending_from(pending.fetchone())
+            else:  # no log among the inspection's trusted relations: read it (or its absence) as ever
+                found = pending_changes(conn, view) if incremental else None
+            rows = size_from_row(size.fetchone()).rows if size is not None else None
+            return _TableFacts(remembered, facts_from_rows(known.fetchall()), found, rows)
     resolved = upstream.resolve_again(conn, view)
     relations = _query_relations(conn, resolved)
     if not incremental:
         return _TableFacts(resolved, relations)
     return _TableFacts(resolved, relations, pending_changes(conn, view), view_size(conn, view).rows)
-
-
-def _pending_if(conn: Connection, view: MaterializedView) -> PendingChanges | None:
-    return pending_changes(conn, view) if view.incremental is not None else None
 
 
 def _untracked(view: MaterializedView, relations: list[UpstreamRelation]) -> str | None:
