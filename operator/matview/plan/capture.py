@@ -397,17 +397,22 @@ def claimable(view: MaterializedView) -> sql.Composed:
     """A log row (alias l) an incremental refresh may apply: keys only, none of them with a NULL part."""
     assert view.incremental is not None
     no_nulls = [
-        sql.SQL("array_position({}, NULL) IS NULL").format(sql.Identifier("l", k)) for k in view.incremental.key_columns
+        sql.SQL("pg_catalog.array_position({}, NULL) IS NULL").format(sql.Identifier("l", k))
+        for k in view.incremental.key_columns
     ]
     return sql.SQL(" AND ").join([sql.SQL("{} IS NULL").format(sql.Identifier("l", FULL_REBUILD)), *no_nulls])
 
 
 def claimable_keys(view: MaterializedView) -> sql.Composed:
-    """``<key columns> FROM <log> l, unnest(...) u WHERE <claimable>``: the keys the log's rows hold."""
+    """``<key columns> FROM <log> l, ROWS FROM (unnest(...), ...) u WHERE <claimable>``: the keys the log's rows
+    hold. Each array has its own qualified unnest: the multi-argument ``unnest(a, b)`` is syntax, not a function
+    pg_catalog has, and unqualified it resolves in the step's search path, where spec.searchPath's schemas come
+    first (an attacker's ``unnest(integer[])`` there ran as the operator)."""
     assert view.incremental is not None
     keys = view.incremental.key_columns
-    return sql.SQL("{} FROM {} AS l, unnest({}) AS u ({}) WHERE {}").format(
-        key_list(keys, "u"), changes_id(view), key_list(keys, "l"), key_list(keys), claimable(view)
+    arrays = sql.SQL(", ").join(sql.SQL("pg_catalog.unnest({})").format(sql.Identifier("l", k)) for k in keys)
+    return sql.SQL("{} FROM {} AS l, ROWS FROM ({}) AS u ({}) WHERE {}").format(
+        key_list(keys, "u"), changes_id(view), arrays, key_list(keys), claimable(view)
     )
 
 
@@ -417,7 +422,7 @@ def has_null_keys(view: MaterializedView) -> sql.Composed:
     return sql.SQL("l.{} IS NULL AND ({})").format(
         sql.Identifier(FULL_REBUILD),
         sql.SQL(" OR ").join(
-            sql.SQL("array_position({}, NULL) IS NOT NULL").format(sql.Identifier("l", k))
+            sql.SQL("pg_catalog.array_position({}, NULL) IS NOT NULL").format(sql.Identifier("l", k))
             for k in view.incremental.key_columns
         ),
     )
