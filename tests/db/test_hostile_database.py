@@ -262,8 +262,9 @@ def test_an_incremental_view_whose_search_path_lists_a_planted_schema_runs_no_pl
     """spec.searchPath lists the attacker's schema first. The incremental step runs under it (the key-filtered
     query resolves the user's names there), and so did the engine's own claim of the keys: ``unnest(int[])`` and
     ``array_position`` on the log's key arrays ran the attacker's look-alikes as the operator (18 rows of loot
-    over three refreshes before they were qualified). The reads the inspection sends with the proof of the
-    remembered resolution, after the proof's transaction, must not resolve there either."""
+    over three refreshes before they were qualified), and so does the live view's function. The reads the
+    inspection sends with the proof of the remembered resolution, after the proof's transaction, must not resolve
+    there either."""
     plant(roles)
     listed = view(
         "listed-inc",
@@ -274,13 +275,16 @@ def test_an_incremental_view_whose_search_path_lists_a_planted_schema_runs_no_pl
         query="SELECT k, sum(v) AS total FROM src GROUP BY k",
         searchPath=["public", "app"],
         indexes=[{"columns": ["k"], "unique": True}],
-        incremental={"keyColumns": ["k"], "sources": [{"table": "app.src", "columns": ["k"]}]},
+        incremental={"keyColumns": ["k"], "sources": [{"table": "app.src", "columns": ["k"]}], "liveView": True},
     )
     with engine.connect(roles.login("operator")) as operator:
         engine.apply(operator, listed)
         record_build(operator, listed)
         for round_ in range(3):  # the first resolves the query; the next prove the remembered resolution
             conn.execute("UPDATE app.src SET v = v + 1 WHERE k = %s", (round_,))
+            # The live view's function (SECURITY DEFINER, under the same search path) reads the log's keys too.
+            live = operator.execute("SELECT total FROM reports.listed_inc_live WHERE k = %s", (round_,)).fetchone()
+            assert live == conn.execute("SELECT sum(v) FROM app.src WHERE k = %s", (round_,)).fetchone()
             result = refresh(operator, listed, "Incremental")
             assert (result.result, result.keys_applied) == ("success", 1), result
     assert loot(conn) == 0

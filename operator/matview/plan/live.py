@@ -44,8 +44,9 @@ from matview.plan.marker import Marker
 from matview.plan.statements import grantee
 
 _VIEW_SUFFIX, _ROWS_SUFFIX, _SHAPE_SUFFIX = "_live", "_live_rows", "_live_shape"
-#: Changes when the shape of the statements below changes, so that apply re-creates older live views.
-LIVE_FORMAT_VERSION = "3"
+#: Changes when the shape of the statements below changes, so that apply re-creates older live views (4: the
+#: log's key arrays read with pg_catalog's unnest and array_position, whatever spec.searchPath lists first).
+LIVE_FORMAT_VERSION = "4"
 
 
 def _named(view: MaterializedView, suffix: str) -> str:
