@@ -288,3 +288,68 @@ def test_an_incremental_view_whose_search_path_lists_a_planted_schema_runs_no_pl
             result = refresh(operator, listed, "Incremental")
             assert (result.result, result.keys_applied) == ("success", 1), result
     assert loot(conn) == 0
+
+
+def plant_equality(roles: Roles, conn: Connection) -> None:
+    """As the attacker: ``=(varchar, varchar)`` in public, copying app.secret on every comparison. pg_catalog has
+    no such operator (varchar compares as text), so wherever the search path lists public an unqualified ``=``
+    between two varchars resolves to it; a control query proves it does. It replaces the suite's forwarding
+    look-alike of the same signature."""
+    conn.execute("DROP OPERATOR public.= (varchar, varchar)")
+    with psycopg.connect(roles.login("attacker"), autocommit=True) as attacker:
+        attacker.execute(
+            "CREATE FUNCTION public.varchar_equal(varchar, varchar) RETURNS boolean LANGUAGE sql VOLATILE AS "
+            "$$ INSERT INTO public.loot SELECT s FROM app.secret; SELECT $1::text OPERATOR(pg_catalog.=) $2::text $$"
+        )
+        attacker.execute("CREATE OPERATOR public.= (LEFTARG = varchar, RIGHTARG = varchar, FUNCTION = varchar_equal)")
+    with psycopg.connect(roles.login("operator"), autocommit=True) as control:
+        control.execute("SET search_path = pg_catalog, public")
+        control.execute("SELECT 'a'::varchar = 'a'::varchar")
+    assert loot(conn) == 2
+    conn.execute("TRUNCATE public.loot")
+
+
+def test_an_incremental_view_keyed_by_a_varchar_runs_no_planted_equality_in_the_engines_statements(
+    conn: Connection, roles: Roles
+) -> None:
+    """spec.searchPath lists the attacker's schema, and the key is a varchar. The engine's comparisons of keys
+    (the claim's and the key filter's ``IN``, the live view's and its function's key match, verify's match of
+    pending keys) resolved ``=`` there and ran the attacker's operator as the operator's role."""
+    plant(roles)
+    plant_equality(roles, conn)
+    conn.execute(f"""
+        CREATE TABLE app.named (k varchar NOT NULL, v int NOT NULL);
+        INSERT INTO app.named SELECT 'k' || g % 10, g FROM generate_series(1, 100) g;
+        ALTER TABLE app.named OWNER TO {roles["operator"]};
+    """)
+    listed = view(
+        "listed-varchar",
+        "ops",
+        schema="reports",
+        name="listed_varchar",
+        storage="Table",
+        query="SELECT k, sum(v) AS total FROM named GROUP BY k",
+        searchPath=["public", "app"],
+        indexes=[{"columns": ["k"], "unique": True}],
+        incremental={"keyColumns": ["k"], "sources": [{"table": "app.named", "columns": ["k"]}], "liveView": True},
+    )
+    with engine.connect(roles.login("operator")) as operator:
+        engine.apply(operator, listed)
+        record_build(operator, listed)
+        for round_ in range(2):
+            key = f"k{round_}"
+            conn.execute("UPDATE app.named SET v = v + 1 WHERE k = %s", (key,))
+            expected = conn.execute("SELECT sum(v) FROM app.named WHERE k = %s", (key,)).fetchone()
+            live = operator.execute(
+                "SELECT total FROM reports.listed_varchar_live WHERE k OPERATOR(pg_catalog.=) %s::text", (key,)
+            ).fetchone()
+            assert live == expected
+            outcome = verify.compare(operator, listed, engine.settings_for(listed))
+            assert outcome.matches and outcome.pending_keys == 1, outcome
+            result = refresh(operator, listed, "Incremental")
+            assert (result.result, result.keys_applied) == ("success", 1), result
+            stored = operator.execute(
+                "SELECT total FROM reports.listed_varchar WHERE k OPERATOR(pg_catalog.=) %s::text", (key,)
+            ).fetchone()
+            assert stored == expected
+    assert loot(conn) == 0

@@ -445,11 +445,17 @@ def claim_keys_statements(view: MaterializedView) -> list[sql.Composed]:
     ]
 
 
+#: sqltext.KEY_EQUALS, composable (written out: sql.SQL takes only literals, tests/unit/test_one_door.py).
+KEY_EQUALS = sql.SQL("OPERATOR(pg_catalog.=)")
+assert KEY_EQUALS.as_string(None) == sqltext.KEY_EQUALS
+
+
 def in_claimed_keys(view: MaterializedView) -> sql.Composed:
-    """``IN (SELECT <keys> FROM <claimed keys>)``: after a row's key columns, the key is one claimed."""
+    """``IN (SELECT <keys> FROM <claimed keys>)`` with pg_catalog's equality (sqltext.KEY_EQUALS): after a row's
+    key columns, the key is one claimed."""
     assert view.incremental is not None
     temporary = sql.Identifier(*sqltext.CHANGED_KEYS_TABLE)
-    return sql.SQL("IN (SELECT {} FROM {})").format(key_list(view.incremental.key_columns), temporary)
+    return sql.SQL("{} ANY (SELECT {} FROM {})").format(KEY_EQUALS, key_list(view.incremental.key_columns), temporary)
 
 
 #: A filter that keeps every row (what ``keep`` is when nothing is left out).

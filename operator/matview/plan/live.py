@@ -45,8 +45,9 @@ from matview.plan.statements import grantee
 
 _VIEW_SUFFIX, _ROWS_SUFFIX, _SHAPE_SUFFIX = "_live", "_live_rows", "_live_shape"
 #: Changes when the shape of the statements below changes, so that apply re-creates older live views (4: the
-#: log's key arrays read with pg_catalog's unnest and array_position, whatever spec.searchPath lists first).
-LIVE_FORMAT_VERSION = "4"
+#: log's key arrays read with pg_catalog's unnest and array_position, whatever spec.searchPath lists first; 5:
+#: keys compared with pg_catalog's equality, sqltext.KEY_EQUALS).
+LIVE_FORMAT_VERSION = "5"
 
 
 def _named(view: MaterializedView, suffix: str) -> str:
@@ -137,13 +138,14 @@ def function_body(view: MaterializedView, key_catalog: sqltext.KeyCatalog) -> sq
         "IF $1 IS NULL THEN\n"
         "RETURN QUERY SELECT * FROM ({query}) AS q;\n"
         "ELSE\n"
-        "RETURN QUERY SELECT * FROM ({filtered}) AS q WHERE ({keys}) = ({parameters});\n"
+        "RETURN QUERY SELECT * FROM ({filtered}) AS q WHERE ({keys}) {equals} ({parameters});\n"
         "END IF;\n"
         "END"
     ).format(
         query=sqltext.embed(view.query),
         filtered=sqltext.embed(filtered),
         keys=capture.key_list(keys, "q"),
+        equals=capture.KEY_EQUALS,
         parameters=parameters,
     )
 
@@ -158,7 +160,7 @@ def query(view: MaterializedView, columns: tuple[str, ...]) -> sql.Composed:
     return sql.SQL(
         "SELECT t.* FROM {table} AS t\n"
         "WHERE NOT {rebuild}\n"
-        "  AND NOT EXISTS (SELECT FROM {pending} AS p WHERE ROW({pending_keys}) = ROW({table_keys}))\n"
+        "  AND NOT EXISTS (SELECT FROM {pending} AS p WHERE ROW({pending_keys}) {equals} ROW({table_keys}))\n"
         "UNION ALL\n"
         "SELECT {computed} FROM {pending} AS p CROSS JOIN LATERAL {function}({pending_keys}) AS q\n"
         "WHERE NOT {rebuild}\n"
@@ -169,6 +171,7 @@ def query(view: MaterializedView, columns: tuple[str, ...]) -> sql.Composed:
         rebuild=rebuild,
         pending=pending,
         pending_keys=capture.key_list(keys, "p"),
+        equals=capture.KEY_EQUALS,
         table_keys=capture.key_list(keys, "t"),
         computed=computed,
         function=function_identifier(view),

@@ -79,8 +79,10 @@ SELECT (SELECT count(*) FROM (SELECT * FROM stored EXCEPT ALL SELECT * FROM comp
 
 
 def _match(keys: tuple[str, ...], alias: str) -> sql.Composed:
+    """A pending key (never NULL: capture.claimable) equal to the row's. Not IS NOT DISTINCT FROM, which has no
+    qualified form: its ``=`` resolves in the view's search path (sqltext.KEY_EQUALS)."""
     return sql.SQL(" AND ").join(
-        sql.SQL("{} IS NOT DISTINCT FROM {}").format(sql.Identifier("p", k), sql.Identifier(alias, k)) for k in keys
+        sql.SQL("{} {} {}").format(sql.Identifier("p", k), capture.KEY_EQUALS, sql.Identifier(alias, k)) for k in keys
     )
 
 
