@@ -266,6 +266,27 @@ def test_a_key_that_a_write_could_fail_to_convert_is_refused_before_anything_is_
     )
 
 
+def test_a_key_whose_equality_is_an_extensions_is_refused_before_anything_is_created(
+    conn: Connection, roles: Roles
+) -> None:
+    """citext's equality is public.=(citext, citext), which ignores case. The engine compares keys with
+    pg_catalog's operators (so that nothing planted on the search path runs in its statements), and for citext
+    pg_catalog's is text's, which does not: a change to 'ABC' would recompute its group without the 'abc' rows.
+    Refused, naming the key and why, instead of applying keys differently from the type's own equality."""
+    conn.execute("CREATE EXTENSION IF NOT EXISTS citext SCHEMA public")
+    conn.execute(f"CREATE TABLE app.refs (ref public.citext, v int); ALTER TABLE app.refs OWNER TO {roles['operator']}")
+    conn.execute("INSERT INTO app.refs VALUES ('ABC', 1), ('abc', 2)")
+    mv = incremental(
+        query="SELECT ref AS k, sum(v) AS total FROM app.refs GROUP BY ref",
+        indexes=[],
+        incremental={"keyColumns": ["k"], "sources": [{"table": "app.refs", "columns": ["ref"]}]},
+    )
+    errors = _refused(roles, mv)
+    message = errors.get("spec.incremental.sources[0].columns[0]", "")
+    assert "key column 'k' is public.citext, whose equality is public's, not PostgreSQL's own" in message, errors
+    _nothing_created(conn, mv, "app.refs")
+
+
 def test_a_table_the_view_role_cannot_read_gets_no_capture(conn: Connection, roles: Roles) -> None:
     """Another team's table, which the view's role may not read: refused before anything is created."""
     conn.execute(f"CREATE TABLE app.theirs (k int, v int); ALTER TABLE app.theirs OWNER TO {roles['operator']}")

@@ -206,6 +206,13 @@ def _key_type_problem(view: MaterializedView, observed: Observed, table: TableSt
             f"key column {key!r} is {key_type.name}, which has no default equality and hash operator classes; "
             "declare a key of a type that has (e.g. cast json to text, or use jsonb)"
         )
+    if key_type.equality_schema not in ("", "pg_catalog"):
+        return (
+            f"key column {key!r} is {key_type.name}, whose equality is {key_type.equality_schema}'s, not PostgreSQL's "
+            "own: the engine compares keys with pg_catalog's operators only (an operator planted in a schema on the "
+            "search path must never run in its statements), which would compare this type's keys differently from "
+            "its own equality; declare a key of a built-in type"
+        )
     if source_oid != key_type.oid or (key_type.typmod != -1 and key_type.typmod != source_typmod):
         return (
             f"column {column!r} is {source_type} but key column {key!r} is {key_type.name}: a written value that does "

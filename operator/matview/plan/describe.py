@@ -24,7 +24,16 @@ SELECT t.oid, format_type(t.oid, NULL),
        AND EXISTS (SELECT 1 FROM pg_opclass o JOIN pg_am m ON m.oid = o.opcmethod
                    WHERE o.opcdefault AND m.amname = 'hash' AND (o.opcintype IN (t.oid, t.typbasetype, generic.oid)
                                                OR o.opcintype IN (SELECT c.casttarget FROM pg_cast c
-                                                                  WHERE c.castsource = t.oid AND c.castmethod = 'b')))
+                                                                  WHERE c.castsource = t.oid AND c.castmethod = 'b'))),
+       (SELECT n.nspname FROM pg_opclass o JOIN pg_am m ON m.oid = o.opcmethod
+        JOIN pg_amop a ON a.amopfamily = o.opcfamily AND a.amoplefttype = o.opcintype
+                      AND a.amoprighttype = o.opcintype AND a.amopstrategy = 3
+        JOIN pg_operator e ON e.oid = a.amopopr JOIN pg_namespace n ON n.oid = e.oprnamespace
+        WHERE o.opcdefault AND m.amname = 'btree' AND e.oprname = '='
+          AND (o.opcintype IN (t.oid, t.typbasetype, generic.oid)
+               OR o.opcintype IN (SELECT c.casttarget FROM pg_cast c WHERE c.castsource = t.oid AND c.castmethod = 'b'))
+        ORDER BY o.opcintype = t.oid DESC, o.opcintype = t.typbasetype DESC, o.opcintype = generic.oid DESC
+        LIMIT 1)
 FROM pg_type t
 LEFT JOIN pg_type generic ON generic.oid = CASE WHEN t.typcategory = 'A' THEN 'anyarray'::regtype
                                                 WHEN t.typtype = 'e' THEN 'anyenum'::regtype
@@ -44,10 +53,10 @@ def key_types(
     """What the declared key columns are, and whether the claim can compare and hash them."""
     wanted = {name: typed for (name, _), typed in zip(columns, types, strict=True) if name in keys}
     found = {
-        int(oid): (str(name), bool(hashable))
-        for oid, name, hashable in conn.execute(_KEY_TYPES, ([oid for oid, _ in wanted.values()],))
+        int(oid): (str(name), bool(hashable), str(equality or ""))
+        for oid, name, hashable, equality in conn.execute(_KEY_TYPES, ([oid for oid, _ in wanted.values()],))
     }
-    return {name: KeyType(oid, typmod, *found.get(oid, ("?", False))) for name, (oid, typmod) in wanted.items()}
+    return {name: KeyType(oid, typmod, *found.get(oid, ("?", False, ""))) for name, (oid, typmod) in wanted.items()}
 
 
 def describe_query_types(
