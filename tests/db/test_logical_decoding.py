@@ -325,3 +325,20 @@ def test_the_slot_advances_while_the_sources_are_quiet(matrix: Connection) -> No
     assert before is not None and after is not None
     lsn = matrix.execute("SELECT %s::pg_lsn - %s::pg_lsn", (after[0], before[0])).fetchone()
     assert lsn is not None and lsn[0] > 0, (before, after)
+
+
+def test_a_decoded_view_whose_search_path_lists_public_calls_no_look_alike(matrix: Connection) -> None:
+    """The drain, the claim and verify of a LogicalDecoding view whose spec.searchPath lists public, where the
+    suite's look-alikes are: the dsn fixture fails this test if any engine statement called one."""
+    from matview.plan.executor import ExecutionSettings
+    from matview.refresh import verify
+
+    mv = decoding_view(searchPath=["public"])
+    apply(matrix, mv)
+    matrix.execute("UPDATE ops.leads SET driver_id = 5000 WHERE driver_id = 13")
+    matrix.execute("INSERT INTO ops.trips (driver_id, trip_date) VALUES (7, '2026-02-01')")
+    result = refresh(matrix, mv)
+    assert (result.mode, result.keys_applied) == ("Incremental", 3), result
+    assert verify.compare(matrix, mv, ExecutionSettings()).matches
+    assert mismatches(matrix, mv) == (0, 0)
+    engine.delete(matrix, mv)

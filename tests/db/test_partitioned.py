@@ -1144,3 +1144,28 @@ async def test_the_partitions_a_running_rebuild_has_left_are_a_gauge_back_to_zer
 
 
 REMAINING = "matview_partitions_rebuild_remaining"
+
+
+def test_a_partitioned_incremental_view_whose_search_path_lists_public_calls_no_look_alike(
+    matrix: Connection,
+) -> None:
+    """spec.searchPath lists public, where every test database has the suite's look-alikes of each function and
+    operator the engine's SQL calls (tests/hostile.py): the claim of the touched periods, the key-filtered
+    recompute routed to its partitions, a rebuild a partition at a time, Auto, verify and delete run under that
+    search path, and the dsn fixture fails this test if any of them called a look-alike."""
+    mv = weekly_view(incremental={"keyColumns": ["driver_id"], "sources": SOURCES}, searchPath=["public"])
+    apply_and_record(matrix, mv)
+    matrix.execute("UPDATE ops.leads SET lead_date = lead_date - 7 WHERE driver_id IN (3, 4)")
+    matrix.execute("DELETE FROM ops.payments WHERE driver_id = 12")
+    verification = verify.compare(matrix, mv, ExecutionSettings())
+    assert verification.matches and verification.pending_keys == 3, verification
+    result = refresh(matrix, mv, "Incremental")
+    assert (result.result, result.mode) == ("success", "Incremental"), result
+    assert mismatches(matrix, mv) == (0, 0)
+    matrix.execute("UPDATE ops.leads SET lead_date = lead_date + 7 WHERE driver_id % 10 = 0")
+    result = refresh(matrix, mv, "Swap")
+    assert result.result == "success" and result.partitions is not None and result.partitions.rebuilt, result
+    matrix.execute("DELETE FROM ops.trips WHERE driver_id = 21")
+    assert refresh(matrix, mv, "Auto").result == "success"
+    assert mismatches(matrix, mv) == (0, 0)
+    engine.delete(matrix, mv)
