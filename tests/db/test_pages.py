@@ -171,3 +171,27 @@ def test_a_null_in_an_order_column_is_an_error_not_a_lost_row(
     assert first.rows == [(1, 1)]
     with pytest.raises(client.OrderError, match="holds NULL"):
         client.page(reader, ("shop", "odd"), order=["id"], limit=1, after=first.next)
+
+
+def test_a_citext_order_pages_as_its_own_order_sorts_and_a_mixed_one_is_refused(
+    conn: Connection, reader: psycopg.Connection[Any]
+) -> None:
+    """ORDER BY sorts citext with citext's operators (case ignored); pg_catalog's ``>`` compares it as text,
+    so in a database with the C collation the page after 'a@x' left out 'B@x' and 'D@x'. Pages compare each
+    type with its own operator class's operators, named with their schema (never the application's
+    search_path); an order mixing types whose operators live in different schemas is refused."""
+    conn.execute("CREATE EXTENSION IF NOT EXISTS citext SCHEMA public")
+    conn.execute(
+        'CREATE TABLE public.people (email public.citext PRIMARY KEY COLLATE "C", n int NOT NULL UNIQUE);'
+        "INSERT INTO public.people VALUES ('a@x', 1), ('B@x', 2), ('c@x', 3), ('D@x', 4), ('e@x', 5)"
+    )
+    ordered = [str(row[0]) for row in conn.execute("SELECT email FROM public.people ORDER BY email")]
+    assert ordered == ["a@x", "B@x", "c@x", "D@x", "e@x"]
+    forward, backward = walk(reader, 1, ("public", "people"), order=["email"])
+    assert forward == ordered and backward == ordered
+    descending, _ = walk(reader, 2, ("public", "people"), order=["email DESC"])
+    assert descending == ordered[::-1]
+    same, _ = walk(reader, 2, ("public", "people"), order=["email"], equal={"email": "C@X"})
+    assert same == ["c@x"]  # citext's equality, as the unique index has it
+    with pytest.raises(client.OrderError, match=r"email \(public\), n \(pg_catalog\)"):
+        client.page(reader, ("public", "people"), order=["email", "n"])

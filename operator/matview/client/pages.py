@@ -63,6 +63,21 @@ class _Relation:
     digest: str
     table: str | None = None
     """The stored table of a live view (same schema): pages are bounded by its rows first."""
+    comparisons: tuple[str, ...] = ()
+    """Per column, the schema of the operators its ORDER BY sorts with (its type's default btree operator
+    class): pg_catalog for PostgreSQL's own types, an extension's schema for citext."""
+
+    def operators(self, columns: Sequence[str]) -> str:
+        """The one schema whose operators compare these columns as ORDER BY sorts them. pg_catalog's ``>``
+        compares citext as text: in a database with the C collation, the page after 'a@x' left out 'B@x'."""
+        found = {self.comparisons[self.columns.index(c)] for c in columns}
+        if len(found) > 1:
+            named = ", ".join(f"{c} ({self.comparisons[self.columns.index(c)]})" for c in columns)
+            raise OrderError(
+                f"order columns of {self.schema}.{self.name} sort with the operators of different schemas ({named}), "
+                "which one row comparison cannot use; order by columns whose types sort alike"
+            )
+        return found.pop()
 
 
 # Runs under the application's search_path, where other roles may have planted look-alikes: every function
@@ -86,7 +101,23 @@ SELECT c.relkind::pg_catalog.text,
                          ORDER BY u.position) AS columns
             FROM pg_catalog.pg_index i
             WHERE i.indrelid OPERATOR(pg_catalog.=) c.oid AND i.indisunique AND i.indisvalid
-              AND i.indpred IS NULL AND i.indexprs IS NULL) AS k)
+              AND i.indpred IS NULL AND i.indexprs IS NULL) AS k),
+       ARRAY(SELECT (SELECT n2.nspname::pg_catalog.text
+                     FROM pg_catalog.pg_type t, pg_catalog.pg_opclass o
+                     JOIN pg_catalog.pg_am m ON m.oid OPERATOR(pg_catalog.=) o.opcmethod
+                     JOIN pg_catalog.pg_amop p ON p.amopfamily OPERATOR(pg_catalog.=) o.opcfamily
+                          AND p.amoplefttype OPERATOR(pg_catalog.=) o.opcintype
+                          AND p.amoprighttype OPERATOR(pg_catalog.=) o.opcintype
+                          AND p.amopstrategy OPERATOR(pg_catalog.=) 1::pg_catalog.int2
+                     JOIN pg_catalog.pg_operator e ON e.oid OPERATOR(pg_catalog.=) p.amopopr
+                     JOIN pg_catalog.pg_namespace n2 ON n2.oid OPERATOR(pg_catalog.=) e.oprnamespace
+                     WHERE t.oid OPERATOR(pg_catalog.=) a.atttypid AND o.opcdefault
+                       AND m.amname OPERATOR(pg_catalog.=) 'btree'::pg_catalog.name
+                       AND o.opcintype OPERATOR(pg_catalog.=) ANY (ARRAY[t.oid, t.typbasetype])
+                     ORDER BY o.opcintype OPERATOR(pg_catalog.=) t.oid DESC LIMIT 1)
+             FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.>) 0::pg_catalog.int2
+               AND NOT a.attisdropped ORDER BY a.attnum)
 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
 WHERE n.nspname OPERATOR(pg_catalog.=) %s::pg_catalog.name AND c.relname OPERATOR(pg_catalog.=) %s::pg_catalog.name
 """)
@@ -96,7 +127,7 @@ def _describe(conn: Connection, schema: str, name: str) -> _Relation:
     row = conn.execute(_DESCRIBE, (schema, name)).fetchone()
     if row is None:
         raise OrderError(f"relation {schema}.{name} does not exist")
-    relkind, comment, viewdef_digest, columns, types, unique = row
+    relkind, comment, viewdef_digest, columns, types, unique, comparisons = row
     marker = _marker(comment)
     table = _live_table(marker) if relkind == "v" else None
     if table is not None:  # a live view: its rows are unique as its table's are (same keys, never twice)
@@ -105,7 +136,15 @@ def _describe(conn: Connection, schema: str, name: str) -> _Relation:
     digest = marker.get("digest") if isinstance(marker.get("digest"), str) else viewdef_digest
     if digest is None:  # a table or materialized view nobody marked: its shape stands for its definition
         digest = hashlib.sha256(json.dumps([relkind, list(columns), list(types)]).encode()).hexdigest()[:16]
-    return _Relation(schema, name, tuple(columns), tuple(tuple(key) for key in unique or ()), str(digest), table)
+    return _Relation(
+        schema,
+        name,
+        tuple(columns),
+        tuple(tuple(key) for key in unique or ()),
+        str(digest),
+        table,
+        tuple(str(found or "pg_catalog") for found in comparisons),
+    )
 
 
 def _marker(comment: str | None) -> dict[str, Any]:
@@ -221,10 +260,15 @@ def page(
     backwards = before is not None
     # Forward in the requested direction after a cursor; backward before one, read reversed, then turned.
     going_down = descending != backwards
-    comparison = sql.SQL("OPERATOR(pg_catalog.<)" if going_down else "OPERATOR(pg_catalog.>)")
+    # Each type's own operators (found in the catalog, named with their schema): never resolved in the
+    # application's search_path, and the same order as ORDER BY's.
+    operators = sql.Identifier(described.operators(columns))
+    comparison = sql.SQL("OPERATOR({}.<)" if going_down else "OPERATOR({}.>)").format(operators)
     direction = sql.SQL(" DESC" if going_down else "")
     conditions = [
-        sql.SQL("{} OPERATOR(pg_catalog.=) {}").format(sql.Identifier("r", column), sql.Placeholder())
+        sql.SQL("{} OPERATOR({}.=) {}").format(
+            sql.Identifier("r", column), sql.Identifier(described.operators([column])), sql.Placeholder()
+        )
         for column in equal
     ]
     parameters: list[Any] = list(equal.values())
@@ -261,7 +305,7 @@ def page(
         if bound is not None:
             until = sql.SQL("ROW({}) {} ROW({})").format(
                 sql.SQL(", ").join(sql.Identifier("r", c) for c in columns),
-                sql.SQL("OPERATOR(pg_catalog.>=)" if going_down else "OPERATOR(pg_catalog.<=)"),
+                sql.SQL("OPERATOR({}.>=)" if going_down else "OPERATOR({}.<=)").format(operators),
                 sql.SQL(", ").join(sql.Placeholder() for _ in columns),
             )
             bounded = conn.execute(select(name, [*conditions, until], limit + 1), [*parameters, *bound]).fetchall()
