@@ -256,6 +256,22 @@ def test_a_view_whose_search_path_lists_a_planted_schema_runs_no_plant_in_the_re
     assert loot(conn) == 0
 
 
+def listed_live_view(name: str, table: str) -> MaterializedView:
+    """reports.<name>: the sums of app.<table>'s v by k, named unqualified, with a live view, and a
+    spec.searchPath that lists the attacker's public before app."""
+    return view(
+        name.replace("_", "-"),
+        "ops",
+        schema="reports",
+        name=name,
+        storage="Table",
+        query=f"SELECT k, sum(v) AS total FROM {table} GROUP BY k",
+        searchPath=["public", "app"],
+        indexes=[{"columns": ["k"], "unique": True}],
+        incremental={"keyColumns": ["k"], "sources": [{"table": f"app.{table}", "columns": ["k"]}], "liveView": True},
+    )
+
+
 def test_an_incremental_view_whose_search_path_lists_a_planted_schema_runs_no_plant_in_the_engines_reads(
     conn: Connection, roles: Roles
 ) -> None:
@@ -266,17 +282,7 @@ def test_an_incremental_view_whose_search_path_lists_a_planted_schema_runs_no_pl
     inspection sends with the proof of the remembered resolution, after the proof's transaction, must not resolve
     there either."""
     plant(roles)
-    listed = view(
-        "listed-inc",
-        "ops",
-        schema="reports",
-        name="listed_inc",
-        storage="Table",
-        query="SELECT k, sum(v) AS total FROM src GROUP BY k",
-        searchPath=["public", "app"],
-        indexes=[{"columns": ["k"], "unique": True}],
-        incremental={"keyColumns": ["k"], "sources": [{"table": "app.src", "columns": ["k"]}], "liveView": True},
-    )
+    listed = listed_live_view("listed_inc", "src")
     with engine.connect(roles.login("operator")) as operator:
         engine.apply(operator, listed)
         record_build(operator, listed)
@@ -322,17 +328,7 @@ def test_an_incremental_view_keyed_by_a_varchar_runs_no_planted_equality_in_the_
         INSERT INTO app.named SELECT 'k' || g % 10, g FROM generate_series(1, 100) g;
         ALTER TABLE app.named OWNER TO {roles["operator"]};
     """)
-    listed = view(
-        "listed-varchar",
-        "ops",
-        schema="reports",
-        name="listed_varchar",
-        storage="Table",
-        query="SELECT k, sum(v) AS total FROM named GROUP BY k",
-        searchPath=["public", "app"],
-        indexes=[{"columns": ["k"], "unique": True}],
-        incremental={"keyColumns": ["k"], "sources": [{"table": "app.named", "columns": ["k"]}], "liveView": True},
-    )
+    listed = listed_live_view("listed_varchar", "named")
     with engine.connect(roles.login("operator")) as operator:
         engine.apply(operator, listed)
         record_build(operator, listed)
