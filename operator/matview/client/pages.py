@@ -27,6 +27,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from matview import comparisons
 from matview.client.fallback import RelationChooser
 
 Connection = psycopg.Connection[Any]
@@ -102,25 +103,13 @@ SELECT c.relkind::pg_catalog.text,
             FROM pg_catalog.pg_index i
             WHERE i.indrelid OPERATOR(pg_catalog.=) c.oid AND i.indisunique AND i.indisvalid
               AND i.indpred IS NULL AND i.indexprs IS NULL) AS k),
-       ARRAY(SELECT (SELECT n2.nspname::pg_catalog.text
-                     FROM pg_catalog.pg_type t, pg_catalog.pg_opclass o
-                     JOIN pg_catalog.pg_am m ON m.oid OPERATOR(pg_catalog.=) o.opcmethod
-                     JOIN pg_catalog.pg_amop p ON p.amopfamily OPERATOR(pg_catalog.=) o.opcfamily
-                          AND p.amoplefttype OPERATOR(pg_catalog.=) o.opcintype
-                          AND p.amoprighttype OPERATOR(pg_catalog.=) o.opcintype
-                          AND p.amopstrategy OPERATOR(pg_catalog.=) 1::pg_catalog.int2
-                     JOIN pg_catalog.pg_operator e ON e.oid OPERATOR(pg_catalog.=) p.amopopr
-                     JOIN pg_catalog.pg_namespace n2 ON n2.oid OPERATOR(pg_catalog.=) e.oprnamespace
-                     WHERE t.oid OPERATOR(pg_catalog.=) a.atttypid AND o.opcdefault
-                       AND m.amname OPERATOR(pg_catalog.=) 'btree'::pg_catalog.name
-                       AND o.opcintype OPERATOR(pg_catalog.=) ANY (ARRAY[t.oid, t.typbasetype])
-                     ORDER BY o.opcintype OPERATOR(pg_catalog.=) t.oid DESC LIMIT 1)
+       ARRAY(SELECT {order_schema}
              FROM pg_catalog.pg_attribute a
              WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.>) 0::pg_catalog.int2
                AND NOT a.attisdropped ORDER BY a.attnum)
 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
 WHERE n.nspname OPERATOR(pg_catalog.=) %s::pg_catalog.name AND c.relname OPERATOR(pg_catalog.=) %s::pg_catalog.name
-""")
+""").format(order_schema=comparisons.operator_schema(sql.SQL("a.atttypid"), comparisons.Comparison.LESS))
 
 
 def _describe(conn: Connection, schema: str, name: str) -> _Relation:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import psycopg
 from psycopg import sql
 
+from matview import comparisons
 from matview.api import sqltext
 from matview.api.spec import MaterializedView
 from matview.errors import MatviewError
@@ -15,31 +16,17 @@ from matview.plan.observed import Column, Connection, KeyType
 from matview.plan.session import become_query_role, pin_name_resolution
 from matview.plan.upstream import resolve_relations
 
+# A key must be comparable (btree) and hashable (the claim's aggregates); keys are compared with the operators of
+# the schema its default btree equality lives in (checks refuse one that is not pg_catalog's).
 _KEY_TYPES = sql.SQL("""
-SELECT t.oid, format_type(t.oid, NULL),
-       EXISTS (SELECT 1 FROM pg_opclass o JOIN pg_am m ON m.oid = o.opcmethod
-               WHERE o.opcdefault AND m.amname = 'btree' AND (o.opcintype IN (t.oid, t.typbasetype, generic.oid)
-                                                OR o.opcintype IN (SELECT c.casttarget FROM pg_cast c
-                                                                   WHERE c.castsource = t.oid AND c.castmethod = 'b')))
-       AND EXISTS (SELECT 1 FROM pg_opclass o JOIN pg_am m ON m.oid = o.opcmethod
-                   WHERE o.opcdefault AND m.amname = 'hash' AND (o.opcintype IN (t.oid, t.typbasetype, generic.oid)
-                                               OR o.opcintype IN (SELECT c.casttarget FROM pg_cast c
-                                                                  WHERE c.castsource = t.oid AND c.castmethod = 'b'))),
-       (SELECT n.nspname FROM pg_opclass o JOIN pg_am m ON m.oid = o.opcmethod
-        JOIN pg_amop a ON a.amopfamily = o.opcfamily AND a.amoplefttype = o.opcintype
-                      AND a.amoprighttype = o.opcintype AND a.amopstrategy = 3
-        JOIN pg_operator e ON e.oid = a.amopopr JOIN pg_namespace n ON n.oid = e.oprnamespace
-        WHERE o.opcdefault AND m.amname = 'btree' AND e.oprname = '='
-          AND (o.opcintype IN (t.oid, t.typbasetype, generic.oid)
-               OR o.opcintype IN (SELECT c.casttarget FROM pg_cast c WHERE c.castsource = t.oid AND c.castmethod = 'b'))
-        ORDER BY o.opcintype = t.oid DESC, o.opcintype = t.typbasetype DESC, o.opcintype = generic.oid DESC
-        LIMIT 1)
-FROM pg_type t
-LEFT JOIN pg_type generic ON generic.oid = CASE WHEN t.typcategory = 'A' THEN 'anyarray'::regtype
-                                                WHEN t.typtype = 'e' THEN 'anyenum'::regtype
-                                                WHEN t.typtype = 'r' THEN 'anyrange'::regtype END
-WHERE t.oid = ANY(%s::oid[])
-""")
+SELECT t.oid, pg_catalog.format_type(t.oid, NULL), k.equality IS NOT NULL AND k.hashing IS NOT NULL, k.equality
+FROM pg_catalog.pg_type t
+CROSS JOIN LATERAL (SELECT {equality} AS equality, {hashing} AS hashing) AS k
+WHERE t.oid OPERATOR(pg_catalog.=) ANY (%s::pg_catalog.oid[])
+""").format(
+    equality=comparisons.operator_schema(sql.SQL("t.oid"), comparisons.Comparison.EQUAL),
+    hashing=comparisons.operator_schema(sql.SQL("t.oid"), comparisons.Comparison.HASH_EQUAL),
+)
 
 
 def describe_query(conn: Connection, query: sqltext.CheckedSQL) -> tuple[Column, ...]:
