@@ -114,11 +114,13 @@ GROUP BY c.oid, n.nspname
 ORDER BY max(deps.depth), c.oid
 """)
 
+# A domain column's type is given as its base type's (through domains over domains), as PostgreSQL describes a
+# query's result columns: a key read from a domain column is produced as the base type.
 _TABLE = sql.SQL("""
 SELECT c.oid, c.relkind,
        coalesce(array_agg(a.attname ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
-       coalesce(array_agg(a.atttypid::int8 ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
-       coalesce(array_agg(a.atttypmod ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
+       coalesce(array_agg(base.oid::int8 ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
+       coalesce(array_agg(base.typmod ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
        coalesce(array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
        c.relkind = 'p' OR EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = c.oid),
        has_table_privilege(coalesce(%(role)s, current_user), c.oid, 'SELECT'),
@@ -126,6 +128,16 @@ SELECT c.oid, c.relkind,
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+LEFT JOIN LATERAL (
+    WITH RECURSIVE chain (oid, typmod, depth) AS (
+        SELECT a.atttypid, a.atttypmod, 0
+        UNION ALL
+        SELECT t.typbasetype, t.typtypmod, chain.depth + 1
+        FROM chain JOIN pg_type t ON t.oid = chain.oid
+        WHERE t.typtype = 'd' AND chain.depth < 32
+    )
+    SELECT chain.oid, chain.typmod FROM chain ORDER BY chain.depth DESC LIMIT 1
+) AS base ON true
 WHERE n.nspname = %(schema)s AND c.relname = %(name)s
 GROUP BY c.oid, n.nspname
 """)

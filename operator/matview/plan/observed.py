@@ -76,7 +76,8 @@ class TableState:
     relkind: str
     columns: tuple[str, ...]
     column_types: tuple[tuple[int, int, str], ...] = ()
-    """(type oid, typmod, as format_type prints it) for each of columns."""
+    """(type oid, typmod, as format_type prints it) for each of columns; a domain's oid and typmod are its base
+    type's, as a query's result describes it, and its name is the domain's."""
     has_children: bool = False
     """Other tables inherit from it (or it is partitioned): writes to them fire none of its triggers."""
     readable: bool = True
