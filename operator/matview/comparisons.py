@@ -17,6 +17,14 @@ from enum import Enum
 
 from psycopg import sql
 
+#: How the engine compares keys: pg_catalog's equality, whatever the statement's search path lists. Statements
+#: that hold the user's query run under spec.searchPath, and pg_catalog has no ``=(varchar, varchar)`` (nor one
+#: for a domain or an enum): an unqualified ``=`` between two varchar keys resolved to a look-alike planted in a
+#: listed schema and ran it as the operator. ``x OPERATOR(pg_catalog.=) ANY (subquery)`` is what ``x IN
+#: (subquery)`` parses to, with the operator looked up in pg_catalog alone: the same plans. A key type whose own
+#: equality lives elsewhere (EQUAL below: citext's) is refused at apply (plan/checks).
+KEY_EQUALS = sql.SQL("OPERATOR(pg_catalog.=)")
+
 
 class Comparison(Enum):
     """An operator of a default operator class: its access method and strategy number (PostgreSQL's

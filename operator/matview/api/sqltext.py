@@ -39,6 +39,7 @@ from pglast.stream import RawStream
 from pglast.visitors import Visitor
 from psycopg import sql
 
+from matview import comparisons
 from matview.api.parsing import MAX_NESTING_DEPTH, PARSER, nesting_depth
 
 _TOKEN = object()
@@ -235,12 +236,8 @@ Reference = tuple[str | None, str]
 #: Where the changed keys of one incremental refresh are during its transaction (a temporary table).
 CHANGED_KEYS_TABLE: RelationName = ("pg_temp", "matview_changed_keys")
 
-#: How the engine compares keys: pg_catalog's equality, whatever the statement's search path lists. Statements
-#: that hold the user's query run under spec.searchPath, and pg_catalog has no ``=(varchar, varchar)`` (nor one
-#: for a domain or an enum): an unqualified ``=`` between two varchar keys resolved to a look-alike planted in a
-#: listed schema and ran it as the operator. ``x OPERATOR(pg_catalog.=) ANY (subquery)`` is what ``x IN
-#: (subquery)`` parses to, with the operator looked up in pg_catalog alone: the same plans.
-KEY_EQUALS = "OPERATOR(pg_catalog.=)"
+#: comparisons.KEY_EQUALS as text, for the rewrite of the user's query.
+_KEY_EQUALS = comparisons.KEY_EQUALS.as_string(None)
 
 
 @dataclass(frozen=True)
@@ -365,10 +362,10 @@ def _inject(
     keys_relation: tuple[str, ...] | None,
 ) -> KeyFilterResult:
     if keys_relation is None:
-        keys = f"{KEY_EQUALS} (" + ", ".join(f"${position}" for position in range(1, len(key_columns) + 1)) + ")"
+        keys = f"{_KEY_EQUALS} (" + ", ".join(f"${position}" for position in range(1, len(key_columns) + 1)) + ")"
     else:
         keys_table = ".".join(quote_identifier(part) for part in keys_relation)
-        keys = f"{KEY_EQUALS} ANY (SELECT {', '.join(quote_identifier(c) for c in key_columns)} FROM {keys_table})"
+        keys = f"{_KEY_EQUALS} ANY (SELECT {', '.join(quote_identifier(c) for c in key_columns)} FROM {keys_table})"
     predicates = {
         name: f"({', '.join(quote_identifier(c) for c in columns)}) {keys}" for name, columns in sources.items()
     }

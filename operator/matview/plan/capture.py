@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from psycopg import sql
 
+from matview import comparisons
 from matview.api import sqltext
 from matview.api.spec import CaptureMethod, MaterializedView, truncate_utf8
 from matview.constants import MAX_IDENTIFIER_BYTES
@@ -445,17 +446,14 @@ def claim_keys_statements(view: MaterializedView) -> list[sql.Composed]:
     ]
 
 
-#: sqltext.KEY_EQUALS, composable (written out: sql.SQL takes only literals, tests/unit/test_one_door.py; that
-#: both say the same is tests/unit/test_incremental_policy.py's).
-KEY_EQUALS = sql.SQL("OPERATOR(pg_catalog.=)")
-
-
 def in_claimed_keys(view: MaterializedView) -> sql.Composed:
-    """``IN (SELECT <keys> FROM <claimed keys>)`` with pg_catalog's equality (sqltext.KEY_EQUALS): after a row's
+    """``IN (SELECT <keys> FROM <claimed keys>)`` with pg_catalog's equality (comparisons.KEY_EQUALS): after a row's
     key columns, the key is one claimed."""
     assert view.incremental is not None
     temporary = sql.Identifier(*sqltext.CHANGED_KEYS_TABLE)
-    return sql.SQL("{} ANY (SELECT {} FROM {})").format(KEY_EQUALS, key_list(view.incremental.key_columns), temporary)
+    return sql.SQL("{} ANY (SELECT {} FROM {})").format(
+        comparisons.KEY_EQUALS, key_list(view.incremental.key_columns), temporary
+    )
 
 
 #: A filter that keeps every row (what ``keep`` is when nothing is left out).

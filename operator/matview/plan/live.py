@@ -36,6 +36,7 @@ import json
 
 from psycopg import sql
 
+from matview import comparisons
 from matview.api import sqltext
 from matview.api.spec import MaterializedView, truncate_utf8
 from matview.constants import MAX_IDENTIFIER_BYTES
@@ -46,7 +47,7 @@ from matview.plan.statements import grantee
 _VIEW_SUFFIX, _ROWS_SUFFIX, _SHAPE_SUFFIX = "_live", "_live_rows", "_live_shape"
 #: Changes when the shape of the statements below changes, so that apply re-creates older live views (4: the
 #: log's key arrays read with pg_catalog's unnest and array_position, whatever spec.searchPath lists first; 5:
-#: keys compared with pg_catalog's equality, sqltext.KEY_EQUALS).
+#: keys compared with pg_catalog's equality, comparisons.KEY_EQUALS).
 LIVE_FORMAT_VERSION = "5"
 
 
@@ -145,7 +146,7 @@ def function_body(view: MaterializedView, key_catalog: sqltext.KeyCatalog) -> sq
         query=sqltext.embed(view.query),
         filtered=sqltext.embed(filtered),
         keys=capture.key_list(keys, "q"),
-        equals=capture.KEY_EQUALS,
+        equals=comparisons.KEY_EQUALS,
         parameters=parameters,
     )
 
@@ -171,7 +172,7 @@ def query(view: MaterializedView, columns: tuple[str, ...]) -> sql.Composed:
         rebuild=rebuild,
         pending=pending,
         pending_keys=capture.key_list(keys, "p"),
-        equals=capture.KEY_EQUALS,
+        equals=comparisons.KEY_EQUALS,
         table_keys=capture.key_list(keys, "t"),
         computed=computed,
         function=function_identifier(view),

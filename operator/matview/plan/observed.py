@@ -97,7 +97,7 @@ class KeyType:
     """Has default btree and hash operator classes: the claim compares, hashes and indexes keys."""
     equality_schema: str = ""
     """The schema of the equality its default btree operator class uses (pg_catalog for PostgreSQL's own
-    types; an extension's schema for citext): the engine compares keys with pg_catalog's (sqltext.KEY_EQUALS)."""
+    types; an extension's schema for citext): the engine compares keys with pg_catalog's (comparisons.KEY_EQUALS)."""
 
 
 @dataclass

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from matview import comparisons
 from matview.api import sqltext
 from matview.api.spec import MaterializedView
 from matview.plan import capture, partitions, session
@@ -80,9 +81,10 @@ SELECT (SELECT count(*) FROM (SELECT * FROM stored EXCEPT ALL SELECT * FROM comp
 
 def _match(keys: tuple[str, ...], alias: str) -> sql.Composed:
     """A pending key (never NULL: capture.claimable) equal to the row's. Not IS NOT DISTINCT FROM, which has no
-    qualified form: its ``=`` resolves in the view's search path (sqltext.KEY_EQUALS)."""
+    qualified form: its ``=`` resolves in the view's search path (comparisons.KEY_EQUALS)."""
     return sql.SQL(" AND ").join(
-        sql.SQL("{} {} {}").format(sql.Identifier("p", k), capture.KEY_EQUALS, sql.Identifier(alias, k)) for k in keys
+        sql.SQL("{} {} {}").format(sql.Identifier("p", k), comparisons.KEY_EQUALS, sql.Identifier(alias, k))
+        for k in keys
     )
 
 
