@@ -66,7 +66,8 @@ class _Relation:
     """The stored table of a live view (same schema): pages are bounded by its rows first."""
     comparisons: tuple[str, ...] = ()
     """Per column, the schema of the operators its ORDER BY sorts with (its type's default btree operator
-    class): pg_catalog for PostgreSQL's own types, an extension's schema for citext."""
+    class): pg_catalog for PostgreSQL's own types, an extension's schema for citext. Read for the columns a page
+    compares only (see _describe); the others say pg_catalog."""
 
     def operators(self, columns: Sequence[str]) -> str:
         """The one schema whose operators compare these columns as ORDER BY sorts them. pg_catalog's ``>``
@@ -103,7 +104,7 @@ SELECT c.relkind::pg_catalog.text,
             FROM pg_catalog.pg_index i
             WHERE i.indrelid OPERATOR(pg_catalog.=) c.oid AND i.indisunique AND i.indisvalid
               AND i.indpred IS NULL AND i.indexprs IS NULL) AS k),
-       ARRAY(SELECT {order_schema}
+       ARRAY(SELECT CASE WHEN a.attname OPERATOR(pg_catalog.=) ANY (%s::pg_catalog.name[]) THEN {order_schema} END
              FROM pg_catalog.pg_attribute a
              WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.>) 0::pg_catalog.int2
                AND NOT a.attisdropped ORDER BY a.attnum)
@@ -112,15 +113,17 @@ WHERE n.nspname OPERATOR(pg_catalog.=) %s::pg_catalog.name AND c.relname OPERATO
 """).format(order_schema=comparisons.operator_schema(sql.SQL("a.atttypid"), comparisons.Comparison.LESS))
 
 
-def _describe(conn: Connection, schema: str, name: str) -> _Relation:
-    row = conn.execute(_DESCRIBE, (schema, name)).fetchone()
+def _describe(conn: Connection, schema: str, name: str, compared: Sequence[str]) -> _Relation:
+    """The relation's columns, unique keys and digest, and the operators' schema of the compared columns only:
+    that is a catalog walk per column, and every page reads this (41 columns, all walked: 5.4 ms a page)."""
+    row = conn.execute(_DESCRIBE, (list(compared), schema, name)).fetchone()
     if row is None:
         raise OrderError(f"relation {schema}.{name} does not exist")
     relkind, comment, viewdef_digest, columns, types, unique, comparisons = row
     marker = _marker(comment)
     table = _live_table(marker) if relkind == "v" else None
     if table is not None:  # a live view: its rows are unique as its table's are (same keys, never twice)
-        stored = conn.execute(_DESCRIBE, (schema, table)).fetchone()
+        stored = conn.execute(_DESCRIBE, ([], schema, table)).fetchone()
         unique = stored[5] if stored is not None else unique
     digest = marker.get("digest") if isinstance(marker.get("digest"), str) else viewdef_digest
     if digest is None:  # a table or materialized view nobody marked: its shape stands for its definition
@@ -241,8 +244,8 @@ def page(
         raise OrderError(f"limit must be a whole number from 1 to {MAX_LIMIT}")
     equal = dict(equal or {})
     schema, name = relation.name(conn) if isinstance(relation, RelationChooser) else relation
-    described = _describe(conn, schema, name)
     columns, descending = _parse_order(order)
+    described = _describe(conn, schema, name, [*columns, *equal])
     _check_cover(described, columns, equal, unique_by)
     cursor = after if after is not None else before
     values = _decode(cursor, columns, descending, described.digest) if cursor is not None else None
