@@ -35,16 +35,26 @@ class Comparison(Enum):
     HASH_EQUAL = ("hash", 1)
 
 
+_CHAIN = sql.SQL("""chain (oid, typmod, depth) AS (
+     SELECT ({type_oid})::pg_catalog.oid, ({typmod})::pg_catalog.int4, 0
+     UNION ALL
+     SELECT dt.typbasetype, dt.typtypmod, chain.depth OPERATOR(pg_catalog.+) 1
+     FROM chain JOIN pg_catalog.pg_type dt ON dt.oid OPERATOR(pg_catalog.=) chain.oid
+     WHERE dt.typtype OPERATOR(pg_catalog.=) 'd'::pg_catalog."char" AND chain.depth OPERATOR(pg_catalog.<) 32
+ )""")
+
+
+def domain_chain(type_oid: sql.Composable, typmod: sql.Composable) -> sql.Composed:
+    """``chain (oid, typmod, depth) AS (…)``, for a ``WITH RECURSIVE``: the type (depth 0) and, for a domain, its
+    base types, each with its typmod (a domain's is its base type's typtypmod), through domains over domains.
+    The deepest is what PostgreSQL describes a query's result column of that type as."""
+    return _CHAIN.format(type_oid=type_oid, typmod=typmod)
+
+
 # The candidates, best first: the type itself, then (for a domain) its base types, each with its generic class
 # (arrays, enums, ranges) and then the targets it is binary-coercible to (varchar compares as text). Every operator
 # is named with its schema: an application may list pg_catalog after a schema others can create in.
-_TEMPLATE = sql.SQL("""(WITH RECURSIVE chain (oid, depth) AS (
-     SELECT ({type_oid})::pg_catalog.oid, 0
-     UNION ALL
-     SELECT ct.typbasetype, chain.depth OPERATOR(pg_catalog.+) 1
-     FROM chain JOIN pg_catalog.pg_type ct ON ct.oid OPERATOR(pg_catalog.=) chain.oid
-     WHERE ct.typtype OPERATOR(pg_catalog.=) 'd'::pg_catalog."char" AND chain.depth OPERATOR(pg_catalog.<) 32
- ), candidates (oid, rank) AS (
+_TEMPLATE = sql.SQL("""(WITH RECURSIVE {chain}, candidates (oid, rank) AS (
      SELECT chain.oid, chain.depth OPERATOR(pg_catalog.*) 3 FROM chain
      UNION ALL
      SELECT CASE WHEN ct.typcategory OPERATOR(pg_catalog.=) 'A'::pg_catalog."char"
@@ -81,4 +91,5 @@ def operator_schema(type_oid: sql.Composable, comparison: Comparison) -> sql.Com
     binary-coercible types).
     type_oid: an expression of type oid (a column reference, or a placeholder cast to oid)."""
     method, strategy = comparison.value
-    return _TEMPLATE.format(type_oid=type_oid, method=sql.Literal(method), strategy=sql.Literal(strategy))
+    chain = domain_chain(type_oid, sql.SQL("-1"))
+    return _TEMPLATE.format(chain=chain, method=sql.Literal(method), strategy=sql.Literal(strategy))

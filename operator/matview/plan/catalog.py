@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from matview import comparisons
 from matview.api import sqltext
 from matview.api.spec import MaterializedView, Storage
 from matview.errors import MatviewError
@@ -118,10 +119,10 @@ ORDER BY max(deps.depth), c.oid
 # query's result columns: a key read from a domain column is produced as the base type.
 _TABLE = sql.SQL("""
 SELECT c.oid, c.relkind,
-       coalesce(array_agg(a.attname ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
-       coalesce(array_agg(base.oid::int8 ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
-       coalesce(array_agg(base.typmod ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
-       coalesce(array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}'),
+       coalesce(array_agg(a.attname ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{{}}'),
+       coalesce(array_agg(base.oid::int8 ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{{}}'),
+       coalesce(array_agg(base.typmod ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{{}}'),
+       coalesce(array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{{}}'),
        c.relkind = 'p' OR EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = c.oid),
        has_table_privilege(coalesce(%(role)s, current_user), c.oid, 'SELECT'),
        n.nspname IN ('pg_catalog', 'information_schema') OR left(n.nspname, 8) = 'pg_toast'
@@ -129,18 +130,11 @@ FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
 LEFT JOIN LATERAL (
-    WITH RECURSIVE chain (oid, typmod, depth) AS (
-        SELECT a.atttypid, a.atttypmod, 0
-        UNION ALL
-        SELECT t.typbasetype, t.typtypmod, chain.depth + 1
-        FROM chain JOIN pg_type t ON t.oid = chain.oid
-        WHERE t.typtype = 'd' AND chain.depth < 32
-    )
-    SELECT chain.oid, chain.typmod FROM chain ORDER BY chain.depth DESC LIMIT 1
+    WITH RECURSIVE {chain} SELECT chain.oid, chain.typmod FROM chain ORDER BY chain.depth DESC LIMIT 1
 ) AS base ON true
 WHERE n.nspname = %(schema)s AND c.relname = %(name)s
 GROUP BY c.oid, n.nspname
-""")
+""").format(chain=comparisons.domain_chain(sql.SQL("a.atttypid"), sql.SQL("a.atttypmod")))
 
 _CREATORS = sql.SQL("""
 SELECT n.nspname,
