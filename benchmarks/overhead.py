@@ -7,7 +7,9 @@
 2. Where the time goes: each refresh step timed (exclusive of the steps it calls) and the statements
    it sends counted (BEGIN and COMMIT included; pipelined statements share a round trip), per mode. The
    refresh transaction holds the statement and what ends it: the version bump, the marker with the new state,
-   the lock's release and the sizes read. The inspection's read goes with the lock's take.
+   the lock's release and the sizes read. The inspection's read goes with the lock's take. Then the CPU one
+   refresh costs, in this process and in the server's backend (read from /proc: a private server, or one on
+   this machine): on this 2-core machine throughput is bounded by their sum, not by latency.
 3. Throughput: --views views of 100 rows, each due every second (the shortest interval), under ``matview run
    --max-concurrent 2`` (a real
    process, counted from its /metrics) against two bare connections refreshing the same views round-robin.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import statistics
 import subprocess
 import sys
@@ -242,6 +245,57 @@ def breakdown(dsn: str, view: MaterializedView, mode: str, repeat: int) -> tuple
     return profile, statistics.median(walls)
 
 
+def backend_cpu_seconds(pid: int) -> float | None:
+    """CPU the server process pid has used so far (None when it is not on this machine)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_refresh(dsn: str, view: MaterializedView, mode: str | None, repeat: int) -> tuple[float, float | None]:
+    """(this process, the server's backend) CPU seconds per refresh: mode None is the bare statement on one
+    connection; a mode is the engine's refresh on the lane's warm pool of one connection, reset included."""
+    from psycopg_pool import ConnectionPool
+
+    if mode is None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            statement = f"REFRESH MATERIALIZED VIEW CONCURRENTLY {view.relation}"
+            conn.execute(statement)
+            client, server = time.process_time(), backend_cpu_seconds(conn.info.backend_pid)
+            for _ in range(repeat):
+                conn.execute(statement)
+            after = backend_cpu_seconds(conn.info.backend_pid)
+            spent = time.process_time() - client
+    else:
+        pool: ConnectionPool[Any] = ConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=1,
+            kwargs=session.connection_kwargs(),
+            configure=session.configure,
+            reset=session.reset,
+        )
+        try:
+            for _ in range(10):  # warm: prepared statements, Auto's evidence
+                with pool.connection() as conn:
+                    attempt.refresh(conn, view, mode)
+                    pid = conn.info.backend_pid
+            client, server = time.process_time(), backend_cpu_seconds(pid)
+            for _ in range(repeat):
+                with pool.connection() as conn:
+                    attempt.refresh(conn, view, mode)
+            spent = time.process_time() - client
+            with pool.connection() as conn:
+                same = conn.info.backend_pid == pid
+            after = backend_cpu_seconds(pid) if same else None
+        finally:
+            pool.close()
+    backend = after - server if after is not None and server is not None else None
+    return spent / repeat, backend / repeat if backend is not None else None
+
+
 # --- 3. throughput -----------------------------------------------------------------------------------------
 
 
@@ -434,6 +488,13 @@ def main() -> None:
             profile, wall = profiles[mode]
             totals.append(f"{ms(wall)} | {sum(profile.statements.values()) / args.repeat:.1f}")
         print("median wall, all statements | " + " | ".join(totals))
+        print()
+        print(f"CPU per refresh (ms), {args.repeat * 3} each: this process | the server's backend | both")
+        for mode in (None, *MODES):
+            client, server = cpu_per_refresh(dsn, view, mode, args.repeat * 3)
+            both = ms(client + server) if server is not None else "?"
+            name = f"engine {mode}" if mode else "bare REFRESH CONCURRENTLY"
+            print(f"{name} | {ms(client)} | {ms(server) if server is not None else '? (not on this machine)'} | {both}")
 
         if args.skip_throughput:
             return

@@ -118,6 +118,7 @@ WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a
 RETURNING 1
 """)
 _RELEASE = sql.SQL("DELETE FROM {} WHERE relation = %s AND pid = pg_backend_pid()")
+_RELEASING = sql.SQL("WITH released AS ({release}) {read}")
 
 
 def _lock_table(conn: Connection, view: MaterializedView) -> sql.Identifier | None:
@@ -171,20 +172,23 @@ class HeldLock:
         self.read_row = read_row
         """The row of the read sent with the take (view_lock's ``then``), read under the lock."""
 
-    def release_query(self) -> list[Query]:
-        """What releases the lock when its transaction commits (nothing when there is nothing to release);
-        the caller marks it ``released`` once that transaction has committed."""
+    def releasing(self, read: Query) -> Query:
+        """read, made to release the lock too when its transaction commits (a data-modifying WITH runs whether
+        or not the read uses it: one statement instead of two); the caller marks the lock ``released`` once
+        that transaction has committed. Only a read without a WITH of its own and positional parameters."""
         if self._table is None:
-            return []
-        return [(_RELEASE.format(self._table), (self._key,))]
+            return read
+        statement, parameters = read
+        assert parameters is None or isinstance(parameters, tuple), "positional parameters only"
+        return _RELEASING.format(release=_RELEASE.format(self._table), read=statement), (self._key, *(parameters or ()))
 
     def release(self, conn: Connection) -> None:
         """Release it now (unless a committed transaction already did)."""
         if not self.released:
             self.released = True
-            for statement, parameters in self.release_query():
+            if self._table is not None:
                 with contextlib.suppress(psycopg.Error):
-                    conn.execute(statement, parameters)
+                    conn.execute(_RELEASE.format(self._table), (self._key,))
 
 
 def _take(
@@ -240,7 +244,7 @@ class Closing:
     handed to ``on_commit`` once that transaction has committed. Run as the operator's role."""
 
     statements: Callable[[float], Sequence[Query]]
-    """Given the seconds the plan's statements took: what to run before the read (a marker, a release)."""
+    """Given the seconds the plan's statements took: what to run before the read (the marker)."""
     read: Query
     on_commit: Callable[[tuple[Any, ...] | None], None]
 
@@ -298,7 +302,9 @@ def _run_step(
         # for the session (set_config(..., false) from a SELECT) must not leave it to the engine's next
         # statement; and before the closing, whose statements are the engine's own and must not resolve
         # names in spec.searchPath's schemas (a planted pg_table_size(oid) there would beat pg_catalog's).
-        session.configure(conn)
+        # A refresh's last transaction releases the advisory locks its query may have taken in the same statement
+        # (the rest of the in-band cleanup follows the closing's statements).
+        session.configure(conn, release_advisory_locks=closing is not None and step.restricted_user_sql)
         if closing is not None:
             for statement, parameters in closing.statements(time.monotonic() - started):
                 conn.execute(statement, parameters)

@@ -42,17 +42,20 @@ _PIN_AND_CHECK = sql.SQL(
     "SELECT pg_catalog.set_config('search_path', {path}, false), "
     "pg_catalog.set_config('client_connection_check_interval', {interval}, false)"
 ).format(path=sql.Literal(ENGINE_SEARCH_PATH), interval=sql.Literal(CLIENT_CHECK_INTERVAL))
+_AND_UNLOCK = sql.SQL(", pg_catalog.pg_advisory_unlock_all()")
 
 
-def configure_statement(conn: Connection) -> sql.Composed:
+def configure_statement(conn: Connection, release_advisory_locks: bool = False) -> sql.Composed:
     """The statement that configures a session: the pinned search_path, and the client check where the
-    server has it (PostgreSQL 13 and older do not)."""
-    return _PIN_AND_CHECK if conn.info.server_version >= 140000 else _PIN
+    server has it (PostgreSQL 13 and older do not); with release_advisory_locks, the same statement also
+    releases every session advisory lock (part of IN_BAND_CLEANUP, without a statement of its own)."""
+    pin = _PIN_AND_CHECK if conn.info.server_version >= 140000 else _PIN
+    return pin + _AND_UNLOCK if release_advisory_locks else pin
 
 
-def configure(conn: Connection) -> None:
+def configure(conn: Connection, release_advisory_locks: bool = False) -> None:
     """Configure the session (a new connection, or after a reset or the user's query): one round trip."""
-    conn.execute(configure_statement(conn))
+    conn.execute(configure_statement(conn, release_advisory_locks))
 
 
 #: DISCARD ALL without its DEALLOCATE ALL and DISCARD PLANS: everything a query can leave behind in a
@@ -76,11 +79,10 @@ _RESETS = {with_check: _RESET.format(configure=_PIN_AND_CHECK if with_check else
 #: MATERIALIZED VIEW since the connection was last reset (``Step.restricted_user_sql``). REFRESH runs the query as
 #: a security-restricted operation: PostgreSQL refuses SET ROLE and SESSION AUTHORIZATION, PREPARE,
 #: DEALLOCATE, LISTEN, temporary tables and WITH HOLD cursors there, and undoes the settings it changed (tested
-#: in tests/db/test_session.py). What it can leave is session advisory locks and sequence state: cleared here.
-IN_BAND_CLEANUP = (
-    sql.SQL("SELECT pg_catalog.pg_advisory_unlock_all()"),
-    sql.SQL("DISCARD SEQUENCES"),
-)
+#: in tests/db/test_session.py). What it can leave is session advisory locks and sequence state: the locks go
+#: with the session's configuration (``configure(conn, release_advisory_locks=True)``, one statement fewer a
+#: refresh), the sequence state here.
+IN_BAND_CLEANUP = (sql.SQL("DISCARD SEQUENCES"),)
 
 #: Connections on which the user's SQL may have run outside a restricted operation since their last reset.
 _exposed: weakref.WeakSet[Connection] = weakref.WeakSet()

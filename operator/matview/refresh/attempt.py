@@ -327,13 +327,13 @@ class _Closed:
         def statements(seconds: float) -> list[Query]:
             self.seconds = seconds
             marker = _marker(self.view, self.inspection, mode, seconds, measured=self.measured)
-            return [(record_state_statement(self.view, marker), None), *self.lock.release_query()]
+            return [(record_state_statement(self.view, marker), None)]
 
         def committed(row: tuple[Any, ...] | None) -> None:
             self.lock.released = True
             self.size = facts.size_from_row(row)
 
-        return Closing(statements, facts.size_query(self.view), committed)
+        return Closing(statements, self.lock.releasing(facts.size_query(self.view)), committed)
 
 
 def _run(
