@@ -28,6 +28,7 @@ from matview.plan.observed import Connection
 from matview.refresh import Inspection, RefreshResult, refresh, schedule
 from matview.refresh import facts as refresh_facts
 from matview.refresh.facts import dependency_order
+from matview.refresh.policy import SWAP_ADVANTAGE
 from matview.refresh.refresher import Refresher
 from matview.refresh.settings import Lane, RunnerSettings
 from tests.db.catalog_helpers import relations
@@ -82,9 +83,12 @@ def test_auto_starts_concurrent_measures_swap_then_keeps_the_cheaper(db: Connect
     second = refresh(db, v)
     assert (second.result, second.mode) == ("success", "Swap")
     assert "measuring Swap" in second.reason
+    measured = refresh_module.read_state(db, v).durations
     third = refresh(db, v)
-    assert third.result == "success" and third.mode in ("Concurrent", "Swap")
-    assert "cheaper" in third.reason
+    # Swap only when clearly faster: a near-tie goes to Concurrent, which costs the database less.
+    expected = "Swap" if measured["Swap"] < measured["Concurrent"] * SWAP_ADVANTAGE else "Concurrent"
+    assert (third.result, third.mode) == ("success", expected), (third, measured)
+    assert "cheaper" in third.reason or "not enough faster" in third.reason
     state = refresh_module.read_state(db, v)
     assert set(state.durations) == {"Concurrent", "Swap"}
     assert state.runs == 3

@@ -58,6 +58,17 @@ def test_evidence_picks_the_cheaper_non_blocking_mode(durations: dict[str, float
     assert "cheaper" in reason
 
 
+@pytest.mark.parametrize("swap", [3.6, 2.41])
+def test_swap_must_be_clearly_faster_to_be_chosen(swap: float) -> None:
+    """A Swap costs the database more than its duration shows: a near-tie goes to Concurrent, and says why."""
+    mode, reason = choose_mode(V, inspection(durations={"Concurrent": 3.0, "Swap": swap}, runs=3))
+    assert mode == "Concurrent"
+    if swap < 3.0:
+        assert "not enough faster" in reason and "2.41s vs 3.00s" in reason
+    mode, _ = choose_mode(V, inspection(durations={"Concurrent": 3.0, "Swap": 2.39}, runs=3))
+    assert mode == "Swap"
+
+
 def test_close_contenders_are_re_measured_now_and_then() -> None:
     close = {"Concurrent": 3.0, "Swap": 4.0}
     assert choose_mode(V, inspection(durations=close, runs=EXPLORE_EVERY - 1))[0] == "Swap"

@@ -30,6 +30,13 @@ EVIDENCE_WEIGHT = 0.5
 EXPLORE_EVERY = 10
 #: "Close": the slower mode is within this factor of the faster one.
 EXPLORE_RATIO = 2.0
+#: Auto swaps only when Swap was measured at most this share of Concurrent's duration. What Swap costs
+#: beyond its own duration falls on the whole database: an ACCESS EXCLUSIVE lock for the renames, every
+#: session's cached plans and relation entries of the view invalidated, a new relation and its indexes
+#: written into the catalogs and removed again each time. On a small view the two durations are within noise
+#: of each other while a Swap costs the machine about twice as much (benchmarks/overhead.py, 100 rows: 32
+#: statements against 12, 3.7 ms of the engine's CPU against 1.9), so near-ties go to Concurrent.
+SWAP_ADVANTAGE = 0.8
 #: How many of the latest incremental refreshes, as (changed keys, seconds), Auto keeps to predict the next.
 INCREMENTAL_SAMPLES = 8
 #: Auto's share of changed keys above which it rebuilds in full while this view has not measured both ways
@@ -451,13 +458,19 @@ def choose_mode(
             return RefreshMode.CONCURRENT, "Auto: no measurements yet, starting with Concurrent"
         if swap is None:
             return RefreshMode.SWAP, f"Auto: measuring Swap once to compare with Concurrent ({concurrent:.2f}s)"
-        if concurrent <= swap:
-            best, other = RefreshMode.CONCURRENT, RefreshMode.SWAP
-        else:
+        if swap < concurrent * SWAP_ADVANTAGE:
             best, other = RefreshMode.SWAP, RefreshMode.CONCURRENT
+        else:
+            best, other = RefreshMode.CONCURRENT, RefreshMode.SWAP
         fast, slow = min(concurrent, swap), max(concurrent, swap)
         if state.runs % EXPLORE_EVERY == EXPLORE_EVERY - 1 and slow <= fast * EXPLORE_RATIO:
-            return other, f"Auto: re-measuring {other} ({slow:.2f}s) against {best} ({fast:.2f}s)"
+            measured = state.durations
+            return other, f"Auto: re-measuring {other} ({measured[other]:.2f}s) against {best} ({measured[best]:.2f}s)"
+        if best == RefreshMode.CONCURRENT and swap < concurrent:
+            return best, (
+                f"Auto: Swap is not enough faster on this view to pay for its catalog churn and exclusive lock "
+                f"({swap:.2f}s vs {concurrent:.2f}s; it must take under {SWAP_ADVANTAGE:.0%} of Concurrent's)"
+            )
         return best, f"Auto: {best} is cheaper on this view ({fast:.2f}s vs {slow:.2f}s)"
     if inspection.concurrent_possible:
         return RefreshMode.CONCURRENT, f"Auto: Swap is not possible ({inspection.swap_blocker})"
