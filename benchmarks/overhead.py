@@ -46,6 +46,7 @@ from typing import Any
 import psycopg
 import yaml
 from _server import bench_database
+from psycopg_pool import ConnectionPool
 
 from matview.api.spec import MaterializedView
 from matview.api.validation import validate_document
@@ -89,6 +90,11 @@ def create_views(dsn: str, names: list[str], interval: str = "1h", mode: str = "
     return views
 
 
+def bare_refresh(relation: str) -> str:
+    """The bare statement every comparison measures the engine against."""
+    return f"REFRESH MATERIALIZED VIEW CONCURRENTLY {relation}"
+
+
 # --- 1. latency ------------------------------------------------------------------------------------------
 
 
@@ -99,7 +105,7 @@ async def interleaved_latencies(
     on the refresh lane's warm pool, taking turns chunk refreshes at a time. One after the other, this shared
     machine's slow spells fell on whichever ran then: bare REFRESH measured 2.4 ms in one minute and 6 ms a
     few minutes later, which made the ratios meaningless."""
-    statement = f"REFRESH MATERIALIZED VIEW CONCURRENTLY {view.relation}"
+    statement = bare_refresh(view.relation)
     times: dict[str | None, list[float]] = {None: [], **{mode: [] for mode in MODES}}
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(statement)  # warm
@@ -216,22 +222,27 @@ class CountingConnection(psycopg.Connection[Any]):
                 CountingConnection.profile.sent()
 
 
-def breakdown(dsn: str, view: MaterializedView, mode: str, repeat: int) -> tuple[Profile, float]:
-    """The refresh's steps on a warm pooled connection, as the refresh lane runs it (checkout, refresh,
-    reset); returns the profile (totals over repeat) and the median wall time."""
-    from psycopg_pool import ConnectionPool
-
-    profile = Profile()
-    undo = instrument(profile)  # first: the pool's configure and reset are the instrumented ones
-    pool: ConnectionPool[Any] = ConnectionPool(
+def lane_pool(
+    dsn: str, connection_class: type[psycopg.Connection[Any]] = psycopg.Connection
+) -> ConnectionPool[psycopg.Connection[Any]]:
+    """A pool of one connection, opened, configured and reset as the refresh lane's pool does it."""
+    return ConnectionPool(
         dsn,
         min_size=1,
         max_size=1,
-        connection_class=CountingConnection,
+        connection_class=connection_class,
         kwargs=session.connection_kwargs(),  # as the refresh lane's pool: statements prepared on fifth use
         configure=session.configure,
         reset=session.reset,
     )
+
+
+def breakdown(dsn: str, view: MaterializedView, mode: str, repeat: int) -> tuple[Profile, float]:
+    """The refresh's steps on a warm pooled connection, as the refresh lane runs it (checkout, refresh,
+    reset); returns the profile (totals over repeat) and the median wall time."""
+    profile = Profile()
+    undo = instrument(profile)  # first: the pool's configure and reset are the instrumented ones
+    pool = lane_pool(dsn, CountingConnection)
     walls = []
     try:
         with pool.connection() as conn:
@@ -262,11 +273,9 @@ def backend_cpu_seconds(pid: int) -> float | None:
 def cpu_per_refresh(dsn: str, view: MaterializedView, mode: str | None, repeat: int) -> tuple[float, float | None]:
     """(this process, the server's backend) CPU seconds per refresh: mode None is the bare statement on one
     connection; a mode is the engine's refresh on the lane's warm pool of one connection, reset included."""
-    from psycopg_pool import ConnectionPool
-
     if mode is None:
         with psycopg.connect(dsn, autocommit=True) as conn:
-            statement = f"REFRESH MATERIALIZED VIEW CONCURRENTLY {view.relation}"
+            statement = bare_refresh(view.relation)
             conn.execute(statement)
             client, server = time.process_time(), backend_cpu_seconds(conn.info.backend_pid)
             for _ in range(repeat):
@@ -274,14 +283,7 @@ def cpu_per_refresh(dsn: str, view: MaterializedView, mode: str | None, repeat: 
             after = backend_cpu_seconds(conn.info.backend_pid)
             spent = time.process_time() - client
     else:
-        pool: ConnectionPool[Any] = ConnectionPool(
-            dsn,
-            min_size=1,
-            max_size=1,
-            kwargs=session.connection_kwargs(),
-            configure=session.configure,
-            reset=session.reset,
-        )
+        pool = lane_pool(dsn)
         try:
             for _ in range(10):  # warm: prepared statements, Auto's evidence
                 with pool.connection() as conn:
@@ -331,7 +333,7 @@ def threads_throughput(
 
 def bare_throughput(dsn: str, relations: list[str], seconds: float, lanes: int = 2) -> float:
     def work(conn: Any, position: int) -> None:
-        conn.execute(f"REFRESH MATERIALIZED VIEW CONCURRENTLY {relations[position % len(relations)]}")
+        conn.execute(bare_refresh(relations[position % len(relations)]))
 
     return threads_throughput(lambda: psycopg.connect(dsn, autocommit=True), work, seconds, lanes)
 
@@ -494,10 +496,10 @@ def main() -> None:
         print("median wall, all statements | " + " | ".join(totals))
         print()
         print(f"CPU per refresh (ms), {args.repeat * 3} each: this process | the server's backend | both")
-        for mode in (None, *MODES):
-            client, server = cpu_per_refresh(dsn, view, mode, args.repeat * 3)
+        for measured in (None, *MODES):
+            client, server = cpu_per_refresh(dsn, view, measured, args.repeat * 3)
             both = ms(client + server) if server is not None else "?"
-            name = f"engine {mode}" if mode else "bare REFRESH CONCURRENTLY"
+            name = f"engine {measured}" if measured else "bare REFRESH CONCURRENTLY"
             print(f"{name} | {ms(client)} | {ms(server) if server is not None else '? (not on this machine)'} | {both}")
 
         if args.skip_throughput:
