@@ -140,11 +140,13 @@ def test_plain_refresh_blocks_readers_concurrent_does_not(db: Connection, dsn: s
 
         def watch() -> None:
             with psycopg.connect(dsn, autocommit=True) as watcher, psycopg.connect(dsn, autocommit=True) as reader:
-                # The reader comes once the REFRESH holds its lock: when the statement runs.
+                # The reader comes once the REFRESH holds its lock on the view (Full: ACCESS EXCLUSIVE; Concurrent:
+                # EXCLUSIVE, which readers pass).
                 deadline = time.monotonic() + 60
                 while watcher.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'REFRESH%'"
-                ).fetchone() != (1,):
+                    "SELECT count(*) FROM pg_locks WHERE relation = 'ops.totals'::regclass AND granted "
+                    "AND mode IN ('AccessExclusiveLock', 'ExclusiveLock') AND pid <> pg_backend_pid()"
+                ).fetchone() == (0,):
                     assert time.monotonic() < deadline, "the REFRESH never ran"
                     time.sleep(0.01)
                 thread = threading.Thread(target=lambda: reader.execute("SELECT count(*) FROM ops.totals"))
@@ -263,7 +265,7 @@ async def refresh_all_at_once(
             while running:
                 row = watcher.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-                    "AND query LIKE 'REFRESH MATERIALIZED VIEW%%'"
+                    "AND query LIKE '%%REFRESH MATERIALIZED VIEW%%' AND pid <> pg_backend_pid()"
                 ).fetchone()
                 peak = max(peak, int(row[0]) if row else 0)
                 time.sleep(0.05)
@@ -419,13 +421,18 @@ async def test_cancelling_a_refresh_cancels_it_in_the_database(db: Connection, d
     db.execute("UPDATE ops.ctl SET slow_seconds = 30; INSERT INTO ops.events VALUES (1000, 'k1', 1000)")
     refresher = Refresher(RefreshMetrics())
     task = asyncio.create_task(refresher.refresh(dsn, v, "Concurrent"))
-    await wait_for_statement(db, "REFRESH%", task)  # cancel it in the server, not before it got there
+    await wait_for_statement(
+        db, "%REFRESH MATERIALIZED VIEW%", task
+    )  # cancel it in the server, not before it got there
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     refresher.close()
     # Uncancelled, the statement would still be running for another 29 seconds.
-    row = db.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'REFRESH%%'").fetchone()
+    row = db.execute(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE query LIKE '%%REFRESH MATERIALIZED VIEW%%' AND pid <> pg_backend_pid()"
+    ).fetchone()
     assert row == (0,)
     assert total(db) == before
 

@@ -128,6 +128,62 @@ def test_a_batched_transaction_refuses_to_start_inside_another(conn: Connection)
         pass
 
 
+#: Values a hostile spec or database user may put where the engine binds a value: quotes, backslashes (read as
+#: escapes when standard_conforming_strings is off), dollar quotes, comments and statement ends.
+HOSTILE_VALUES = [
+    "it's",
+    "'); DROP TABLE ops.kept; --",
+    "back\\slash\\' OR true --",
+    "$$; DROP TABLE ops.kept; $$",
+    "/* open comment",
+    "line\n-- comment\n; COMMIT",
+    "ünïcødé ☃",
+]
+
+
+@pytest.mark.parametrize("conforming", ["on", "off"])
+def test_a_message_binds_hostile_values_exactly(conn: Connection, tmp_path: Path, conforming: str) -> None:
+    """A message binds values client-side (the simple protocol has no parameters): each value arrives exactly as
+    given, whatever the session's string syntax, and no value ends its statement or reaches the next."""
+    conn.execute("CREATE SCHEMA ops; CREATE TABLE ops.kept (n int)")
+    conn.execute(f"SET standard_conforming_strings = {conforming}")
+    message = session.Message(conn)
+    for n, value in enumerate(HOSTILE_VALUES):
+        message.add(psycopg.sql.SQL("SELECT %s::text, %s::int"), (value, n))
+    message.add(psycopg.sql.SQL("SELECT count(*) FROM ops.kept"))
+    with RoundTrips(conn, tmp_path / "trace") as trips:
+        cursor = message.send()
+    assert trips.count() == 1
+    rows = [cursor.fetchone()]
+    while cursor.nextset():
+        rows.append(cursor.fetchone())
+    assert rows == [*((value, n) for n, value in enumerate(HOSTILE_VALUES)), (0,)]
+    at = message.add(psycopg.sql.SQL("SELECT 'first'"))
+    last = message.add(psycopg.sql.SQL("SELECT 'last'"))
+    assert (at, last) == (0, 1)  # positions count from each send
+    assert session.result_of(message.send(), last).fetchone() == ("last",)
+    assert conn.execute("SELECT to_regclass('ops.kept') IS NOT NULL").fetchone() == (True,)
+
+
+def test_a_message_stops_at_its_first_error_and_its_transaction_rolls_back(conn: Connection) -> None:
+    """What the executor relies on: the statements after the failing one do not run (COMMIT included), the
+    transaction is left failed, and roll_back ends it with nothing kept."""
+    conn.execute("CREATE SCHEMA ops; CREATE TABLE ops.kept (n int PRIMARY KEY)")
+    message = session.Message(conn)
+    session.start_transaction(conn, message)
+    for n in (1, 1, 2):
+        message.add(psycopg.sql.SQL("INSERT INTO ops.kept VALUES (%s)"), (n,))
+    message.add(session.COMMIT)
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        message.send()
+    assert conn.info.transaction_status == pq.TransactionStatus.INERROR
+    session.roll_back(conn)
+    assert conn.info.transaction_status == pq.TransactionStatus.IDLE
+    assert conn.execute("SELECT count(*) FROM ops.kept").fetchone() == (0,)
+    with conn.transaction(), pytest.raises(psycopg.ProgrammingError, match="already open"):
+        session.start_transaction(conn, session.Message(conn))
+
+
 @pytest.mark.parametrize(("mode", "trips"), [("Concurrent", 3), ("Full", 3), ("Swap", 5)])
 def test_a_refresh_makes_few_round_trips(conn: Connection, dsn: str, tmp_path: Path, mode: str, trips: int) -> None:
     """A warm refresh: the lock with the inspection's read, the refresh transaction (its duration read, then the

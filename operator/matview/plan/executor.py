@@ -25,7 +25,6 @@ from matview.api.spec import MaterializedView, RefreshSpec
 from matview.errors import ApplyError, MatviewError, UnmanagedObjectError
 from matview.plan import session, versions
 from matview.plan.observed import Connection
-from matview.plan.session import become_query_role
 from matview.plan.statements import FromRows, Plan, Query, Step, StepItem
 
 logger = logging.getLogger(__name__)
@@ -249,6 +248,17 @@ class Closing:
     on_commit: Callable[[tuple[Any, ...] | None], None]
 
 
+def _add_item(message: session.Message, item: StepItem) -> None:
+    """Queue item in message; a FromRows sends what is queued with its read, for the statements its rows decide."""
+    if isinstance(item, FromRows):
+        at = message.add(*item.query)
+        rows = session.result_of(message.send(), at).fetchall()
+        for statement in item.then(rows):
+            message.add(statement)
+    else:
+        message.add(item)
+
+
 def _run_item(conn: Connection, item: StepItem) -> None:
     if isinstance(item, FromRows):
         rows = conn.execute(*item.query).fetchall()  # in a pipeline, fetching syncs what was sent before
@@ -283,40 +293,55 @@ def _run_step(
         if closing is not None:  # CONCURRENTLY steps cannot share a transaction: the closing gets its own
             _run_step(conn, Step("record the result", ()), settings, view, closing, started)
         return
-    # One batch: BEGIN, the step's statements and COMMIT go to the server together and their results come
-    # back at the sync (a closing adds one sync, for the step's duration). An error rolls the transaction back.
-    with session.one_batch(conn) as pipeline, session.transaction_in_batch(conn):
+    # One message (a simple Query): BEGIN, the step's settings, its statements and COMMIT (a closing adds one, after
+    # the step's work, for its duration; a FromRows read ends one where it stands). pg_stat_activity shows a
+    # message's whole text while it runs: "BEGIN; SELECT pg_catalog.set_config(…); REFRESH …". An error stops the
+    # message and rolls the transaction back.
+    message = session.Message(conn)
+    read_at = None
+    try:
+        session.start_transaction(conn, message)
         if step.repeatable_read:  # must come before the first query of the transaction
-            conn.execute(sql.SQL("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
-        session.step_settings(conn, view, settings.statement_timeout_seconds, settings.lock_timeout_seconds, local=True)
+            message.add(sql.SQL("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+        message.add(
+            *session.step_settings_query(view, settings.statement_timeout_seconds, settings.lock_timeout_seconds, True)
+        )
         if step.runs_query:
-            become_query_role(conn, view)
+            session.exposed(conn)
+            role = session.query_role_statement(view)
+            if role is not None:
+                message.add(role)
         for item in step.statements:
-            _run_item(conn, item)
-        read = None
+            _add_item(message, item)
         if closing is not None:
-            pipeline.sync()  # the step's work is done: how long it took goes into the closing statements
+            message.send()  # the step's work is done: how long it took goes into the closing statements
             if step.runs_query:
-                conn.execute(sql.SQL("RESET ROLE"))
+                message.add(sql.SQL("RESET ROLE"))
         # After the step's statements, so it outlives them and the transaction: a query that set search_path
         # for the session (set_config(..., false) from a SELECT) must not leave it to the engine's next
         # statement; and before the closing, whose statements are the engine's own and must not resolve
         # names in spec.searchPath's schemas (a planted pg_table_size(oid) there would beat pg_catalog's).
         # A refresh's last transaction releases the advisory locks its query may have taken in the same statement
         # (the rest of the in-band cleanup follows the closing's statements).
-        session.configure(conn, release_advisory_locks=closing is not None and step.restricted_user_sql)
+        message.add(
+            session.configure_statement(conn, release_advisory_locks=closing is not None and step.restricted_user_sql)
+        )
         if closing is not None:
             for statement, parameters in closing.statements(time.monotonic() - started):
-                conn.execute(statement, parameters)
+                message.add(statement, parameters)
             if step.restricted_user_sql:
                 for statement in session.IN_BAND_CLEANUP:
-                    conn.execute(statement)
-            read = conn.execute(*closing.read)
-            # Its statements go with the COMMIT in one batch: the pipeline's exit syncs them.
+                    message.add(statement)
+            read_at = message.add(*closing.read)
+        message.add(session.COMMIT)
+        sent = message.send()
+    except BaseException:
+        session.roll_back(conn)
+        raise
     if closing is not None:
         if step.restricted_user_sql:
             session.cleaned_in_band(conn)
-        closing.on_commit(read.fetchone() if read is not None else None)
+        closing.on_commit(session.result_of(sent, read_at).fetchone() if read_at is not None else None)
 
 
 def execute(
