@@ -225,7 +225,8 @@ class CountingConnection(psycopg.Connection[Any]):
 def lane_pool(
     dsn: str, connection_class: type[psycopg.Connection[Any]] = psycopg.Connection
 ) -> ConnectionPool[psycopg.Connection[Any]]:
-    """A pool of one connection, opened, configured and reset as the refresh lane's pool does it."""
+    """A pool of one connection, opened and configured as the refresh lane's pool does it (take its connections
+    with ``lane_connection``, which resets them as the lane's thread does)."""
     return ConnectionPool(
         dsn,
         min_size=1,
@@ -233,8 +234,17 @@ def lane_pool(
         connection_class=connection_class,
         kwargs=session.connection_kwargs(),  # as the refresh lane's pool: statements prepared on fifth use
         configure=session.configure,
-        reset=session.reset,
     )
+
+
+@contextlib.contextmanager
+def lane_connection(pool: ConnectionPool[Any]) -> Iterator[Any]:
+    """A connection of pool, cleaned before it goes back as the refresh lane's thread does it."""
+    with pool.connection() as conn:
+        try:
+            yield conn
+        finally:
+            session.clean_for_return(conn)
 
 
 def breakdown(dsn: str, view: MaterializedView, mode: str, repeat: int) -> tuple[Profile, float]:
@@ -245,12 +255,12 @@ def breakdown(dsn: str, view: MaterializedView, mode: str, repeat: int) -> tuple
     pool = lane_pool(dsn, CountingConnection)
     walls = []
     try:
-        with pool.connection() as conn:
+        with lane_connection(pool) as conn:
             attempt.refresh(conn, view, mode)
         CountingConnection.profile = profile
         for _ in range(repeat):
             start = time.perf_counter()
-            with profile.step("pool checkout and return"), pool.connection() as conn:
+            with profile.step("pool checkout and return"), lane_connection(pool) as conn:
                 result = attempt.refresh(conn, view, mode)
             walls.append(time.perf_counter() - start)
             assert result.result == Outcome.SUCCESS, result
@@ -286,15 +296,15 @@ def cpu_per_refresh(dsn: str, view: MaterializedView, mode: str | None, repeat: 
         pool = lane_pool(dsn)
         try:
             for _ in range(10):  # warm: prepared statements, Auto's evidence
-                with pool.connection() as conn:
+                with lane_connection(pool) as conn:
                     attempt.refresh(conn, view, mode)
                     pid = conn.info.backend_pid
             client, server = time.process_time(), backend_cpu_seconds(pid)
             for _ in range(repeat):
-                with pool.connection() as conn:
+                with lane_connection(pool) as conn:
                     attempt.refresh(conn, view, mode)
             spent = time.process_time() - client
-            with pool.connection() as conn:
+            with lane_connection(pool) as conn:
                 same = conn.info.backend_pid == pid
             after = backend_cpu_seconds(pid) if same else None
         finally:

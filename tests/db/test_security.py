@@ -297,7 +297,8 @@ def wait_until(condition: Callable[[], bool], seconds: float = 30) -> None:
 
 async def test_pooled_sessions_are_reset_and_stay_usable(conn: Connection, dsn: str) -> None:
     """A query may take an advisory lock or change settings; the session is reset (in the refresh's own last
-    transaction for a REFRESH-only attempt, see tests/db/test_session.py; else by the pool) and
+    transaction for a REFRESH-only attempt, see tests/db/test_session.py; else by the lane's thread before the
+    connection goes back to the pool) and
     every later use of it still works (psycopg's prepared statements would not survive: the pool does not
     prepare)."""
     conn.execute("CREATE SCHEMA ops")
@@ -316,12 +317,9 @@ async def test_pooled_sessions_are_reset_and_stay_usable(conn: Connection, dsn: 
         assert (await refresher.refresh(dsn, grabber)).result == "success"
         assert conn.execute("SELECT grabbed FROM ops.grabber").fetchone() == (True,), "the query did take it"
 
-        def released() -> bool:
-            # A full reset runs on psycopg_pool's worker thread, after refresh() has returned.
-            held = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 42").fetchone()
-            return held == (0,)
-
-        wait_until(released)  # fails if the pooled session kept the advisory lock (no reset)
+        # The lane's thread cleans its connection before refresh() returns (session.clean_for_return).
+        held = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 42").fetchone()
+        assert held == (0,), "the pooled session kept the advisory lock (no reset)"
         results = [await refresher.refresh(dsn, victim) for _ in range(8)]
         results += await asyncio.gather(*(refresher.refresh(dsn, victim) for _ in range(3)))
         assert [r.result for r in results] == ["success"] * 11, [r.message for r in results]

@@ -201,3 +201,22 @@ def test_a_refresh_makes_few_round_trips(conn: Connection, dsn: str, tmp_path: P
         with RoundTrips(lane, tmp_path / "trace") as counter:
             assert refresh(lane, counted, mode).result == "success"
     assert counter.count() == trips
+
+
+def test_a_connection_is_cleaned_in_its_own_thread_before_it_goes_back(conn: Connection, dsn: str) -> None:
+    """session.clean_for_return, as a lane's thread calls it: a transaction left failed is rolled back and the
+    session reset (a setting the work left is gone); a connection whose server session ended is closed, so the
+    pool discards it instead of handing it out."""
+    with engine.connect(dsn) as lane:
+        session.exposed(lane)  # the work ran the user's SQL as itself: a full reset
+        lane.execute("SET work_mem = '64kB'")
+        lane.execute("BEGIN")
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            lane.execute("SELECT 1 / 0")
+        assert lane.info.transaction_status == pq.TransactionStatus.INERROR
+        session.clean_for_return(lane)
+        assert lane.info.transaction_status == pq.TransactionStatus.IDLE
+        assert lane.execute("SELECT current_setting('work_mem')").fetchone() != ("64kB",)
+        conn.execute("SELECT pg_terminate_backend(%s)", (lane.info.backend_pid,))
+        session.clean_for_return(lane)
+        assert lane.closed

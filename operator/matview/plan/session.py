@@ -104,7 +104,8 @@ def step_starts(conn: Connection) -> None:
 
 def cleaned_in_band(conn: Connection) -> None:
     """A transaction that ended with IN_BAND_CLEANUP committed: unless the user's SQL ran unrestricted since the
-    last reset, the pool's reset has nothing left to do (one round trip and eight statements less a refresh)."""
+    last reset, the reset before the connection goes back has nothing left to do (one round trip and eight
+    statements less a refresh)."""
     if conn not in _exposed:
         _cleaned.add(conn)
 
@@ -124,7 +125,8 @@ def reset(conn: Connection) -> None:
     function), which would make psycopg's own prepared statements fail for the next view on this
     connection. _RESET clears all of it but the prepared statements; when those are not exactly psycopg's,
     DISCARD ALL clears them too (psycopg sees it and forgets its own). A connection that cannot be reset is
-    discarded by the pool. Nothing to do after a refresh that cleaned its session in band (cleaned_in_band)."""
+    closed by ``clean_for_return``, and the pool discards it. Nothing to do after a refresh that cleaned its
+    session in band (cleaned_in_band)."""
     if conn in _cleaned:
         _cleaned.discard(conn)
         return
@@ -147,6 +149,27 @@ _STEP_SETTINGS = sql.SQL(
     "SELECT pg_catalog.set_config('statement_timeout', %s, %s), pg_catalog.set_config('lock_timeout', %s, %s), "
     "pg_catalog.set_config('search_path', %s, %s)"
 )
+
+
+def clean_for_return(conn: Connection) -> None:
+    """Before a pooled connection goes back to its pool, in the thread that used it: a transaction left open or
+    failed rolled back, then ``reset``; a connection that cannot be made clean is closed (the pool discards it).
+
+    The pool could call ``reset`` itself, but then it returns every connection through one of its worker threads:
+    one more thread woken, and one more wait for the interpreter's lock, each refresh; and the lane's next
+    checkout could find its connection not back yet."""
+    if conn.closed:
+        return
+    try:
+        status = conn.info.transaction_status
+        if status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+            conn.execute(_ROLLBACK, prepare=False)
+        elif status != TransactionStatus.IDLE:  # a statement still running, or the connection lost
+            conn.close()
+            return
+        reset(conn)
+    except Exception:
+        conn.close()
 
 
 def step_settings_query(

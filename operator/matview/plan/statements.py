@@ -86,7 +86,8 @@ class Step:
     """Builds the view from the user's query: runs as spec.runAsRole when set (the new relation is its)."""
     restricted_user_sql: bool = False
     """The user's SQL runs only inside REFRESH MATERIALIZED VIEW (a security-restricted operation): a closing
-    of this step cleans the session in band and spares the pool's reset (session.IN_BAND_CLEANUP)."""
+    of this step cleans the session in band and spares the reset before the connection goes back
+    (session.IN_BAND_CLEANUP)."""
     repeatable_read: bool = False
     """Every statement of the step reads one snapshot (claiming changes and computing from them)."""
     drops_change_log: bool = False

@@ -99,7 +99,8 @@ class Refresher:
                 open=True,
                 # psycopg prepares a statement on its fifth use: the catalog reads every refresh makes are then
                 # planned once per connection, not once per refresh (planning was most of their cost).
-                # session.reset keeps them, and discards them when a query tampered with them.
+                # session.reset keeps them, and discards them when a query tampered with them. The lane's thread
+                # resets a connection before returning it (session.clean_for_return), not the pool.
                 kwargs=session.connection_kwargs(),
                 # Fail fast when the database is down (callers retry and report it), and keep reconnecting
                 # in the background only about as long as a retry would wait anyway.
@@ -107,7 +108,6 @@ class Refresher:
                 reconnect_timeout=60,
                 name=f"{APPLICATION_NAME}-{lane}",
                 configure=session.configure,
-                reset=session.reset,
             )
         return self._pools[(dsn, lane)]
 
@@ -148,7 +148,10 @@ class Refresher:
                 # drift check cancelled because its view was deleted re-created the view after the deletion.
                 if cancelled.is_set():
                     raise asyncio.CancelledError
-                return work(conn)
+                try:
+                    return work(conn)
+                finally:
+                    session.clean_for_return(conn)
 
         future = asyncio.get_running_loop().run_in_executor(self._executors[lane], in_thread)
         try:
