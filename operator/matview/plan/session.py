@@ -151,27 +151,6 @@ _STEP_SETTINGS = sql.SQL(
 )
 
 
-def clean_for_return(conn: Connection) -> None:
-    """Before a pooled connection goes back to its pool, in the thread that used it: a transaction left open or
-    failed rolled back, then ``reset``; a connection that cannot be made clean is closed (the pool discards it).
-
-    The pool could call ``reset`` itself, but then it returns every connection through one of its worker threads:
-    one more thread woken, and one more wait for the interpreter's lock, each refresh; and the lane's next
-    checkout could find its connection not back yet."""
-    if conn.closed:
-        return
-    try:
-        status = conn.info.transaction_status
-        if status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
-            conn.execute(_ROLLBACK, prepare=False)
-        elif status != TransactionStatus.IDLE:  # a statement still running, or the connection lost
-            conn.close()
-            return
-        reset(conn)
-    except Exception:
-        conn.close()
-
-
 def step_settings_query(
     view: MaterializedView, statement_seconds: float, lock_seconds: float, local: bool
 ) -> tuple[sql.SQL, tuple[object, ...]]:
@@ -198,12 +177,17 @@ def step_settings(
 _BEGIN, COMMIT, _ROLLBACK = sql.SQL("BEGIN"), sql.SQL("COMMIT"), sql.SQL("ROLLBACK")
 
 
+def _refuse_open_transaction(conn: Connection, what: str) -> None:
+    """A transaction of the engine's own starts only where none is open: its BEGIN would only warn inside the
+    caller's, and its COMMIT would end that one."""
+    if conn.info.transaction_status != TransactionStatus.IDLE:
+        raise psycopg.ProgrammingError(f"{what}: a transaction is already open on this connection")
+
+
 def start_transaction(conn: Connection, message: Message) -> None:
     """Queue the BEGIN of a transaction in message (committed by a ``COMMIT`` the caller queues; ``roll_back``
-    after an error). Only where no transaction is open: its BEGIN would only warn inside the caller's, and its
-    COMMIT would end that one."""
-    if conn.info.transaction_status != TransactionStatus.IDLE:
-        raise psycopg.ProgrammingError("a transaction is already open on this connection")
+    after an error). Only where no transaction is open."""
+    _refuse_open_transaction(conn, "start_transaction")
     message.add(_BEGIN)
 
 
@@ -212,6 +196,25 @@ def roll_back(conn: Connection) -> None:
     if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
         with contextlib.suppress(psycopg.Error):
             conn.execute(_ROLLBACK, prepare=False)
+
+
+def clean_for_return(conn: Connection) -> None:
+    """Before a pooled connection goes back to its pool, in the thread that used it: a transaction left open or
+    failed rolled back, then ``reset``; a connection that cannot be made clean is closed (the pool discards it).
+
+    The pool could call ``reset`` itself, but then it returns every connection through one of its worker threads:
+    one more thread woken, and one more wait for the interpreter's lock, each refresh; and the lane's next
+    checkout could find its connection not back yet."""
+    if conn.closed:
+        return
+    try:
+        roll_back(conn)
+        if conn.info.transaction_status != TransactionStatus.IDLE:  # a statement still running, the connection lost
+            conn.close()
+            return
+        reset(conn)
+    except Exception:
+        conn.close()
 
 
 @contextlib.contextmanager
@@ -237,8 +240,7 @@ def transaction_in_batch(conn: Connection) -> Iterator[None]:
     (traced). Here an error skips the rest of the batch, COMMIT included, and ``one_batch`` rolls back. Only
     where no transaction is open, and the block must not open a ``transaction()`` of its own: the server is
     in this one before psycopg can see it."""
-    if conn.info.transaction_status != TransactionStatus.IDLE:
-        raise psycopg.ProgrammingError("transaction_in_batch: a transaction is already open on this connection")
+    _refuse_open_transaction(conn, "transaction_in_batch")
     conn.execute(_BEGIN, prepare=False)
     yield
     conn.execute(COMMIT, prepare=False)
