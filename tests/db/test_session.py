@@ -184,11 +184,13 @@ def test_a_message_stops_at_its_first_error_and_its_transaction_rolls_back(conn:
         session.start_transaction(conn, session.Message(conn))
 
 
-@pytest.mark.parametrize(("mode", "trips"), [("Concurrent", 3), ("Full", 3), ("Swap", 5)])
+@pytest.mark.parametrize(("mode", "trips"), [("Concurrent", 3), ("Full", 3), ("Swap", 4)])
 def test_a_refresh_makes_few_round_trips(conn: Connection, dsn: str, tmp_path: Path, mode: str, trips: int) -> None:
-    """A warm refresh: the lock with the inspection's read, the refresh transaction (its duration read, then the
-    closing with its COMMIT); a Swap's build and swap transactions add one each. psycopg's own transaction()
-    in a pipeline synced on each side of every block: 6 round trips for a Concurrent refresh, 16 for a Swap."""
+    """A warm refresh and the cleaning before its connection goes back: the lock with the inspection's read, the
+    refresh transaction (its duration read, then the closing with its COMMIT). A Swap: the lock, the build, the swap,
+    and the retired copy's drop with the closing and the session's reset (its duration ends at the swap). psycopg's
+    own transaction() in a pipeline synced on each side of every block: 6 round trips for a Concurrent refresh, 16
+    for a Swap; the reset before the connection went back made a Swap's 6th."""
     conn.execute("CREATE SCHEMA ops; CREATE TABLE ops.src AS SELECT g AS id FROM generate_series(1, 10) g")
     counted = view(
         "counted", "ops", schema="ops", query="SELECT id FROM ops.src", indexes=[{"columns": ["id"], "unique": True}]
@@ -200,7 +202,78 @@ def test_a_refresh_makes_few_round_trips(conn: Connection, dsn: str, tmp_path: P
             assert refresh(lane, counted, mode).result == "success"
         with RoundTrips(lane, tmp_path / "trace") as counter:
             assert refresh(lane, counted, mode).result == "success"
+            session.clean_for_return(lane)
     assert counter.count() == trips
+
+
+def test_a_swap_resets_the_session_in_its_last_transaction(conn: Connection, dsn: str) -> None:
+    """A Swap's build runs the query unrestricted as far as the engine knows, so its session needs the whole reset:
+    it comes in band, in the transaction that drops the retired copy. What the session held before (a setting, a
+    LISTEN, a temporary table, an advisory lock the query took) is gone when the refresh returns, the search_path
+    is the engine's, and the reset before the connection goes back sends nothing."""
+    conn.execute("CREATE SCHEMA ops; CREATE TABLE ops.src AS SELECT g AS id FROM generate_series(1, 10) g")
+    swapped = view(
+        "swapped",
+        "ops",
+        schema="ops",
+        query="SELECT id, pg_try_advisory_lock(4545::bigint) AS grabbed FROM ops.src",
+        indexes=[{"columns": ["id"], "unique": True}],
+        refresh={"mode": "Swap"},
+    )
+    with engine.connect(dsn) as lane:
+        engine.apply(lane, swapped)
+        session.reset(lane)
+        lane.execute("SET work_mem = '64kB'")
+        lane.execute("LISTEN left_behind")
+        lane.execute("CREATE TEMP TABLE left_behind (a int)")
+        session.exposed(lane)  # stands for a build that left them
+        lane.execute("SELECT 1", prepare=True)  # one of psycopg's own: the Swap's DROP makes psycopg forget it
+        result = refresh(lane, swapped)
+        assert (result.result, result.mode) == ("success", "Swap"), result
+        assert conn.execute("SELECT bool_and(grabbed) FROM ops.swapped").fetchone() == (True,)
+        held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4545"
+        assert conn.execute(held).fetchone() == (0,), "the advisory lock outlived the refresh"
+        assert lane.execute(
+            "SELECT current_setting('work_mem'), current_setting('search_path'), "
+            "(SELECT count(*) FROM pg_listening_channels()), to_regclass('pg_temp.left_behind')"
+        ).fetchone() == (
+            conn.execute("SELECT current_setting('work_mem')").fetchone()[0],  # type: ignore[index]
+            session.ENGINE_SEARCH_PATH,
+            0,
+            None,
+        )
+        last = "SELECT query FROM pg_stat_activity WHERE pid = %s"
+        before = conn.execute(last, (lane.info.backend_pid,)).fetchone()
+        session.clean_for_return(lane)
+        assert conn.execute(last, (lane.info.backend_pid,)).fetchone() == before, "the reset sent a statement"
+
+
+@pytest.mark.parametrize("squat", [False, True])
+def test_an_in_band_reset_leaves_a_statement_prepared_from_sql_to_the_whole_reset(
+    conn: Connection, dsn: str, squat: bool
+) -> None:
+    """A transaction cannot deallocate a statement prepared from SQL (an incremental apply's query could have, through
+    EXECUTE in a function): the in-band reset sees it, the session stays exposed, and the reset before the connection
+    goes back runs in full, DISCARD ALL included. Without one, that reset sends nothing."""
+    squatted = "SELECT count(*) FROM pg_prepared_statements WHERE from_sql"
+    with engine.connect(dsn) as lane:
+        lane.execute("SELECT 1", prepare=True)  # one of psycopg's own, which must survive a clean reset
+        session.exposed(lane)
+        message = session.Message(lane)
+        session.start_transaction(lane, message)
+        if squat:
+            message.add(psycopg.sql.SQL("PREPARE squatted AS SELECT 1"))
+        reset = session.reset_in_band(lane, message)
+        message.add(session.COMMIT)
+        session.reset_in_band_committed(lane, reset, session.result_of(message.send(), reset.position).fetchone())
+        assert lane.execute(squatted).fetchone() == (int(squat),)
+        last = "SELECT query FROM pg_stat_activity WHERE pid = %s"
+        before = conn.execute(last, (lane.info.backend_pid,)).fetchone()
+        session.clean_for_return(lane)
+        sent = conn.execute(last, (lane.info.backend_pid,)).fetchone() != before
+        assert sent == squat
+        assert lane.execute(squatted).fetchone() == (0,)
+        assert lane.execute("SELECT current_setting('search_path')").fetchone() == (session.ENGINE_SEARCH_PATH,)
 
 
 def test_a_connection_is_cleaned_in_its_own_thread_before_it_goes_back(conn: Connection, dsn: str) -> None:

@@ -113,7 +113,7 @@ class RefreshMetrics:
         self.duration = per_view.add(
             "histogram",
             "matview_refresh_duration_seconds",
-            "Duration of refreshes, by mode used.",
+            "Duration of refreshes, by mode used, until the new data is live.",
             [*labels, "mode"],
             DURATION_BUCKETS,
         )

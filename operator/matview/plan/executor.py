@@ -275,7 +275,10 @@ def _run_step(
     view: MaterializedView,
     closing: Closing | None = None,
     started: float = 0.0,
+    live_after: float | None = None,
 ) -> None:
+    """live_after: the seconds until an earlier step of the plan made the new data live, which is what the closing
+    records when given; else the closing waits for this step's work to measure it."""
     if step.restricted_user_sql:
         session.step_starts(conn)
     else:
@@ -291,7 +294,7 @@ def _run_step(
             with contextlib.suppress(psycopg.Error):
                 session.restore(conn)
         if closing is not None:  # CONCURRENTLY steps cannot share a transaction: the closing gets its own
-            _run_step(conn, Step("record the result", ()), settings, view, closing, started)
+            _run_step(conn, Step("record the result", ()), settings, view, closing, started, live_after)
         return
     # One message (a simple Query): BEGIN, the step's settings, its statements and COMMIT (a closing adds one, after
     # the step's work, for its duration; a FromRows read ends one where it stands). pg_stat_activity shows a
@@ -313,10 +316,10 @@ def _run_step(
                 message.add(role)
         for item in step.statements:
             _add_item(message, item)
-        if closing is not None:
+        if closing is not None and live_after is None:
             message.send()  # the step's work is done: how long it took goes into the closing statements
-            if step.runs_query:
-                message.add(sql.SQL("RESET ROLE"))
+        if closing is not None and step.runs_query:
+            message.add(sql.SQL("RESET ROLE"))
         # After the step's statements, so it outlives them and the transaction: a query that set search_path
         # for the session (set_config(..., false) from a SELECT) must not leave it to the engine's next
         # statement; and before the closing, whose statements are the engine's own and must not resolve
@@ -326,22 +329,30 @@ def _run_step(
         message.add(
             session.configure_statement(conn, release_advisory_locks=closing is not None and step.restricted_user_sql)
         )
+        in_band_reset = None
         if closing is not None:
-            for statement, parameters in closing.statements(time.monotonic() - started):
+            seconds = live_after if live_after is not None else time.monotonic() - started
+            for statement, parameters in closing.statements(seconds):
                 message.add(statement, parameters)
             if step.restricted_user_sql:
                 for statement in session.IN_BAND_CLEANUP:
                     message.add(statement)
             read_at = message.add(*closing.read)
+            if not step.restricted_user_sql:  # the user's SQL may have run unrestricted: the whole reset, in band
+                in_band_reset = session.reset_in_band(conn, message)
         message.add(session.COMMIT)
         sent = message.send()
     except BaseException:
         session.roll_back(conn)
         raise
-    if closing is not None:
-        if step.restricted_user_sql:
+    if closing is not None and read_at is not None:
+        read_row = session.result_of(sent, read_at).fetchone()
+        if in_band_reset is not None:
+            counts = session.result_of(sent, in_band_reset.position - read_at).fetchone()
+            session.reset_in_band_committed(conn, in_band_reset, counts)
+        elif step.restricted_user_sql:
             session.cleaned_in_band(conn)
-        closing.on_commit(session.result_of(sent, read_at).fetchone() if read_at is not None else None)
+        closing.on_commit(read_row)
 
 
 def execute(
@@ -356,18 +367,24 @@ def execute(
     ``completes`` something put in place, once it has committed (a failure of its own is only logged)."""
     done: list[str] = []
     started = time.monotonic()
+    # A plan's duration runs until its new data went live: what follows (dropping a Swap's retired copy) is not
+    # what the mode costs its readers, and its closing needs no round trip of its own to learn the duration.
+    live_after: float | None = None
     for index, step in enumerate(plan.steps):
         logger.log(logging.INFO if plan.log_steps else logging.DEBUG, "%s: %s", plan.view.relation, step.description)
         last = closing if index == len(plan.steps) - 1 else None
+        known = live_after if not step.makes_data_live else None
         try:
             if step.takes_exclusive_lock:
                 run_with_lock_retries(
-                    lambda step=step, last=last: _run_step(conn, step, settings, plan.view, last, started),  # type: ignore[misc]
+                    lambda step=step, last=last, known=known: _run_step(  # type: ignore[misc]
+                        conn, step, settings, plan.view, last, started, known
+                    ),
                     settings,
                     step.description,
                 )
             else:
-                _run_step(conn, step, settings, plan.view, last, started)
+                _run_step(conn, step, settings, plan.view, last, started, known)
         except psycopg.Error as exc:
             for statement in step.cleanup:
                 with contextlib.suppress(psycopg.Error):
@@ -380,6 +397,8 @@ def execute(
                 + (f" (done before it: {'; '.join(done)})" if done else "")
             ) from exc
         done.append(step.description)
+        if step.makes_data_live:
+            live_after = time.monotonic() - started
         if completed is not None and step.completes is not None:
             try:
                 completed(step.completes)

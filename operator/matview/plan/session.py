@@ -15,6 +15,7 @@ It is set with a statement rather than the ``options`` startup parameter, which 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -62,18 +63,31 @@ def configure(conn: Connection, release_advisory_locks: bool = False) -> None:
 #: DISCARD ALL without its DEALLOCATE ALL and DISCARD PLANS: everything a query can leave behind in a
 #: session (held advisory locks, settings, a role, cursors, LISTENs, temporary objects, sequence state)
 #: goes, while the engine's prepared catalog reads stay planned. Every name is qualified: until RESET ALL
-#: the search_path is whatever the user's query left. The last statement reports the prepared statements,
-#: so that one the user's query made (PREPARE through EXECUTE in a function) or removed (DEALLOCATE) is seen.
-#: The session is configured again in the same batch, before that last statement.
-_RESET = sql.SQL(
-    "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; DISCARD TEMP; DISCARD SEQUENCES; "
-    "{configure}; SELECT pg_catalog.pg_advisory_unlock_all(), "
-    "(SELECT pg_catalog.count(*) FROM pg_catalog.pg_prepared_statements p WHERE p.from_sql), "
+#: the search_path is whatever the user's query left. Each statement may also run inside a transaction, which
+#: is how a refresh's last transaction resets the session in band (``reset_in_band``).
+_RESET_STATEMENTS = (
+    sql.SQL("CLOSE ALL"),
+    sql.SQL("SET SESSION AUTHORIZATION DEFAULT"),
+    sql.SQL("RESET ALL"),
+    sql.SQL("UNLISTEN *"),
+    sql.SQL("DISCARD TEMP"),
+    sql.SQL("DISCARD SEQUENCES"),
+)
+
+#: The prepared statements, so that one the user's query made (PREPARE through EXECUTE in a function) or
+#: removed (DEALLOCATE) is seen: from SQL, and from the protocol (psycopg's own, which it must still know).
+_PREPARED_COUNTS = sql.SQL(
+    "SELECT (SELECT pg_catalog.count(*) FROM pg_catalog.pg_prepared_statements p WHERE p.from_sql), "
     "(SELECT pg_catalog.count(*) FROM pg_catalog.pg_prepared_statements p WHERE NOT p.from_sql)"
 )
 
-
-_RESETS = {with_check: _RESET.format(configure=_PIN_AND_CHECK if with_check else _PIN) for with_check in (True, False)}
+#: The reset as one message; the session is configured again (and its advisory locks released) before the count.
+_RESETS = {
+    with_check: sql.SQL("; ").join(
+        [*_RESET_STATEMENTS, (_PIN_AND_CHECK if with_check else _PIN) + _AND_UNLOCK, _PREPARED_COUNTS]
+    )
+    for with_check in (True, False)
+}
 
 
 #: What a refresh's last transaction runs instead of the reset, when the user's SQL ran only inside REFRESH
@@ -131,18 +145,47 @@ def reset(conn: Connection) -> None:
         _cleaned.discard(conn)
         return
     _exposed.discard(conn)
-    cursor = conn.execute(_RESETS[conn.info.server_version >= 140000], prepare=False)
-    row = None
-    while True:
-        if cursor.description is not None:
-            row = cursor.fetchone()
-        if not cursor.nextset():
-            break
-    assert row is not None
-    _, from_sql, from_protocol = row
-    if from_sql or from_protocol != _prepared_here(conn):
+    sent = conn.execute(_RESETS[conn.info.server_version >= 140000], prepare=False)
+    cursor = result_of(sent, len(_RESET_STATEMENTS) + 1)
+    if not _prepared_as_known(cursor.fetchone(), _prepared_here(conn)):
         conn.execute(sql.SQL("DISCARD ALL"), prepare=False)
         configure(conn)
+
+
+def _prepared_as_known(counts: tuple[Any, ...] | None, known: int | None) -> bool:
+    """The prepared statements (a row of _PREPARED_COUNTS) are exactly the known number of psycopg's own."""
+    return counts is not None and not counts[0] and known is not None and counts[1] == known
+
+
+@dataclasses.dataclass(frozen=True)
+class InBandReset:
+    """A reset queued in a transaction's message (``reset_in_band``)."""
+
+    position: int
+    """Where the prepared statements' count is in the message."""
+    prepared: int | None
+    """The statements psycopg had prepared when the message was built. Nothing in a message is prepared, but psycopg
+    forgets them all once it sees a DROP or an ALTER in the results (and deallocates them with its next statement):
+    the server's count, taken before that, is compared with what psycopg knew when the message went."""
+
+
+def reset_in_band(conn: Connection, message: Message) -> InBandReset:
+    """Queue the reset at the end of a transaction's message, after its last statement of the engine's and before
+    its COMMIT: the session is configured again and its advisory locks released. Give the count's row to
+    ``reset_in_band_committed`` once the transaction has committed. One round trip less than a reset before the
+    connection goes back, for a refresh whose user SQL ran unrestricted (a Swap's build, an incremental apply)."""
+    for statement in _RESET_STATEMENTS:
+        message.add(statement)
+    message.add(configure_statement(conn, release_advisory_locks=True))
+    return InBandReset(message.add(_PREPARED_COUNTS), _prepared_here(conn))
+
+
+def reset_in_band_committed(conn: Connection, reset: InBandReset, counts: tuple[Any, ...] | None) -> None:
+    """The transaction with ``reset_in_band`` committed: the session is clean, unless the user's query changed the
+    prepared statements (then the reset before the connection goes back does it all, DISCARD ALL included)."""
+    if _prepared_as_known(counts, reset.prepared):
+        _exposed.discard(conn)
+        _cleaned.add(conn)
 
 
 _STEP_SETTINGS = sql.SQL(
