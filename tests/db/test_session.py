@@ -206,6 +206,37 @@ def test_a_refresh_makes_few_round_trips(conn: Connection, dsn: str, tmp_path: P
     assert counter.count() == trips
 
 
+def test_a_swap_keeps_the_statements_psycopg_prepared(conn: Connection, dsn: str) -> None:
+    """A Swap renames and drops relations; psycopg would forget (and deallocate) every statement it prepared on the
+    connection when it saw those results, and the lock's inspection read would be planned again on every refresh.
+    Its messages go with psycopg's preparing off: the inspection read stays prepared, and is used."""
+    conn.execute("CREATE SCHEMA ops; CREATE TABLE ops.src AS SELECT g AS id FROM generate_series(1, 10) g")
+    swapped = view(
+        "swapped",
+        "ops",
+        schema="ops",
+        query="SELECT id FROM ops.src",
+        indexes=[{"columns": ["id"], "unique": True}],
+        refresh={"mode": "Swap"},
+    )
+    inspection = (
+        "SELECT name, generic_plans + custom_plans FROM pg_prepared_statements "
+        "WHERE NOT from_sql AND statement LIKE '%WITH RECURSIVE target AS%'"
+    )
+    with engine.connect(dsn) as lane:
+        engine.apply(lane, swapped)
+        for _ in range(6):  # psycopg prepares a statement on its fifth use
+            assert refresh(lane, swapped).result == "success"
+            session.clean_for_return(lane)
+        prepared = lane.execute(inspection).fetchall()
+        assert len(prepared) == 1, prepared
+        for _ in range(2):
+            assert refresh(lane, swapped).result == "success"
+            session.clean_for_return(lane)
+        ((name, runs),) = lane.execute(inspection).fetchall()
+        assert (name, runs) == (prepared[0][0], prepared[0][1] + 2)
+
+
 def test_a_swap_resets_the_session_in_its_last_transaction(conn: Connection, dsn: str) -> None:
     """A Swap's build runs the query unrestricted as far as the engine knows, so its session needs the whole reset:
     it comes in band, in the transaction that drops the retired copy. What the session held before (a setting, a
@@ -227,7 +258,7 @@ def test_a_swap_resets_the_session_in_its_last_transaction(conn: Connection, dsn
         lane.execute("LISTEN left_behind")
         lane.execute("CREATE TEMP TABLE left_behind (a int)")
         session.exposed(lane)  # stands for a build that left them
-        lane.execute("SELECT 1", prepare=True)  # one of psycopg's own: the Swap's DROP makes psycopg forget it
+        lane.execute("SELECT 1", prepare=True)  # one of psycopg's own, which the Swap's DROP must not lose
         result = refresh(lane, swapped)
         assert (result.result, result.mode) == ("success", "Swap"), result
         assert conn.execute("SELECT bool_and(grabbed) FROM ops.swapped").fetchone() == (True,)
