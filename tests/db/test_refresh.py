@@ -507,22 +507,22 @@ async def test_work_cancelled_while_queued_never_runs(dsn: str) -> None:
         started.set()
         release.wait(60)
 
-    busy = asyncio.create_task(refresher._in_thread(dsn, long_check, "check"))  # the lane's only thread
+    busy = asyncio.create_task(refresher.run_sync(dsn, long_check, "check"))  # the lane's only thread
     try:
         await asyncio.to_thread(started.wait, 60)
-        queued = asyncio.create_task(refresher._in_thread(dsn, lambda conn: ran.append("queued"), "check"))
-        await asyncio.sleep(0)  # submitted to the executor, behind the busy thread
+        queued = asyncio.create_task(refresher.run_sync(dsn, lambda conn: ran.append("queued"), "check"))
+        await asyncio.sleep(0)  # waiting for the lane's only slot, behind the busy work
         queued.cancel()
-        # cancel() queues the task's wake-up on the loop; one turn delivers the CancelledError, which sets the
-        # flag the thread checks. Releasing the busy thread before that turn let the queued work start first
-        # (a CI failure: ['queued', 'after']), a race of the test, not of the refresher: work already started
-        # is cancelled on the server, which this lambda never reaches.
+        # cancel() queues the task's wake-up on the loop; one turn delivers the CancelledError, which withdraws
+        # the waiting work. Releasing the busy work before that turn lets the queued work start in its thread
+        # first (a CI failure: ['queued', 'after']), a race of the test, not of the refresher: work already
+        # started is cancelled on the server, which this lambda never reaches.
         await asyncio.sleep(0)
         release.set()
         with pytest.raises(asyncio.CancelledError):
             await queued
         await busy
-        await refresher._in_thread(dsn, lambda conn: ran.append("after"), "check")  # the thread is free again
+        await refresher.run_sync(dsn, lambda conn: ran.append("after"), "check")  # the thread is free again
         assert ran == ["after"]
     finally:
         release.set()
@@ -539,7 +539,7 @@ async def test_work_cancelled_while_waiting_for_a_connection_does_not_wait_out_t
     ran: list[str] = []
     pool = refresher.pool(down, "apply")
 
-    task = asyncio.create_task(refresher._in_thread(down, lambda conn: ran.append("ran"), "apply"))
+    task = asyncio.create_task(refresher.run_sync(down, lambda conn: ran.append("ran"), "apply"))
     try:
         async with asyncio.timeout(30):  # bounds a hang only: it waits for the thread to ask the pool
             while not pool.get_stats().get("requests_waiting"):

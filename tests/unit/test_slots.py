@@ -1,10 +1,16 @@
-"""The refresh lane's slots: start at the floor, grow one at a time while work waits, never past the ceiling,
-shrink back after a quiet period, first come first served. The clock is injected; ``check`` is what the
-lane's timer calls."""
+"""The lane's slots: start at the floor, grow one at a time while work waits, never past the ceiling, shrink
+back after a quiet period, first come first served; and a job that ends starts the next waiting job in its own
+thread, without the event loop. The clock is injected; ``check`` is what the lane's timer calls. A
+``HeldThreads`` executor keeps each submitted thread's work until the test runs it, so a slot stays taken
+exactly as long as the test says."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Executor, Future, ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -19,141 +25,196 @@ class Clock:
         return self.now
 
 
+class HeldThreads(Executor):
+    """An executor whose threads start only when the test says (``run``), in the test's own thread."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        self.held.append((fn, args))
+        return Future()
+
+    def run(self) -> None:
+        """Run the oldest thread held: its job, and every job it takes over when that ends."""
+        fn, args = self.held.pop(0)
+        fn(*args)
+
+
 async def settle() -> None:
-    """Let every task woken so far run up to its next wait."""
+    """Let every callback scheduled so far run."""
     for _ in range(5):
         await asyncio.sleep(0)
 
 
-def slots(clock: Clock, floor: int = 2, ceiling: int = 4) -> Slots:
-    # Timers that would fire on their own are pushed far out: the tests call check() themselves.
-    return Slots(floor, ceiling, grow_after_seconds=1.0, shrink_after_seconds=60.0, clock=clock)
+def slots(clock: Clock, threads: Executor, floor: int = 2, ceiling: int = 4) -> Slots:
+    return Slots(floor, ceiling, grow_after_seconds=1.0, shrink_after_seconds=60.0, executor=threads, clock=clock)
+
+
+def job(result: object = None) -> Callable[[], object]:
+    return lambda: result
 
 
 async def test_a_waiter_gets_a_new_slot_once_it_has_waited_long_enough_and_not_before() -> None:
-    clock = Clock()
-    lane = slots(clock)
-    await lane.acquire()
-    await lane.acquire()
-    third = asyncio.create_task(lane.acquire())
-    await settle()
-    assert not third.done() and lane.waiting() == 1
+    clock, threads = Clock(), HeldThreads()
+    lane = slots(clock, threads)
+    lane.submit(job())
+    lane.submit(job())
+    third = lane.submit(job("third"))
+    assert lane.waiting() == 1 and len(threads.held) == 2
     clock.now += 0.5
     lane.check()
-    await settle()
-    assert not third.done() and lane.limit == 2, "half the wait is not enough"
+    assert lane.waiting() == 1 and lane.limit == 2, "half the wait is not enough"
     clock.now += 0.5
     lane.check()
-    await settle()
-    assert third.done() and lane.limit == 3 and lane.busy == 3
+    assert lane.waiting() == 0 and lane.limit == 3 and lane.busy == 3
+    threads.run()
+    threads.run()
+    threads.run()
+    assert third.result(timeout=0) == "third"
 
 
 async def test_a_refresh_overdue_in_the_scheduler_counts_its_wait_from_when_it_was_due() -> None:
     """The scheduler keeps overdue refreshes in its due-queue, not at the lane (#24), so few wait here and each
     briefly: at 10,000 views the lanes stayed at 2 of 4 while 6,000 refreshes were overdue. A waiter that says
     since when it waits earns its slot by that; one that says a future time counts from now."""
-    clock = Clock()
-    lane = slots(clock)
-    await lane.acquire()
-    await lane.acquire()
-    overdue = asyncio.create_task(lane.acquire(waiting_since=clock.now - 30))
-    await settle()
+    clock, threads = Clock(), HeldThreads()
+    lane = slots(clock, threads)
+    lane.submit(job())
+    lane.submit(job())
+    lane.submit(job(), waiting_since=clock.now - 30)
     lane.check()
-    await settle()
-    assert overdue.done() and lane.limit == 3, "due 30 s ago: the lane grows at once"
-    early = asyncio.create_task(lane.acquire(waiting_since=clock.now + 30))
-    await settle()
+    assert lane.waiting() == 0 and lane.limit == 3, "due 30 s ago: the lane grows at once"
+    lane.submit(job(), waiting_since=clock.now + 30)
     clock.now += 0.5
     lane.check()
-    await settle()
-    assert not early.done() and lane.limit == 3
+    assert lane.waiting() == 1 and lane.limit == 3
     clock.now += 0.5
     lane.check()
-    await settle()
-    assert early.done() and lane.limit == 4
+    assert lane.waiting() == 0 and lane.limit == 4
 
 
 async def test_a_long_queue_opens_one_slot_per_check_and_never_passes_the_ceiling() -> None:
-    clock = Clock()
-    lane = slots(clock, floor=1, ceiling=3)
-    await lane.acquire()
-    queued = [asyncio.create_task(lane.acquire()) for _ in range(10)]
-    await settle()
+    clock, threads = Clock(), HeldThreads()
+    lane = slots(clock, threads, floor=1, ceiling=3)
+    lane.submit(job())
+    queued = [lane.submit(job()) for _ in range(10)]
     limits = []
     for _ in range(5):
         clock.now += 1.0
         lane.check()
-        await settle()
         limits.append(lane.limit)
     assert limits == [2, 3, 3, 3, 3]
-    assert sum(task.done() for task in queued) == 2 and lane.busy == 3
-    for task in queued:
-        task.cancel()
-    await asyncio.gather(*queued, return_exceptions=True)
-    assert lane.waiting() == 0 and lane.busy == 3, "cancelled waiters took nothing"
+    assert lane.busy == 3 and lane.waiting() == 8 and len(threads.held) == 3
+    withdrawn = [lane.withdraw(future) for future in queued]
+    assert withdrawn == [False, False] + [True] * 8, "the two that got a slot are no longer waiting"
+    assert lane.waiting() == 0 and lane.busy == 3, "withdrawn waiters took nothing"
+    assert all(future.cancelled() for future in queued[2:])
 
 
-async def test_slots_are_handed_out_in_arrival_order() -> None:
-    clock = Clock()
-    lane = slots(clock, floor=1, ceiling=1)
-    await lane.acquire()
+async def test_slots_are_handed_out_in_arrival_order_and_each_ending_job_starts_the_next() -> None:
+    clock, threads = Clock(), HeldThreads()
+    lane = slots(clock, threads, floor=1, ceiling=1)
     order: list[int] = []
+    futures = [lane.submit(lambda i=i: order.append(i)) for i in range(5)]
+    assert len(threads.held) == 1 and lane.waiting() == 4
+    threads.run()  # one thread: the first job, then each that waited, in turn
+    assert order == [0, 1, 2, 3, 4]
+    assert all(future.done() for future in futures) and lane.busy == 0 and not threads.held
 
-    async def take(i: int) -> None:
-        await lane.acquire()
-        order.append(i)
 
-    waiters = [asyncio.create_task(take(i)) for i in range(4)]
-    await settle()
-    for _ in range(4):
-        lane.release()
-        await settle()
-    await asyncio.gather(*waiters)
-    assert order == [0, 1, 2, 3]
+async def test_a_job_that_fails_hands_its_error_to_its_future_and_its_slot_to_the_next() -> None:
+    clock, threads = Clock(), HeldThreads()
+    lane = slots(clock, threads, floor=1, ceiling=1)
+
+    def fails() -> None:
+        raise RuntimeError("boom")
+
+    failing = lane.submit(fails)
+    after = lane.submit(job("after"))
+    threads.run()
+    with pytest.raises(RuntimeError, match="boom"):
+        failing.result(timeout=0)
+    assert after.result(timeout=0) == "after" and lane.busy == 0
 
 
 async def test_a_grown_lane_gives_back_one_slot_per_quiet_period_down_to_its_floor() -> None:
-    clock = Clock()
-    lane = slots(clock, floor=2, ceiling=4)
-    held = 2
-    for _ in range(2):
-        await lane.acquire()
-    queued = [asyncio.create_task(lane.acquire()) for _ in range(2)]
-    await settle()
+    clock, threads = Clock(), HeldThreads()
+    lane = slots(clock, threads, floor=2, ceiling=4)
+    for _ in range(4):
+        lane.submit(job())
     for _ in range(2):
         clock.now += 1.0
         lane.check()
-        await settle()
-    assert lane.limit == 4 and all(task.done() for task in queued)
-    held += 2
-    lane.release()  # someone waited a moment ago: no shrinking yet
-    held -= 1
+    assert lane.limit == 4 and lane.waiting() == 0 and len(threads.held) == 4
+    threads.run()  # someone waited a moment ago: no shrinking yet
     assert lane.limit == 4
     clock.now += 61
-    lane.release()
-    held -= 1
+    threads.run()
     assert lane.limit == 3, "a quiet minute gives one slot back"
-    lane.release()
-    held -= 1
+    threads.run()
     assert lane.limit == 3, "the next one needs a quiet minute of its own"
     clock.now += 61
-    lane.release()
-    held -= 1
+    threads.run()
+    assert lane.limit == 2 and lane.busy == 0
     clock.now += 61
-    await lane.acquire()
-    lane.release()
-    assert held == 0 and lane.limit == 2, "never below the floor"
+    lane.submit(job())
+    threads.run()
+    assert lane.limit == 2, "never below the floor"
 
 
 async def test_the_lanes_own_timer_grows_it_without_anyone_calling_check() -> None:
-    lane = Slots(1, 2, grow_after_seconds=0.0, shrink_after_seconds=60.0)
-    await lane.acquire()
+    threads = HeldThreads()
+    lane = Slots(1, 2, grow_after_seconds=0.0, shrink_after_seconds=60.0, executor=threads)
+    lane.submit(job())
+    lane.submit(job())
     async with asyncio.timeout(30):  # bounds a hang only: the timer fires at once
-        await lane.acquire()
-    assert lane.limit == 2 and lane.busy == 2
+        while lane.waiting():
+            await asyncio.sleep(0)
+    assert lane.limit == 2 and lane.busy == 2 and len(threads.held) == 2
+
+
+async def test_a_job_that_ends_starts_the_next_in_its_thread_while_the_event_loop_is_blocked() -> None:
+    """The hand-over needs no turn of the event loop: this test holds the loop (a blocking wait) from the moment
+    the first job may end until the second has run."""
+    with ThreadPoolExecutor(2) as threads:
+        lane = Slots(1, 1, grow_after_seconds=60.0, shrink_after_seconds=60.0, executor=threads)
+        first_may_end, second_ran = threading.Event(), threading.Event()
+        ran_in: list[int] = []
+
+        def first() -> None:
+            ran_in.append(threading.get_ident())
+            assert first_may_end.wait(timeout=30)
+
+        def second() -> None:
+            ran_in.append(threading.get_ident())
+            second_ran.set()
+
+        lane.submit(first)
+        lane.submit(second)
+        assert lane.waiting() == 1
+        first_may_end.set()
+        assert second_ran.wait(timeout=30), "the second job never started while the event loop was held"
+        assert ran_in[0] == ran_in[1], "it ran in the first job's thread"
+
+
+async def test_jobs_that_no_thread_will_run_are_cancelled_not_left_waiting() -> None:
+    threads = HeldThreads()
+    lane = slots(Clock(), threads, floor=1, ceiling=1)
+    lane.submit(job())
+    waiting = lane.submit(job())
+    lane.cancel_waiting()
+    assert waiting.cancelled() and lane.waiting() == 0
+    closed = ThreadPoolExecutor(1)
+    closed.shutdown()
+    lane = Slots(1, 1, 60.0, 60.0, executor=closed)
+    refused = lane.submit(job())
+    assert refused.cancelled() and lane.busy == 0
+    with pytest.raises(CancelledError):
+        refused.result(timeout=0)
 
 
 @pytest.mark.parametrize(("floor", "ceiling"), [(0, 1), (3, 2)])
 def test_a_floor_outside_one_to_the_ceiling_is_refused(floor: int, ceiling: int) -> None:
     with pytest.raises(ValueError, match="floor"):
-        Slots(floor, ceiling, 1.0, 60.0)
+        Slots(floor, ceiling, 1.0, 60.0, executor=HeldThreads())

@@ -10,8 +10,9 @@ shutdown), and records every result in the metrics.
 
 Refreshes, applies (creates, edits, deletes) and drift checks run in separate lanes: their own threads,
 their own connection pools and their own per-database caps, so a burst of thousands of reconciles never
-delays a due refresh, a creation never waits behind drift checks, and work waits for its turn in asyncio
-rather than timing out on a pool.
+delays a due refresh, a creation never waits behind drift checks, and work waits for its turn in its lane
+rather than timing out on a pool. A lane's thread whose work ends takes the next waiting work itself
+(``slots``): the event loop only hands work in and takes results out, off the lanes' path.
 """
 
 from __future__ import annotations
@@ -72,7 +73,11 @@ class Refresher:
             ceiling = self._limit(lane)
             floor = min(self.settings.base_concurrent_per_database, ceiling) if lane == "refresh" else ceiling
             cap = self._caps[(dsn, lane)] = Slots(
-                floor, ceiling, self.settings.lane_grow_after_seconds, self.settings.lane_shrink_after_seconds
+                floor,
+                ceiling,
+                self.settings.lane_grow_after_seconds,
+                self.settings.lane_shrink_after_seconds,
+                self._executors[lane],
             )
         return cap
 
@@ -120,7 +125,9 @@ class Refresher:
         for lane in LANES:
             with self._pools_lock:
                 pool = self._pools.pop((dsn, lane), None)
-            self._caps.pop((dsn, lane), None)
+            cap = self._caps.pop((dsn, lane), None)
+            if cap is not None:
+                cap.cancel_waiting()
             if pool is not None:
                 pool.close()
 
@@ -130,14 +137,11 @@ class Refresher:
         for executor in self._executors.values():
             executor.shutdown(wait=False, cancel_futures=True)
 
-    async def run_sync(self, dsn: str, work: Callable[[Connection], Any], lane: Lane = "apply") -> Any:
-        """Run work(conn) in lane (apply, or check for drift checks), after waiting for a slot under the
-        database's cap for it; cancel its statement if the task is cancelled."""
-        async with self._cap(dsn, lane):
-            return await self._in_thread(dsn, work, lane)
-
-    async def _in_thread(self, dsn: str, work: Callable[[Connection], Any], lane: Lane) -> Any:
-        """work(conn) in a thread of lane with a pooled connection of lane (the caller holds the lane's cap)."""
+    async def run_sync(
+        self, dsn: str, work: Callable[[Connection], Any], lane: Lane = "apply", waiting_since: float | None = None
+    ) -> Any:
+        """Run work(conn) in a thread of lane with a pooled connection of lane, once a slot under the database's
+        cap for lane is free (waiting_since: see ``Slots.submit``); cancel its statement if the task is cancelled."""
         holder: dict[str, Connection] = {}
         cancelled = threading.Event()
 
@@ -153,11 +157,15 @@ class Refresher:
                 finally:
                     session.clean_for_return(conn)
 
-        future = asyncio.get_running_loop().run_in_executor(self._executors[lane], in_thread)
+        cap = self._cap(dsn, lane)
+        submitted = cap.submit(in_thread, waiting_since)
+        future = asyncio.wrap_future(submitted)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             cancelled.set()  # before reading holder: the thread either sees the flag or is seen and cancelled
+            if cap.withdraw(submitted):  # still waiting for a slot: it never runs
+                raise
             conn = holder.get("conn")
             if conn is None:
                 # Still waiting for a thread or a connection: it will never start. Not waited for: with the database
@@ -190,35 +198,36 @@ class Refresher:
         the schedule wanted it, so that start lateness counts the wait for a slot too. progress: see
         ``matview.refresh.refresh`` (it is called in the refresh's thread)."""
         started = dt.datetime.now(dt.UTC)
-        cap = self._cap(dsn, "refresh")
         # Overdue since due_at: the lane grows for the wait in the scheduler's due-queue as for its own.
         overdue = max(0.0, started.timestamp() - due_at) if due_at is not None else 0.0
-        await cap.acquire(waiting_since=time.monotonic() - overdue)
-        try:
+        name = (view.namespace, view.resource_name)
+        rebuilding: list[bool] = []
+
+        def told(step: RebuildProgress) -> None:
+            rebuilding.append(True)
+            self.metrics.rebuild_remaining(*name, step.to_rebuild - step.rebuilt)
+            if progress is not None:
+                progress(step)
+
+        def in_thread(conn: Connection) -> RefreshResult:
+            # In the lane's thread, once it holds a slot: lateness counts the wait for the slot.
             if due_at is not None:
-                self.metrics.lateness(max(0.0, dt.datetime.now(dt.UTC).timestamp() - due_at))
-            self.metrics.started(view.namespace, view.resource_name)
-            rebuilding: list[bool] = []
-
-            def told(step: RebuildProgress) -> None:  # in the refresh's thread
-                rebuilding.append(True)
-                self.metrics.rebuild_remaining(view.namespace, view.resource_name, step.to_rebuild - step.rebuilt)
-                if progress is not None:
-                    progress(step)
-
+                self.metrics.lateness(max(0.0, time.time() - due_at))
+            self.metrics.started(*name)
             try:
-                result: RefreshResult = await self._in_thread(
-                    dsn, lambda conn: refresh(conn, view, mode, force=force, progress=told), "refresh"
-                )
-            except Exception as exc:
-                result = failure_result(view, "could not get a database connection", exc, started)
+                return refresh(conn, view, mode, force=force, progress=told)
             finally:
-                self.metrics.finished(view.namespace, view.resource_name)
+                self.metrics.finished(*name)
                 if rebuilding:  # a rebuild that stopped midway has nothing left running either
-                    self.metrics.rebuild_remaining(view.namespace, view.resource_name, 0)
-        finally:
-            cap.release()
-        self.metrics.record(view.namespace, view.resource_name, result)
+                    self.metrics.rebuild_remaining(*name, 0)
+
+        try:
+            result: RefreshResult = await self.run_sync(
+                dsn, in_thread, "refresh", waiting_since=time.monotonic() - overdue
+            )
+        except Exception as exc:
+            result = failure_result(view, "could not get a database connection", exc, started)
+        self.metrics.record(*name, result)
         return result
 
     def record_failure(self, view: MaterializedView, reason: str, error: BaseException, started: dt.datetime) -> None:
