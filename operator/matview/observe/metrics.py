@@ -321,8 +321,7 @@ class RefreshMetrics:
                 self.keys_applied.labels(namespace, name)
                 self.verify_mismatches.labels(namespace, name)
         elif last_success_timestamp:
-            gauge = self.last_success.labels(namespace, name)
-            gauge.set(max(last_success_timestamp, gauge.get()))
+            self.last_success.raise_to(key, last_success_timestamp)
         if changed:
             self.interval.labels(namespace, name).set(period)
             self.timeout.labels(namespace, name).set(timeout)
@@ -330,65 +329,66 @@ class RefreshMetrics:
                 self.target_lag.labels(namespace, name).set(target_lag or 0.0)
 
     def started(self, namespace: str, name: str) -> None:
-        self.in_progress.labels(namespace, name).set(1)
+        self.in_progress.set((namespace, name), 1)
 
     def finished(self, namespace: str, name: str) -> None:
-        self.in_progress.labels(namespace, name).set(0)
+        self.in_progress.set((namespace, name), 0)
 
     def rebuild_remaining(self, namespace: str, name: str, partitions: int) -> None:
         """A running rebuild a partition at a time has this many partitions still to swap in."""
-        self.partitions_remaining.labels(namespace, name).set(partitions)
+        self.partitions_remaining.set((namespace, name), partitions)
 
     def record(self, namespace: str, name: str, result: RecordedRefresh) -> None:
         """Count one attempt and update the gauges from its outcome."""
-        self._record_incremental(namespace, name, result)
-        self._record_partitions(namespace, name, result)
+        view = (namespace, name)
+        self._record_incremental(view, result)
+        self._record_partitions(view, result)
         if result.result == Outcome.SKIPPED:
-            self.refreshes.labels(namespace, name, NO_MODE, Outcome.SKIPPED).inc()
+            self.refreshes.inc((*view, NO_MODE, Outcome.SKIPPED))
             if result.data_current:  # verified unchanged: the data is as fresh as a refresh would make it
-                self.last_success.labels(namespace, name).set(result.completed_at.timestamp())
+                self.last_success.set(view, result.completed_at.timestamp())
             return
-        self.refreshes.labels(namespace, name, result.mode, result.result).inc()
-        self.duration.labels(namespace, name, result.mode).observe(result.duration_seconds)
-        self.last_duration.labels(namespace, name).set(result.duration_seconds)
+        self.refreshes.inc((*view, result.mode, result.result))
+        self.duration.observe((*view, result.mode), result.duration_seconds)
+        self.last_duration.set(view, result.duration_seconds)
         if result.result == Outcome.SUCCESS:
-            self.last_success.labels(namespace, name).set(result.completed_at.timestamp())
+            self.last_success.set(view, result.completed_at.timestamp())
         else:
-            self.failures.labels(namespace, name, result.failure_reason or FailureReason.OTHER).inc()
+            self.failures.inc((*view, result.failure_reason or FailureReason.OTHER))
         if result.populated is not None:
-            self.populated.labels(namespace, name).set(1 if result.populated else 0)
+            self.populated.set(view, 1 if result.populated else 0)
         if result.rows is not None:
-            self.rows.labels(namespace, name).set(result.rows)
+            self.rows.set(view, result.rows)
         if result.data_version is not None:
-            self.data_version.labels(namespace, name).set(result.data_version)
+            self.data_version.set(view, result.data_version)
         if result.table_bytes is not None:
-            self.size.labels(namespace, name, "table").set(result.table_bytes)
+            self.size.set((*view, "table"), result.table_bytes)
         if result.index_bytes is not None:
-            self.size.labels(namespace, name, "indexes").set(result.index_bytes)
+            self.size.set((*view, "indexes"), result.index_bytes)
 
-    def _record_partitions(self, namespace: str, name: str, result: RecordedRefresh) -> None:
+    def _record_partitions(self, view: tuple[str, str], result: RecordedRefresh) -> None:
         work = result.partitions
         if work is None or result.result == Outcome.FAILURE:
             return
         if work.rebuilt and result.result == Outcome.SUCCESS:
-            self.partitions_rebuilt.labels(namespace, name, work.scope).inc(len(work.rebuilt))
+            self.partitions_rebuilt.inc((*view, work.scope), len(work.rebuilt))
         if work.retired:  # a skipped refresh retires too
-            self.partitions_retired.labels(namespace, name).inc(len(work.retired))
+            self.partitions_retired.inc(view, len(work.retired))
 
-    def _record_incremental(self, namespace: str, name: str, result: RecordedRefresh) -> None:
+    def _record_incremental(self, view: tuple[str, str], result: RecordedRefresh) -> None:
         if result.staleness_seconds is not None:
-            self.staleness.labels(namespace, name).set(result.staleness_seconds)
+            self.staleness.set(view, result.staleness_seconds)
         if result.change_ratio is not None:
-            self.change_ratio.labels(namespace, name).set(result.change_ratio)
+            self.change_ratio.set(view, result.change_ratio)
         if result.slot_retained_wal_bytes is not None:
-            self.slot_retained_wal.labels(namespace, name).set(result.slot_retained_wal_bytes)
+            self.slot_retained_wal.set(view, result.slot_retained_wal_bytes)
         if result.keys_applied and result.result == Outcome.SUCCESS:
-            self.keys_applied.labels(namespace, name).inc(result.keys_applied)
+            self.keys_applied.inc(view, result.keys_applied)
         verification = result.verification
         if verification is not None and not verification.inconclusive:
-            self.verify_mismatched_rows.labels(namespace, name).set(verification.mismatched_rows)
+            self.verify_mismatched_rows.set(view, verification.mismatched_rows)
             if verification.mismatched_rows:
-                self.verify_mismatches.labels(namespace, name).inc()
+                self.verify_mismatches.inc(view)
 
     def _demand_now(self) -> float:
         """The demand gauge's value, summed when a scrape reads it: kept up to date on every change instead, it

@@ -157,14 +157,54 @@ class Family:
         self._bucket_labels = [floatToGoString(bound) for bound in self.buckets]  # type: ignore[no-untyped-call]
 
     def labels(self, *values: str) -> Series:
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name}: {len(self.labelnames)} label values expected, got {len(values)}")
-        key = tuple(str(value) for value in values)
+        key = self._key(values)
         store = self._store
         with store._lock:
             column = store._column(self, key[len(ROW_LABELS) :])
             store._cell(key[: len(ROW_LABELS)], column, self.cell)
         return Series(self, key[: len(ROW_LABELS)], column)
+
+    # ``labels(*values).set(value)`` and its kin in one step: one lock and one look-up, no handle. A refresh
+    # records about ten series, after every refresh, on the event loop that hands the lanes their work.
+
+    def set(self, values: tuple[str, ...], value: float) -> None:
+        key = self._key(values)
+        with self._store._lock:
+            row, at = self._cell_of(key)
+            row[at] = float(value)
+
+    def inc(self, values: tuple[str, ...], amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError(f"{self.name}: counters only go up")
+        key = self._key(values)
+        with self._store._lock:
+            row, at = self._cell_of(key)
+            row[at] += amount
+
+    def raise_to(self, values: tuple[str, ...], value: float) -> None:
+        """Set the series to value unless it holds more already (a timestamp learnt from elsewhere)."""
+        key = self._key(values)
+        with self._store._lock:
+            row, at = self._cell_of(key)
+            row[at] = max(row[at], float(value))
+
+    def observe(self, values: tuple[str, ...], value: float) -> None:
+        key = self._key(values)
+        bucket = bisect.bisect_left(self.buckets, value)  # the first bound >= value: buckets are "le"
+        with self._store._lock:
+            row, at = self._cell_of(key)
+            row[at + bucket] += 1
+            row[at + self.cell - 1] += value
+
+    def _cell_of(self, key: tuple[str, ...]) -> tuple[array[float], int]:
+        """The series' row and cell offset, created at zero if missing; under the store's lock."""
+        store = self._store
+        return store._cell(key[: len(ROW_LABELS)], store._column(self, key[len(ROW_LABELS) :]), self.cell)
+
+    def _key(self, values: Sequence[str]) -> tuple[str, ...]:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: {len(self.labelnames)} label values expected, got {len(values)}")
+        return tuple(str(value) for value in values)
 
     def remove_by_labels(self, labels: dict[str, str]) -> None:
         """Remove every series whose labels include these."""
