@@ -10,6 +10,7 @@ import psycopg
 import pytest
 from psycopg import pq
 
+from matview.api.spec import MaterializedView
 from matview.plan import engine, session
 from matview.plan.observed import Connection
 from matview.refresh import refresh
@@ -27,6 +28,19 @@ SESSION_CHANGES = {
     "held cursor": "EXECUTE 'DECLARE kept CURSOR WITH HOLD FOR SELECT 1'",
     "discard": "EXECUTE 'DISCARD ALL'",
 }
+
+
+def view_of_ten_rows(conn: Connection, name: str, columns: str = "id", **spec: object) -> MaterializedView:
+    """A view with a unique index over a 10-row ops.src (made here): the shape these tests refresh."""
+    conn.execute("CREATE SCHEMA ops; CREATE TABLE ops.src AS SELECT g AS id FROM generate_series(1, 10) g")
+    return view(
+        name,
+        "ops",
+        schema="ops",
+        query=f"SELECT {columns} FROM ops.src",
+        indexes=[{"columns": ["id"], "unique": True}],
+        **spec,
+    )
 
 
 @pytest.mark.parametrize("change", sorted(SESSION_CHANGES))
@@ -191,10 +205,7 @@ def test_a_refresh_makes_few_round_trips(conn: Connection, dsn: str, tmp_path: P
     and the retired copy's drop with the closing and the session's reset (its duration ends at the swap). psycopg's
     own transaction() in a pipeline synced on each side of every block: 6 round trips for a Concurrent refresh, 16
     for a Swap; the reset before the connection went back made a Swap's 6th."""
-    conn.execute("CREATE SCHEMA ops; CREATE TABLE ops.src AS SELECT g AS id FROM generate_series(1, 10) g")
-    counted = view(
-        "counted", "ops", schema="ops", query="SELECT id FROM ops.src", indexes=[{"columns": ["id"], "unique": True}]
-    )
+    counted = view_of_ten_rows(conn, "counted")
     with engine.connect(dsn) as lane:
         engine.apply(lane, counted)
         session.reset(lane)
@@ -210,15 +221,7 @@ def test_a_swap_keeps_the_statements_psycopg_prepared(conn: Connection, dsn: str
     """A Swap renames and drops relations; psycopg would forget (and deallocate) every statement it prepared on the
     connection when it saw those results, and the lock's inspection read would be planned again on every refresh.
     Its messages go with psycopg's preparing off: the inspection read stays prepared, and is used."""
-    conn.execute("CREATE SCHEMA ops; CREATE TABLE ops.src AS SELECT g AS id FROM generate_series(1, 10) g")
-    swapped = view(
-        "swapped",
-        "ops",
-        schema="ops",
-        query="SELECT id FROM ops.src",
-        indexes=[{"columns": ["id"], "unique": True}],
-        refresh={"mode": "Swap"},
-    )
+    swapped = view_of_ten_rows(conn, "swapped", refresh={"mode": "Swap"})
     inspection = (
         "SELECT name, generic_plans + custom_plans FROM pg_prepared_statements "
         "WHERE NOT from_sql AND statement LIKE '%WITH RECURSIVE target AS%'"
@@ -242,14 +245,8 @@ def test_a_swap_resets_the_session_in_its_last_transaction(conn: Connection, dsn
     it comes in band, in the transaction that drops the retired copy. What the session held before (a setting, a
     LISTEN, a temporary table, an advisory lock the query took) is gone when the refresh returns, the search_path
     is the engine's, and the reset before the connection goes back sends nothing."""
-    conn.execute("CREATE SCHEMA ops; CREATE TABLE ops.src AS SELECT g AS id FROM generate_series(1, 10) g")
-    swapped = view(
-        "swapped",
-        "ops",
-        schema="ops",
-        query="SELECT id, pg_try_advisory_lock(4545::bigint) AS grabbed FROM ops.src",
-        indexes=[{"columns": ["id"], "unique": True}],
-        refresh={"mode": "Swap"},
+    swapped = view_of_ten_rows(
+        conn, "swapped", "id, pg_try_advisory_lock(4545::bigint) AS grabbed", refresh={"mode": "Swap"}
     )
     with engine.connect(dsn) as lane:
         engine.apply(lane, swapped)

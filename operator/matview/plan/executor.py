@@ -345,7 +345,8 @@ def _run_step(
     except BaseException:
         session.roll_back(conn)
         raise
-    if closing is not None and read_at is not None:
+    if closing is not None:
+        assert read_at is not None  # queued with the closing
         read_row = session.result_of(sent, read_at).fetchone()
         if in_band_reset is not None:
             counts = session.result_of(sent, in_band_reset.position - read_at).fetchone()
