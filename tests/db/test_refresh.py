@@ -608,3 +608,45 @@ async def test_a_first_refresh_never_waits_behind_applies_to_learn_what_it_reads
             assert not queued.done(), "the second apply still waits for the apply lane"
     finally:
         refresher.close()
+
+
+async def test_a_refresh_waiting_for_its_lane_counts_as_late_and_in_progress_only_while_it_runs(
+    db: Connection, dsn: str
+) -> None:
+    """A lane of one slot, a refresh held in it (its query waits for an advisory lock the test holds) and a second
+    one due 30 s ago behind it: the second is in progress only once its lane's thread starts it (the gauge says 0
+    while it waits), and its start lateness counts the wait for the slot as well as the 30 s."""
+    held = mv(
+        "held",
+        query="SELECT kind, count(*) AS n FROM ops.events, (SELECT pg_advisory_xact_lock_shared(4646)) s GROUP BY kind",
+    )
+    behind = mv("behind")
+    for v in (held, behind):
+        engine.apply(db, v)
+    metrics = RefreshMetrics()
+    refresher = Refresher(metrics, RunnerSettings(max_concurrent_per_database=1, base_concurrent_per_database=1))
+
+    def in_progress(v: MaterializedView) -> float | None:
+        return metrics.registry.get_sample_value(
+            "matview_refresh_in_progress", {"namespace": v.namespace, "name": v.resource_name}
+        )
+
+    db.execute("SELECT pg_advisory_lock(4646)")
+    try:
+        first = asyncio.create_task(refresher.refresh(dsn, held, "Full"))
+        async with asyncio.timeout(30):  # bounds a hang only: the gauge turns 1 when the lane's thread starts it
+            while in_progress(held) != 1:
+                await asyncio.sleep(0.01)
+        second = asyncio.create_task(refresher.refresh(dsn, behind, "Full", due_at=time.time() - 30))
+        await asyncio.sleep(0)
+        assert refresher.waiting() == 1 and in_progress(behind) in (None, 0.0), "waiting is not in progress"
+        db.execute("SELECT pg_advisory_unlock(4646)")
+        results = await asyncio.gather(first, second)
+    finally:
+        db.execute("SELECT pg_advisory_unlock_all()")
+        refresher.close()
+    assert [r.result for r in results] == ["success", "success"], results
+    assert in_progress(held) == 0 and in_progress(behind) == 0
+    count = metrics.registry.get_sample_value("matview_refresh_start_lateness_seconds_count")
+    late = metrics.registry.get_sample_value("matview_refresh_start_lateness_seconds_sum")
+    assert count == 1 and late is not None and late >= 30, (count, late)
