@@ -159,23 +159,22 @@ class Refresher:
 
         cap = self._cap(dsn, lane)
         submitted = cap.submit(in_thread, waiting_since)
-        future = asyncio.wrap_future(submitted)
         try:
-            return await asyncio.shield(future)
+            # Not shielded: cancelling the task cancels the job too if it still waits for its slot (it never runs).
+            return await asyncio.wrap_future(submitted)
         except asyncio.CancelledError:
             cancelled.set()  # before reading holder: the thread either sees the flag or is seen and cancelled
-            if cap.withdraw(submitted):  # still waiting for a slot: it never runs
+            if cap.withdraw(submitted) or submitted.cancelled():  # it waited for a slot: it never runs
                 raise
             conn = holder.get("conn")
             if conn is None:
-                # Still waiting for a thread or a connection: it will never start. Not waited for: with the database
-                # down, the pool's wait lasts its whole timeout (SIGTERM took 8.5 s to exit); closing the pool ends it.
-                future.add_done_callback(_retrieve)
+                # Still waiting for a connection: it will never start. Not waited for: with the database down, the
+                # pool's wait lasts its whole timeout (SIGTERM took 8.5 s to exit); closing the pool ends it.
                 raise
             with contextlib.suppress(Exception):
                 conn.cancel_safe(timeout=5)
             with contextlib.suppress(Exception):
-                await future
+                await asyncio.wrap_future(submitted)  # its statement cancelled: until the thread is done with it
             raise
 
     async def reads(self, dsn: str, view: MaterializedView) -> frozenset[Relation]:
@@ -233,12 +232,6 @@ class Refresher:
     def record_failure(self, view: MaterializedView, reason: str, error: BaseException, started: dt.datetime) -> None:
         """Count a failure outside a refresh (an apply), so failure alerts see it."""
         self.metrics.record(view.namespace, view.resource_name, failure_result(view, reason, error, started))
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Read the outcome of work nobody awaits any more (asyncio would log it as never retrieved)."""
-    if not future.cancelled():
-        future.exception()
 
 
 def failure_result(view: MaterializedView, reason: str, error: BaseException, started: dt.datetime) -> RefreshResult:
