@@ -158,11 +158,9 @@ class Family:
 
     def labels(self, *values: str) -> Series:
         key = self._key(values)
-        store = self._store
-        with store._lock:
-            column = store._column(self, key[len(ROW_LABELS) :])
-            store._cell(key[: len(ROW_LABELS)], column, self.cell)
-        return Series(self, key[: len(ROW_LABELS)], column)
+        with self._store._lock:
+            self._cell_of(key)
+        return Series(self, key)
 
     # ``labels(*values).set(value)`` and its kin in one step: one lock and one look-up, no handle. A refresh
     # records about ten series, after every refresh, on the event loop that hands the lanes their work.
@@ -232,40 +230,30 @@ class Family:
 
 
 class Series:
-    """One series of a family (a short-lived handle: the numbers live in the family's rows). A series removed
-    since the handle was taken comes back (at zero) when the handle changes it."""
+    """One series of a family (a short-lived handle: the numbers live in the family's rows; its changes are the
+    family's one-step ones). A series removed since the handle was taken comes back (at zero) when the handle
+    changes it."""
 
-    __slots__ = ("column", "family", "row_key")
+    __slots__ = ("family", "key")
 
-    def __init__(self, family: Family, row_key: tuple[str, ...], column: int) -> None:
-        self.family, self.row_key, self.column = family, row_key, column
+    def __init__(self, family: Family, key: tuple[str, ...]) -> None:
+        self.family, self.key = family, key
 
     def inc(self, amount: float = 1.0) -> None:
-        if amount < 0:
-            raise ValueError(f"{self.family.name}: counters only go up")
-        store = self.family._store
-        with store._lock:
-            row, at = store._cell(self.row_key, self.column, self.family.cell)
-            row[at] += amount
+        self.family.inc(self.key, amount)
 
     def set(self, value: float) -> None:
-        store = self.family._store
-        with store._lock:
-            row, at = store._cell(self.row_key, self.column, self.family.cell)
-            row[at] = float(value)
-
-    def get(self) -> float:
-        store = self.family._store
-        with store._lock:
-            row = store._rows.get(self.row_key)
-            if row is None or not store._has(row, self.column):
-                return 0.0
-            return row[store._offsets[self.column]]
+        self.family.set(self.key, value)
 
     def observe(self, value: float) -> None:
+        self.family.observe(self.key, value)
+
+    def get(self) -> float:
         family = self.family
-        bucket = bisect.bisect_left(family.buckets, value)  # the first bound >= value: buckets are "le"
-        with family._store._lock:
-            row, at = family._store._cell(self.row_key, self.column, family.cell)
-            row[at + bucket] += 1
-            row[at + family.cell - 1] += value
+        store = family._store
+        with store._lock:
+            row = store._rows.get(self.key[: len(ROW_LABELS)])
+            column = store._columns.get((family, self.key[len(ROW_LABELS) :]))
+            if row is None or column is None or not store._has(row, column):
+                return 0.0
+            return row[store._offsets[column]]
