@@ -20,7 +20,7 @@
    machine's slow and fast spells fall on all three alike; one after the other, the ratio moved from x0.42 to
    x0.59 between sittings.
 
-    python benchmarks/overhead.py [--dsn DSN] [--repeat 200] [--views 400] [--seconds 40] [--rounds 4]
+    python benchmarks/overhead.py [--dsn DSN] [--durable] [--repeat 200] [--views 400] [--seconds 40] [--rounds 4]
 
 Prints tables; no assertions (these machines are noisy): read the ratios.
 """
@@ -471,8 +471,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=40, help="throughput: seconds for each of the three, in all")
     parser.add_argument("--rounds", type=int, default=4, help="throughput: turns the three take")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument(
+        "--durable",
+        action="store_true",
+        help="the private server with fsync and synchronous_commit on, as in production",
+    )
     args = parser.parse_args()
-    with bench_database(args.dsn) as dsn:
+    with bench_database(args.dsn, durable=args.durable) as dsn:
         (view,) = create_views(dsn, ["single"])
         refresher = Refresher(RefreshMetrics(), RunnerSettings())
         try:
