@@ -12,7 +12,9 @@ of them alike, and ``pgbench -r`` reports each statement's mean latency. The tab
 - ``shipped``: what ``engine.apply`` installs today, for a real incremental view over that table;
 - ``logical``: the same view with ``capture: LogicalDecoding`` (the table in a publication, a slot, and
   ``REPLICA IDENTITY FULL``, since the view's key is not the table's primary key); nothing runs in the
-  writer's transaction, so what it costs is the larger WAL of FULL.
+  writer's transaction, so what it costs is the larger WAL of FULL;
+- ``appendonly``: the shipped capture with the table declared append-only by its id: its INSERTs fire no
+  trigger (each refresh reads them by range), its UPDATEs are captured as in ``shipped``.
 
 The server runs with ``wal_level = logical`` for every table (the baseline included): what that level
 itself adds to the WAL is a server-wide cost, not measured here.
@@ -109,8 +111,9 @@ def _hand_made(conn: psycopg.Connection[Any], table: str, body: Callable[[str, s
         )
 
 
-def _shipped(conn: psycopg.Connection[Any], table: str, capture: str = "Triggers") -> None:
-    """An incremental view over bench.<table>, applied by the engine: its capture is what ships."""
+def _shipped(conn: psycopg.Connection[Any], table: str, capture: str = "Triggers", append_only: bool = False) -> None:
+    """An incremental view over bench.<table>, applied by the engine: its capture is what ships (append_only:
+    the table declared append-only by its id, so its INSERTs fire no trigger)."""
     if capture == "LogicalDecoding":
         conn.execute(f"ALTER TABLE bench.{table} REPLICA IDENTITY FULL")
     document = {
@@ -125,7 +128,13 @@ def _shipped(conn: psycopg.Connection[Any], table: str, capture: str = "Triggers
             "indexes": [{"columns": ["driver_id"], "unique": True}],
             "incremental": {
                 "keyColumns": ["driver_id"],
-                "sources": [{"table": f"bench.{table}", "columns": ["driver_id"]}],
+                "sources": [
+                    {
+                        "table": f"bench.{table}",
+                        "columns": ["driver_id"],
+                        **({"appendOnly": {"column": "id"}} if append_only else {}),
+                    }
+                ],
                 "capture": capture,
             },
             "refresh": {"interval": "1h"},
@@ -146,6 +155,7 @@ VARIANTS: dict[str, Callable[[psycopg.Connection[Any], str], None]] = {
     "format5": lambda conn, table: _hand_made(conn, table, _format5_body),
     "shipped": _shipped,
     "logical": lambda conn, table: _shipped(conn, table, "LogicalDecoding"),
+    "appendonly": lambda conn, table: _shipped(conn, table, append_only=True),
 }
 
 

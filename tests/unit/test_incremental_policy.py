@@ -349,3 +349,14 @@ def test_a_query_sliced_once_gives_each_period_the_rewrite_made_for_that_period(
     for bad in ("2026-01-05' OR true --", "now()"):
         with pytest.raises(ValueError, match="not a period bound"):
             slices.query(bad, "2026-01-12 00:00:00+00")
+
+
+def test_watermarks_survive_the_marker_and_anything_malformed_is_as_if_never_recorded() -> None:
+    state = RefreshState(watermarks={'"ops"."trips"': 41, '"ops"."empty"': None})
+    assert RefreshState.from_marker(state.to_marker()).watermarks == state.watermarks
+    after = state.after_success("Incremental", 0.1, dt.datetime(2026, 12, 6, tzinfo=dt.UTC), None, keys=3)
+    assert after.watermarks == state.watermarks  # a success that read no range keeps them
+    hand_written = {"watermarks": {"a": 7, "b": None, "c": "8", "d": True, "e": 1.5, "f": [1]}}
+    assert RefreshState.from_marker(hand_written).watermarks == {"a": 7, "b": None}
+    assert RefreshState.from_marker({"watermarks": ["a", 7]}).watermarks == {}
+    assert "watermarks" not in RefreshState().to_marker()

@@ -12,7 +12,7 @@ import enum
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from matview.api.sqltext import CheckedSQL
 from matview.constants import MAX_IDENTIFIER_BYTES
@@ -184,6 +184,10 @@ class KeySource:
     schema: str
     table: str
     columns: tuple[str, ...]
+    append_only_column: str | None = None
+    """Declared append-only (``appendOnly.column``): new rows come by INSERT with this integer column increasing
+    (an identity or serial column), so INSERTs are not captured; each refresh reads the rows above the last
+    one's watermark instead (``refresh.ranges``). UPDATE, DELETE and TRUNCATE are still captured."""
 
     @property
     def relation(self) -> tuple[str, str]:
@@ -219,7 +223,9 @@ class IncrementalSpec:
     @property
     def digest(self) -> str:
         """Identifies the declaration: a change rebuilds the view and re-installs change capture."""
-        shape = [list(self.key_columns), [[s.schema, s.table, list(s.columns)] for s in self.sources]]
+        shape: list[Any] = [list(self.key_columns), [[s.schema, s.table, list(s.columns)] for s in self.sources]]
+        if any(s.append_only_column for s in self.sources):  # declarations without one keep their digest
+            shape.append([s.append_only_column for s in self.sources])
         return hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:12]
 
 

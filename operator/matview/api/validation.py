@@ -293,9 +293,30 @@ def _incremental(
         if len(columns) != len(keys):
             errors.append(FieldError(f"{where}.columns", f"names {len(columns)} column(s); keyColumns has {len(keys)}"))
         table = _source_table(source, where, [s.relation for s in sources], errors)
+        append_only = source.get("appendOnly")
+        append_only_column = None
+        if append_only is not None:
+            append_only_column = str(append_only.get("column", ""))
+            check_identifier(append_only_column, f"{where}.appendOnly.column", errors)
         if table is not None:
-            sources.append(KeySource(table[0], table[1], columns))
+            sources.append(KeySource(table[0], table[1], columns, append_only_column))
     method = CaptureMethod(raw.get("capture", CaptureMethod.TRIGGERS))
+    appended = [i for i, source in enumerate(raw.get("sources", [])) if source.get("appendOnly") is not None]
+    if appended and method == CaptureMethod.LOGICAL_DECODING:
+        errors.append(
+            FieldError(
+                f"{path}.sources[{appended[0]}].appendOnly",
+                "needs capture Triggers: logical decoding already costs a writer nothing",
+            )
+        )
+    if appended and raw.get("liveView"):
+        errors.append(
+            FieldError(
+                f"{path}.sources[{appended[0]}].appendOnly",
+                "cannot be combined with liveView: the live view reads the change log, and rows appended since the "
+                "last refresh are read from the table only by the next refresh",
+            )
+        )
     if method == CaptureMethod.LOGICAL_DECODING and raw.get("liveView"):
         errors.append(
             FieldError(

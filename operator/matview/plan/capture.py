@@ -22,7 +22,7 @@ from psycopg import sql
 
 from matview import comparisons
 from matview.api import sqltext
-from matview.api.spec import CaptureMethod, MaterializedView, truncate_utf8
+from matview.api.spec import CaptureMethod, KeySource, MaterializedView, truncate_utf8
 from matview.constants import MAX_IDENTIFIER_BYTES
 from matview.plan.marker import Marker
 
@@ -91,9 +91,18 @@ def functions(view: MaterializedView) -> dict[str, str]:
         return {}
     wanted = {function_name(view, None, "TRUNCATE"): _truncate_body(view)}
     for index, source in enumerate(view.incremental.sources):
-        for operation in ("INSERT", "UPDATE", "DELETE"):
-            wanted[function_name(view, index, operation)] = _function_body(view, source.columns, operation)
+        for operation in captured_operations(source):
+            if operation != "TRUNCATE":
+                wanted[function_name(view, index, operation)] = _function_body(view, source.columns, operation)
     return wanted
+
+
+def captured_operations(source: KeySource) -> tuple[str, ...]:
+    """The operations whose triggers capture source's writes: all four, but an append-only source's INSERTs,
+    which a refresh reads by range instead (refresh/ranges.py), cost its writers nothing."""
+    if source.append_only_column is not None:
+        return ("UPDATE", "DELETE", "TRUNCATE")
+    return ("INSERT", "UPDATE", "DELETE", "TRUNCATE")
 
 
 def function_candidates(view: MaterializedView) -> list[str]:
@@ -102,12 +111,14 @@ def function_candidates(view: MaterializedView) -> list[str]:
 
 
 def trigger_calls(view: MaterializedView, relation: tuple[str, str]) -> dict[str, str]:
-    """Trigger name → the capture function it must call, on the declared source relation."""
+    """Trigger name → the capture function it must call, on the declared source relation: exactly the triggers
+    it must have."""
     assert view.incremental is not None
-    index = next(i for i, source in enumerate(view.incremental.sources) if source.relation == relation)
+    index, source = next((i, s) for i, s in enumerate(view.incremental.sources) if s.relation == relation)
+    names = trigger_names(view)
     return {
-        name: function_name(view, None if operation == "TRUNCATE" else index, operation)
-        for operation, name in trigger_names(view).items()
+        names[operation]: function_name(view, None if operation == "TRUNCATE" else index, operation)
+        for operation in captured_operations(source)
     }
 
 
@@ -317,6 +328,8 @@ def create_trigger_statements(view: MaterializedView, schema: str, table: str) -
     calls = trigger_calls(view, (schema, table))
     statements = []
     for operation, name in trigger_names(view).items():
+        if name not in calls:
+            continue
         call = sql.SQL("EXECUTE FUNCTION {}()").format(sql.Identifier(view.schema, calls[name]))
         referencing = {
             "INSERT": sql.SQL(" REFERENCING NEW TABLE AS {}").format(sql.Identifier(_NEW_ROWS)),

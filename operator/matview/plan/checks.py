@@ -168,6 +168,10 @@ def check_incremental(view: MaterializedView, observed: Observed) -> list[FieldE
             problem = _key_type_problem(view, observed, table, j, column)
             if problem:
                 errors.append(FieldError(f"{where}.columns[{j}]", problem))
+        if source.append_only_column is not None:
+            problem = _append_only_problem(table, source.append_only_column, label)
+            if problem:
+                errors.append(FieldError(f"{where}.appendOnly.column", problem))
         if read is not None and source.relation not in read:
             errors.append(
                 FieldError(f"{where}.table", f"{label} is not read by the query (directly or through plain views)")
@@ -188,6 +192,23 @@ def check_incremental(view: MaterializedView, observed: Observed) -> list[FieldE
                 )
             )
     return errors
+
+
+#: smallint, integer, bigint: what an identity or serial column is, and what the watermark is kept as (an int).
+_APPEND_ONLY_TYPES = frozenset({21, 23, 20})
+
+
+def _append_only_problem(table: TableState, column: str, label: str) -> str:
+    """Why column cannot be an append-only source's increasing column."""
+    if column not in table.columns:
+        return f"column {column!r} does not exist in {label}"
+    if table.column_types and table.column_types[table.columns.index(column)][0] not in _APPEND_ONLY_TYPES:
+        found = table.column_types[table.columns.index(column)][2]
+        return (
+            f"column {column!r} is {found}; an append-only source is read by ranges of an integer column that each "
+            "INSERT assigns increasing values (an identity or serial column): smallint, integer or bigint"
+        )
+    return ""
 
 
 def _key_type_problem(view: MaterializedView, observed: Observed, table: TableState, position: int, column: str) -> str:

@@ -49,7 +49,6 @@ def converge_capture(view: MaterializedView, observed: Observed, reasons: list[s
         return removal
     steps: list[Step] = []
     wanted = {source.relation: source for source in view.incremental.sources}
-    names = capture.trigger_names(view)
     log_label = f"relation {view.schema}.{capture.changes_name(view)}"
     if state.changes_exists and not is_ours(view, observed, state.changes, state.changes_owner):
         raise UnmanagedObjectError(not_ours(log_label, state.changes, state.changes_owner))
@@ -94,7 +93,7 @@ def converge_capture(view: MaterializedView, observed: Observed, reasons: list[s
     for relation in sorted(wanted):
         found = existing.get(relation, {})
         calls = capture.trigger_calls(view, relation)
-        if set(found) == set(names.values()) and all(t.enabled and t.function == calls[n] for n, t in found.items()):
+        if set(found) == set(calls) and all(t.enabled and t.function == calls[n] for n, t in found.items()):
             continue
         label = f"{relation[0]}.{relation[1]}"
         install += capture.drop_trigger_statements(*relation, list(found))

@@ -35,7 +35,7 @@ from matview.plan.rebuild import (
 )
 from matview.plan.statements import Plan, Query, Step
 from matview.plan.upstream import resolve_relations
-from matview.refresh import drain, facts, policy, verify
+from matview.refresh import drain, facts, policy, ranges, verify
 from matview.refresh.facts import ViewSize, view_size
 from matview.refresh.policy import Inspection, RefreshState
 
@@ -142,7 +142,15 @@ def refresh(
             if decoding.uses_decoding(view) and lock.read_row is not None:
                 # The slot's changes into the log, then decide.
                 slot_bytes = {"slot_retained_wal_bytes": drain.drain(conn, view, settings)}
+            watermarks = None
+            if ranges.append_only_sources(view) and lock.read_row is not None:
+                # The rows appended since the last refresh into the log, then decide.
+                recorded = facts.marked_state(view, lock.read_row)
+                if recorded is not None:
+                    watermarks = ranges.drain(conn, view, settings, recorded.watermarks)
             inspection = facts.inspected(conn, view, lock.read_row)
+            if watermarks is not None:
+                inspection = dataclasses.replace(inspection, watermarks=watermarks)
             decision = policy.decide(view, inspection, mode, force, started)
             incremental = _incremental_facts(view, inspection, started)
             if isinstance(decision, policy.Skip):
@@ -431,6 +439,8 @@ def _marker(
     )
     if verified_at is not None:
         state = dataclasses.replace(state, last_verified=verified_at)
+    if inspection.watermarks is not None:
+        state = dataclasses.replace(state, watermarks=inspection.watermarks)
     digest = (
         view.definition_digest if mode == RefreshMode.SWAP else (inspection.marker.digest if inspection.marker else "")
     )

@@ -149,6 +149,19 @@ def inspect(conn: Connection, view: MaterializedView) -> Inspection:
     return inspected(conn, view, conn.execute(*inspection_query(view)).fetchone())
 
 
+def marked_state(view: MaterializedView, row: tuple[Any, ...]) -> RefreshState | None:
+    """The refresh state in the marker of inspection_query's row, by the rules ``inspected`` applies (a comment
+    proves nothing on an object no trusted role owns); None unless the view is ours and, for an incremental
+    view, its change log is there: nothing may be written for a view that is not."""
+    comment, trusted_owner, copies = row[2], row[5], row[6]
+    marker = Marker.parse(comment) if trusted_owner else None
+    if marker is None or marker.owner != view.owner or marker.kind != "view":
+        return None
+    if view.incremental is not None and capture.changes_name(view) not in {name for name, _, _ in copies}:
+        return None
+    return RefreshState.from_marker(marker.state)
+
+
 def inspected(conn: Connection, view: MaterializedView, row: tuple[Any, ...] | None) -> Inspection:
     """inspect, from the row of inspection_query already read (None: the view does not exist); what the row
     does not hold (dependents when there are some, a table's sources, pending changes) is read here."""

@@ -63,6 +63,9 @@ class RefreshState:
     """The latest incremental refreshes as (changed keys, seconds), oldest first: Auto's cost per key."""
     measured_at: dict[str, int] = field(default_factory=dict)
     """Per mode, the value of runs when it was last measured: Auto re-measures only what has gone stale."""
+    watermarks: dict[str, int | None] = field(default_factory=dict)
+    """Per append-only source (refresh.ranges.source_label): the largest value of its increasing column that
+    the data holds every row up to (None: the table had no rows). A source missing here has none yet."""
 
     @classmethod
     def from_marker(cls, data: dict[str, Any]) -> RefreshState:
@@ -80,6 +83,7 @@ class RefreshState:
             measured_at={str(k): v for k, v in measured_at.items() if isinstance(v, int) and not isinstance(v, bool)}
             if isinstance(measured_at := data.get("measuredAt"), dict)
             else {},
+            watermarks=_watermarks(data.get("watermarks")),
         )
 
     def to_marker(self) -> dict[str, Any]:
@@ -99,6 +103,8 @@ class RefreshState:
             data["measuredAt"] = dict(sorted(self.measured_at.items()))
         if self.incremental_samples:
             data["incrementalSamples"] = [[keys, round(seconds, 5)] for keys, seconds in self.incremental_samples]
+        if self.watermarks:
+            data["watermarks"] = dict(sorted(self.watermarks.items()))
         return data
 
     def after_success(
@@ -136,6 +142,18 @@ class RefreshState:
     def measured_long_ago(self, mode: str) -> bool:
         """mode's last measurement is EXPLORE_EVERY refreshes old or more (or it was never measured)."""
         return self.runs - self.measured_at.get(mode, -EXPLORE_EVERY) >= EXPLORE_EVERY
+
+
+def _watermarks(raw: Any) -> dict[str, int | None]:
+    """watermarks from a marker: only integers (or null) by name; anything else is as if never recorded, which
+    costs a full rebuild, never a row."""
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        str(label): value
+        for label, value in raw.items()
+        if value is None or (isinstance(value, int) and not isinstance(value, bool))
+    }
 
 
 def _samples(raw: Any) -> tuple[tuple[int, float], ...]:
@@ -197,6 +215,9 @@ class Inspection:
     """The change log (incremental views; None when it does not exist)."""
     untracked_version: str | None = None
     estimated_rows: int | None = None
+    watermarks: dict[str, int | None] | None = None
+    """What this refresh's range drain read its append-only sources up to (refresh.ranges): recorded with its
+    success (None: no drain ran, the recorded watermarks stay)."""
 
     @property
     def state(self) -> RefreshState:

@@ -1,0 +1,186 @@
+"""Read an incremental view's append-only sources by range into its change log, before a refresh decides.
+
+A source declared ``appendOnly`` has no INSERT trigger: its writers pay nothing for their INSERTs (issue #23).
+Its new rows are the rows above the watermark the last successful refresh recorded in the view's marker, up
+to the column's largest value now. Taking that upper bound is only safe once no writer can still commit a row
+below it: a row whose value was assigned before the largest one became visible was inserted by a transaction
+that held the table's ROW EXCLUSIVE lock when the bound was read, so the drain waits for every such holder to
+end (as pg_incremental does; CREATE INDEX CONCURRENTLY waits the same way), and only then reads the range.
+
+The range's keys go into the change log like a trigger's, in one transaction; the refresh that follows claims
+them with the rest. The new watermark goes into the view's marker with that refresh's state, so a refresh that
+fails leaves the old one and the next drain reads the same rows again: keys written twice are recomputed to the
+same rows. Without a watermark yet (the first refresh after capture was installed), the drain requests a full
+rebuild, whose snapshot holds every row up to the bound.
+
+Runs under the view's lock, as the role that builds the view (spec.runAsRole): the rows it reads are the rows
+the query may read. Every name it sends is schema-qualified, every operator pg_catalog's: a writer's planted
+``max`` or ``>`` never runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+from psycopg import sql
+
+from matview.api.spec import KeySource, MaterializedView
+from matview.errors import MatviewError
+from matview.plan import capture, session
+from matview.plan.executor import ExecutionSettings
+from matview.plan.observed import Connection
+
+#: Why a refresh rebuilds in full when an append-only source has no watermark yet.
+NO_WATERMARK = "an append-only source has no watermark yet"
+
+_SET_TIMEOUT = sql.SQL("SELECT pg_catalog.set_config('statement_timeout', %s, true)")
+
+# The bound (a snapshot taken when the statement starts) and, read after it, the sessions holding the table's
+# ROW EXCLUSIVE lock: every writer that could still commit a row at or below the bound is one of them.
+_BOUND_AND_WRITERS = sql.SQL("""
+SELECT (SELECT pg_catalog.max(s.{column}) FROM {table} AS s),
+       ARRAY(SELECT l.virtualtransaction FROM pg_catalog.pg_locks AS l
+             WHERE l.locktype OPERATOR(pg_catalog.=) 'relation'
+               AND l.database OPERATOR(pg_catalog.=) (
+                     SELECT d.oid FROM pg_catalog.pg_database AS d
+                     WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database())
+               AND l.relation OPERATOR(pg_catalog.=) pg_catalog.to_regclass(%(table)s)
+               AND l.mode OPERATOR(pg_catalog.=) 'RowExclusiveLock'
+               AND l.granted
+               AND l.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid())
+""")
+
+# A transaction keeps its locks until it ends (a prepared one, until COMMIT PREPARED): while any lock of it is
+# listed, it may still commit rows.
+_STILL_RUNNING = sql.SQL("""
+SELECT pg_catalog.array_agg(DISTINCT l.virtualtransaction) FROM pg_catalog.pg_locks AS l
+WHERE l.virtualtransaction OPERATOR(pg_catalog.=) ANY(%s::pg_catalog.text[])
+""")
+
+#: The first pause between two looks at the writers in flight; doubled up to the last.
+_FIRST_PAUSE_SECONDS, _LAST_PAUSE_SECONDS = 0.002, 0.05
+
+
+class WritersInFlight(MatviewError):
+    """Writers of an append-only source were still in flight when the wait for them ran out."""
+
+
+def append_only_sources(view: MaterializedView) -> list[KeySource]:
+    if view.incremental is None:
+        return []
+    return [source for source in view.incremental.sources if source.append_only_column is not None]
+
+
+def source_label(source: KeySource) -> str:
+    """A source's key in the marker's watermarks: its quoted qualified name (``"a.b"."c"``, not ``"a"."b.c"``)."""
+    return ".".join('"' + part.replace('"', '""') + '"' for part in source.relation)
+
+
+def drain(
+    conn: Connection,
+    view: MaterializedView,
+    settings: ExecutionSettings,
+    watermarks: Mapping[str, int | None],
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, int | None]:
+    """Write the keys of the rows appended to each append-only source since watermarks into the change log
+    (the caller holds the view's lock); return the watermarks to record with the refresh's success (None for a
+    source with no rows: every row it will have is new)."""
+    sources = append_only_sources(view)
+    bounds: dict[str, int | None] = {}
+    writers: dict[str, list[str]] = {}
+    with session.one_batch(conn), session.transaction_in_batch(conn):
+        _act_as_builder(conn, view, settings)
+        cursors = {
+            source_label(source): conn.execute(
+                _BOUND_AND_WRITERS.format(
+                    column=sql.Identifier(source.append_only_column or ""), table=sql.Identifier(*source.relation)
+                ),
+                {"table": sql.Identifier(*source.relation).as_string(conn)},
+            )
+            for source in sources
+        }
+    for label, cursor in cursors.items():
+        row = cursor.fetchone()
+        assert row is not None
+        bounds[label] = int(row[0]) if row[0] is not None else None
+        writers[label] = [str(v) for v in row[1]]
+    _wait_for(conn, view, writers, settings.lock_timeout_seconds, sleep)
+    unknown = [label for label in bounds if label not in watermarks]
+    with session.one_batch(conn), session.transaction_in_batch(conn):
+        _act_as_builder(conn, view, settings)
+        for source in sources:
+            label = source_label(source)
+            if label in watermarks and bounds[label] is not None:
+                statement, parameters = _range_keys(view, source, watermarks[label], bounds[label])
+                conn.execute(statement, parameters)
+        if unknown:
+            conn.execute(capture.request_full_rebuild(view, NO_WATERMARK))
+    return bounds
+
+
+def _act_as_builder(conn: Connection, view: MaterializedView, settings: ExecutionSettings) -> None:
+    session.exposed(conn)  # the source's row security policies may run the builder's functions
+    role = session.query_role_statement(view)
+    if role is not None:
+        conn.execute(role)
+    conn.execute(_SET_TIMEOUT, (f"{int(settings.statement_timeout_seconds * 1000)}ms",))
+
+
+def _range_keys(
+    view: MaterializedView, source: KeySource, after: int | None, upto: int | None
+) -> tuple[sql.Composed, dict[str, int | None]]:
+    """One log row holding the keys of source's rows in (after, upto] (after None: every row up to upto);
+    nothing when there are none. Keys with a NULL part go in as they are: the log's rule for them (a full
+    rebuild) applies."""
+    assert view.incremental is not None
+    column = sql.Identifier("s", source.append_only_column or "")
+    keys = view.incremental.key_columns
+    lower = (
+        sql.SQL("{} OPERATOR(pg_catalog.>) %(after)s::pg_catalog.int8 AND ").format(column)
+        if after is not None
+        else sql.SQL("")
+    )
+    statement = sql.SQL(
+        "INSERT INTO {log} ({keys}) SELECT {aggregates} FROM {table} AS s "
+        "WHERE {lower}{column} OPERATOR(pg_catalog.<=) %(upto)s::pg_catalog.int8 "
+        "HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0"
+    ).format(
+        log=capture.changes_id(view),
+        keys=capture.key_list(keys),
+        aggregates=sql.SQL(", ").join(
+            sql.SQL("pg_catalog.array_agg({})").format(sql.Identifier("s", c)) for c in source.columns
+        ),
+        table=sql.Identifier(*source.relation),
+        lower=lower,
+        column=column,
+    )
+    return statement, {"after": after, "upto": upto}
+
+
+def _wait_for(
+    conn: Connection,
+    view: MaterializedView,
+    writers: dict[str, list[str]],
+    timeout_seconds: float,
+    sleep: Callable[[float], None],
+) -> None:
+    """Until every transaction in writers has ended; WritersInFlight after timeout_seconds."""
+    waiting = sorted({transaction for found in writers.values() for transaction in found})
+    deadline, pause = time.monotonic() + timeout_seconds, _FIRST_PAUSE_SECONDS
+    while waiting:
+        row = conn.execute(_STILL_RUNNING, (waiting,)).fetchone()
+        running = row[0] if row is not None and row[0] is not None else []
+        if not running:
+            return
+        if time.monotonic() >= deadline:
+            tables = ", ".join(label for label, found in sorted(writers.items()) if found)
+            raise WritersInFlight(
+                f"{view.relation}: writers of the append-only source(s) {tables} were still in flight after "
+                f"{timeout_seconds:g}s (virtual transaction(s) {', '.join(sorted(running))}); rows they commit "
+                "could fall below the range this refresh would read, so it reads none until they end "
+                "(spec.refresh.lockTimeout bounds this wait)"
+            )
+        sleep(pause)
+        pause = min(pause * 2, _LAST_PAUSE_SECONDS)
