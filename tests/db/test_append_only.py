@@ -194,6 +194,31 @@ def test_truncate_restart_identity_rebuilds_and_new_low_ids_are_read(matrix: Con
     assert mismatches(matrix, mv) == (0, 0)
 
 
+def test_a_largest_id_that_goes_down_rebuilds_so_rows_back_below_the_watermark_are_not_missed(
+    matrix: Connection,
+) -> None:
+    mv = appended_view()
+    apply(matrix, mv)
+    refresh(matrix, mv)
+    # The newest trips go, and the identity is set back: new trips take ids at or below the watermark.
+    matrix.execute("DELETE FROM ops.trips WHERE trip_id > (SELECT max(trip_id) - 5 FROM ops.trips)")
+    matrix.execute(
+        "SELECT setval(pg_get_serial_sequence('ops.trips', 'trip_id'), (SELECT max(trip_id) FROM ops.trips))"
+    )
+    matrix.execute(
+        "INSERT INTO ops.trips (driver_id, trip_date) SELECT 17, lead_date + 1 FROM ops.leads WHERE driver_id = 17"
+    )
+    result = refresh(matrix, mv)
+    assert result.mode == "Swap" and "went down" in result.reason and "ops.trips" in result.reason, result
+    assert mismatches(matrix, mv) == (0, 0)
+    matrix.execute(
+        "INSERT INTO ops.trips (driver_id, trip_date) SELECT 18, lead_date + 1 FROM ops.leads WHERE driver_id = 18"
+    )
+    after = refresh(matrix, mv)
+    assert after.mode == "Incremental" and after.keys_applied == 1, after  # the rebuild recorded the new top
+    assert mismatches(matrix, mv) == (0, 0)
+
+
 def test_an_empty_append_only_source_reads_every_row_it_gets(matrix: Connection) -> None:
     matrix.execute("DELETE FROM ops.claims")
     mv = appended_view()

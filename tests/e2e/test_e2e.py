@@ -90,6 +90,30 @@ def condition(plane: ControlPlane, ns: str, name: str, type_: str) -> dict[str, 
             "apply only to Range",
         ),
         (
+            "an append-only source decoded from the WAL",
+            {
+                "storage": "Table",
+                "incremental": {
+                    "keyColumns": ["region"],
+                    "capture": "LogicalDecoding",
+                    "sources": [{"table": "s.t", "columns": ["region"], "appendOnly": {"column": "id"}}],
+                },
+            },
+            "appendOnly needs capture Triggers",
+        ),
+        (
+            "an append-only source under a live view",
+            {
+                "storage": "Table",
+                "incremental": {
+                    "keyColumns": ["region"],
+                    "liveView": True,
+                    "sources": [{"table": "s.t", "columns": ["region"], "appendOnly": {"column": "id"}}],
+                },
+            },
+            "appendOnly cannot be combined with liveView",
+        ),
+        (
             "a malformed retention window",
             {"storage": "Table", "partitioning": {"column": "day", "by": "Range", "period": "Week", "retain": "1y"}},
             "should match",

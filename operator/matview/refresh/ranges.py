@@ -107,17 +107,35 @@ def drain(
         bounds[label] = int(row[0]) if row[0] is not None else None
         writers[label] = [str(v) for v in row[1]]
     _wait_for(conn, view, writers, settings.lock_timeout_seconds, sleep)
-    unknown = [label for label in bounds if label not in watermarks]
+    rebuild = [NO_WATERMARK] if any(label not in watermarks for label in bounds) else []
     with session.one_batch(conn), session.transaction_in_batch(conn):
         _act_as_builder(conn, view, settings)
         for source in sources:
             label = source_label(source)
-            if label in watermarks and bounds[label] is not None:
+            if label not in watermarks:
+                continue
+            if bounds[label] is not None:
                 statement, parameters = _range_keys(view, source, watermarks[label], bounds[label])
                 conn.execute(statement, parameters)
-        if unknown:
-            conn.execute(capture.request_full_rebuild(view, NO_WATERMARK))
+            went_down = _went_down(source, watermarks[label], bounds[label])
+            if went_down:
+                rebuild.append(went_down)
+        for reason in rebuild:
+            conn.execute(capture.request_full_rebuild(view, reason))
     return bounds
+
+
+def _went_down(source: KeySource, watermark: int | None, bound: int | None) -> str:
+    """Why a bound below the watermark calls for a full rebuild ("" when it does not). The newest rows of an
+    append-only table are seldom deleted; a table made again, or a sequence set back, gives new rows values at
+    or below the watermark, which no range would read."""
+    if watermark is None or (bound is not None and bound >= watermark):
+        return ""
+    now = "no rows" if bound is None else f"{bound}"
+    return (
+        f"the largest {source.append_only_column} of {source.schema}.{source.table} went down from {watermark} to "
+        f"{now}: rows may have come back below the watermark"
+    )
 
 
 def _act_as_builder(conn: Connection, view: MaterializedView, settings: ExecutionSettings) -> None:
