@@ -108,20 +108,24 @@ def drain(
         writers[label] = [str(v) for v in row[1]]
     _wait_for(conn, view, writers, settings.lock_timeout_seconds, sleep)
     rebuild = [NO_WATERMARK] if any(label not in watermarks for label in bounds) else []
-    with session.one_batch(conn), session.transaction_in_batch(conn):
-        _act_as_builder(conn, view, settings)
-        for source in sources:
-            label = source_label(source)
-            if label not in watermarks:
-                continue
-            if bounds[label] is not None:
-                statement, parameters = _range_keys(view, source, watermarks[label], bounds[label])
-                conn.execute(statement, parameters)
-            went_down = _went_down(source, watermarks[label], bounds[label])
-            if went_down:
-                rebuild.append(went_down)
-        for reason in rebuild:
-            conn.execute(capture.request_full_rebuild(view, reason))
+    reads: list[tuple[KeySource, int | None, int]] = []
+    for source in sources:
+        label = source_label(source)
+        if label not in watermarks:
+            continue
+        after, upto = watermarks[label], bounds[label]
+        if upto is not None and (after is None or upto > after):
+            reads.append((source, after, upto))
+        went_down = _went_down(source, after, upto)
+        if went_down:
+            rebuild.append(went_down)
+    if reads or rebuild:  # nothing appended (a quiet table, a target lag's frequent looks): no transaction
+        with session.one_batch(conn), session.transaction_in_batch(conn):
+            _act_as_builder(conn, view, settings)
+            for source, after, upto in reads:
+                conn.execute(*_range_keys(view, source, after, upto))
+            for reason in rebuild:
+                conn.execute(capture.request_full_rebuild(view, reason))
     return bounds
 
 
@@ -147,7 +151,7 @@ def _act_as_builder(conn: Connection, view: MaterializedView, settings: Executio
 
 
 def _range_keys(
-    view: MaterializedView, source: KeySource, after: int | None, upto: int | None
+    view: MaterializedView, source: KeySource, after: int | None, upto: int
 ) -> tuple[sql.Composed, dict[str, int | None]]:
     """One log row holding the keys of source's rows in (after, upto] (after None: every row up to upto);
     nothing when there are none. Keys with a NULL part go in as they are: the log's rule for them (a full
