@@ -7,7 +7,6 @@ check compares the stored rows with a full recompute of the same query (tests/db
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 import time
@@ -20,7 +19,14 @@ from matview.errors import SpecError
 from matview.plan import capture, engine
 from matview.plan.observed import Connection
 from matview.refresh import facts, ranges, refresh
-from tests.db.test_incremental import SOURCES, apply, matrix, matrix_view, mismatches, random_batch
+from tests.db.test_incremental import (
+    SOURCES,
+    apply,
+    matrix,
+    matrix_view,
+    mismatches,
+    random_writes_each_refresh_equal_to_a_full_recompute,
+)
 
 __all__ = ["matrix"]  # the fixture, imported for the tests below
 
@@ -272,23 +278,7 @@ def test_switching_a_source_to_append_only_and_back_reinstalls_capture(matrix: C
 def test_random_writes_with_append_only_sources_always_equal_a_full_recompute(matrix: Connection) -> None:
     """The randomized equivalence suite (tests/db/test_incremental.py) with trips, claims and payments
     declared append-only: their INSERTs reach the view only through the ranges."""
-    seed = int(os.environ.get("MATVIEW_EQUIVALENCE_SEED", "20261206"))
-    batches = int(os.environ.get("MATVIEW_EQUIVALENCE_BATCHES", "2000"))
-    rng = random.Random(seed)
-    mv = appended_view()
-    apply(matrix, mv)
-    modes: dict[str, int] = {}
-    recent: list[str] = []
-    for batch in range(1, batches + 1):
-        recent.append(random_batch(matrix, rng, 300))
-        if batch % 4 and batch != batches:
-            continue
-        result = refresh(matrix, mv)
-        assert result.result in ("success", "skipped"), result
-        modes[result.mode] = modes.get(result.mode, 0) + 1
-        assert mismatches(matrix, mv) == (0, 0), f"seed {seed}, batch {batch}, after {recent}: {result}"
-        recent = []
-    print("modes", modes)
+    batches, modes = random_writes_each_refresh_equal_to_a_full_recompute(matrix, appended_view(), 20261206)
     assert modes.get("Incremental", 0) > batches // 8, modes
 
 

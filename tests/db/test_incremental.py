@@ -400,26 +400,35 @@ def captured_by(conn: Connection, capture_method: str) -> MaterializedView:
     return matrix_view(incremental={"keyColumns": ["driver_id"], "sources": SOURCES, "capture": capture_method})
 
 
-@pytest.mark.parametrize("capture_method", ["Triggers", "LogicalDecoding"])
-def test_random_writes_incremental_always_equals_a_full_recompute(matrix: Connection, capture_method: str) -> None:
-    """Thousands of random INSERT/UPDATE/DELETE/TRUNCATE batches; after every refresh, stored = computed."""
-    seed = int(os.environ.get("MATVIEW_EQUIVALENCE_SEED", "20261128"))
+def random_writes_each_refresh_equal_to_a_full_recompute(
+    conn: Connection, mv: MaterializedView, default_seed: int
+) -> tuple[int, dict[str, int]]:
+    """Apply mv, then thousands of random INSERT/UPDATE/DELETE/TRUNCATE batches with a refresh every four; after
+    every refresh, stored = computed. (batches, the modes the refreshes took)."""
+    seed = int(os.environ.get("MATVIEW_EQUIVALENCE_SEED", str(default_seed)))
     batches = int(os.environ.get("MATVIEW_EQUIVALENCE_BATCHES", "2000"))
     rng = random.Random(seed)
-    mv = captured_by(matrix, capture_method)
-    apply(matrix, mv)
+    apply(conn, mv)
     modes: dict[str, int] = {}
     recent: list[str] = []
     for batch in range(1, batches + 1):
-        recent.append(random_batch(matrix, rng, 300))
+        recent.append(random_batch(conn, rng, 300))
         if batch % 4 and batch != batches:
             continue
-        result = refresh(matrix, mv)
+        result = refresh(conn, mv)
         assert result.result in ("success", "skipped"), result
         modes[result.mode] = modes.get(result.mode, 0) + 1
-        assert mismatches(matrix, mv) == (0, 0), f"seed {seed}, batch {batch}, after {recent}: {result}"
+        assert mismatches(conn, mv) == (0, 0), f"seed {seed}, batch {batch}, after {recent}: {result}"
         recent = []
     print("modes", modes)
+    return batches, modes
+
+
+@pytest.mark.parametrize("capture_method", ["Triggers", "LogicalDecoding"])
+def test_random_writes_incremental_always_equals_a_full_recompute(matrix: Connection, capture_method: str) -> None:
+    """Thousands of random INSERT/UPDATE/DELETE/TRUNCATE batches; after every refresh, stored = computed."""
+    mv = captured_by(matrix, capture_method)
+    batches, modes = random_writes_each_refresh_equal_to_a_full_recompute(matrix, mv, 20261128)
     assert modes.get("Incremental", 0) > batches // 8, modes  # mostly incremental, not a full rebuild each time
     assert modes.get("Swap", 0) >= 1, modes  # the TRUNCATEs and the bulk updates
 

@@ -18,26 +18,14 @@ from matview.constants import APPLICATION_NAME
 from matview.plan import engine
 from matview.refresh import apply_and_record, refresh
 from tests.faults.harness import Scenario
-from tests.faults.test_decoding import differences
-from tests.helpers import view
+from tests.faults.test_decoding import differences, events_totals
 
 pytestmark = pytest.mark.timeout(240)
 
 
 def appended_view() -> Any:
-    return view(
-        "totals",
-        "app",
-        schema="app",
-        name="totals",
-        storage="Table",
-        query="SELECT kind, count(*) AS n, sum(amount) AS total FROM app.events GROUP BY kind",
-        incremental={
-            "keyColumns": ["kind"],
-            "sources": [{"table": "app.events", "columns": ["kind"], "appendOnly": {"column": "id"}}],
-        },
-        refresh={"interval": "1m", "lockTimeout": "30s"},
-    )
+    # A long lockTimeout: the drain must still be waiting for the writer when the test kills it.
+    return events_totals({"appendOnly": {"column": "id"}}, refresh={"lockTimeout": "30s"})
 
 
 def add_events(conn: psycopg.Connection[Any], first: int, kind: str, count: int = 20) -> None:
@@ -56,13 +44,19 @@ def waiting_drain(admin: psycopg.Connection[Any]) -> int | None:
     return int(row[0]) if row else None
 
 
-def test_a_refresh_killed_while_it_waits_for_a_writer_loses_no_row(world: Any) -> None:
-    scenario: Scenario = world("append-only-killed")
+def applied(scenario: Scenario) -> tuple[str, Any]:
+    """The view applied in scenario's database and refreshed once (the first refresh records the watermark)."""
     dsn = scenario.server.dsn()
     mv = appended_view()
     with engine.connect(dsn) as conn:
         apply_and_record(conn, mv)
-        assert refresh(conn, mv).result == "success"  # the first refresh records the watermark
+        assert refresh(conn, mv).result == "success"
+    return dsn, mv
+
+
+def test_a_refresh_killed_while_it_waits_for_a_writer_loses_no_row(world: Any) -> None:
+    scenario: Scenario = world("append-only-killed")
+    dsn, mv = applied(scenario)
     injected = reported = 0
     for round_number in range(3):
         base = 100_000 * (round_number + 1)
@@ -98,11 +92,7 @@ def test_a_refresh_killed_while_it_waits_for_a_writer_loses_no_row(world: Any) -
 
 def test_rows_appended_before_a_crash_are_read_after_it(world: Any) -> None:
     scenario: Scenario = world("append-only-crash")
-    dsn = scenario.server.dsn()
-    mv = appended_view()
-    with engine.connect(dsn) as conn:
-        apply_and_record(conn, mv)
-        assert refresh(conn, mv).result == "success"
+    dsn, mv = applied(scenario)
     for round_number in range(3):
         with scenario.admin() as admin:  # committed (synchronous_commit on) before the crash
             add_events(admin, 500_000 + 1000 * round_number, f"crash{round_number}")

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.timeout(240)
 QUERY = "SELECT kind, count(*) AS n, sum(amount) AS total FROM app.events GROUP BY kind"
 
 
-def decoding_view() -> Any:
+def events_totals(source: dict[str, Any], refresh: dict[str, str] | None = None, **incremental: Any) -> Any:
+    """app.totals over app.events by kind, incremental with source's declaration added to app.events'."""
     return view(
         "totals",
         "app",
@@ -34,11 +35,15 @@ def decoding_view() -> Any:
         query=QUERY,
         incremental={
             "keyColumns": ["kind"],
-            "sources": [{"table": "app.events", "columns": ["kind"]}],
-            "capture": "LogicalDecoding",
+            "sources": [{"table": "app.events", "columns": ["kind"], **source}],
+            **incremental,
         },
-        refresh={"interval": "1m"},
+        refresh={"interval": "1m", **(refresh or {})},
     )
+
+
+def decoding_view() -> Any:
+    return events_totals({}, capture="LogicalDecoding")
 
 
 def differences(conn: engine.Connection) -> int:
