@@ -650,3 +650,39 @@ async def test_a_refresh_waiting_for_its_lane_counts_as_late_and_in_progress_onl
     count = metrics.registry.get_sample_value("matview_refresh_start_lateness_seconds_count")
     late = metrics.registry.get_sample_value("matview_refresh_start_lateness_seconds_sum")
     assert count == 1 and late is not None and late >= 30, (count, late)
+
+
+@pytest.mark.parametrize("storage", ["MaterializedView", "Table"])
+def test_a_view_another_session_holds_exclusively_fails_the_refresh_instead_of_holding_it_forever(
+    db: Connection, dsn: str, storage: str
+) -> None:
+    """Before a step sets its own timeouts, the lock's take and the inspection read the view too (an incremental
+    Table's size): they wait for a lock no longer than the session's bound (session.SESSION_LOCK_TIMEOUT), and
+    the refresh says why it failed. Without the bound, the Table's refresh waited for as long as the holder
+    liked."""
+    table = storage == "Table"
+    view_ = mv(
+        storage=storage,
+        query="SELECT kind, count(*) AS n, sum(amount) AS total FROM ops.events GROUP BY kind" if table else QUERY,
+        refresh={"interval": "1h", "lockTimeout": "100ms"},
+        **(
+            {"incremental": {"keyColumns": ["kind"], "sources": [{"table": "ops.events", "columns": ["kind"]}]}}
+            if table
+            else {}
+        ),
+    )
+    engine.apply(db, view_)
+    with psycopg.connect(dsn) as holder:
+        # A plain REFRESH by somebody else (a materialized view takes no LOCK TABLE), or a LOCK TABLE.
+        holder.execute(
+            "LOCK TABLE ops.totals IN ACCESS EXCLUSIVE MODE" if table else "REFRESH MATERIALIZED VIEW ops.totals"
+        )
+        db.execute("INSERT INTO ops.events VALUES (1000, 'k1', 1)")  # something to apply
+        started = time.monotonic()
+        result = refresh(db, view_, force=True)
+        waited = time.monotonic() - started
+        holder.rollback()
+    assert result.result == "failure" and result.failure_reason == "lock_timeout", result
+    assert waited < 60, waited  # bounded (a lock wait without lock_timeout never ends)
+    again = refresh(db, view_, force=True)
+    assert again.result == "success", again

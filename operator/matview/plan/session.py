@@ -25,7 +25,7 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from matview.api import sqltext
-from matview.api.spec import MaterializedView
+from matview.api.spec import MaterializedView, RefreshSpec
 from matview.constants import APPLICATION_NAME
 from matview.plan.observed import Connection
 
@@ -37,13 +37,24 @@ ENGINE_SEARCH_PATH = "pg_catalog, pg_temp"
 #: while holding the view's lock.
 CLIENT_CHECK_INTERVAL = "2s"
 
-_PIN = sql.SQL("SELECT pg_catalog.set_config('search_path', {path}, false)").format(
-    path=sql.Literal(ENGINE_SEARCH_PATH)
-)
+#: How long any statement the engine sends outside a step (whose settings are its view's) may wait for a lock:
+#: the lock's take, the inspection and the drains read the catalogs and the view's tables before a step sets
+#: its own timeouts, and a session holding ACCESS EXCLUSIVE on the view kept a refresh there for as long as it
+#: liked. The same as spec.refresh.lockTimeout's default.
+SESSION_LOCK_TIMEOUT = f"{int(RefreshSpec.lock_timeout_seconds * 1000)}ms"
+
+_PIN = sql.SQL(
+    "SELECT pg_catalog.set_config('search_path', {path}, false), pg_catalog.set_config('lock_timeout', {lock}, false)"
+).format(path=sql.Literal(ENGINE_SEARCH_PATH), lock=sql.Literal(SESSION_LOCK_TIMEOUT))
 _PIN_AND_CHECK = sql.SQL(
     "SELECT pg_catalog.set_config('search_path', {path}, false), "
+    "pg_catalog.set_config('lock_timeout', {lock}, false), "
     "pg_catalog.set_config('client_connection_check_interval', {interval}, false)"
-).format(path=sql.Literal(ENGINE_SEARCH_PATH), interval=sql.Literal(CLIENT_CHECK_INTERVAL))
+).format(
+    path=sql.Literal(ENGINE_SEARCH_PATH),
+    lock=sql.Literal(SESSION_LOCK_TIMEOUT),
+    interval=sql.Literal(CLIENT_CHECK_INTERVAL),
+)
 _AND_UNLOCK = sql.SQL(", pg_catalog.pg_advisory_unlock_all()")
 
 
