@@ -46,14 +46,8 @@ SESSION_LOCK_TIMEOUT = f"{int(RefreshSpec.lock_timeout_seconds * 1000)}ms"
 _PIN = sql.SQL(
     "SELECT pg_catalog.set_config('search_path', {path}, false), pg_catalog.set_config('lock_timeout', {lock}, false)"
 ).format(path=sql.Literal(ENGINE_SEARCH_PATH), lock=sql.Literal(SESSION_LOCK_TIMEOUT))
-_PIN_AND_CHECK = sql.SQL(
-    "SELECT pg_catalog.set_config('search_path', {path}, false), "
-    "pg_catalog.set_config('lock_timeout', {lock}, false), "
-    "pg_catalog.set_config('client_connection_check_interval', {interval}, false)"
-).format(
-    path=sql.Literal(ENGINE_SEARCH_PATH),
-    lock=sql.Literal(SESSION_LOCK_TIMEOUT),
-    interval=sql.Literal(CLIENT_CHECK_INTERVAL),
+_PIN_AND_CHECK = _PIN + sql.SQL(", pg_catalog.set_config('client_connection_check_interval', {}, false)").format(
+    sql.Literal(CLIENT_CHECK_INTERVAL)
 )
 _AND_UNLOCK = sql.SQL(", pg_catalog.pg_advisory_unlock_all()")
 
