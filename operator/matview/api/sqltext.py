@@ -259,6 +259,12 @@ def quote_identifier(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def qualified_label(schema: str, name: str) -> str:
+    """schema.name as a key of the engine's own bookkeeping (a lock's row, a watermark), quoted so that
+    ``"a.b"."c"`` and ``"a"."b.c"`` differ; a label, never sent as SQL."""
+    return f"{quote_identifier(schema)}.{quote_identifier(name)}"
+
+
 def relations_read(text: CheckedSQL) -> list[Reference]:
     """The relations a checked query or view definition names in FROM, CTE references left out."""
     return list(_relations_read_cached(text))

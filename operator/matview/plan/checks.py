@@ -202,8 +202,8 @@ def _append_only_problem(table: TableState, column: str, label: str) -> str:
     """Why column cannot be an append-only source's increasing column."""
     if column not in table.columns:
         return f"column {column!r} does not exist in {label}"
-    if table.column_types and table.column_types[table.columns.index(column)][0] not in _APPEND_ONLY_TYPES:
-        found = table.column_types[table.columns.index(column)][2]
+    type_oid, _, found = table.column_types[table.columns.index(column)] if table.column_types else (0, 0, "")
+    if table.column_types and type_oid not in _APPEND_ONLY_TYPES:
         return (
             f"column {column!r} is {found}; an append-only source is read by ranges of an integer column that each "
             "INSERT assigns increasing values (an identity or serial column): smallint, integer or bigint"

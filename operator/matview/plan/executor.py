@@ -82,7 +82,7 @@ LOCK_TABLE = "matview_view_locks"
 def lock_key(view: MaterializedView) -> str:
     """The view's row in the lock table: its quoted schema and name, so ``"a.b"."c"`` and ``"a"."b.c"``
     differ."""
-    return ".".join('"' + part.replace('"', '""') + '"' for part in (view.schema, view.name))
+    return sqltext.qualified_label(view.schema, view.name)
 
 
 #: The lock and versions tables of a schema: trusted when the operator's role (or a superuser) owns them and

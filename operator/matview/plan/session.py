@@ -37,11 +37,17 @@ ENGINE_SEARCH_PATH = "pg_catalog, pg_temp"
 #: while holding the view's lock.
 CLIENT_CHECK_INTERVAL = "2s"
 
+
+def _milliseconds(seconds: float) -> str:
+    """A duration as PostgreSQL's timeout settings take it."""
+    return f"{int(seconds * 1000)}ms"
+
+
 #: How long any statement the engine sends outside a step (whose settings are its view's) may wait for a lock:
 #: the lock's take, the inspection and the drains read the catalogs and the view's tables before a step sets
 #: its own timeouts, and a session holding ACCESS EXCLUSIVE on the view kept a refresh there for as long as it
 #: liked. The same as spec.refresh.lockTimeout's default.
-SESSION_LOCK_TIMEOUT = f"{int(RefreshSpec.lock_timeout_seconds * 1000)}ms"
+SESSION_LOCK_TIMEOUT = _milliseconds(RefreshSpec.lock_timeout_seconds)
 
 _PIN = sql.SQL(
     "SELECT pg_catalog.set_config('search_path', {path}, false), pg_catalog.set_config('lock_timeout', {lock}, false)"
@@ -192,6 +198,16 @@ def reset_in_band_committed(conn: Connection, reset: InBandReset, counts: tuple[
         _cleaned.add(conn)
 
 
+_LOCAL_STATEMENT_TIMEOUT = sql.SQL("SELECT pg_catalog.set_config('statement_timeout', %s, true)")
+
+
+def local_statement_timeout(conn: Connection, seconds: float) -> None:
+    """Inside a transaction: bound its statements by seconds, and nothing else (not ``step_settings``, which also
+    widens search_path to spec.searchPath, which only the user's query may see: the drains send every name
+    schema-qualified and run on the pinned pg_catalog, pg_temp)."""
+    conn.execute(_LOCAL_STATEMENT_TIMEOUT, (_milliseconds(seconds),))
+
+
 _STEP_SETTINGS = sql.SQL(
     "SELECT pg_catalog.set_config('statement_timeout', %s, %s), pg_catalog.set_config('lock_timeout', %s, %s), "
     "pg_catalog.set_config('search_path', %s, %s)"
@@ -203,9 +219,9 @@ def step_settings_query(
 ) -> tuple[sql.SQL, tuple[object, ...]]:
     """The statement of ``step_settings``, with its parameters."""
     return _STEP_SETTINGS, (
-        f"{int(statement_seconds * 1000)}ms",
+        _milliseconds(statement_seconds),
         local,
-        f"{int(lock_seconds * 1000)}ms",
+        _milliseconds(lock_seconds),
         local,
         sqltext.pinned_search_path(view.search_path),
         local,

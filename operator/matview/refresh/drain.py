@@ -36,9 +36,6 @@ logger = logging.getLogger(__name__)
 FETCH_ROWS = 10_000
 
 _CURRENT_USER = sql.SQL("SELECT current_user")
-# Not session.step_settings: that also widens search_path to spec.searchPath, which only the user's query may
-# see; every name the drain sends is schema-qualified and runs on the pinned pg_catalog, pg_temp.
-_SET_TIMEOUT = sql.SQL("SELECT pg_catalog.set_config('statement_timeout', %s, true)")
 # A cursor of the transaction (gone at its end), declared and read with plain statements so that the
 # declaration and the first rows travel in one round trip with the rest of the pipeline.
 _CURSOR = sql.Identifier("matview_drain")
@@ -89,7 +86,7 @@ def drain(conn: Connection, view: MaterializedView, settings: ExecutionSettings)
     try:
         with session.one_batch(conn):
             with session.transaction_in_batch(conn):
-                conn.execute(_SET_TIMEOUT, (f"{int(settings.statement_timeout_seconds * 1000)}ms",))
+                session.local_statement_timeout(conn, settings.statement_timeout_seconds)
                 peek = {"slot": slot, "upto": upto, "publication": decoding.publication_option(view)}
                 conn.execute(_DECLARE + decoding.PEEK_QUERY, peek)
                 while True:

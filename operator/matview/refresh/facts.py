@@ -150,16 +150,26 @@ def inspect(conn: Connection, view: MaterializedView) -> Inspection:
 
 
 def marked_state(view: MaterializedView, row: tuple[Any, ...]) -> RefreshState | None:
-    """The refresh state in the marker of inspection_query's row, by the rules ``inspected`` applies (a comment
-    proves nothing on an object no trusted role owns); None unless the view is ours and, for an incremental
-    view, its change log is there: nothing may be written for a view that is not."""
-    comment, trusted_owner, copies = row[2], row[5], row[6]
-    marker = Marker.parse(comment) if trusted_owner else None
-    if marker is None or marker.owner != view.owner or marker.kind != "view":
-        return None
-    if view.incremental is not None and capture.changes_name(view) not in {name for name, _, _ in copies}:
+    """The refresh state in the marker of inspection_query's row, by the rules ``inspected`` applies; None unless
+    the view is ours and, for an incremental view, its change log is there: nothing may be written for a view
+    that is not."""
+    marker, ours = _view_marker(view, row)
+    if marker is None or not ours or (view.incremental is not None and not _log_seen(view, row)):
         return None
     return RefreshState.from_marker(marker.state)
+
+
+def _view_marker(view: MaterializedView, row: tuple[Any, ...]) -> tuple[Marker | None, bool]:
+    """The view's marker in inspection_query's row, and whether it says the view is this resource's. A marker is a
+    comment any owner can write: it proves ownership only on an object of a trusted role."""
+    comment, trusted_owner = row[2], row[5]
+    marker = Marker.parse(comment) if trusted_owner else None
+    return marker, marker is not None and marker.owner == view.owner and marker.kind == "view"
+
+
+def _log_seen(view: MaterializedView, row: tuple[Any, ...]) -> bool:
+    """The incremental view's change log is among the row's copies (read only where a trusted role owns them)."""
+    return view.incremental is not None and capture.changes_name(view) in {str(name) for name, _, _ in row[6]}
 
 
 def inspected(conn: Connection, view: MaterializedView, row: tuple[Any, ...] | None) -> Inspection:
@@ -167,17 +177,15 @@ def inspected(conn: Connection, view: MaterializedView, row: tuple[Any, ...] | N
     does not hold (dependents when there are some, a table's sources, pending changes) is read here."""
     if row is None:
         return Inspection()
-    oid, populated, comment, unique, indexes, trusted_owner, copies, upstream, any_dependents = row
-    # A marker is a comment any owner can write: it proves ownership only on an object of a trusted role
-    # (the copies were read only where their owner is one).
-    marker = Marker.parse(comment) if trusted_owner else None
+    oid, populated, _, unique, indexes, _, copies, upstream, any_dependents = row
+    marker, ours = _view_marker(view, row)
+    log_seen = _log_seen(view, row)
     leftovers = []
-    log_seen = False
     for name, relkind, copy_comment in copies:
+        if log_seen and name == capture.changes_name(view):
+            continue
         found = Marker.parse(copy_comment)
-        if view.incremental is not None and name == capture.changes_name(view):
-            log_seen = True
-        elif found is not None and found.owner == view.owner and found.kind == "staging":
+        if found is not None and found.owner == view.owner and found.kind == "staging":
             leftovers.append((str(name), str(relkind)))
     key_catalog = None
     pending = None
@@ -196,7 +204,7 @@ def inspected(conn: Connection, view: MaterializedView, row: tuple[Any, ...] | N
         version = _fingerprint(facts_from_rows(upstream or []))
     return Inspection(
         oid=int(oid),
-        ours=marker is not None and marker.owner == view.owner and marker.kind == "view",
+        ours=ours,
         populated=bool(populated),
         concurrent_possible=bool(populated) and bool(unique) and view.storage is Storage.MATERIALIZED_VIEW,
         dependents=tuple(read_dependents(conn, int(oid))) if any_dependents else (),

@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 
 from psycopg import sql
 
+from matview.api import sqltext
 from matview.api.spec import KeySource, MaterializedView
 from matview.errors import MatviewError
 from matview.plan import capture, session
@@ -33,8 +34,6 @@ from matview.plan.observed import Connection
 
 #: Why a refresh rebuilds in full when an append-only source has no watermark yet.
 NO_WATERMARK = "an append-only source has no watermark yet"
-
-_SET_TIMEOUT = sql.SQL("SELECT pg_catalog.set_config('statement_timeout', %s, true)")
 
 # The bound (a snapshot taken when the statement starts) and, read after it, the sessions holding the table's
 # ROW EXCLUSIVE lock: every writer that could still commit a row at or below the bound is one of them.
@@ -73,8 +72,8 @@ def append_only_sources(view: MaterializedView) -> list[KeySource]:
 
 
 def source_label(source: KeySource) -> str:
-    """A source's key in the marker's watermarks: its quoted qualified name (``"a.b"."c"``, not ``"a"."b.c"``)."""
-    return ".".join('"' + part.replace('"', '""') + '"' for part in source.relation)
+    """A source's key in the marker's watermarks."""
+    return sqltext.qualified_label(*source.relation)
 
 
 def drain(
@@ -147,7 +146,7 @@ def _act_as_builder(conn: Connection, view: MaterializedView, settings: Executio
     role = session.query_role_statement(view)
     if role is not None:
         conn.execute(role)
-    conn.execute(_SET_TIMEOUT, (f"{int(settings.statement_timeout_seconds * 1000)}ms",))
+    session.local_statement_timeout(conn, settings.statement_timeout_seconds)
 
 
 def _range_keys(
