@@ -22,6 +22,7 @@ from matview.refresh import facts, ranges, refresh
 from tests.db.test_incremental import (
     SOURCES,
     apply,
+    log_rows,
     matrix,
     matrix_view,
     mismatches,
@@ -42,12 +43,6 @@ def append_only_sources(tables: dict[str, str] = APPEND_ONLY) -> list[dict[str, 
 
 def appended_view(**incremental: Any) -> Any:
     return matrix_view(incremental={"keyColumns": ["driver_id"], "sources": append_only_sources(), **incremental})
-
-
-def log_rows(conn: Connection, mv: Any) -> int:
-    row = conn.execute(f"SELECT count(*) FROM {mv.schema}.{capture.changes_name(mv)}").fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 def watermarks(conn: Connection, mv: Any) -> dict[str, int | None]:
