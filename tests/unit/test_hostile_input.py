@@ -225,3 +225,18 @@ def test_a_list_far_over_its_limit_is_refused_without_checking_each_item() -> No
     errors = refusal(document(query="SELECT 1 AS k", storage="Table", incremental=incremental))
     assert "must have at most 32 items, got 15000" in errors["spec.incremental.sources"]
     assert not [path for path in errors if path.startswith("spec.incremental.sources[")], errors
+
+
+def test_an_oversized_partition_column_is_refused_once_and_not_echoed_into_other_messages() -> None:
+    """Found by the fuzz suite: a 1,000-character partition column was refused by name, and quoted again in
+    full by the unique-index rule (1,156 characters)."""
+    errors = refusal(
+        document(
+            storage="Table",
+            partitioning={"column": "x" * 1000, "by": "List"},
+            indexes=[{"columns": ["region"], "unique": True}],
+        )
+    )
+    assert "spec.partitioning.column" in errors
+    assert "spec.indexes[0].columns" not in errors
+    assert all(len(message) < 600 for message in errors.values()), errors

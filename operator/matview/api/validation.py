@@ -361,7 +361,9 @@ def _partitioning(
     if storage is not Storage.TABLE:
         errors.append(FieldError(path, "needs storage Table (a materialized view cannot be partitioned)"))
     column = raw.get("column", "")
+    refused_before = len(errors)
     check_identifier(column, f"{path}.column", errors)
+    column_valid = len(errors) == refused_before  # else refused already, by name: not echoed in other messages
     by = PartitionBy(raw["by"]) if raw.get("by") in set(PartitionBy) else PartitionBy.LIST
     period = PartitionPeriod(raw["period"]) if raw.get("period") in set(PartitionPeriod) else None
     if by is PartitionBy.RANGE and period is None:
@@ -379,7 +381,7 @@ def _partitioning(
         if table is not None:
             sources.append(PartitionSource(table[0], table[1], source_column))
     for i, index in enumerate(indexes):
-        if index.unique and column not in index.columns:
+        if index.unique and column_valid and column not in index.columns:
             errors.append(
                 FieldError(
                     f"spec.indexes[{i}].columns",
