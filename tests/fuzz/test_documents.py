@@ -38,12 +38,6 @@ SEED_TEXTS = [
 SEEDS = [yaml.safe_load(text) for text in SEED_TEXTS]
 #: The examples set neither searchPath nor runAsRole; one seed does, so mutations reach those fields too.
 SEEDS.append({**SEEDS[0], "spec": {**SEEDS[0]["spec"], "searchPath": ["app", "reports"], "runAsRole": "team_a"}})
-#: The incremental example with one source declared append-only (and no live view, which refuses it), so
-#: mutations reach appendOnly and its column.
-_APPENDED = copy.deepcopy(SEEDS[2])
-_APPENDED["spec"]["incremental"]["sources"][2]["appendOnly"] = {"column": "trip_id"}
-_APPENDED["spec"]["incremental"]["liveView"] = False
-SEEDS.append(_APPENDED)
 
 #: Generated documents per property: 10,000 in all, weighted to the cheap in-process path (pure-Python YAML
 #: parsing dominates the other two).
