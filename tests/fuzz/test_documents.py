@@ -38,6 +38,12 @@ SEED_TEXTS = [
 SEEDS = [yaml.safe_load(text) for text in SEED_TEXTS]
 #: The examples set neither searchPath nor runAsRole; one seed does, so mutations reach those fields too.
 SEEDS.append({**SEEDS[0], "spec": {**SEEDS[0]["spec"], "searchPath": ["app", "reports"], "runAsRole": "team_a"}})
+#: The incremental example with one source declared append-only (and no live view, which refuses it), so
+#: mutations reach appendOnly and its column.
+_APPENDED = copy.deepcopy(SEEDS[2])
+_APPENDED["spec"]["incremental"]["sources"][2]["appendOnly"] = {"column": "trip_id"}
+_APPENDED["spec"]["incremental"]["liveView"] = False
+SEEDS.append(_APPENDED)
 
 #: Generated documents per property: 10,000 in all, weighted to the cheap in-process path (pure-Python YAML
 #: parsing dominates the other two).
@@ -112,6 +118,8 @@ scalars = st.one_of(
     st.sampled_from([float("nan"), float("-inf"), -1, -0.0, 1.0000001, 2, 10**400]),  # bounds of numbers
     text,
 )
+#: How far into a list mutations look, and how many one document gets (``paths``, ``mutated_documents``).
+REACHED_ITEMS, MAX_MUTATIONS = 40, 4
 #: Lists far over any maxItems (15,000 sources in half a megabyte), to be refused before a deep look.
 LONG_LIST_SIZES = (33, 100, 1_000, 15_000)
 _LONG_LISTS = {n: [{"table": f"a.b{i}", "columns": ["k"]} for i in range(n)] for n in LONG_LIST_SIZES}
@@ -119,9 +127,13 @@ _LONG_LISTS = {n: [{"table": f"a.b{i}", "columns": ["k"]} for i in range(n)] for
 
 def long_list(n: int) -> list[Any]:
     """A fresh list of n sources. Building 15,000 dicts per example was a fifth of this file's time; mutations
-    reach only the first 40 items (``paths``), so those are copied and the rest shared."""
+    reach only the first ``REACHED_ITEMS`` items (``paths``), so those are copied and the rest shared. Each
+    deletion of an item moves the next one into reach: with fewer copies, a later mutation changed a shared
+    item in place, a later example was generated from that changed list, and Hypothesis, replaying the same
+    choices, drew a different document (``FlakyStrategyDefinition``)."""
     shared = _LONG_LISTS[n]
-    return copy.deepcopy(shared[:40]) + shared[40:]
+    copied = REACHED_ITEMS + MAX_MUTATIONS
+    return copy.deepcopy(shared[:copied]) + shared[copied:]
 
 
 long_lists = st.sampled_from(LONG_LIST_SIZES).map(long_list)
@@ -153,7 +165,7 @@ def paths(node: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
         for key, child in node.items():
             yield from paths(child, (*prefix, key))
     elif isinstance(node, list):
-        for i, child in enumerate(node[:40]):  # a planted 15,000-item list is mutated near its start (long_list)
+        for i, child in enumerate(node[:REACHED_ITEMS]):  # a planted 15,000-item list is mutated near its start
             yield from paths(child, (*prefix, i))
 
 
@@ -166,7 +178,7 @@ def parent_of(document: Any, path: tuple[Any, ...]) -> Any:
 @st.composite
 def mutated_documents(draw: st.DrawFn, planted: st.SearchStrategy[Any] = hostile) -> Any:
     document: Any = copy.deepcopy(draw(st.sampled_from(SEEDS)))
-    for _ in range(draw(st.integers(min_value=1, max_value=4))):
+    for _ in range(draw(st.integers(min_value=1, max_value=MAX_MUTATIONS))):
         path = draw(st.sampled_from(list(paths(document))))
         action = draw(st.sampled_from(["replace", "replace", "delete", "add", "duplicate"]))
         if not path:
