@@ -248,6 +248,82 @@ def test_wrong_append_only_declarations_are_refused_before_any_change(matrix: Co
         assert exists == (None, None)
 
 
+def test_a_column_without_a_sequence_of_its_own_one_at_a_time_is_refused_before_any_change(
+    matrix: Connection,
+) -> None:
+    """Ranges are bounded by the column's own sequence: a column with no sequence, one that shares another
+    table's, or one whose sequence hands each session a cache of values is refused, naming the fix."""
+    matrix.execute("""
+        ALTER TABLE ops.trips ADD COLUMN plain_id bigint;
+        CREATE SEQUENCE ops.shared_ids;
+        ALTER TABLE ops.trips ADD COLUMN shared_id bigint DEFAULT nextval('ops.shared_ids');
+        ALTER SEQUENCE ops.payments_payment_id_seq CACHE 20;
+    """)
+    cases = [
+        ({"ops.trips": "plain_id"}, "spec.incremental.sources[2]", "owns no sequence"),
+        ({"ops.trips": "shared_id"}, "spec.incremental.sources[2]", "OWNED BY ops.trips.shared_id"),
+        ({"ops.payments": "payment_id"}, "spec.incremental.sources[4]", "CACHE 1"),
+    ]
+    for tables, where, fix in cases:
+        with pytest.raises(SpecError) as caught:
+            engine.apply(
+                matrix, matrix_view(incremental={"keyColumns": ["driver_id"], "sources": append_only_sources(tables)})
+            )
+        messages = {e.path: e.message for e in caught.value.errors}
+        assert fix in messages.get(f"{where}.appendOnly.column", ""), (tables, caught.value)
+        exists = matrix.execute("SELECT to_regclass('ops.mx'), to_regclass('ops.mx_mv_changes')").fetchone()
+        assert exists == (None, None)
+
+
+def test_a_row_given_an_id_by_hand_above_the_sequence_hides_none_of_the_rows_after_it(matrix: Connection) -> None:
+    """A BY DEFAULT identity takes an explicit id. Bounded by the largest id alone, one far above the sequence
+    raised the watermark over every id the sequence gave next, and those rows were never read."""
+    mv = appended_view()
+    apply(matrix, mv)
+    refresh(matrix, mv)
+    matrix.execute(
+        "INSERT INTO ops.trips (trip_id, driver_id, trip_date) "
+        "SELECT 1000000000, 3, lead_date + 1 FROM ops.leads WHERE driver_id = 3"
+    )
+    first = refresh(matrix, mv)
+    assert first.mode == "Incremental" and first.keys_applied == 1, first
+    for driver in (4, 5):  # ids from the sequence, far below the one given by hand
+        matrix.execute(
+            "INSERT INTO ops.trips (driver_id, trip_date) SELECT driver_id, lead_date + 2 FROM ops.leads "
+            "WHERE driver_id = %s",
+            (driver,),
+        )
+        result = refresh(matrix, mv)
+        assert result.result == "success" and result.mode == "Incremental", result
+        assert mismatches(matrix, mv) == (0, 0), f"driver {driver}'s trip was never read"
+    top = matrix.execute("SELECT last_value FROM ops.trips_trip_id_seq").fetchone()
+    assert top is not None and watermarks(matrix, mv)[ranges.source_label(mv.incremental.sources[2])] == top[0]
+
+
+def test_a_sequence_that_starts_caching_values_after_apply_makes_each_refresh_rebuild(
+    matrix: Connection, dsn: str
+) -> None:
+    """With CACHE 20, a session inserts below an id another session committed after it took its cache: no
+    watermark is safe, so each refresh rebuilds and says why, and no row is lost."""
+    mv = appended_view()
+    apply(matrix, mv)
+    refresh(matrix, mv)
+    matrix.execute("ALTER SEQUENCE ops.trips_trip_id_seq CACHE 20")
+    insert = (
+        "INSERT INTO ops.trips (driver_id, trip_date) SELECT driver_id, lead_date + 3 FROM ops.leads "
+        "WHERE driver_id = %s"
+    )
+    with psycopg.connect(dsn, autocommit=True) as early, psycopg.connect(dsn, autocommit=True) as late:
+        early.execute(insert, (6,))  # takes ids n+1..n+20, uses the first
+        late.execute(insert, (7,))  # takes n+21..n+40
+        result = refresh(matrix, mv)
+        assert result.mode == "Swap" and "caches 20 values" in result.reason, result
+        early.execute(insert, (8,))  # id n+2: below the largest id already read
+    again = refresh(matrix, mv)
+    assert again.mode == "Swap" and "caches 20 values" in again.reason, again
+    assert mismatches(matrix, mv) == (0, 0)
+
+
 def test_switching_a_source_to_append_only_and_back_reinstalls_capture(matrix: Connection) -> None:
     plain = matrix_view()
     apply(matrix, plain)

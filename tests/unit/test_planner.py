@@ -6,10 +6,10 @@ import pytest
 
 from matview.api.spec import MaterializedView
 from matview.errors import DependentObjectsError, SpecError, UnmanagedObjectError
-from matview.plan import versions
+from matview.plan import checks, versions
 from matview.plan.engine import render
 from matview.plan.marker import Marker
-from matview.plan.observed import DependentView, IndexState, Observed, RelationState, TableState
+from matview.plan.observed import DependentView, IndexState, Observed, OwnedSequence, RelationState, TableState
 from matview.plan.planner import build_delete_plan, build_plan
 from tests.helpers import view
 
@@ -281,3 +281,22 @@ def test_delete_refuses_when_views_depend() -> None:
     observed.dependents = [DependentView(200, "ops", "report", "v", 1, "SELECT 1", (), "o", None, (), False)]
     with pytest.raises(DependentObjectsError, match="never uses CASCADE"):
         build_delete_plan(v, observed)
+
+
+@pytest.mark.parametrize(
+    ("sequence", "expected"),
+    [
+        (None, "owns no sequence"),
+        (OwnedSequence("ops.trips_id_seq", 1, -1, True), "counts down (INCREMENT -1)"),
+        (OwnedSequence("ops.trips_id_seq", 50, 1, True), "ALTER SEQUENCE ops.trips_id_seq CACHE 1"),
+        (OwnedSequence("ops.trips_id_seq", 1, 1, False), "GRANT SELECT ON SEQUENCE ops.trips_id_seq"),
+        (OwnedSequence("ops.trips_id_seq", 1, 1, True), ""),
+    ],
+)
+def test_an_append_only_column_needs_its_own_increasing_sequence_one_value_at_a_time(
+    sequence: OwnedSequence | None, expected: str
+) -> None:
+    table = TableState(5, "r", ("id", "driver_id"), ((20, -1, "bigint"), (23, -1, "integer")), (sequence, None))
+    problem = checks._append_only_problem(table, "id", "ops.trips")
+    assert (expected in problem) if expected else problem == ""
+    assert "owns no sequence" in checks._append_only_problem(table, "driver_id", "ops.trips")

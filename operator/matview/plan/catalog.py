@@ -28,6 +28,7 @@ from matview.plan.observed import (
     IndexState,
     LivePart,
     Observed,
+    OwnedSequence,
     RelationState,
     RoleAccess,
     TableState,
@@ -125,13 +126,28 @@ SELECT c.oid, c.relkind,
        coalesce(array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{{}}'),
        c.relkind = 'p' OR EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = c.oid),
        has_table_privilege(coalesce(%(role)s, current_user), c.oid, 'SELECT'),
-       n.nspname IN ('pg_catalog', 'information_schema') OR left(n.nspname, 8) = 'pg_toast'
+       n.nspname IN ('pg_catalog', 'information_schema') OR left(n.nspname, 8) = 'pg_toast',
+       coalesce(array_agg(seq.name ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{{}}'),
+       coalesce(array_agg(seq.cache ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{{}}'),
+       coalesce(array_agg(seq.increment ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{{}}'),
+       coalesce(array_agg(seq.readable ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{{}}')
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
 LEFT JOIN LATERAL (
     WITH RECURSIVE {chain} SELECT chain.oid, chain.typmod FROM chain ORDER BY chain.depth DESC LIMIT 1
 ) AS base ON true
+LEFT JOIN LATERAL (  -- the sequence the column owns: pg_get_serial_sequence's dependency (serial, identity)
+    SELECT format('%%I.%%I', sn.nspname, sc.relname) AS name, sq.seqcache AS cache, sq.seqincrement AS increment,
+           has_sequence_privilege(sc.oid, 'SELECT') OR has_sequence_privilege(sc.oid, 'USAGE') AS readable
+    FROM pg_depend d
+    JOIN pg_sequence sq ON sq.seqrelid = d.objid
+    JOIN pg_class sc ON sc.oid = d.objid
+    JOIN pg_namespace sn ON sn.oid = sc.relnamespace
+    WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
+      AND d.refobjid = c.oid AND d.refobjsubid = a.attnum AND d.deptype IN ('a', 'i')
+    LIMIT 1
+) AS seq ON true
 WHERE n.nspname = %(schema)s AND c.relname = %(name)s
 GROUP BY c.oid, n.nspname
 """).format(chain=comparisons.domain_chain(sql.SQL("a.atttypid"), sql.SQL("a.atttypmod")))
@@ -273,12 +289,16 @@ def observe(
                 _TABLE, {"schema": table_key[0], "name": table_key[1], "role": view.run_as_role}
             ).fetchone()
             if found:
-                oid, relkind, names, type_oids, typmods, type_names, has_children, readable, system = found
+                oid, relkind, names, type_oids, typmods, type_names, has_children, readable, system, *sequences = found
                 observed.tables[table_key] = TableState(
                     int(oid),
                     str(relkind),
                     tuple(names),
                     tuple(zip((int(t) for t in type_oids), typmods, type_names, strict=True)),
+                    tuple(
+                        OwnedSequence(str(name), int(cache), int(increment), bool(may_read)) if name else None
+                        for name, cache, increment, may_read in zip(*sequences, strict=True)
+                    ),
                     bool(has_children),
                     bool(readable),
                     bool(system),

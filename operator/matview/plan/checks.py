@@ -199,14 +199,40 @@ _APPEND_ONLY_TYPES = frozenset({21, 23, 20})
 
 
 def _append_only_problem(table: TableState, column: str, label: str) -> str:
-    """Why column cannot be an append-only source's increasing column."""
+    """Why column cannot be an append-only source's increasing column. Its values must come from a sequence it
+    owns, one at a time and increasing: the range drain bounds what it reads by that sequence's last value, and
+    a value a session took earlier than one another session committed (a cache of values per session) could
+    land below the recorded watermark and never be read (refresh/ranges.py)."""
     if column not in table.columns:
         return f"column {column!r} does not exist in {label}"
-    type_oid, _, found = table.column_types[table.columns.index(column)] if table.column_types else (0, 0, "")
+    position = table.columns.index(column)
+    type_oid, _, found = table.column_types[position] if table.column_types else (0, 0, "")
     if table.column_types and type_oid not in _APPEND_ONLY_TYPES:
         return (
             f"column {column!r} is {found}; an append-only source is read by ranges of an integer column that each "
             "INSERT assigns increasing values (an identity or serial column): smallint, integer or bigint"
+        )
+    if not table.column_sequences:
+        return ""
+    sequence = table.column_sequences[position]
+    if sequence is None:
+        return (
+            f"column {column!r} of {label} owns no sequence: an append-only source's values must come from its own "
+            "identity or serial column (for a DEFAULT nextval of another sequence: ALTER SEQUENCE … OWNED BY "
+            f"{label}.{column})"
+        )
+    if sequence.increment <= 0:
+        return f"sequence {sequence.name} of column {column!r} counts down (INCREMENT {sequence.increment})"
+    if sequence.cache > 1:
+        return (
+            f"sequence {sequence.name} of column {column!r} caches {sequence.cache} values per session: a session "
+            "can insert a value lower than one another session committed since, which a range already read would "
+            f"never see; ALTER SEQUENCE {sequence.name} CACHE 1"
+        )
+    if not sequence.readable:
+        return (
+            f"the operator's role may not read sequence {sequence.name} of column {column!r}, whose last value "
+            f"bounds each range: GRANT SELECT ON SEQUENCE {sequence.name} TO the operator's role"
         )
     return ""
 

@@ -71,6 +71,20 @@ class DependentView:
 
 
 @dataclass(frozen=True)
+class OwnedSequence:
+    """The sequence that gives a column its values: an append-only source's ranges are safe only when each
+    value it gives is larger than every one given before, and is used at once (no cache of values per
+    session)."""
+
+    name: str
+    """Schema-qualified, quoted as needed."""
+    cache: int
+    increment: int
+    readable: bool
+    """The operator's role may read its last value (SELECT or USAGE)."""
+
+
+@dataclass(frozen=True)
 class TableState:
     oid: int
     relkind: str
@@ -78,6 +92,8 @@ class TableState:
     column_types: tuple[tuple[int, int, str], ...] = ()
     """(type oid, typmod, as format_type prints it) for each of columns; a domain's oid and typmod are its base
     type's, as a query's result describes it, and its name is the domain's."""
+    column_sequences: tuple[OwnedSequence | None, ...] = ()
+    """The sequence each of columns owns (an identity's, a serial's), None where it owns none."""
     has_children: bool = False
     """Other tables inherit from it (or it is partitioned): writes to them fire none of its triggers."""
     readable: bool = True

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from psycopg import sql
 
@@ -48,6 +49,16 @@ SELECT (SELECT pg_catalog.max(s.{column}) FROM {table} AS s),
                AND l.mode OPERATOR(pg_catalog.=) 'RowExclusiveLock'
                AND l.granted
                AND l.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid())
+""")
+
+# The column's own sequence (the dependency pg_get_serial_sequence follows): how many values it hands a session
+# at once, and the last one it gave (NULL before its first, and after a RESTART). Read as the operator's role,
+# which apply checked may read it. No row: the column owns no sequence any more.
+_SEQUENCE = sql.SQL("""
+SELECT q.seqcache, pg_catalog.pg_sequence_last_value(q.seqrelid)
+FROM pg_catalog.pg_sequence AS q
+WHERE q.seqrelid OPERATOR(pg_catalog.=)
+      pg_catalog.to_regclass(pg_catalog.pg_get_serial_sequence(%(table)s, %(column)s))
 """)
 
 # A transaction keeps its locks until it ends (a prepared one, until COMMIT PREPARED): while any lock of it is
@@ -87,9 +98,14 @@ def drain(
     (the caller holds the view's lock); return the watermarks to record with the refresh's success (None for a
     source with no rows: every row it will have is new)."""
     sources = append_only_sources(view)
-    bounds: dict[str, int | None] = {}
-    writers: dict[str, list[str]] = {}
     with session.one_batch(conn), session.transaction_in_batch(conn):
+        sequences = {
+            source_label(source): conn.execute(
+                _SEQUENCE,
+                {"table": sql.Identifier(*source.relation).as_string(conn), "column": source.append_only_column},
+            )
+            for source in sources
+        }
         _act_as_builder(conn, view, settings)
         cursors = {
             source_label(source): conn.execute(
@@ -100,24 +116,30 @@ def drain(
             )
             for source in sources
         }
+    found: dict[str, tuple[int | None, _Sequence | None]] = {}
+    writers: dict[str, list[str]] = {}
     for label, cursor in cursors.items():
-        row = cursor.fetchone()
+        row, given = cursor.fetchone(), sequences[label].fetchone()
         assert row is not None
-        bounds[label] = int(row[0]) if row[0] is not None else None
+        sequence = _Sequence(int(given[0]), int(given[1]) if given[1] is not None else None) if given else None
+        found[label] = (int(row[0]) if row[0] is not None else None, sequence)
         writers[label] = [str(v) for v in row[1]]
     _wait_for(conn, view, writers, settings.lock_timeout_seconds, sleep)
-    rebuild = [NO_WATERMARK] if any(label not in watermarks for label in bounds) else []
+    rebuild = [NO_WATERMARK] if any(label not in watermarks for label in found) else []
     reads: list[tuple[KeySource, int | None, int]] = []
+    recorded: dict[str, int | None] = {}
     for source in sources:
         label = source_label(source)
+        upto, sequence = found[label]
+        recorded[label] = _next_watermark(upto, sequence)
+        unsafe = _unsafe(source, watermarks.get(label), sequence)
+        if unsafe:
+            rebuild.append(unsafe)
         if label not in watermarks:
             continue
-        after, upto = watermarks[label], bounds[label]
+        after = watermarks[label]
         if upto is not None and (after is None or upto > after):
             reads.append((source, after, upto))
-        went_down = _went_down(source, after, upto)
-        if went_down:
-            rebuild.append(went_down)
     if reads or rebuild:  # nothing appended (a quiet table, a target lag's frequent looks): no transaction
         with session.one_batch(conn), session.transaction_in_batch(conn):
             _act_as_builder(conn, view, settings)
@@ -125,20 +147,45 @@ def drain(
                 conn.execute(*_range_keys(view, source, after, upto))
             for reason in rebuild:
                 conn.execute(capture.request_full_rebuild(view, reason))
-    return bounds
+    return recorded
 
 
-def _went_down(source: KeySource, watermark: int | None, bound: int | None) -> str:
-    """Why a bound below the watermark calls for a full rebuild ("" when it does not). The newest rows of an
-    append-only table are seldom deleted; a table made again, or a sequence set back, gives new rows values at
-    or below the watermark, which no range would read."""
-    if watermark is None or (bound is not None and bound >= watermark):
-        return ""
-    now = "no rows" if bound is None else f"{bound}"
-    return (
-        f"the largest {source.append_only_column} of {source.schema}.{source.table} went down from {watermark} to "
-        f"{now}: rows may have come back below the watermark"
-    )
+@dataclass(frozen=True)
+class _Sequence:
+    cache: int
+    last_value: int | None
+    """None before the sequence gave its first value, and after a RESTART."""
+
+
+def _next_watermark(bound: int | None, sequence: _Sequence | None) -> int | None:
+    """What the next range starts after: the largest value read, but never past the sequence's last value. A
+    row given a value by hand above the sequence (a serial or BY DEFAULT identity takes one) would otherwise
+    raise the watermark over every value the sequence gives next, and those rows would never be read; kept at
+    the sequence, each refresh reads that row again (its key is recomputed to the same rows) until the
+    sequence passes it. No sequence value yet: None, every row is read again."""
+    if bound is None or sequence is None or sequence.last_value is None:
+        return None
+    return min(bound, sequence.last_value)
+
+
+def _unsafe(source: KeySource, watermark: int | None, sequence: _Sequence | None) -> str:
+    """Why the rows above watermark may not be all the rows the last refresh has not read, so this one must
+    rebuild in full ("" when they are). Apply checked the sequence; its owner can change it since."""
+    column = f"{source.schema}.{source.table}.{source.append_only_column}"
+    if sequence is None:
+        return f"{column} owns no sequence any more: rows may take values no range would read"
+    if sequence.cache > 1:
+        return (
+            f"the sequence of {column} caches {sequence.cache} values per session: a session may insert a value "
+            "below one another session committed; ALTER SEQUENCE … CACHE 1"
+        )
+    if watermark is not None and (sequence.last_value is None or sequence.last_value < watermark):
+        now = "its start" if sequence.last_value is None else f"{sequence.last_value}"
+        return (
+            f"the sequence of {column} went down from {watermark} to {now}: new rows may take values at or below "
+            "the watermark"
+        )
+    return ""
 
 
 def _act_as_builder(conn: Connection, view: MaterializedView, settings: ExecutionSettings) -> None:
