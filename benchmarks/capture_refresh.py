@@ -6,7 +6,9 @@ replication slot, and one by triggers with ops.trips and ops.payments declared a
 that a change here writes, are read by range; ``refresh/ranges.py``). Each round makes one change of the given
 share of drivers (a trip each, a payment for a tenth) and refreshes the three views (mode Incremental), the
 order rotating between rounds, so that the server's state, the change and the noise are the same for all. The
-slot's drain (reading its changes into the change log before the refresh decides) is timed apart. Run on
+slot's drain (reading its changes into the change log before the refresh decides) is timed apart. The
+operator drains on a second connection (reading a slot empties the reader's catalog caches); alternate rounds
+drain on the refresh's own, as ``matview refresh`` does, and are shown apart. Run on
 PostgreSQL 16 or later as well (``MATVIEW_PG_BINDIR``): from 16 a drain lets the slot's restart point follow it.
 
     python benchmarks/capture_refresh.py [--drivers 100000] [--shares 0.001,0.01] [--rounds 15]
@@ -18,6 +20,7 @@ ratios; no assertions (these machines are noisy). The range drain's time is insi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from typing import Any
@@ -69,7 +72,7 @@ def main() -> None:
     parser.add_argument("--dsn", help="an existing server with wal_level = logical (default: a private one)")
     args = parser.parse_args()
 
-    with bench_database(args.dsn, logical=True) as dsn, engine.connect(dsn) as conn:
+    with bench_database(args.dsn, logical=True) as dsn, engine.connect(dsn) as conn, engine.connect(dsn) as side:
         load_workload(conn, args.drivers, analyze=True)
         for source in SOURCES[1:]:  # public.drivers is keyed by driver_id already
             conn.execute(f"ALTER TABLE {source} REPLICA IDENTITY FULL")
@@ -82,7 +85,7 @@ def main() -> None:
             refresh(conn, view, "Incremental")  # all start from an incremental refresh, not from their build
         rows, salt = [], 0
         for share in (float(s) for s in args.shares.split(",")):
-            seconds: dict[str, list[float]] = {"Triggers": [], "LogicalDecoding": [], "AppendOnly": []}
+            seconds: dict[str, list[float]] = {"Triggers": [], "LogicalDecoding": [], "AppendOnly": [], "same": []}
             drained.clear()
             keys = 0
             for round_ in range(args.rounds):
@@ -90,11 +93,18 @@ def main() -> None:
                 keys = change(conn, args.drivers, share, salt)
                 order = [(triggers, "Triggers"), (decoding, "LogicalDecoding"), (ranges, "AppendOnly")]
                 for view, label in order[round_ % 3 :] + order[: round_ % 3]:
-                    result = refresh(conn, view, "Incremental")
+                    # The slot's drain on a second connection, as the operator and `matview run` lend one, in
+                    # alternate rounds; on the refresh's own (as `matview refresh` does) in the others.
+                    lent = label == "LogicalDecoding" and round_ % 2 == 0
+                    result = refresh(
+                        conn, view, "Incremental", aside=(lambda: contextlib.nullcontext(side)) if lent else None
+                    )
                     assert result.result == "success" and result.mode == "Incremental", result
-                    seconds[label].append(result.duration_seconds)
-            by_triggers, by_slot, by_ranges = (
-                statistics.median(seconds[c]) for c in ("Triggers", "LogicalDecoding", "AppendOnly")
+                    seconds["same" if label == "LogicalDecoding" and not lent else label].append(
+                        result.duration_seconds
+                    )
+            by_triggers, by_slot, by_ranges, by_same = (
+                statistics.median(seconds[c]) for c in ("Triggers", "LogicalDecoding", "AppendOnly", "same")
             )
             rows.append(
                 (
@@ -104,6 +114,8 @@ def main() -> None:
                     f"{by_slot * 1000:.1f}",
                     f"{statistics.median(drained) * 1000:.1f}",
                     f"x{by_slot / by_triggers:.2f}",
+                    f"{by_same * 1000:.1f}",
+                    f"x{by_same / by_triggers:.2f}",
                     f"{by_ranges * 1000:.1f}",
                     f"x{by_ranges / by_triggers:.2f}",
                 )
@@ -117,6 +129,8 @@ def main() -> None:
                 "LogicalDecoding ms",
                 "of which the drain ms",
                 "LD / Triggers",
+                "LD, drained on the refresh's connection ms",
+                "/ Triggers",
                 "AppendOnly ms",
                 "AO / Triggers",
             ),

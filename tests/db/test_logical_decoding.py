@@ -342,3 +342,52 @@ def test_a_decoded_view_whose_search_path_lists_public_calls_no_look_alike(matri
     assert verify.compare(matrix, mv, ExecutionSettings()).matches
     assert mismatches(matrix, mv) == (0, 0)
     engine.delete(matrix, mv)
+
+
+async def test_the_operators_refresh_drains_the_slot_on_a_lent_connection_and_survives_losing_it(
+    matrix: Connection, dsn: str, monkeypatch: Any
+) -> None:
+    """Reading a slot empties the reading backend's catalog caches, so the refresh lane drains on a second
+    pooled connection and keeps its own warm. Then that connection dies where the keys are in the log and
+    the slot has not advanced: the failure is reported, the pool replaces it, and the next refresh applies
+    every key once."""
+    from matview.observe.metrics import RefreshMetrics
+    from matview.refresh import attempt, drain
+    from matview.refresh.refresher import Refresher
+
+    mv = decoding_view()
+    apply(matrix, mv)
+    drained_on: list[int] = []
+    refreshed_on: list[int] = []
+    original_drain, original_inspected = drain.drain, attempt.facts.inspected
+
+    def spied_drain(conn: Connection, *args: Any) -> Any:
+        drained_on.append(conn.info.backend_pid)
+        return original_drain(conn, *args)
+
+    def spied_inspected(conn: Connection, *args: Any) -> Any:
+        refreshed_on.append(conn.info.backend_pid)
+        return original_inspected(conn, *args)
+
+    monkeypatch.setattr(drain, "drain", spied_drain)
+    monkeypatch.setattr(attempt.facts, "inspected", spied_inspected)
+    refresher = Refresher(RefreshMetrics())
+    try:
+        matrix.execute("UPDATE ops.leads SET driver_id = 5000 WHERE driver_id = 13")
+        result = await refresher.refresh(dsn, mv)
+        assert (result.result, result.mode, result.keys_applied) == ("success", "Incremental", 2), result
+        assert len(drained_on) == len(refreshed_on) == 1 and drained_on != refreshed_on, (drained_on, refreshed_on)
+        assert mismatches(matrix, mv) == (0, 0)
+
+        matrix.execute("UPDATE ops.leads SET driver_id = 4000 WHERE driver_id = 17")
+        killed = sql.SQL("SELECT pg_catalog.pg_terminate_backend(pg_catalog.pg_backend_pid()), %(slot)s, %(upto)s")
+        with monkeypatch.context() as patched:
+            patched.setattr(decoding, "ADVANCE_QUERY", killed)
+            lost = await refresher.refresh(dsn, mv)
+        assert lost.result == "failure" and lost.failure_reason == "connection", lost
+        again = await refresher.refresh(dsn, mv)
+        assert (again.result, again.mode, again.keys_applied) == ("success", "Incremental", 2), again  # 17, 4000
+        assert mismatches(matrix, mv) == (0, 0)
+        assert (await refresher.refresh(dsn, mv)).reason == "no changes pending"
+    finally:
+        refresher.close()

@@ -4,6 +4,7 @@ Also what counts a build as a refresh (``apply_and_record``, ``record_build``)."
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
@@ -104,6 +105,23 @@ class RefreshResult:
         }
 
 
+#: Lends a connection to the same database, configured like the refresh's, for the length of a with block.
+#: Reading a replication slot empties the reading backend's catalog caches (PostgreSQL invalidates them after
+#: logical decoding, for the peek and again for the advance): on the refresh's own connection, every statement
+#: after the drain then read the catalog again, 4.5 ms more for a 22 ms incremental refresh of the driver matrix
+#: (PostgreSQL 15), against 0.3 ms when the peek ran on another connection.
+Aside = Callable[[], contextlib.AbstractContextManager[Connection]]
+
+
+def _drain(conn: Connection, view: MaterializedView, settings: ExecutionSettings, aside: Aside | None) -> int | None:
+    """The slot's changes into the log, on a lent connection where there is one (the caller holds the view's
+    lock on conn: the lock is a row, not the session, so another session of the operator may drain)."""
+    if aside is None:
+        return drain.drain(conn, view, settings)
+    with aside() as other:
+        return drain.drain(other, view, settings)
+
+
 def refresh(
     conn: Connection,
     view: MaterializedView,
@@ -111,9 +129,11 @@ def refresh(
     settings: ExecutionSettings | None = None,
     force: bool = False,
     progress: Callable[[partitions.RebuildProgress], None] | None = None,
+    aside: Aside | None = None,
 ) -> RefreshResult:
     """Refresh view once. Never raises for a refresh that failed: the result says how and why. ``progress``
-    is told, in this thread, each time a rebuild a partition at a time has swapped a partition in."""
+    is told, in this thread, each time a rebuild a partition at a time has swapped a partition in. ``aside``
+    lends another connection to the same database for a LogicalDecoding view's drain (see ``Aside``)."""
     settings = settings or settings_for(view)
     started, clock = dt.datetime.now(dt.UTC), time.monotonic()
     attempt: policy.Run | None = None
@@ -141,7 +161,7 @@ def refresh(
         with view_lock(conn, view, then=facts.inspection_query(view)) as lock:
             if decoding.uses_decoding(view) and lock.read_row is not None:
                 # The slot's changes into the log, then decide.
-                slot_bytes = {"slot_retained_wal_bytes": drain.drain(conn, view, settings)}
+                slot_bytes = {"slot_retained_wal_bytes": _drain(conn, view, settings, aside)}
             watermarks = None
             if ranges.append_only_sources(view) and lock.read_row is not None:
                 # The rows appended since the last refresh into the log, then decide.

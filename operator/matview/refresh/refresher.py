@@ -23,7 +23,7 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -100,7 +100,8 @@ class Refresher:
             self._pools[(dsn, lane)] = ConnectionPool(
                 dsn,
                 min_size=0,
-                max_size=self._limit(lane) + 1,
+                # One per slot, one per slot's drain aside (refresh lane), and one spare.
+                max_size=self._limit(lane) * (2 if lane == "refresh" else 1) + 1,
                 open=True,
                 # psycopg prepares a statement on its fifth use: the catalog reads every refresh makes are then
                 # planned once per connection, not once per refresh (planning was most of their cost).
@@ -115,6 +116,17 @@ class Refresher:
                 configure=session.configure,
             )
         return self._pools[(dsn, lane)]
+
+    @contextlib.contextmanager
+    def _aside(self, dsn: str) -> Iterator[Connection]:
+        """A second connection of the refresh lane's pool, for a slot's drain (``attempt.Aside``); cleaned
+        before it goes back, as the lane's own. A drain holds it for milliseconds, and the pool has room for
+        one per slot besides the slots' own."""
+        with self.pool(dsn, "refresh").connection() as conn:
+            try:
+                yield conn
+            finally:
+                session.clean_for_return(conn)
 
     def databases(self) -> set[str]:
         """The databases with an open pool."""
@@ -214,7 +226,7 @@ class Refresher:
                 self.metrics.lateness(max(0.0, time.time() - due_at))
             self.metrics.started(*name)
             try:
-                return refresh(conn, view, mode, force=force, progress=told)
+                return refresh(conn, view, mode, force=force, progress=told, aside=lambda: self._aside(dsn))
             finally:
                 self.metrics.finished(*name)
                 if rebuilding:  # a rebuild that stopped midway has nothing left running either
