@@ -404,3 +404,19 @@ def test_inserts_during_refreshes_from_concurrent_writers_are_never_lost(matrix:
     assert refresh(matrix, mv).result in ("success", "skipped")
     assert sum(written) == 300 and outcomes.get("success", 0) > 5, (written, outcomes)
     assert mismatches(matrix, mv) == (0, 0)
+
+
+def test_an_append_only_view_whose_search_path_lists_public_calls_no_look_alike(matrix: Connection) -> None:
+    """The range drain (the sequence, the bound and the writers in flight, the range's keys) of a view whose
+    spec.searchPath lists public, where the suite's look-alikes of every function and operator the engine's
+    statements name are (tests/hostile.py): the dsn fixture fails this test if any engine statement called one.
+    Each drain path runs: the first (no watermark), an appended range, a sequence set back."""
+    mv = matrix_view(incremental={"keyColumns": ["driver_id"], "sources": append_only_sources()}, searchPath=["public"])
+    apply(matrix, mv)
+    assert ranges.NO_WATERMARK in refresh(matrix, mv).reason
+    matrix.execute("INSERT INTO ops.trips (driver_id, trip_date) VALUES (9, '2026-03-01')")
+    appended = refresh(matrix, mv)
+    assert (appended.mode, appended.keys_applied) == ("Incremental", 1), appended
+    matrix.execute("SELECT setval(pg_get_serial_sequence('ops.trips', 'trip_id'), 1)")
+    assert "went down" in refresh(matrix, mv).reason
+    assert mismatches(matrix, mv) == (0, 0)
