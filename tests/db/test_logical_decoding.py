@@ -391,3 +391,46 @@ async def test_the_operators_refresh_drains_the_slot_on_a_lent_connection_and_su
         assert (await refresher.refresh(dsn, mv)).reason == "no changes pending"
     finally:
         refresher.close()
+
+
+async def test_cancelling_a_refresh_while_its_drain_runs_on_the_lent_connection_cancels_the_drain(
+    matrix: Connection, dsn: str, monkeypatch: Any
+) -> None:
+    """The drain runs on a lent connection while the lane's own is idle: cancelling the task (a deleted view,
+    shutdown) must reach the lent one's statement too. Here the drain's write of the keys sleeps 300 s (within
+    the view's 600 s timeout): without the cancel reaching it, the task would wait for it past the suite's
+    timeout. Cancelled, nothing is lost: the keys are still in the slot."""
+    import asyncio
+
+    from matview.observe.metrics import RefreshMetrics
+    from matview.refresh.refresher import Refresher
+
+    mv = decoding_view(refresh={"interval": "1h", "timeout": "600s"})
+    apply(matrix, mv)
+    matrix.execute("UPDATE ops.leads SET driver_id = 6000 WHERE driver_id = 19")
+    refresher = Refresher(RefreshMetrics())
+    sleeping = (
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE state = 'active' AND query LIKE '%%pg_sleep(300)%%' AND pid <> pg_backend_pid()"
+    )
+    watcher = psycopg.connect(dsn, autocommit=True)  # pg_stat_activity is read once per transaction
+    try:
+        with monkeypatch.context() as patched:
+            slow = sql.SQL("SELECT pg_catalog.pg_sleep(300), %s::pg_catalog.text")
+            patched.setattr(decoding, "insert_keys_statement", lambda _view: slow)
+            task = asyncio.create_task(refresher.refresh(dsn, mv))
+            for _ in range(2000):
+                if watcher.execute(sleeping).fetchone() == (1,) or task.done():
+                    break
+                await asyncio.sleep(0.005)
+            assert not task.done() and watcher.execute(sleeping).fetchone() == (1,), "the drain never ran"
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert watcher.execute(sleeping).fetchone() == (0,)
+        result = await refresher.refresh(dsn, mv)
+        assert (result.result, result.keys_applied) == ("success", 2), result  # 19 and 6000: nothing lost
+        assert mismatches(matrix, mv) == (0, 0)
+    finally:
+        watcher.close()
+        refresher.close()

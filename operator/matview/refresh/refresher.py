@@ -53,6 +53,8 @@ class Refresher:
         self._pools: dict[tuple[str, Lane], ConnectionPool[Connection]] = {}
         self._caps: dict[tuple[str, Lane], Slots] = {}
         self._pools_lock = threading.Lock()
+        #: The work a lane's thread runs now, with its cancellation flag (``run_sync``).
+        self._running = threading.local()
         self._executors: dict[Lane, ThreadPoolExecutor] = {
             "refresh": ThreadPoolExecutor(self.settings.refresh_threads, thread_name_prefix="matview-refresh"),
             "apply": ThreadPoolExecutor(self.settings.apply_threads, thread_name_prefix="matview-apply"),
@@ -122,10 +124,18 @@ class Refresher:
         """A second connection of the refresh lane's pool, for a slot's drain (``attempt.Aside``); cleaned
         before it goes back, as the lane's own. A drain holds it for milliseconds, and the pool has room for
         one per slot besides the slots' own."""
+        running: tuple[dict[str, Connection], threading.Event] = getattr(self._running, "job", ({}, threading.Event()))
+        holder, cancelled = running
         with self.pool(dsn, "refresh").connection() as conn:
+            holder["aside"] = conn
             try:
+                # Cancelled before the lent connection was known (the task's cancel reads holder after setting
+                # the flag): never start on it.
+                if cancelled.is_set():
+                    raise asyncio.CancelledError
                 yield conn
             finally:
+                holder.pop("aside", None)
                 session.clean_for_return(conn)
 
     def databases(self) -> set[str]:
@@ -160,6 +170,7 @@ class Refresher:
         def in_thread() -> Any:
             with self.pool(dsn, lane).connection() as conn:
                 holder["conn"] = conn
+                self._running.job = (holder, cancelled)  # for a connection lent to this work (``_aside``)
                 # Cancelled before its first statement (queued for a thread or a connection): never start. A
                 # drift check cancelled because its view was deleted re-created the view after the deletion.
                 if cancelled.is_set():
@@ -178,6 +189,10 @@ class Refresher:
             cancelled.set()  # before reading holder: the thread either sees the flag or is seen and cancelled
             if cap.withdraw(submitted) or submitted.cancelled():  # it waited for a slot: it never runs
                 raise
+            lent = holder.get("aside")
+            if lent is not None:  # a slot's drain on a lent connection: cancel it too (the lane's is idle)
+                with contextlib.suppress(Exception):
+                    lent.cancel_safe(timeout=5)
             conn = holder.get("conn")
             if conn is None:
                 # Still waiting for a connection: it will never start. Not waited for: with the database down, the
