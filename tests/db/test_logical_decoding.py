@@ -347,9 +347,9 @@ def test_a_decoded_view_whose_search_path_lists_public_calls_no_look_alike(matri
 async def test_the_operators_refresh_drains_the_slot_on_a_lent_connection_and_survives_losing_it(
     matrix: Connection, dsn: str, monkeypatch: Any
 ) -> None:
-    """Reading a slot empties the reading backend's catalog caches, so the refresh lane drains on a second
-    pooled connection and keeps its own warm. Then that connection dies where the keys are in the log and
-    the slot has not advanced: the failure is reported, the pool replaces it, and the next refresh applies
+    """Reading a slot empties the reading backend's catalog caches, so the refresh lane reads the slot on a
+    second pooled connection and keeps its own warm. Then that connection dies where the keys are in the log
+    and the slot has not advanced: the failure is reported, the pool replaces it, and the next refresh applies
     every key once."""
     from matview.observe.metrics import RefreshMetrics
     from matview.refresh import attempt, drain
@@ -359,17 +359,17 @@ async def test_the_operators_refresh_drains_the_slot_on_a_lent_connection_and_su
     apply(matrix, mv)
     drained_on: list[int] = []
     refreshed_on: list[int] = []
-    original_drain, original_inspected = drain.drain, attempt.facts.inspected
+    original_read, original_inspected = drain._read, attempt.facts.inspected
 
-    def spied_drain(conn: Connection, *args: Any) -> Any:
+    def spied_read(conn: Connection, *args: Any) -> Any:
         drained_on.append(conn.info.backend_pid)
-        return original_drain(conn, *args)
+        return original_read(conn, *args)
 
     def spied_inspected(conn: Connection, *args: Any) -> Any:
         refreshed_on.append(conn.info.backend_pid)
         return original_inspected(conn, *args)
 
-    monkeypatch.setattr(drain, "drain", spied_drain)
+    monkeypatch.setattr(drain, "_read", spied_read)
     monkeypatch.setattr(attempt.facts, "inspected", spied_inspected)
     refresher = Refresher(RefreshMetrics())
     try:

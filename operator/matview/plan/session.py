@@ -205,7 +205,12 @@ def local_statement_timeout(conn: Connection, seconds: float) -> None:
     """Inside a transaction: bound its statements by seconds, and nothing else (not ``step_settings``, which also
     widens search_path to spec.searchPath, which only the user's query may see: the drains send every name
     schema-qualified and run on the pinned pg_catalog, pg_temp)."""
-    conn.execute(_LOCAL_STATEMENT_TIMEOUT, (_milliseconds(seconds),))
+    conn.execute(*local_statement_timeout_query(seconds))
+
+
+def local_statement_timeout_query(seconds: float) -> tuple[sql.SQL, tuple[object, ...]]:
+    """The statement of ``local_statement_timeout``, with its parameter (for a ``Message``)."""
+    return _LOCAL_STATEMENT_TIMEOUT, (_milliseconds(seconds),)
 
 
 _STEP_SETTINGS = sql.SQL(

@@ -114,12 +114,12 @@ Aside = Callable[[], contextlib.AbstractContextManager[Connection]]
 
 
 def _drain(conn: Connection, view: MaterializedView, settings: ExecutionSettings, aside: Aside | None) -> int | None:
-    """The slot's changes into the log, on a lent connection where there is one (the caller holds the view's
-    lock on conn: the lock is a row, not the session, so another session of the operator may drain)."""
+    """The slot's changes into the log, read on a lent connection where there is one (the caller holds the view's
+    lock on conn: the lock is a row, not the session, so another session of the operator may read the slot)."""
     if aside is None:
         return drain.drain(conn, view, settings)
     with aside() as other:
-        return drain.drain(other, view, settings)
+        return drain.drain(conn, view, settings, reader=other)
 
 
 def refresh(
