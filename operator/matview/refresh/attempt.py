@@ -113,13 +113,20 @@ class RefreshResult:
 Aside = Callable[[], contextlib.AbstractContextManager[Connection]]
 
 
-def _drain(conn: Connection, view: MaterializedView, settings: ExecutionSettings, aside: Aside | None) -> int | None:
+def _drain(
+    conn: Connection,
+    view: MaterializedView,
+    settings: ExecutionSettings,
+    aside: Aside | None,
+    lent: contextlib.ExitStack,
+) -> int | None:
     """The slot's changes into the log, read on a lent connection where there is one (the caller holds the view's
-    lock on conn: the lock is a row, not the session, so another session of the operator may read the slot)."""
+    lock on conn: the lock is a row, not the session, so another session of the operator may read the slot). The
+    lent connection stays in ``lent`` with the slot's advance, which the server runs while the refresh does."""
     if aside is None:
         return drain.drain(conn, view, settings)
-    with aside() as other:
-        return drain.drain(conn, view, settings, reader=other)
+    other = lent.enter_context(aside())
+    return drain.drain(conn, view, settings, reader=other, meanwhile=lent)
 
 
 def refresh(
@@ -140,8 +147,12 @@ def refresh(
     fallback_from: RefreshMode | None = None
     slot_bytes: dict[str, Any] = {}
     work = partitions.PartitionWork() if view.partitioning is not None else None
+    # What the drain lent and left running (the slot's advance on the lent connection): ended before the result,
+    # which counts its time, and before any return (see finish), so the lent connection goes back clean.
+    lent = contextlib.ExitStack()
 
     def finish(outcome: Outcome, reason: str, **extra: Any) -> RefreshResult:
+        lent.close()
         used = attempt.mode.value if attempt is not None else NO_MODE
         result = RefreshResult(
             view.relation,
@@ -157,105 +168,111 @@ def refresh(
         _log(view, result)
         return result
 
-    try:
-        with view_lock(conn, view, then=facts.inspection_query(view)) as lock:
-            if decoding.uses_decoding(view) and lock.read_row is not None:
-                # The slot's changes into the log, then decide.
-                slot_bytes = {"slot_retained_wal_bytes": _drain(conn, view, settings, aside)}
-            watermarks = None
-            if ranges.append_only_sources(view) and lock.read_row is not None:
-                # The rows appended since the last refresh into the log, then decide.
-                recorded = facts.marked_state(view, lock.read_row)
-                if recorded is not None:
-                    watermarks = ranges.drain(conn, view, settings, recorded.watermarks)
-            inspection = facts.inspected(conn, view, lock.read_row)
-            if watermarks is not None:
-                inspection = dataclasses.replace(inspection, watermarks=watermarks)
-            decision = policy.decide(view, inspection, mode, force, started)
-            incremental = _incremental_facts(view, inspection, started)
-            if isinstance(decision, policy.Skip):
-                _maintain_when_skipped(conn, view, inspection, settings, work)
-                return finish(
-                    Outcome.SKIPPED,
-                    decision.reason,
-                    data_current=decision.data_current,
-                    message=work.summary if work is not None else "",
-                    partitions=work,
-                    **incremental,
+    with lent:  # closed by finish before any return; here when a BaseException goes through
+        try:
+            with view_lock(conn, view, then=facts.inspection_query(view)) as lock:
+                if decoding.uses_decoding(view) and lock.read_row is not None:
+                    # The slot's changes into the log, then decide.
+                    slot_bytes = {"slot_retained_wal_bytes": _drain(conn, view, settings, aside, lent)}
+                watermarks = None
+                if ranges.append_only_sources(view) and lock.read_row is not None:
+                    # The rows appended since the last refresh into the log, then decide.
+                    recorded = facts.marked_state(view, lock.read_row)
+                    if recorded is not None:
+                        watermarks = ranges.drain(conn, view, settings, recorded.watermarks)
+                inspection = facts.inspected(conn, view, lock.read_row)
+                if watermarks is not None:
+                    inspection = dataclasses.replace(inspection, watermarks=watermarks)
+                decision = policy.decide(view, inspection, mode, force, started)
+                incremental = _incremental_facts(view, inspection, started)
+                if isinstance(decision, policy.Skip):
+                    _maintain_when_skipped(conn, view, inspection, settings, work)
+                    return finish(
+                        Outcome.SKIPPED,
+                        decision.reason,
+                        data_current=decision.data_current,
+                        message=work.summary if work is not None else "",
+                        partitions=work,
+                        **incremental,
+                    )
+                if isinstance(decision, policy.Refuse):
+                    wanted = RefreshMode(mode or view.refresh.mode)
+                    if wanted != RefreshMode.AUTO:
+                        attempt = policy.Run(wanted, decision.reason)  # the failure is that mode's
+                    return finish(
+                        Outcome.FAILURE, decision.reason, message=decision.message, failure_reason=FailureReason.OTHER
+                    )
+                attempt = decision
+                # At INFO a refresh is one line, its end: at a hundred refreshes a second each line costs throughput.
+                logger.debug(
+                    "refresh start: relation=%s mode=%s reason=%s", view.relation, attempt.mode, attempt.reason
                 )
-            if isinstance(decision, policy.Refuse):
-                wanted = RefreshMode(mode or view.refresh.mode)
-                if wanted != RefreshMode.AUTO:
-                    attempt = policy.Run(wanted, decision.reason)  # the failure is that mode's
-                return finish(
-                    Outcome.FAILURE, decision.reason, message=decision.message, failure_reason=FailureReason.OTHER
+                # The state and the sizes are written and read in the refresh's own transaction, which also releases
+                # the lock; except when a verification follows the refresh (it goes into the state, afterwards).
+                verifying = attempt.mode == RefreshMode.INCREMENTAL and policy.verification_due(
+                    view, inspection.state, started
                 )
-            attempt = decision
-            # At INFO a refresh is one line, its end: at a hundred refreshes a second each line costs throughput.
-            logger.debug("refresh start: relation=%s mode=%s reason=%s", view.relation, attempt.mode, attempt.reason)
-            # The state and the sizes are written and read in the refresh's own transaction, which also releases
-            # the lock; except when a verification follows the refresh (it goes into the state, afterwards).
-            verifying = attempt.mode == RefreshMode.INCREMENTAL and policy.verification_due(
-                view, inspection.state, started
+                closed = None if verifying else _Closed(view, inspection, lock)
+                try:
+                    seconds = _run(
+                        conn, view, inspection, attempt.mode, settings, closed, work, attempt.touched_only, progress
+                    )
+                except MatviewError as error:
+                    again = policy.fallback(view, inspection, mode, attempt.mode, error)
+                    if again is None:
+                        raise
+                    logger.warning("%s: %s", view.relation, again.reason)
+                    fallback_from, attempt = attempt.mode, again
+                    seconds = _run(conn, view, inspection, attempt.mode, settings, closed, work, progress=progress)
+                if closed is not None:
+                    size = closed.size
+                else:
+                    verified_at = dt.datetime.now(dt.UTC)
+                    incremental["verification"] = verify.safe_compare(conn, view, settings)
+                    rebuild = policy.after_verification(view, incremental["verification"])
+                    if rebuild is not None and inspection.swap_possible:
+                        logger.warning("%s: %s", view.relation, rebuild.reason)
+                        fallback_from, attempt = attempt.mode, rebuild
+                        seconds = _run(conn, view, inspection, attempt.mode, settings, work=work, progress=progress)
+                    _record(conn, view, inspection, attempt.mode, seconds, settings, verified_at)
+                    size = view_size(conn, view)
+                if incremental:
+                    pending_after = facts.pending_changes(conn, view)
+                    incremental["staleness_seconds"] = (
+                        pending_after.staleness_seconds(dt.datetime.now(dt.UTC)) if pending_after else None
+                    )
+                    incremental["keys_applied"] = (
+                        inspection.pending.keys if attempt.mode == RefreshMode.INCREMENTAL and inspection.pending else 0
+                    )
+        except BusyError as error:
+            return finish(Outcome.SKIPPED, "another refresh of this view is running", message=str(error), busy=True)
+        except Exception as error:
+            if (
+                not isinstance(error, psycopg.Error | MatviewError)
+                and policy.classify(error) != FailureReason.CONNECTION
+            ):
+                logger.exception("%s: unexpected error during refresh", view.relation)
+            return finish(
+                Outcome.FAILURE,
+                attempt.reason if attempt else "could not inspect the view",
+                message=policy.message(error),
+                failure_reason=policy.classify(error),
+                fallback_from=fallback_from,
             )
-            closed = None if verifying else _Closed(view, inspection, lock)
-            try:
-                seconds = _run(
-                    conn, view, inspection, attempt.mode, settings, closed, work, attempt.touched_only, progress
-                )
-            except MatviewError as error:
-                again = policy.fallback(view, inspection, mode, attempt.mode, error)
-                if again is None:
-                    raise
-                logger.warning("%s: %s", view.relation, again.reason)
-                fallback_from, attempt = attempt.mode, again
-                seconds = _run(conn, view, inspection, attempt.mode, settings, closed, work, progress=progress)
-            if closed is not None:
-                size = closed.size
-            else:
-                verified_at = dt.datetime.now(dt.UTC)
-                incremental["verification"] = verify.safe_compare(conn, view, settings)
-                rebuild = policy.after_verification(view, incremental["verification"])
-                if rebuild is not None and inspection.swap_possible:
-                    logger.warning("%s: %s", view.relation, rebuild.reason)
-                    fallback_from, attempt = attempt.mode, rebuild
-                    seconds = _run(conn, view, inspection, attempt.mode, settings, work=work, progress=progress)
-                _record(conn, view, inspection, attempt.mode, seconds, settings, verified_at)
-                size = view_size(conn, view)
-            if incremental:
-                pending_after = facts.pending_changes(conn, view)
-                incremental["staleness_seconds"] = (
-                    pending_after.staleness_seconds(dt.datetime.now(dt.UTC)) if pending_after else None
-                )
-                incremental["keys_applied"] = (
-                    inspection.pending.keys if attempt.mode == RefreshMode.INCREMENTAL and inspection.pending else 0
-                )
-    except BusyError as error:
-        return finish(Outcome.SKIPPED, "another refresh of this view is running", message=str(error), busy=True)
-    except Exception as error:
-        if not isinstance(error, psycopg.Error | MatviewError) and policy.classify(error) != FailureReason.CONNECTION:
-            logger.exception("%s: unexpected error during refresh", view.relation)
+        done_to_partitions = work.summary if work is not None else ""
         return finish(
-            Outcome.FAILURE,
-            attempt.reason if attempt else "could not inspect the view",
-            message=policy.message(error),
-            failure_reason=policy.classify(error),
+            Outcome.SUCCESS,
+            f"{attempt.reason}; {done_to_partitions}" if done_to_partitions else attempt.reason,
+            partitions=work,
             fallback_from=fallback_from,
+            data_current=True,
+            populated=size.populated,
+            rows=size.rows,
+            table_bytes=size.table_bytes,
+            index_bytes=size.index_bytes,
+            data_version=size.data_version,
+            **incremental,
         )
-    done_to_partitions = work.summary if work is not None else ""
-    return finish(
-        Outcome.SUCCESS,
-        f"{attempt.reason}; {done_to_partitions}" if done_to_partitions else attempt.reason,
-        partitions=work,
-        fallback_from=fallback_from,
-        data_current=True,
-        populated=size.populated,
-        rows=size.rows,
-        table_bytes=size.table_bytes,
-        index_bytes=size.index_bytes,
-        data_version=size.data_version,
-        **incremental,
-    )
 
 
 #: Per view (and database), what its last maintenance after a skipped refresh was due for

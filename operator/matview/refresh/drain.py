@@ -14,6 +14,7 @@ so a lost change becomes a rebuild, never a stale row.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import weakref
@@ -25,7 +26,7 @@ from psycopg import sql
 from matview.api.spec import MaterializedView
 from matview.plan import catalog, decoding, session
 from matview.plan.converge import converge_decoding
-from matview.plan.executor import ExecutionSettings, execute
+from matview.plan.executor import BusyError, ExecutionSettings, execute
 from matview.plan.observed import Connection, Observed
 from matview.plan.statements import Plan
 
@@ -48,11 +49,18 @@ _MAY_LOG_SNAPSHOT: weakref.WeakKeyDictionary[Connection, bool] = weakref.WeakKey
 
 
 def drain(
-    conn: Connection, view: MaterializedView, settings: ExecutionSettings, reader: Connection | None = None
+    conn: Connection,
+    view: MaterializedView,
+    settings: ExecutionSettings,
+    reader: Connection | None = None,
+    meanwhile: contextlib.ExitStack | None = None,
 ) -> int | None:
     """Move the slot's changes up to now into the change log (the caller holds the view's lock on conn); return
     the WAL the slot still holds, in bytes. ``reader``, another connection to the same database, reads the slot
-    (see refresh.attempt.Aside); without one, conn does.
+    (see refresh.attempt.Aside); without one, conn does. With ``meanwhile`` too, the slot's advance is sent on
+    the reader once the keys have committed, and its answer is read when meanwhile closes (before the reader goes
+    back to its pool): the server advances the slot while the refresh runs on conn, instead of before it. Raises
+    BusyError when another session is using the slot (the advance of another process's refresh of this view).
 
     Three round trips when the changes fit one fetch: the flush and the look at the slot, on conn; then, on the
     reader, the peek's first rows (one message: the transaction's start, its timeout, the cursor and its first
@@ -89,8 +97,15 @@ def drain(
             settings,
             f"replication slot {slot} was invalidated (max_slot_wal_keep_size): its changes are lost",
         )
+    decoder = decoding.Decoder(view, decoding.Snapshot.parse(snapshot))
     try:
-        _read(reader, view, settings, decoding.Decoder(view, decoding.Snapshot.parse(snapshot)), upto)
+        advance = _read(reader, view, settings, decoder, upto, later=meanwhile is not None and reader is not conn)
+        if advance is not None and meanwhile is not None:
+            meanwhile.enter_context(_Advance(reader, view, advance))
+    except psycopg.errors.ObjectInUse as error:
+        # Only one session may use a slot at a time. Since the view's lock is ours, the other is the advance of
+        # another process's refresh of this view, which has released the lock but not yet heard back from it.
+        raise BusyError(f"{view.relation}: replication slot {slot} is in use ({error.diag.message_primary})") from None
     except decoding.DecodeError as error:
         return _remake(reader, view, settings, f"a change in replication slot {slot} could not be read ({error})")
     except (psycopg.errors.UndefinedObject, psycopg.errors.ObjectNotInPrerequisiteState) as error:
@@ -102,10 +117,16 @@ def drain(
 
 
 def _read(
-    conn: Connection, view: MaterializedView, settings: ExecutionSettings, decoder: decoding.Decoder, upto: str
-) -> None:
-    """The slot's changes up to upto into the log, committed, then the slot advanced past what was read. Any
-    error rolls the transaction back (the slot does not advance) before it goes on."""
+    conn: Connection,
+    view: MaterializedView,
+    settings: ExecutionSettings,
+    decoder: decoding.Decoder,
+    upto: str,
+    later: bool = False,
+) -> str | None:
+    """The slot's changes up to upto into the log, committed, then the slot advanced past what was read; or,
+    later, the LSN to advance it to, for the caller to send. Any error rolls the transaction back (the slot does
+    not advance) before it goes on."""
     slot = decoding.slot_name(view)
     reasons: list[str] = []
     advance_to = decoding.lsn_value(upto)
@@ -139,11 +160,46 @@ def _read(
             logger.info(
                 "%s: slot held at %s for a commit not yet visible", view.relation, decoding.lsn_text(advance_to)
             )
-        message.add(decoding.ADVANCE_QUERY, {"slot": slot, "upto": decoding.lsn_text(advance_to)})
+        if not later:
+            message.add(decoding.ADVANCE_QUERY, {"slot": slot, "upto": decoding.lsn_text(advance_to)})
         message.send()
     except BaseException:
         session.roll_back(conn)
         raise
+    return decoding.lsn_text(advance_to) if later else None
+
+
+class _Advance(contextlib.AbstractContextManager["_Advance"]):
+    """The slot's advance, sent at once in a pipeline and read back at the end of the with block.
+
+    The server runs a statement as it arrives: the pipeline only defers reading its answer. The keys it advances
+    past have committed already, so an advance that fails or never runs (the connection lost, the refresh
+    cancelled) loses nothing: the next drain reads the same changes again and writes the same keys, which a
+    refresh recomputes to the same rows. It is a warning, not the refresh's failure."""
+
+    def __init__(self, conn: Connection, view: MaterializedView, upto: str) -> None:
+        self._conn, self._view, self._upto = conn, view, upto
+        self._pipeline = conn.pipeline()
+        self._pipeline.__enter__()
+        try:
+            conn.execute(decoding.ADVANCE_QUERY, {"slot": decoding.slot_name(view), "upto": upto})
+        except BaseException as error:
+            self._close(error)
+            raise
+
+    def __exit__(self, *_: object) -> None:
+        self._close(None)
+
+    def _close(self, pending: BaseException | None) -> None:
+        try:
+            self._pipeline.__exit__(type(pending) if pending else None, pending, None)
+        except psycopg.Error as error:
+            logger.warning(
+                "%s: the replication slot's advance to %s failed (%s); the next drain reads its changes again",
+                self._view.relation,
+                self._upto,
+                error,
+            )
 
 
 def _flush_and_look(conn: Connection, slot: str, publication: str) -> tuple[Any, ...]:
