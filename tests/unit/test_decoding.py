@@ -116,7 +116,17 @@ def test_a_table_that_is_not_a_source_is_ignored_and_messages_without_keys_pass(
         b"I" + struct.pack(">i", 101) + b"X",  # unknown tuple tag
         b"D" + struct.pack(">i", 101) + b"N" + tuple_data("1", "2", "3"),  # a delete without the old key
         b"I" + struct.pack(">i", 101) + b"N" + struct.pack(">h", 1) + b"t" + struct.pack(">i", 1000) + b"ab",
-        b"I" + struct.pack(">i", 101) + b"N" + struct.pack(">h", 1) + b"t" + struct.pack(">i", 2) + b"\xff\xfe",
+        # a key (driver_id, the second column) that is not UTF-8
+        b"I"
+        + struct.pack(">i", 101)
+        + b"N"
+        + struct.pack(">h", 2)
+        + b"t"
+        + struct.pack(">i", 1)
+        + b"1"
+        + b"t"
+        + struct.pack(">i", 2)
+        + b"\xff\xfe",
         b"Z",
         b"",
     ],
@@ -124,6 +134,18 @@ def test_a_table_that_is_not_a_source_is_ignored_and_messages_without_keys_pass(
 def test_a_message_it_cannot_read_is_a_decode_error(message: bytes) -> None:
     with pytest.raises(decoding.DecodeError):
         decode(TRIPS, message)
+
+
+def test_only_the_key_columns_are_read_the_others_are_checked_and_skipped() -> None:
+    """With REPLICA IDENTITY FULL a change carries whole rows; only the key's columns are decoded. A column the
+    view does not key on may hold bytes that are no text (another encoding): skipped, but its length still
+    bounds-checked."""
+    other = struct.pack(">i", 2) + b"\xff\xfe"
+    row = struct.pack(">h", 3) + b"t" + other + b"t" + struct.pack(">i", 2) + b"42" + b"n"
+    assert decode(TRIPS, b"I" + struct.pack(">i", 101) + b"N" + row).keys == [("42",)]
+    cut = struct.pack(">h", 3) + b"t" + struct.pack(">i", 50) + b"\xff\xfe"
+    with pytest.raises(decoding.DecodeError):
+        decode(TRIPS, b"I" + struct.pack(">i", 101) + b"N" + cut)
 
 
 @settings(max_examples=300, deadline=None)

@@ -387,8 +387,8 @@ class Decoder:
         self._keys(reader, oid, into)
 
     def _keys(self, reader: _Reader, oid: int, into: Changes) -> None:
-        values = reader.tuple_data()
         relation = self.relations.get(oid)
+        values = reader.tuple_data(relation[1] if relation is not None else None)
         if relation is None:
             raise DecodeError(f"a change of relation {oid} before its description")
         name, positions = relation
@@ -415,6 +415,10 @@ class Decoder:
 _UNCHANGED: Any = object()
 
 
+_INT16, _INT32, _INT64 = struct.Struct(">h"), struct.Struct(">i"), struct.Struct(">q")
+_NULL, _UNCHANGED_TOAST, _TEXT = ord("n"), ord("u"), ord("t")
+
+
 class _Reader:
     """Bounds-checked reads from one message: a malformed one raises DecodeError, never IndexError."""
 
@@ -431,14 +435,21 @@ class _Reader:
     def byte(self) -> bytes:
         return self.take(1)
 
+    def _number(self, kind: struct.Struct) -> int:
+        if self.at + kind.size > len(self.data):
+            raise DecodeError("message shorter than its fields")
+        (value,) = kind.unpack_from(self.data, self.at)
+        self.at += kind.size
+        return int(value)
+
     def int16(self) -> int:
-        return int(struct.unpack(">h", self.take(2))[0])
+        return self._number(_INT16)
 
     def int32(self) -> int:
-        return int(struct.unpack(">i", self.take(4))[0])
+        return self._number(_INT32)
 
     def int64(self) -> int:
-        return int(struct.unpack(">q", self.take(8))[0])
+        return self._number(_INT64)
 
     def string(self) -> str:
         end = self.data.find(b"\0", self.at)
@@ -448,18 +459,34 @@ class _Reader:
         self.at = end + 1
         return text
 
-    def tuple_data(self) -> list[Any]:
-        values: list[Any] = []
-        for _ in range(self.int16()):
-            kind = self.byte()
-            if kind == b"n":
-                values.append(None)
-            elif kind == b"u":
-                values.append(_UNCHANGED)
-            elif kind == b"t":
-                values.append(self.take(self.int32()).decode("utf-8", errors="strict"))
-            else:
-                raise DecodeError(f"unknown column kind {kind!r}")
+    def tuple_data(self, wanted: tuple[int, ...] | None = None) -> list[Any]:
+        """A tuple's columns: None for a null, _UNCHANGED for an unchanged TOASTed value, text otherwise; only the
+        columns at the wanted positions are decoded (the others are checked and skipped: with REPLICA IDENTITY
+        FULL an UPDATE carries two whole rows, and a key is one or two of their columns)."""
+        data, at, end = self.data, self.at, len(self.data)
+        count = self._number(_INT16)
+        at = self.at
+        values: list[Any] = [None] * max(count, 0)
+        for position in range(count):
+            if at >= end:
+                raise DecodeError("message shorter than its fields")
+            kind = data[at]
+            at += 1
+            if kind == _TEXT:
+                if at + 4 > end:
+                    raise DecodeError("message shorter than its fields")
+                (size,) = _INT32.unpack_from(data, at)
+                at += 4
+                if size < 0 or at + size > end:
+                    raise DecodeError("message shorter than its fields")
+                if wanted is None or position in wanted:
+                    values[position] = data[at : at + size].decode("utf-8", errors="strict")
+                at += size
+            elif kind == _UNCHANGED_TOAST:
+                values[position] = _UNCHANGED
+            elif kind != _NULL:
+                raise DecodeError(f"unknown column kind {bytes([kind])!r}")
+        self.at = at
         return values
 
 
