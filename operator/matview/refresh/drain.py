@@ -178,28 +178,38 @@ class _Advance(contextlib.AbstractContextManager["_Advance"]):
     refresh recomputes to the same rows. It is a warning, not the refresh's failure."""
 
     def __init__(self, conn: Connection, view: MaterializedView, upto: str) -> None:
-        self._conn, self._view, self._upto = conn, view, upto
-        self._pipeline = conn.pipeline()
-        self._pipeline.__enter__()
+        self._view, self._upto = view, upto
+        pipeline = conn.pipeline()
+        pipeline.__enter__()
+        self._pipeline: contextlib.AbstractContextManager[psycopg.Pipeline] | None = pipeline
         try:
             conn.execute(decoding.ADVANCE_QUERY, {"slot": decoding.slot_name(view), "upto": upto})
+        except psycopg.Error as error:  # could not even be sent (the connection lost): the same as failing
+            self._end(error)
+            self._warn(error)
         except BaseException as error:
-            self._close(error)
+            self._end(error)
             raise
 
     def __exit__(self, *_: object) -> None:
-        self._close(None)
-
-    def _close(self, pending: BaseException | None) -> None:
         try:
-            self._pipeline.__exit__(type(pending) if pending else None, pending, None)
+            self._end(None)
         except psycopg.Error as error:
-            logger.warning(
-                "%s: the replication slot's advance to %s failed (%s); the next drain reads its changes again",
-                self._view.relation,
-                self._upto,
-                error,
-            )
+            self._warn(error)
+
+    def _end(self, pending: BaseException | None) -> None:
+        """Leave the pipeline, reading the advance's answer; with an error pending, psycopg only logs its own."""
+        pipeline, self._pipeline = self._pipeline, None
+        if pipeline is not None:
+            pipeline.__exit__(type(pending) if pending else None, pending, None)
+
+    def _warn(self, error: psycopg.Error) -> None:
+        logger.warning(
+            "%s: the replication slot's advance to %s failed (%s); the next drain reads its changes again",
+            self._view.relation,
+            self._upto,
+            error,
+        )
 
 
 def _flush_and_look(conn: Connection, slot: str, publication: str) -> tuple[Any, ...]:
