@@ -111,3 +111,34 @@ def test_a_warm_incremental_refresh_reads_its_table_facts_in_the_proofs_round_tr
         result = refresh(totals, mv, "Incremental")
     assert (result.result, result.keys_applied) == ("success", 1), result
     assert trips.count() == 5
+
+
+def test_a_cold_resolution_reads_the_catalog_a_level_of_views_at_a_time(conn: Connection, tmp_path: Path) -> None:
+    """A process that has not resolved the query yet (``matview refresh``, the operator's first refresh of a view)
+    looks up every name of a level in one statement and reads every view definition among them in one round
+    trip: here the query's two names, then the two views its view reads. One by one this was 16 round trips."""
+    conn.execute(SCHEMA)
+    conn.execute(
+        "CREATE VIEW late.small AS SELECT account, amount FROM late.events WHERE amount < 50;"
+        "CREATE VIEW late.large AS SELECT account, amount FROM late.events WHERE amount >= 50;"
+        "CREATE VIEW late.paired AS SELECT s.account, s.amount + l.amount AS total "
+        "FROM late.small s JOIN late.large l USING (account)"
+    )
+    mv = view(
+        "paired",
+        schema="late",
+        name="paired_mv",
+        storage="Table",
+        query="SELECT b.account, b.total, e.amount FROM paired b JOIN events e USING (account)",
+        searchPath=["late"],
+        indexes=[{"columns": ["account"], "unique": False}],
+        incremental={"keyColumns": ["account"], "sources": [{"table": "late.events", "columns": ["account"]}]},
+    )
+    with RoundTrips(conn, tmp_path / "trace") as trips:
+        resolved = upstream.resolve_again(conn, mv)
+    assert set(resolved.oids) == {("late", name) for name in ("paired", "events", "small", "large")}
+    assert resolved.relations[(None, "paired")].definition is not None
+    assert resolved.relations[("late", "small")].relkind == "v"
+    # BEGIN, the pinned search_path, then per level of views its names and its definitions (2 levels), COMMIT
+    assert trips.count() == 7
+    assert upstream.resolution(conn, mv) is resolved  # remembered, and proved current as it stands

@@ -112,13 +112,8 @@ def relation_oid(conn: Connection, schema: str, name: str) -> int | None:
     return int(row[0]) if row else None
 
 
-_RESOLVE = sql.SQL(
-    "SELECT c.oid, n.nspname, c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-    "WHERE c.oid = to_regclass(%s)"
-)
 _READ_AS_CATALOG = sql.SQL("SELECT set_config('search_path', 'pg_catalog', true)")
-_VIEW_DEFINITION = sql.SQL("SELECT pg_get_viewdef(%s::oid)")
-#: What every name a resolution looked up resolves to now (NULLs for none), in the order given.
+#: What every name resolves to (NULLs for none), in the order given: a resolution's lookups, and its proof.
 _NAMES_NOW = sql.SQL(
     "SELECT c.oid, n.nspname, c.relname, c.relkind "
     "FROM pg_catalog.unnest(%(names)s::pg_catalog.text[]) WITH ORDINALITY AS w (name, position) "
@@ -126,7 +121,7 @@ _NAMES_NOW = sql.SQL(
     "LEFT JOIN pg_catalog.pg_namespace AS n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace "
     "ORDER BY w.position"
 )
-#: What every view a resolution read is defined as now, in the order given.
+#: What every view is defined as, in the order given: a resolution's reads (as pg_catalog), and its proof.
 _DEFINITIONS_NOW = sql.SQL(
     "SELECT pg_catalog.pg_get_viewdef(v.oid) "
     "FROM pg_catalog.unnest(%(oids)s::pg_catalog.oid[]) WITH ORDINALITY AS v (oid, position) ORDER BY v.position"
@@ -218,45 +213,67 @@ def send_proof(conn: Connection, view: MaterializedView, remembered: Resolution)
 
 def _resolve(conn: Connection, view: MaterializedView) -> Resolution:
     """Names resolve as the build resolves them (pinned search_path); view definitions are read back with
-    only pg_catalog on the search path, so every name in them comes back qualified."""
+    only pg_catalog on the search path, so every name in them comes back qualified.
+
+    A level at a time (the query's names, then the names its views' definitions read, and so on): every name of
+    a level in one statement, then every view's definition among them in one round trip. The driver-matrix
+    query, over six views, took 48 statements one by one (about 15 ms of a cold ``matview refresh``)."""
     found: dict[sqltext.Reference, sqltext.ResolvedRelation] = {}
     oids: dict[sqltext.RelationName, int] = {}
     names: list[str] = []
     resolved_rows: list[tuple[Any, ...]] = []
     views: list[int] = []
     definitions: list[str | None] = []
+
+    def record(reference: sqltext.Reference, row: tuple[Any, ...], definition: sqltext.CheckedSQL | None) -> None:
+        oid, resolved_schema, resolved_name, relkind = row
+        resolved = sqltext.ResolvedRelation((str(resolved_schema), str(resolved_name)), str(relkind), definition)
+        found[reference] = resolved
+        found.setdefault(resolved.name, resolved)
+        oids[resolved.name] = int(oid)
+
     pending = [view.query]
     with conn.transaction():
         pin_name_resolution(conn, view, local=True)
         while pending:
-            for reference in sqltext.relations_read(pending.pop()):
-                if reference in found:
-                    continue
-                if len(found) >= MAX_RESOLVED_RELATIONS:
-                    raise MatviewError(f"the query reaches more than {MAX_RESOLVED_RELATIONS} relations")
-                schema, name = reference
-                quoted = (sqltext.quote_identifier(schema) + "." if schema else "") + sqltext.quote_identifier(name)
-                row = conn.execute(_RESOLVE, (quoted,)).fetchone()
+            level: dict[sqltext.Reference, str] = {}
+            for text in pending:
+                for reference in sqltext.relations_read(text):
+                    if reference in found or reference in level:
+                        continue
+                    if len(found) + len(level) >= MAX_RESOLVED_RELATIONS:
+                        raise MatviewError(f"the query reaches more than {MAX_RESOLVED_RELATIONS} relations")
+                    schema, name = reference
+                    level[reference] = (sqltext.quote_identifier(schema) + "." if schema else "") + (
+                        sqltext.quote_identifier(name)
+                    )
+            pending = []
+            if not level:
+                break
+            rows = conn.execute(_NAMES_NOW, {"names": list(level.values())}).fetchall()
+            level_views: list[tuple[sqltext.Reference, tuple[Any, ...]]] = []
+            for (reference, quoted), found_row in zip(level.items(), rows, strict=True):
+                row = tuple(found_row)
                 names.append(quoted)
-                resolved_rows.append(tuple(row) if row is not None else (None, None, None, None))
-                if row is None:
+                resolved_rows.append(row)
+                if row[0] is None:
                     continue
-                oid, resolved_schema, resolved_name, relkind = row
-                definition = None
-                if relkind == "v":
-                    conn.execute(_READ_AS_CATALOG)
-                    text = conn.execute(_VIEW_DEFINITION, (oid,)).fetchone()
-                    pin_name_resolution(conn, view, local=True)
-                    views.append(int(oid))
-                    definitions.append(text[0] if text else None)
-                    definition = sqltext.check_view_definition(str(text[0]) if text else "")
-                    pending.append(definition)
-                resolved = sqltext.ResolvedRelation(
-                    (str(resolved_schema), str(resolved_name)), str(relkind), definition
-                )
-                found[reference] = resolved
-                found.setdefault(resolved.name, resolved)
-                oids[resolved.name] = int(oid)
+                if row[3] == "v":
+                    level_views.append((reference, row))
+                else:
+                    record(reference, row, None)
+            if not level_views:
+                continue
+            with conn.pipeline():
+                conn.execute(_READ_AS_CATALOG)
+                texts = conn.execute(_DEFINITIONS_NOW, {"oids": [int(row[0]) for _, row in level_views]})
+                pin_name_resolution(conn, view, local=True)
+            for (reference, row), (text,) in zip(level_views, texts.fetchall(), strict=True):
+                views.append(int(row[0]))
+                definitions.append(text)
+                definition = sqltext.check_view_definition(str(text) if text is not None else "")
+                pending.append(definition)
+                record(reference, row, definition)
     return Resolution(
         types.MappingProxyType(found),
         types.MappingProxyType(oids),
