@@ -196,15 +196,15 @@ PUBLISHED_TABLES = sql.SQL(
     "JOIN pg_catalog.pg_namespace AS n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace "
     "WHERE r.prpubid OPERATOR(pg_catalog.=) p.oid)"
 )
-#: The LSN a drain reads up to (the flushed WAL: changes committed later wait), the slot as it is now, and
-#: the publication (one changed by hand would silently stop publishing some writes: drain checks it is
-#: still as apply made it). The snapshot comes first: a transaction it does not see holds the slot back
-#: (Snapshot.sees). Read from the catalogs and pg_get_replication_slots() rather than the pg_replication_slots
-#: and pg_publication_tables views: the refresh before it made a temporary table, which resets the session's
-#: cached plans, so this is planned again at every drain, and planning the views cost about a millisecond.
+#: The slot as it is now and the publication (one changed by hand would silently stop publishing some writes:
+#: drain checks it is still as apply made it): its WAL status, the WAL it holds, whether the publication exists,
+#: publishes every change, and which tables. Read from the catalogs and pg_get_replication_slots() rather than the
+#: pg_replication_slots and pg_publication_tables views: a refresh makes temporary tables, which resets the
+#: session's cached plans, so this is planned again at every refresh, and planning the views cost about a
+#: millisecond. A refresh reads it under the view's lock in the batch that takes it, on its own connection, whose
+#: catalog caches no decoding has emptied.
 SLOT_QUERY = sql.SQL(
-    "SELECT pg_catalog.pg_current_snapshot()::pg_catalog.text, "
-    "pg_catalog.pg_current_wal_flush_lsn()::pg_catalog.text, s.wal_status, "
+    "SELECT s.wal_status, "
     "(pg_catalog.pg_current_wal_lsn() OPERATOR(pg_catalog.-) s.restart_lsn)::pg_catalog.int8, "
     "p.oid IS NOT NULL, COALESCE({publishes}, false), {tables} "
     "FROM (SELECT) AS one LEFT JOIN pg_catalog.pg_get_replication_slots() AS s "
@@ -214,11 +214,20 @@ SLOT_QUERY = sql.SQL(
     "WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()) "
     "LEFT JOIN pg_catalog.pg_publication AS p ON p.pubname OPERATOR(pg_catalog.=) %(publication)s::pg_catalog.name"
 ).format(publishes=PUBLISHES_EVERY_CHANGE, tables=PUBLISHED_TABLES)
+#: The reading transaction's setting that holds the LSN its peek reads up to.
+UPTO_SETTING = "matview.drain_upto"
+#: The first statement of the transaction that reads the slot, after the flush: its snapshot (a transaction it
+#: does not see holds the slot back: Snapshot.sees) and the LSN to read up to (the flushed WAL: changes committed
+#: later wait), kept in UPTO_SETTING so that the peek can follow in the same message.
+READ_POINT_QUERY = sql.SQL(
+    "SELECT pg_catalog.pg_current_snapshot()::pg_catalog.text, "
+    "pg_catalog.set_config({}, pg_catalog.pg_current_wal_flush_lsn()::pg_catalog.text, true)"
+).format(sql.Literal(UPTO_SETTING))
 PEEK_QUERY = sql.SQL(
     "SELECT c.data FROM pg_catalog.pg_logical_slot_peek_binary_changes("
-    "%(slot)s::pg_catalog.name, %(upto)s::pg_catalog.pg_lsn, NULL::pg_catalog.int4, "
+    "%(slot)s::pg_catalog.name, pg_catalog.current_setting({})::pg_catalog.pg_lsn, NULL::pg_catalog.int4, "
     "VARIADIC ARRAY['proto_version', '1', 'publication_names', %(publication)s]::pg_catalog.text[]) AS c"
-)
+).format(sql.Literal(UPTO_SETTING))
 ADVANCE_QUERY = sql.SQL(
     "SELECT pg_catalog.pg_replication_slot_advance(%(slot)s::pg_catalog.name, %(upto)s::pg_catalog.pg_lsn)"
 )

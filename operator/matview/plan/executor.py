@@ -164,12 +164,20 @@ class HeldLock:
     """The view's lock while held: its release may ride on the refresh's last transaction (one statement
     fewer, and the lock goes exactly when the refresh's state is committed)."""
 
-    def __init__(self, table: sql.Identifier | None, key: str, read_row: tuple[Any, ...] | None = None) -> None:
+    def __init__(
+        self,
+        table: sql.Identifier | None,
+        key: str,
+        read_row: tuple[Any, ...] | None = None,
+        also_row: tuple[Any, ...] | None = None,
+    ) -> None:
         self._table = table
         self._key = key
         self.released = table is None
         self.read_row = read_row
         """The row of the read sent with the take (view_lock's ``then``), read under the lock."""
+        self.also_row = also_row
+        """The row of view_lock's ``also``, read under the lock after ``then``."""
 
     def releasing(self, read: Query) -> Query:
         """read, made to release the lock too when its transaction commits (a data-modifying WITH runs whether
@@ -191,21 +199,29 @@ class HeldLock:
 
 
 def _take(
-    conn: Connection, view: MaterializedView, table: sql.Identifier | None, key: str, then: Query | None
-) -> tuple[psycopg.Cursor[Any] | None, psycopg.Cursor[Any] | None]:
-    """Send the tables' check, the lock's take and then's read in one batch; no table (the schema does not exist
-    yet): only the read. The cursors of the take and of the read."""
+    conn: Connection,
+    view: MaterializedView,
+    table: sql.Identifier | None,
+    key: str,
+    reads: tuple[Query | None, ...],
+) -> tuple[psycopg.Cursor[Any] | None, list[psycopg.Cursor[Any] | None]]:
+    """Send the tables' check, the lock's take and the reads in one batch (one implicit transaction: an error in
+    any rolls the take back too); no table (the schema does not exist yet): only the reads. The cursors of the
+    take and of each read."""
     if table is None:
-        return None, conn.execute(*then) if then is not None else None
+        with conn.pipeline():
+            return None, [conn.execute(*read) if read is not None else None for read in reads]
     with conn.pipeline():
         conn.execute(_BOTH_TRUSTED, (view.schema, [LOCK_TABLE, versions.VERSIONS_TABLE]))
         taken = conn.execute(_TAKE.format(table=table), {"key": key})
-        read = conn.execute(*then) if then is not None else None
-    return taken, read
+        cursors = [conn.execute(*read) if read is not None else None for read in reads]
+    return taken, cursors
 
 
 @contextlib.contextmanager
-def view_lock(conn: Connection, view: MaterializedView, then: Query | None = None) -> Iterator[HeldLock]:
+def view_lock(
+    conn: Connection, view: MaterializedView, then: Query | None = None, also: Query | None = None
+) -> Iterator[HeldLock]:
     """Hold the view's lock for a whole apply, delete or refresh, or raise BusyError at once.
 
     One lock for everything that changes a view, held across all of its steps (a Swap's build, swap and
@@ -218,18 +234,19 @@ def view_lock(conn: Connection, view: MaterializedView, then: Query | None = Non
 
     ``then``, a read, goes to the server with the take in one batch and runs after it (so under the lock; its
     row is the held lock's ``read_row``, discarded when the view is busy): one round trip instead of two.
+    ``also``, a second read, follows it the same way (``also_row``).
     """
     key = lock_key(view)
     table: sql.Identifier | None = sql.Identifier(view.schema, LOCK_TABLE)
     try:
-        taken, read = _take(conn, view, table, key, then)
+        taken, reads = _take(conn, view, table, key, (then, also))
     except psycopg.errors.DivisionByZero:  # not there yet, or not ours: create them, or say whose they are
         table = _lock_table(conn, view)
-        taken, read = _take(conn, view, table, key, then)  # checked again: whatever happened meanwhile
+        taken, reads = _take(conn, view, table, key, (then, also))  # checked again: whatever happened meanwhile
     if taken is not None and taken.fetchone() is None:
         raise BusyError(f"{view.relation}: another process is applying or refreshing this view right now")
-    read_row = read.fetchone() if read is not None else None
-    held = HeldLock(table, key, read_row)
+    read_row, also_row = (read.fetchone() if read is not None else None for read in reads)
+    held = HeldLock(table, key, read_row, also_row)
     try:
         yield held
     finally:

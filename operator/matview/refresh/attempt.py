@@ -119,14 +119,15 @@ def _drain(
     settings: ExecutionSettings,
     aside: Aside | None,
     lent: contextlib.ExitStack,
+    looked: tuple[Any, ...] | None,
 ) -> int | None:
     """The slot's changes into the log, read on a lent connection where there is one (the caller holds the view's
     lock on conn: the lock is a row, not the session, so another session of the operator may read the slot). The
     lent connection stays in ``lent`` with the slot's advance, which the server runs while the refresh does."""
     if aside is None:
-        return drain.drain(conn, view, settings)
+        return drain.drain(conn, view, settings, looked=looked)
     other = lent.enter_context(aside())
-    return drain.drain(conn, view, settings, reader=other, meanwhile=lent)
+    return drain.drain(conn, view, settings, reader=other, meanwhile=lent, looked=looked)
 
 
 def refresh(
@@ -170,10 +171,11 @@ def refresh(
 
     with lent:  # closed by finish before any return; here when a BaseException goes through
         try:
-            with view_lock(conn, view, then=facts.inspection_query(view)) as lock:
-                if decoding.uses_decoding(view) and lock.read_row is not None:
+            look = drain.slot_query(view) if decoding.uses_decoding(view) else None
+            with view_lock(conn, view, then=facts.inspection_query(view), also=look) as lock:
+                if look is not None and lock.read_row is not None:
                     # The slot's changes into the log, then decide.
-                    slot_bytes = {"slot_retained_wal_bytes": _drain(conn, view, settings, aside, lent)}
+                    slot_bytes = {"slot_retained_wal_bytes": _drain(conn, view, settings, aside, lent, lock.also_row)}
                 watermarks = None
                 if ranges.append_only_sources(view) and lock.read_row is not None:
                     # The rows appended since the last refresh into the log, then decide.

@@ -48,33 +48,41 @@ _FETCH = sql.SQL("FETCH FORWARD {} FROM {}").format(sql.Literal(FETCH_ROWS), _CU
 _MAY_LOG_SNAPSHOT: weakref.WeakKeyDictionary[Connection, bool] = weakref.WeakKeyDictionary()
 
 
+def slot_query(view: MaterializedView) -> tuple[sql.Composed, dict[str, str]]:
+    """The look at the slot and the publication (decoding.SLOT_QUERY) for view: a refresh reads it in the batch
+    that takes the view's lock and hands its row to ``drain``."""
+    return decoding.SLOT_QUERY, {"slot": decoding.slot_name(view), "publication": decoding.publication_name(view)}
+
+
 def drain(
     conn: Connection,
     view: MaterializedView,
     settings: ExecutionSettings,
     reader: Connection | None = None,
     meanwhile: contextlib.ExitStack | None = None,
+    looked: tuple[Any, ...] | None = None,
 ) -> int | None:
     """Move the slot's changes up to now into the change log (the caller holds the view's lock on conn); return
-    the WAL the slot still holds, in bytes. ``reader``, another connection to the same database, reads the slot
-    (see refresh.attempt.Aside); without one, conn does. With ``meanwhile`` too, the slot's advance is sent on
-    the reader once the keys have committed, and its answer is read when meanwhile closes (before the reader goes
-    back to its pool): the server advances the slot while the refresh runs on conn, instead of before it. Raises
+    the WAL the slot still holds, in bytes. ``looked`` is the row of ``slot_query`` read under that lock (read here
+    when not given). ``reader``, another connection to the same database, reads the slot (see
+    refresh.attempt.Aside); without one, conn does. With ``meanwhile`` too, the slot's advance is sent on the
+    reader once the keys have committed, and its answer is read when meanwhile closes (before the reader goes back
+    to its pool): the server advances the slot while the refresh runs on conn, instead of before it. Raises
     BusyError when another session is using the slot (the advance of another process's refresh of this view).
 
-    Three round trips when the changes fit one fetch: the flush and the look at the slot, on conn; then, on the
-    reader, the peek's first rows (one message: the transaction's start, its timeout, the cursor and its first
-    fetch); then the keys, their commit and the slot's advance (one message: it stops at the first error, so the
-    advance never runs unless the keys' commit did).
+    Two round trips on the reader when the changes fit one fetch, one message each: the flush, the read point and
+    the peek's first rows; then the keys, their commit and (unless meanwhile) the slot's advance. A message stops
+    at its first error, so the advance never runs unless the keys' commit did.
 
-    The look goes on conn because a drain empties its reader's catalog caches (logical decoding invalidates them
-    after the peek and after the advance): on the reader, the look was planned again over empty caches at every
-    drain (1.0 ms of a 4.9 ms drain on PostgreSQL 16), on conn its caches are the refresh's own, warm."""
+    The look goes on conn, with the lock: a drain empties its reader's catalog caches (logical decoding
+    invalidates them after the peek and after the advance), and on the reader the look was planned again over
+    empty caches at every drain (1.0 ms of a 4.9 ms drain on PostgreSQL 16)."""
     reader = conn if reader is None else reader
     slot = decoding.slot_name(view)
     publication = decoding.publication_name(view)
-    row = _flush_and_look(conn, slot, publication)
-    snapshot, upto, wal_status, retained, publication_exists, publishes_every_change, tables = row
+    if looked is None:
+        looked = tuple(conn.execute(*slot_query(view)).fetchone() or ())
+    wal_status, retained, publication_exists, publishes_every_change, tables = looked
     assert view.incremental is not None
     if not publication_exists:
         return _remake(reader, view, settings, f"publication {publication} does not exist")
@@ -97,9 +105,8 @@ def drain(
             settings,
             f"replication slot {slot} was invalidated (max_slot_wal_keep_size): its changes are lost",
         )
-    decoder = decoding.Decoder(view, decoding.Snapshot.parse(snapshot))
     try:
-        advance = _read(reader, view, settings, decoder, upto, later=meanwhile is not None and reader is not conn)
+        advance = _read(reader, view, settings, later=meanwhile is not None and reader is not conn)
         if advance is not None and meanwhile is not None:
             meanwhile.enter_context(_Advance(reader, view, advance))
     except psycopg.errors.ObjectInUse as error:
@@ -116,29 +123,34 @@ def drain(
     return _bytes(retained)
 
 
-def _read(
-    conn: Connection,
-    view: MaterializedView,
-    settings: ExecutionSettings,
-    decoder: decoding.Decoder,
-    upto: str,
-    later: bool = False,
-) -> str | None:
-    """The slot's changes up to upto into the log, committed, then the slot advanced past what was read; or,
+def _read(conn: Connection, view: MaterializedView, settings: ExecutionSettings, later: bool = False) -> str | None:
+    """Make every committed write readable (and, where the role may, let the slot restart after it), then the
+    slot's changes up to the flushed WAL into the log, committed, then the slot advanced past what was read; or,
     later, the LSN to advance it to, for the caller to send. Any error rolls the transaction back (the slot does
     not advance) before it goes on."""
+    may_log_snapshot = _may_log_snapshot(conn)
     slot = decoding.slot_name(view)
     reasons: list[str] = []
-    advance_to = decoding.lsn_value(upto)
     message = session.Message(conn)
     try:
         session.start_transaction(conn, message)
+        if may_log_snapshot:
+            message.add(decoding.LOG_SNAPSHOT_QUERY)
+        message.add(decoding.FLUSH_QUERY)
+        message.add(session.COMMIT)
+        session.start_transaction(conn, message)  # a second transaction in the same message: the flush committed
         message.add(*session.local_statement_timeout_query(settings.statement_timeout_seconds))
-        peek = {"slot": slot, "upto": upto, "publication": decoding.publication_option(view)}
-        message.add(_DECLARE + decoding.PEEK_QUERY, peek)
+        read_point_at = message.add(decoding.READ_POINT_QUERY)
+        message.add(_DECLARE + decoding.PEEK_QUERY, {"slot": slot, "publication": decoding.publication_option(view)})
+        fetched_at = message.add(_FETCH)
+        sent = message.send()
+        read_point = session.result_of(sent, read_point_at).fetchone()
+        assert read_point is not None
+        snapshot, upto = str(read_point[0]), str(read_point[1])
+        batch = session.result_of(sent, fetched_at - read_point_at).fetchall()
+        decoder = decoding.Decoder(view, decoding.Snapshot.parse(snapshot))
+        advance_to = decoding.lsn_value(upto)
         while True:
-            fetched_at = message.add(_FETCH)
-            batch = session.result_of(message.send(), fetched_at).fetchall()
             changes = decoding.Changes()
             for (data,) in batch:
                 decoder.feed(bytes(data), changes)
@@ -152,6 +164,8 @@ def _read(
                 advance_to = min(advance_to, changes.unseen_commit_lsn)
             if len(batch) < FETCH_ROWS:
                 break
+            fetched_at = message.add(_FETCH)
+            batch = session.result_of(message.send(), fetched_at).fetchall()
         for reason in sorted(set(reasons)):
             message.add(decoding.request_rebuild_statement(view), (reason,))
         message.add(session.COMMIT)
@@ -163,6 +177,13 @@ def _read(
         if not later:
             message.add(decoding.ADVANCE_QUERY, {"slot": slot, "upto": decoding.lsn_text(advance_to)})
         message.send()
+    except psycopg.errors.InsufficientPrivilege:
+        session.roll_back(conn)
+        if not may_log_snapshot:
+            raise
+        # EXECUTE was revoked since this connection asked: drain without it from now on.
+        _MAY_LOG_SNAPSHOT[conn] = False
+        return _read(conn, view, settings, later)
     except BaseException:
         session.roll_back(conn)
         raise
@@ -212,9 +233,9 @@ class _Advance(contextlib.AbstractContextManager["_Advance"]):
         )
 
 
-def _flush_and_look(conn: Connection, slot: str, publication: str) -> tuple[Any, ...]:
-    """Make every committed write readable (and, where the role may, let the slot restart after it), then
-    read the slot and the publication: one round trip once the connection's role is known."""
+def _may_log_snapshot(conn: Connection) -> bool:
+    """Whether conn's role may run pg_log_standby_snapshot(): asked once per connection (the answer decides what
+    the drain's first message sends)."""
     may_log_snapshot = _MAY_LOG_SNAPSHOT.get(conn)
     if may_log_snapshot is None:
         may_log_snapshot = False
@@ -222,21 +243,7 @@ def _flush_and_look(conn: Connection, slot: str, publication: str) -> tuple[Any,
             allowed = conn.execute(decoding.MAY_LOG_SNAPSHOT_QUERY).fetchone()
             may_log_snapshot = allowed is not None and bool(allowed[0])
         _MAY_LOG_SNAPSHOT[conn] = may_log_snapshot
-    try:
-        with session.one_batch(conn):
-            with session.transaction_in_batch(conn):
-                if may_log_snapshot:
-                    conn.execute(decoding.LOG_SNAPSHOT_QUERY)
-                conn.execute(decoding.FLUSH_QUERY)
-            row = conn.execute(decoding.SLOT_QUERY, {"slot": slot, "publication": publication}).fetchone()
-    except psycopg.errors.InsufficientPrivilege:
-        if not may_log_snapshot:
-            raise
-        # EXECUTE was revoked since this connection asked: drain without it from now on.
-        _MAY_LOG_SNAPSHOT[conn] = False
-        return _flush_and_look(conn, slot, publication)
-    assert row is not None
-    return tuple(row)
+    return may_log_snapshot
 
 
 def _remake(conn: Connection, view: MaterializedView, settings: ExecutionSettings, why: str) -> int | None:
@@ -246,9 +253,8 @@ def _remake(conn: Connection, view: MaterializedView, settings: ExecutionSetting
     observed = Observed(current_user=str(row[0]) if row else "", decoding=catalog.read_decoding(conn, view))
     steps = converge_decoding(view, observed, [], force_new_slot=True, built=True, why=why)
     execute(conn, Plan(view, tuple(steps), (why,), log_steps=False), settings)  # a failure fails the refresh
-    query = {"slot": decoding.slot_name(view), "publication": decoding.publication_name(view)}
-    row = conn.execute(decoding.SLOT_QUERY, query).fetchone()
-    return _bytes(row[3]) if row else None
+    row = conn.execute(*slot_query(view)).fetchone()
+    return _bytes(row[1]) if row else None
 
 
 def _bytes(value: object) -> int | None:
