@@ -19,6 +19,7 @@ from matview.api.spec import MaterializedView
 from matview.embedded.localpg import LocalServer
 from matview.errors import SpecError, UnmanagedObjectError
 from matview.plan import capture, decoding, engine
+from matview.plan.executor import LOCK_TABLE
 from matview.plan.observed import Connection
 from matview.refresh import refresh
 from tests.db.test_incremental import SCHEMA_SQL, SOURCES, apply, matrix_view, mismatches
@@ -445,6 +446,29 @@ def test_the_slot_advances_on_the_lent_connection_while_the_refresh_runs(matrix:
         assert before is not None and after is not None and after[0] != before[0], (before, after)
         assert lent.pgconn.pipeline_status == psycopg.pq.PipelineStatus.OFF
         assert lent.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert mismatches(matrix, mv) == (0, 0)
+
+
+def test_a_look_at_the_slot_that_fails_under_the_lock_leaves_the_lock_free(matrix: Connection, dsn: str) -> None:
+    """The look at the slot rides in the batch that takes the view's lock, after the take: one implicit
+    transaction, so when the look fails the take is rolled back with it. The refresh fails, saying why, and the
+    next one is not kept out by a lock nobody releases."""
+    mv = decoding_view()
+    apply(matrix, mv)
+    matrix.execute("UPDATE ops.leads SET driver_id = 9000 WHERE driver_id = 31")
+    failing = sql.SQL("SELECT pg_catalog.pg_sleep(0), %(slot)s::text, %(publication)s::text, 1 / 0")
+    with engine.connect(dsn) as refresher, pytest.MonkeyPatch.context() as patched:
+        patched.setattr(decoding, "SLOT_QUERY", failing)
+        failed = refresh(refresher, mv)
+        assert (failed.result, failed.busy) == ("failure", False), failed
+        assert "division by zero" in failed.message, failed.message
+        held = matrix.execute(
+            sql.SQL("SELECT count(*) FROM {} WHERE pid = %s").format(sql.Identifier("ops", LOCK_TABLE)),
+            (refresher.info.backend_pid,),
+        ).fetchone()
+        assert held == (0,), "the failed look left the view's lock taken"
+    result = refresh(matrix, mv)
+    assert (result.result, result.mode, result.keys_applied) == ("success", "Incremental", 2), result
     assert mismatches(matrix, mv) == (0, 0)
 
 
