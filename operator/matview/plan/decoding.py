@@ -397,10 +397,10 @@ class Decoder:
 
     def _keys(self, reader: _Reader, oid: int, into: Changes) -> None:
         relation = self.relations.get(oid)
-        values = reader.tuple_data(relation[1] if relation is not None else None)
         if relation is None:
             raise DecodeError(f"a change of relation {oid} before its description")
         name, positions = relation
+        values = reader.tuple_data(positions or ())  # no key to read: the tuple is only checked and skipped
         if name not in self.sources:
             return  # added to the publication by hand: not a source (apply repairs the publication)
         self._changed(into)
@@ -468,13 +468,12 @@ class _Reader:
         self.at = end + 1
         return text
 
-    def tuple_data(self, wanted: tuple[int, ...] | None = None) -> list[Any]:
+    def tuple_data(self, wanted: tuple[int, ...]) -> list[Any]:
         """A tuple's columns: None for a null, _UNCHANGED for an unchanged TOASTed value, text otherwise; only the
         columns at the wanted positions are decoded (the others are checked and skipped: with REPLICA IDENTITY
         FULL an UPDATE carries two whole rows, and a key is one or two of their columns)."""
-        data, at, end = self.data, self.at, len(self.data)
         count = self._number(_INT16)
-        at = self.at
+        data, at, end = self.data, self.at, len(self.data)
         values: list[Any] = [None] * max(count, 0)
         for position in range(count):
             if at >= end:
@@ -488,7 +487,7 @@ class _Reader:
                 at += 4
                 if size < 0 or at + size > end:
                     raise DecodeError("message shorter than its fields")
-                if wanted is None or position in wanted:
+                if position in wanted:
                     values[position] = data[at : at + size].decode("utf-8", errors="strict")
                 at += size
             elif kind == _UNCHANGED_TOAST:
