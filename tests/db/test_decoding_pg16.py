@@ -145,3 +145,29 @@ def test_a_drain_goes_on_without_the_snapshot_when_its_role_loses_execute_on_it(
     finally:
         matrix16.execute(sql.SQL("DROP OWNED BY {}").format(role))
         matrix16.execute(sql.SQL("DROP ROLE {}").format(role))
+
+
+def test_a_drain_denied_something_else_keeps_logging_the_snapshot(matrix16: Connection, pg16: LocalServer) -> None:
+    """Only a denied pg_log_standby_snapshot() makes a connection drain without it: a role that may still run
+    it, denied the change log instead, gets that error and keeps the snapshot for its next drain."""
+    mv = decoding_view()
+    apply(matrix16, mv)
+    role = sql.Identifier("drainer")
+    matrix16.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(role))
+    matrix16.execute(sql.SQL("CREATE ROLE {} LOGIN REPLICATION").format(role))
+    snapshot_function = sql.SQL("FUNCTION pg_catalog.pg_log_standby_snapshot()")
+    try:
+        matrix16.execute(sql.SQL("GRANT USAGE ON SCHEMA ops TO {}").format(role))
+        matrix16.execute(sql.SQL("GRANT EXECUTE ON {} TO {}").format(snapshot_function, role))
+        with engine.connect(pg16.dsn("matrix", user="drainer")) as drainer:
+            matrix16.execute("INSERT INTO ops.trips (driver_id, trip_date) VALUES (11, '2026-02-01')")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="mx_mv_changes"):
+                drain.drain(drainer, mv, ExecutionSettings())
+            assert drain._MAY_LOG_SNAPSHOT[drainer] is True
+            matrix16.execute(sql.SQL("GRANT INSERT ON ops.mx_mv_changes TO {}").format(role))
+            drain.drain(drainer, mv, ExecutionSettings())
+        logged = matrix16.execute("SELECT DISTINCT k FROM ops.mx_mv_changes, unnest(driver_id) AS k").fetchall()
+        assert logged == [(11,)], logged
+    finally:
+        matrix16.execute(sql.SQL("DROP OWNED BY {}").format(role))
+        matrix16.execute(sql.SQL("DROP ROLE {}").format(role))

@@ -1,10 +1,12 @@
 """Read a LogicalDecoding view's replication slot into its change log, before a refresh decides.
 
 Runs under the view's lock (a slot serves one reader at a time, and two drains would advance it past each
-other). Order is what makes it safe: the LSN to read up to is taken first; the changes up to it are
-peeked, not consumed, and their keys written to the change log in one transaction; only after that commits
-does the slot advance to the LSN. Killed between the commit and the advance, the next drain reads the same
-changes again and writes the same keys again, which a refresh recomputes to the same rows.
+other); only a refresh's advance, sent once its keys have committed, may still be running when the lock goes
+with the refresh's last transaction, and a drain that then finds the slot in use is busy. Order is what makes
+it safe: the LSN to read up to is taken first; the changes up to it are peeked, not consumed, and their keys
+written to the change log in one transaction; only after that commits does the slot advance to the LSN. Killed
+between the commit and the advance, the next drain reads the same changes again and writes the same keys
+again, which a refresh recomputes to the same rows.
 
 Anything that makes the slot's changes unreadable (the slot missing or invalidated, the publication
 dropped or altered, a message this parser cannot read) ends the same way: the capture is made again by the
@@ -38,7 +40,7 @@ FETCH_ROWS = 10_000
 
 _CURRENT_USER = sql.SQL("SELECT current_user")
 # A cursor of the transaction (gone at its end), declared and read with plain statements so that the
-# declaration and the first rows travel in one round trip with the rest of the pipeline.
+# declaration and the first rows travel in one message with the flush and the read point.
 _CURSOR = sql.Identifier("matview_drain")
 _DECLARE = sql.SQL("DECLARE {} NO SCROLL CURSOR FOR ").format(_CURSOR)
 _FETCH = sql.SQL("FETCH FORWARD {} FROM {}").format(sql.Literal(FETCH_ROWS), _CURSOR)
@@ -181,8 +183,11 @@ def _read(conn: Connection, view: MaterializedView, settings: ExecutionSettings,
         session.roll_back(conn)
         if not may_log_snapshot:
             raise
-        # EXECUTE was revoked since this connection asked: drain without it from now on.
-        _MAY_LOG_SNAPSHOT[conn] = False
+        # Denied something in the message: if it was the snapshot (EXECUTE revoked since this connection asked),
+        # drain without it from now on; anything else goes on as the error it is.
+        del _MAY_LOG_SNAPSHOT[conn]
+        if _may_log_snapshot(conn):
+            raise
         return _read(conn, view, settings, later)
     except BaseException:
         session.roll_back(conn)
