@@ -426,10 +426,12 @@ def test_the_slot_advances_on_the_lent_connection_while_the_refresh_runs(matrix:
         original_inspected = attempt.facts.inspected
 
         def inspected_while_the_advance_waits(conn: Connection, *args: Any) -> Any:
-            for _ in range(3000):  # the advance was sent before the drain returned: wait for the server to run it
-                if holder.execute(waiting, (lent.info.backend_pid,)).fetchone() == (1,):
-                    break
-            seen_waiting.append(holder.execute(waiting, (lent.info.backend_pid,)).fetchone() == (1,))
+            # The advance was sent before the drain returned, and waits for the lock held here until released
+            # below: wait for the server to show it waiting (no bound: a count of tries would be a timeout in
+            # disguise on a loaded machine; an advance run before the refresh never lets the refresh get here).
+            while holder.execute(waiting, (lent.info.backend_pid,)).fetchone() != (1,):
+                pass
+            seen_waiting.append(True)
             holder.execute("SELECT pg_advisory_unlock(%s)", (held_key,))
             return original_inspected(conn, *args)
 
@@ -545,15 +547,22 @@ async def test_cancelling_a_refresh_while_its_drain_runs_on_the_lent_connection_
             slow = sql.SQL("SELECT pg_catalog.pg_sleep(300), %s::pg_catalog.text")
             patched.setattr(decoding, "insert_keys_statement", lambda _view: slow)
             task = asyncio.create_task(refresher.refresh(dsn, mv))
-            for _ in range(2000):
-                if watcher.execute(sleeping).fetchone() == (1,) or task.done():
-                    break
+            # Until the drain sleeps or the refresh ended without it: no count of tries (a timeout in disguise).
+            while watcher.execute(sleeping).fetchone() != (1,) and not task.done():
                 await asyncio.sleep(0.005)
             assert not task.done() and watcher.execute(sleeping).fetchone() == (1,), "the drain never ran"
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
             assert watcher.execute(sleeping).fetchone() == (0,)
+        # The task is cancelled at once; its lane thread still rolls back and releases the view's lock. Until it
+        # has, a refresh is rightly a busy skip: wait for the lock itself to be free.
+        held = sql.SQL(
+            "SELECT count(*) FROM {} AS l JOIN pg_stat_activity AS a "
+            "ON a.pid = l.pid AND a.backend_start = l.backend_start"
+        ).format(sql.Identifier("ops", LOCK_TABLE))
+        while watcher.execute(held).fetchone() != (0,):
+            await asyncio.sleep(0.005)
         result = await refresher.refresh(dsn, mv)
         assert (result.result, result.keys_applied) == ("success", 2), result  # 19 and 6000: nothing lost
         assert mismatches(matrix, mv) == (0, 0)
