@@ -31,10 +31,11 @@ def wait_for(condition: Callable[[], bool], what: str, seconds: float = 60) -> N
 
 
 def start_run(dsn: str, *arguments: str) -> subprocess.Popen[str]:
-    """`matview run --dsn DSN ARGUMENTS…` as a user starts it (no DATABASE_URL from the test's environment)."""
+    """`matview run --dsn DSN ARGUMENTS…` as a user starts it (no DATABASE_URL from the test's environment), with
+    no control socket unless ARGUMENTS name one (the suite's processes share a working directory)."""
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     return subprocess.Popen(
-        [sys.executable, "-m", "matview.cli", "run", "--dsn", dsn, *arguments],
+        [sys.executable, "-m", "matview.cli", "run", "--dsn", dsn, "--control-socket", "", *arguments],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

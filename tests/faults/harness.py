@@ -273,6 +273,8 @@ class Scenario:
                 "127.0.0.1",
                 "--retry-seconds",
                 "1",
+                "--control-socket",
+                str(self.workdir / "run.sock"),
                 *extra,
                 str(self.specs),
             ],

@@ -520,3 +520,28 @@ async def test_a_database_behind_keeps_its_overdue_views_queued_in_order_and_hol
         loop.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await loop
+
+
+async def test_handed_refreshes_run_upstream_first_as_far_as_known_and_a_circle_ends(world: Any) -> None:
+    """``matview refresh`` of several files handed to a run (cli/control.py): each view after those among them it
+    reads, once; views reading each other (names only) and views whose reads are unknown keep the order given."""
+    scheduler, feeder, clock = world()
+    base, middle, top, alone = hourly("base"), hourly("middle"), hourly("top"), hourly("alone")
+    first, second, unknown = hourly("first"), hourly("second"), hourly("unknown")
+    feeder.read = {
+        middle.owner: frozenset({(base.schema, base.name)}),
+        top.owner: frozenset({(middle.schema, middle.name), (base.schema, base.name)}),
+        first.owner: frozenset({(second.schema, second.name)}),
+        second.owner: frozenset({(first.schema, first.name)}),
+    }
+    for v in (base, middle, top, alone, first, second):
+        scheduler.put(v.owner, v)
+    await run_until(scheduler, clock, 1)
+    assert all(scheduler.ready(v.owner) for v in (base, middle, top, alone, first, second))
+    assert not scheduler.ready(unknown.owner)
+    asked = [top.owner, alone.owner, middle.owner, base.owner]
+    assert scheduler.upstream_first(asked) == [base.owner, middle.owner, top.owner, alone.owner]
+    assert scheduler.upstream_first([middle.owner, top.owner]) == [middle.owner, top.owner]
+    circle = scheduler.upstream_first([first.owner, second.owner])
+    assert sorted(circle) == sorted([first.owner, second.owner])
+    assert scheduler.upstream_first([unknown.owner, base.owner]) == [unknown.owner, base.owner]

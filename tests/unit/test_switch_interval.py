@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from matview.cli import build_parser
+from matview.cli import build_parser, handler_of
 from matview.k8s import main as operator_main
 from matview.refresh.settings import SWITCH_INTERVAL_SECONDS
 
@@ -54,5 +54,5 @@ def test_each_daemon_runs_with_the_interval(argv: list[str], monkeypatch: pytest
     monkeypatch.setattr(operator_main, "_config", None)  # what `matview operator` gives kopf's handlers
     args = build_parser().parse_args([str(tmp_path) if arg == "{empty directory}" else arg for arg in argv])
     with pytest.raises(Started):
-        args.handler(args)
+        handler_of(args.command)(args)
     assert seen == [SWITCH_INTERVAL_SECONDS]

@@ -516,8 +516,8 @@ def load_documents(text: str, source: str = "") -> list[MaterializedView]:
     return views
 
 
-def load_file(path: str | Path) -> list[MaterializedView]:
-    """Read and validate a YAML file."""
+def read_spec_file(path: str | Path) -> bytes:
+    """A spec file's bytes, bounded as boundedyaml bounds its text: what load_bytes validates."""
     file = Path(path)
     try:
         with file.open("rb") as stream:
@@ -526,11 +526,29 @@ def load_file(path: str | Path) -> list[MaterializedView]:
         raise SpecError([FieldError("(file)", exc.strerror or str(exc))], str(file)) from None
     if len(data) > boundedyaml.MAX_BYTES:
         raise SpecError([FieldError("(file)", f"is larger than {boundedyaml.MAX_BYTES} bytes")], str(file))
+    return data
+
+
+def load_bytes(data: bytes, source: str) -> list[MaterializedView]:
+    """Validate a file's bytes as read by read_spec_file (a caller that keeps them knows what it loaded)."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise SpecError([FieldError("(file)", f"is not UTF-8 text (byte {exc.start + 1})")], str(file)) from None
-    return load_documents(text, str(file))
+        raise SpecError([FieldError("(file)", f"is not UTF-8 text (byte {exc.start + 1})")], source) from None
+    return load_documents(text, source)
 
 
-__all__ = ["check_cron", "check_identifier", "load_documents", "load_file", "validate_document"]
+def load_file(path: str | Path) -> list[MaterializedView]:
+    """Read and validate a YAML file."""
+    return load_bytes(read_spec_file(path), str(Path(path)))
+
+
+__all__ = [
+    "check_cron",
+    "check_identifier",
+    "load_bytes",
+    "load_documents",
+    "load_file",
+    "read_spec_file",
+    "validate_document",
+]

@@ -12,18 +12,39 @@ group (views, serving, showcase, local_server) and share cli.common.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from matview.api.spec import RefreshMode
-from matview.cli.common import DEFAULT_EMBEDDED_DIR, EXIT_FAILED, EXIT_INVALID
-from matview.cli.local_server import cmd_embedded_clean, cmd_embedded_stop
-from matview.cli.serving import cmd_operator, cmd_run
-from matview.cli.showcase import cmd_compare, cmd_demo
-from matview.cli.views import cmd_apply, cmd_delete, cmd_page, cmd_plan, cmd_refresh, cmd_validate, cmd_verify
+from matview.cli import arguments, control
+from matview.cli.report import EXIT_FAILED, EXIT_INVALID
 from matview.errors import MatviewError, SpecError
+
+#: Each verb's function, imported when the verb runs: ``matview refresh`` first asks a running ``matview run``
+#: (cli/control.py), and that needs none of the engine.
+HANDLERS = {
+    "validate": "views:cmd_validate",
+    "plan": "views:cmd_plan",
+    "apply": "views:cmd_apply",
+    "delete": "views:cmd_delete",
+    "refresh": "views:cmd_refresh",
+    "verify": "views:cmd_verify",
+    "page": "views:cmd_page",
+    "run": "serving:cmd_run",
+    "operator": "serving:cmd_operator",
+    "demo": "showcase:cmd_demo",
+    "compare": "showcase:cmd_compare",
+    "embedded-stop": "local_server:cmd_embedded_stop",
+    "embedded-clean": "local_server:cmd_embedded_clean",
+}
+
+
+def handler_of(command: str) -> Callable[[argparse.Namespace], int]:
+    module, _, function = HANDLERS[command].partition(":")
+    found: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(f"matview.cli.{module}"), function)
+    return found
 
 
 class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -36,6 +57,7 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from matview.api.spec import RefreshMode
     from matview.constants import DEFAULT_METRICS_PORT as DEFAULT_PORT
     from matview.refresh.settings import RunnerSettings
 
@@ -48,44 +70,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(
-        name: str, handler: Callable[[argparse.Namespace], int], text: str, files: bool = True, database: bool = True
-    ) -> argparse.ArgumentParser:
+    def command(name: str, text: str, files: bool = True, database: bool = True) -> argparse.ArgumentParser:
+        assert name in HANDLERS, name
         p = sub.add_parser(name, help=text, description=text, formatter_class=_HelpWithDefaults)
-        p.set_defaults(handler=handler)
-        p.add_argument("--json", action="store_true", help="machine-readable output")
-        if files:
-            p.add_argument("files", nargs="+", metavar="FILE", help="MaterializedView YAML file(s)")
-        if database:
-            source = p.add_mutually_exclusive_group()
-            source.add_argument(
-                "--dsn",
-                help="libpq connection string or URI; it shows in the process list, so prefer --dsn-file or "
-                "$DATABASE_URL for one with a password (default: $DATABASE_URL, else embedded)",
-            )
-            source.add_argument("--dsn-file", metavar="PATH", help="read the connection string from this file")
-        p.add_argument("--embedded-dir", default=str(DEFAULT_EMBEDDED_DIR), help=argparse.SUPPRESS)
+        arguments.add_view_arguments(p, files=files, database=database)
         return p
 
-    command("validate", cmd_validate, "check files without touching any database", database=False)
+    command("validate", "check files without touching any database", database=False)
     allow_superuser = "accept a spec.runAsRole that is a superuser (refused by default: its queries could do anything)"
-    command("plan", cmd_plan, "print the SQL apply would run; changes nothing").add_argument(
+    command("plan", "print the SQL apply would run; changes nothing").add_argument(
         "--allow-superuser-run-as-role", action="store_true", help=allow_superuser
     )
-    command("apply", cmd_apply, "make the database match the files").add_argument(
+    command("apply", "make the database match the files").add_argument(
         "--allow-superuser-run-as-role", action="store_true", help=allow_superuser
     )
-    command("delete", cmd_delete, "delete per deletionPolicy (Retain keeps everything)")
-    refresh = command("refresh", cmd_refresh, "refresh now and print what happened (mode, duration, rows)")
-    refresh.add_argument(
-        "--mode", choices=[m.value for m in RefreshMode], help="override spec.refresh.mode (default: the spec's)"
-    )
+    command("delete", "delete per deletionPolicy (Retain keeps everything)")
+    refresh = command("refresh", "refresh now and print what happened (mode, duration, rows)")
+    arguments.add_refresh_arguments(refresh, modes=[m.value for m in RefreshMode])
     command(
         "verify",
-        cmd_verify,
         "compare an incremental view's stored rows with a full recompute of its query (exit 1 on a mismatch)",
     )
-    pager = command("page", cmd_page, "print one keyset page of a view, as matview.client.page reads it")
+    pager = command("page", "print one keyset page of a view, as matview.client.page reads it")
     pager.add_argument("--order", required=True, help="comma-separated columns (a unique index must cover them)")
     pager.add_argument("--limit", type=int, default=100, help="rows per page")
     where = pager.add_mutually_exclusive_group()
@@ -111,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         parser.add_argument("--allow-superuser-run-as-role", action="store_true", help=allow_superuser)
 
-    run = command("run", cmd_run, "apply, then keep views refreshed on schedule with /metrics", files=False)
+    run = command("run", "apply, then keep views refreshed on schedule with /metrics", files=False)
     run.add_argument("paths", nargs="+", metavar="FILE|DIR", help="YAML files or directories of them")
     scheduling_flags(run)
     run.add_argument(
@@ -119,13 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="127.0.0.1",
         help="address /metrics listens on (default: this machine only; 0.0.0.0 for a scraper elsewhere)",
     )
+    arguments.add_control_socket_argument(
+        run, "the Unix socket 'matview refresh' of these files is handed to (empty: none)"
+    )
     run.add_argument(
         "--retry-seconds",
         type=float,
         default=RunnerSettings.retry_seconds,
         help="first wait after a failed apply or refresh; doubles per failure up to the view's period",
     )
-    op = command("operator", cmd_operator, "run the Kubernetes operator (wraps kopf)", files=False, database=False)
+    op = command("operator", "run the Kubernetes operator (wraps kopf)", files=False, database=False)
     scope = op.add_mutually_exclusive_group()
     scope.add_argument("--namespace", "-n", action="append", help="watch this namespace (repeatable)")
     scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
@@ -138,20 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--shard-index", type=int, default=0, help="this replica's shard, from 0 to shard-count - 1")
     demo_parser = command(
         "demo",
-        cmd_demo,
         "build a slow 8-CTE reporting view, make it fast with a materialized view, and keep it fresh",
         files=False,
     )
     demo_parser.add_argument("--drivers", type=int, default=20000, help="scale of the generated workload")
     demo_parser.add_argument("--once", action="store_true", help="exit after the comparison")
     demo_parser.add_argument("--metrics-port", type=int, default=DEFAULT_PORT)
-    cmp = command("compare", cmd_compare, "EXPLAIN ANALYZE representative queries on the MV and its fallback")
+    cmp = command("compare", "EXPLAIN ANALYZE representative queries on the MV and its fallback")
     cmp.add_argument("--fallback", required=True, help="the plain view to compare with, as schema.view")
     cmp.add_argument("--repeats", type=int, default=3)
-    command("embedded-stop", cmd_embedded_stop, "stop the embedded PostgreSQL", files=False, database=False)
+    command("embedded-stop", "stop the embedded PostgreSQL", files=False, database=False)
     command(
         "embedded-clean",
-        cmd_embedded_clean,
         "stop the embedded PostgreSQL and delete its data directory (.matview/pgdata)",
         files=False,
         database=False,
@@ -160,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    handed = control.refresh_through_run(argv)
+    if handed is not None:
+        return handed
     parser = build_parser()
     args = parser.parse_args(argv)
     daemon = args.command in ("run", "operator")  # long-running: every refresh is logged
@@ -167,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose or daemon else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    handler: Callable[[argparse.Namespace], int] = args.handler
+    handler = handler_of(args.command)
     as_json = bool(getattr(args, "json", False))
     try:
         return handler(args)

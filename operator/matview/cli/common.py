@@ -4,7 +4,6 @@ works through, and its output (human or --json) and exit code, in one place."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import stat
 import sys
@@ -14,11 +13,13 @@ from typing import Any
 
 from matview.api.spec import MaterializedView
 from matview.api.validation import load_file
+from matview.cli import report
+from matview.cli.arguments import DEFAULT_EMBEDDED_DIR
+from matview.cli.report import EXIT_FAILED, EXIT_INVALID, EXIT_OK
 from matview.errors import FieldError, MatviewError, SpecError
 from matview.plan import engine
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
-DEFAULT_EMBEDDED_DIR = Path(".matview/pgdata")
+__all__ = ["DEFAULT_EMBEDDED_DIR", "EXIT_FAILED", "EXIT_INVALID", "EXIT_OK", "Batch", "database_url", "policy"]
 
 
 def database_url(args: argparse.Namespace) -> str:
@@ -113,22 +114,7 @@ class Batch:
         self, args: argparse.Namespace, results: list[dict[str, Any]], human: Callable[[dict[str, Any]], str]
     ) -> int:
         """Print results and problems; exit 2 when anything was invalid, 1 when anything failed."""
-        if args.json:
-            print(json.dumps([*results, *self.problems], indent=2))
-        else:
-            for result in results:
-                print(human(result))
-            for problem in self.problems:
-                where = problem["file"] + (f" ({problem['resource']})" if problem["resource"] else "")
-                error = problem["error"]
-                if error["kind"] == "invalid":
-                    print(f"invalid: {where}:", file=sys.stderr)
-                    for item in error["problems"]:
-                        print(f"  {item['field']}: {item['message']}", file=sys.stderr)
-                else:
-                    print(f"error: {where}: {error['message']}", file=sys.stderr)
-        kinds = {problem["error"]["kind"] for problem in self.problems}
-        return EXIT_INVALID if "invalid" in kinds else EXIT_FAILED if kinds else EXIT_OK
+        return report.finish(args.json, results, self.problems, human)
 
 
 def jsonable(value: Any) -> Any:

@@ -14,13 +14,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import logging
+import os
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from matview.api.spec import MaterializedView
-from matview.api.validation import load_file
+from matview.api.validation import load_bytes, read_spec_file
+from matview.cli.control import DEADLINE_GRACE_SECONDS, Accepted
 from matview.errors import SpecError
 from matview.outcomes import FailureReason, Outcome
 from matview.plan import engine
@@ -56,6 +61,7 @@ class FileFeeder:
         paths: list[Path],
         refresher: Refresher,
         clock: Callable[[], float] = time.time,
+        identity: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._dsn_source: Callable[[], str] = dsn if callable(dsn) else (lambda: dsn)
         self._dsn_in_use: str | None = None
@@ -66,6 +72,14 @@ class FileFeeder:
         self.views: dict[str, tuple[MaterializedView, str]] = {}
         """Every view of the files, by key (namespace/name), with the file it came from."""
         self._mtimes: dict[Path, float] = {}
+        self._identity = identity
+        """The database's identity as ``matview refresh`` computes it from the same flags (cli/control.py)."""
+        self._digests: dict[str, bytes] = {}
+        """Each file's digest as last loaded whole: a handed refresh needs the file unchanged since."""
+        self._requests: dict[str, str] = {}
+        """Handed refreshes not done yet: view key → the request the scheduler acts on."""
+        self._answers: dict[str, asyncio.Future[RefreshResult]] = {}
+        """Their results, by request."""
 
     @property
     def dsn(self) -> str:
@@ -111,11 +125,14 @@ class FileFeeder:
         broken: set[str] = set()
         for file in self.files():
             try:
-                for view in load_file(file):
+                data = read_spec_file(file)
+                for view in load_bytes(data, str(file)):
                     wanted[view.owner] = (view, str(file))
             except SpecError as exc:
                 logger.error("%s", exc)
                 broken.add(str(file))
+            else:
+                self._digests[str(file)] = hashlib.sha256(data).digest()
         for key, (view, source) in list(self.views.items()):
             if key not in wanted and source not in broken:
                 logger.info(
@@ -128,7 +145,7 @@ class FileFeeder:
             known = self.views.get(key)
             self.views[key] = (view, source)
             if known is None or known[0] != view:
-                self.scheduler.put(key, view)
+                self.scheduler.put(key, view, request=self._requests.get(key))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Apply, then refresh on schedule until stop is set; work in flight is cancelled cleanly."""
@@ -146,6 +163,54 @@ class FileFeeder:
             with contextlib.suppress(asyncio.CancelledError):
                 await scheduling
             await self.scheduler.stop()
+
+    # --- refreshes handed over by `matview refresh` (cli/control.py) ---------------------------------
+
+    def handed(self, files: list[str], identity: str) -> str | Accepted:
+        """A refresh of files that ``matview refresh`` hands this run: declined (why) unless this run serves
+        exactly those files, unchanged since it loaded them, on the same database, and has applied them."""
+        if identity != self._identity():
+            return "it serves another database"
+        served = {str(file.resolve()): str(file) for file in self.files()}
+        keys: list[str] = []
+        for name in files:
+            source = served.get(name)
+            if source is None:
+                return f"{name} is not one of its files"
+            try:
+                digest = hashlib.sha256(read_spec_file(source)).digest()
+            except SpecError as exc:
+                return str(exc)
+            if digest != self._digests.get(source):
+                return f"{name} changed since it loaded it"
+            for key, (view, view_source) in self.views.items():
+                if view_source == source:
+                    if not self.scheduler.ready(key):
+                        return f"{view.relation} is not applied yet"
+                    if key not in keys:
+                        keys.append(key)
+        order = self.scheduler.upstream_first(keys)
+        deadline = sum(self.views[key][0].refresh.timeout_seconds for key in order) + DEADLINE_GRACE_SECONDS
+        return Accepted(len(order), deadline, lambda: self._refresh_handed(order))
+
+    async def _refresh_handed(self, keys: list[str]) -> list[dict[str, Any]]:
+        """Each view refreshed now, as a manual request of the scheduler (upstream first, one at a time), so
+        it goes through the lanes and the metrics and never races the view's own schedule."""
+        results = []
+        for key in keys:
+            view, source = self.views[key]
+            request = f"matview-refresh-{secrets.token_hex(8)}"
+            answer: asyncio.Future[RefreshResult] = asyncio.get_running_loop().create_future()
+            self._requests[key], self._answers[request] = request, answer
+            try:
+                self.scheduler.put(key, view, request=request)
+                result = await answer
+            finally:
+                if self._requests.get(key) == request:
+                    del self._requests[key]
+                del self._answers[request]
+            results.append({**result.as_dict(), "file": source, "refreshedBy": f"matview run (pid {os.getpid()})"})
+        return results
 
     # --- Work --------------------------------------------------------------------------------------
 
@@ -186,6 +251,9 @@ class FileFeeder:
         """Nothing to write: the next run is in the metrics (matview_refresh_interval_seconds)."""
 
     async def refreshed(self, key: str, view: MaterializedView, result: RefreshResult, report: Report) -> None:
+        answer = self._answers.get(report.handled_request or "")
+        if answer is not None and not answer.done():
+            answer.set_result(result)
         if result.failure_reason == FailureReason.CONNECTION:
             self._read_dsn_again()
         if result.result == Outcome.FAILURE:

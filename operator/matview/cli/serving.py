@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from matview.api.validation import load_file
+from matview.cli import control
 from matview.cli.common import EXIT_INVALID, EXIT_OK, database_url, policy, read_dsn_file
 
 
@@ -54,10 +55,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         trimming = asyncio.create_task(memory.keep_trimming())
+        feeder = FileFeeder(dsn, paths, refresher, identity=lambda: control.database_identity(args))
+        server = (
+            await control.ControlServer.start(Path(args.control_socket), feeder.handed) if args.control_socket else None
+        )
         try:
-            await FileFeeder(dsn, paths, refresher).run(stop)
+            await feeder.run(stop)
         finally:
             trimming.cancel()
+            if server is not None:
+                await server.close()
 
     _tune_long_running_process()
     try:

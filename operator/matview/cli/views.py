@@ -8,8 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from matview.api.spec import MaterializedView
+from matview.cli import report
 from matview.cli.common import EXIT_FAILED, EXIT_INVALID, EXIT_OK, Batch, database_url, jsonable, policy
-from matview.outcomes import Outcome
 from matview.plan import engine
 
 
@@ -124,16 +124,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
         for view in dependency_order(conn, [view for view, _ in batch.views]):
             results.append({**refresh(conn, view, args.mode, force=True).as_dict(), "file": files[view.owner]})
 
-    def human(r: dict[str, Any]) -> str:
-        line = f"{r['relation']}: {r['result']} ({r['mode']}, {r['durationSeconds']:.3f}s"
-        line += f", {r['rows']} rows)" if r["rows"] is not None else ")"
-        line += f"\n  why: {r['reason']}"
-        if r["message"]:
-            line += f"\n  {r['failureReason'] or 'note'}: {r['message']}"
-        return line
-
-    code = batch.finish(args, results, human)
-    return code or (EXIT_FAILED if any(r["result"] == Outcome.FAILURE for r in results) else EXIT_OK)
+    return report.refresh_exit(batch.finish(args, results, report.refresh_line), results)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

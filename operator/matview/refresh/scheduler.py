@@ -230,6 +230,37 @@ class Scheduler:
         """Views waiting in a due-queue for their next refresh (due or not)."""
         return sum(len(queue) for queue in self._refresh_due.values())
 
+    def ready(self, key: str) -> bool:
+        """The database matches the view's current spec: a refresh of it may run."""
+        slot = self._slots.get(key)
+        return slot is not None and slot.view is not None and slot.ready
+
+    def upstream_first(self, keys: list[str]) -> list[str]:
+        """keys, each after those among them that it reads (as far as known: what a view reads is learned
+        before its first refresh); otherwise in the order given."""
+        wanted, placed, order = set(keys), set(), []
+        for first in keys:
+            stack: list[tuple[str, bool]] = [(first, False)]
+            entered: set[str] = set()
+            while stack:
+                key, upstream_done = stack.pop()
+                if key in placed:
+                    continue
+                if upstream_done:
+                    placed.add(key)
+                    order.append(key)
+                    continue
+                if key in entered:  # a circle: break it here
+                    continue
+                entered.add(key)
+                stack.append((key, True))
+                slot = self._slots.get(key)
+                for relation in sorted(slot.reads or ()) if slot is not None else ():
+                    for other in sorted(self._stored_as.get(relation, ())):
+                        if other in wanted and other not in placed and other != key:
+                            stack.append((other, False))
+        return order
+
     # --- the loop ----------------------------------------------------------------------------------
 
     def step(self) -> float:

@@ -1,0 +1,236 @@
+"""`matview refresh` handed to a running `matview run` (cli/control.py): real processes, a real database.
+
+What is counted: the refreshes the run reports in its metrics against the commands that were handed to it,
+and the rows the view holds after each command, whoever refreshed it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from matview.cli import control
+from matview.embedded.localpg import free_port
+from tests.helpers import document, to_yaml
+from tests.test_run import ROOT, scrape, start_run, successes, wait_for
+
+QUERY = "SELECT region, sum(amount) AS total FROM public.sales GROUP BY region"
+
+
+def matview_refresh(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    return subprocess.run(
+        [sys.executable, "-m", "matview.cli", "refresh", "--dsn", dsn, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+    )
+
+
+def scheduled(port: int) -> float:
+    return sum(v for (name, _), v in scrape(port).items() if name == "matview_scheduled_views")
+
+
+def total_r1(dsn: str) -> tuple[Any, Any]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        stored = conn.execute("SELECT total FROM public.sales_by_region WHERE region = 'r1'").fetchone()
+        wanted = conn.execute("SELECT sum(amount) FROM public.sales WHERE region = 'r1'").fetchone()
+    return stored, wanted
+
+
+def add_sale(dsn: str, sale_id: int) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO public.sales VALUES (%s, 'r1', %s)", (sale_id, sale_id))
+
+
+@pytest.fixture
+def serving(dsn: str, tmp_path: Path) -> Any:
+    """A `matview run` serving one spec file (refreshed hourly, so only what is handed to it refreshes it),
+    once its view is applied and scheduled: yields (spec file, control socket, metrics port, process)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE public.sales (id int PRIMARY KEY, region text, amount int);"
+            "INSERT INTO public.sales SELECT g, 'r' || (g % 3), g FROM generate_series(1, 100) g"
+        )
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    spec = specs / "sales.yaml"
+    body = {"query": QUERY, "indexes": [{"columns": ["region"], "unique": True}], "refresh": {"interval": "1h"}}
+    spec.write_text(to_yaml(document("sales-by-region", "shop", **body)))
+    sock, port = tmp_path / "run.sock", free_port()
+    process = start_run(
+        dsn, "--metrics-port", str(port), "--metrics-address", "127.0.0.1", "--control-socket", str(sock), str(specs)
+    )
+    try:
+        wait_for(lambda: scheduled(port) == 1, "the view to be applied and scheduled")
+        yield spec, sock, port, process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    assert not sock.exists(), "the run leaves no socket behind"
+
+
+def test_a_refresh_is_handed_to_the_run_that_serves_the_same_files(dsn: str, serving: Any) -> None:
+    spec, sock, port, process = serving
+    assert sock.stat().st_mode & 0o777 == 0o600
+    handed_before = successes(port)
+    for sale_id in (1001, 1002, 1003):
+        add_sale(dsn, sale_id)
+        done = matview_refresh(dsn, "--json", "--control-socket", str(sock), str(spec))
+        assert done.returncode == 0, done.stderr
+        [result] = json.loads(done.stdout)
+        assert result["result"] == "success" and result["relation"] == "public.sales_by_region"
+        assert result["refreshedBy"] == f"matview run (pid {process.pid})" and result["file"] == str(spec)
+        stored, wanted = total_r1(dsn)
+        assert stored == wanted, "the command returned before the view held the new row"
+    # Each handed refresh is the run's own: counted once in its metrics, none lost, none doubled.
+    assert successes(port) == handed_before + 3
+
+    human = matview_refresh(dsn, "--control-socket", str(sock), str(spec))
+    assert human.returncode == 0, human.stderr
+    assert f"by: matview run (pid {process.pid})" in human.stdout and "public.sales_by_region: success" in human.stdout
+
+    # Asked to refresh here, the command does, and the run counts nothing.
+    add_sale(dsn, 1004)
+    here = matview_refresh(dsn, "--json", "--in-process", "--control-socket", str(sock), str(spec))
+    assert here.returncode == 0, here.stderr
+    [result] = json.loads(here.stdout)
+    assert result["result"] == "success" and "refreshedBy" not in result
+    assert total_r1(dsn)[0] == total_r1(dsn)[1]
+    assert successes(port) == handed_before + 4
+
+
+def test_what_the_run_cannot_vouch_for_is_refreshed_in_process(dsn: str, serving: Any, tmp_path: Path) -> None:
+    spec, sock, port, _ = serving
+    handed_before = successes(port)
+    copy = tmp_path / "copy.yaml"
+    copy.write_text(spec.read_text())
+    edited = spec.read_text() + "# an edit the run has not loaded yet\n"
+    # why: (the DSN given, extra flags, the file named, the file's new text)
+    cases: dict[str, tuple[str, list[str], Path, str | None]] = {
+        "another database (the same one named otherwise)": (
+            dsn + ("&" if "?" in dsn else "?") + "application_name=other",
+            [],
+            spec,
+            None,
+        ),
+        "a file it does not serve": (dsn, [], copy, None),
+        "a mode override": (dsn, ["--mode", "Full"], spec, None),
+        "a file changed since it loaded it": (dsn, [], spec, edited),
+    }
+    for sale_id, (why, (given_dsn, flags, file, new_text)) in enumerate(cases.items(), start=2001):
+        if new_text is not None:
+            file.write_text(new_text)
+        add_sale(dsn, sale_id)
+        done = matview_refresh(given_dsn, "--json", "--control-socket", str(sock), *flags, str(file))
+        assert done.returncode == 0, (why, done.stderr)
+        [result] = json.loads(done.stdout)
+        assert result["result"] == "success" and "refreshedBy" not in result, why
+        stored, wanted = total_r1(dsn)
+        assert stored == wanted, why
+    assert successes(port) == handed_before  # the run refreshed none of them
+
+
+def test_a_run_that_stops_answering_is_not_waited_for(dsn: str, tmp_path: Path) -> None:
+    """A socket that accepts, then closes without results (a run killed mid-refresh): the command refreshes in
+    process and says so; a stale socket file (nobody listening) is the quiet, usual case."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE public.sales (id int PRIMARY KEY, region text, amount int);"
+            "INSERT INTO public.sales SELECT g, 'r' || (g % 3), g FROM generate_series(1, 100) g"
+        )
+    spec = tmp_path / "sales.yaml"
+    spec.write_text(to_yaml(document("sales-by-region", "shop", query=QUERY, indexes=[{"columns": ["region"]}])))
+    applied = subprocess.run(
+        [sys.executable, "-m", "matview.cli", "apply", "--dsn", dsn, str(spec)], capture_output=True, text=True
+    )
+    assert applied.returncode == 0, applied.stderr
+    sock = tmp_path / "run.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock))
+    listener.listen()
+    requests: list[dict[str, Any]] = []
+
+    def accept_then_vanish() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            requests.append(json.loads(conn.makefile("rb").readline()))
+            conn.sendall(b'{"accepted": 1, "deadlineSeconds": 30}\n')
+
+    answering = threading.Thread(target=accept_then_vanish)
+    answering.start()
+    add_sale(dsn, 3001)
+    done = matview_refresh(dsn, "--json", "--control-socket", str(sock), str(spec))
+    answering.join()
+    listener.close()
+    assert done.returncode == 0, done.stderr
+    assert "stopped answering" in done.stderr and "refreshing here" in done.stderr
+    [result] = json.loads(done.stdout)
+    assert result["result"] == "success" and "refreshedBy" not in result
+    assert requests == [{"refresh": [str(spec.resolve())], "database": identity_of(dsn)}]
+    assert total_r1(dsn)[0] == total_r1(dsn)[1]
+
+    add_sale(dsn, 3002)  # the socket file is left behind, nobody listens: quiet
+    stale = matview_refresh(dsn, "--json", "--control-socket", str(sock), str(spec))
+    assert stale.returncode == 0 and stale.stderr == "", stale.stderr
+    assert total_r1(dsn)[0] == total_r1(dsn)[1]
+
+
+def identity_of(dsn: str) -> str | None:
+    return control.database_identity(argparse.Namespace(dsn=dsn, dsn_file=None, embedded_dir=".matview/pgdata"))
+
+
+def ask_raw(sock: Path, payload: bytes) -> list[dict[str, Any]]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(30)
+        client.connect(str(sock))
+        with contextlib.suppress(OSError):  # the run may close before reading all of an oversized request
+            client.sendall(payload)
+            client.shutdown(socket.SHUT_WR)
+        return [json.loads(line) for line in client.makefile("rb")]
+
+
+def test_hostile_requests_are_declined_and_the_run_goes_on(dsn: str, serving: Any) -> None:
+    spec, sock, port, process = serving
+    identity = identity_of(dsn)
+    hostile: dict[str, bytes] = {
+        "not JSON": b"refresh everything\n",
+        "not an object": b"[1, 2]\n",
+        "extra keys": json.dumps({"refresh": [str(spec)], "database": identity, "sql": "DROP"}).encode() + b"\n",
+        "no files": json.dumps({"refresh": [], "database": identity}).encode() + b"\n",
+        "relative path": json.dumps({"refresh": ["specs/sales.yaml"], "database": identity}).encode() + b"\n",
+        "traversal to a file it does not serve": json.dumps(
+            {"refresh": [str(spec.parent / ".." / ".." / "etc" / "passwd")], "database": identity}
+        ).encode()
+        + b"\n",
+        "a number as files": json.dumps({"refresh": 7, "database": identity}).encode() + b"\n",
+        "too many files": json.dumps({"refresh": ["/x"] * (control.MAX_FILES + 1), "database": identity}).encode()
+        + b"\n",
+        "oversized": b'{"refresh": ["/' + b"a" * (2 * control.MAX_REQUEST_BYTES) + b'"]}\n',
+        "wrong database": json.dumps({"refresh": [str(spec)], "database": "0" * 64}).encode() + b"\n",
+        "invalid UTF-8": b'{"refresh": ["/\xff"], "database": "x"}\n',
+    }
+    for why, payload in hostile.items():
+        answers = ask_raw(sock, payload)
+        assert len(answers) == 1 and "declined" in answers[0], (why, answers)
+    before = successes(port)
+    [accepted, results] = ask_raw(sock, json.dumps({"refresh": [str(spec)], "database": identity}).encode() + b"\n")
+    assert accepted["accepted"] == 1 and results["results"][0]["result"] == "success"
+    assert successes(port) == before + 1
+    assert process.poll() is None
