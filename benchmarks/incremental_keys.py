@@ -9,6 +9,8 @@
    (``matview.cli.main`` called in this process: validation, a new connection, the refresh). Target: the
    command within 100 ms of the library. The interpreter's start with the command's imports is timed apart;
    the new processes run with their bytecode compiled, as an installed package does.
+   Then the same command while a ``matview run`` serves the same file on the same database: the command hands
+   the refresh to it over its control socket (cli/control.py) and prints its answer.
 
     python benchmarks/incremental_keys.py [--drivers 100000] [--rounds 3] [--dsn DSN]
 
@@ -108,11 +110,14 @@ def main() -> None:
 
         folder = Path(tempfile.mkdtemp(prefix="matview-incremental-keys-"))
         spec_file = folder / "matrix.yaml"
-        spec_file.write_text(yaml.safe_dump(matrix_document()))
+        spec_file.write_text(yaml.safe_dump(matrix_document(mode="Incremental", interval="24h")))
         dsn_file = folder / "dsn"
         dsn_file.write_text(dsn)
         dsn_file.chmod(0o600)
-        command = [sys.executable, "-m", "matview.cli", "refresh", "--dsn-file", str(dsn_file), "--mode", "Incremental"]
+        socket = folder / "run.sock"
+        handing = [sys.executable, "-m", "matview.cli", "refresh", "--dsn-file", str(dsn_file), "--json"]
+        handing += ["--control-socket", str(socket)]
+        command = [*handing, "--in-process"]
         imports = [sys.executable, "-c", "import matview.cli, matview.cli.views, matview.refresh, matview.plan.engine"]
         # As installed: pip compiles the bytecode (the image's wheel install does), a laptop writes it on the first
         # run. A PYTHONDONTWRITEBYTECODE in this shell would time every import as a compilation from source.
@@ -125,30 +130,60 @@ def main() -> None:
             f"\n2. an incremental refresh, library (warm connection) vs `matview refresh` (ms, median); "
             f"the interpreter's start with the command's imports alone: {start_ms:.0f} ms"
         )
-        print("keys | library | command's own work | difference | command, new process | difference")
-        refresh(conn, view, "Incremental")  # warm: prepared statements, caches
-        for keys in (100, 1_000):
-            library, in_process, process = [], [], []
-            for _ in range(args.rounds):
-                touch(conn, rng.sample(range(1, args.drivers + 1), keys))
-                started = time.perf_counter()
-                result = refresh(conn, view, "Incremental")
-                library.append(time.perf_counter() - started)
-                assert result.result == "success" and result.keys_applied == keys, result
-                touch(conn, rng.sample(range(1, args.drivers + 1), keys))
-                with contextlib.redirect_stdout(io.StringIO()):
-                    in_process.append(timed(lambda: cli.main([*command[3:], str(spec_file)])))
-                touch(conn, rng.sample(range(1, args.drivers + 1), keys))
-                process.append(
-                    timed(
-                        lambda: subprocess.run(
-                            [*command, str(spec_file)], check=True, capture_output=True, env=environment
+        serve = ["run", "--dsn-file", str(dsn_file), "--metrics-port", "0", "--control-socket", str(socket)]
+        serve += ["--drift-check-seconds", "86400"]  # no drift check holds the view while the library refreshes
+        run = subprocess.Popen(
+            [sys.executable, "-m", "matview.cli", *serve, str(spec_file)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=environment,
+        )
+        try:
+            while "refreshedBy" not in handed_refresh(handing, spec_file, environment):
+                time.sleep(0.2)  # the run applies the file first; until then the command refreshes in process
+            print(
+                "keys | library | command's own work | difference | command, new process | difference | "
+                "command handed to `matview run` | difference"
+            )
+            refresh(conn, view, "Incremental")  # warm: prepared statements, caches
+            for keys in (100, 1_000):
+                library, in_process, process, handed = [], [], [], []
+                for _ in range(args.rounds):
+                    touch(conn, rng.sample(range(1, args.drivers + 1), keys))
+                    started = time.perf_counter()
+                    result = refresh(conn, view, "Incremental")
+                    library.append(time.perf_counter() - started)
+                    assert result.result == "success" and result.keys_applied == keys, result
+                    touch(conn, rng.sample(range(1, args.drivers + 1), keys))
+                    with contextlib.redirect_stdout(io.StringIO()):
+                        in_process.append(timed(lambda: cli.main([*command[3:], str(spec_file)])))
+                    touch(conn, rng.sample(range(1, args.drivers + 1), keys))
+                    process.append(
+                        timed(
+                            lambda: subprocess.run(
+                                [*command, str(spec_file)], check=True, capture_output=True, env=environment
+                            )
                         )
                     )
+                    touch(conn, rng.sample(range(1, args.drivers + 1), keys))
+                    started = time.perf_counter()
+                    answer = handed_refresh(handing, spec_file, environment)
+                    handed.append(time.perf_counter() - started)
+                    assert '"refreshedBy"' in answer and f'"keysApplied": {keys}' in answer, answer
+                lib_ms, own_ms, new_ms, handed_ms = (
+                    1000 * statistics.median(t) for t in (library, in_process, process, handed)
                 )
-            lib_ms, own_ms, new_ms = (1000 * statistics.median(t) for t in (library, in_process, process))
-            own, new = f"{own_ms:.0f} | +{own_ms - lib_ms:.0f}", f"{new_ms:.0f} | +{new_ms - lib_ms:.0f}"
-            print(f"{keys:,} | {lib_ms:.0f} | {own} | {new}")
+                own, new = f"{own_ms:.0f} | +{own_ms - lib_ms:.0f}", f"{new_ms:.0f} | +{new_ms - lib_ms:.0f}"
+                print(f"{keys:,} | {lib_ms:.0f} | {own} | {new} | {handed_ms:.0f} | +{handed_ms - lib_ms:.0f}")
+        finally:
+            run.terminate()
+            run.wait(timeout=60)
+
+
+def handed_refresh(handing: list[str], spec_file: Path, environment: dict[str, str]) -> str:
+    """`matview refresh --json` as a new process, handed to the run when it takes it; its output."""
+    done = subprocess.run([*handing, str(spec_file)], check=True, capture_output=True, text=True, env=environment)
+    return done.stdout
 
 
 def timed(work: Callable[[], object]) -> float:
