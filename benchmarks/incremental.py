@@ -241,8 +241,9 @@ def target_lag_run(dsn: str, args: argparse.Namespace) -> None:
     document = matrix_document(targetLag=args.target_lag)
     folder = Path(tempfile.mkdtemp(prefix="matview-lag-"))
     (folder / "matrix.yaml").write_text(yaml.safe_dump(document))
+    serve = ["run", str(folder), "--dsn", dsn, "--metrics-port", "0", "--control-socket", str(folder / "run.sock")]
     runner = subprocess.Popen(
-        [sys.executable, "-m", "matview.cli", "run", str(folder), "--dsn", dsn, "--metrics-port", "0"],
+        [sys.executable, "-m", "matview.cli", *serve],
         stdout=subprocess.DEVNULL,
         stderr=open(folder / "run.log", "w"),  # noqa: SIM115 - closed with the process
     )

@@ -393,6 +393,8 @@ def running_runner(dsn: str, names: list[str], lanes: int = 2) -> Iterator[tuple
             str(port),
             "--max-concurrent",
             str(lanes),
+            "--control-socket",
+            str(folder / "run.sock"),
             str(folder),
         ],
         stdout=subprocess.DEVNULL,

@@ -225,6 +225,7 @@ def test_hostile_requests_are_declined_and_the_run_goes_on(dsn: str, serving: An
         "oversized": b'{"refresh": ["/' + b"a" * (2 * control.MAX_REQUEST_BYTES) + b'"]}\n',
         "wrong database": json.dumps({"refresh": [str(spec)], "database": "0" * 64}).encode() + b"\n",
         "invalid UTF-8": b'{"refresh": ["/\xff"], "database": "x"}\n',
+        "nested deeper than a JSON parser goes": b"[" * (control.MAX_REQUEST_BYTES - 2) + b"\n",
     }
     for why, payload in hostile.items():
         answers = ask_raw(sock, payload)

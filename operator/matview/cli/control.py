@@ -153,7 +153,7 @@ def _ask(path: Path, request: dict[str, Any], *, verbose: bool) -> list[dict[str
                 return None
             sock.settimeout(float(first["deadlineSeconds"]) + ANSWER_GRACE_SECONDS)
             second = _answer(stream.readline(16 * MAX_REQUEST_BYTES))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             print(
                 f"warning: matview run at {path} stopped answering ({exc or type(exc).__name__}); refreshing here",
                 file=sys.stderr,
@@ -294,7 +294,7 @@ def _request(line: bytes) -> tuple[list[str], str] | str:
     """The request's files and database identity, or why it is not one."""
     try:
         value = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: 64 KiB of "[" nests deeper than the parser goes
         return "a request is one line of JSON"
     if not isinstance(value, dict) or set(value) != {"refresh", "database"}:
         return 'a request is {"refresh": [files], "database": identity}'
