@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -150,3 +151,17 @@ def test_run_repairs_a_capture_trigger_dropped_while_it_runs(dsn: str, tmp_path:
         output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
     assert "drift check repaired" in output, output[-3000:]
+
+
+def test_a_metrics_port_in_use_is_an_error_naming_it_not_a_traceback(dsn: str, tmp_path: Path) -> None:
+    spec = tmp_path / "sales.yaml"
+    spec.write_text(to_yaml(document("sales-by-region", "shop", query="SELECT 1 AS one")))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = start_run(dsn, "--metrics-port", str(port), "--metrics-address", "127.0.0.1", str(spec))
+        output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1, output
+    assert f"error: cannot serve /metrics on 127.0.0.1:{port}" in output and "--metrics-port" in output
+    assert "Traceback" not in output

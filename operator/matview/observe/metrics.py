@@ -24,6 +24,7 @@ from prometheus_client import (
 
 from matview.api.spec import MaterializedView, RefreshMode
 from matview.constants import DEFAULT_METRICS_PORT
+from matview.errors import MatviewError
 from matview.observe.memory import MemoryWatch
 from matview.observe.series import Families
 from matview.outcomes import NO_MODE, FailureReason, Outcome
@@ -458,5 +459,11 @@ class RefreshMetrics:
             family.remove_by_labels({"namespace": namespace, "name": name})
 
     def serve(self, port: int = DEFAULT_PORT, address: str = "0.0.0.0") -> None:  # noqa: S104 - scraped in-cluster
-        """Serve /metrics over HTTP in a background thread."""
-        start_http_server(port, addr=address, registry=self.registry)
+        """Serve /metrics over HTTP in a background thread; a port that cannot be had is an error naming it."""
+        try:
+            start_http_server(port, addr=address, registry=self.registry)
+        except OSError as exc:
+            raise MatviewError(
+                f"cannot serve /metrics on {address}:{port}: {exc.strerror or exc}; "
+                "choose another --metrics-port (0 turns it off)"
+            ) from None
