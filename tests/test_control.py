@@ -24,7 +24,7 @@ import pytest
 from matview.cli import control
 from matview.embedded.localpg import free_port
 from tests.helpers import document, to_yaml
-from tests.test_run import ROOT, scrape, start_run, successes, wait_for
+from tests.test_run import ROOT, create_sales, scrape, start_run, successes, wait_for
 
 QUERY = "SELECT region, sum(amount) AS total FROM public.sales GROUP BY region"
 
@@ -62,11 +62,7 @@ def add_sale(dsn: str, sale_id: int) -> None:
 def serving(dsn: str, tmp_path: Path) -> Any:
     """A `matview run` serving one spec file (refreshed hourly, so only what is handed to it refreshes it),
     once its view is applied and scheduled: yields (spec file, control socket, metrics port, process)."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(
-            "CREATE TABLE public.sales (id int PRIMARY KEY, region text, amount int);"
-            "INSERT INTO public.sales SELECT g, 'r' || (g % 3), g FROM generate_series(1, 100) g"
-        )
+    create_sales(dsn)
     specs = tmp_path / "specs"
     specs.mkdir()
     spec = specs / "sales.yaml"
@@ -152,11 +148,7 @@ def test_what_the_run_cannot_vouch_for_is_refreshed_in_process(dsn: str, serving
 def test_a_run_that_stops_answering_is_not_waited_for(dsn: str, tmp_path: Path) -> None:
     """A socket that accepts, then closes without results (a run killed mid-refresh): the command refreshes in
     process and says so; a stale socket file (nobody listening) is the quiet, usual case."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(
-            "CREATE TABLE public.sales (id int PRIMARY KEY, region text, amount int);"
-            "INSERT INTO public.sales SELECT g, 'r' || (g % 3), g FROM generate_series(1, 100) g"
-        )
+    create_sales(dsn)
     spec = tmp_path / "sales.yaml"
     spec.write_text(to_yaml(document("sales-by-region", "shop", query=QUERY, indexes=[{"columns": ["region"]}])))
     applied = subprocess.run(

@@ -65,12 +65,17 @@ def successes(port: int) -> float:
     )
 
 
-def test_run_refreshes_on_schedule_reloads_and_stops_on_sigterm(dsn: str, tmp_path: Path) -> None:
+def create_sales(dsn: str) -> None:
+    """public.sales: 100 rows over three regions, what the tests of `matview run` keep a view of."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
             "CREATE TABLE public.sales (id int PRIMARY KEY, region text, amount int);"
             "INSERT INTO public.sales SELECT g, 'r' || (g % 3), g FROM generate_series(1, 100) g"
         )
+
+
+def test_run_refreshes_on_schedule_reloads_and_stops_on_sigterm(dsn: str, tmp_path: Path) -> None:
+    create_sales(dsn)
     specs = tmp_path / "specs"
     specs.mkdir()
     spec = specs / "sales.yaml"
