@@ -8,6 +8,7 @@ server is Debian's 15; this module starts a 16 of its own, with the same hostile
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,25 +95,38 @@ def test_the_slot_restarts_after_what_a_drain_read_not_where_the_last_checkpoint
     assert behind is not None and behind[0] <= 0, f"restart_lsn is {behind} bytes before the writes already read"
 
 
+SNAPSHOT_FUNCTION = sql.SQL("FUNCTION pg_catalog.pg_log_standby_snapshot()")
+EXECUTE_SNAPSHOT = sql.SQL("EXECUTE ON {}").format(SNAPSHOT_FUNCTION)
+
+
+@contextlib.contextmanager
+def drainer_role(conn: Connection, attributes: sql.SQL, *grants: sql.Composable) -> Iterator[sql.Identifier]:
+    """The role "drainer" (LOGIN and attributes) with these grants, dropped with what it owns afterwards."""
+    role = sql.Identifier("drainer")
+    conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(role))
+    conn.execute(sql.SQL("CREATE ROLE {} LOGIN {}").format(role, attributes))
+    try:
+        for grant in grants:
+            conn.execute(sql.SQL("GRANT {} TO {}").format(grant, role))
+        yield role
+    finally:
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(role))
+        conn.execute(sql.SQL("DROP ROLE {}").format(role))
+
+
 def test_a_role_not_allowed_to_log_a_snapshot_drains_as_before(matrix16: Connection, pg16: LocalServer) -> None:
     """The default (superusers only): the drain asks first and does not call it; granted, it may."""
-    role = sql.Identifier("drainer")
-    matrix16.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(role))
-    matrix16.execute(sql.SQL("CREATE ROLE {} LOGIN").format(role))
-    try:
-        with psycopg.connect(pg16.dsn("matrix", user="drainer"), autocommit=True) as drainer:
-            assert drainer.execute(decoding.MAY_LOG_SNAPSHOT_QUERY).fetchone() == (False,)
-            with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                drainer.execute(decoding.LOG_SNAPSHOT_QUERY)
-            matrix16.execute(
-                sql.SQL("GRANT EXECUTE ON FUNCTION pg_catalog.pg_log_standby_snapshot() TO {}").format(role)
-            )
-            assert drainer.execute(decoding.MAY_LOG_SNAPSHOT_QUERY).fetchone() == (True,)
-            logged = drainer.execute(decoding.LOG_SNAPSHOT_QUERY).fetchone()
-            assert logged is not None and logged[0] is not None, logged
-    finally:
-        matrix16.execute(sql.SQL("DROP OWNED BY {}").format(role))
-        matrix16.execute(sql.SQL("DROP ROLE {}").format(role))
+    with (
+        drainer_role(matrix16, sql.SQL("")) as role,
+        psycopg.connect(pg16.dsn("matrix", user="drainer"), autocommit=True) as drainer,
+    ):
+        assert drainer.execute(decoding.MAY_LOG_SNAPSHOT_QUERY).fetchone() == (False,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            drainer.execute(decoding.LOG_SNAPSHOT_QUERY)
+        matrix16.execute(sql.SQL("GRANT {} TO {}").format(EXECUTE_SNAPSHOT, role))
+        assert drainer.execute(decoding.MAY_LOG_SNAPSHOT_QUERY).fetchone() == (True,)
+        logged = drainer.execute(decoding.LOG_SNAPSHOT_QUERY).fetchone()
+        assert logged is not None and logged[0] is not None, logged
 
 
 def test_a_drain_goes_on_without_the_snapshot_when_its_role_loses_execute_on_it(
@@ -122,18 +136,12 @@ def test_a_drain_goes_on_without_the_snapshot_when_its_role_loses_execute_on_it(
     drain sends the rest without it, losing no key."""
     mv = decoding_view()
     apply(matrix16, mv)
-    role = sql.Identifier("drainer")
-    matrix16.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(role))
-    matrix16.execute(sql.SQL("CREATE ROLE {} LOGIN REPLICATION").format(role))
-    snapshot_function = sql.SQL("FUNCTION pg_catalog.pg_log_standby_snapshot()")
-    try:
-        matrix16.execute(sql.SQL("GRANT USAGE ON SCHEMA ops TO {}").format(role))
-        matrix16.execute(sql.SQL("GRANT INSERT ON ops.mx_mv_changes TO {}").format(role))
-        matrix16.execute(sql.SQL("GRANT EXECUTE ON {} TO {}").format(snapshot_function, role))
+    usage, insert = sql.SQL("USAGE ON SCHEMA ops"), sql.SQL("INSERT ON ops.mx_mv_changes")
+    with drainer_role(matrix16, sql.SQL("REPLICATION"), usage, insert, EXECUTE_SNAPSHOT) as role:
         with engine.connect(pg16.dsn("matrix", user="drainer")) as drainer:
             matrix16.execute("INSERT INTO ops.trips (driver_id, trip_date) VALUES (9, '2026-02-01')")
             drain.drain(drainer, mv, ExecutionSettings())
-            matrix16.execute(sql.SQL("REVOKE EXECUTE ON {} FROM {}").format(snapshot_function, role))
+            matrix16.execute(sql.SQL("REVOKE EXECUTE ON {} FROM {}").format(SNAPSHOT_FUNCTION, role))
             matrix16.execute("INSERT INTO ops.trips (driver_id, trip_date) VALUES (10, '2026-02-01')")
             drain.drain(drainer, mv, ExecutionSettings())
         keys = "SELECT DISTINCT k FROM ops.mx_mv_changes, unnest(driver_id) AS k ORDER BY 1"
@@ -142,9 +150,6 @@ def test_a_drain_goes_on_without_the_snapshot_when_its_role_loses_execute_on_it(
         result = refresh(matrix16, mv)
         assert (result.mode, result.keys_applied) == ("Incremental", 2), result
         assert mismatches(matrix16, mv) == (0, 0)
-    finally:
-        matrix16.execute(sql.SQL("DROP OWNED BY {}").format(role))
-        matrix16.execute(sql.SQL("DROP ROLE {}").format(role))
 
 
 def test_a_drain_denied_something_else_keeps_logging_the_snapshot(matrix16: Connection, pg16: LocalServer) -> None:
@@ -152,13 +157,7 @@ def test_a_drain_denied_something_else_keeps_logging_the_snapshot(matrix16: Conn
     it, denied the change log instead, gets that error and keeps the snapshot for its next drain."""
     mv = decoding_view()
     apply(matrix16, mv)
-    role = sql.Identifier("drainer")
-    matrix16.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(role))
-    matrix16.execute(sql.SQL("CREATE ROLE {} LOGIN REPLICATION").format(role))
-    snapshot_function = sql.SQL("FUNCTION pg_catalog.pg_log_standby_snapshot()")
-    try:
-        matrix16.execute(sql.SQL("GRANT USAGE ON SCHEMA ops TO {}").format(role))
-        matrix16.execute(sql.SQL("GRANT EXECUTE ON {} TO {}").format(snapshot_function, role))
+    with drainer_role(matrix16, sql.SQL("REPLICATION"), sql.SQL("USAGE ON SCHEMA ops"), EXECUTE_SNAPSHOT) as role:
         with engine.connect(pg16.dsn("matrix", user="drainer")) as drainer:
             matrix16.execute("INSERT INTO ops.trips (driver_id, trip_date) VALUES (11, '2026-02-01')")
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="mx_mv_changes"):
@@ -168,6 +167,3 @@ def test_a_drain_denied_something_else_keeps_logging_the_snapshot(matrix16: Conn
             drain.drain(drainer, mv, ExecutionSettings())
         logged = matrix16.execute("SELECT DISTINCT k FROM ops.mx_mv_changes, unnest(driver_id) AS k").fetchall()
         assert logged == [(11,)], logged
-    finally:
-        matrix16.execute(sql.SQL("DROP OWNED BY {}").format(role))
-        matrix16.execute(sql.SQL("DROP ROLE {}").format(role))
