@@ -8,8 +8,11 @@ the whole command table. Both read them from here, so the two parses cannot disa
 from __future__ import annotations
 
 import argparse
+import stat
 from collections.abc import Sequence
 from pathlib import Path
+
+from matview.errors import FieldError, SpecError
 
 DEFAULT_EMBEDDED_DIR = Path(".matview/pgdata")
 
@@ -50,3 +53,28 @@ def add_refresh_arguments(parser: argparse.ArgumentParser, modes: Sequence[str] 
 
 def add_control_socket_argument(parser: argparse.ArgumentParser, text: str) -> None:
     parser.add_argument("--control-socket", metavar="PATH", default=str(DEFAULT_CONTROL_SOCKET), help=text)
+
+
+def read_dsn_file(path: Path) -> str:
+    """A DSN kept in a file (a mounted Secret, a 0600 file) so the password never shows in the process list."""
+    try:
+        status = path.stat()
+        dsn = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([FieldError("--dsn-file", f"{path}: {getattr(exc, 'strerror', None) or exc}")]) from None
+    # As libpq refuses a .pgpass others can read: group or other access, except group read of a root-owned
+    # file (how some secret stores mount them).
+    loose = status.st_mode & (0o037 if status.st_uid == 0 else 0o077)
+    if loose:
+        raise SpecError(
+            [
+                FieldError(
+                    "--dsn-file",
+                    f"{path} has group or other permissions ({stat.filemode(status.st_mode)}): it holds a password; "
+                    f"chmod 600 {path} (a mounted Secret: defaultMode: 0400)",
+                )
+            ]
+        )
+    if not dsn:
+        raise SpecError([FieldError("--dsn-file", f"{path} is empty")])
+    return dsn

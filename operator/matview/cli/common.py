@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,12 +13,21 @@ from typing import Any
 from matview.api.spec import MaterializedView
 from matview.api.validation import load_file
 from matview.cli import report
-from matview.cli.arguments import DEFAULT_EMBEDDED_DIR
+from matview.cli.arguments import DEFAULT_EMBEDDED_DIR, read_dsn_file
 from matview.cli.report import EXIT_FAILED, EXIT_INVALID, EXIT_OK
-from matview.errors import FieldError, MatviewError, SpecError
+from matview.errors import MatviewError, SpecError
 from matview.plan import engine
 
-__all__ = ["DEFAULT_EMBEDDED_DIR", "EXIT_FAILED", "EXIT_INVALID", "EXIT_OK", "Batch", "database_url", "policy"]
+__all__ = [
+    "DEFAULT_EMBEDDED_DIR",
+    "EXIT_FAILED",
+    "EXIT_INVALID",
+    "EXIT_OK",
+    "Batch",
+    "database_url",
+    "policy",
+    "read_dsn_file",
+]
 
 
 def database_url(args: argparse.Namespace) -> str:
@@ -41,31 +49,6 @@ def database_url(args: argparse.Namespace) -> str:
 
 def policy(args: argparse.Namespace) -> engine.ApplyPolicy:
     return engine.ApplyPolicy(allow_superuser_run_as_role=bool(getattr(args, "allow_superuser_run_as_role", False)))
-
-
-def read_dsn_file(path: Path) -> str:
-    """A DSN kept in a file (a mounted Secret, a 0600 file) so the password never shows in the process list."""
-    try:
-        status = path.stat()
-        dsn = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError([FieldError("--dsn-file", f"{path}: {getattr(exc, 'strerror', None) or exc}")]) from None
-    # As libpq refuses a .pgpass others can read: group or other access, except group read of a root-owned
-    # file (how some secret stores mount them).
-    loose = status.st_mode & (0o037 if status.st_uid == 0 else 0o077)
-    if loose:
-        raise SpecError(
-            [
-                FieldError(
-                    "--dsn-file",
-                    f"{path} has group or other permissions ({stat.filemode(status.st_mode)}): it holds a password; "
-                    f"chmod 600 {path} (a mounted Secret: defaultMode: 0400)",
-                )
-            ]
-        )
-    if not dsn:
-        raise SpecError([FieldError("--dsn-file", f"{path} is empty")])
-    return dsn
 
 
 class Batch:

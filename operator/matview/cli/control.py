@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from matview.cli import arguments, report
+from matview.errors import SpecError
 
 if TYPE_CHECKING:
     import asyncio
@@ -64,8 +65,8 @@ def database_identity(args: argparse.Namespace) -> str | None:
         named = "dsn\0" + str(args.dsn)
     elif getattr(args, "dsn_file", None):
         try:
-            named = "dsn\0" + Path(args.dsn_file).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError):
+            named = "dsn\0" + arguments.read_dsn_file(Path(args.dsn_file))
+        except SpecError:
             return None
     elif os.environ.get("DATABASE_URL"):
         named = "dsn\0" + os.environ["DATABASE_URL"]

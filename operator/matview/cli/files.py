@@ -123,7 +123,8 @@ class FileFeeder:
         """(Re)read every file and tell the scheduler what changed; a broken file keeps its last good views."""
         wanted: dict[str, tuple[MaterializedView, str]] = {}
         broken: set[str] = set()
-        for file in self.files():
+        files = self.files()
+        for file in files:
             try:
                 data = read_spec_file(file)
                 for view in load_bytes(data, str(file)):
@@ -133,6 +134,8 @@ class FileFeeder:
                 broken.add(str(file))
             else:
                 self._digests[str(file)] = hashlib.sha256(data).digest()
+        for gone in set(self._digests) - {str(file) for file in files}:
+            del self._digests[gone]
         for key, (view, source) in list(self.views.items()):
             if key not in wanted and source not in broken:
                 logger.info(
