@@ -5,6 +5,8 @@ pgbench "transaction" sends one autocommit statement to each table, so the machi
 of them alike, and ``pgbench -r`` reports each statement's mean latency. The tables:
 
 - ``none``: no trigger (the baseline every ratio is against);
+- ``none2``: no trigger either: how far two identical tables drift apart in one run, the noise floor of
+  every other row;
 - ``empty``: the statement triggers with transition tables, calling a function that returns at once;
 - ``const``: the same triggers inserting one constant log row (the floor of any capture that logs);
 - ``format5``: the capture the engine shipped before (one function for every source and operation,
@@ -20,10 +22,14 @@ The server runs with ``wal_level = logical`` for every table (the baseline inclu
 itself adds to the WAL is a server-wide cost, not measured here.
 
 Each pgbench transaction sends a single-row UPDATE, a single-row INSERT and a 100-row UPDATE to each
-table; it runs once with one client and once with --clients (8) concurrent ones. Then batch writes (one
-100,000-row INSERT, one 10,000-row UPDATE) to each table in turn, medians of --rounds.
+table (their order rotated from one run to the next); it runs --pgbench-rounds times with one client,
+then as often with --clients (8) concurrent ones. Each cell is the median over those runs of the
+statement's mean latency, and its ratio is the median of the per-run ratios against ``none`` in the same
+run (a run's noise lands on every table of it alike, while the machine's load drifts between runs); the
+spread of those ratios follows in brackets. Then batch writes (one 100,000-row INSERT, one 10,000-row
+UPDATE) to each table in turn, medians of --rounds.
 
-    python benchmarks/capture.py [--dsn DSN] [--seconds 20] [--rounds 5] [--durable]
+    python benchmarks/capture.py [--dsn DSN] [--seconds 20] [--pgbench-rounds 3] [--rounds 5] [--durable]
 
 Prints per-statement costs and ratios; no assertions (these machines are noisy).
 """
@@ -148,6 +154,7 @@ def _shipped(conn: psycopg.Connection[Any], table: str, capture: str = "Triggers
 
 VARIANTS: dict[str, Callable[[psycopg.Connection[Any], str], None]] = {
     "none": lambda conn, table: _hand_made(conn, table, None),
+    "none2": lambda conn, table: _hand_made(conn, table, None),
     "empty": lambda conn, table: _hand_made(conn, table, lambda _t, _o: "BEGIN RETURN NULL; END"),
     "const": lambda conn, table: _hand_made(
         conn, table, lambda t, _o: f"BEGIN INSERT INTO bench.{t}_log (driver_id) VALUES ('{{1}}'); RETURN NULL; END"
@@ -179,14 +186,16 @@ def setup(dsn: str) -> None:
         conn.execute("VACUUM ANALYZE")
 
 
-def single_row_statements(dsn: str, seconds: float, clients: int = 1) -> dict[str, dict[str, float]]:
+def single_row_statements(dsn: str, seconds: float, clients: int = 1, turn: int = 0) -> dict[str, dict[str, float]]:
     """Mean latency (ms) of a single-row UPDATE and INSERT and a 100-row UPDATE on each table, in one pgbench
-    run of clients concurrent writers."""
+    run of clients concurrent writers; the tables' order in each transaction rotated by turn, so that no
+    capture always writes first or last."""
     pgbench = shutil.which("pgbench") or next(Path("/usr/lib/postgresql").glob("*/bin/pgbench"), None)
     if pgbench is None:
         raise SystemExit("pgbench not found: install Debian's postgresql package (.ci/run does)")
     script = [f"\\set id random(1, {ROWS})"]
-    for name in VARIANTS:
+    names = list(VARIANTS)
+    for name in names[turn % len(names) :] + names[: turn % len(names)]:
         script.append(f"UPDATE bench.{name} SET v = v + 1 WHERE id = :id;")
         script.append(f"INSERT INTO bench.{name} (driver_id, v) VALUES (:id % {DRIVERS}, 0);")
         script.append(f"UPDATE bench.{name} SET v = v + 1 WHERE id BETWEEN :id AND :id + 99;")
@@ -215,8 +224,23 @@ def single_row_statements(dsn: str, seconds: float, clients: int = 1) -> dict[st
     return latencies
 
 
-def batches(dsn: str, rounds: int) -> dict[str, dict[str, float]]:
-    """Median seconds of one 100,000-row INSERT and one 10,000-row UPDATE on each table, tables in turn."""
+def repeated(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, tuple[float, list[float]]]]:
+    """Per table and statement: the median latency over runs, and each run's ratio against ``none`` in that run."""
+    return {
+        name: {
+            key: (
+                statistics.median(run[name][key] for run in runs),
+                [run[name][key] / run["none"][key] - 1 for run in runs],
+            )
+            for key in runs[0][name]
+        }
+        for name in VARIANTS
+    }
+
+
+def batches(dsn: str, rounds: int) -> dict[str, dict[str, tuple[float, list[float]]]]:
+    """Median seconds of one 100,000-row INSERT and one 10,000-row UPDATE on each table, tables in turn; the
+    ratio is of the medians (the tables are written one after the other, so a round pairs nothing)."""
     times: dict[str, dict[str, list[float]]] = {name: {"INSERT": [], "UPDATE": []} for name in VARIANTS}
     with psycopg.connect(dsn, autocommit=True) as conn:
         for _ in range(rounds):
@@ -234,21 +258,28 @@ def batches(dsn: str, rounds: int) -> dict[str, dict[str, float]]:
                 conn.execute(f"DELETE FROM bench.{name} WHERE id > %s", (top[0] if top else 0,))
             for name in VARIANTS:
                 conn.execute(f"VACUUM bench.{name}")
-    return {name: {op: statistics.median(values) for op, values in ops.items()} for name, ops in times.items()}
+    medians = {name: {op: statistics.median(values) for op, values in ops.items()} for name, ops in times.items()}
+    return {
+        name: {op: (value, [value / medians["none"][op] - 1]) for op, value in ops.items()}
+        for name, ops in medians.items()
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dsn", help="a database to use (default: a private server)")
     parser.add_argument("--seconds", type=float, default=20, help="length of the single-row pgbench run")
+    parser.add_argument("--pgbench-rounds", type=int, default=3, help="pgbench runs per client count (medians)")
     parser.add_argument("--rounds", type=int, default=5, help="batch rounds (medians)")
     parser.add_argument("--durable", action="store_true", help="fsync and synchronous_commit on")
     parser.add_argument("--clients", type=int, default=8, help="concurrent writers of the second pgbench run")
     args = parser.parse_args()
     with bench_database(args.dsn, durable=args.durable, logical=True) as dsn:
         setup(dsn)
-        single = single_row_statements(dsn, args.seconds)
-        concurrent = single_row_statements(dsn, args.seconds, args.clients)
+        single = repeated([single_row_statements(dsn, args.seconds, 1, turn) for turn in range(args.pgbench_rounds)])
+        concurrent = repeated(
+            [single_row_statements(dsn, args.seconds, args.clients, turn) for turn in range(args.pgbench_rounds)]
+        )
         batch = batches(dsn, args.rounds)
     columns = [
         ("1-row UPDATE", single, "UPDATE", 1.0),
@@ -259,13 +290,15 @@ def main() -> None:
         ("100k-row INSERT", batch, "INSERT", 1000.0),
         ("10k-row UPDATE", batch, "UPDATE", 1000.0),
     ]
-    print(f"{'capture':10s} " + " ".join(f"{title:>22s}" for title, *_ in columns))
+    print(f"{'capture':10s} " + " ".join(f"{title:>36s}" for title, *_ in columns))
     for name in VARIANTS:
-        cells = [
-            f"{measured[name][key] * scale:8.3f} ms {measured[name][key] / measured['none'][key] - 1:+7.1%}"
-            for _, measured, key, scale in columns
-        ]
-        print(f"{name:10s} " + " ".join(f"{cell:>22s}" for cell in cells))
+        cells = [_cell(*measured[name][key], scale) for _, measured, key, scale in columns]
+        print(f"{name:10s} " + " ".join(f"{cell:>36s}" for cell in cells))
+
+
+def _cell(latency: float, ratios: list[float], scale: float) -> str:
+    spread = f" [{min(ratios):+.1%} … {max(ratios):+.1%}]" if len(ratios) > 1 else ""
+    return f"{latency * scale:8.3f} ms {statistics.median(ratios):+7.1%}{spread}"
 
 
 if __name__ == "__main__":
