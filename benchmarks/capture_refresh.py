@@ -10,8 +10,11 @@ slot's drain (reading its changes into the change log before the refresh decides
 operator drains on a second connection (reading a slot empties the reader's catalog caches); alternate rounds
 drain on the refresh's own, as ``matview refresh`` does, and are shown apart. Run on
 PostgreSQL 16 or later as well (``MATVIEW_PG_BINDIR``): from 16 a drain lets the slot's restart point follow it.
+Before 16 the restart point moves only at the server's own running-transactions records (the background writer
+logs one every 15 s while WAL is written), so back-to-back rounds decode again the WAL of the rounds before;
+``--pause`` waits that long after each round, as refreshes a minute apart would.
 
-    python benchmarks/capture_refresh.py [--drivers 100000] [--shares 0.001,0.01] [--rounds 15]
+    python benchmarks/capture_refresh.py [--drivers 100000] [--shares 0.001,0.01] [--rounds 15] [--pause 0]
 
 Target (#23): logical decoding within x1.2 of triggers at 0.1 % and 1 % changed. Prints medians and
 ratios; no assertions (these machines are noisy). The range drain's time is inside its refresh's.
@@ -69,6 +72,7 @@ def main() -> None:
     parser.add_argument("--drivers", type=int, default=100_000)
     parser.add_argument("--shares", default="0.001,0.01", help="shares of drivers changed")
     parser.add_argument("--rounds", type=int, default=15, help="changes per share (medians)")
+    parser.add_argument("--pause", type=float, default=0, help="seconds to wait after each round")
     parser.add_argument("--dsn", help="an existing server with wal_level = logical (default: a private one)")
     args = parser.parse_args()
 
@@ -76,7 +80,7 @@ def main() -> None:
         load_workload(conn, args.drivers, analyze=True)
         for source in SOURCES[1:]:  # public.drivers is keyed by driver_id already
             conn.execute(f"ALTER TABLE {source} REPLICA IDENTITY FULL")
-        print(f"PostgreSQL {conn.info.server_version // 10000}")
+        print(f"PostgreSQL {conn.info.server_version // 10000}, {args.pause:g} s between rounds")
         triggers, decoding = captured_view("Triggers", "by-triggers"), captured_view("LogicalDecoding", "by-slot")
         ranges = captured_view("Triggers", "by-ranges", append_only=True)
         for view in (triggers, decoding, ranges):
@@ -103,6 +107,7 @@ def main() -> None:
                     seconds["same" if label == "LogicalDecoding" and not lent else label].append(
                         result.duration_seconds
                     )
+                time.sleep(args.pause)
             by_triggers, by_slot, by_ranges, by_same = (
                 statistics.median(seconds[c]) for c in ("Triggers", "LogicalDecoding", "AppendOnly", "same")
             )
