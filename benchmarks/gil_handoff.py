@@ -42,7 +42,7 @@ class Busy:
     """A thread that formats a registry's exposition again and again until stopped (a scrape per loop)."""
 
     def __init__(self, views: int) -> None:
-        self.metrics = populated_metrics(views)
+        self.metrics, _ = populated_metrics(views)
         self.scrapes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)

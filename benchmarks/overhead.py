@@ -196,7 +196,12 @@ def instrument(profile: Profile) -> Callable[[], None]:
     wrap(attempt, "_record", "marker write")
     wrap(attempt, "view_size", "sizes")
     wrap(session, "reset", "session reset")
-    return lambda: [u() for u in reversed(undo)] and None
+
+    def undo_all() -> None:
+        for restore in reversed(undo):
+            restore()
+
+    return undo_all
 
 
 class CountingConnection(psycopg.Connection[Any]):
@@ -204,13 +209,13 @@ class CountingConnection(psycopg.Connection[Any]):
 
     profile: Profile | None = None
 
-    def execute(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
         if CountingConnection.profile is not None:
             CountingConnection.profile.sent()
         return super().execute(*args, **kwargs)
 
     @contextlib.contextmanager
-    def transaction(self, *args: Any, **kwargs: Any) -> Iterator[Any]:  # type: ignore[override]
+    def transaction(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
         """BEGIN and COMMIT (or ROLLBACK) are a statement each."""
         if CountingConnection.profile is not None:
             CountingConnection.profile.sent()

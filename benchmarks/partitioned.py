@@ -117,7 +117,7 @@ class ProcessReader:
         return self
 
     def __exit__(self, *_: Any) -> None:
-        output, _ = self._process.communicate()
+        output, _errors = self._process.communicate()
         self.longest = float(output.strip().splitlines()[-1])
 
 

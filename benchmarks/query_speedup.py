@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--dsn", help="an existing server (default: a private one in a temp dir)")
     args = parser.parse_args()
     with bench_database(args.dsn) as dsn, engine.connect(dsn) as conn:
-        conn.execute(demo.workload_sql())  # type: ignore[arg-type]
+        conn.execute(demo.workload_sql())
         conn.execute(sql.SQL("SELECT ops.load_driver_matrix(%s)"), (args.drivers,))
         counts = conn.execute("SELECT (SELECT count(*) FROM ops.trips), (SELECT count(*) FROM ops.leads)").fetchone()
         view = demo.example_view()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -45,11 +44,11 @@ WARMUP = 5
 
 def timed(conn: psycopg.Connection[Any], statement: str, params: tuple[Any, ...], rounds: int, prepare: bool) -> float:
     for _ in range(WARMUP):
-        conn.execute(statement, params, prepare=prepare).fetchall()  # type: ignore[arg-type]
+        conn.execute(statement, params, prepare=prepare).fetchall()
     samples = []
     for _ in range(rounds):
         clock = time.perf_counter()
-        conn.execute(statement, params, prepare=prepare).fetchall()  # type: ignore[arg-type]
+        conn.execute(statement, params, prepare=prepare).fetchall()
         samples.append(time.perf_counter() - clock)
     return statistics.median(samples)
 
@@ -199,4 +198,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -112,7 +112,7 @@ def run_shape(
 ) -> list[tuple[str, ...]]:
     engine.apply(conn, view)
     floor = floor_seconds(conn, view.query.text, repeats)
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for fraction, change in changes.items():
         for mode in ("Full", "Concurrent", "Swap"):
             seconds, wait, _ = measure(conn, dsn, view, mode, change, lookup, repeats)

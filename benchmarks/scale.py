@@ -34,6 +34,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -50,6 +51,24 @@ from matview.embedded.localpg import free_port  # noqa: E402
 MV = "/apis/matview.dev/v1alpha1/namespaces/{ns}/materializedviews"
 NAMESPACE = "scale"
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
+
+
+#: One scrape: metric name, labels, value.
+Samples = list[tuple[str, dict[str, str], float]]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the replicas and the control plane said at one moment."""
+
+    metrics: list[Samples]
+    """Each replica's /metrics."""
+    usage: list[tuple[float, float]]
+    """Each replica's (RSS MiB, CPU seconds)."""
+    api: dict[tuple[str, str], float]
+    """The API server's request counts by (verb, resource)."""
+    at: float
+    """time.monotonic()."""
 
 
 def scrape(url: str, token: str | None = None) -> list[tuple[str, dict[str, str], float]]:
@@ -287,9 +306,10 @@ def reshard(
         while time.monotonic() - started < 900:
             time.sleep(2)
             seen = [scheduled_names(port) for _, port in new]
-            if any(names is None for names in seen):
+            answered = [names for names in seen if names is not None]
+            if len(answered) < len(seen):
                 continue
-            twice, missing = split(seen, views)  # type: ignore[arg-type]
+            twice, missing = split(answered, views)
             if twice == 0 and missing == 0:
                 break
         return {
@@ -375,21 +395,20 @@ def main() -> None:
         report["ready"] = ready[0]
         report["time_to_all_ready_s"] = round(time.monotonic() - started, 1)
 
-        def snapshot() -> dict[str, object]:
-            metrics = [scrape(f"http://127.0.0.1:{port}/metrics") for _, port in operators]
-            return {
-                "metrics": metrics,
-                "usage": [process_usage(p.pid) for p, _ in operators],
-                "api": apiserver_requests(plane),
-                "at": time.monotonic(),
-            }
+        def snapshot() -> Snapshot:
+            return Snapshot(
+                metrics=[scrape(f"http://127.0.0.1:{port}/metrics") for _, port in operators],
+                usage=[process_usage(p.pid) for p, _ in operators],
+                api=apiserver_requests(plane),
+                at=time.monotonic(),
+            )
 
         before = snapshot()
         rss_samples: list[float] = []
         rss_per_replica: list[float] = [0.0] * len(operators)
         # Per 30 s slice of the window: when the late starts happened (a burst after creation, or all along).
         slices: list[dict[str, object]] = []
-        previous = merged_histogram(before["metrics"], "matview_refresh_start_lateness_seconds")  # type: ignore[arg-type]
+        previous = merged_histogram(before.metrics, "matview_refresh_start_lateness_seconds")
         deadline = time.monotonic() + args.steady_minutes * 60
         while time.monotonic() < deadline:
             time.sleep(10)
@@ -401,7 +420,7 @@ def main() -> None:
                 current = merged_histogram(metrics, "matview_refresh_start_lateness_seconds")
                 slices.append(
                     {
-                        "at_s": round(time.monotonic() - float(before["at"])),  # type: ignore[arg-type]
+                        "at_s": round(time.monotonic() - before.at),
                         "lateness_p99": quantile(previous, current, 0.99),
                         "queue_depth": sum(v for m in metrics for n, _, v in m if n == "matview_refresh_queue_depth"),
                         "lanes": sum(v for m in metrics for n, _, v in m if n == "matview_refresh_lanes"),
@@ -409,8 +428,8 @@ def main() -> None:
                 )
                 previous = current
         after = snapshot()
-        seconds = float(after["at"]) - float(before["at"])  # type: ignore[arg-type]
-        cpu = sum(a[1] - b[1] for a, b in zip(after["usage"], before["usage"], strict=True))  # type: ignore[arg-type]
+        seconds = after.at - before.at
+        cpu = sum(a[1] - b[1] for a, b in zip(after.usage, before.usage, strict=True))
         refreshes = 0.0
         lateness = {"p50": "", "p99": ""}
         lag = {"p99": ""}
@@ -418,7 +437,7 @@ def main() -> None:
         merged_after: dict[float, float] = {}
         lag_before: dict[float, float] = {}
         lag_after: dict[float, float] = {}
-        for b_metrics, a_metrics in zip(before["metrics"], after["metrics"], strict=True):  # type: ignore[call-overload]
+        for b_metrics, a_metrics in zip(before.metrics, after.metrics, strict=True):
             refreshes += sum(v for m, labels, v in a_metrics if m == "matview_refreshes_total")
             refreshes -= sum(v for m, labels, v in b_metrics if m == "matview_refreshes_total")
             for target, source, name in (
@@ -431,7 +450,7 @@ def main() -> None:
                     target[bound] = target.get(bound, 0.0) + value
         lateness = {q: quantile(merged_before, merged_after, v) for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))}
         refreshed_in_window = set()
-        for b_metrics, a_metrics in zip(before["metrics"], after["metrics"], strict=True):  # type: ignore[call-overload]
+        for b_metrics, a_metrics in zip(before.metrics, after.metrics, strict=True):
             counted = {labels["name"]: 0.0 for m, labels, _ in a_metrics if m == "matview_refreshes_total"}
             for m, labels, v in a_metrics:
                 if m == "matview_refreshes_total":
@@ -441,7 +460,7 @@ def main() -> None:
                     counted[labels["name"]] -= v
             refreshed_in_window |= {name for name, count in counted.items() if count > 0}
         lag = {"p99": quantile(lag_before, lag_after, 0.99)}
-        requests = operator_requests(before["api"], after["api"])  # type: ignore[arg-type]
+        requests = operator_requests(before.api, after.api)
         total_requests = sum(requests.values())
         view_hours = args.views * seconds / 3600
         report.update(
@@ -456,8 +475,8 @@ def main() -> None:
             refresh_start_lateness=lateness,
             refresh_duration={
                 q: quantile(
-                    merged_histogram(before["metrics"], "matview_refresh_duration_seconds"),  # type: ignore[arg-type]
-                    merged_histogram(after["metrics"], "matview_refresh_duration_seconds"),  # type: ignore[arg-type]
+                    merged_histogram(before.metrics, "matview_refresh_duration_seconds"),
+                    merged_histogram(after.metrics, "matview_refresh_duration_seconds"),
                     v,
                 )
                 for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
@@ -469,7 +488,7 @@ def main() -> None:
             apiserver_requests_per_refresh=round(total_requests / max(refreshes, 1), 2),
         )
         if args.shards > 1:
-            scheduled_by = [scheduled_in(metrics) for metrics in after["metrics"]]  # type: ignore[attr-defined]
+            scheduled_by = [scheduled_in(metrics) for metrics in after.metrics]
             twice, missing = split(scheduled_by, args.views)
             report["views_scheduled_by_two_shards"] = twice
             report["views_scheduled_by_no_shard"] = missing

@@ -21,6 +21,7 @@ import itertools
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -156,17 +157,17 @@ def _warn(signature: str) -> str:
     )
 
 
-def shadow_statements(conn: psycopg.Connection[tuple[object, ...]]) -> list[str]:
+def shadow_statements(conn: psycopg.Connection[tuple[Any, ...]]) -> list[str]:
     """CREATE statements for every look-alike the engine's SQL could meet (run as the hostile role)."""
     statements: list[str] = []
     existing: set[tuple[str, tuple[str, ...]]] = set()
     rows = conn.execute(_FUNCTIONS, (sorted(called_names()),)).fetchall()
     for name, _, _, argtypes in rows:
-        existing.add((str(name), tuple(argtypes)))  # type: ignore[arg-type]
+        existing.add((str(name), tuple(argtypes)))
     planted: set[tuple[str, tuple[str, ...]]] = set()
     for name, retset, returns, argtypes in rows:
         name = str(name)
-        for variant, element in _variants(list(argtypes)):  # type: ignore[call-overload]
+        for variant, element in _variants(list(argtypes)):
             key = (name, tuple(variant))
             if key in existing or key in planted or any(t in _UNUSABLE for t in variant):
                 continue
@@ -178,7 +179,7 @@ def shadow_statements(conn: psycopg.Connection[tuple[object, ...]]) -> list[str]
                 f"${i}"
                 if original in _POLYMORPHIC_ELEMENT | _POLYMORPHIC_ARRAY or original == '"any"'
                 else f"${i}::{original}"
-                for i, original in enumerate(argtypes, start=1)  # type: ignore[call-overload]
+                for i, original in enumerate(argtypes, start=1)
             )
             signature = f"public.{name}({', '.join(variant)})"
             if retset:
@@ -198,12 +199,12 @@ def shadow_statements(conn: psycopg.Connection[tuple[object, ...]]) -> list[str]
         for lefts, rights in itertools.product(
             [left, *_BETTER.get(str(left), [])], [right, *_BETTER.get(str(right), [])]
         ):
-            key = (str(symbol), lefts, rights)
-            if key in existing_operators or any(
+            operator_key = (str(symbol), lefts, rights)
+            if operator_key in existing_operators or any(
                 t in _UNUSABLE | _POLYMORPHIC_ELEMENT | _POLYMORPHIC_ARRAY for t in (lefts, rights, str(result))
             ):
                 continue
-            existing_operators.add(key)
+            existing_operators.add(operator_key)
             function = f"public.matview_shadow_op_{number}_{len(statements)}"
             signature = f"public.{symbol}({lefts}, {rights})"
             statements.append(

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from matview.errors import MatviewError
 from matview.plan import session
 from matview.plan.catalog import observe
-from matview.plan.observed import Connection
+from matview.plan.observed import Connection as Connection
 
 __all__ = [
     "ApplyPolicy",
