@@ -11,7 +11,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import psycopg
 import pytest
@@ -26,7 +26,7 @@ _counter = itertools.count()
 IMAGE_TOOLS = ("buildah", "podman", "mmdebstrap")
 
 
-def skip_or_fail(reason: str) -> None:
+def skip_or_fail(reason: str) -> NoReturn:
     """Outside CI a test that cannot run is skipped with its reason; in CI it fails instead."""
     if IN_CI:
         pytest.fail(f"cannot run in CI: {reason}")

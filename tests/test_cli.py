@@ -52,21 +52,21 @@ def test_seed_example_plan_apply_reapply_delete(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute((ROOT / "sql/examples/driver_matrix/schema.sql").read_text())
         conn.execute("SELECT ops.load_driver_matrix(500)")
-        before = relations(conn)  # type: ignore[arg-type]
+        before = relations(conn)
     example = str(ROOT / "examples/driver-matrix.yaml")
 
     planned = matview("plan", "--dsn", dsn, example)
     assert planned.returncode == 0, planned.stderr
     assert "CREATE MATERIALIZED VIEW" in planned.stdout and "CREATE INDEX CONCURRENTLY" in planned.stdout
     with psycopg.connect(dsn) as conn:
-        assert relations(conn) == before  # type: ignore[arg-type]  # plan changed nothing
+        assert relations(conn) == before  # plan changed nothing
 
     applied = matview("apply", example, env={"DATABASE_URL": dsn})
     assert applied.returncode == 0, applied.stderr
     assert "ops.mv_payments_driver_matrix_cabinet: applied" in applied.stdout
     with psycopg.connect(dsn) as conn:
-        assert is_matview(conn, "ops", "mv_payments_driver_matrix_cabinet")  # type: ignore[arg-type]
-        assert len(index_names(conn, "ops", "mv_payments_driver_matrix_cabinet")) == 7  # type: ignore[arg-type]
+        assert is_matview(conn, "ops", "mv_payments_driver_matrix_cabinet")
+        assert len(index_names(conn, "ops", "mv_payments_driver_matrix_cabinet")) == 7
 
     again = matview("apply", "--json", "--dsn", dsn, example)
     assert again.returncode == 0, again.stderr
@@ -79,7 +79,7 @@ def test_seed_example_plan_apply_reapply_delete(dsn: str) -> None:
     assert deleted.returncode == 0
     assert "deletionPolicy is Retain" in deleted.stdout
     with psycopg.connect(dsn) as conn:
-        assert is_matview(conn, "ops", "mv_payments_driver_matrix_cabinet")  # type: ignore[arg-type]
+        assert is_matview(conn, "ops", "mv_payments_driver_matrix_cabinet")
 
 
 def test_database_errors_exit_1_with_message(dsn: str, tmp_path: Path) -> None:

@@ -59,8 +59,8 @@ def test_demo_builds_the_view_prints_the_comparison_and_serves_metrics(dsn: str)
         assert shape in text
     assert "refresh duration by mode: Concurrent" in text
     with psycopg.connect(dsn) as conn:
-        assert is_matview(conn, "ops", "mv_payments_driver_matrix_cabinet")  # type: ignore[arg-type]
-        assert len(index_names(conn, "ops", "mv_payments_driver_matrix_cabinet")) == 7  # type: ignore[arg-type]
+        assert is_matview(conn, "ops", "mv_payments_driver_matrix_cabinet")
+        assert len(index_names(conn, "ops", "mv_payments_driver_matrix_cabinet")) == 7
     assert process.returncode == 0
 
 

@@ -101,7 +101,7 @@ def test_run_refreshes_on_schedule_reloads_and_stops_on_sigterm(dsn: str, tmp_pa
             body["indexes"].append({"columns": ["total"]})  # type: ignore[attr-defined]
             spec.write_text(to_yaml(document("sales-by-region", "shop", **body)))
             wait_for(
-                lambda: len(index_names(conn, "public", "sales_by_region")) == 2,  # type: ignore[arg-type]
+                lambda: len(index_names(conn, "public", "sales_by_region")) == 2,
                 "the edited file to be applied",
             )
         samples = scrape(port)

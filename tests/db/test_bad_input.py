@@ -7,6 +7,7 @@ relation may have appeared or disappeared.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,7 +25,7 @@ DROP_PLAIN = "; DROP TABLE public.sentinel; --"
 
 
 @pytest.fixture
-def db(conn: Connection) -> Connection:
+def db(conn: Connection) -> Iterator[Connection]:
     conn.execute(
         "CREATE TABLE public.sentinel (id int PRIMARY KEY);"
         f"INSERT INTO public.sentinel SELECT generate_series(1, {SENTINEL_ROWS});"

@@ -10,6 +10,7 @@ every refresh mode, an incremental refresh, verify and delete must never call on
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -173,7 +174,7 @@ async def test_a_query_that_sets_search_path_for_the_session_does_not_reach_the_
     dsn = roles.login("operator")
     try:
         for mv in (sneaky, plain):
-            await refresher.run_sync(dsn, lambda c, mv=mv: engine.apply(c, mv))
+            await refresher.run_sync(dsn, functools.partial(engine.apply, view=mv))
         for mode in ("Full", "Swap"):
             assert (await refresher.refresh(dsn, sneaky, mode)).result == "success"
         assert (await refresher.refresh(dsn, plain)).result == "success"

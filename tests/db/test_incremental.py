@@ -22,6 +22,7 @@ import pytest
 from matview.api.spec import MaterializedView
 from matview.errors import SpecError, UnmanagedObjectError
 from matview.plan import capture, engine
+from matview.plan.marker import Marker
 from matview.plan.observed import Connection
 from matview.refresh import RefreshState, apply_and_record, facts, policy, refresh, verify
 from tests.helpers import cli_on, document, to_yaml, view
@@ -221,7 +222,7 @@ def test_capture_of_a_source_since_removed_and_of_the_older_format_is_dropped(ma
     # What format 5 left: one function, every trigger calling it, the log's digest of that format.
     legacy = capture.legacy_function_name(fewer)
     digest = capture.capture_digest(fewer).rsplit(".", 1)[0] + ".5"
-    marker = capture.Marker(fewer.owner, "capture", digest).to_comment()
+    marker = Marker(fewer.owner, "capture", digest).to_comment()
     matrix.execute(
         f'CREATE FUNCTION ops."{legacy}"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS '
         "'BEGIN RETURN NULL; END'"
@@ -242,7 +243,7 @@ def test_capture_of_a_source_since_removed_and_of_the_older_format_is_dropped(ma
             )
     matrix.execute(
         f'COMMENT ON TABLE ops."{capture.changes_name(fewer)}" IS '
-        f"'{capture.Marker(fewer.owner, 'changes', digest).to_comment()}'"
+        f"'{Marker(fewer.owner, 'changes', digest).to_comment()}'"
     )
     assert apply(matrix, fewer).changed
     assert sorted(capture_functions(matrix, fewer)) == sorted(capture.functions(fewer)), "the legacy one is gone"

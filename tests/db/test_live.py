@@ -113,7 +113,7 @@ def test_a_reader_in_one_snapshot_sees_the_live_view_equal_the_query_during_writ
             while not stop.is_set():
                 with reader.transaction():
                     reader.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                    found = differences(reader)  # type: ignore[arg-type]
+                    found = differences(reader)
                 if found != (0, 0):
                     problems.append(str(found))
                 compared[0] += 1

@@ -307,8 +307,8 @@ def test_writers_need_nothing_beyond_their_own_table(matrix: Connection, dsn: st
     matrix.execute(sql.SQL("GRANT USAGE ON SCHEMA ops TO {}").format(role))
     matrix.execute(sql.SQL("GRANT INSERT ON ops.trips TO {}").format(role))
     writer_dsn = psycopg.conninfo.make_conninfo(dsn, user=writer, password="w")
-    with psycopg.connect(writer_dsn, autocommit=True) as writer:
-        writer.execute("INSERT INTO ops.trips (driver_id, trip_date) VALUES (9, '2026-02-01')")
+    with psycopg.connect(writer_dsn, autocommit=True) as writer_conn:
+        writer_conn.execute("INSERT INTO ops.trips (driver_id, trip_date) VALUES (9, '2026-02-01')")
     result = refresh(matrix, mv)
     assert result.mode == "Incremental" and result.keys_applied == 1, result
     assert mismatches(matrix, mv) == (0, 0)
@@ -356,14 +356,14 @@ async def test_the_operators_refresh_drains_the_slot_on_a_lent_connection_and_su
     says so in a warning, the pool replaces the connection, and the next refresh reads the same changes again
     and recomputes their keys to the same rows."""
     from matview.observe.metrics import RefreshMetrics
-    from matview.refresh import attempt, drain
+    from matview.refresh import drain, facts
     from matview.refresh.refresher import Refresher
 
     mv = decoding_view()
     apply(matrix, mv)
     drained_on: list[int] = []
     refreshed_on: list[int] = []
-    original_read, original_inspected = drain._read, attempt.facts.inspected
+    original_read, original_inspected = drain._read, facts.inspected
 
     def spied_read(conn: Connection, *args: Any, **kwargs: Any) -> Any:
         drained_on.append(conn.info.backend_pid)
@@ -374,7 +374,7 @@ async def test_the_operators_refresh_drains_the_slot_on_a_lent_connection_and_su
         return original_inspected(conn, *args)
 
     monkeypatch.setattr(drain, "_read", spied_read)
-    monkeypatch.setattr(attempt.facts, "inspected", spied_inspected)
+    monkeypatch.setattr(facts, "inspected", spied_inspected)
     refresher = Refresher(RefreshMetrics())
     try:
         matrix.execute("UPDATE ops.leads SET driver_id = 5000 WHERE driver_id = 13")
@@ -408,7 +408,7 @@ def test_the_slot_advances_on_the_lent_connection_while_the_refresh_runs(matrix:
     the view's timeout, and fail the drain.)"""
     import contextlib
 
-    from matview.refresh import attempt
+    from matview.refresh import facts
 
     mv = decoding_view(refresh={"interval": "1h", "timeout": "10s"})
     apply(matrix, mv)
@@ -423,7 +423,7 @@ def test_the_slot_advances_on_the_lent_connection_while_the_refresh_runs(matrix:
     )
     seen_waiting: list[bool] = []
     with engine.connect(dsn) as lent, psycopg.connect(dsn, autocommit=True) as holder:
-        original_inspected = attempt.facts.inspected
+        original_inspected = facts.inspected
 
         def inspected_while_the_advance_waits(conn: Connection, *args: Any) -> Any:
             # The advance was sent before the drain returned, and waits for the lock held here until released
@@ -440,7 +440,7 @@ def test_the_slot_advances_on_the_lent_connection_while_the_refresh_runs(matrix:
         holder.execute("SELECT pg_advisory_lock(%s)", (held_key,))
         with pytest.MonkeyPatch.context() as patched:
             patched.setattr(decoding, "ADVANCE_QUERY", held_advance)
-            patched.setattr(attempt.facts, "inspected", inspected_while_the_advance_waits)
+            patched.setattr(facts, "inspected", inspected_while_the_advance_waits)
             result = refresh(matrix, mv, aside=lambda: contextlib.nullcontext(lent))
         assert seen_waiting == [True], "the refresh went on only after the advance had answered"
         assert (result.result, result.mode, result.keys_applied) == ("success", "Incremental", 2), result

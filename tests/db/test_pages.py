@@ -58,9 +58,9 @@ def walk(
     limit: int,
     relation: tuple[str, str] = ("shop", "totals"),
     **options: Any,
-) -> tuple[list[int], list[int]]:
+) -> tuple[list[Any], list[Any]]:
     """Every first column forward page by page, then backward from the end."""
-    forward: list[int] = []
+    forward: list[Any] = []
     cursor = None
     last: client.Page | None = None
     while True:

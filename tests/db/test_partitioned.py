@@ -568,7 +568,7 @@ def test_incremental_refresh_after_retention_puts_no_retired_row_back(matrix: Co
     assert before is not None and after is not None
     cutoff = window_start(matrix, mv, before, after)
     assert kept_mismatches(matrix, mv, cutoff) == (0, 0)
-    files = dict(
+    files: dict[str, int] = dict(
         matrix.execute(
             "SELECT c.relname, c.relfilenode FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
             "WHERE i.inhparent = 'ops.weekly'::regclass"
@@ -593,7 +593,7 @@ def test_incremental_refresh_after_retention_puts_no_retired_row_back(matrix: Co
     verification = verify.compare(matrix, mv, ExecutionSettings())
     assert verification.matches, verification
     # Retention rewrote nothing: the partitions it kept are the files they were.
-    after_files = dict(
+    after_files: dict[str, int] = dict(
         matrix.execute(
             "SELECT c.relname, c.relfilenode FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
             "WHERE i.inhparent = 'ops.weekly'::regclass"

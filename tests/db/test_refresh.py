@@ -661,15 +661,16 @@ def test_a_view_another_session_holds_exclusively_fails_the_refresh_instead_of_h
     the refresh says why it failed. Without the bound, the Table's refresh waited for as long as the holder
     liked."""
     table = storage == "Table"
+    incremental: dict[str, Any] = (
+        {"incremental": {"keyColumns": ["kind"], "sources": [{"table": "ops.events", "columns": ["kind"]}]}}
+        if table
+        else {}
+    )
     view_ = mv(
         storage=storage,
         query="SELECT kind, count(*) AS n, sum(amount) AS total FROM ops.events GROUP BY kind" if table else QUERY,
         refresh={"interval": "1h", "lockTimeout": "100ms"},
-        **(
-            {"incremental": {"keyColumns": ["kind"], "sources": [{"table": "ops.events", "columns": ["kind"]}]}}
-            if table
-            else {}
-        ),
+        **incremental,
     )
     engine.apply(db, view_)
     with psycopg.connect(dsn) as holder:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -386,7 +387,7 @@ async def test_a_query_that_prepares_or_deallocates_statements_does_not_disturb_
     try:
         hostile = [table_calling("squatter", "ops.squat"), table_calling("evictor", "ops.evict")]
         for each in (*victims, *hostile):
-            await refresher.run_sync(dsn, lambda c, each=each: apply_and_record(c, each))
+            await refresher.run_sync(dsn, functools.partial(apply_and_record, view=each))
         await refresh_victims()
         pool = refresher.pool(dsn)
         prepared = prepared_statements_per_connection(pool, from_sql=False)
@@ -396,7 +397,7 @@ async def test_a_query_that_prepares_or_deallocates_statements_does_not_disturb_
             outcome = await refresher.refresh(dsn, each)
             assert outcome.mode == "Incremental", outcome  # the key recompute ran the function
             victims.append(view(f"after-{each.resource_name}", "ops", schema="ops", query="SELECT 2 AS two"))
-            await refresher.run_sync(dsn, lambda c, v=victims[-1]: engine.apply(c, v))
+            await refresher.run_sync(dsn, functools.partial(engine.apply, view=victims[-1]))
             await refresh_victims()  # old ones, and a new one whose statements get prepared afresh
         assert all(r.result == "success" for r in results), [r.message for r in results if r.message]
         assert len(results) == 8 * (2 + 3 + 4)

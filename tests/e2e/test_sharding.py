@@ -8,6 +8,7 @@ as in a cluster (kmock does not implement selectors).
 
 from __future__ import annotations
 
+import functools
 import re
 import urllib.error
 import urllib.request
@@ -44,6 +45,11 @@ def labels_of(plane: ControlPlane, name: str) -> dict[str, str]:
 
 def run_shards(plane: ControlPlane, workdir: Path, count: int) -> list[tuple[Any, int]]:
     return [start_operator(plane, workdir, NAMESPACE, shard=(index, count)) for index in range(count)]
+
+
+def is_ready(plane: ControlPlane, name: str) -> bool:
+    found = condition(plane, NAMESPACE, name, "Ready")
+    return found is not None and found["status"] == "True"
 
 
 def split_as_owned(shards: list[tuple[Any, int]], count: int) -> bool:
@@ -84,10 +90,7 @@ def test_shards_select_their_own_views_on_the_apiserver(control_plane: ControlPl
             )
             assert status == 201, body
         for name in VIEWS:
-            wait_for(
-                lambda name=name: (c := condition(control_plane, NAMESPACE, name, "Ready")) and c["status"] == "True",
-                f"{name} Ready",
-            )
+            wait_for(functools.partial(is_ready, control_plane, name), f"{name} Ready")
             assert labels_of(control_plane, name)[BUCKET_LABEL] == sharding.label_value(NAMESPACE, name)
         wait_for(lambda: split_as_owned(shards, 2), "each view scheduled by its own shard only")
 

@@ -23,7 +23,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import psycopg
 import yaml
@@ -120,7 +120,7 @@ class Reader:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
-    def start(self) -> Reader:
+    def start(self) -> Self:
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
         return self

@@ -13,6 +13,7 @@ from matview.constants import GROUP, PLURAL, VERSION
 from matview.k8s import kube, reconcile
 from matview.k8s.conditions import Status
 from matview.k8s.watch import WatchFeeder, view_key
+from matview.refresh.settings import Lane
 from tests.k8s.conftest import NAMESPACE, Cluster, eventually, settle
 
 QUERY = "SELECT region, sum(amount) AS total FROM public.sales GROUP BY region"
@@ -232,7 +233,7 @@ async def test_a_creation_handled_again_is_not_applied_again(
     applies = handled = 0
     outcome, apply_spec = reconcile._outcome, reconcile.apply_spec
 
-    async def counted(ctx: Any, body: Any, logger: Any, lane: str = "apply") -> Any:
+    async def counted(ctx: Any, body: Any, logger: Any, lane: Lane = "apply") -> Any:
         nonlocal applies
         applies += lane == "apply"
         return await outcome(ctx, body, logger, lane)

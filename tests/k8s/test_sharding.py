@@ -105,9 +105,8 @@ async def test_the_labeler_lists_again_after_refused_lists_and_an_expired_watch(
 
         async def labelled(name: str) -> bool:
             view = await cluster.get_view(name)
-            return (view or {}).get("metadata", {}).get("labels", {}).get(BUCKET_LABEL) == sharding.label_value(
-                NAMESPACE, name
-            )
+            label = (view or {}).get("metadata", {}).get("labels", {}).get(BUCKET_LABEL)
+            return bool(label == sharding.label_value(NAMESPACE, name))
 
         await eventually(lambda: labelled("before"), "the view listed after two refusals labelled")
         await eventually(lambda: not watch_faults and len(labeler_requests(cluster, watch=True)) >= 2, "watched again")
@@ -122,7 +121,7 @@ async def test_the_labeler_lists_again_after_refused_lists_and_an_expired_watch(
             and request.resource.plural == PLURAL
             and str(getattr(request.method, "value", request.method)).upper() == "PATCH"
         ]
-        assert sorted(request.name for request in patches) == ["after", "before"], "each view labelled once"
+        assert sorted(str(request.name) for request in patches) == ["after", "before"], "each view labelled once"
         assert labels.labelled == 2
     finally:
         running.cancel()

@@ -91,15 +91,33 @@ def test_redaction_works_on_a_dsn_libpq_cannot_parse(dsn: str) -> None:
 
 def test_transition_time_moves_only_when_status_flips() -> None:
     first = conditions.set_condition(
-        [], type_="Ready", status=False, reason="SecretNotFound", message="m", generation=1, now=T0
+        [],
+        type_=conditions.ConditionType.READY,
+        status=False,
+        reason=conditions.Reason.SECRET_NOT_FOUND,
+        message="m",
+        generation=1,
+        now=T0,
     )
     later = T0 + dt.timedelta(minutes=5)
     same = conditions.set_condition(
-        first, type_="Ready", status=False, reason="DatabaseUnreachable", message="m2", generation=1, now=later
+        first,
+        type_=conditions.ConditionType.READY,
+        status=False,
+        reason=conditions.Reason.DATABASE_UNREACHABLE,
+        message="m2",
+        generation=1,
+        now=later,
     )
     assert same[0]["lastTransitionTime"] == first[0]["lastTransitionTime"] == "2026-11-27T12:00:00Z"
     flipped = conditions.set_condition(
-        same, type_="Ready", status=True, reason="Reconciled", message="ok", generation=2, now=later
+        same,
+        type_=conditions.ConditionType.READY,
+        status=True,
+        reason=conditions.Reason.RECONCILED,
+        message="ok",
+        generation=2,
+        now=later,
     )
     assert flipped[0]["lastTransitionTime"] == "2026-11-27T12:05:00Z"
     assert flipped[0]["observedGeneration"] == 2
@@ -154,7 +172,7 @@ def test_the_feeders_copy_keeps_what_it_reads_and_drops_copies_of_the_spec() -> 
     the spec, with a query of up to 100 KiB) and managedFields are not kept; what it reads is."""
     query = "SELECT " + ", ".join(f"{i} AS c{i}" for i in range(5_000))
     spec = {"query": query, "database": {"secretRef": {"name": "db"}}}
-    body = {
+    body: dict[str, Any] = {
         "apiVersion": "matview.dev/v1alpha1",
         "kind": "MaterializedView",
         "metadata": {
@@ -196,7 +214,7 @@ def decoded_view(index: int) -> dict[str, Any]:
         ("Progressing", "False", "Idle", "nothing to do"),
         ("Degraded", "False", "AsExpected", "no failure"),
     ]
-    return json.loads(
+    decoded: dict[str, Any] = json.loads(
         json.dumps(
             {
                 "apiVersion": "matview.dev/v1alpha1",
@@ -229,6 +247,7 @@ def decoded_view(index: int) -> dict[str, Any]:
             }
         )
     )
+    return decoded
 
 
 def held_bytes(copy_of: Any, views: int = 1_000) -> float:

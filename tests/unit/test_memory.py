@@ -5,6 +5,7 @@ The file layouts are written out here as the kernel lays them out (the real thin
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from prometheus_client import generate_latest
@@ -68,7 +69,7 @@ def test_no_limit_means_no_limit_and_the_process_resident_set(tmp_path: Path) ->
         )
         watch = memory.MemoryWatch(root)
         assert watch.limit_bytes() is None, limit_file
-        assert watch.working_set_bytes() == 500 * memory.os.sysconf("SC_PAGE_SIZE"), limit_file
+        assert watch.working_set_bytes() == 500 * os.sysconf("SC_PAGE_SIZE"), limit_file
 
 
 def test_garbage_in_the_files_is_no_limit_not_a_crash(tmp_path: Path) -> None:

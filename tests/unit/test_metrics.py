@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import generate_latest
 
 from matview.observe.metrics import RefreshMetrics
@@ -37,7 +39,7 @@ def test_track_follows_edits_and_a_view_tracked_again_after_forget() -> None:
 
 def test_incremental_target_lag_follows_edits() -> None:
     metrics = RefreshMetrics()
-    spec = {
+    spec: dict[str, Any] = {
         "storage": "Table",
         "query": "SELECT id FROM ops.t",
         "indexes": [{"columns": ["id"], "unique": True}],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+from matview.outcomes import Outcome
 from matview.refresh import schedule
 from matview.refresh.schedule import expected_period_seconds, jitter_seconds, next_run, retry_delay
 from tests.helpers import view
@@ -74,23 +75,23 @@ def test_the_scheduling_core_after_success_failure_skip_and_request() -> None:
     v = view(refresh={"interval": "5m"})
     fresh = Track()
     assert wanted_now(v, fresh, T0)  # never refreshed: due now
-    done = after(v, fresh, "success", T0, 30, completed=T0)
+    done = after(v, fresh, Outcome.SUCCESS, T0, 30, completed=T0)
     assert not wanted_now(v, done, T0 + dt.timedelta(minutes=1))
     assert due_at(v, done, T0) == next_run(v, T0, T0)
     # Failures back off 30 s, 60 s, 120 s … capped by the period, and clear on success.
-    failed = after(v, done, "failure", T0, 30)
-    failed = after(v, failed, "failure", T0, 30)
+    failed = after(v, done, Outcome.FAILURE, T0, 30)
+    failed = after(v, failed, Outcome.FAILURE, T0, 30)
     assert failed.failures == 2 and failed.hold_until == T0 + dt.timedelta(seconds=60)
     assert failed.last_success == T0
-    assert after(v, failed, "success", T0, 30).failures == 0
+    assert after(v, failed, Outcome.SUCCESS, T0, 30).failures == 0
     # A skip holds the view one period from now, however long ago the last success was.
     late = T0 + dt.timedelta(hours=3)
-    skipped = after(v, done, "skipped", late, 30)
+    skipped = after(v, done, Outcome.SKIPPED, late, 30)
     assert not wanted_now(v, skipped, late + dt.timedelta(minutes=4))
     assert wanted_now(v, skipped, late + dt.timedelta(minutes=6))
     # A new request acts at once, once.
     assert wanted_now(v, skipped, late, request="r1")
-    handled = after(v, skipped, "success", late, 30, request="r1")
+    handled = after(v, skipped, Outcome.SUCCESS, late, 30, request="r1")
     assert not wanted_now(v, handled, late, request="r1")
 
 
@@ -98,9 +99,9 @@ def test_a_busy_view_is_looked_at_again_soon_and_its_request_stays_pending() -> 
     hourly = view(refresh={"interval": "1h"})
     now = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
     track = schedule.Track(last_success=now - dt.timedelta(minutes=5), handled_request="old")
-    busy = schedule.after(hourly, track, "busy", now, first_retry_seconds=30)
+    busy = schedule.after(hourly, track, Outcome.BUSY, now, first_retry_seconds=30)
     assert busy.handled_request == "old" and busy.last_success == track.last_success
     assert busy.busy_until is not None and (busy.busy_until - now).total_seconds() <= schedule.BUSY_RETRY_SECONDS
     assert schedule.wanted_now(hourly, busy, now + dt.timedelta(seconds=3), request="new")
-    skipped = schedule.after(hourly, track, "skipped", now, first_retry_seconds=30, request="new")
+    skipped = schedule.after(hourly, track, Outcome.SKIPPED, now, first_retry_seconds=30, request="new")
     assert skipped.handled_request == "new"  # a real skip does handle the request

@@ -392,7 +392,7 @@ async def test_drift_checks_run_a_few_at_a_time(world: Any) -> None:
         in_flight -= 1
         return Applied(Outcome.SUCCESS)
 
-    feeder.apply = slow_apply  # type: ignore[method-assign]
+    feeder.apply = slow_apply
     views = [view(f"v{i}") for i in range(10)]
     for v in views:
         scheduler.put(v.owner, v, ready=True)
@@ -432,7 +432,8 @@ async def test_the_demand_gauge_follows_the_schedules_it_is_told_of(world: Any) 
     registry = scheduler.refresher.metrics.registry
 
     def demand() -> float | None:
-        return registry.get_sample_value("matview_refresh_demand_per_second")  # summed as a scrape reads it
+        summed: float | None = registry.get_sample_value("matview_refresh_demand_per_second")  # as a scrape reads it
+        return summed
 
     assert demand() == pytest.approx(1 / 60 + 1 / 30)
     scheduler.forget(half_minute.owner)
@@ -456,7 +457,7 @@ async def test_the_loop_sleeps_while_every_check_slot_is_taken_and_wakes_when_on
         await gate.wait()
         return Applied(Outcome.SUCCESS)
 
-    feeder.apply = held_check  # type: ignore[method-assign]
+    feeder.apply = held_check
     for name in ("a", "b"):
         v = hourly(name)
         scheduler.put(v.owner, v, ready=True, last_success=clock.at())
@@ -467,9 +468,10 @@ async def test_the_loop_sleeps_while_every_check_slot_is_taken_and_wakes_when_on
     def counted_step() -> float:
         nonlocal steps
         steps += 1
-        return step()
+        wait: float = step()
+        return wait
 
-    scheduler.step = counted_step  # type: ignore[method-assign]
+    scheduler.step = counted_step
     loop = asyncio.create_task(scheduler.run())
     try:
         await until_true(lambda: len(checked) == 1)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from matview.observe import metrics  # noqa: F401 - switches _created samples off, as the operator runs
-from matview.observe.series import MASK_WORDS, MAX_COLUMNS, Families
+from matview.observe.series import MASK_WORDS, MAX_COLUMNS, Families, Family
 
 BUCKETS = (0.1, 0.5, 1, 5)
 
@@ -16,7 +17,7 @@ BUCKETS = (0.1, 0.5, 1, 5)
 def test_the_exposition_equals_prometheus_clients_for_the_same_updates() -> None:
     ours, theirs = CollectorRegistry(), CollectorRegistry()
     families = Families(ours)
-    pairs = [
+    pairs: list[tuple[Family, Any]] = [
         (
             families.add("counter", "t_refreshes_total", "Refreshes.", ["namespace", "name", "mode"]),
             Counter("t_refreshes_total", "Refreshes.", ["namespace", "name", "mode"], registry=theirs),

@@ -7,6 +7,7 @@ exactly as long as the test says."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Executor, Future, ThreadPoolExecutor
@@ -116,7 +117,7 @@ async def test_slots_are_handed_out_in_arrival_order_and_each_ending_job_starts_
     clock, threads = Clock(), HeldThreads()
     lane = slots(clock, threads, floor=1, ceiling=1)
     order: list[int] = []
-    futures = [lane.submit(lambda i=i: order.append(i)) for i in range(5)]
+    futures = [lane.submit(functools.partial(order.append, i)) for i in range(5)]
     assert len(threads.held) == 1 and lane.waiting() == 4
     threads.run()  # one thread: the first job, then each that waited, in turn
     assert order == [0, 1, 2, 3, 4]
