@@ -90,35 +90,24 @@ def test_redaction_works_on_a_dsn_libpq_cannot_parse(dsn: str) -> None:
 
 
 def test_transition_time_moves_only_when_status_flips() -> None:
-    first = conditions.set_condition(
-        [],
-        type_=conditions.ConditionType.READY,
-        status=False,
-        reason=conditions.Reason.SECRET_NOT_FOUND,
-        message="m",
-        generation=1,
-        now=T0,
-    )
+    def ready(
+        before: list[conditions.Condition], status: bool, reason: conditions.Reason, generation: int, now: dt.datetime
+    ) -> list[conditions.Condition]:
+        return conditions.set_condition(
+            before,
+            type_=conditions.ConditionType.READY,
+            status=status,
+            reason=reason,
+            message=reason.value,
+            generation=generation,
+            now=now,
+        )
+
+    first = ready([], False, conditions.Reason.SECRET_NOT_FOUND, 1, T0)
     later = T0 + dt.timedelta(minutes=5)
-    same = conditions.set_condition(
-        first,
-        type_=conditions.ConditionType.READY,
-        status=False,
-        reason=conditions.Reason.DATABASE_UNREACHABLE,
-        message="m2",
-        generation=1,
-        now=later,
-    )
+    same = ready(first, False, conditions.Reason.DATABASE_UNREACHABLE, 1, later)
     assert same[0]["lastTransitionTime"] == first[0]["lastTransitionTime"] == "2026-11-27T12:00:00Z"
-    flipped = conditions.set_condition(
-        same,
-        type_=conditions.ConditionType.READY,
-        status=True,
-        reason=conditions.Reason.RECONCILED,
-        message="ok",
-        generation=2,
-        now=later,
-    )
+    flipped = ready(same, True, conditions.Reason.RECONCILED, 2, later)
     assert flipped[0]["lastTransitionTime"] == "2026-11-27T12:05:00Z"
     assert flipped[0]["observedGeneration"] == 2
 
