@@ -71,7 +71,7 @@ class Snapshot:
     """time.monotonic()."""
 
 
-def scrape(url: str, token: str | None = None) -> list[tuple[str, dict[str, str], float]]:
+def scrape(url: str, token: str | None = None) -> Samples:
     if not url.startswith(("http://", "https://")):
         raise ValueError(url)
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})  # noqa: S310
@@ -88,13 +88,13 @@ def scrape(url: str, token: str | None = None) -> list[tuple[str, dict[str, str]
     return samples
 
 
-def histogram(samples: list[tuple[str, dict[str, str], float]], name: str) -> dict[float, float]:
+def histogram(samples: Samples, name: str) -> dict[float, float]:
     return {
         float(labels["le"]): value for metric, labels, value in samples if metric == f"{name}_bucket" and "le" in labels
     }
 
 
-def merged_histogram(per_process: list[list[tuple[str, dict[str, str], float]]], name: str) -> dict[float, float]:
+def merged_histogram(per_process: list[Samples], name: str) -> dict[float, float]:
     """One histogram's buckets summed over every series (views, modes) of every process."""
     merged: dict[float, float] = {}
     for samples in per_process:
@@ -279,7 +279,7 @@ def scheduled_names(port: int) -> set[str] | None:
     return scheduled_in(samples)
 
 
-def scheduled_in(samples: list[tuple[str, dict[str, str], float]]) -> set[str]:
+def scheduled_in(samples: Samples) -> set[str]:
     """The views of one operator's /metrics samples: a view has its interval series from its first scheduling."""
     return {labels["name"] for m, labels, _ in samples if m == "matview_refresh_interval_seconds"}
 

@@ -18,16 +18,7 @@ from matview.cli.report import EXIT_FAILED, EXIT_INVALID, EXIT_OK
 from matview.errors import MatviewError, SpecError
 from matview.plan import engine
 
-__all__ = [
-    "DEFAULT_EMBEDDED_DIR",
-    "EXIT_FAILED",
-    "EXIT_INVALID",
-    "EXIT_OK",
-    "Batch",
-    "database_url",
-    "policy",
-    "read_dsn_file",
-]
+__all__ = ["DEFAULT_EMBEDDED_DIR", "EXIT_FAILED", "EXIT_INVALID", "EXIT_OK", "Batch", "database_url", "policy"]
 
 
 def database_url(args: argparse.Namespace) -> str:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from matview.api.validation import load_file
 from matview.cli import control
-from matview.cli.common import EXIT_INVALID, EXIT_OK, database_url, policy, read_dsn_file
+from matview.cli.arguments import read_dsn_file
+from matview.cli.common import EXIT_INVALID, EXIT_OK, database_url, policy
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from matview.errors import MatviewError
 from matview.plan import session
 from matview.plan.catalog import observe
-from matview.plan.observed import Connection as Connection
+from matview.plan.observed import Connection
 
 __all__ = [
     "ApplyPolicy",
     "ApplyResult",
     "BusyError",
+    "Connection",
     "MatviewError",
     "apply",
     "connect",
