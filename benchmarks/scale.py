@@ -219,7 +219,7 @@ def ready_count(plane: ControlPlane) -> tuple[int, int]:
             return 0, 0
         for item in body.get("items", []):
             listed += 1
-            for condition in (item.get("status") or {}).get("conditions", []):
+            for condition in (item.get("status") or {}).get("conditions") or []:
                 if condition["type"] == "Ready" and condition["status"] == "True":
                     ready += 1
         after = (body.get("metadata") or {}).get("continue") or ""

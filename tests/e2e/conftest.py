@@ -278,7 +278,9 @@ def _wait_for_crd(plane: ControlPlane) -> None:
         status, body = plane.request(
             "GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/materializedviews.matview.dev"
         )
-        conditions = {c["type"]: c["status"] for c in (body or {}).get("status", {}).get("conditions", [])}
+        # A CRD just created answers "conditions": null until the apiserver has looked at its names.
+        found = ((body or {}).get("status") or {}).get("conditions") or []
+        conditions = {c["type"]: c["status"] for c in found}
         if status == 200 and conditions.get("Established") == "True":
             return
         time.sleep(0.3)

@@ -55,7 +55,7 @@ def condition(plane: ControlPlane, ns: str, name: str, type_: str) -> dict[str, 
     status, body = plane.request("GET", MV_PATH.format(ns=ns) + f"/{name}")
     if status != 200:
         return None
-    return next((c for c in body.get("status", {}).get("conditions", []) if c["type"] == type_), None)
+    return next((c for c in (body.get("status") or {}).get("conditions") or [] if c["type"] == type_), None)
 
 
 @pytest.mark.parametrize(

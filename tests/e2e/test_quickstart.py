@@ -84,7 +84,12 @@ def test_the_readme_kubernetes_quickstart_works_verbatim(control_plane: ControlP
             wanted = annotations.get("matview.dev/refresh-requested-at")
             return bool(wanted) and body.get("status", {}).get("lastHandledRefreshRequest") == wanted
 
-        wait_for(request_handled, "the annotated refresh to be handled", 60)
+        try:
+            wait_for(request_handled, "the annotated refresh to be handled", 60)
+        except AssertionError as exc:
+            _, body = control_plane.request("GET", MV_PATH.format(ns="ops") + "/mv-payments-driver-matrix-cabinet")
+            seen = {"annotations": body.get("metadata", {}).get("annotations"), "status": body.get("status")}
+            raise AssertionError(f"{exc}\n{seen}\n{(tmp_path / 'operator.log').read_text()[-6000:]}") from None
         with psycopg.connect(dsn) as conn:
             rows = conn.execute("SELECT count(*) FROM ops.mv_payments_driver_matrix_cabinet").fetchone()
         assert rows is not None and rows[0] > 0
