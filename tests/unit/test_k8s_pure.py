@@ -289,3 +289,62 @@ def test_the_status_the_operator_writes_is_the_status_the_crd_declares() -> None
     assert set(typing.get_type_hints(conditions.Status)) == set(declared)
     for field, shape in (("lastRefresh", conditions.LastRefresh), ("refreshProgress", conditions.RefreshProgress)):
         assert set(typing.get_type_hints(shape)) == set(declared[field]["properties"]), field
+
+
+async def test_a_request_that_arrives_while_a_status_write_lands_still_reaches_the_scheduler(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The refresh-request annotation's event is validated off the loop; a status write of this process landing
+    meanwhile (its refresh's progress or result, adopted as the object held) is not a newer event. Before, the
+    event was dropped as if it were; when no event followed (a write that changed nothing adopts the object
+    as read, and writes no new version), the request was never acted on."""
+    import asyncio
+
+    from matview.k8s import watch
+    from matview.k8s.context import OperatorConfig, OperatorContext
+
+    context = OperatorContext(config=OperatorConfig(retry_seconds=10, metrics_port=0))
+    try:
+        feeder = watch.WatchFeeder(context)
+        validating, release = asyncio.Event(), asyncio.Event()
+
+        async def slow_validation(body: Any) -> Any:
+            validating.set()
+            await release.wait()
+            return view("view-00001", "scale", refresh={"interval": "1h"})
+
+        monkeypatch.setattr(watch, "validated", slow_validation)
+        requests: list[str | None] = []
+        put = feeder.scheduler.put
+
+        def spied_put(key: str, *args: Any, request: str | None = None, **kwargs: Any) -> None:
+            requests.append(request)
+            put(key, *args, request=request, **kwargs)
+
+        monkeypatch.setattr(feeder.scheduler, "put", spied_put)
+        annotated = decoded_view(1)
+        annotated["metadata"]["annotations"] = {REFRESH_REQUESTED_ANNOTATION: "2026-12-06T21:00:00+00:00"}
+        taking = asyncio.create_task(feeder.observe("MODIFIED", annotated))
+        await validating.wait()
+        written = copy.deepcopy(annotated)  # the status write's answer: the same object, one version on
+        written["metadata"]["resourceVersion"] = str(int(annotated["metadata"]["resourceVersion"]) + 1)
+        feeder._adopt(watch.view_key(annotated), written)
+        release.set()
+        await taking
+        assert requests == ["2026-12-06T21:00:00+00:00"]
+
+        # A newer event while one validates still wins: the older one is not put after it.
+        validating.clear()
+        release.clear()
+        older = asyncio.create_task(feeder.observe("MODIFIED", written))
+        await validating.wait()
+        newer = copy.deepcopy(written)
+        newer["metadata"]["resourceVersion"] = str(int(written["metadata"]["resourceVersion"]) + 1)
+        newer["metadata"]["annotations"] = {REFRESH_REQUESTED_ANNOTATION: "2026-12-06T21:05:00+00:00"}
+        newest = asyncio.create_task(feeder.observe("MODIFIED", newer))
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(older, newest)
+        assert requests[1:] == ["2026-12-06T21:05:00+00:00"]
+    finally:
+        context.refresher.close()

@@ -107,6 +107,10 @@ class WatchFeeder:
         self.ctx = ctx
         self.scheduler = Scheduler(ctx.refresher, self, self, clock or time.time)
         self._bodies: dict[str, dict[str, Any]] = {}
+        self._taking: dict[str, dict[str, Any]] = {}
+        """Per view being taken, the body of its newest event: an older one still validating is not put. Not
+        _bodies, which this process's own status writes also replace (_adopt) without a put of their own: a
+        request that arrived while such a write landed would otherwise never reach the scheduler."""
         self._status_writes: set[asyncio.Task[Any]] = set()
         self._progress_writes: dict[str, tuple[float, asyncio.Task[Any]]] = {}
         """Per view, the last progress write of its running refresh: when it began, and its task."""
@@ -130,18 +134,20 @@ class WatchFeeder:
         key = view_key(body)
         if event_type == "DELETED" or (body.get("metadata") or {}).get("deletionTimestamp"):
             self._bodies.pop(key, None)
+            self._taking.pop(key, None)
             self.scheduler.forget(key)
             return
         held = self._bodies.get(key)
         if held is not None and _older(_version(body), _version(held)):
             return  # an event older than our own status write: the snapshot we hold is newer
-        plain = self._bodies[key] = snapshot(body)
+        plain = self._bodies[key] = self._taking[key] = snapshot(body)
         try:
             view: MaterializedView | None = await validated(plain)
         except SpecError:
             view = None  # the reconcile handlers report it; a fix arrives as an event
-        if self._bodies.get(key) is not plain:
+        if self._taking.get(key) is not plain:
             return  # deleted, or a newer event, while the spec was validated
+        del self._taking[key]  # only takes in flight are held here: _bodies holds the snapshot
         found = plain.get("status") or {}
         self.scheduler.put(
             key,
