@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-import pytest
+import lupa  # a test dependency (pyproject.toml): if it is missing, the suite must fail, not skip
 
 from matview.observe.metrics import RefreshMetrics
 
@@ -37,7 +37,6 @@ def test_dashboard_queries_name_only_exported_metrics() -> None:
 
 
 def health(obj: dict[str, Any]) -> dict[str, str]:
-    lupa = pytest.importorskip("lupa")
     lua = lupa.LuaRuntime(unpack_returned_tuples=True)
     lua.globals().obj = lua.table_from(obj, recursive=True)
     result = lua.execute((ROOT / "manifests/argocd/health.lua").read_text())
