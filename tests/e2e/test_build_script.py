@@ -4,10 +4,13 @@ its builds, so these tests take seconds and never need the real toolchain."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -44,39 +47,90 @@ def partials(tmp_path: Path) -> list[Path]:
     return sorted((tmp_path / "cache").glob("*.partial*"))
 
 
-#: How long an interrupted stand-in build sleeps: an odd number, so that looking for its `sleep` never
-#: matches another process's (a CI runner's `sleep 300` matched the pattern "sleep 30").
-INTERRUPTED_SLEEP = 29.637
+#: How long an interrupted stand-in build sleeps: far longer than any wait below, so that a build still
+#: running when a test looks is one that was not stopped.
+INTERRUPTED_SLEEP = 60
 
 
-def fake_go_running() -> bool:
-    pattern = f"matview-fake-go|sleep {INTERRUPTED_SLEEP}"
-    return subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0
+def build_processes(tmp_path: Path) -> list[int]:
+    """The processes of this test's build, whatever they run: every one of them (build.sh, its heartbeat, the
+    stand-in go, its sleep) inherits the environment the test gave build.sh. Matching command lines instead
+    saw the builds of other tests running beside this one (pytest-xdist), and took them for this one's."""
+    marker = f"FAKE_GO_COUNT={tmp_path / 'count'}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or not ours to read
+    return found
 
 
-def wait_for(check: object, seconds: float = 20) -> None:
+def describe(pids: list[int]) -> str:
+    """ps's view of the processes (state and kernel wait channel), for a failure message."""
+    if not pids:
+        return "no process left"
+    listing = subprocess.run(
+        ["ps", "-ww", "-o", "pid,ppid,pgid,stat,wchan:24,etime,args", "-p", ",".join(map(str, pids))],
+        capture_output=True,
+        text=True,
+    )
+    return listing.stdout
+
+
+@pytest.fixture(autouse=True)
+def no_build_left_behind(tmp_path: Path) -> Iterator[None]:
+    """Whatever a test asserted, none of its build's processes outlives it (they would hold its cache)."""
+    yield
+    kill_build(tmp_path)
+
+
+def kill_build(tmp_path: Path) -> None:
+    for pid in build_processes(tmp_path):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def wait_for(check: Callable[[], object], seconds: float = 20, explain: Callable[[], str] = str) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
+        if check():
             return
         time.sleep(0.1)
-    raise AssertionError("gave up waiting")
+    raise AssertionError(f"gave up waiting after {seconds} s: {explain()}")
+
+
+#: Runs a command as a terminal would, with SIGINT's default action. A suite started from a background job
+#: of a shell without job control (`( … & )`, nohup in a script) inherits SIGINT ignored, and bash cannot
+#: trap a signal ignored on entry: build.sh then outlived its Ctrl-C (3 CI runs out of 3 started that way).
+WITH_DEFAULT_SIGINT = (
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])",
+)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_build_leaves_no_partial_directory_and_no_compiler(tmp_path: Path, signum: int) -> None:
     process = subprocess.Popen(
-        [str(binaries.BUILD)],
+        [*WITH_DEFAULT_SIGINT, str(binaries.BUILD)],
         env=environment(tmp_path, INTERRUPTED_SLEEP),
         start_new_session=True,
         stderr=subprocess.PIPE,
     )
     wait_for(lambda: partials(tmp_path) and (tmp_path / "count").exists())
     os.killpg(process.pid, signum)  # what Ctrl-C (SIGINT) or a CI timeout (SIGTERM) sends to the group
-    process.wait(timeout=20)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired as late:
+        processes = describe(build_processes(tmp_path))
+        kill_build(tmp_path)  # all of it: its children hold the stderr pipe open too
+        _, said = process.communicate(timeout=10)
+        raise AssertionError(f"build.sh still runs 20 s after the signal:\n{processes}\nit said:\n{said!r}") from late
     assert process.returncode != 0
     assert partials(tmp_path) == []
-    wait_for(lambda: not fake_go_running(), 10)
+    wait_for(lambda: not build_processes(tmp_path), 10, lambda: describe(build_processes(tmp_path)))
 
 
 def test_the_python_side_kills_the_whole_build_when_interrupted(tmp_path: Path) -> None:
@@ -90,7 +144,7 @@ def test_the_python_side_kills_the_whole_build_when_interrupted(tmp_path: Path) 
     with pytest.raises(KeyboardInterrupt):
         binaries.build(interrupt, env=environment(tmp_path, INTERRUPTED_SLEEP))
     assert partials(tmp_path) == []
-    wait_for(lambda: not fake_go_running(), 10)
+    wait_for(lambda: not build_processes(tmp_path), 10, lambda: describe(build_processes(tmp_path)))
 
 
 def test_concurrent_builds_wait_for_one_another_and_build_once(tmp_path: Path) -> None:
