@@ -44,9 +44,12 @@ kill_tree() {  # a process and everything it started (go runs the compilers as i
     for child in $(pgrep -P "$1" 2>/dev/null); do kill_tree "$child"; done
     kill -TERM "$1" 2>/dev/null || true
 }
+heartbeat=""
 cleanup() {
     local child
-    for child in $(pgrep -P $$ 2>/dev/null); do kill_tree "$child"; done  # heartbeat, and go if interrupted
+    # KILL, not TERM: a TERM that reaches a subshell before it has reset the traps it inherited is lost
+    [[ -z "$heartbeat" ]] || kill -KILL "$heartbeat" 2>/dev/null || true
+    for child in $(pgrep -P $$ 2>/dev/null); do kill_tree "$child"; done  # go, if interrupted
     rm -rf "$partial"
 }
 trap cleanup EXIT
@@ -57,7 +60,16 @@ for stale in "$out".partial.*; do  # left by a run killed with SIGKILL (we hold 
 done
 
 started=$SECONDS
-( while sleep 30; do echo "build.sh: still building the control plane ($((SECONDS - started)) s)" >&2; done ) &
+# The heartbeat starts no process: `read -t` on a pipe that nobody writes to (we hold both of its ends) is a
+# sleep. A `sleep` child could outlive the build when the heartbeat is killed while forking it.
+(
+    exec {never}<> <(:)
+    while ! read -r -t 30 -u "$never"; do
+        echo "build.sh: still building the control plane ($((SECONDS - started)) s)" >&2
+    done
+) &
+heartbeat=$!
+disown "$heartbeat"  # killed by cleanup: no "Killed" job notice
 cd "$here"
 # In the background and waited for: bash runs a trap at once during `wait`, but only after a foreground
 # command ends, so an interrupt would otherwise wait for the whole compile.
