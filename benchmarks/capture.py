@@ -186,16 +186,29 @@ def setup(dsn: str) -> None:
         conn.execute("VACUUM ANALYZE")
 
 
+def find_tool(name: str, package: str = "postgresql") -> str:
+    """A command on PATH, or one of Debian's PostgreSQL binaries (not on PATH there); exits naming the package
+    to install when it is neither."""
+    found = shutil.which(name) or next((str(p) for p in Path("/usr/lib/postgresql").glob(f"*/bin/{name}")), None)
+    if found is None:
+        installed_by_ci = " (.ci/run does)" if package == "postgresql" else ""
+        raise SystemExit(f"{name} not found: install Debian's {package} package{installed_by_ci}")
+    return found
+
+
+def rotated(items: list[str], turn: int) -> list[str]:
+    """items, starting at the turn-th (modulo their number): so that none is always first or last."""
+    start = turn % len(items)
+    return items[start:] + items[:start]
+
+
 def single_row_statements(dsn: str, seconds: float, clients: int = 1, turn: int = 0) -> dict[str, dict[str, float]]:
     """Mean latency (ms) of a single-row UPDATE and INSERT and a 100-row UPDATE on each table, in one pgbench
     run of clients concurrent writers; the tables' order in each transaction rotated by turn, so that no
     capture always writes first or last."""
-    pgbench = shutil.which("pgbench") or next(Path("/usr/lib/postgresql").glob("*/bin/pgbench"), None)
-    if pgbench is None:
-        raise SystemExit("pgbench not found: install Debian's postgresql package (.ci/run does)")
+    pgbench = find_tool("pgbench")
     script = [f"\\set id random(1, {ROWS})"]
-    names = list(VARIANTS)
-    for name in names[turn % len(names) :] + names[: turn % len(names)]:
+    for name in rotated(list(VARIANTS), turn):
         script.append(f"UPDATE bench.{name} SET v = v + 1 WHERE id = :id;")
         script.append(f"INSERT INTO bench.{name} (driver_id, v) VALUES (:id % {DRIVERS}, 0);")
         script.append(f"UPDATE bench.{name} SET v = v + 1 WHERE id BETWEEN :id AND :id + 99;")
@@ -203,7 +216,7 @@ def single_row_statements(dsn: str, seconds: float, clients: int = 1, turn: int 
     path.write_text("\n".join(script) + "\n")
     run = subprocess.run(
         [
-            str(pgbench),
+            pgbench,
             *("-n", "-M", "prepared", "-r", "-T", str(int(seconds)), "-f", str(path)),
             *("-c", str(clients), "-j", str(min(clients, 2))),
             dsn,

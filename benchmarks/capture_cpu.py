@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import collections
 import re
-import shutil
 import statistics
 import subprocess
 import tempfile
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import psycopg
 from _server import bench_database
-from capture import ROWS, VARIANTS, setup
+from capture import ROWS, VARIANTS, find_tool, rotated, setup
 from psycopg.conninfo import make_conninfo
 
 #: Samples a second; each stands for 1/FREQUENCY s of the backend's CPU.
@@ -38,13 +37,6 @@ FREQUENCY = 4000
 
 #: One line of ``perf report -n --sort dso,symbol``: percent, samples, object, [k] or [.], symbol.
 _REPORT_LINE = re.compile(r"\s+[\d.]+%\s+(\d+)\s+\S+\s+\[(.)\]\s+(\S+)")
-
-
-def _tool(name: str) -> str:
-    found = shutil.which(name) or next((str(p) for p in Path("/usr/lib/postgresql").glob(f"*/bin/{name}")), None)
-    if found is None:
-        raise SystemExit(f"{name} not found: install Debian's {'linux-perf' if name == 'perf' else 'postgresql'}")
-    return found
 
 
 def _backend_pid(dsn: str, name: str) -> int:
@@ -65,11 +57,12 @@ def profile_table(dsn: str, table: str, seconds: int, workdir: Path) -> tuple[in
     and the samples per function (kernel samples summed as ``[kernel]``)."""
     script = workdir / f"{table}.sql"
     script.write_text(f"\\set id random(1, {ROWS})\nUPDATE bench.{table} SET v = v + 1 WHERE id = :id;\n")
+    perf = find_tool("perf", "linux-perf")
     # A name of its own, so that the backend of the table before, maybe still exiting, is not the one sampled.
     name = f"capture-cpu-{table}-{time.monotonic_ns()}"
     bench = subprocess.Popen(
         [
-            *(_tool("pgbench"), "-n", "-M", "prepared", "-T", str(seconds + 2), "-f", str(script)),
+            *(find_tool("pgbench"), "-n", "-M", "prepared", "-T", str(seconds + 2), "-f", str(script)),
             make_conninfo(dsn, application_name=name),
         ],
         stdout=subprocess.DEVNULL,
@@ -82,7 +75,7 @@ def profile_table(dsn: str, table: str, seconds: int, workdir: Path) -> tuple[in
         data = workdir / f"{table}.data"
         subprocess.run(
             [
-                *(_tool("perf"), "record", "-q", "-e", "cpu-clock", "-F", str(FREQUENCY), "-p", str(pid)),
+                *(perf, "record", "-q", "-e", "cpu-clock", "-F", str(FREQUENCY), "-p", str(pid)),
                 *("-o", str(data), "--", "sleep", str(seconds)),
             ],
             check=True,
@@ -94,7 +87,7 @@ def profile_table(dsn: str, table: str, seconds: int, workdir: Path) -> tuple[in
     if bench.returncode != 0:
         raise SystemExit(f"pgbench failed: {errors.strip()}")
     report = subprocess.run(
-        [_tool("perf"), "report", "-i", str(data), "--stdio", "-n", "--sort", "dso,symbol"],
+        [perf, "report", "-i", str(data), "--stdio", "-n", "--sort", "dso,symbol"],
         capture_output=True,
         text=True,
         check=True,
@@ -139,7 +132,7 @@ def main() -> None:
         setup(dsn)
         workdir = Path(tempfile.mkdtemp(prefix="matview-capture-cpu-"))
         for turn in range(args.rounds):
-            for table in tables[turn % len(tables) :] + tables[: turn % len(tables)]:
+            for table in rotated(tables, turn):
                 statements, samples = profile_table(dsn, table, args.seconds, workdir)
                 per_round[table].append(microseconds(samples, statements))
                 print(f"round {turn + 1}: {table} {statements} statements", flush=True)
