@@ -101,6 +101,11 @@ def wait_for(check: Callable[[], object], seconds: float = 20, explain: Callable
     raise AssertionError(f"gave up waiting after {seconds} s: {explain()}")
 
 
+def wait_until_the_build_is_gone(tmp_path: Path) -> None:
+    """Nothing of this test's build runs within 10 s; else the failure lists what still does."""
+    wait_for(lambda: not build_processes(tmp_path), 10, lambda: describe(build_processes(tmp_path)))
+
+
 #: Runs a command as a terminal would, with SIGINT's default action. A suite started from a background job
 #: of a shell without job control (`( … & )`, nohup in a script) inherits SIGINT ignored, and bash cannot
 #: trap a signal ignored on entry: build.sh then outlived its Ctrl-C (3 CI runs out of 3 started that way).
@@ -130,7 +135,7 @@ def test_an_interrupted_build_leaves_no_partial_directory_and_no_compiler(tmp_pa
         raise AssertionError(f"build.sh still runs 20 s after the signal:\n{processes}\nit said:\n{said!r}") from late
     assert process.returncode != 0
     assert partials(tmp_path) == []
-    wait_for(lambda: not build_processes(tmp_path), 10, lambda: describe(build_processes(tmp_path)))
+    wait_until_the_build_is_gone(tmp_path)
 
 
 def test_the_python_side_kills_the_whole_build_when_interrupted(tmp_path: Path) -> None:
@@ -144,7 +149,7 @@ def test_the_python_side_kills_the_whole_build_when_interrupted(tmp_path: Path) 
     with pytest.raises(KeyboardInterrupt):
         binaries.build(interrupt, env=environment(tmp_path, INTERRUPTED_SLEEP))
     assert partials(tmp_path) == []
-    wait_for(lambda: not build_processes(tmp_path), 10, lambda: describe(build_processes(tmp_path)))
+    wait_until_the_build_is_gone(tmp_path)
 
 
 def test_concurrent_builds_wait_for_one_another_and_build_once(tmp_path: Path) -> None:
