@@ -12,7 +12,7 @@ import pytest
 from matview.api.spec import MaterializedView
 from matview.errors import DependentObjectsError, SpecError, UnmanagedObjectError
 from matview.plan import engine
-from matview.plan.executor import ExecutionSettings
+from matview.plan.executor import LOCK_TABLE, ExecutionSettings, lock_key
 from matview.plan.observed import Connection
 from tests.db.catalog_helpers import can_select, index_def, index_names, is_matview, relations
 from tests.helpers import view
@@ -364,6 +364,43 @@ def test_two_appliers_never_interleave(base: Connection, dsn: str) -> None:
     with engine.connect(dsn) as other, engine.view_lock(other, v), pytest.raises(engine.BusyError):
         engine.apply(base, v)
     assert engine.apply(base, v).changed
+
+
+def test_a_release_that_fails_once_still_frees_the_view(base: Connection, dsn: str) -> None:
+    """Its first DELETE fails (here in the transaction an error left failed; in the operator, a cancelled task's
+    cancel request landing on it): the second, after the rollback, releases the view."""
+    v = matrix()
+    engine.apply(base, v)
+    with engine.connect(dsn) as holder:
+        with engine.view_lock(holder, v):
+            holder.execute("BEGIN")
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                holder.execute("SELECT 1 / 0")
+        assert not holder.closed
+        engine.apply(base, matrix(query=QUERY.replace("count(*)", "count(*) * 2")))  # not busy
+
+
+def test_a_release_that_cannot_run_ends_its_session_and_so_frees_the_view(base: Connection, dsn: str) -> None:
+    """Another session keeps the lock's row locked, so both DELETEs fail (lock_timeout): the holder's session
+    ends, and a lock whose holder's session has ended holds nothing."""
+    v = matrix()
+    engine.apply(base, v)
+    blocker = psycopg.connect(dsn)
+    try:
+        with engine.connect(dsn) as holder:
+            holder.execute("SET lock_timeout = '50ms'")
+            with engine.view_lock(holder, v):
+                blocker.execute(
+                    psycopg.sql.SQL("SELECT 1 FROM {} WHERE relation = %s FOR UPDATE").format(
+                        psycopg.sql.Identifier("ops", LOCK_TABLE)
+                    ),
+                    (lock_key(v),),
+                )
+            assert holder.closed
+        blocker.rollback()
+        engine.apply(base, matrix(query=QUERY.replace("count(*)", "count(*) * 2")))  # not busy
+    finally:
+        blocker.close()
 
 
 def test_only_create_and_swap_count_as_building_the_data(base: Connection) -> None:

@@ -190,12 +190,25 @@ class HeldLock:
         return _RELEASING.format(release=_RELEASE.format(self._table), read=statement), (self._key, *(parameters or ()))
 
     def release(self, conn: Connection) -> None:
-        """Release it now (unless a committed transaction already did)."""
-        if not self.released:
-            self.released = True
-            if self._table is not None:
-                with contextlib.suppress(psycopg.Error):
-                    conn.execute(_RELEASE.format(self._table), (self._key,))
+        """Release it now (unless a committed transaction already did).
+
+        A release that fails is tried once more, after rolling back what the failure left: a cancelled task's
+        cancel request, sent while its thread was already finishing, is spent on the statement it lands on, which
+        may be this DELETE (a pooled connection would then hold the view for as long as it lives: every refresh a
+        busy skip). Failing twice, the session is ended instead: a holder whose session has ended holds nothing."""
+        if self.released:
+            return
+        self.released = True
+        if self._table is None:
+            return
+        for _ in range(2):
+            try:
+                conn.execute(_RELEASE.format(self._table), (self._key,))
+                return
+            except psycopg.Error:
+                session.roll_back(conn)
+        with contextlib.suppress(Exception):
+            conn.close()
 
 
 def _take(
